@@ -1,0 +1,1 @@
+"""Diagnostics: token confidence, teacher/student compatibility, reports."""

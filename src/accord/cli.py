@@ -1,0 +1,204 @@
+"""The ``accord`` command.
+
+Every stage reads the previous stage's files in the run directory and skips work
+already done (``--force`` starts that stage afresh, keeping a backup).  Config
+values can be overridden as ``key.sub=value`` after the config path; list items
+by index (``teachers.0.model=...``) or by name (``teachers.alpha.model=...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+EXIT_USAGE, EXIT_FAIL = 2, 1
+
+EPILOG = """examples:
+  accord collect configs/lab-quickstart.yaml collect.samples=4
+  accord collect my.yaml teachers.beta.base_url=http://127.0.0.1:8000/v1 --force
+  accord export my.yaml --out traces.jsonl
+  accord config my.yaml            # validate and print the resolved config
+  accord config --schema           # every field with its description
+"""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="accord", description="Distil the reasoning of several teacher LLMs into one "
+                                 "small student.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"accord {_version()}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    p = sub.add_parser("collect", help="sample, verify and store every teacher's traces; build corpora",
+                       description="Sample `collect.samples` traces per teacher per problem, verify each final "
+                       "answer, store them in <run_dir>/traces.sqlite (resumable), and write "
+                       "<run_dir>/corpora/<teacher>.jsonl and all.jsonl with the selection policy.")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="start afresh (the old store is kept as a backup)")
+
+    p = sub.add_parser("export", help="export the trace store to JSONL")
+    _add_config_args(p)
+    p.add_argument("--out", help="output file (default <run_dir>/traces.jsonl)")
+
+    p = sub.add_parser("config", help="validate a config and print it resolved, or print the schema")
+    _add_config_args(p, optional=True)
+    p.add_argument("--schema", action="store_true", help="print every config field with its description")
+
+    p = sub.add_parser("lab", help="the offline lab: build and inspect the teacher zoo and student")
+    lab = p.add_subparsers(dest="lab_cmd", metavar="ACTION")
+    b = lab.add_parser("build", help="train the lab models (cached under $ACCORD_HOME)")
+    b.add_argument("--quick", action="store_true", help="small models for smoke runs")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    s = lab.add_parser("status", help="show what is built, with measured accuracies")
+    s.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    s.add_argument("--quick", action="store_true", help="the quick profile's models")
+
+    sub.add_parser("demo", help="the main job on the embedded lab (what `make demo` runs)")
+    return ap
+
+
+def _version() -> str:
+    from accord import __version__
+
+    return __version__
+
+
+def _load(args):
+    from accord.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_collect(args, console: Console) -> int:
+    from accord.collect import collect
+
+    cfg = _load(args)
+    store = Path(cfg.run_dir) / "traces.sqlite"
+    if args.force and store.exists():
+        backup = store.with_name(f"traces.{time.strftime('%Y%m%d-%H%M%S')}.sqlite")
+        store.rename(backup)
+        for ext in ("-wal", "-shm"):
+            side = Path(str(store) + ext)
+            if side.exists():
+                side.rename(Path(str(backup) + ext))
+        console.print(f"previous store kept as {backup}")
+    res = collect(cfg, console)
+    console.print(f"generated {res.generated} new trace(s); corpora in {Path(cfg.run_dir) / 'corpora'}")
+    return 0
+
+
+def cmd_export(args, console: Console) -> int:
+    from accord.store import TraceStore
+
+    cfg = _load(args)
+    path = Path(cfg.run_dir) / "traces.sqlite"
+    if not path.exists():
+        console.print(f"[red]error[/]: no trace store at {path}; run `accord collect` first")
+        return EXIT_FAIL
+    out = args.out or str(Path(cfg.run_dir) / "traces.jsonl")
+    store = TraceStore(path)
+    n = store.export_jsonl(out)
+    store.close()
+    console.print(f"wrote {n} trace(s) to {out}")
+    return 0
+
+
+def cmd_config(args, console: Console) -> int:
+    import yaml
+
+    if args.schema:
+        from accord.config import AccordConfig
+
+        _print_schema(AccordConfig, "", console)
+        return 0
+    if not args.config:
+        console.print("[red]error[/]: give a config file or --schema")
+        return EXIT_USAGE
+    cfg = _load(args)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _print_schema(model, prefix: str, console: Console) -> None:
+    from pydantic import BaseModel
+
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if inner:
+            _print_schema(inner[0], f"{prefix}{name}.", console)
+            continue
+        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+        console.print(f"[bold]{prefix}{name}[/] ({default}): {f.description or ''}", highlight=False)
+
+
+def cmd_lab(args, console: Console) -> int:
+    from accord.lab import build as labbuild
+
+    if args.lab_cmd == "build":
+        labbuild.build_lab(quick=args.quick, force=args.force, console=console)
+        return 0
+    if args.lab_cmd == "status":
+        return labbuild.print_status(quick=args.quick, as_json=args.json, console=console)
+    console.print("usage: accord lab {build,status}")
+    return EXIT_USAGE
+
+
+def cmd_demo(args, console: Console) -> int:
+    from accord.demo import demo
+
+    return demo(console)
+
+
+COMMANDS = {"collect": cmd_collect, "export": cmd_export, "config": cmd_config, "lab": cmd_lab, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accord.collect import CollectIncomplete
+    from accord.config import ConfigError
+    from accord.problems import ProblemSourceError
+    from accord.teachers.base import NotSupported, TeacherConfigError, TeacherUnavailable
+    from accord.verify import GoldAnswerError
+
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.cmd:
+        parser.print_help()
+        return EXIT_USAGE
+    console = Console(stderr=True)
+    try:
+        return COMMANDS[args.cmd](args, console)
+    except (ConfigError, ProblemSourceError, TeacherConfigError, GoldAnswerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (TeacherUnavailable, CollectIncomplete, NotSupported) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        print("interrupted: finished batches are stored; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

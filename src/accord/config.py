@@ -1,0 +1,285 @@
+"""Typed run configuration: YAML file + ``key.sub=value`` overrides.
+
+Every section is a pydantic model whose field descriptions double as
+documentation (``accord config --schema`` prints them).  Loading reports every
+validation problem at once, each with its dotted field path, in the style of
+litgpt's ``args.py``.  Secrets never live in the config: an API key is named by
+the environment variable that holds it (``api_key_env``), so the resolved
+config written to ``<run_dir>/config.yaml`` is safe to share.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+BACKENDS = ("hf", "openai", "vllm", "column")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``problems`` lists ``(path, message)`` pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source, self.problems = source, problems
+        lines = [f"{source}: {len(problems)} problem(s) in the config:"]
+        lines += [f"  {path or '<root>'}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProblemsConfig(_Strict):
+    path: str = Field(description="a .jsonl/.parquet file, a saved HF dataset dir, or lab:<task>[:<split>]")
+    question_field: str = Field("question", description="column holding the question text")
+    answer_field: str = Field("answer", description="column holding the reference answer")
+    id_field: str | None = Field(None, description="column holding a stable id; default: hash of the question")
+    answer_format: Literal["auto", "raw", "gsm8k", "boxed"] = Field(
+        "auto", description="how to normalise answers: auto detects GSM8K '#### x' and \\boxed{x}")
+    split: Literal["all", "train", "validation", "test"] = Field(
+        "all", description="which deterministic split of the problems to use")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of problems in the validation split")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="share of problems in the test split")
+    split_seed: int = Field(0, description="seed of the id-hash split assignment")
+    limit: int | None = Field(None, ge=1, description="keep only the first N problems (after splitting)")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "ProblemsConfig":
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must be < 1")
+        return self
+
+
+class TeacherConfig(_Strict):
+    name: str = Field(description="short unique name; used in file names and tables")
+    backend: str = Field("hf", description="one of: " + ", ".join(BACKENDS))
+    model: str | None = Field(None, description="local path, hub id, lab:<model>, or the served model name")
+    # hf / vllm
+    device: str = Field("auto", description="hf: cpu, cuda, cuda:1, mps or auto")
+    dtype: str = Field("auto", description="auto (bf16 on a capable GPU, else float32), bfloat16, float16, float32")
+    batch_size: int = Field(32, ge=1, description="hf/vllm: sequences generated together")
+    trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (off by default)")
+    # openai-compatible
+    base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(None, description="openai: environment variable holding the API key")
+    endpoint: Literal["chat", "completions"] = Field("chat", description="openai: which endpoint to call")
+    tokenizer: str | None = Field(None, description="openai completions: local tokenizer whose chat template renders prompts")
+    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
+    max_retries: int = Field(5, ge=0, description="openai: retries on 429/5xx/timeouts with backoff + jitter")
+    timeout: float = Field(600.0, gt=0, description="openai: seconds per request")
+    # column (import of existing corpora)
+    column: str | None = Field(None, description="column: problem-table column holding this teacher's trace")
+    answer_column: str | None = Field(None, description="column: optional column holding the final answer/attempt")
+    # shared
+    system_prompt: str | None = Field(None, description="optional system message")
+    vllm_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra LLM(...) keyword arguments")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid name (letters, digits, '_', '.', '-')")
+        if v in ("all", "cord"):
+            raise ValueError(f"{v!r} is reserved")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in BACKENDS:
+            raise ValueError(f"unknown teacher backend {v!r}; choose one of {', '.join(BACKENDS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self) -> "TeacherConfig":
+        missing = []
+        if self.backend in ("hf", "vllm", "openai") and not self.model:
+            missing.append("model")
+        if self.backend == "openai" and not self.base_url:
+            missing.append("base_url")
+        if self.backend == "column" and not self.column:
+            missing.append("column")
+        if missing:
+            raise ValueError(f"backend {self.backend!r} needs: {', '.join(missing)}")
+        return self
+
+
+class JudgeConfig(_Strict):
+    teacher: str = Field(description="name of a configured teacher that acts as judge")
+    max_new_tokens: int = Field(512, ge=1)
+    apply_to: Literal["correct", "all"] = Field("correct", description="judge only answer-correct traces, or all")
+
+
+class ConfidenceConfig(_Strict):
+    enabled: bool = Field(False, description="ask backends for token log-probs and store confidence scores")
+    window: int = Field(2048, ge=1, description="sliding window (tokens) for the lowest-window mean log-prob")
+    min_window_logprob: float | None = Field(
+        None, description="filter: drop traces whose lowest window mean log-prob is below this")
+
+
+class CollectConfig(_Strict):
+    samples: int = Field(16, ge=1, description="samples per teacher per problem (MoT §5)")
+    temperature: float = Field(0.6, ge=0, description="sampling temperature; 0 means greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32768, ge=1)
+    stop: list[str] = Field(default_factory=list, description="extra stop strings")
+    style: str | list[str] = Field(
+        "default", description="prompt style name(s) (see accord.prompts.STYLES) or a template with {question}")
+    select: Literal["random-correct", "all-correct", "first-correct"] = Field(
+        "random-correct", description="how corpora pick traces per problem per teacher")
+    verifier: str = Field("math", description="math (math-verify), numeric, choice, exact")
+    numeric_tolerance: float = Field(1e-6, ge=0, description="relative tolerance of the numeric verifier")
+    seed: int = Field(0)
+    judge: JudgeConfig | None = Field(None, description="optional LLM-judge filter (QR-Distill §2.3 step 2)")
+    confidence: ConfidenceConfig = Field(default_factory=ConfidenceConfig)
+
+    @field_validator("style")
+    @classmethod
+    def _style(cls, v: str | list[str]) -> str | list[str]:
+        from accord.prompts import check_style
+
+        for s in [v] if isinstance(v, str) else v:
+            check_style(s)
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one style")
+        return v
+
+    @field_validator("verifier")
+    @classmethod
+    def _verifier(cls, v: str) -> str:
+        from accord.verify import VERIFIERS
+
+        if v not in VERIFIERS:
+            raise ValueError(f"unknown verifier {v!r}; choose one of {', '.join(VERIFIERS)}")
+        return v
+
+    @property
+    def styles(self) -> list[str]:
+        return [self.style] if isinstance(self.style, str) else list(self.style)
+
+
+class AccordConfig(_Strict):
+    run_dir: str = Field("runs/default", description="where every stage writes its files")
+    problems: ProblemsConfig
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "AccordConfig":
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teachers: duplicate names {dupes}")
+        if self.collect.judge and self.collect.judge.teacher not in names:
+            raise ValueError(f"collect.judge.teacher {self.collect.judge.teacher!r} is not one of the teachers {names}")
+        return self
+
+    def teacher(self, name: str) -> TeacherConfig:
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.0.c=value`` → (["a","b","0","c"], parsed YAML value)."""
+    if "=" not in item:
+        raise ConfigError("command line", [(item, "an override must look like key.sub=value")])
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError("command line", [(key, "empty key segment")])
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    """Set ``value`` at ``path``; list items may be named by index or by their ``name``."""
+    node: Any = data
+    for i, seg in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, seg, ".".join(path[: i + 1]))
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[seg] = value
+            else:
+                node = node.setdefault(seg, {})
+                if node is None:
+                    node = {}
+        else:
+            raise ConfigError("command line", [(".".join(path[: i + 1]), "cannot set a key inside a scalar")])
+
+
+def _list_index(node: list, seg: str, where: str) -> int:
+    if seg.lstrip("-").isdigit():
+        idx = int(seg)
+        if -len(node) <= idx < len(node):
+            return idx
+        raise ConfigError("command line", [(where, f"index out of range (list has {len(node)} items)")])
+    for idx, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == seg:
+            return idx
+    raise ConfigError("command line", [(where, f"no list item named {seg!r}")])
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(str(p), [("", "file not found")])
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(str(p), [(where, f"invalid YAML: {getattr(e, 'problem', e)}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), [("", "the top level must be a mapping")])
+    return data
+
+
+def validate(data: dict, source: str = "config") -> AccordConfig:
+    try:
+        return AccordConfig.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field" + (" (put secrets in an environment variable named by api_key_env)"
+                                         if loc.endswith("api_key") else "")
+            problems.append((loc, msg))
+        raise ConfigError(source, problems) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> AccordConfig:
+    """Load YAML (or ``base``), apply overrides, validate; every problem reported at once."""
+    data = load_yaml(path) if path is not None else dict(base or {})
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        apply_override(data, keys, value)
+    return validate(data, str(path) if path else "config")
+
+
+def dump_config(cfg: AccordConfig, run_dir: str | Path | None = None) -> Path:
+    """Write the resolved config (env-var *names* only, never values) to ``<run_dir>/config.yaml``."""
+    out = Path(run_dir or cfg.run_dir) / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return out

@@ -1,0 +1,156 @@
+"""Problems with reference answers, and their loaders.
+
+Sources: ``.jsonl``, ``.parquet``, a directory written by ``datasets.save_to_disk``,
+or ``lab:<task>[:<split>]`` (the offline lab, :mod:`accord.lab`).
+
+- Ids are taken from ``id_field`` when given, else the first 12 hex digits of
+  SHA-1 of the question: stable across runs, machines and row order.
+- Splits are assigned from a hash of (seed, id), so adding problems never moves
+  existing ones between train / validation / test.
+- Answers are normalised per ``answer_format``: ``auto`` reads GSM8K's
+  ``#### 42`` and ``\\boxed{42}``; ``raw`` keeps the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from accord.config import ProblemsConfig
+from accord.prompts import last_boxed
+
+
+class ProblemSourceError(ValueError):
+    """A problem source that cannot be read; the message names the file, line or field."""
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def problem_id(question: str) -> str:
+    return hashlib.sha1(question.encode("utf-8")).hexdigest()[:12]
+
+
+def normalize_answer(raw: Any, fmt: str = "auto") -> str:
+    text = str(raw).strip()
+    if fmt == "raw":
+        return text
+    if fmt in ("auto", "gsm8k") and "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    if fmt in ("auto", "boxed"):
+        boxed = last_boxed(text)
+        if boxed is not None:
+            return boxed
+    return text
+
+
+def split_of(pid: str, seed: int, validation: float, test: float) -> str:
+    """Deterministic split from a hash of (seed, id): uniform in [0, 1)."""
+    h = int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:15], 16) / 16**15
+    if h < test:
+        return "test"
+    if h < test + validation:
+        return "validation"
+    return "train"
+
+
+# ------------------------------------------------------------------ raw row readers
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ProblemSourceError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ProblemSourceError(f"{path}:{lineno}: each line must be a JSON object")
+            yield f"{path}:{lineno}", row
+
+
+def _read_parquet(path: Path) -> Iterable[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise ProblemSourceError(f"{path}: cannot read parquet: {e}") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path} row {i}", row
+
+
+def _read_hf_dir(path: Path) -> Iterable[tuple[str, dict]]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:
+        raise ProblemSourceError(f"{path}: not a saved Hugging Face dataset ({e})") from None
+    if isinstance(ds, DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield f"{path} row {i}", row
+
+
+def read_rows(spec: str) -> Iterable[tuple[str, dict]]:
+    if spec.startswith("lab:"):
+        from accord.lab.tasks import lab_rows
+
+        yield from lab_rows(spec)
+        return
+    path = Path(spec)
+    if not path.exists():
+        raise ProblemSourceError(f"{path}: problem file not found")
+    if path.is_dir():
+        yield from _read_hf_dir(path)
+    elif path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
+        yield from _read_jsonl(path)
+    elif path.suffix == ".parquet":
+        yield from _read_parquet(path)
+    else:
+        raise ProblemSourceError(f"{path}: unsupported problem file (use .jsonl, .parquet or a saved dataset dir)")
+
+
+# ------------------------------------------------------------------ the loader
+
+
+def _to_problem(where: str, row: dict, cfg: ProblemsConfig) -> Problem:
+    for fld in (cfg.question_field, cfg.answer_field):
+        if fld not in row or row[fld] is None:
+            raise ProblemSourceError(
+                f"{where}: missing field {fld!r} (available: {', '.join(sorted(map(str, row))) or 'none'}); "
+                f"set problems.question_field / problems.answer_field")
+    question = str(row[cfg.question_field])
+    pid = str(row[cfg.id_field]) if cfg.id_field and row.get(cfg.id_field) is not None else problem_id(question)
+    meta = {k: v for k, v in row.items() if k not in (cfg.question_field, cfg.answer_field)}
+    return Problem(pid, question, normalize_answer(row[cfg.answer_field], cfg.answer_format), meta)
+
+
+def load_problems(cfg: ProblemsConfig) -> list[Problem]:
+    """Read, normalise, de-duplicate by id, split and limit the configured problems."""
+    seen: dict[str, Problem] = {}
+    for where, row in read_rows(cfg.path):
+        p = _to_problem(where, row, cfg)
+        seen.setdefault(p.id, p)
+    problems = list(seen.values())
+    for p in problems:
+        p.meta.setdefault("split", split_of(p.id, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction))
+    if cfg.split != "all":
+        problems = [p for p in problems if p.meta["split"] == cfg.split]
+    if cfg.limit is not None:
+        problems = problems[: cfg.limit]
+    if not problems:
+        raise ProblemSourceError(f"{cfg.path}: no problems (split={cfg.split!r})")
+    return problems

@@ -1,0 +1,110 @@
+"""Prompt styles and the ``<think>…</think>`` reasoning format.
+
+Styles:
+- ``default``: the question alone (MoT §5 queries teachers with the bare problem).
+- QR-Distill §2.2 / Fig. 2, the six path-diversity templates: ``vanilla``, ``cot``,
+  ``tot``, ``program``, ``fact``, ``backward``.
+- ``steps``: CoRD §4.1 / App. G.1 prompt-guided segmentation — the teacher is
+  asked to open each reasoning step with a ``### Step N`` header.
+- Any other string containing ``{question}`` is used as a template.
+
+Every style asks for the final answer in ``\\boxed{}`` so that math-verify can
+read it; the paper templates are silent on that, and a parsable answer is the
+cheap, correct reading for verified collection.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+BOXED_HINT = "Put the final answer in \\boxed{}."
+
+STYLES: dict[str, str] = {
+    "default": "{question}\n\n" + BOXED_HINT,
+    "vanilla": "Reason to solve the problem:\n{question}\n\n" + BOXED_HINT,
+    "cot": "{question}\n\nLet's reason step by step, writing each reasoning step clearly before giving the final answer. "
+    + BOXED_HINT,
+    "tot": "Think in a tree of thoughts: outline multiple solution paths and choose the most promising one to derive "
+    "the answer.\n{question}\n\n" + BOXED_HINT,
+    "program": "Use code to solve the following problem and print the final answer.\n{question}\n\n" + BOXED_HINT,
+    "fact": "First retrieve some relevant facts from your knowledge, then use them to reason to the final answer.\n"
+    "{question}\n\n" + BOXED_HINT,
+    "backward": "Use forward reasoning to propose a candidate answer, then backward reasoning to verify it and provide "
+    "the final verified answer.\n{question}\n\n" + BOXED_HINT,
+    "steps": "{question}\n\nThink step by step. Start every reasoning step with a header '### Step N' (N = 1, 2, ...). "
+    + BOXED_HINT,
+}
+
+
+def check_style(style: str) -> None:
+    """Raise ValueError unless ``style`` is a known name or a template with ``{question}``."""
+    if style in STYLES:
+        return
+    if "{question}" in style:
+        try:
+            style.format(question="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"style template is not a valid format string: {e}") from None
+        return
+    raise ValueError(f"unknown style {style!r}; choose one of {', '.join(STYLES)} or give a template with {{question}}")
+
+
+def style_name(style: str) -> str:
+    """A short, stable name for the store (templates are named by a hash)."""
+    if style in STYLES:
+        return style
+    import hashlib
+
+    return "custom-" + hashlib.sha1(style.encode()).hexdigest()[:8]
+
+
+def render_prompt(style: str, question: str) -> str:
+    template = STYLES.get(style, style)
+    return template.replace("{question}", question)
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class Parsed:
+    reasoning: str  # text inside <think>…</think> ("" when absent)
+    answer: str  # text after </think> (the whole text when no think block)
+    closed: bool  # whether </think> was seen
+
+
+def split_think(text: str) -> Parsed:
+    """Split a completion into reasoning and final answer; tolerant of a missing ``<think>``.
+
+    Chat templates such as Qwen3's open ``<think>`` in the prompt, so a completion
+    may start inside the block; anything before ``</think>`` is reasoning.
+    """
+    close = text.find(THINK_CLOSE)
+    if close < 0:
+        if THINK_OPEN in text:
+            return Parsed(text.split(THINK_OPEN, 1)[1].strip(), "", False)
+        return Parsed("", text.strip(), False)
+    head, tail = text[:close], text[close + len(THINK_CLOSE):]
+    if THINK_OPEN in head:
+        head = head.split(THINK_OPEN, 1)[1]
+    return Parsed(head.strip(), tail.strip(), True)
+
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{…}`` (balanced braces), or None."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    i, depth = starts[-1], 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j].strip()
+    return None

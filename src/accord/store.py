@@ -1,0 +1,133 @@
+"""The trace store: one SQLite file (WAL) per run, one row per generation.
+
+The unique key ``(problem_id, teacher, style, sample_idx)`` makes collection
+resumable: a re-run asks only for missing keys.  Each batch is written in one
+transaction, so a kill loses at most the batch in flight and never leaves half a
+batch or a duplicate.  A row whose generation *failed* (server error after
+retries) is replaced when a later run retries it; every other row is final.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS problems (
+  id TEXT PRIMARY KEY, question TEXT NOT NULL, answer TEXT NOT NULL, split TEXT, meta TEXT);
+CREATE TABLE IF NOT EXISTS traces (
+  row_id INTEGER PRIMARY KEY,
+  problem_id TEXT NOT NULL, teacher TEXT NOT NULL, style TEXT NOT NULL, sample_idx INTEGER NOT NULL,
+  params TEXT NOT NULL, prompt TEXT, text TEXT NOT NULL, reasoning TEXT, answer_text TEXT,
+  parsed_answer TEXT, verdict TEXT NOT NULL, judge TEXT, judge_text TEXT,
+  token_count INTEGER, char_count INTEGER, finish_reason TEXT,
+  mean_logprob REAL, min_window_logprob REAL,
+  elapsed_s REAL, error TEXT, created_at REAL NOT NULL,
+  UNIQUE (problem_id, teacher, style, sample_idx));
+CREATE INDEX IF NOT EXISTS traces_teacher ON traces (teacher, verdict);
+"""
+
+TRACE_COLUMNS = ("problem_id", "teacher", "style", "sample_idx", "params", "prompt", "text", "reasoning",
+                 "answer_text", "parsed_answer", "verdict", "judge", "judge_text", "token_count", "char_count",
+                 "finish_reason", "mean_logprob", "min_window_logprob", "elapsed_s", "error", "created_at")
+_KEY = ("problem_id", "teacher", "style", "sample_idx")
+
+
+class TraceStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- problems -----------------------------------------------------------------------------------
+    def put_problems(self, problems: Iterable[Any]) -> None:
+        rows = [(p.id, p.question, p.answer, p.meta.get("split"), json.dumps(_jsonable(p.meta))) for p in problems]
+        with self.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO problems VALUES (?,?,?,?,?)", rows)
+
+    # -- traces -------------------------------------------------------------------------------------
+    def done_keys(self, teacher: str) -> set[tuple[str, str, int]]:
+        """(problem_id, style, sample_idx) already collected for a teacher (failed rows do not count)."""
+        cur = self.db.execute("SELECT problem_id, style, sample_idx FROM traces WHERE teacher=? AND verdict!='failed'",
+                              (teacher,))
+        return {(r[0], r[1], r[2]) for r in cur}
+
+    def put_traces(self, rows: list[dict]) -> None:
+        """Insert a batch atomically; an existing failed row is replaced, any other is kept."""
+        cols = ",".join(TRACE_COLUMNS)
+        marks = ",".join("?" * len(TRACE_COLUMNS))
+        update = ",".join(f"{c}=excluded.{c}" for c in TRACE_COLUMNS if c not in _KEY)
+        sql = (f"INSERT INTO traces ({cols}) VALUES ({marks}) ON CONFLICT ({','.join(_KEY)}) "
+               f"DO UPDATE SET {update} WHERE traces.verdict='failed'")
+        now = time.time()
+        values = [tuple(now if c == "created_at" else r.get(c) for c in TRACE_COLUMNS) for r in rows]
+        with self.transaction() as db:
+            db.executemany(sql, values)
+
+    def set_judgements(self, items: list[tuple[int, str, str]]) -> None:
+        with self.transaction() as db:
+            db.executemany("UPDATE traces SET judge=?, judge_text=? WHERE row_id=?", [(v, t, i) for i, v, t in items])
+
+    def traces(self, teacher: str | None = None, where: str = "", args: tuple = ()) -> list[dict]:
+        sql = "SELECT * FROM traces WHERE 1=1"
+        params: tuple = ()
+        if teacher is not None:
+            sql, params = sql + " AND teacher=?", (teacher,)
+        if where:
+            sql, params = sql + f" AND ({where})", params + tuple(args)
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY problem_id, style, sample_idx", params)]
+
+    def count(self, teacher: str | None = None) -> int:
+        if teacher is None:
+            return self.db.execute("SELECT COUNT(*) FROM traces").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM traces WHERE teacher=?", (teacher,)).fetchone()[0]
+
+    def other_params(self, teacher: str, params: str) -> int:
+        """How many of a teacher's rows were generated with different settings."""
+        return self.db.execute("SELECT COUNT(*) FROM traces WHERE teacher=? AND params!=? AND verdict!='failed'",
+                               (teacher, params)).fetchone()[0]
+
+    def export_jsonl(self, out: str | Path) -> int:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        n = 0
+        with out.open("w", encoding="utf-8") as fh:
+            for r in self.db.execute("SELECT t.*, p.question, p.answer FROM traces t JOIN problems p "
+                                     "ON p.id=t.problem_id ORDER BY t.teacher, t.problem_id, t.style, t.sample_idx"):
+                row = dict(r)
+                row["params"] = json.loads(row["params"])
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        return n
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _jsonable(meta: dict) -> dict:
+    out = {}
+    for k, v in meta.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except (TypeError, ValueError):
+            out[k] = str(v)
+    return out

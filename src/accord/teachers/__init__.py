@@ -1,0 +1,7 @@
+"""Teacher backends behind one protocol (see :mod:`accord.teachers.base`)."""
+
+from accord.teachers.base import (BACKENDS, Generation, NotSupported, Request, SamplingParams, Teacher,
+                                  TeacherConfigError, TeacherUnavailable, load_teacher)
+
+__all__ = ["BACKENDS", "Generation", "NotSupported", "Request", "SamplingParams", "Teacher", "TeacherConfigError",
+           "TeacherUnavailable", "load_teacher"]

@@ -1,0 +1,120 @@
+"""The teacher protocol every backend implements, and the backend registry.
+
+A teacher answers two calls:
+
+- ``generate(requests, params)``: one completion per request.  A request holds the
+  user prompt and, optionally, an assistant ``prefix`` to continue from (CoRD's
+  step proposals continue a shared prefix until the next step header, §4.2).
+  ``n`` samples of a prompt are ``n`` requests with different seeds, so every
+  sample is addressable and resumable on its own.
+- ``score(requests, continuations)``: the log-probability of each token of a given
+  continuation after ``prompt ⊕ prefix`` (CoRD's meta-prover, App. A.1).  A backend
+  that cannot do this raises :class:`NotSupported` with a message saying which can.
+
+Stop strings are *excluded* from the returned text (OpenAI semantics), whatever
+the backend does internally.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from accord.config import TeacherConfig
+
+
+class NotSupported(RuntimeError):
+    """The backend cannot do what was asked (e.g. scoring on a chat-only server)."""
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher cannot be reached or loaded at all (after retries)."""
+
+
+class TeacherConfigError(ValueError):
+    """A teacher's settings are unusable (missing model path, unset API key variable, ...)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str  # the user message, already styled
+    prefix: str = ""  # assistant text already written; generation continues after it
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False  # also return per-token log-probs of the generated text
+
+
+@dataclass
+class Generation:
+    text: str  # generated text only (prefix and stop string excluded)
+    token_count: int = 0
+    finish_reason: str = "stop"  # stop | length | error
+    token_logprobs: list[float] | None = None
+    error: str | None = None
+    elapsed_s: float = 0.0
+    stop_string: str | None = None  # which stop string ended it, if any
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+class Teacher(Protocol):
+    name: str
+
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]: ...
+
+    def score(self, requests: Sequence[Request], continuations: Sequence[str]) -> list[list[float]]: ...
+
+    def close(self) -> None: ...
+
+
+# "module:attr" strings so heavy backends (vllm) import only when used.
+BACKENDS: dict[str, str] = {
+    "hf": "accord.teachers.hf:HFTeacher",
+    "openai": "accord.teachers.openai:OpenAITeacher",
+    "vllm": "accord.teachers.vllm:VLLMTeacher",
+}
+
+
+def load_teacher(cfg: "TeacherConfig") -> Teacher:
+    if cfg.backend not in BACKENDS:
+        raise TeacherConfigError(f"teacher {cfg.name!r}: backend {cfg.backend!r} cannot generate "
+                                 f"(generating backends: {', '.join(BACKENDS)})")
+    module, attr = BACKENDS[cfg.backend].split(":")
+    return getattr(importlib.import_module(module), attr)(cfg)
+
+
+def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
+    """Cut ``text`` at the earliest stop string; return (text, stop or None)."""
+    best, hit = len(text), None
+    for s in stops:
+        i = text.find(s)
+        if 0 <= i < best:
+            best, hit = i, s
+    return text[:best], hit
+
+
+def resolve_model(spec: str, who: str = "model") -> str:
+    """``lab:<name>`` → the cached lab checkpoint; an explicit local path must exist."""
+    if spec.startswith("lab:"):
+        from accord.lab.build import lab_model_path
+
+        return str(lab_model_path(spec[4:]))
+    p = Path(spec).expanduser()
+    if p.exists():
+        return str(p)
+    if spec.startswith(("/", "./", "../", "~")) or spec.startswith(".") or p.suffix in (".safetensors", ".bin"):
+        raise TeacherConfigError(f"{who}: model path {spec!r} does not exist")
+    return spec  # a hub id; loading says clearly if it cannot be fetched

@@ -1,0 +1,195 @@
+"""Local ``transformers`` teacher: batched sampling with left padding.
+
+Choices where nothing prescribes one:
+- requests are sorted by prompt length and cut into batches of ``batch_size`` so
+  padding stays small; results are returned in request order;
+- sampling is seeded per batch from the requests' seeds (``transformers`` has no
+  per-row generator), so a batch of the same requests reproduces exactly;
+- token log-probs (for step-level confidence and for ``score``) come from one extra
+  forward pass over prompt ⊕ completion, read from the *untempered* model
+  distribution, with ``logits_to_keep`` so only completion positions are projected;
+- weights load from safetensors only; ``trust_remote_code`` is off unless configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Sequence
+
+import torch
+
+from accord.teachers.base import (Generation, Request, SamplingParams, TeacherConfigError, TeacherUnavailable,
+                                  resolve_model, truncate_at_stop)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+                             who: str = "model"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec, who)
+    dev = pick_device(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise TeacherConfigError(f"{who}: cannot load {spec!r} as a Hugging Face checkpoint "
+                                 f"(safetensors weights + tokenizer): {e}") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(dev).eval(), tok
+
+
+def render_chat(tok, prompt: str, prefix: str = "", system: str | None = None) -> str:
+    """The model's own chat template with the generation prompt, then the assistant prefix."""
+    if getattr(tok, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+    return (f"{system}\n\n" if system else "") + prompt + "\n" + prefix
+
+
+def _batch_seed(requests: Sequence[Request]) -> int:
+    key = ",".join(str(r.seed) for r in requests).encode()
+    return int(hashlib.sha256(key).hexdigest()[:8], 16)
+
+
+class HFTeacher:
+    def __init__(self, cfg, model=None, tokenizer=None):
+        self.name, self.cfg = cfg.name, cfg
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
+                                                        who=f"teacher {cfg.name!r}")
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
+        texts = [render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: len(texts[i]))
+        out: list[Generation | None] = [None] * len(requests)
+        bs = self.cfg.batch_size
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            for i, g in zip(idx, self._generate_batch([texts[i] for i in idx], [requests[i] for i in idx], params)):
+                out[i] = g
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, texts: list[str], reqs: list[Request], params: SamplingParams) -> list[Generation]:
+        t0 = time.perf_counter()
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        torch.manual_seed(_batch_seed(reqs))
+        sample = params.temperature > 0
+        kwargs = dict(do_sample=sample, max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id)
+        if sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tok)
+        try:
+            seqs = self.model.generate(**enc, **kwargs)
+        except torch.OutOfMemoryError as e:
+            raise TeacherUnavailable(f"teacher {self.name!r}: out of memory; lower batch_size ({e})") from None
+        new = seqs[:, enc["input_ids"].shape[1]:]
+        gens = [self._decode_row(row, params) for row in new]
+        if params.logprobs:
+            lps = self._token_logprobs(enc["input_ids"], enc["attention_mask"], new)
+            for g, lp in zip(gens, lps):
+                g.token_logprobs = lp[: g.token_count]
+        dt = (time.perf_counter() - t0) / max(1, len(reqs))
+        for g in gens:
+            g.elapsed_s = dt
+        return gens
+
+    def _decode_row(self, row: torch.Tensor, params: SamplingParams) -> Generation:
+        ids = row.tolist()
+        stop_ids = {self.tok.pad_token_id, self.tok.eos_token_id} | set(self._extra_eos())
+        n = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+        hit_eos = n < len(ids)
+        text = self.tok.decode(ids[:n], skip_special_tokens=True)
+        text, stop = truncate_at_stop(text, params.stop)
+        if stop is not None:
+            n = len(self.tok(text, add_special_tokens=False)["input_ids"])
+        finish = "stop" if (hit_eos or stop is not None) else "length"
+        return Generation(text=text, token_count=n, finish_reason=finish, stop_string=stop)
+
+    def _extra_eos(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    # -- scoring ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _token_logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                        cont_ids: torch.Tensor) -> list[list[float]]:
+        """log p(cont_t | prompt, cont_<t) for each row, from one forward pass (left-padded prompts)."""
+        ids = torch.cat([prompt_ids, cont_ids], dim=1)
+        mask = torch.cat([prompt_mask, torch.ones_like(cont_ids)], dim=1)
+        k = cont_ids.shape[1]
+        lp = torch.log_softmax(self._tail_logits(ids, mask, k), dim=-1)
+        lp = lp.gather(-1, cont_ids.unsqueeze(-1)).squeeze(-1)
+        return lp.cpu().tolist()
+
+    def _tail_logits(self, ids: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits predicting the last ``k`` positions; position ids follow the mask (left padding)."""
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1)
+        return out.logits[:, :-1].float()
+
+    def score(self, requests: Sequence[Request], continuations: Sequence[str]) -> list[list[float]]:
+        """Log-prob of each continuation token after prompt ⊕ prefix (continuation tokenised on its own)."""
+        out = []
+        for start in range(0, len(requests), self.cfg.batch_size):
+            reqs, conts = requests[start:start + self.cfg.batch_size], continuations[start:start + self.cfg.batch_size]
+            heads = [render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt) for r in reqs]
+            out += self._score_batch(heads, list(conts))
+        return out
+
+    def _score_batch(self, heads: list[str], conts: list[str]) -> list[list[float]]:
+        head = [self.tok(h, add_special_tokens=False)["input_ids"] for h in heads]
+        tail = [self.tok(c, add_special_tokens=False)["input_ids"] for c in conts]
+        width, k = max(len(h) + len(t) for h, t in zip(head, tail)), max(len(t) for t in tail)
+        pad = self.tok.pad_token_id
+        # right-align every continuation so all of them end at the last position
+        rows, masks = [], []
+        for h, t in zip(head, tail):
+            fill = width - len(h) - len(t)
+            rows.append([pad] * fill + h + t)
+            masks.append([0] * fill + [1] * (len(h) + len(t)))
+        ids = torch.tensor(rows, device=self.device)
+        mask = torch.tensor(masks, device=self.device)
+        with torch.inference_mode():
+            lp = torch.log_softmax(self._tail_logits(ids, mask, k), dim=-1)
+        res = []
+        for r, t in enumerate(tail):
+            if not t:
+                res.append([])
+                continue
+            tgt = torch.tensor(t, device=self.device)
+            res.append(lp[r, k - len(t):].gather(-1, tgt.unsqueeze(-1)).squeeze(-1).cpu().tolist())
+        return res
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,150 @@
+"""Teacher behind any OpenAI-compatible server (vLLM, SGLang, Ollama, OpenAI, ``transformers serve``).
+
+- Retries: the ``openai`` client already retries 408/409/429/5xx, timeouts and
+  dropped connections with exponential backoff and jitter (``max_retries``); we
+  rely on it rather than writing another.  After the last retry the sample is
+  returned as failed (``Generation.error``) and the run goes on.  When a whole
+  batch fails to *connect*, the server is unreachable and we raise
+  :class:`TeacherUnavailable` so the caller can stop that teacher cleanly.
+- Concurrency: a thread pool of ``max_concurrency`` workers.
+- Reasoning: a ``reasoning_content`` field (vLLM reasoning parsers, DeepSeek API)
+  is folded back as ``<think>…</think>`` so every backend yields the same format.
+- Continuing a prefix: on the chat endpoint the prefix is sent as a final assistant
+  message with ``continue_final_message`` (vLLM/SGLang semantics); on the
+  completions endpoint the prompt is rendered with ``tokenizer``'s chat template.
+- Scoring needs ``echo`` + ``logprobs`` on the completions endpoint (vLLM has it);
+  elsewhere :class:`NotSupported` is raised.
+- The API key is read from the environment variable named by ``api_key_env`` and
+  is never logged or written.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from accord.teachers.base import (Generation, NotSupported, Request, SamplingParams, TeacherConfigError,
+                                  TeacherUnavailable, truncate_at_stop)
+
+
+class OpenAITeacher:
+    def __init__(self, cfg):
+        import openai
+
+        self.name, self.cfg, self._openai = cfg.name, cfg, openai
+        key = None
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise TeacherConfigError(f"teacher {cfg.name!r}: environment variable {cfg.api_key_env} is not set")
+        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key or "EMPTY", max_retries=cfg.max_retries,
+                                    timeout=cfg.timeout)
+        self._tok = None
+        if cfg.tokenizer:
+            from transformers import AutoTokenizer
+
+            from accord.teachers.base import resolve_model
+
+            self._tok = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer, f"teacher {cfg.name!r} tokenizer"))
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
+        with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
+            gens = list(pool.map(lambda r: self._one(r, params), requests))
+        conn = [g for g in gens if g.meta.get("connection_error")]
+        if gens and len(conn) == len(gens):
+            raise TeacherUnavailable(f"teacher {self.name!r}: cannot reach {self.cfg.base_url} after "
+                                     f"{self.cfg.max_retries} retries ({conn[0].error})")
+        return gens
+
+    def _one(self, req: Request, params: SamplingParams) -> Generation:
+        t0 = time.perf_counter()
+        try:
+            if self.cfg.endpoint == "chat":
+                g = self._chat(req, params)
+            else:
+                g = self._completion(req, params)
+        except self._openai.APIConnectionError as e:  # includes timeouts, after the client's retries
+            return Generation("", 0, "error", error=f"connection: {e}", elapsed_s=time.perf_counter() - t0,
+                              meta={"connection_error": True})
+        except self._openai.APIError as e:
+            return Generation("", 0, "error", error=f"{type(e).__name__}: {e}", elapsed_s=time.perf_counter() - t0)
+        g.text, g.stop_string = truncate_at_stop(g.text, params.stop)
+        g.elapsed_s = time.perf_counter() - t0
+        return g
+
+    def _common(self, req: Request, params: SamplingParams) -> dict:
+        kw = dict(model=self.cfg.model, max_tokens=params.max_new_tokens, temperature=params.temperature,
+                  seed=req.seed)
+        if params.top_p < 1:
+            kw["top_p"] = params.top_p
+        if params.stop:
+            kw["stop"] = list(params.stop)[:4]  # the OpenAI API accepts at most four
+        return kw
+
+    def _messages(self, req: Request) -> list[dict]:
+        msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+        msgs.append({"role": "user", "content": req.prompt})
+        if req.prefix:
+            msgs.append({"role": "assistant", "content": req.prefix})
+        return msgs
+
+    def _chat(self, req: Request, params: SamplingParams) -> Generation:
+        kw = self._common(req, params)
+        if params.logprobs:
+            kw["logprobs"] = True
+        if req.prefix:
+            kw["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+        resp = self.client.chat.completions.create(messages=self._messages(req), **kw)
+        choice = resp.choices[0]
+        text = choice.message.content or ""
+        reasoning = getattr(choice.message, "reasoning_content", None) or getattr(choice.message, "reasoning", None)
+        if reasoning and "<think>" not in text:
+            text = f"<think>{reasoning}</think>{text}"
+        lps = None
+        if params.logprobs and choice.logprobs and choice.logprobs.content:
+            lps = [t.logprob for t in choice.logprobs.content]
+        n = resp.usage.completion_tokens if resp.usage else len(lps or [])
+        return Generation(text, n, _finish(choice.finish_reason), token_logprobs=lps)
+
+    def _render(self, req: Request) -> str:
+        if self._tok is not None:
+            from accord.teachers.hf import render_chat
+
+            return render_chat(self._tok, req.prompt, req.prefix, self.cfg.system_prompt)
+        return req.prompt + "\n" + req.prefix
+
+    def _completion(self, req: Request, params: SamplingParams) -> Generation:
+        kw = self._common(req, params)
+        if params.logprobs:
+            kw["logprobs"] = 1
+        resp = self.client.completions.create(prompt=self._render(req), **kw)
+        choice = resp.choices[0]
+        lps = list(choice.logprobs.token_logprobs) if params.logprobs and choice.logprobs else None
+        n = resp.usage.completion_tokens if resp.usage else len(lps or [])
+        return Generation(choice.text or "", n, _finish(choice.finish_reason), token_logprobs=lps)
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def score(self, requests: Sequence[Request], continuations: Sequence[str]) -> list[list[float]]:
+        return [self._score_one(r, c) for r, c in zip(requests, continuations)]
+
+    def _score_one(self, req: Request, cont: str) -> list[float]:
+        head = self._render(req)
+        try:
+            resp = self.client.completions.create(model=self.cfg.model, prompt=head + cont, max_tokens=1,
+                                                  temperature=0, echo=True, logprobs=0)
+            lp = resp.choices[0].logprobs
+            offsets, values = list(lp.text_offset), list(lp.token_logprobs)
+        except (self._openai.APIError, AttributeError, TypeError) as e:
+            raise NotSupported(f"teacher {self.name!r}: this server cannot return prompt log-probs (completions "
+                               f"with echo+logprobs); use an hf or vllm teacher as scorer ({e})") from None
+        return [v for o, v in zip(offsets, values) if len(head) <= o < len(head) + len(cont) and v is not None]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"

@@ -1,0 +1,188 @@
+"""Answer extraction and checking, plus the LLM-judge prompt (QR-Distill §2.3).
+
+Verdicts:
+- ``correct`` / ``incorrect``: the answer was read and compared with the reference;
+- ``unparseable``: an answer section exists but no answer could be read from it
+  (kept apart from ``incorrect``: it says more about the verifier than the teacher);
+- ``failed``: the generation itself failed (server error after retries).
+
+An empty or truncated output (``<think>`` opened but never closed, or nothing
+after it) is ``incorrect``: the teacher gave no answer.
+
+``math`` uses math-verify with the gold answer first (``verify(gold, pred)``).
+math-verify bounds its own time with SIGALRM, which only works in the main
+thread, so elsewhere we pass ``None`` and the caller bounds time.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from accord.prompts import last_boxed, split_think
+
+CORRECT, INCORRECT, UNPARSEABLE, FAILED = "correct", "incorrect", "unparseable", "failed"
+
+
+class GoldAnswerError(ValueError):
+    """The reference answer itself cannot be read by the chosen verifier."""
+
+
+@dataclass(frozen=True)
+class Check:
+    verdict: str
+    parsed: str | None  # the answer as read from the completion
+
+
+def _timeout() -> int | None:
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def answer_section(text: str) -> str | None:
+    """The part of a completion that holds the final answer; None when truncated or empty."""
+    parsed = split_think(text)
+    if not parsed.closed and "<think>" in text:
+        return None  # reasoning never finished
+    return parsed.answer or None
+
+
+# ------------------------------------------------------------------ math (math-verify)
+
+
+@lru_cache(maxsize=65536)
+def _parse_gold(gold: str):
+    from math_verify import parse
+
+    for candidate in (gold, f"${gold}$", f"\\boxed{{{gold}}}"):
+        parsed = parse(candidate, parsing_timeout=_timeout())
+        if parsed:
+            return parsed
+    raise GoldAnswerError(f"math-verify cannot read the reference answer {gold!r}")
+
+
+def check_math(gold: str, answer: str, tolerance: float = 0.0) -> Check:
+    from math_verify import parse, verify
+
+    g = _parse_gold(gold)
+    boxed = last_boxed(answer)
+    pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else answer, parsing_timeout=_timeout())
+    if not pred:
+        return Check(UNPARSEABLE, None)
+    shown = str(pred[-1]) if isinstance(pred[-1], str) else str(pred[0])
+    ok = verify(g, pred, timeout_seconds=_timeout())
+    return Check(CORRECT if ok else INCORRECT, shown)
+
+
+# ------------------------------------------------------------------ numeric / choice / exact
+
+_NUM = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _last_number(text: str) -> float | None:
+    found = _NUM.findall(text.replace("\\!", ""))
+    for tok in reversed(found):
+        try:
+            return float(tok.replace(",", ""))
+        except ValueError:
+            continue
+    return None
+
+
+def check_numeric(gold: str, answer: str, tolerance: float = 1e-6) -> Check:
+    g = _last_number(gold)
+    if g is None:
+        raise GoldAnswerError(f"no number in the reference answer {gold!r}")
+    boxed = last_boxed(answer)
+    p = _last_number(boxed if boxed is not None else answer)
+    if p is None:
+        return Check(UNPARSEABLE, None)
+    ok = abs(p - g) <= tolerance * max(1.0, abs(g))
+    return Check(CORRECT if ok else INCORRECT, repr(p))
+
+
+_CHOICE = re.compile(r"(?:answer(?:\s+is)?\s*[:\s]\s*\(?|^\(?|\\boxed\{\s*\(?)([A-J])\)?(?:\b|$)", re.I | re.M)
+
+
+def _letter(text: str) -> str | None:
+    boxed = last_boxed(text)
+    if boxed is not None and re.fullmatch(r"\(?[A-Ja-j]\)?\.?", boxed.strip()):
+        return boxed.strip("(). ").upper()
+    hits = _CHOICE.findall(text)
+    return hits[-1].upper() if hits else None
+
+
+def check_choice(gold: str, answer: str, tolerance: float = 0.0) -> Check:
+    g = _letter(gold) or gold.strip().strip("()").upper()
+    if not re.fullmatch(r"[A-J]", g):
+        raise GoldAnswerError(f"the reference answer {gold!r} is not a choice letter A-J")
+    p = _letter(answer)
+    if p is None:
+        return Check(UNPARSEABLE, None)
+    return Check(CORRECT if p == g else INCORRECT, p)
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.strip().strip(".").split()).lower()
+
+
+def check_exact(gold: str, answer: str, tolerance: float = 0.0) -> Check:
+    boxed = last_boxed(answer)
+    p = boxed if boxed is not None else answer
+    return Check(CORRECT if _norm(p) == _norm(gold) else INCORRECT, p.strip())
+
+
+VERIFIERS: dict[str, Callable[[str, str, float], Check]] = {
+    "math": check_math,
+    "numeric": check_numeric,
+    "choice": check_choice,
+    "exact": check_exact,
+}
+
+
+def check(verifier: str, gold: str, completion: str, tolerance: float = 1e-6) -> Check:
+    """Verify a full completion (reasoning + answer) against the reference answer."""
+    answer = answer_section(completion)
+    if answer is None:
+        return Check(INCORRECT, None)
+    try:
+        return VERIFIERS[verifier](gold, answer, tolerance)
+    except GoldAnswerError:
+        raise
+    except Exception:  # a verifier crash on odd teacher text is not the teacher being wrong
+        return Check(UNPARSEABLE, None)
+
+
+def gold_is_readable(verifier: str, gold: str) -> bool:
+    try:
+        VERIFIERS[verifier](gold, f"\\boxed{{{gold}}}", 1e-6)
+        return True
+    except GoldAnswerError:
+        return False
+
+
+# ------------------------------------------------------------------ LLM judge (QR-Distill §2.3 step 2)
+
+JUDGE_PROMPT = (
+    "You are checking a worked solution for spurious reasoning.\n\n"
+    "Problem:\n{question}\n\nReference answer: {answer}\n\nSolution to check:\n<solution>\n{solution}\n</solution>\n\n"
+    "Does the solution contain hallucinated, unjustified or spurious intermediate steps, even though its final "
+    "answer may be right? Reply with one word on the last line: VALID if every step is logically sound, "
+    "INVALID otherwise."
+)
+VALID, INVALID, UNCLEAR = "valid", "invalid", "unclear"
+
+
+def judge_prompt(question: str, answer: str, solution: str) -> str:
+    return JUDGE_PROMPT.format(question=question, answer=answer, solution=solution)
+
+
+def parse_judgement(text: str) -> str:
+    """The judge's verdict: the last VALID/INVALID word in its reply (after any reasoning)."""
+    tail = split_think(text).answer or text
+    words = re.findall(r"\b(INVALID|VALID)\b", tail.upper())
+    if not words:
+        return UNCLEAR
+    return VALID if words[-1] == "VALID" else INVALID
