@@ -261,9 +261,9 @@ def summarize(cfg: AccordConfig, store: TraceStore, problems: list[Problem], siz
 
 def summary_table(summary: list[dict], total: int) -> Table:
     tab = Table(title="Collected traces per teacher (cf. MoT Table 21)")
-    for col in ("teacher", "problems", "samples", "accuracy", "unparseable", "failed", "judged invalid",
-                "mean tokens", "kept"):
-        tab.add_column(col, justify="left" if col == "teacher" else "right")
+    tab.add_column("teacher", no_wrap=True)
+    for col in ("problems", "samples", "accuracy", "unparsed", "failed", "judge-rejected", "mean tokens", "kept"):
+        tab.add_column(col, justify="right")
     for s in summary:
         tab.add_row(s["teacher"], str(s["problems"]), str(s["samples"]), f"{s['accuracy']:.1%}",
                     str(s["unparseable"]), str(s["failed"]), str(s["judged_invalid"]),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -47,11 +48,13 @@ def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto
 
     path = resolve_model(spec, who)
     dev = pick_device(device)
+    if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+        raise TeacherConfigError(f"{who}: {spec!r} is not a Hugging Face checkpoint (no config.json)")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise TeacherConfigError(f"{who}: cannot load {spec!r} as a Hugging Face checkpoint "
                                  f"(safetensors weights + tokenizer): {e}") from None
     tok.padding_side = "left"

@@ -1,0 +1,81 @@
+"""Shared fixtures: micro models built in seconds, small problem files, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PARROT_7 = "<think>\nadd the numbers\n</think>\n\n\\boxed{7}"
+PARROT_8 = "<think>\n### Step 1\nadd them up\n</think>\n\nThe answer is \\boxed{8}"
+
+
+@pytest.fixture(scope="session")
+def lab_tokenizer():
+    from accord.lab.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def parrot7(tmp_path_factory) -> Path:
+    from accord.lab.micro import build_parrot
+
+    path = tmp_path_factory.mktemp("parrot7")
+    build_parrot(path, PARROT_7, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def parrot8(tmp_path_factory) -> Path:
+    from accord.lab.micro import build_parrot
+
+    path = tmp_path_factory.mktemp("parrot8")
+    build_parrot(path, PARROT_8, seed=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory) -> Path:
+    from accord.lab.micro import build_micro
+
+    path = tmp_path_factory.mktemp("micro")
+    build_micro(path, seed=3)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def problems_file(tmp_path) -> Path:
+    """Ten problems: even ones have answer 7 (parrot7 is right), odd ones 8 (parrot8 is right)."""
+    rows = [{"question": f"What is {i} plus {7 - i if i % 2 == 0 else 8 - i}?", "answer": "7" if i % 2 == 0 else "8"}
+            for i in range(10)]
+    return write_jsonl(tmp_path / "problems.jsonl", rows)
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run ``accord`` in-process; return (exit code, stderr+stdout text)."""
+    import contextlib
+    import io
+
+    from accord.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
+        code = main(list(args))
+    return code, buf.getvalue()
+
+
+def accord_cmd() -> list[str]:
+    return [sys.executable, "-m", "accord.cli"]

@@ -1,0 +1,157 @@
+"""End-to-end `accord collect` on micro models the tests build."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli, write_jsonl
+
+
+def write_cfg(tmp_path, problems, teachers, **collect):
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(problems)}, "teachers": teachers,
+           "collect": {"samples": 3, "max_new_tokens": 40, "temperature": 0.6, **collect}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def read_jsonl(p):
+    return [json.loads(x) for x in Path(p).read_text().splitlines()]
+
+
+def test_collect_two_teachers_verifies_selects_and_resumes(tmp_path, problems_file, parrot7, parrot8):
+    cfg = write_cfg(tmp_path, problems_file, [{"name": "seven", "model": str(parrot7), "batch_size": 8},
+                                              {"name": "eight", "model": str(parrot8), "batch_size": 8}])
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0, out
+    run = tmp_path / "run"
+    seven, eight, union = (read_jsonl(run / "corpora" / f) for f in ("seven.jsonl", "eight.jsonl", "all.jsonl"))
+    answers = {r["problem_id"]: r["answer"] for r in union}
+    # one trace per problem the teacher got right; problems it never solved are dropped
+    assert 0 < len(seven) <= 5 and all(r["answer"] == "7" for r in seven)
+    assert 0 < len(eight) <= 5 and all(r["answer"] == "8" for r in eight)
+    assert len({r["problem_id"] for r in seven}) == len(seven) and len(union) == len(seven) + len(eight)
+    assert seven[0]["messages"][0]["content"] == seven[0]["question"] and "\\boxed{7}" in seven[0]["completion"]
+    summary = {s["teacher"]: s for s in json.loads((run / "collect_summary.json").read_text())}
+    assert summary["seven"]["samples"] == 30 and 0.2 <= summary["seven"]["accuracy"] <= 0.5
+    assert "ALL TEACHERS" in out and (run / "config.yaml").exists()
+    db = sqlite3.connect(run / "traces.sqlite")
+    assert db.execute("select count(*) from traces").fetchone()[0] == 60
+    # re-running generates nothing; more samples generate only the missing ones
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0 and "generated 0 new" in out
+    code, out = run_cli("collect", str(cfg), "collect.samples=4", "collect.select=all-correct")
+    assert code == 0 and "generated 20 new" in out
+    assert db.execute("select count(*) from traces").fetchone()[0] == 80
+    assert len(read_jsonl(run / "corpora" / "seven.jsonl")) > len(seven)
+    code, out = run_cli("export", str(cfg))
+    assert code == 0 and len(read_jsonl(run / "traces.jsonl")) == 80
+
+
+def test_kill_and_resume_loses_at_most_a_batch_and_never_duplicates(tmp_path, parrot7):
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": f"What is {i}+0?", "answer": str(i)} for i in range(40)])
+    cfg = write_cfg(tmp_path, probs, [{"name": "seven", "model": str(parrot7), "batch_size": 2}], samples=4)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "accord.cli", "collect", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db_path = tmp_path / "run" / "traces.sqlite"
+    before = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if db_path.exists():
+            try:
+                before = sqlite3.connect(db_path).execute("select count(*) from traces").fetchone()[0]
+            except sqlite3.OperationalError:
+                before = 0
+            if before >= 10:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 10 <= before < 160, "the run should have been killed mid-way"
+    db = sqlite3.connect(db_path)
+    kept = {tuple(r) for r in db.execute("select problem_id, sample_idx, text from traces")}
+    assert len(kept) % 2 == 0  # batches of two: whole batches only
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0, out
+    rows = list(db.execute("select problem_id, sample_idx, text from traces"))
+    assert len(rows) == 160 and len({(r[0], r[1]) for r in rows}) == 160
+    assert kept <= {tuple(r) for r in rows}  # nothing collected before the kill was lost or changed
+
+
+def test_import_s1k_style_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = {"question": ["What is 2+2?", "What is 3+3?"], "solution": ["4", "6"],
+             "deepseek_thinking_trajectory": ["2 and 2 make 4", "3 and 3 make 7"],
+             "deepseek_attempt": ["\\boxed{4}", "\\boxed{7}"],
+             "gemini_thinking_trajectory": ["<think>ok</think> \\boxed{4}", None]}
+    pq.write_table(pa.table(table), tmp_path / "s1k.parquet")
+    cfg = {"run_dir": str(tmp_path / "run"),
+           "problems": {"path": str(tmp_path / "s1k.parquet"), "answer_field": "solution"},
+           "teachers": [{"name": "deepseek", "backend": "column", "column": "deepseek_thinking_trajectory",
+                         "answer_column": "deepseek_attempt"},
+                        {"name": "gemini", "backend": "column", "column": "gemini_thinking_trajectory"}]}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("collect", str(p))
+    assert code == 0, out
+    ds = read_jsonl(tmp_path / "run" / "corpora" / "deepseek.jsonl")
+    assert len(ds) == 1 and ds[0]["reasoning"] == "2 and 2 make 4" and ds[0]["final"] == "\\boxed{4}"
+    assert len(read_jsonl(tmp_path / "run" / "corpora" / "gemini.jsonl")) == 1
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    assert sorted(db.execute("select teacher, verdict from traces")) == [
+        ("deepseek", "correct"), ("deepseek", "incorrect"), ("gemini", "correct")]
+
+
+def test_judge_filter_stores_verdict_beside_answer_check(tmp_path, problems_file, parrot7, parrot8):
+    # parrot8 as judge says "... \boxed{8}" -- neither VALID nor INVALID, so "unclear": nothing passes the judge.
+    cfg = write_cfg(tmp_path, problems_file, [{"name": "seven", "model": str(parrot7)},
+                                              {"name": "judge", "model": str(parrot8)}],
+                    judge={"teacher": "judge", "max_new_tokens": 30}, samples=2)
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0, out
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    judged = list(db.execute("select verdict, judge from traces where teacher='seven' and verdict='correct'"))
+    assert judged and all(j == "unclear" for _, j in judged)
+    assert read_jsonl(tmp_path / "run" / "corpora" / "seven.jsonl") == []
+
+
+def test_confidence_scores_stored_and_filter(tmp_path, problems_file, parrot7):
+    cfg = write_cfg(tmp_path, problems_file, [{"name": "seven", "model": str(parrot7)}], samples=2,
+                    confidence={"enabled": True, "window": 4})
+    assert run_cli("collect", str(cfg))[0] == 0
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    vals = list(db.execute("select mean_logprob, min_window_logprob from traces"))
+    assert vals and all(m is not None and w is not None and w <= m + 1e-9 for m, w in vals)
+    n_all = len(read_jsonl(tmp_path / "run" / "corpora" / "seven.jsonl"))
+    assert run_cli("collect", str(cfg), "collect.confidence.min_window_logprob=0.0")[0] == 0
+    assert n_all > 0 and read_jsonl(tmp_path / "run" / "corpora" / "seven.jsonl") == []
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("teachers.0.backend=quantum", "unknown teacher backend 'quantum'"),
+    ("collect.style=nonsense", "unknown style 'nonsense'"),
+    ("teachers.0.model=./does/not/exist", "does not exist"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, problems_file, parrot7, override, needle):
+    cfg = write_cfg(tmp_path, problems_file, [{"name": "seven", "model": str(parrot7)}])
+    code, out = run_cli("collect", str(cfg), override)
+    assert code == 2 and needle in out
+
+
+def test_bad_problem_file_is_a_clear_error(tmp_path, parrot7):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "answer": "1"}\n{oops\n')
+    cfg = write_cfg(tmp_path, bad, [{"name": "seven", "model": str(parrot7)}])
+    code, out = run_cli("collect", str(cfg))
+    assert code == 2 and "bad.jsonl:2" in out

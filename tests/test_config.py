@@ -1,0 +1,73 @@
+import pytest
+import yaml
+
+from accord.config import ConfigError, dump_config, load_config
+
+BASE = """
+run_dir: {run_dir}
+problems: {{path: data/problems.jsonl}}
+teachers:
+  - {{name: alpha, backend: hf, model: path/to/model}}
+  - {{name: beta, backend: openai, model: served, base_url: "http://127.0.0.1:8000/v1", api_key_env: MY_KEY}}
+collect: {{samples: 16, temperature: 0.6, max_new_tokens: 32768, style: default, select: random-correct}}
+"""
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(BASE.format(run_dir=tmp_path / "run"))
+    return p
+
+
+def test_issue_shape_loads_with_defaults(cfg_file):
+    cfg = load_config(cfg_file)
+    assert cfg.collect.samples == 16 and cfg.teachers[1].backend == "openai"
+    assert cfg.problems.question_field == "question" and cfg.problems.limit is None
+
+
+def test_overrides_by_index_and_name_and_types(cfg_file):
+    cfg = load_config(cfg_file, ["collect.samples=4", "teachers.beta.max_concurrency=2", "teachers.0.model=x/y",
+                                 "collect.style=[cot, tot]", "problems.limit=3"])
+    assert cfg.collect.samples == 4 and cfg.teachers[1].max_concurrency == 2
+    assert cfg.teachers[0].model == "x/y" and cfg.collect.styles == ["cot", "tot"] and cfg.problems.limit == 3
+
+
+def test_every_problem_reported_at_once_with_paths(cfg_file):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["collect.samples=0", "teachers.0.backend=nope", "collect.style=weird",
+                               "collect.select=best", "teachers.1.base_url=null"])
+    paths = {p for p, _ in e.value.problems}
+    assert {"collect.samples", "teachers.0.backend", "collect.style", "collect.select"} <= paths
+    assert any(p.startswith("teachers.1") for p in paths)
+    assert "unknown teacher backend 'nope'" in str(e.value)
+
+
+def test_secrets_are_refused_and_never_written(cfg_file, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="api_key_env"):
+        load_config(cfg_file, ["teachers.beta.api_key=sk-123"])
+    monkeypatch.setenv("MY_KEY", "sk-secret-value")
+    cfg = load_config(cfg_file)
+    text = dump_config(cfg).read_text()
+    assert "sk-secret-value" not in text and "MY_KEY" in text
+    assert yaml.safe_load(text)["collect"]["samples"] == 16
+
+
+def test_bad_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("run_dir: x\nproblems: [unclosed\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(p)
+
+
+def test_duplicate_teacher_names_and_unknown_judge(cfg_file):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["teachers.1.name=alpha", "collect.judge={teacher: zed}"])
+    assert "duplicate" in str(e.value) or "zed" in str(e.value)
+
+
+def test_override_errors(cfg_file):
+    with pytest.raises(ConfigError, match="no list item named"):
+        load_config(cfg_file, ["teachers.gamma.model=x"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(cfg_file, ["collect.samples"])

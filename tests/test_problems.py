@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from accord.config import ProblemsConfig
+from accord.problems import ProblemSourceError, load_problems, normalize_answer, problem_id, split_of
+
+from conftest import write_jsonl
+
+
+def test_answer_normalisation():
+    assert normalize_answer("so 40 + 2\n#### 1,042") == "1042"
+    assert normalize_answer("the answer is \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert normalize_answer(" 17 ") == "17"
+    assert normalize_answer("#### 5", "raw") == "#### 5"
+
+
+def test_jsonl_ids_are_stable_and_given_ids_win(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"question": "q1", "answer": "1"}, {"question": "q2", "answer": "2",
+                                                                                "uid": "X"}])
+    ps = load_problems(ProblemsConfig(path=str(f), id_field="uid"))
+    assert ps[0].id == problem_id("q1") and ps[1].id == "X"
+    assert load_problems(ProblemsConfig(path=str(f)))[0].id == ps[0].id
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": \n')
+    with pytest.raises(ProblemSourceError, match=r"p\.jsonl:2: malformed JSON"):
+        load_problems(ProblemsConfig(path=str(f)))
+
+
+def test_missing_field_names_field_and_row(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"question": "a", "answer": "1"}, {"problem": "b", "solution": "2"}])
+    with pytest.raises(ProblemSourceError, match=r"p\.jsonl:2: missing field 'question'"):
+        load_problems(ProblemsConfig(path=str(f)))
+
+
+def test_configurable_fields_parquet_and_hf_dir(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    rows = {"problem": ["p1", "p2"], "solution": ["x #### 3", "y #### 4"]}
+    pq.write_table(pa.table(rows), tmp_path / "p.parquet")
+    Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    for path in (tmp_path / "p.parquet", tmp_path / "ds"):
+        ps = load_problems(ProblemsConfig(path=str(path), question_field="problem", answer_field="solution"))
+        assert [(p.question, p.answer) for p in ps] == [("p1", "3"), ("p2", "4")]
+
+
+def test_splits_are_deterministic_disjoint_and_sized(tmp_path):
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(2000)]
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    kw = dict(path=str(f), validation_fraction=0.1, test_fraction=0.2)
+    parts = {s: {p.id for p in load_problems(ProblemsConfig(split=s, **kw))} for s in ("train", "validation", "test")}
+    assert not (parts["train"] & parts["test"]) and not (parts["train"] & parts["validation"])
+    assert sum(map(len, parts.values())) == 2000
+    assert 130 < len(parts["validation"]) < 270 and 330 < len(parts["test"]) < 470
+    # adding problems never moves existing ones
+    assert split_of("abc", 0, 0.1, 0.2) == split_of("abc", 0, 0.1, 0.2)
+    rows2 = rows + [{"question": "new", "answer": "0"}]
+    f2 = write_jsonl(tmp_path / "p2.jsonl", rows2)
+    test2 = {p.id for p in load_problems(ProblemsConfig(split="test", **{**kw, "path": str(f2)}))}
+    assert parts["test"] <= test2
+
+
+def test_missing_file_and_limit(tmp_path):
+    with pytest.raises(ProblemSourceError, match="not found"):
+        load_problems(ProblemsConfig(path=str(tmp_path / "nope.jsonl")))
+    f = write_jsonl(tmp_path / "p.jsonl", [{"question": f"q{i}", "answer": "1"} for i in range(5)])
+    assert len(load_problems(ProblemsConfig(path=str(f), limit=2))) == 2

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from accord.config import TeacherConfig
+from accord.teachers.base import Request, SamplingParams, TeacherConfigError, load_teacher, truncate_at_stop
+from accord.teachers.hf import HFTeacher, render_chat
+
+
+@pytest.fixture(scope="module")
+def teacher(micro):
+    return HFTeacher(TeacherConfig(name="m", model=str(micro), batch_size=4))
+
+
+def direct_logprobs(model, tok, head: str, cont: str) -> list[float]:
+    """Obviously-correct reference: one unpadded sequence, full logits, plain indexing."""
+    h = tok(head, add_special_tokens=False)["input_ids"]
+    c = tok(cont, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([h + c])).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)
+    return [lp[len(h) + i - 1, t].item() for i, t in enumerate(c)]
+
+
+def test_score_equals_direct_transformers_logits(teacher):
+    reqs = [Request("What is 2+3?", prefix="<think>\n"), Request("A much longer question about 17 and 25?"),
+            Request("q", prefix="partial ")]
+    conts = ["</think> The final answer is 5", "x", "hello world 123"]
+    got = teacher.score(reqs, conts)
+    for r, c, g in zip(reqs, conts, got):
+        ref = direct_logprobs(teacher.model, teacher.tok, render_chat(teacher.tok, r.prompt, r.prefix), c)
+        assert len(g) == len(ref) and torch.allclose(torch.tensor(g), torch.tensor(ref), atol=1e-4)
+
+
+def test_batched_greedy_equals_one_at_a_time(teacher):
+    reqs = [Request("short?"), Request("a considerably longer prompt that needs padding?"), Request("mid length q")]
+    p = SamplingParams(temperature=0, max_new_tokens=12)
+    batched = [g.text for g in teacher.generate(reqs, p)]
+    alone = [teacher.generate([r], p)[0].text for r in reqs]
+    assert batched == alone
+
+
+def test_sampling_is_seeded(teacher):
+    reqs = [Request("q1", seed=1), Request("q2", seed=2)]
+    p = SamplingParams(temperature=1.0, max_new_tokens=10, logprobs=True)
+    a, b = teacher.generate(reqs, p), teacher.generate(reqs, p)
+    assert [g.text for g in a] == [g.text for g in b]
+    c = teacher.generate([Request("q1", seed=99), Request("q2", seed=98)], p)
+    assert [g.text for g in a] != [g.text for g in c]
+    assert all(g.token_logprobs is not None and len(g.token_logprobs) == g.token_count for g in a)
+
+
+def test_generation_logprobs_equal_scoring_the_text(parrot7):
+    t = HFTeacher(TeacherConfig(name="p", model=str(parrot7)))
+    r = Request("some question")
+    g = t.generate([r], SamplingParams(temperature=0, max_new_tokens=40, logprobs=True))[0]
+    ref = t.score([r], [g.text])[0]  # the parrot's text re-tokenises to exactly the generated tokens
+    assert len(ref) == g.token_count and torch.allclose(torch.tensor(g.token_logprobs), torch.tensor(ref), atol=1e-4)
+
+
+def test_parrot_continues_prefix_and_stops_exclusive(parrot8):
+    t = HFTeacher(TeacherConfig(name="p", model=str(parrot8)))
+    full = t.generate([Request("any")], SamplingParams(temperature=0, max_new_tokens=40))[0]
+    assert "\\boxed{8}" in full.text and full.finish_reason == "stop"
+    cut = t.generate([Request("any")], SamplingParams(temperature=0, max_new_tokens=40, stop=("add",)))[0]
+    assert cut.stop_string == "add" and "add" not in cut.text and full.text.startswith(cut.text)
+    cont = t.generate([Request("any", prefix=cut.text)], SamplingParams(temperature=0, max_new_tokens=40))[0]
+    assert (cut.text + cont.text) == full.text
+
+
+def test_truncate_and_missing_model_path(tmp_path):
+    assert truncate_at_stop("a### Step 2b", ["### Step", "zz"]) == ("a", "### Step")
+    with pytest.raises(TeacherConfigError, match="does not exist"):
+        load_teacher(TeacherConfig(name="x", model=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TeacherConfigError, match="Hugging Face checkpoint"):
+        load_teacher(TeacherConfig(name="x", model=str(tmp_path / "empty")))

@@ -1,0 +1,55 @@
+import threading
+
+import pytest
+
+from accord.verify import (CORRECT, INCORRECT, UNPARSEABLE, INVALID, UNCLEAR, VALID, GoldAnswerError, check,
+                           parse_judgement)
+from accord.prompts import last_boxed, split_think
+
+
+def test_split_think_and_boxed():
+    p = split_think("<think>a\nb</think>\n\nSo \\boxed{\\frac{1}{2}}")
+    assert p.closed and p.reasoning == "a\nb" and p.answer.startswith("So")
+    assert last_boxed("x \\boxed{1} then \\boxed{\\frac{a}{b}} end") == "\\frac{a}{b}"
+    assert split_think("reasoning without open</think> ans").reasoning == "reasoning without open"
+    assert not split_think("<think>never closed").closed
+
+
+@pytest.mark.parametrize("gold,text,verdict", [
+    ("7", "<think>3+4</think> \\boxed{7}", CORRECT),
+    ("7", "<think>3+4</think> \\boxed{8}", INCORRECT),
+    ("\\frac{1}{2}", "<think>.</think> The answer is \\boxed{0.5}", CORRECT),
+    ("7", "<think>3+4 and then I ran out of tok", INCORRECT),  # truncated
+    ("7", "", INCORRECT),  # empty
+    ("7", "<think>x</think>", INCORRECT),  # nothing after reasoning
+    ("7", "<think>x</think> I do not know", UNPARSEABLE),
+])
+def test_math_verdicts(gold, text, verdict):
+    assert check("math", gold, text).verdict == verdict
+
+
+def test_math_works_off_the_main_thread():
+    out = []
+    t = threading.Thread(target=lambda: out.append(check("math", "12", "<think>.</think>\\boxed{12}").verdict))
+    t.start()
+    t.join()
+    assert out == [CORRECT]
+
+
+def test_numeric_choice_exact():
+    assert check("numeric", "3.14159", "\\boxed{3.14159}").verdict == CORRECT
+    assert check("numeric", "100", "answer 100.00000001", 1e-6).verdict == CORRECT
+    assert check("numeric", "100", "answer 101", 1e-6).verdict == INCORRECT
+    assert check("numeric", "1,000", "\\boxed{1000}").verdict == CORRECT
+    assert check("choice", "C", "<think>..</think> The answer is (C)").verdict == CORRECT
+    assert check("choice", "(b)", "\\boxed{B}").verdict == CORRECT
+    assert check("choice", "B", "The answer is A").verdict == INCORRECT
+    assert check("exact", "Paris", "\\boxed{paris}").verdict == CORRECT
+    with pytest.raises(GoldAnswerError):
+        check("choice", "42", "\\boxed{A}")
+
+
+def test_judge_parsing():
+    assert parse_judgement("Looks fine.\nVALID") == VALID
+    assert parse_judgement("<think>is it VALID?</think> INVALID") == INVALID
+    assert parse_judgement("no idea") == UNCLEAR
