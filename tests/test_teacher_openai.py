@@ -1,0 +1,194 @@
+"""The openai backend against a real `transformers serve` and against a scripted flaky server."""
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from accord.config import TeacherConfig
+from accord.teachers.base import Request, SamplingParams, TeacherConfigError, TeacherUnavailable
+from accord.teachers.openai import OpenAITeacher
+from conftest import run_cli, write_jsonl
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ a real server
+
+
+@pytest.fixture(scope="module")
+def served_parrot(parrot7):
+    exe = Path(sys.executable).with_name("transformers")
+    if not exe.exists():
+        pytest.skip("transformers CLI with serving extras not installed")
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), str(parrot7)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("transformers serve exited early")
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("transformers serve did not start")
+    yield url + "/v1", str(parrot7)
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_collect_from_real_transformers_serve(tmp_path, served_parrot, monkeypatch):
+    base_url, model = served_parrot
+    monkeypatch.setenv("ACCORD_TEST_KEY", "sk-test-never-written")
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": "What is 3+4?", "answer": "7"},
+                                               {"question": "What is 4+4?", "answer": "8"}])
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(probs)},
+           "teachers": [{"name": "api", "backend": "openai", "model": model, "base_url": base_url,
+                         "api_key_env": "ACCORD_TEST_KEY", "max_concurrency": 2}],
+           "collect": {"samples": 2, "max_new_tokens": 40}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("collect", str(p))
+    assert code == 0, out
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    rows = list(db.execute("select problem_id, verdict, text, token_count from traces"))
+    assert len(rows) == 4 and all("\\boxed{7}" in r[2] and r[3] > 0 for r in rows)
+    assert sorted(r[1] for r in rows) == ["correct", "correct", "incorrect", "incorrect"]
+    for f in (tmp_path / "run").rglob("*"):
+        if f.is_file():
+            assert b"sk-test-never-written" not in f.read_bytes()
+
+
+# ------------------------------------------------------------------ a scripted flaky server
+
+
+class Script:
+    def __init__(self, statuses):
+        self.statuses, self.calls, self.lock = list(statuses), 0, threading.Lock()
+
+    def next(self):
+        with self.lock:
+            self.calls += 1
+            return self.statuses.pop(0) if self.statuses else 200
+
+
+def flaky_server(script: Script):
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            status = script.next()
+            if status == "drop":
+                self.connection.close()  # a dropped connection mid-request
+                return
+            if status != 200:
+                payload = json.dumps({"error": {"message": "busy", "type": "x"}}).encode()
+                self.send_response(status)
+                self.send_header("retry-after-ms", "10")
+            else:
+                q = body["messages"][-1]["content"]
+                payload = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": "m",
+                                      "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                          "role": "assistant", "reasoning_content": "thinking about " + q[:10],
+                                          "content": "\\boxed{7}"}}],
+                                      "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}}).encode()
+                self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+
+def teacher(url, retries=3):
+    return OpenAITeacher(TeacherConfig(name="api", backend="openai", model="m", base_url=url, max_retries=retries,
+                                       max_concurrency=1, timeout=5))
+
+
+def test_retries_429_5xx_and_dropped_connections_then_succeeds():
+    script = Script([429, 503, "drop"])
+    srv, url = flaky_server(script)
+    try:
+        g = teacher(url).generate([Request("What is 3+4?")], SamplingParams(max_new_tokens=10))[0]
+    finally:
+        srv.shutdown()
+    assert g.error is None and script.calls == 4
+    assert g.text == "<think>thinking about What is 3+</think>\\boxed{7}" and g.token_count == 5
+
+
+def test_persistent_errors_mark_the_sample_failed_and_go_on():
+    script = Script([500, 500, 500])  # first request exhausts 1 try + 2 retries; the second succeeds
+    srv, url = flaky_server(script)
+    try:
+        gens = teacher(url, retries=2).generate([Request("a"), Request("b")], SamplingParams(max_new_tokens=10))
+    finally:
+        srv.shutdown()
+    assert gens[0].failed and "500" in gens[0].error and not gens[1].failed
+
+
+def test_unreachable_server_is_a_clear_error_and_keeps_what_was_collected(tmp_path, parrot7):
+    port = free_port()  # nothing listens here
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": "What is 3+4?", "answer": "7"}])
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(probs)},
+           "teachers": [{"name": "local", "model": str(parrot7)},
+                        {"name": "api", "backend": "openai", "model": "m", "base_url": f"http://127.0.0.1:{port}/v1",
+                         "max_retries": 1, "timeout": 2}],
+           "collect": {"samples": 2, "max_new_tokens": 40}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("collect", str(p))
+    assert code == 1 and f"cannot reach http://127.0.0.1:{port}/v1" in out and "re-run to resume" in out
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    assert db.execute("select count(*) from traces where teacher='local'").fetchone()[0] == 2
+
+
+def test_failed_samples_are_retried_on_rerun(tmp_path):
+    script = Script([500, 500])  # with retries=1, the first sample fails; the second succeeds
+    srv, url = flaky_server(script)
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": "What is 3+4?", "answer": "7"}])
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(probs)},
+           "teachers": [{"name": "api", "backend": "openai", "model": "m", "base_url": url, "max_retries": 1,
+                         "max_concurrency": 1}],
+           "collect": {"samples": 2}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    try:
+        assert run_cli("collect", str(p))[0] == 0
+        db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+        assert sorted(r[0] for r in db.execute("select verdict from traces")) == ["correct", "failed"]
+        code, out = run_cli("collect", str(p))
+        assert code == 0 and "generated 1 new" in out
+        assert sorted(r[0] for r in db.execute("select verdict from traces")) == ["correct", "correct"]
+    finally:
+        srv.shutdown()
+
+
+def test_missing_api_key_variable(monkeypatch):
+    monkeypatch.delenv("NOPE_KEY", raising=False)
+    with pytest.raises(TeacherConfigError, match="NOPE_KEY is not set"):
+        OpenAITeacher(TeacherConfig(name="a", backend="openai", model="m", base_url="http://x/v1",
+                                    api_key_env="NOPE_KEY"))
