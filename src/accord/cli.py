@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = lab.add_parser("build", help="train the lab models (cached under $ACCORD_HOME)")
     b.add_argument("--quick", action="store_true", help="small models for smoke runs")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--profile", choices=["full", "quick", "micro"], help="build profile (micro: for tests)")
     s = lab.add_parser("status", help="show what is built, with measured accuracies")
     s.add_argument("--json", action="store_true", help="print the manifest as JSON")
     s.add_argument("--quick", action="store_true", help="the quick profile's models")
+    s.add_argument("--profile", choices=["full", "quick", "micro"], help="which profile to show")
 
     sub.add_parser("demo", help="the main job on the embedded lab (what `make demo` runs)")
     return ap
@@ -156,10 +158,10 @@ def cmd_lab(args, console: Console) -> int:
     from accord.lab import build as labbuild
 
     if args.lab_cmd == "build":
-        labbuild.build_lab(quick=args.quick, force=args.force, console=console)
+        labbuild.build_lab(quick=args.quick, force=args.force, profile=args.profile, console=console)
         return 0
     if args.lab_cmd == "status":
-        return labbuild.print_status(quick=args.quick, as_json=args.json, console=console)
+        return labbuild.print_status(quick=args.quick, as_json=args.json, console=console, profile=args.profile)
     console.print("usage: accord lab {build,status}")
     return EXIT_USAGE
 

@@ -39,7 +39,7 @@ class ProblemsConfig(_Strict):
     path: str = Field(description="a .jsonl/.parquet file, a saved HF dataset dir, or lab:<task>[:<split>]")
     question_field: str = Field("question", description="column holding the question text")
     answer_field: str = Field("answer", description="column holding the reference answer")
-    id_field: str | None = Field(None, description="column holding a stable id; default: hash of the question")
+    id_field: str = Field("id", description="column holding a stable id; rows without it get a hash of the question")
     answer_format: Literal["auto", "raw", "gsm8k", "boxed"] = Field(
         "auto", description="how to normalise answers: auto detects GSM8K '#### x' and \\boxed{x}")
     split: Literal["all", "train", "validation", "test"] = Field(

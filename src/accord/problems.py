@@ -133,7 +133,7 @@ def _to_problem(where: str, row: dict, cfg: ProblemsConfig) -> Problem:
                 f"{where}: missing field {fld!r} (available: {', '.join(sorted(map(str, row))) or 'none'}); "
                 f"set problems.question_field / problems.answer_field")
     question = str(row[cfg.question_field])
-    pid = str(row[cfg.id_field]) if cfg.id_field and row.get(cfg.id_field) is not None else problem_id(question)
+    pid = str(row[cfg.id_field]) if row.get(cfg.id_field) is not None else problem_id(question)
     meta = {k: v for k, v in row.items() if k not in (cfg.question_field, cfg.answer_field)}
     return Problem(pid, question, normalize_answer(row[cfg.answer_field], cfg.answer_format), meta)
 

@@ -1,7 +1,9 @@
 """The lab tokenizer: byte-level BPE built locally with ``tokenizers``.
 
-Digits are split one per token (as Llama does) so arithmetic stays learnable by
-tiny models; ``<think>``/``</think>`` are added as *non-special* tokens so they
+By default digits are split one per token (as Llama does).  The lab's own
+tokenizer keeps a space and a digit together (``" 8"`` is one token, ``"8"``
+another): in ``Links: 4>3 8>7`` a link's source and its target are then different
+tokens, so following a link is one unambiguous look-up for a tiny model; ``<think>``/``</think>`` are added as *non-special* tokens so they
 survive ``decode(skip_special_tokens=True)`` like Qwen3's; the chat template is a
 plain ``<|role|>content<|end|>`` format and ``<|end|>`` is the EOS token.
 """
@@ -27,15 +29,16 @@ def _base_corpus() -> list[str]:
     return [printable, JUDGE_PROMPT, *STYLES.values(), "### Step 1\n### Step 2\n\\boxed{42}\nThe final answer is"]
 
 
-def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512):
+def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512, split_digits: bool = True):
     """Train a byte-level BPE on ``corpus`` (plus the prompt texts) and wrap it for ``transformers``."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if split_digits:
+        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
