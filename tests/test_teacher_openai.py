@@ -99,6 +99,8 @@ def flaky_server(script: Script):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             status = script.next()
+            if status == "empty":  # a 200 with no content at all
+                status, body["messages"][-1]["content"] = 200, ""
             if status == "drop":
                 self.connection.close()  # a dropped connection mid-request
                 return
@@ -108,10 +110,10 @@ def flaky_server(script: Script):
                 self.send_header("retry-after-ms", "10")
             else:
                 q = body["messages"][-1]["content"]
+                msg = {"role": "assistant", "content": None} if not q else {
+                    "role": "assistant", "reasoning_content": "thinking about " + q[:10], "content": "\\boxed{7}"}
                 payload = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": "m",
-                                      "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                          "role": "assistant", "reasoning_content": "thinking about " + q[:10],
-                                          "content": "\\boxed{7}"}}],
+                                      "choices": [{"index": 0, "finish_reason": "length", "message": msg}],
                                       "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}}).encode()
                 self.send_response(200)
             self.send_header("content-type", "application/json")
@@ -192,3 +194,20 @@ def test_missing_api_key_variable(monkeypatch):
     with pytest.raises(TeacherConfigError, match="NOPE_KEY is not set"):
         OpenAITeacher(TeacherConfig(name="a", backend="openai", model="m", base_url="http://x/v1",
                                     api_key_env="NOPE_KEY"))
+
+
+def test_empty_output_is_stored_as_incorrect_not_a_crash(tmp_path):
+    srv, url = flaky_server(Script(["empty"]))
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": "What is 3+4?", "answer": "7"}])
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(probs)},
+           "teachers": [{"name": "api", "backend": "openai", "model": "m", "base_url": url, "max_concurrency": 1}],
+           "collect": {"samples": 2}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    try:
+        assert run_cli("collect", str(p))[0] == 0
+    finally:
+        srv.shutdown()
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    assert sorted(tuple(r) for r in db.execute("select text, verdict from traces")) == [
+        ("", "incorrect"), ("<think>thinking about What is 3+</think>\\boxed{7}", "correct")]

@@ -15,8 +15,10 @@ teacher) go through the same verification and store as sample 0 of style ``impor
 
 Choices where the papers are silent: seeds per sample are a hash of
 (seed, teacher, style, problem, sample index), so any subset re-generates
-identically; corpora use the *plain question* as the user turn (the student is
-asked plainly at test time, QR-Distill §2.1) and keep the styled prompt beside it.
+identically; corpora do not train on the teacher's styled prompt (the student is
+asked with a simple instruction at test time, QR-Distill §2.1): the user turn is
+the ``default`` style prompt — the one evaluation uses — and the teacher's styled
+prompt is kept beside it.
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ def corpus_row(row: dict, p: Problem) -> dict:
             "split": p.meta.get("split"), "question": p.question, "answer": p.answer, "prompt": row["prompt"],
             "completion": row["text"], "reasoning": row["reasoning"], "final": row["answer_text"],
             "token_count": row["token_count"],
-            "messages": [{"role": "user", "content": p.question}, {"role": "assistant", "content": row["text"]}]}
+            "messages": [{"role": "user", "content": render_prompt("default", p.question)},
+                         {"role": "assistant", "content": row["text"]}]}
 
 
 def build_corpora(cfg: AccordConfig, store: TraceStore, problems: list[Problem]) -> dict[str, int]:
