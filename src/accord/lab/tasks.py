@@ -5,8 +5,8 @@ Families (DESIGN.md §4):
   (``x += a``, ``x -= a``) modulo 100, with optional distractor assignments to
   other registers; the answer is the final ``x``.  ``chain-ood`` has 5–6 updates,
   more than any training problem (the out-of-distribution split).
-- ``max`` (the *general* family the student already knows): the largest of 3–5
-  numbers; used to measure forgetting, like MoT's general-reasoning sets.
+- ``last`` (the *general* family the student already knows): the last number of
+  a list; used to measure forgetting, like MoT's general-reasoning sets.
 
 Splits are fixed: each (family, split) has its own seed and size, and a problem's
 text is unique across the train / validation / test splits of a family.
@@ -29,7 +29,7 @@ from typing import Iterable
 
 NODES = 10  # node names are the digits 0-9
 SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 300}
-FAMILIES = ("chain", "chain-ood", "next")
+FAMILIES = ("chain", "chain-ood", "last")
 STYLE_NAMES = ("terse", "verbose", "verify", "shifted")
 
 
@@ -102,11 +102,10 @@ def answer_only(answer: int | str) -> str:
 # ------------------------------------------------------------------ general family
 
 
-def random_next(rng: random.Random) -> tuple[str, int]:
-    """General family: one retrieval from a list of distinct digits (a single look-up, no chain)."""
-    nums = rng.sample(range(NODES), rng.randint(4, 7))
-    i = rng.randrange(len(nums) - 1)
-    return f"List: {' '.join(map(str, nums))}. What comes after {nums[i]}?", nums[i + 1]
+def random_last(rng: random.Random) -> tuple[str, int]:
+    """General family: the last number of a list (a skill the student has and SFT may erode)."""
+    nums = [rng.randrange(NODES) for _ in range(rng.randint(3, 7))]
+    return f"List: {' '.join(map(str, nums))}. Which number comes last?", nums[-1]
 
 
 # ------------------------------------------------------------------ splits
@@ -129,8 +128,8 @@ def generate(family: str, split: str, n: int | None = None, distractor_rate: flo
     rng = random.Random(f"{family}:{_SEEDS[split]}")
     rows, seen = [], set(taken)
     while len(rows) < n:
-        if family == "next":
-            q, a = random_next(rng)
+        if family == "last":
+            q, a = random_last(rng)
             row = {"question": q, "answer": str(a), "family": family}
         else:
             c = random_chain(rng, _steps_for(family, rng), rng.randint(1, 3))
