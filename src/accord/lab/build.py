@@ -40,6 +40,9 @@ from accord.prompts import render_prompt
 
 RECIPE_VERSION = 5
 TEACHERS = {"terse": "terse", "verbose": "verbose", "verify": "verify", "shifted": "shifted"}
+# (steps, lr) multipliers per teacher: the base already reasons in the terse notation,
+# so it needs few steps (verbose at 0.6x stayed at 16%; shifted at 2x steps and lr reached only 24%).
+TEACHER_SCHEDULE = {"terse": (0.6, 1.0), "verbose": (1.0, 1.0), "verify": (1.0, 1.0), "shifted": (1.0, 1.0)}
 STUDENT = "student"
 BASE_STYLE = "terse"  # the base learns link-following in the simplest style; teachers then specialise
 
@@ -81,8 +84,13 @@ def lab_dir(profile: str) -> Path:
     return accord_home() / "lab" / profile
 
 
-def recipe_hash(p: Profile) -> str:
-    return hashlib.sha256(json.dumps({"v": RECIPE_VERSION, **asdict(p)}, sort_keys=True).encode()).hexdigest()[:16]
+def recipe_hash(p: Profile, model: str | None = None) -> str:
+    """What a model was built from; a teacher's hash also covers its own schedule, so changing
+    one teacher's schedule rebuilds that teacher only."""
+    h = hashlib.sha256(json.dumps({"v": RECIPE_VERSION, **asdict(p)}, sort_keys=True).encode()).hexdigest()[:16]
+    if model in TEACHER_SCHEDULE:
+        h += "-" + hashlib.sha256(repr(TEACHER_SCHEDULE[model]).encode()).hexdigest()[:8]
+    return h
 
 
 # ------------------------------------------------------------------ manifest / cache
@@ -115,7 +123,7 @@ def valid_entry(profile: str, name: str, manifest: dict | None = None) -> dict |
     """The manifest entry of ``name`` if its checkpoint is complete and unaltered, else None."""
     manifest = manifest or read_manifest(profile)
     entry = next((m for m in manifest.get("models", []) if m["name"] == name), None)
-    if entry is None or entry.get("recipe") != recipe_hash(PROFILES[profile]):
+    if entry is None or entry.get("recipe") != recipe_hash(PROFILES[profile], name):
         return None
     d = Path(entry["path"])
     needed = [d / "config.json", d / "model.safetensors", d / "tokenizer.json"]
@@ -242,7 +250,7 @@ def _save(model, tok, profile: str, name: str, role: str, p: Profile, accuracy: 
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     entry = {"name": name, "role": role, "path": str(final), "accuracy": accuracy,
-             "sha256": _sha256(final / "model.safetensors"), "recipe": recipe_hash(p),
+             "sha256": _sha256(final / "model.safetensors"), "recipe": recipe_hash(p, name),
              "params": sum(x.numel() for x in model.parameters()), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     manifest["models"] = [m for m in manifest.get("models", []) if m["name"] != name] + [entry]
     _write_manifest(profile, manifest)
@@ -279,8 +287,9 @@ def build_lab(quick: bool = False, force: bool = False, profile: str | None = No
             _train(model, tok, style_rows(p, [BASE_STYLE], seed=0), p.base_steps, p, p.lr, 0, "base", console)
         elif role == "teacher":
             model, _ = _load(name, "base")
-            _train(model, tok, style_rows(p, [TEACHERS[model_name]], seed=i), p.teacher_steps, p, p.teacher_lr, i,
-                   model_name, console)
+            steps_x, lr_x = TEACHER_SCHEDULE[model_name]
+            _train(model, tok, style_rows(p, [TEACHERS[model_name]], seed=i), max(1, round(p.teacher_steps * steps_x)),
+                   p, p.teacher_lr * lr_x, i, model_name, console)
         else:
             model = _new_model(tok, p.d_student, p.layers_student, seed=99)
             _train(model, tok, student_rows(p, seed=99), p.student_steps, p, p.lr, 99, "student", console)
