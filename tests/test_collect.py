@@ -34,7 +34,6 @@ def test_collect_two_teachers_verifies_selects_and_resumes(tmp_path, problems_fi
     assert code == 0, out
     run = tmp_path / "run"
     seven, eight, union = (read_jsonl(run / "corpora" / f) for f in ("seven.jsonl", "eight.jsonl", "all.jsonl"))
-    answers = {r["problem_id"]: r["answer"] for r in union}
     # one trace per problem the teacher got right; problems it never solved are dropped
     assert 0 < len(seven) <= 5 and all(r["answer"] == "7" for r in seven)
     assert 0 < len(eight) <= 5 and all(r["answer"] == "8" for r in eight)

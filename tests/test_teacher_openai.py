@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from accord.config import TeacherConfig
-from accord.teachers.base import Request, SamplingParams, TeacherConfigError, TeacherUnavailable
+from accord.teachers.base import Request, SamplingParams, TeacherConfigError
 from accord.teachers.openai import OpenAITeacher
 from conftest import run_cli, write_jsonl
 

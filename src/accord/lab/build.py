@@ -30,7 +30,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -337,4 +337,4 @@ def print_status(quick: bool = False, as_json: bool = False, console=None, profi
     return 0
 
 
-__all__ = ["PROFILES", "Profile", "build_lab", "lab_model_path", "print_status", "status", "replace"]
+__all__ = ["PROFILES", "Profile", "build_lab", "lab_model_path", "print_status", "status"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -41,7 +41,6 @@ class TrainArgs:
     max_len: int = 4096
     seed: int = 0
     optimizer: str = "adamw"  # adamw | sgd (plain SGD: used to check MoT App. A's identity)
-    extra: dict = field(default_factory=dict)
 
 
 def encode_example(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
