@@ -19,6 +19,12 @@ from rich.console import Console
 EXIT_USAGE, EXIT_FAIL = 2, 1
 
 EPILOG = """examples:
+  accord run                                   # the lab quickstart, end to end
+  accord run --profile quick                   # the same on the quick lab (≈3 min)
+  accord run my.yaml train.method=[std,mtd,mot]
+  accord train my.yaml train.method=mot train.rounds=5
+  accord eval my.yaml
+  accord merge --method ties --base B --models M1 M2 --out DIR --density 0.5
   accord collect configs/lab-quickstart.yaml collect.samples=4
   accord collect my.yaml teachers.beta.base_url=http://127.0.0.1:8000/v1 --force
   accord export my.yaml --out traces.jsonl
@@ -48,6 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
                                  "small student.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"accord {_version()}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="collect → train → eval → report (the lab quickstart without a config)",
+                       description="Run every stage, skipping work already in run_dir. With no config: the lab "
+                       "quickstart (configs/lab-quickstart.yaml; --profile quick: configs/lab-quick.yaml), "
+                       "building the lab models on first use.")
+    _add_config_args(p, optional=True)
+    p.add_argument("--profile", choices=["full", "quick"], help="with no config: which lab config to run")
+
+    p = sub.add_parser("train", help="train the student with every method in train.method",
+                       description="Train with train.method (std, std:<teacher>, mtd, posthoc, mot; a list runs "
+                       "several). Reads <run_dir>/corpora; writes <run_dir>/train/<name>/ (HF checkpoints, "
+                       "metrics.jsonl, result.json). A killed run resumes from its last checkpoint.")
+    _add_config_args(p)
+
+    p = sub.add_parser("eval", help="evaluate the base student and every trained checkpoint",
+                       description="pass@1 over eval.k samples and greedy accuracy on every eval split, for the "
+                       "base student and each model in <run_dir>/train (every round/checkpoint unless "
+                       "eval.every_checkpoint=false). Resumable; writes <run_dir>/eval/results.json.")
+    _add_config_args(p)
+
+    p = sub.add_parser("report", help="write <run_dir>/report/index.html from finished stages")
+    _add_config_args(p)
+
+    p = sub.add_parser("merge", help="merge HF checkpoints (mergekit conventions)",
+                       description="Merge models onto a base: average/linear, task_arithmetic, ties, dare_linear, "
+                       "dare_ties. Task vectors are model − base; weights and normalisation follow mergekit.")
+    p.add_argument("--method", default="average", help="merge method (default average)")
+    p.add_argument("--base", required=True, help="base checkpoint dir")
+    p.add_argument("--models", nargs="+", required=True, help="checkpoint dirs to merge")
+    p.add_argument("--out", required=True, help="output dir")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per model (default 1 each)")
+    p.add_argument("--density", type=float, default=1.0, help="ties/dare: share of each task vector kept")
+    p.add_argument("--normalize", choices=["true", "false"], help="override the method's default")
+    p.add_argument("--seed", type=int, default=0, help="DARE's random seed")
 
     p = sub.add_parser("collect", help="sample, verify and store every teacher's traces; build corpora",
                        description="Sample `collect.samples` traces per teacher per problem, verify each final "
@@ -166,13 +206,78 @@ def cmd_lab(args, console: Console) -> int:
     return EXIT_USAGE
 
 
+def _run_config(args):
+    from accord.config import load_config
+    from accord.demo import config_path
+
+    if args.config:
+        return load_config(args.config, args.overrides)
+    name = "lab-quick.yaml" if getattr(args, "profile", None) == "quick" else "lab-quickstart.yaml"
+    return load_config(config_path(name), args.overrides)
+
+
+def cmd_run(args, console: Console) -> int:
+    from accord.run import run
+
+    run(_run_config(args), console)
+    return 0
+
+
+def cmd_train(args, console: Console) -> int:
+    from accord.run import run
+
+    res = run(_load(args), console, stages=("train",))
+    for r in res["results"]:
+        console.print(f"{r['name']}: {r['final']}")
+    return 0
+
+
+def cmd_eval(args, console: Console) -> int:
+    from accord.report import method_table, text_table
+    from accord.run import run
+
+    cfg = _load(args)
+    res = run(cfg, console, stages=("eval",))
+    head, body = method_table(res["eval"], res.get("results", []), list(cfg.eval.splits))
+    print(text_table(head, body))
+    return 0
+
+
+def cmd_report(args, console: Console) -> int:
+    from accord.run import run
+
+    run(_load(args), console, stages=("eval", "report"))
+    return 0
+
+
+def cmd_merge(args, console: Console) -> int:
+    from accord.train.merge import MergeSpec, merge_checkpoints
+    from accord.ui import progress
+
+    norm = None if args.normalize is None else args.normalize == "true"
+    spec = MergeSpec(method=args.method, weights=args.weights, density=args.density, normalize=norm, seed=args.seed)
+    with progress(console) as bar:
+        task = bar.add_task(f"merge ({args.method})", total=None)
+
+        def tick(names):
+            bar.update(task, total=len(names))
+            for n in names:
+                yield n
+                bar.update(task, advance=1)
+
+        out = merge_checkpoints(args.base, args.models, spec, args.out, progress=tick)
+    console.print(f"merged {len(args.models)} model(s) with {args.method} → {out}")
+    return 0
+
+
 def cmd_demo(args, console: Console) -> int:
     from accord.demo import demo
 
     return demo(console)
 
 
-COMMANDS = {"collect": cmd_collect, "export": cmd_export, "config": cmd_config, "lab": cmd_lab, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "report": cmd_report, "merge": cmd_merge,
+            "collect": cmd_collect, "export": cmd_export, "config": cmd_config, "lab": cmd_lab, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     from accord.config import ConfigError
     from accord.problems import ProblemSourceError
     from accord.teachers.base import NotSupported, TeacherConfigError, TeacherUnavailable
+    from accord.train.common import TrainSetupError
+    from accord.train.engine import TrainingDiverged
+    from accord.train.merge import MergeError
     from accord.verify import GoldAnswerError
 
     _quiet_libraries()
@@ -191,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         return COMMANDS[args.cmd](args, console)
-    except (ConfigError, ProblemSourceError, TeacherConfigError, GoldAnswerError) as e:
+    except (ConfigError, ProblemSourceError, TeacherConfigError, GoldAnswerError, MergeError, TrainSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (TeacherUnavailable, CollectIncomplete, NotSupported) as e:
+    except (TeacherUnavailable, CollectIncomplete, NotSupported, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:

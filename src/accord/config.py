@@ -164,11 +164,114 @@ class CollectConfig(_Strict):
         return [self.style] if isinstance(self.style, str) else list(self.style)
 
 
+class StudentConfig(_Strict):
+    model: str = Field("lab:student", description="the student: local path, hub id or lab:<model>")
+    device: str = Field("auto", description="cpu, cuda, cuda:1, mps or auto")
+    dtype: str = Field("auto", description="weights dtype when loading (auto: the checkpoint's)")
+    trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (off by default)")
+
+
+class MergeConfig(_Strict):
+    method: str = Field("average", description="average (MoT), ties, dare_linear, dare_ties, task_arithmetic, "
+                        "linear; mergekit conventions")
+    weights: list[float] | None = Field(None, description="one weight per teacher branch (default 1 each)")
+    density: float = Field(1.0, gt=0, le=1, description="ties/dare: share of each task vector kept")
+    normalize: bool | None = Field(None, description="divide by the sum of weights (default: the method's, "
+                                   "as in mergekit)")
+    seed: int = Field(0, description="seed of DARE's random masks")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from accord.train.merge import MERGE_METHODS
+
+        if v not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {v!r}; choose one of {', '.join(MERGE_METHODS)}")
+        return v
+
+
+class LoraConfig(_Strict):
+    r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning")
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="peft target_modules")
+
+
+class TrainConfig(_Strict):
+    method: str | list[str] = Field(
+        "mot", description="std (every teacher), std:<teacher>, mtd, posthoc, mot; a list runs several and "
+        "compares them")
+    rounds: int = Field(3, ge=1, description="MoT rounds T; std/mtd train T×S steps with a checkpoint every S")
+    steps_per_round: int = Field(50, ge=1, description="S: optimizer steps per branch per round (MoT §3)")
+    batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (MoT App. G.1: 1e-5)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.95))
+    clip: float = Field(1.0, ge=0, description="gradient-norm clip; 0 disables")
+    max_len: int = Field(4096, ge=8, description="tokens per example (longer ones are truncated)")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw")
+    seed: int = Field(0)
+    bf16: bool | None = Field(None, description="bf16 mixed precision (default: when the device supports it)")
+    gradient_checkpointing: bool = Field(False)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    select: Literal["last", "validation"] = Field(
+        "last", description="MoT output: the last round, or the round best on a held-out 10% (MoT Table 10)")
+    keep_checkpoints: int | None = Field(None, ge=1, description="keep only the newest N step checkpoints")
+    report_to: list[str] = Field(default_factory=list, description="trackers: tensorboard, wandb, mlflow")
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str | list[str]) -> str | list[str]:
+        for m in [v] if isinstance(v, str) else v:
+            if m.split(":", 1)[0] not in ("std", "mtd", "posthoc", "mot"):
+                raise ValueError(f"unknown train method {m!r}; choose std, std:<teacher>, mtd, posthoc, mot")
+        return v
+
+
+class EvalSplit(_Strict):
+    path: str = Field(description="problem source (as problems.path)")
+    split: Literal["all", "train", "validation", "test"] = Field("all")
+    limit: int | None = Field(None, ge=1)
+    question_field: str = Field("question")
+    answer_field: str = Field("answer")
+
+
+def _default_splits() -> dict[str, EvalSplit]:
+    return {"target": EvalSplit(path="lab:chain:test"), "ood": EvalSplit(path="lab:chain-ood:test"),
+            "general": EvalSplit(path="lab:last:test")}
+
+
+class EvalConfig(_Strict):
+    splits: dict[str, EvalSplit] = Field(default_factory=_default_splits,
+                                         description="name → problem source; the lab's target/ood/general by default")
+    k: int = Field(16, ge=0, description="samples per problem for pass@1 (0: greedy only)")
+    temperature: float = Field(0.6, ge=0)
+    greedy: bool = Field(True, description="also measure greedy accuracy")
+    max_new_tokens: int = Field(32768, ge=1)
+    backend: Literal["hf", "vllm"] = Field("hf", description="generation backend for evaluation")
+    batch_size: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N problems of every split")
+    every_checkpoint: bool = Field(True, description="evaluate every round / checkpoint (curves), not only finals")
+    verifier: str = Field("math")
+    seed: int = Field(0)
+
+
 class AccordConfig(_Strict):
     run_dir: str = Field("runs/default", description="where every stage writes its files")
     problems: ProblemsConfig
     teachers: list[TeacherConfig] = Field(min_length=1)
     collect: CollectConfig = Field(default_factory=CollectConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> "AccordConfig":
@@ -178,6 +281,12 @@ class AccordConfig(_Strict):
             raise ValueError(f"teachers: duplicate names {dupes}")
         if self.collect.judge and self.collect.judge.teacher not in names:
             raise ValueError(f"collect.judge.teacher {self.collect.judge.teacher!r} is not one of the teachers {names}")
+        for m in self.train.methods:
+            if m.startswith("std:") and m[4:] not in names:
+                raise ValueError(f"train.method {m!r}: {m[4:]!r} is not one of the teachers {names}")
+        w = self.train.merge.weights
+        if w is not None and len(w) != len(names):
+            raise ValueError(f"train.merge.weights has {len(w)} value(s) for {len(names)} teacher(s)")
         return self
 
     def teacher(self, name: str) -> TeacherConfig:

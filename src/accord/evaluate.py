@@ -1,4 +1,4 @@
-"""Evaluation core: greedy accuracy and pass@1 averaged over k samples.
+"""Evaluation: greedy accuracy and pass@1 averaged over k samples, per model and per split.
 
 pass@1 over k samples is the mean, over problems, of the fraction of the k
 samples that are correct (MoT §5 reports AIME as 16-run averages; the same
@@ -6,6 +6,11 @@ estimator).  Generation goes through the teacher backends, so a vLLM backend
 evaluates on GPU and an hf backend on CPU.  Optionally every (problem, sample)
 row is written to a JSONL file, and a re-run skips rows already there, so a
 killed evaluation resumes.
+
+``evaluate_models`` is the ``accord eval`` stage: the base student and every
+model the training stage recorded (finals, and every round / checkpoint for the
+curves of MoT Table 22 / Fig. 3) on every configured split, one summary file
+per (model, split) so finished ones are skipped.
 """
 
 from __future__ import annotations
@@ -87,3 +92,87 @@ def hash_id(pid: str) -> int:
     import hashlib
 
     return int(hashlib.sha1(pid.encode()).hexdigest()[:6], 16)
+
+
+# --------------------------------------------------------------------------- the eval stage
+
+
+def eval_points(cfg, results: list[dict]) -> list[dict]:
+    """(key, label, path) of every checkpoint to evaluate: the base student, then each result's curve/final."""
+    from accord.teachers.base import resolve_model
+
+    pts = [{"key": "base", "model": "base", "steps": 0, "path": resolve_model(cfg.student.model, "student")}]
+    for r in results:
+        curve = r.get("curve") or []
+        if not cfg.eval.every_checkpoint:
+            curve = []
+        seen = set()
+        for c in curve:
+            pts.append({"key": f"{r['name']}/step-{c['steps']}", "model": r["name"], "steps": c["steps"],
+                        "round": c.get("round"), "path": c["path"]})
+            seen.add(c["path"])
+        if r["final"] not in seen:
+            pts.append({"key": f"{r['name']}/final", "model": r["name"], "steps": None, "path": r["final"]})
+        for p in pts:
+            if p["model"] == r["name"] and p["path"] == r["final"]:
+                p["final"] = True
+    pts[0]["final"] = True
+    return pts
+
+
+def split_problems(cfg, name: str) -> list[Problem]:
+    from accord.config import ProblemsConfig
+    from accord.problems import load_problems
+
+    sp = cfg.eval.splits[name]
+    pc = ProblemsConfig(path=sp.path, split=sp.split, limit=sp.limit or cfg.eval.limit,
+                        question_field=sp.question_field, answer_field=sp.answer_field)
+    return load_problems(pc)
+
+
+def _generator(cfg, path: str, name: str):
+    from accord.config import TeacherConfig
+    from accord.teachers.base import load_teacher
+
+    tc = TeacherConfig(name=name.replace("/", "_"), backend=cfg.eval.backend, model=path,
+                       batch_size=cfg.eval.batch_size, device=cfg.student.device,
+                       trust_remote_code=cfg.student.trust_remote_code)
+    return load_teacher(tc)
+
+
+def evaluate_models(cfg, results: list[dict], console) -> list[dict]:
+    """Evaluate every point on every split; returns rows {key, model, steps, split, greedy, pass1, ...}."""
+    from accord.ui import progress
+
+    root = Path(cfg.run_dir) / "eval"
+    problems = {s: split_problems(cfg, s) for s in cfg.eval.splits}
+    rows = []
+    pts = eval_points(cfg, results)
+    with progress(console) as bar:
+        task = bar.add_task("eval", total=len(pts) * len(problems))
+        for pt in pts:
+            gen = None
+            for split, probs in problems.items():
+                summary = root / pt["key"] / f"{split}.json"
+                if summary.exists():
+                    res = json.loads(summary.read_text())
+                else:
+                    gen = gen or _generator(cfg, pt["path"], pt["key"])
+                    bar.update(task, description=f"eval {pt['key']} {split}")
+                    r = evaluate(gen, probs, k=cfg.eval.k, temperature=cfg.eval.temperature,
+                                 greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
+                                 verifier=cfg.eval.verifier, seed=cfg.eval.seed,
+                                 rows_path=_rows_path(summary))
+                    res = r.as_dict()
+                    summary.write_text(json.dumps(res))
+                rows.append({**pt, "split": split, **res})
+                bar.update(task, advance=1)
+            if gen is not None:
+                gen.close()
+    (root / "results.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _rows_path(summary: Path) -> Path:
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    return summary.with_suffix(".rows.jsonl")

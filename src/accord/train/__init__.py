@@ -1,0 +1,43 @@
+"""Training: the engine, merge operators and one recipe file per method.
+
+``RECIPES`` maps ``train.method`` names to recipe entry points (each returns the
+result records it wrote; see ``accord.train.common``).
+"""
+
+from __future__ import annotations
+
+
+def _std(cfg, console, arg):
+    from accord.train.sft import run_std
+
+    return run_std(cfg, console, arg)
+
+
+def _mtd(cfg, console, arg):
+    from accord.train.sft import run_mtd
+
+    return run_mtd(cfg, console)
+
+
+def _posthoc(cfg, console, arg):
+    from accord.train.posthoc import run
+
+    return run(cfg, console)
+
+
+def _mot(cfg, console, arg):
+    from accord.train.mot import run
+
+    return run(cfg, console)
+
+
+RECIPES = {"std": _std, "mtd": _mtd, "posthoc": _posthoc, "mot": _mot}
+
+
+def run_training(cfg, console) -> list[dict]:
+    """Run every method in ``train.method`` in order; finished ones are skipped."""
+    results = []
+    for m in cfg.train.methods:
+        name, _, arg = m.partition(":")
+        results += RECIPES[name](cfg, console, arg or None)
+    return results

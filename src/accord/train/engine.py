@@ -17,9 +17,13 @@ Used by every recipe (STD, MTD, MoT branches) and by the lab to train its zoo.
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -30,7 +34,7 @@ IGNORE = -100
 @dataclass
 class TrainArgs:
     steps: int = 100
-    batch_size: int = 16  # sequences per optimizer step (across accumulation)
+    batch_size: int = 16  # sequences per optimizer step (across accumulation and processes)
     grad_accum: int = 1
     lr: float = 1e-5
     min_lr_ratio: float = 0.0
@@ -41,6 +45,19 @@ class TrainArgs:
     max_len: int = 4096
     seed: int = 0
     optimizer: str = "adamw"  # adamw | sgd (plain SGD: used to check MoT App. A's identity)
+    # the cosine schedule may span more steps than this run (MoT branches: round r uses steps [rS, (r+1)S))
+    schedule_steps: int | None = None
+    schedule_offset: int = 0
+    checkpoint_every: int | None = None  # save an HF checkpoint every N steps (None: only the final one)
+    keep_checkpoints: int | None = None  # keep only the newest N step checkpoints (None: all)
+    bf16: bool | None = None  # None: bf16 when the device supports it
+    gradient_checkpointing: bool = False
+    lora_r: int = 0  # >0: train LoRA adapters (peft) instead of all weights
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str | list[str] = "all-linear"
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow
+    log_every: int = 1
 
 
 def encode_example(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
@@ -89,10 +106,12 @@ def padding_waste(batches: list[list[int]], lengths: Sequence[int]) -> float:
 
 def lr_at(step: int, args: TrainArgs) -> float:
     """Linear warmup then cosine decay to ``min_lr_ratio × lr``."""
-    warm = max(1, int(round(args.warmup_ratio * args.steps)))
+    total = args.schedule_steps or args.steps
+    step += args.schedule_offset
+    warm = max(1, int(round(args.warmup_ratio * total)))
     if step < warm:
         return args.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, args.steps - warm)
+    progress = (step - warm) / max(1, total - warm)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -120,47 +139,250 @@ class BatchStream:
         return self.queue.pop()
 
 
-def sft_step(model, batches: list[dict], device) -> torch.Tensor:
-    """Forward/backward over micro-batches; loss = Σ token NLL / Σ target tokens of the whole step."""
-    n_tok = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss; the message names the step and the last good checkpoint kept."""
+
+
+_ACCELERATOR = None
+
+
+def get_accelerator(args: TrainArgs | None = None):
+    """One ``accelerate.Accelerator`` per process (accelerate keeps global state anyway)."""
+    global _ACCELERATOR
+    if _ACCELERATOR is None:
+        from accelerate import Accelerator
+
+        bf16 = args.bf16 if args and args.bf16 is not None else _bf16_supported()
+        log_with = (args.report_to or None) if args else None
+        _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", log_with=log_with)
+    return _ACCELERATOR
+
+
+def _bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def sft_step(model, batches: list[dict], device, n_tok: int, scale: float = 1.0, backward=None,
+             no_sync=None) -> torch.Tensor:
+    """Forward/backward over micro-batches; loss = Σ token NLL / ``n_tok`` (the whole step's target tokens).
+
+    ``scale`` undoes DDP's gradient averaging (× world size) so every process
+    contributes its token sum over the *global* token count.
+    """
+    import contextlib
+
     total = torch.zeros((), device=device)
-    for b in batches:
+    for j, b in enumerate(batches):
         b = {k: v.to(device) for k, v in b.items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-        tgt = b["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum") / max(1, n_tok)
-        loss.backward()
+        ctx = no_sync(model) if (no_sync and j < len(batches) - 1) else contextlib.nullcontext()
+        with ctx:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            tgt = b["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                     ignore_index=IGNORE, reduction="sum") / max(1, n_tok)
+            (backward or torch.Tensor.backward)(loss * scale)
         total += loss.detach()
     return total
 
 
-def train_sft(model, tok, rows: list[dict], args: TrainArgs, on_step: Callable[[int, float], None] | None = None):
-    """Train ``model`` in place for ``args.steps`` optimizer steps on chat ``rows``; returns the loss history."""
+@dataclass
+class TrainResult:
+    model: object  # the trained model (LoRA adapters merged in when ``lora_r`` > 0)
+    history: list[float]
+    resumed_from: int = 0
+    out_dir: Path | None = None
+
+
+def _n_targets(part: list[tuple[list[int], list[int]]]) -> int:
+    return sum(sum(1 for y in labels[1:] if y != IGNORE) for _, labels in part)
+
+
+def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path | None = None,
+          shard: bool = True, on_step: Callable[[int, float], None] | None = None,
+          log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``model`` for ``args.steps`` optimizer steps on chat ``rows``.
+
+    With ``out_dir``: checkpoints every ``checkpoint_every`` steps under
+    ``out_dir/checkpoint-<step>``, resume from the newest one, ``metrics.jsonl``.
+    ``shard=False`` trains on this process alone (MoT branches spread over processes).
+    """
+    acc = get_accelerator(args)
+    world, rank = (acc.num_processes, acc.process_index) if shard else (1, 0)
     torch.manual_seed(args.seed)
     examples = [encode_example(tok, r, args.max_len) for r in rows]
     if not examples:
         raise ValueError("no training examples")
-    stream = BatchStream(examples, args.batch_size, args.seed)
+    model = _prepare_model(model, args)
     opt = make_optimizer(model, args)
-    device = next(model.parameters()).device
+    out = Path(out_dir) if out_dir else None
+    start, history = _resume(out, model, opt) if out else (0, [])
+    stream = BatchStream(examples, args.batch_size, args.seed)
+    for _ in range(start):
+        stream.next()  # replay the data order up to the checkpoint (cheap: indices only)
+    if shard:
+        model, opt = acc.prepare(model, opt)  # DDP/FSDP/DeepSpeed wrapping, device placement, autocast
+    else:
+        model.to(acc.device)
+    local = not shard or acc.is_main_process  # does this process write files?
     model.train()
-    history = []
     micro = max(1, args.batch_size // args.grad_accum)
-    for step in range(args.steps):
+    clock, last_ckpt = time.perf_counter(), _latest(out)
+    for step in range(start, args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        idx = stream.next()
-        parts = [collate([examples[i] for i in idx[s:s + micro]], tok.pad_token_id) for s in range(0, len(idx), micro)]
-        loss = sft_step(model, parts, device)
+        idx = stream.next()[rank::world]
+        chunks = [[examples[i] for i in idx[s:s + micro]] for s in range(0, len(idx), micro)]
+        n_tok = _global_count(acc, sum(_n_targets(c) for c in chunks), shard and world > 1)
+        parts = [collate(c, tok.pad_token_id) for c in chunks]
+        with acc.autocast():
+            loss = sft_step(model, parts, acc.device, n_tok, scale=world, backward=acc.backward,
+                            no_sync=acc.no_sync if world > 1 else None)
+        if world > 1:
+            loss = acc.reduce(loss, "sum")
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+            where = f"the last good checkpoint {last_ckpt} is kept" if last_ckpt else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {where}. "
+                                   "Lower train.lr or check the corpus.")
+        gnorm = None
         if args.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            clip = acc.clip_grad_norm_ if shard else torch.nn.utils.clip_grad_norm_
+            gnorm = clip(model.parameters(), args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append(loss.item())
+        event = {"event": "step", "step": step + 1, "loss": history[-1], "lr": lr_at(step, args),
+                 "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": n_tok,
+                 "elapsed_s": round(time.perf_counter() - clock, 4)}
+        if local:
+            _emit(acc, out, event, log, args)
         if on_step:
             on_step(step, history[-1])
+        if out and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            last_ckpt = save_checkpoint(acc, model, tok, opt, out, step + 1, history, args, local, shard)
+    model = acc.unwrap_model(model) if shard else model
     model.eval()
-    return history
+    if args.lora_r:
+        model = model.merge_and_unload()
+    return TrainResult(model, history, start, out)
+
+
+def _prepare_model(model, args: TrainArgs):
+    if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if args.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         target_modules=args.lora_targets, task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+    return model
+
+
+def _global_count(acc, n: int, distributed: bool) -> int:
+    if not distributed:
+        return n
+    t = torch.tensor([n], device=acc.device)
+    return int(acc.reduce(t, "sum").item())
+
+
+def _emit(acc, out: Path | None, event: dict, log, args: TrainArgs) -> None:
+    if event["step"] % max(1, args.log_every):
+        return
+    if out:
+        with (out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(event) + "\n")
+    if args.report_to:
+        acc.log({k: v for k, v in event.items() if isinstance(v, (int, float)) and k != "step"}, step=event["step"])
+    if log:
+        log(event)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _latest(out: Path | None) -> Path | None:
+    """The newest *complete* step checkpoint (``trainer_state.json`` is written last)."""
+    if out is None or not out.exists():
+        return None
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save_checkpoint(acc, model, tok, opt, out: Path, step: int, history: list[float], args: TrainArgs,
+                    write: bool = True, barrier: bool = True) -> Path:
+    """An HF checkpoint (safetensors weights or LoRA adapter + tokenizer) plus optimizer/RNG state."""
+    ckpt = out / f"checkpoint-{step}"
+    if write:
+        tmp = out / f".checkpoint-{step}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp.rename(ckpt)
+        _prune(out, args.keep_checkpoints)
+    if barrier:
+        acc.wait_for_everyone()
+    return ckpt
+
+
+def _prune(out: Path, keep: int | None) -> None:
+    if not keep:
+        return
+    done = sorted((p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+                  key=lambda p: int(p.name.split("-")[1]))
+    for p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _resume(out: Path, model, opt) -> tuple[int, list[float]]:
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = _latest(out)
+    if ckpt is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        return 0, []
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if (ckpt / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    else:
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        if (ckpt / "model.safetensors").exists():
+            model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+        else:
+            load_sharded_checkpoint(model, ckpt, strict=False)
+    extra = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+    opt.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["torch_rng"])
+    _truncate_metrics(out / "metrics.jsonl", state["step"])
+    return state["step"], list(state["history"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint (they are written again by the resumed run)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def train_sft(model, tok, rows: list[dict], args: TrainArgs, on_step: Callable[[int, float], None] | None = None):
+    """Train ``model`` in place (full fine-tuning, no checkpoints); returns the loss history (the lab uses it)."""
+    return train(model, tok, rows, args, on_step=on_step).history

@@ -1,0 +1,175 @@
+"""Report v1: one static HTML page (tables + matplotlib PNGs) in ``<run_dir>/report/``.
+
+- the method table of MoT Table 4: base, STD per teacher, MTD, post-hoc merge,
+  MoT — target pass@1 / greedy, OOD, general (forgetting = change from base);
+- the compute of each method in branch-steps (MoT Table 5);
+- per-round / per-checkpoint curves (MoT Table 22, Fig. 3) as a PNG;
+- the teachers' collection table (MoT Table 21) and one sample output per model.
+
+Every piece of model or teacher text goes through ``html.escape``; the page has
+no scripts.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+ORDER = ("base", "std", "mtd", "posthoc", "mot")
+
+
+def final_rows(eval_rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """model → split → metrics, for final checkpoints only."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in eval_rows:
+        if r.get("final"):
+            out.setdefault(r["model"], {})[r["split"]] = r
+    return out
+
+
+def _order_key(name: str) -> tuple:
+    head = name.split("-", 1)[0]
+    return (ORDER.index(head) if head in ORDER else len(ORDER), name)
+
+
+def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) -> tuple[list[str], list[list]]:
+    finals = final_rows(eval_rows)
+    compute = {r["name"]: r.get("branch_steps") for r in results}
+    base = finals.get("base", {})
+    head = ["model"] + [f"{s} {m}" for s in splits for m in ("pass@1", "greedy")] + ["Δ general", "branch-steps"]
+    body = []
+    for name in sorted(finals, key=_order_key):
+        row: list = [name]
+        for s in splits:
+            m = finals[name].get(s, {})
+            row += [m.get("pass1"), m.get("greedy")]
+        g, g0 = finals[name].get("general", {}).get("pass1"), base.get("general", {}).get("pass1")
+        row.append(None if g is None or g0 is None else g - g0)
+        row.append(compute.get(name, 0 if name == "base" else None))
+        body.append(row)
+    return head, body
+
+
+def text_table(head: list[str], body: list[list]) -> str:
+    cells = [head] + [[_fmt(c) for c in r] for r in body]
+    widths = [max(len(str(r[i])) for r in cells) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def _fmt(c) -> str:
+    if c is None:
+        return "–"
+    if isinstance(c, float):
+        return f"{c:+.3f}" if c < 0 or c > 1 else f"{c:.3f}"
+    return str(c)
+
+
+def plot_curves(eval_rows: list[dict], split: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    base = None
+    for r in eval_rows:
+        if r["split"] != split or r.get("pass1") is None:
+            continue
+        if r["model"] == "base":
+            base = r["pass1"]
+        elif r.get("steps") is not None:
+            series.setdefault(r["model"], []).append((r["steps"], r["pass1"]))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    for name in sorted(series, key=_order_key):
+        pts = sorted(series[name])
+        if base is not None:
+            pts = [(0, base)] + pts
+        style = dict(lw=2.4, marker="o") if name == "mot" else dict(lw=1.2, marker=".", alpha=0.85)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+    ax.set_xlabel("optimizer steps per branch (MoT: rounds × S)")
+    ax.set_ylabel(f"{split} pass@1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _html_table(head: list[str], body: list[list], best_cols: set[int] = frozenset()) -> str:
+    best = {i: max((r[i] for r in body if isinstance(r[i], float)), default=None) for i in best_cols}
+    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in body:
+        tds = []
+        for i, c in enumerate(r):
+            cls = ' class="best"' if i in best and c is not None and c == best[i] else ""
+            tds.append(f"<td{cls}>{html.escape(_fmt(c))}</td>")
+        out.append("<tr>" + "".join(tds) + "</tr>")
+    return "\n".join(out + ["</tbody></table>"])
+
+
+def _samples(run_dir: Path, eval_rows: list[dict]) -> str:
+    parts = []
+    for r in eval_rows:
+        if not r.get("final") or r["split"] != "target":
+            continue
+        rows_file = run_dir / "eval" / r["key"] / "target.rows.jsonl"
+        if not rows_file.exists():
+            continue
+        first = rows_file.read_text(encoding="utf-8").splitlines()[:1]
+        if first:
+            row = json.loads(first[0])
+            parts.append(f"<h3>{html.escape(r['model'])} <small>({html.escape(row['verdict'])})</small></h3>"
+                         f"<pre>{html.escape(row['output'])}</pre>")
+    return "\n".join(parts)
+
+
+CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:right}
+th:first-child,td:first-child{text-align:left}td.best{font-weight:700;background:#eef7ee}
+pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap;max-height:14em;overflow:auto}small{color:#777}"""
+
+
+def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    splits = list(cfg.eval.splits)
+    head, body = method_table(eval_rows, results, splits)
+    pass_cols = {1 + 2 * i for i in range(len(splits))}
+    curves = [s for s in splits if plot_curves(eval_rows, s, out / f"curve-{s}.png")]
+    collect = _collect_table(run_dir)
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>accord report — {html.escape(run_dir.name)}"
+            f"</title><style>{CSS}</style></head><body>",
+            f"<h1>accord report <small>{html.escape(str(run_dir))}</small></h1>",
+            "<h2>Methods (MoT Table 4)</h2>",
+            "<p>pass@1 averaged over k samples at temperature "
+            f"{cfg.eval.temperature} (k = {cfg.eval.k}); Δ general = change of general-family pass@1 from the "
+            "base student (forgetting is negative); branch-steps = optimizer steps summed over branches "
+            "(MoT Table 5). Bold: best in column.</p>",
+            f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
+    for s in curves:
+        page.append(f"<h2>{html.escape(s)} pass@1 by round / checkpoint (MoT Table 22, Fig. 3)</h2>"
+                    f"<img src='curve-{html.escape(s)}.png' alt='{html.escape(s)} curve'>")
+    if collect:
+        page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
+    page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows), "</body></html>"]
+    (out / "index.html").write_text("\n".join(page), encoding="utf-8")
+    (out / "table.txt").write_text(text_table(head, body) + "\n")
+    return out / "index.html"
+
+
+def _collect_table(run_dir: Path) -> str:
+    p = run_dir / "collect_summary.json"
+    if not p.exists():
+        return ""
+    rows = json.loads(p.read_text())
+    rows = rows.get("teachers", rows) if isinstance(rows, dict) else rows
+    if not rows:
+        return ""
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
+    return _html_table(keys, [[r.get(k) for k in keys] for r in rows])

@@ -1,0 +1,122 @@
+"""What every recipe shares: corpora, the student, engine arguments, finished-model records.
+
+A recipe writes each model it produces as a standard HF checkpoint directory and
+records it in ``<run_dir>/train/<name>/result.json``::
+
+    {"name": "std-terse", "method": "std", "final": ".../final",
+     "curve": [{"steps": 50, "path": ".../checkpoint-50"}, ...],   # Table 22 / Fig. 3 points
+     "branch_steps": 150}                                          # compute, as MoT Table 5
+
+A stage whose ``result.json`` exists is finished and is skipped on re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from accord.config import AccordConfig
+from accord.train.engine import TrainArgs
+
+
+class TrainSetupError(ValueError):
+    """A training stage that cannot start (empty corpora, missing inputs); the message says which."""
+
+
+def train_dir(cfg: AccordConfig, name: str) -> Path:
+    return Path(cfg.run_dir) / "train" / name
+
+
+def load_corpus(cfg: AccordConfig, teacher: str) -> list[dict]:
+    """Chat rows of ``corpora/<teacher>.jsonl`` (``all`` = the union); errors name the file and line."""
+    path = Path(cfg.run_dir) / "corpora" / f"{teacher}.jsonl"
+    if not path.exists():
+        raise TrainSetupError(f"{path}: no corpus; run `accord collect` first")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainSetupError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if not msgs or not isinstance(msgs, list) or msgs[-1].get("role") != "assistant":
+            raise TrainSetupError(f"{path}:{i}: field 'messages' must be a list ending with an assistant turn")
+        rows.append(row)
+    return rows
+
+
+def teacher_corpora(cfg: AccordConfig, console=None) -> dict[str, list[dict]]:
+    """Every teacher's corpus; empty ones are skipped with a warning, all empty is an error."""
+    out = {}
+    for t in cfg.teachers:
+        rows = load_corpus(cfg, t.name)
+        if rows:
+            out[t.name] = rows
+        elif console:
+            console.print(f"[yellow]warning[/]: teacher {t.name!r} has an empty corpus; its branch is skipped")
+    if not out:
+        raise TrainSetupError("every teacher corpus is empty: nothing to train on (check `accord collect`'s table)")
+    return out
+
+
+def load_student(cfg: AccordConfig):
+    from accord.teachers.hf import load_model_and_tokenizer
+
+    s = cfg.student
+    dtype = "float32" if s.dtype == "auto" else s.dtype  # fp32 master weights; bf16 comes from autocast
+    model, tok = load_model_and_tokenizer(s.model, device="cpu", dtype=dtype, trust_remote_code=s.trust_remote_code,
+                                          who="student")
+    tok.padding_side = "right"
+    return model, tok
+
+
+def engine_args(cfg: AccordConfig, steps: int, *, checkpoint_every: int | None = None,
+                schedule_steps: int | None = None, schedule_offset: int = 0, seed_offset: int = 0) -> TrainArgs:
+    t = cfg.train
+    return TrainArgs(steps=steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
+                     min_lr_ratio=t.min_lr_ratio, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
+                     betas=tuple(t.betas), clip=t.clip, max_len=t.max_len, seed=t.seed + seed_offset,
+                     optimizer=t.optimizer, schedule_steps=schedule_steps, schedule_offset=schedule_offset,
+                     checkpoint_every=checkpoint_every, keep_checkpoints=t.keep_checkpoints, bf16=t.bf16,
+                     gradient_checkpointing=t.gradient_checkpointing, lora_r=t.lora.r, lora_alpha=t.lora.alpha,
+                     lora_dropout=t.lora.dropout, lora_targets=t.lora.target_modules, report_to=list(t.report_to))
+
+
+def epochs_note(n_rows: int, steps: int, batch: int) -> str:
+    ep = steps * batch / max(1, n_rows)
+    return f"{steps} steps × {batch} = {ep:.1f} epoch(s) of {n_rows} examples"
+
+
+def save_model(model, tok, path: Path) -> Path:
+    """Atomic: written to ``<path>.partial`` then renamed, so a kill never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def write_result(cfg: AccordConfig, name: str, **fields) -> dict:
+    d = train_dir(cfg, name)
+    d.mkdir(parents=True, exist_ok=True)
+    res = {"name": name, **fields}
+    tmp = d / "result.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    tmp.replace(d / "result.json")
+    return res
+
+
+def read_result(cfg: AccordConfig, name: str) -> dict | None:
+    p = train_dir(cfg, name) / "result.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def step_checkpoints(out: Path) -> list[dict]:
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return [{"steps": int(p.name.split("-")[1]), "path": str(p)} for p in sorted(done, key=lambda p: int(
+        p.name.split("-")[1]))]

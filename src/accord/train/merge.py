@@ -1,0 +1,310 @@
+"""Weight-merge operators and checkpoint merging (MoT §3 Eq. 3; mergekit conventions).
+
+Registry ``MERGE_METHODS`` (name → defaults), each with its paper:
+
+- ``average`` — MoT's operator (§3, "weight averaging"): the (weighted) mean of the
+  models; mergekit's ``linear`` with ``normalize: true``.  ``linear`` is an alias.
+- ``task_arithmetic`` (Ilharco et al. 2023, arXiv:2212.04089): base + Σ wᵢ τᵢ.
+- ``ties`` (Yadav et al. 2023, arXiv:2306.01708): keep the top-``density`` share of
+  each task vector by magnitude, elect a sign per entry from the sum of the
+  weighted task vectors, average the agreeing entries.
+- ``dare_linear`` / ``dare_ties`` (Yu et al. 2024, arXiv:2311.03099): random drop
+  with keep probability ``density`` and rescale by 1/density; then linear or TIES.
+
+Conventions follow mergekit's ``GeneralizedTaskArithmeticMerge`` (what users of
+merge configs expect): task vectors τᵢ = θᵢ − θ_base; weights multiply τᵢ *before*
+sign election; with ``normalize`` the mixed delta is divided by the sum of the
+weights (for TIES: of the weights whose sign agrees, per entry; zero sums → 1).
+Defaults as in mergekit's registry: ``normalize`` on for ``average``/``ties``, off
+for ``task_arithmetic``/``dare_*``; weights default to 1; density to 1.
+The pruning and sign-election primitives come from ``peft.utils.merge_utils``;
+only the mergekit-style weighting/normalisation around them is written here
+(peft's own ``ties`` divides by the *count* of agreeing models, which differs
+from mergekit as soon as weights are unequal).
+
+Choices where the references are silent: arithmetic runs in float32 and the
+result is cast back to the base dtype; DARE's random masks are seeded per
+(seed, tensor name, model index), so a merge is reproducible and independent of
+tensor order; non-floating tensors (integer buffers) are taken from the base.
+
+Two ways to merge:
+- ``merge_checkpoints`` streams tensor by tensor from safetensors files (one
+  tensor per model in memory at a time) — used by ``accord merge`` and post-hoc;
+- ``RunningMerge`` keeps one float32 running sum in memory for the linear
+  operators, so MoT never holds K branch copies when branches run one after
+  another.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from peft.utils.merge_utils import calculate_majority_sign_mask, magnitude_based_pruning, random_pruning
+
+# name → (sparsification, consensus, default normalize, default rescale)
+MERGE_METHODS: dict[str, tuple[str | None, bool, bool, bool]] = {
+    "average": (None, False, True, False),
+    "linear": (None, False, True, False),
+    "task_arithmetic": (None, False, False, False),
+    "ties": ("magnitude", True, True, False),
+    "dare_linear": ("random", False, False, True),
+    "dare_ties": ("random", True, False, True),
+}
+LINEAR_METHODS = ("average", "linear", "task_arithmetic")
+
+
+class MergeError(ValueError):
+    """Models that cannot be merged (names the first offending tensor or file)."""
+
+
+@dataclass
+class MergeSpec:
+    method: str = "average"
+    weights: list[float] | None = None  # one per model; default 1 each
+    density: float = 1.0
+    normalize: bool | None = None  # None → the method's default (mergekit's registry)
+    rescale: bool | None = None  # DARE's 1/density rescale; None → method default
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in MERGE_METHODS:
+            raise MergeError(f"unknown merge method {self.method!r}; choose one of {', '.join(MERGE_METHODS)}")
+        if not 0 < self.density <= 1:
+            raise MergeError(f"density must be in (0, 1], got {self.density}")
+
+    @property
+    def do_normalize(self) -> bool:
+        return MERGE_METHODS[self.method][2] if self.normalize is None else self.normalize
+
+    @property
+    def do_rescale(self) -> bool:
+        return MERGE_METHODS[self.method][3] if self.rescale is None else self.rescale
+
+    def weights_for(self, n: int) -> list[float]:
+        w = self.weights or [1.0] * n
+        if len(w) != n:
+            raise MergeError(f"{len(w)} weight(s) given for {n} model(s)")
+        return [float(x) for x in w]
+
+
+def _tensor_seed(seed: int, name: str, i: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + i) % (2**63)
+
+
+def _sparsify(delta: torch.Tensor, spec: MergeSpec, name: str, i: int) -> torch.Tensor:
+    how = MERGE_METHODS[spec.method][0]
+    if how is None or spec.density >= 1:
+        return delta
+    if how == "magnitude":
+        if int(spec.density * delta.numel()) == 0:
+            return torch.zeros_like(delta)  # mergekit refuses k=0; keeping nothing is the honest reading
+        return magnitude_based_pruning(delta, spec.density)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_tensor_seed(spec.seed, name, i))
+        return random_pruning(delta, spec.density, rescale=spec.do_rescale)
+
+
+def merge_tensor(name: str, base: torch.Tensor, models: Sequence[torch.Tensor], spec: MergeSpec) -> torch.Tensor:
+    """Merge one tensor of K models onto ``base`` (all the same shape)."""
+    if not base.is_floating_point():
+        return base.clone()
+    b = base.float()
+    w = torch.tensor(spec.weights_for(len(models)), dtype=torch.float32)
+    deltas = torch.stack([_sparsify(m.float() - b, spec, name, i) for i, m in enumerate(models)])
+    w = w.view(-1, *([1] * base.dim()))
+    weighted = deltas * w
+    if MERGE_METHODS[spec.method][1]:
+        mask = calculate_majority_sign_mask(weighted, method="total")
+        mixed = (weighted * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(0)
+        divisor = w.sum(0).expand_as(mixed).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if spec.do_normalize:
+        mixed = mixed / divisor
+    return (b + mixed).to(base.dtype)
+
+
+def merge_state_dicts(base: dict[str, torch.Tensor], models: Sequence[dict[str, torch.Tensor]],
+                      spec: MergeSpec) -> dict[str, torch.Tensor]:
+    """In-memory merge of whole state dicts (names and shapes must match)."""
+    for i, sd in enumerate(models):
+        _check_same(base, sd, f"model {i}")
+    return {n: merge_tensor(n, t, [sd[n] for sd in models], spec) for n, t in base.items()}
+
+
+def _check_same(base: dict, other: dict, label: str, shapes: dict | None = None) -> None:
+    for n in base:
+        if n not in other:
+            raise MergeError(f"{label} has no tensor {n!r} (architectures differ)")
+        a = shapes[n] if shapes else tuple(base[n].shape)
+        b = tuple(other[n].shape) if not isinstance(other[n], tuple) else other[n]
+        if tuple(a) != tuple(b):
+            raise MergeError(f"tensor {n!r}: shape {tuple(b)} in {label} but {tuple(a)} in the base")
+    extra = sorted(set(other) - set(base))
+    if extra:
+        raise MergeError(f"{label} has tensor {extra[0]!r} that the base lacks (architectures differ)")
+
+
+class RunningMerge:
+    """Linear merge with one float32 running sum: add branches one at a time, then ``result``."""
+
+    def __init__(self, base: dict[str, torch.Tensor], spec: MergeSpec):
+        if spec.method not in LINEAR_METHODS:
+            raise MergeError(f"RunningMerge supports {LINEAR_METHODS}, not {spec.method!r}")
+        self.base, self.spec = base, spec
+        self.acc = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in base.items() if t.is_floating_point()}
+        self.total_w, self.n = 0.0, 0
+
+    @torch.no_grad()
+    def add(self, state: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+        if self.n == 0:
+            _check_same(self.base, state, "branch 0")
+        for name, acc in self.acc.items():
+            acc.add_(state[name].float(), alpha=weight)  # Σ wᵢ θᵢ; the base is subtracted once in result()
+        self.total_w += weight
+        self.n += 1
+
+    @torch.no_grad()
+    def result(self) -> dict[str, torch.Tensor]:
+        """The merged state dict, computed in place in the running sum (no third copy); call once."""
+        if self.n == 0:
+            raise MergeError("nothing to merge: no branch was added")
+        div = self.total_w if (self.spec.do_normalize and abs(self.total_w) >= 1e-8) else 1.0
+        out = {}
+        for name, t in self.base.items():
+            if name not in self.acc:
+                out[name] = t.clone()
+                continue
+            # base + (Σ wᵢ θᵢ − (Σ wᵢ) base) / div  ==  base + Σ wᵢ τᵢ / div
+            acc = self.acc[name]
+            acc.sub_(t, alpha=self.total_w).div_(div).add_(t)
+            out[name] = acc.to(t.dtype)
+        self.acc = {}
+        return out
+
+    def all_reduce(self) -> None:
+        """Sum the running sums of several processes (MoT branches trained in parallel)."""
+        import torch.distributed as dist
+
+        for acc in self.acc.values():
+            dist.all_reduce(acc)
+        dev = next(iter(self.acc.values())).device if self.acc else "cpu"
+        tot = torch.tensor([self.total_w, float(self.n)], dtype=torch.float64, device=dev)
+        dist.all_reduce(tot)
+        self.total_w, self.n = float(tot[0]), int(tot[1])
+
+
+# --------------------------------------------------------------------------- checkpoints on disk
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """tensor name → safetensors file of an HF checkpoint dir (single file or sharded)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise MergeError(f"{p}: not a directory")
+    if not (p / "config.json").exists():
+        raise MergeError(f"{p}: not a Hugging Face checkpoint (no config.json)")
+    index = p / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {n: p / f for n, f in weight_map.items()}
+    single = p / "model.safetensors"
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return {n: single for n in f.keys()}
+    if (p / "pytorch_model.bin").exists() or (p / "adapter_model.safetensors").exists():
+        raise MergeError(f"{p}: only safetensors full-model checkpoints can be merged (found a .bin or an adapter)")
+    raise MergeError(f"{p}: no model.safetensors in this checkpoint")
+
+
+class _Reader:
+    """Lazy tensor access across the shards of one checkpoint."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path, self.files = Path(path), checkpoint_files(path)
+        self.handles = {f: safe_open(str(f), "pt") for f in set(self.files.values())}
+
+    def shapes(self) -> dict[str, tuple]:
+        return {n: tuple(self.handles[f].get_slice(n).get_shape()) for n, f in self.files.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.handles[self.files[name]].get_tensor(name)
+
+
+def _check_configs(base: Path, models: Sequence[Path]) -> None:
+    def arch(p):
+        c = json.loads((p / "config.json").read_text())
+        return c.get("architectures"), c.get("model_type")
+
+    ref = arch(base)
+    for m in models:
+        if arch(m) != ref:
+            raise MergeError(f"{m}: architecture {arch(m)} differs from the base's {ref}")
+    vocab = _vocab(base)
+    for m in models:
+        v = _vocab(m)
+        if vocab is not None and v is not None and v != vocab:
+            raise MergeError(f"{m}: its tokenizer differs from the base's (vocabularies are not the same)")
+
+
+def _vocab(p: Path) -> dict | None:
+    f = p / "tokenizer.json"
+    if not f.exists():
+        return None
+    return json.loads(f.read_text()).get("model", {}).get("vocab")
+
+
+def merge_checkpoints(base: str | Path, models: Sequence[str | Path], spec: MergeSpec, out: str | Path,
+                      progress: Iterable | None = None) -> Path:
+    """Merge HF checkpoints tensor by tensor; write a standard (sharded) safetensors checkpoint to ``out``."""
+    from huggingface_hub import save_torch_state_dict
+
+    base, models, out = Path(base), [Path(m) for m in models], Path(out)
+    if not models:
+        raise MergeError("give at least one model to merge")
+    spec.weights_for(len(models))
+    _check_configs(base, models)
+    rb, rms = _Reader(base), [_Reader(m) for m in models]
+    shapes = rb.shapes()
+    for r in rms:
+        _check_same(shapes, r.shapes(), str(r.path), shapes=shapes)
+    merged = {}
+    for name in progress(list(shapes)) if progress else shapes:
+        merged[name] = merge_tensor(name, rb.get(name), [r.get(name) for r in rms], spec)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_torch_state_dict(merged, str(tmp), max_shard_size="5GB")
+    _copy_side_files(base, tmp)
+    (tmp / "merge.json").write_text(json.dumps({"base": str(base), "models": [str(m) for m in models],
+                                                "method": spec.method, "weights": spec.weights_for(len(models)),
+                                                "density": spec.density, "normalize": spec.do_normalize,
+                                                "seed": spec.seed}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)

@@ -1,0 +1,63 @@
+"""STD and MTD: supervised fine-tuning on one teacher's corpus, or on all of them mixed (MoT §5 baselines).
+
+- ``std:<teacher>`` (single-teacher distillation) trains the student on that
+  teacher's corpus; plain ``std`` runs every teacher one by one.
+- ``mtd`` (multi-teacher distillation) trains on the union of the corpora.
+
+Budgets match MoT's comparison (§5, Table 22): T×S optimizer steps, a
+checkpoint every S steps (each one evaluated for the curves), the same engine
+settings as MoT's branches.  The cosine schedule spans the T×S steps.
+"""
+
+from __future__ import annotations
+
+from accord.config import AccordConfig
+from accord.train.common import (engine_args, epochs_note, load_corpus, load_student, read_result, save_model,
+                                 step_checkpoints, train_dir, write_result)
+from accord.train.engine import train
+from accord.ui import progress
+
+
+def run_sft(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, teachers: list[str]) -> dict:
+    if (done := read_result(cfg, name)) is not None:
+        console.print(f"{name}: finished earlier, skipped")
+        return done
+    T, S = cfg.train.rounds, cfg.train.steps_per_round
+    steps, out = T * S, train_dir(cfg, name)
+    _warn_epochs(console, name, len(rows), steps, cfg.train.batch_size)
+    model, tok = load_student(cfg)
+    args = engine_args(cfg, steps, checkpoint_every=S)
+    with progress(console) as bar:
+        task = bar.add_task(name, total=steps)
+        res = train(model, tok, rows, args, out_dir=out, on_step=lambda s, loss: bar.update(
+            task, completed=s + 1, description=f"{name} loss {loss:.3f}"))
+    final = save_model(res.model, tok, out / "final")
+    curve = [c for c in step_checkpoints(out) if c["steps"] < steps] + [{"steps": steps, "path": str(final)}]
+    return write_result(cfg, name, method=method, final=str(final), curve=curve, branch_steps=steps,
+                        teachers=teachers, examples=len(rows), resumed_from=res.resumed_from)
+
+
+def _warn_epochs(console, name: str, n: int, steps: int, batch: int) -> None:
+    if steps * batch > n:
+        console.print(f"[yellow]note[/]: {name} asks for {epochs_note(n, steps, batch)}; the data repeats")
+
+
+def run_std(cfg: AccordConfig, console, teacher: str | None = None) -> list[dict]:
+    names = [teacher] if teacher else [t.name for t in cfg.teachers]
+    out = []
+    for t in names:
+        rows = load_corpus(cfg, t)
+        if not rows:
+            console.print(f"[yellow]warning[/]: teacher {t!r} has an empty corpus; std-{t} skipped")
+            continue
+        out.append(run_sft(cfg, f"std-{t}", "std", rows, console, [t]))
+    return out
+
+
+def run_mtd(cfg: AccordConfig, console) -> list[dict]:
+    rows = load_corpus(cfg, "all")
+    if not rows:
+        from accord.train.common import TrainSetupError
+
+        raise TrainSetupError("mtd: the union corpus (corpora/all.jsonl) is empty")
+    return [run_sft(cfg, "mtd", "mtd", rows, console, [t.name for t in cfg.teachers])]
