@@ -263,12 +263,20 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         if on_step:
             on_step(step, history[-1])
         if out and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            _check_finite(model, step, last_ckpt)  # never write a checkpoint that holds NaN/inf weights
             last_ckpt = save_checkpoint(acc, model, tok, opt, out, step + 1, history, args, local, shard)
     model = acc.unwrap_model(model) if shard else model
     model.eval()
     if args.lora_r:
         model = model.merge_and_unload()
     return TrainResult(model, history, start, out)
+
+
+def _check_finite(model, step: int, last_ckpt: Path | None) -> None:
+    if all(torch.isfinite(p).all() for p in model.parameters()):
+        return
+    where = f"the last good checkpoint {last_ckpt} is kept" if last_ckpt else "no checkpoint was written yet"
+    raise TrainingDiverged(f"weights became non-finite by step {step + 1}; {where}. Lower train.lr.")
 
 
 def _prepare_model(model, args: TrainArgs):
@@ -356,12 +364,10 @@ def _resume(out: Path, model, opt) -> tuple[int, list[float]]:
 
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
     else:
-        from transformers.modeling_utils import load_sharded_checkpoint
+        from accord.train.merge import _Reader
 
-        if (ckpt / "model.safetensors").exists():
-            model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-        else:
-            load_sharded_checkpoint(model, ckpt, strict=False)
+        rd = _Reader(ckpt)  # single-file or sharded safetensors
+        model.load_state_dict({n: rd.get(n) for n in rd.files}, strict=False)
     extra = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
     opt.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["torch_rng"])

@@ -277,8 +277,8 @@ def merge_checkpoints(base: str | Path, models: Sequence[str | Path], spec: Merg
     if not models:
         raise MergeError("give at least one model to merge")
     spec.weights_for(len(models))
-    _check_configs(base, models)
     rb, rms = _Reader(base), [_Reader(m) for m in models]
+    _check_configs(base, models)
     shapes = rb.shapes()
     for r in rms:
         _check_same(shapes, r.shapes(), str(r.path), shapes=shapes)

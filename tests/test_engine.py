@@ -1,0 +1,118 @@
+"""The training engine: loss normalisation, resume after a kill, NaN stop, LoRA, padding waste."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from accord.train.engine import (IGNORE, TrainArgs, TrainingDiverged, collate, encode_example, length_grouped_batches,
+                                 padding_waste, sft_step, train)
+
+
+def rows(n: int, offset: int = 0) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"Start at {i + offset} and follow 2 links."},
+                          {"role": "assistant", "content": f"<think>\n(1) {i}>{i + 1}\n</think>\n\n\\boxed{{{i % 10}}}"}]}
+            for i in range(n)]
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_loss_is_token_normalised_over_the_whole_step(micro):
+    """Splitting a step into micro-batches gives the same loss and gradient as one batch (slow reference)."""
+    model, tok = load(micro)
+    ex = [encode_example(tok, r, 128) for r in rows(6)]
+    whole = collate(ex, tok.pad_token_id)
+    logits = model(**{k: whole[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1]
+    tgt = whole["labels"][:, 1:]
+    ref_terms = [torch.nn.functional.cross_entropy(logits[b, t][None], tgt[b, t][None])
+                 for b in range(tgt.shape[0]) for t in range(tgt.shape[1]) if tgt[b, t] != IGNORE]
+    ref = torch.stack(ref_terms).mean()
+    n_tok = len(ref_terms)
+    model.zero_grad()
+    loss = sft_step(model, [collate(ex[:2], tok.pad_token_id), collate(ex[2:], tok.pad_token_id)], "cpu", n_tok)
+    g_split = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref.backward()
+    assert torch.allclose(loss, ref.detach(), atol=1e-5)
+    for a, p in zip(g_split, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_padding_waste_is_small_on_lab_corpora():
+    import random
+
+    from accord.lab.build import PROFILES, lab_tokenizer, style_rows
+
+    tok = lab_tokenizer()
+    data = style_rows(PROFILES["quick"], ["terse", "verbose", "verify", "shifted"], seed=0)
+    lengths = [len(encode_example(tok, r, 4096)[0]) for r in data]
+    batches = length_grouped_batches(lengths, 32, random.Random(0))
+    assert padding_waste(batches, lengths) < 0.10
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_killed_run_resumes_to_the_same_weights(micro, tmp_path):
+    model, tok = load(micro)
+    args = TrainArgs(steps=6, batch_size=4, lr=1e-2, checkpoint_every=2, seed=3, warmup_ratio=0.2)
+    train(model, tok, rows(12), args, out_dir=tmp_path / "ref")
+    want = _weights(model)
+
+    model, tok = load(micro)
+
+    def kill(step, loss):
+        if step == 2:  # after checkpoint-2 is on disk, mid-way to checkpoint-4
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, rows(12), args, out_dir=tmp_path / "run", on_step=kill)
+    assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
+    model, tok = load(micro)  # a fresh process: weights come from the checkpoint
+    res = train(model, tok, rows(12), args, out_dir=tmp_path / "run")
+    assert res.resumed_from == 2
+    got = _weights(res.model)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(micro, tmp_path):
+    model, tok = load(micro)
+
+    def poison(step, loss):
+        if step == 2:
+            with torch.no_grad():
+                model.lm_head.weight.fill_(float("nan"))
+
+    args = TrainArgs(steps=8, batch_size=4, lr=1e-3, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match=r"at step 4; the last good checkpoint .*checkpoint-2 is kept"):
+        train(model, tok, rows(8), args, out_dir=tmp_path, on_step=poison)
+    from safetensors.torch import load_file
+
+    kept = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    assert not (tmp_path / "checkpoint-4").exists()
+
+
+def test_lora_trains_adapters_checkpoints_and_merges(micro, tmp_path):
+    model, tok = load(micro)
+    before = _weights(model)
+    args = TrainArgs(steps=4, batch_size=4, lr=5e-2, lora_r=4, lora_alpha=8, checkpoint_every=2)
+    res = train(model, tok, rows(8), args, out_dir=tmp_path)
+    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").exists()
+    after = _weights(res.model)
+    assert set(after) == set(before)  # a plain model again, adapters merged in
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("proj" in k for k in changed)  # only the LoRA-targeted linear layers move
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])

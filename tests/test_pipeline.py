@@ -1,0 +1,147 @@
+"""End to end: `accord run/train/eval/report` on micro models, MoT = MTD (App. A), bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_cli, write_jsonl
+
+
+def pipeline_cfg(tmp_path, problems, teachers, student, **train) -> Path:
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(problems)},
+           "teachers": teachers, "student": {"model": str(student)},
+           "collect": {"samples": 2, "max_new_tokens": 30, "temperature": 0.6},
+           "train": {"method": ["std", "mtd", "posthoc", "mot"], "rounds": 2, "steps_per_round": 2,
+                     "batch_size": 4, "lr": 1e-3, "max_len": 128, **train},
+           "eval": {"splits": {"target": {"path": str(problems)}, "general": {"path": str(problems), "limit": 4}},
+                    "k": 2, "max_new_tokens": 30, "batch_size": 16}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture
+def two_parrots(parrot7, parrot8):
+    return [{"name": "seven", "model": str(parrot7), "batch_size": 16},
+            {"name": "eight", "model": str(parrot8), "batch_size": 16}]
+
+
+def chromium_dom(page: Path) -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run",
+                          f"--user-data-dir={page.parent / '.chromium'}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout
+
+
+def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_parrots, micro):
+    cfg = pipeline_cfg(tmp_path, problems_file, two_parrots, micro)
+    code, out = run_cli("run", str(cfg))
+    assert code == 0, out
+    run = tmp_path / "run"
+    for name in ("std-seven", "std-eight", "mtd", "posthoc", "mot"):
+        res = json.loads((run / "train" / name / "result.json").read_text())
+        assert (Path(res["final"]) / "model.safetensors").exists(), name
+    mot = json.loads((run / "train" / "mot" / "result.json").read_text())
+    assert [c["round"] for c in mot["curve"]] == [1, 2] and mot["branch_steps"] == 2 * 2 * 2
+    std = json.loads((run / "train" / "std-seven" / "result.json").read_text())
+    assert [c["steps"] for c in std["curve"]] == [2, 4]  # T×S steps, a checkpoint every S (matched budget)
+    rows = json.loads((run / "eval" / "results.json").read_text())
+    finals = {(r["model"], r["split"]) for r in rows if r.get("final")}
+    assert ("base", "target") in finals and ("mot", "general") in finals and ("posthoc", "target") in finals
+    assert all(0 <= r["pass1"] <= 1 for r in rows)
+    assert "mot" in out and "branch-steps" in out  # the text table
+    dom = chromium_dom(run / "report" / "index.html")
+    assert "<table>" in dom and "std-seven" in dom and "<td>mot</td>" in dom
+    assert (run / "report" / "curve-target.png").exists()
+    # everything is finished: a re-run trains and evaluates nothing
+    code, out = run_cli("run", str(cfg))
+    assert code == 0 and out.count("finished earlier") >= 4
+
+
+def test_report_escapes_model_text(tmp_path, problems_file, two_parrots, micro):
+    from accord.config import load_config
+    from accord.report import write_report
+
+    cfg = load_config(pipeline_cfg(tmp_path, problems_file, two_parrots, micro))
+    d = tmp_path / "run" / "eval" / "base"
+    d.mkdir(parents=True)
+    (d / "target.rows.jsonl").write_text(json.dumps({"output": "<script>alert(1)</script>", "verdict": "x"}) + "\n")
+    rows = [{"key": "base", "model": "base", "split": "target", "final": True, "pass1": 0.5, "greedy": 0.5}]
+    html = write_report(cfg, [], rows).read_text()
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_one_mot_round_equals_one_mtd_step(tmp_path, micro, lab_tokenizer):
+    """MoT App. A at E = 1: plain SGD, one step per branch, equal-size teacher batches → average = MTD step."""
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    answers = ["<think>\n(1) 3>4\n</think>\n\n\\boxed{4}", "<think>\n(1) 5>1 (2) 1>9\n</think>\n\n\\boxed{9}"]
+
+    def row(q, a):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    a_rows = [row(f"Start at {i}.", answers[i % 2]) for i in range(4)]
+    b_rows = [row(f"Begin from {i}!", answers[(i + 1) % 2]) for i in range(4)]  # same target tokens, other prompts
+    write_jsonl(run / "corpora" / "a.jsonl", a_rows)
+    write_jsonl(run / "corpora" / "b.jsonl", b_rows)
+    write_jsonl(run / "corpora" / "all.jsonl", a_rows + b_rows)
+    teachers = [{"name": "a", "backend": "column", "column": "a"}, {"name": "b", "backend": "column", "column": "b"}]
+    cfg = pipeline_cfg(tmp_path, "unused.jsonl", teachers, micro, method=["mtd", "mot"], rounds=1,
+                       steps_per_round=1, batch_size=8, optimizer="sgd", clip=0, lr=0.5, warmup_ratio=0)
+    code, out = run_cli("train", str(cfg))
+    assert code == 0, out
+    from safetensors.torch import load_file
+
+    mtd = load_file(run / "train" / "mtd" / "final" / "model.safetensors")
+    mot = load_file(run / "train" / "mot" / "round-1" / "merged" / "model.safetensors")
+    base = load_file(Path(micro) / "model.safetensors")
+    moved = 0
+    for k in mtd:
+        assert torch.allclose(mtd[k], mot[k], atol=1e-6), k
+        moved += not torch.equal(mtd[k], base[k])
+    assert moved > 5  # the step really changed the weights
+
+
+def test_training_bad_input(tmp_path, problems_file, micro, parrot7):
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\boxed{1}"}]}
+    write_jsonl(run / "corpora" / "a.jsonl", [good] * 3)
+    (run / "corpora" / "b.jsonl").write_text("")
+    write_jsonl(run / "corpora" / "all.jsonl", [good] * 3)
+    teachers = [{"name": "a", "backend": "column", "column": "a"}, {"name": "b", "backend": "column", "column": "b"}]
+    cfg = pipeline_cfg(tmp_path, problems_file, teachers, micro, method="mot", rounds=1, steps_per_round=2)
+    code, out = run_cli("train", str(cfg))
+    assert code == 0, out
+    assert "'b' has an empty corpus" in out and "more steps" not in out
+    # every corpus empty → a clear error, exit 2
+    (run / "corpora" / "a.jsonl").write_text("")
+    shutil.rmtree(run / "train")
+    code, out = run_cli("train", str(cfg))
+    assert code == 2 and "every teacher corpus is empty" in out
+    # a broken line names file and line
+    (run / "corpora" / "a.jsonl").write_text(json.dumps(good) + "\n{oops\n")
+    code, out = run_cli("train", str(cfg), "train.method=std:a")
+    assert code == 2 and "a.jsonl:2: invalid JSON" in out
+    # more steps than data: say how many epochs
+    write_jsonl(run / "corpora" / "a.jsonl", [good] * 3)
+    code, out = run_cli("train", str(cfg), "train.method=std:a", "train.steps_per_round=3")
+    assert code == 0 and "3 steps × 4 = 4.0 epoch(s) of 3 examples" in out
+    # a student that is not an HF checkpoint
+    (tmp_path / "nothf").mkdir()
+    code, out = run_cli("train", str(cfg), f"student.model={tmp_path / 'nothf'}", "train.method=mtd")
+    assert code == 2 and "not a Hugging Face checkpoint" in out
+    # unknown method / teacher are config errors
+    code, out = run_cli("train", str(cfg), "train.method=std:zzz")
+    assert code == 2 and "'zzz' is not one of the teachers" in out
