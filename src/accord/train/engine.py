@@ -204,17 +204,18 @@ def _n_targets(part: list[tuple[list[int], list[int]]]) -> int:
 
 def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path | None = None,
           shard: bool = True, on_step: Callable[[int, float], None] | None = None,
-          log: Callable[[dict], None] | None = None) -> TrainResult:
+          log: Callable[[dict], None] | None = None, examples: list | None = None) -> TrainResult:
     """Train ``model`` for ``args.steps`` optimizer steps on chat ``rows``.
 
     With ``out_dir``: checkpoints every ``checkpoint_every`` steps under
     ``out_dir/checkpoint-<step>``, resume from the newest one, ``metrics.jsonl``.
     ``shard=False`` trains on this process alone (MoT branches spread over processes).
+    ``examples``: ``rows`` already encoded with ``encode_example`` (MoT reuses them every round).
     """
     acc = get_accelerator(args)
     world, rank = (acc.num_processes, acc.process_index) if shard else (1, 0)
     torch.manual_seed(args.seed)
-    examples = [encode_example(tok, r, args.max_len) for r in rows]
+    examples = examples if examples is not None else [encode_example(tok, r, args.max_len) for r in rows]
     if not examples:
         raise ValueError("no training examples")
     model = _prepare_model(model, args)

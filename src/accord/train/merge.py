@@ -156,21 +156,29 @@ def _check_same(base: dict, other: dict, label: str, shapes: dict | None = None)
 
 
 class RunningMerge:
-    """Linear merge with one float32 running sum: add branches one at a time, then ``result``."""
+    """Linear merge with one float32 running sum: add branches one at a time, then ``result``.
+
+    Memory: the running sum (one model copy) besides the base the caller holds.
+    Bandwidth: the first ``add`` writes the sum, later ones read-add-write it,
+    ``result`` finishes in one more pass (Σwθ/Σw for an average).
+    """
 
     def __init__(self, base: dict[str, torch.Tensor], spec: MergeSpec):
         if spec.method not in LINEAR_METHODS:
             raise MergeError(f"RunningMerge supports {LINEAR_METHODS}, not {spec.method!r}")
         self.base, self.spec = base, spec
-        self.acc = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in base.items() if t.is_floating_point()}
+        self.float_names = [n for n, t in base.items() if t.is_floating_point()]
+        self.acc: dict[str, torch.Tensor] = {}
         self.total_w, self.n = 0.0, 0
 
     @torch.no_grad()
     def add(self, state: dict[str, torch.Tensor], weight: float = 1.0) -> None:
         if self.n == 0:
             _check_same(self.base, state, "branch 0")
-        for name, acc in self.acc.items():
-            acc.add_(state[name].float(), alpha=weight)  # Σ wᵢ θᵢ; the base is subtracted once in result()
+            self.acc = {n: state[n].float().mul(weight) for n in self.float_names}  # Σ wᵢ θᵢ starts here
+        else:
+            for name, acc in self.acc.items():
+                acc.add_(state[name], alpha=weight)
         self.total_w += weight
         self.n += 1
 
@@ -179,15 +187,17 @@ class RunningMerge:
         """The merged state dict, computed in place in the running sum (no third copy); call once."""
         if self.n == 0:
             raise MergeError("nothing to merge: no branch was added")
-        div = self.total_w if (self.spec.do_normalize and abs(self.total_w) >= 1e-8) else 1.0
+        W = self.total_w
+        div = W if (self.spec.do_normalize and abs(W) >= 1e-8) else 1.0
         out = {}
         for name, t in self.base.items():
             if name not in self.acc:
                 out[name] = t.clone()
                 continue
-            # base + (Σ wᵢ θᵢ − (Σ wᵢ) base) / div  ==  base + Σ wᵢ τᵢ / div
-            acc = self.acc[name]
-            acc.sub_(t, alpha=self.total_w).div_(div).add_(t)
+            # base + (Σ wᵢ θᵢ − W·base) / div  ==  Σ wᵢ θᵢ / div + (1 − W/div)·base
+            acc = self.acc[name].div_(div)
+            if abs(1 - W / div) > 0:
+                acc.add_(t, alpha=1 - W / div)
             out[name] = acc.to(t.dtype)
         self.acc = {}
         return out
@@ -196,6 +206,8 @@ class RunningMerge:
         """Sum the running sums of several processes (MoT branches trained in parallel)."""
         import torch.distributed as dist
 
+        if not self.acc:  # this process trained no branch: contribute zeros
+            self.acc = {n: torch.zeros_like(self.base[n], dtype=torch.float32) for n in self.float_names}
         for acc in self.acc.values():
             dist.all_reduce(acc)
         dev = next(iter(self.acc.values())).device if self.acc else "cpu"

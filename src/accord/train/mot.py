@@ -33,7 +33,7 @@ import torch
 from accord.config import AccordConfig
 from accord.train.common import (engine_args, load_student, read_result, save_model, teacher_corpora, train_dir,
                                  write_result)
-from accord.train.engine import get_accelerator, train
+from accord.train.engine import encode_example, get_accelerator, train
 from accord.train.merge import LINEAR_METHODS, MergeSpec, RunningMerge, merge_checkpoints
 from accord.ui import progress
 
@@ -46,8 +46,9 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     T, S, out = cfg.train.rounds, cfg.train.steps_per_round, train_dir(cfg, "mot")
     spec = _spec(cfg, list(corpora))
     model, tok = load_student(cfg)
+    corpora = {t: (rows, [encode_example(tok, x, cfg.train.max_len) for x in rows]) for t, rows in corpora.items()}
     start = _resume(out, model, T)
-    timing = {"branch_train_s": 0.0, "merge_s": 0.0, "other_s": 0.0}
+    timing = {"branch_train_s": 0.0, "merge_s": 0.0, "wall_s": 0.0}  # wall − branch_train = MoT's overhead
     with progress(console) as bar:
         task = bar.add_task("mot", total=T * len(corpora) * S, completed=start * len(corpora) * S)
         for r in range(start + 1, T + 1):
@@ -64,26 +65,26 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
     T, S = cfg.train.rounds, cfg.train.steps_per_round
     acc = get_accelerator()
     rdir = out / f"round-{r}"
-    t0 = time.perf_counter()
+    t_round = time.perf_counter()
     base = {n: t.detach().clone() for n, t in model.state_dict().items()}
     running = RunningMerge(base, spec) if spec.method in LINEAR_METHODS else None
-    timing["other_s"] += time.perf_counter() - t0
-    for k, (teacher, rows) in enumerate(corpora.items()):
+    for k, (teacher, (rows, encoded)) in enumerate(corpora.items()):
         if k % acc.num_processes != acc.process_index:
             continue  # another process trains this branch
         bdir = rdir / f"branch-{teacher}"
-        t0 = time.perf_counter()
         if (bdir / "final" / "config.json").exists():
             model.load_state_dict(_load_state(bdir / "final"), strict=False)  # finished before a kill
         else:
             model.load_state_dict(base)  # every branch starts from the merged student
             args = engine_args(cfg, S, schedule_steps=T * S, schedule_offset=(r - 1) * S,
                                seed_offset=1000 * r + k)
-            res = train(model, tok, rows, args, out_dir=bdir, shard=False, on_step=lambda s, loss: bar.update(
-                task, advance=1, description=f"mot r{r} {teacher} loss {loss:.3f}"))
+            t0 = time.perf_counter()
+            res = train(model, tok, rows, args, out_dir=bdir, shard=False, examples=encoded,
+                        on_step=lambda s, loss: bar.update(task, advance=1,
+                                                           description=f"mot r{r} {teacher} loss {loss:.3f}"))
+            timing["branch_train_s"] += time.perf_counter() - t0
             model = res.model
             save_model(model, tok, bdir / "final")
-        timing["branch_train_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if running is not None:
             running.add(model.state_dict(), _weight(spec, list(corpora), teacher))
@@ -108,6 +109,7 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
         for t in corpora:
             shutil.rmtree(rdir / f"branch-{t}", ignore_errors=True)
     timing["merge_s"] += time.perf_counter() - t0
+    timing["wall_s"] += time.perf_counter() - t_round
     return model
 
 
