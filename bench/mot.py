@@ -111,7 +111,7 @@ def _peak_child(method: str, root: str) -> None:
 
 def peak_memory() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_setup(Path(tmp), 768, 2, 16)
+        write_setup(Path(tmp), 768, 2, 16)
         size = (Path(tmp) / "student" / "model.safetensors").stat().st_size
         peaks = {}
         for method in ("mtd", "mot"):

@@ -67,6 +67,14 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
     # everything is finished: a re-run trains and evaluates nothing
     code, out = run_cli("run", str(cfg))
     assert code == 0 and out.count("finished earlier") >= 4
+    # any checkpoint can be evaluated beside the trained ones; the report is rebuilt from disk
+    code, out = run_cli("eval", str(cfg), "--models", f"seven-teacher={two_parrots[0]['model']}")
+    assert code == 0 and "seven-teacher" in out
+    seven = [r for r in json.loads((run / "eval" / "results.json").read_text()) if r["model"] == "seven-teacher"]
+    assert {r["split"] for r in seven} == {"target", "general"}
+    assert seven[0]["pass1"] >= 0.4  # the parrot answers 7: right on half of the problems
+    code, out = run_cli("report", str(cfg))
+    assert code == 0 and (run / "report" / "table.txt").exists()
 
 
 def test_report_escapes_model_text(tmp_path, problems_file, two_parrots, micro):
@@ -145,3 +153,19 @@ def test_training_bad_input(tmp_path, problems_file, micro, parrot7):
     # unknown method / teacher are config errors
     code, out = run_cli("train", str(cfg), "train.method=std:zzz")
     assert code == 2 and "'zzz' is not one of the teachers" in out
+
+
+def test_mot_validation_selection_picks_a_round(tmp_path, problems_file, micro):
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\boxed{7}"}]}
+    for name in ("a", "b", "all"):
+        write_jsonl(run / "corpora" / f"{name}.jsonl", [good] * 4)
+    teachers = [{"name": "a", "backend": "column", "column": "a"}, {"name": "b", "backend": "column", "column": "b"}]
+    cfg = pipeline_cfg(tmp_path, problems_file, teachers, micro, method="mot", rounds=2, steps_per_round=1,
+                       select="validation")
+    code, out = run_cli("train", str(cfg), "problems.split=train", "problems.validation_fraction=0.5")
+    assert code == 0, out
+    res = json.loads((run / "train" / "mot" / "result.json").read_text())
+    assert res["selected_round"] in (1, 2) and res["final"].endswith(f"round-{res['selected_round']}/merged")
+    assert "validation greedy" in out and "warning" not in out

@@ -24,6 +24,7 @@ EPILOG = """examples:
   accord run my.yaml train.method=[std,mtd,mot]
   accord train my.yaml train.method=mot train.rounds=5
   accord eval my.yaml
+  accord cord my.yaml cord.beam=4 cord.segmentation=prompt
   accord merge --method ties --base B --models M1 M2 --out DIR --density 0.5
   accord collect configs/lab-quickstart.yaml collect.samples=4
   accord collect my.yaml teachers.beta.base_url=http://127.0.0.1:8000/v1 --force
@@ -73,8 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "base student and each model in <run_dir>/train (every round/checkpoint unless "
                        "eval.every_checkpoint=false). Resumable; writes <run_dir>/eval/results.json.")
     _add_config_args(p)
+    p.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="also evaluate these checkpoints")
 
     p = sub.add_parser("report", help="write <run_dir>/report/index.html from finished stages")
+    _add_config_args(p)
+
+    p = sub.add_parser("cord", help="CoRD: teachers write one trajectory together, step by step",
+                       description="Collaborative step-wise decoding (CoRD): for every problem the teachers propose "
+                       "steps, a meta-prover scores them by the predictive perplexity of the gold answer, beam "
+                       "search keeps the best cord.beam prefixes. Stored as teacher 'cord' (corpora/cord.jsonl), "
+                       "with the curation baseline at the same budget; summary in <run_dir>/cord/summary.json.")
     _add_config_args(p)
 
     p = sub.add_parser("merge", help="merge HF checkpoints (mergekit conventions)",
@@ -237,7 +246,14 @@ def cmd_eval(args, console: Console) -> int:
     from accord.run import run
 
     cfg = _load(args)
-    res = run(cfg, console, stages=("eval",))
+    extra = []
+    for m in args.models or []:
+        name, _, path = m.rpartition("=")
+        if not Path(path).is_dir():
+            console.print(f"[red]error[/]: --models {m}: no such checkpoint directory")
+            return EXIT_USAGE
+        extra.append({"name": name or Path(path).name, "final": path, "curve": []})
+    res = run(cfg, console, stages=("eval",), extra_results=extra)
     head, body = method_table(res["eval"], res.get("results", []), list(cfg.eval.splits))
     print(text_table(head, body))
     return 0
@@ -270,13 +286,28 @@ def cmd_merge(args, console: Console) -> int:
     return 0
 
 
+def cmd_cord(args, console: Console) -> int:
+    from accord.cord import run_cord
+    from accord.run import lab_profiles
+
+    cfg = _load(args)
+    from accord.lab.build import build_lab
+
+    for profile in lab_profiles(cfg, student=False):
+        build_lab(profile=profile, console=console)
+    run_cord(cfg, console)
+    console.print(f"CoRD traces: {Path(cfg.run_dir) / 'corpora' / 'cord.jsonl'}; "
+                  f"summary: {Path(cfg.run_dir) / 'cord' / 'summary.json'}")
+    return 0
+
+
 def cmd_demo(args, console: Console) -> int:
     from accord.demo import demo
 
     return demo(console)
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "report": cmd_report, "merge": cmd_merge,
+COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_eval, "report": cmd_report, "merge": cmd_merge,
             "collect": cmd_collect, "export": cmd_export, "config": cmd_config, "lab": cmd_lab, "demo": cmd_demo}
 
 
@@ -285,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     from accord.config import ConfigError
     from accord.problems import ProblemSourceError
     from accord.teachers.base import NotSupported, TeacherConfigError, TeacherUnavailable
+    from accord.cord.score import CordError
     from accord.train.common import TrainSetupError
     from accord.train.engine import TrainingDiverged
     from accord.train.merge import MergeError
@@ -299,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         return COMMANDS[args.cmd](args, console)
-    except (ConfigError, ProblemSourceError, TeacherConfigError, GoldAnswerError, MergeError, TrainSetupError) as e:
+    except (ConfigError, ProblemSourceError, TeacherConfigError, GoldAnswerError, MergeError, TrainSetupError,
+            CordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (TeacherUnavailable, CollectIncomplete, NotSupported, TrainingDiverged) as e:

@@ -260,7 +260,30 @@ class EvalConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     limit: int | None = Field(None, ge=1, description="evaluate only the first N problems of every split")
     every_checkpoint: bool = Field(True, description="evaluate every round / checkpoint (curves), not only finals")
+    curve_splits: list[str] | None = Field(["target"], description="splits evaluated at intermediate checkpoints "
+                                           "(null: all); finals get every split")
     verifier: str = Field("math")
+    seed: int = Field(0)
+
+
+class CordConfig(_Strict):
+    beam: int = Field(4, ge=1, description="B: partial trajectories kept per step (1 = greedy); CoRD §4.3")
+    segmentation: Literal["prompt", "line-break", "prefix"] = Field(
+        "prompt", description="step unit: ### Step headers (§4.1), blank lines, or reflection markers (App. G.1)")
+    selection: Literal["predictive-perplexity", "random", "max-length", "binary-judgment"] = Field(
+        "predictive-perplexity", description="step score (§4.2; alternatives §5.2.2)")
+    meta_prover: str | None = Field(None, description="teacher name whose model scores steps (default: the first)")
+    max_steps: int = Field(32, ge=1, description="steps per trajectory at most")
+    step_tokens: int = Field(256, ge=1, description="tokens per proposed step at most")
+    think_tokens: int = Field(4096, ge=1, description="reasoning budget; past it </think> is appended")
+    answer_tokens: int = Field(256, ge=1, description="tokens for the final answer after </think>")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    judge_runs: int = Field(4, ge=1, description="binary-judgment: roll-outs averaged per candidate (paper: 10)")
+    baselines: list[Literal["curation", "integration"]] = Field(
+        default_factory=lambda: ["curation"], description="post-hoc baselines at the same trajectory budget (§5)")
+    integrator: str | None = Field(None, description="integration: teacher name of the merging LLM")
+    limit: int | None = Field(None, ge=1, description="only the first N problems")
     seed: int = Field(0)
 
 
@@ -272,6 +295,7 @@ class AccordConfig(_Strict):
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    cord: CordConfig = Field(default_factory=CordConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> "AccordConfig":
@@ -282,8 +306,12 @@ class AccordConfig(_Strict):
         if self.collect.judge and self.collect.judge.teacher not in names:
             raise ValueError(f"collect.judge.teacher {self.collect.judge.teacher!r} is not one of the teachers {names}")
         for m in self.train.methods:
-            if m.startswith("std:") and m[4:] not in names:
+            if m.startswith("std:") and m[4:] not in names + ["cord"]:
                 raise ValueError(f"train.method {m!r}: {m[4:]!r} is not one of the teachers {names}")
+        for key in ("meta_prover", "integrator"):
+            v = getattr(self.cord, key)
+            if v is not None and v not in names:
+                raise ValueError(f"cord.{key} {v!r} is not one of the teachers {names}")
         w = self.train.merge.weights
         if w is not None and len(w) != len(names):
             raise ValueError(f"train.merge.weights has {len(w)} value(s) for {len(names)} teacher(s)")

@@ -1,9 +1,9 @@
 """`make demo` / `accord demo`: the main job on the embedded default (the lab).
 
-Today: build (or reuse) the lab zoo, then collect verified traces from every lab
-teacher and print the per-teacher table.  Training, evaluation and the report
-join this chain as those stages land (`accord run`).
-``ACCORD_DEMO_PROFILE=quick`` uses the quick lab for a smoke run.
+Builds (or reuses) the lab zoo and student, then `accord run` on
+``configs/lab-quickstart.yaml``: collect → STD per teacher, MTD, post-hoc merge,
+MoT → eval → report, printing the method table (MoT Table 4) as text.
+``ACCORD_DEMO_PROFILE=quick`` uses the quick lab (``configs/lab-quick.yaml``).
 """
 
 from __future__ import annotations
@@ -23,14 +23,10 @@ def config_path(name: str) -> Path:
 
 
 def demo(console: Console, profile: str | None = None) -> int:
-    from accord.collect import collect
     from accord.config import load_config
-    from accord.lab.build import build_lab
+    from accord.run import run
 
     profile = profile or os.environ.get("ACCORD_DEMO_PROFILE", "full")
-    build_lab(profile=profile, console=console)
     cfg = load_config(config_path("lab-quick.yaml" if profile == "quick" else "lab-quickstart.yaml"))
-    res = collect(cfg, console)
-    console.print(f"demo done: traces in {Path(cfg.run_dir) / 'traces.sqlite'}, corpora in "
-                  f"{Path(cfg.run_dir) / 'corpora'} ({res.generated} new generations)")
+    run(cfg, console)
     return 0

@@ -148,11 +148,15 @@ def evaluate_models(cfg, results: list[dict], console) -> list[dict]:
     problems = {s: split_problems(cfg, s) for s in cfg.eval.splits}
     rows = []
     pts = eval_points(cfg, results)
+    curve = cfg.eval.curve_splits
     with progress(console) as bar:
         task = bar.add_task("eval", total=len(pts) * len(problems))
         for pt in pts:
             gen = None
             for split, probs in problems.items():
+                if not pt.get("final") and curve is not None and split not in curve:
+                    bar.update(task, advance=1)
+                    continue
                 summary = root / pt["key"] / f"{split}.json"
                 if summary.exists():
                     res = json.loads(summary.read_text())

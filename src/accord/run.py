@@ -16,9 +16,9 @@ from accord.config import AccordConfig, dump_config
 LAB_REF = re.compile(r"^lab:(?:(full|quick|micro)/)?[A-Za-z_-]+$")
 
 
-def lab_profiles(cfg: AccordConfig) -> list[str]:
+def lab_profiles(cfg: AccordConfig, student: bool = True) -> list[str]:
     """Lab profiles whose models the config names (problem sources like lab:chain:train are not models)."""
-    specs = [t.model for t in cfg.teachers if t.model] + [cfg.student.model]
+    specs = [t.model for t in cfg.teachers if t.model] + ([cfg.student.model] if student else [])
     out = []
     for s in specs:
         m = LAB_REF.match(s or "")
@@ -27,7 +27,8 @@ def lab_profiles(cfg: AccordConfig) -> list[str]:
     return out
 
 
-def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train", "eval", "report")) -> dict:
+def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train", "eval", "report"),
+        extra_results: list[dict] | None = None) -> dict:
     from accord.collect import collect
     from accord.evaluate import evaluate_models
     from accord.lab.build import build_lab
@@ -41,6 +42,7 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     if "collect" in stages:
         collect(cfg, console)
     out["results"] = run_training(cfg, console) if "train" in stages else finished_results(cfg)
+    out["results"] += extra_results or []
     if "eval" in stages:
         out["eval"] = evaluate_models(cfg, out.get("results", []), console)
     if "report" in stages:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from accord.lab.tasks import STYLE_NAMES, answer_only, chain_trace, generate, random_chain
+from accord.lab.tasks import answer_only, chain_trace, generate, random_chain
 from accord.prompts import render_prompt
 
 RECIPE_VERSION = 5
@@ -43,6 +43,11 @@ TEACHERS = {"terse": "terse", "verbose": "verbose", "verify": "verify", "shifted
 # (steps, lr) multipliers per teacher: the base already reasons in the terse notation,
 # so it needs few steps (verbose at 0.6x stayed at 16%; shifted at 2x steps and lr reached only 24%).
 TEACHER_SCHEDULE = {"terse": (0.6, 1.0), "verbose": (1.0, 1.0), "verify": (1.0, 1.0), "shifted": (1.0, 1.0)}
+# A style's version enters only its own teacher's recipe hash (shifted v2: source-first `[1] 8 => 7`).
+STYLE_VERSION = {"shifted": 2}
+# The tokenizer's corpus is frozen: the base's learning is a phase transition that moved (and once
+# failed) whenever a style change altered the BPE merges, so style changes must not touch it.
+TOKENIZER_STYLES = ("terse", "verbose", "verify", "shifted-v5")
 STUDENT = "student"
 BASE_STYLE = "terse"  # the base learns link-following in the simplest style; teachers then specialise
 
@@ -89,7 +94,9 @@ def recipe_hash(p: Profile, model: str | None = None) -> str:
     one teacher's schedule rebuilds that teacher only."""
     h = hashlib.sha256(json.dumps({"v": RECIPE_VERSION, **asdict(p)}, sort_keys=True).encode()).hexdigest()[:16]
     if model in TEACHER_SCHEDULE:
-        h += "-" + hashlib.sha256(repr(TEACHER_SCHEDULE[model]).encode()).hexdigest()[:8]
+        v = STYLE_VERSION.get(model, 1)
+        key = repr(TEACHER_SCHEDULE[model]) + (f"/style-v{v}" if v != 1 else "")
+        h += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
     return h
 
 
@@ -189,7 +196,7 @@ def lab_tokenizer():
 
     rows = generate("chain", "train")[:400]
     corpus = [r["question"] for r in rows] + [r["question"] for r in generate("last", "train")[:200]]
-    corpus += [chain_trace(r["chain"], s, h) for r in rows[:200] for s in STYLE_NAMES for h in (False, True)]
+    corpus += [chain_trace(r["chain"], s, h) for r in rows[:200] for s in TOKENIZER_STYLES for h in (False, True)]
     return build_tokenizer(corpus, split_digits=False)
 
 

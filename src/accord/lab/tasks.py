@@ -1,10 +1,11 @@
 """Lab tasks: seeded generators of verifiable multi-step problems, and reasoning styles.
 
 Families (DESIGN.md §4):
-- ``chain`` (the *target* family): a register ``x`` goes through 1–4 updates
-  (``x += a``, ``x -= a``) modulo 100, with optional distractor assignments to
-  other registers; the answer is the final ``x``.  ``chain-ood`` has 5–6 updates,
-  more than any training problem (the out-of-distribution split).
+- ``chain`` (the *target* family): follow 2–4 links of a partial map on the digits
+  (``Links: 4>3 8>7 3>9. Start at 8 and follow 2 links. Where do you end?``), with
+  distractor links that start off the path; the answer is the node reached.
+  ``chain-ood`` has 5–6 links, more than any training problem (the
+  out-of-distribution split).
 - ``last`` (the *general* family the student already knows): the last number of
   a list; used to measure forgetting, like MoT's general-reasoning sets.
 
@@ -12,12 +13,14 @@ Splits are fixed: each (family, split) has its own seed and size, and a problem'
 text is unique across the train / validation / test splits of a family.
 
 Reasoning styles (one per teacher, each can also write CoRD ``### Step N`` headers):
-- ``terse``:   ``37+45=82``;
-- ``verbose``: ``x is 37. Adding 45 gives 82.``;
-- ``verify``:  terse forward pass, then a backward check that undoes each update;
-- ``shifted``: result-first functional notation (``82<-add(37,45)``), the
-  distribution-shifted teacher (the R1 analogue of MoT): the student's
-  pre-training only ever saw ``a+b=c``.
+- ``terse``:   ``(1) 8>7``;
+- ``verbose``: ``(1) at 8, the link goes to 7.``;
+- ``verify``:  terse forward pass, then a backward check ``check: 9<7 7<8 ok``;
+- ``shifted``: another notation and layout (``[1] 8 => 7``), the
+  distribution-shifted teacher (the R1 analogue of MoT): nothing the student or
+  the other teachers write looks like it.  (A result-first ``7<8`` notation was
+  not learnable in the CPU budget: it asks for the link's target before its
+  source is written down; 21% greedy at best.)
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def _step_lines(c: Chain, style: str) -> list[str]:
         elif style == "verbose":
             lines.append(f"{tag} at {a}, the link goes to {b}.")
         elif style == "shifted":
+            lines.append(f"[{i + 1}] {a} => {b}")
+        elif style == "shifted-v5":  # the old notation: only in the frozen tokenizer corpus
             lines.append(f"{tag} {b}<{a}")
         else:
             raise ValueError(f"unknown lab style {style!r}")

@@ -55,7 +55,11 @@ def run(cfg: AccordConfig, console) -> list[dict]:
             model = run_round(cfg, model, tok, corpora, r, spec, out, bar, task, timing)
             console.print(f"mot: round {r}/{T} merged ({spec.method}) → {out / f'round-{r}' / 'merged'}")
     rounds = [{"round": r, "steps": r * S, "path": str(out / f"round-{r}" / "merged")} for r in range(1, T + 1)]
-    return [write_result(cfg, "mot", method="mot", final=rounds[-1]["path"], curve=rounds,
+    final, picked = rounds[-1]["path"], None
+    if cfg.train.select == "validation":
+        picked = select_round(cfg, rounds, console)
+        final = rounds[picked - 1]["path"]
+    return [write_result(cfg, "mot", method="mot", final=final, selected_round=picked, curve=rounds,
                          branch_steps=T * S * len(corpora), teachers=list(corpora), merge=spec.method,
                          timing=timing, resumed_from_round=start)]
 
@@ -111,6 +115,33 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
     timing["merge_s"] += time.perf_counter() - t0
     timing["wall_s"] += time.perf_counter() - t_round
     return model
+
+
+def select_round(cfg: AccordConfig, rounds: list[dict], console) -> int:
+    """MoT Table 10: the round with the best greedy accuracy on the held-out ``validation`` split of ``problems``."""
+    from accord.evaluate import evaluate
+    from accord.problems import load_problems
+    from accord.teachers.base import load_teacher
+    from accord.config import TeacherConfig
+
+    if cfg.problems.split == "all":
+        console.print("[yellow]warning[/]: train.select=validation with problems.split=all: the held-out problems "
+                      "were also collected for training; set problems.split=train")
+    probs = load_problems(cfg.problems.model_copy(update={"split": "validation", "limit": cfg.eval.limit}))
+    if not probs:
+        console.print("[yellow]warning[/]: no validation problems; keeping the last round")
+        return rounds[-1]["round"]
+    scores = []
+    for r in rounds:
+        gen = load_teacher(TeacherConfig(name=f"mot-r{r['round']}", model=r["path"], batch_size=cfg.eval.batch_size))
+        res = evaluate(gen, probs, k=0, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
+                       verifier=cfg.eval.verifier)
+        gen.close()
+        scores.append((res.greedy, r["round"]))
+        console.print(f"mot: round {r['round']} validation greedy {res.greedy:.3f}")
+    best = max(scores, key=lambda x: (x[0], -x[1]))[1]  # ties → the earlier round
+    console.print(f"mot: selected round {best} on {len(probs)} held-out problems")
+    return best
 
 
 def _spec(cfg: AccordConfig, teachers: list[str]) -> MergeSpec:

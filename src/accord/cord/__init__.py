@@ -1,0 +1,274 @@
+"""`accord cord`: CoRD — collaborative step-wise multi-teacher decoding (paper 002, §3–§5).
+
+For every problem the teachers write one reasoning trajectory together, step by
+step (``decode.beam_search``), scored by a meta-prover's predictive perplexity of
+the gold answer (``score``).  Each trajectory is stored in the trace store as the
+teacher ``cord`` (style ``cord``), and ``corpora/cord.jsonl`` holds the correct
+ones, so ``train.method: std:cord`` trains on it like any teacher corpus.  The
+curation baseline (``cord-curation``; each teacher writes B complete traces, the
+same score picks one) and the optional integration baseline (``cord-integration``;
+an LLM merges the teachers' traces, App. A.2) are stored beside it.
+
+``<run_dir>/cord/summary.json`` holds answer accuracy and mean predictive
+perplexity of CoRD vs the baselines (Table 2), teacher hit rates over
+normalised reasoning progress (Fig. 2; ``hit_rates.png``) and the wall-clock
+breakdown into step generation and meta-prover scoring (Table 14).  Problems
+already stored are skipped on re-run; a problem without a parsable gold answer
+is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from accord.cord.decode import CordSettings, Timing, beam_search, curate, finish
+from accord.cord.score import CordError, Scorer
+
+BINS = 10
+INTEGRATION_PROMPT = (
+    "You are given a problem and several reasoning traces written by different solvers. Merge them into one "
+    "coherent reasoning trace: keep the steps the traces agree on, fix or drop the wrong ones, and keep the "
+    "long-form thinking style. Write the merged reasoning inside <think>...</think>, then the final answer as "
+    "\\boxed{{...}}.\n\nProblem:\n{question}\n\n{traces}")
+
+
+def settings(cfg) -> CordSettings:
+    c = cfg.cord
+    return CordSettings(beam=c.beam, segmentation=c.segmentation, max_steps=c.max_steps, step_tokens=c.step_tokens,
+                        think_tokens=c.think_tokens, answer_tokens=c.answer_tokens, temperature=c.temperature,
+                        top_p=c.top_p, seed=c.seed)
+
+
+def hit_rates(step_lists: list[list[tuple[tuple[str, ...], str]]], teachers: list[str], bins: int = BINS) -> dict:
+    """Share of selected steps per teacher in each normalised-progress bin (credit split on merged steps)."""
+    counts = [{t: 0.0 for t in teachers} for _ in range(bins)]
+    for steps in step_lists:
+        n = len(steps)
+        for i, (names, _) in enumerate(steps):
+            b = min(bins - 1, int((i + 0.5) / n * bins))
+            for name in names:
+                counts[b][name] = counts[b].get(name, 0.0) + 1.0 / len(names)
+    rates = {t: [] for t in teachers}
+    for c in counts:
+        tot = sum(c.values())
+        for t in teachers:
+            rates[t].append(c.get(t, 0.0) / tot if tot else None)
+    return {"bins": [(i + 0.5) / bins for i in range(bins)], "teachers": rates}
+
+
+def run_cord(cfg, console) -> dict:
+    from accord.problems import load_problems
+    from accord.prompts import render_prompt
+    from accord.store import TraceStore
+    from accord.teachers.base import load_teacher
+    from accord.ui import progress
+
+    c, cs = cfg.cord, settings(cfg)
+    problems = load_problems(cfg.problems)[: c.limit] if c.limit else load_problems(cfg.problems)
+    run_dir = Path(cfg.run_dir)
+    store = TraceStore(run_dir / "traces.sqlite")
+    store.put_problems(problems)
+    gen_cfgs = [t for t in cfg.teachers if t.backend != "column"]
+    if not gen_cfgs:
+        raise CordError("cord needs teachers that generate (not only `column` imports)")
+    teachers = {t.name: load_teacher(t) for t in gen_cfgs}
+    meta = teachers[c.meta_prover or gen_cfgs[0].name]
+    scorer = Scorer(c.selection, meta, seed=c.seed, judge_runs=c.judge_runs, verifier=cfg.collect.verifier)
+    pp = scorer if c.selection == "predictive-perplexity" else Scorer("predictive-perplexity", meta)
+    style = "steps" if c.segmentation == "prompt" else "default"
+    done = {k[0] for k in store.done_keys("cord")}
+    timing = {"cord_generation_s": 0.0, "cord_meta_prover_s": 0.0, "curation_generation_s": 0.0,
+              "curation_meta_prover_s": 0.0}
+    skipped, failures = 0, {}
+    with progress(console) as bar:
+        task = bar.add_task("cord", total=len(problems))
+        for p in problems:
+            bar.update(task, advance=1)
+            if p.id in done:
+                continue
+            if not _gold_ok(p.answer, cfg.collect.verifier):
+                skipped += 1
+                continue
+            scorer.check_answer(p.answer)
+            rows = _one_problem(cfg, teachers, scorer, pp, render_prompt(style, p.question), p, cs, timing, failures)
+            store.put_traces(rows)
+    summary = summarize(cfg, store, problems, list(teachers), timing, skipped, failures)
+    _write_corpus(cfg, store, problems)
+    for t in teachers.values():
+        t.close()
+    store.close()
+    _print(summary, console)
+    return summary
+
+
+def _gold_ok(answer: str, verifier: str) -> bool:
+    from accord.verify import GoldAnswerError, check
+
+    if not answer or not str(answer).strip():
+        return False
+    try:
+        check(verifier, answer, f"\\boxed{{{answer}}}")
+    except GoldAnswerError:
+        return False
+    return True
+
+
+def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures) -> list[dict]:
+    c = cfg.cord
+    t0, tm = time.perf_counter(), Timing()
+    s0 = scorer.seconds
+    best = beam_search(teachers, scorer, prompt, p.answer, cs, tm)
+    traj = finish(teachers, prompt, best, cs, tm)
+    timing["cord_generation_s"] += tm.generation_s
+    timing["cord_meta_prover_s"] += scorer.seconds - s0
+    rows = [_row(cfg, p, "cord", prompt, traj, _pp(pp, scorer, prompt, traj, p.answer), time.perf_counter() - t0)]
+    _merge_failures(failures, tm.failures)
+    if "curation" in c.baselines or "integration" in c.baselines:
+        t0, tm, s0 = time.perf_counter(), Timing(), pp.seconds
+        picked, pool = curate(teachers, pp, prompt, p.answer, cs, tm, rollouts=cs.beam)
+        timing["curation_generation_s"] += tm.generation_s
+        timing["curation_meta_prover_s"] += pp.seconds - s0
+        if picked is not None and "curation" in c.baselines:
+            rows.append(_row(cfg, p, "cord-curation", prompt, picked, picked.score, time.perf_counter() - t0))
+        if pool and "integration" in c.baselines and c.integrator:
+            rows.append(_integrate(cfg, teachers[c.integrator], pp, prompt, p, pool, cs))
+        _merge_failures(failures, tm.failures)
+    return rows
+
+
+def _pp(pp, scorer, prompt, traj, answer) -> float:
+    from accord.cord.decode import THINK_CLOSE, THINK_OPEN
+
+    body = traj.reasoning[len(THINK_OPEN):-len(THINK_CLOSE)]
+    if pp is scorer and traj.score != float("-inf"):
+        return traj.score
+    return pp(prompt, THINK_OPEN, [body], answer)[0]
+
+
+def _integrate(cfg, integrator, pp, prompt, p, pool, cs) -> dict:
+    from accord.cord.decode import THINK_CLOSE, THINK_OPEN, Trajectory
+    from accord.teachers.base import Request, SamplingParams
+
+    traces = "\n\n".join(f"Trace {i + 1} ({t.writer}):\n{t.text}" for i, t in enumerate(pool))
+    t0 = time.perf_counter()
+    g = integrator.generate([Request(INTEGRATION_PROMPT.format(question=p.question, traces=traces))],
+                            SamplingParams(temperature=0.0, max_new_tokens=cs.think_tokens + cs.answer_tokens))[0]
+    think, _, ans = g.text.partition(THINK_CLOSE)
+    think = think.split(THINK_OPEN.strip(), 1)[-1].lstrip("\n")
+    traj = Trajectory(THINK_OPEN + think + THINK_CLOSE + ans, THINK_OPEN + think + THINK_CLOSE, ans,
+                      [((integrator.name,), think)], 0.0, integrator.name, False, g.token_count)
+    score = pp(prompt, THINK_OPEN, [think], p.answer)[0]
+    return _row(cfg, p, "cord-integration", prompt, traj, score, time.perf_counter() - t0)
+
+
+def _merge_failures(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if k == "_errors":
+            into.setdefault("_errors", []).extend(v[:3])
+        else:
+            into[k] = into.get(k, 0) + v
+
+
+def _row(cfg, p, teacher: str, prompt: str, traj, score: float, elapsed: float) -> dict:
+    from accord.prompts import last_boxed
+    from accord.verify import check
+
+    res = check(cfg.collect.verifier, p.answer, traj.answer_text or traj.text)
+    params = {"pp": score, "steps": [list(n) for n, _ in traj.steps], "step_chars": [len(s) for _, s in traj.steps],
+              "writer": traj.writer, "budget_hit": traj.budget_hit, "beam": cfg.cord.beam,
+              "segmentation": cfg.cord.segmentation, "selection": cfg.cord.selection}
+    return {"problem_id": p.id, "teacher": teacher, "style": "cord", "sample_idx": 0, "params": json.dumps(params),
+            "prompt": prompt, "text": traj.text, "reasoning": traj.reasoning, "answer_text": traj.answer_text,
+            "parsed_answer": last_boxed(traj.answer_text or traj.text), "verdict": res.verdict,
+            "token_count": traj.tokens, "char_count": len(traj.text), "finish_reason": "stop",
+            "elapsed_s": elapsed}
+
+
+def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: int, failures: dict) -> dict:
+    from accord.verify import CORRECT
+
+    ids = {p.id for p in problems}
+    out: dict = {"problems": len(problems), "skipped_no_gold": skipped, "failures": failures,
+                 "settings": cfg.cord.model_dump(mode="json"), "timing_this_run": timing}
+    steps = []
+    for name in ("cord", "cord-curation", "cord-integration"):
+        rows = [r for r in store.traces(name) if r["problem_id"] in ids]
+        if not rows:
+            continue
+        params = [json.loads(r["params"] or "{}") for r in rows]
+        out[name] = {"n": len(rows), "accuracy": sum(r["verdict"] == CORRECT for r in rows) / len(rows),
+                     "mean_pp": sum(x.get("pp", 0.0) for x in params) / len(rows),
+                     "mean_tokens": sum(r["token_count"] or 0 for r in rows) / len(rows),
+                     "wall_s": sum(r["elapsed_s"] or 0 for r in rows)}
+        if name == "cord":
+            steps = [[(tuple(n), "") for n in x.get("steps", [])] for x in params if x.get("steps")]
+    out["hit_rates"] = hit_rates(steps, teachers)
+    gen, mp = timing["cord_generation_s"], timing["cord_meta_prover_s"]
+    out["meta_prover_share"] = mp / (gen + mp) if gen + mp else None
+    cur = timing["curation_generation_s"] + timing["curation_meta_prover_s"]
+    out["cord_curation_wall_ratio"] = (gen + mp) / cur if cur else None
+    d = Path(cfg.run_dir) / "cord"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "summary.json").write_text(json.dumps(out, indent=1))
+    plot_hit_rates(out["hit_rates"], d / "hit_rates.png")
+    return out
+
+
+def plot_hit_rates(hr: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(v is not None for vals in hr["teachers"].values() for v in vals):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+    bottom = [0.0] * len(hr["bins"])
+    for name, vals in hr["teachers"].items():
+        v = [x or 0.0 for x in vals]
+        ax.bar(hr["bins"], v, width=0.09, bottom=bottom, label=name)
+        bottom = [a + b for a, b in zip(bottom, v)]
+    ax.set_xlabel("normalised reasoning progress")
+    ax.set_ylabel("share of selected steps")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _write_corpus(cfg, store, problems) -> int:
+    from accord.collect import _write_jsonl, corpus_row
+    from accord.verify import CORRECT
+
+    by_id = {p.id: p for p in problems}
+    rows = [corpus_row(r, by_id[r["problem_id"]]) for r in store.traces("cord")
+            if r["problem_id"] in by_id and r["verdict"] == CORRECT]
+    out = Path(cfg.run_dir) / "corpora"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "cord.jsonl", rows)
+    return len(rows)
+
+
+def _print(s: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(title="CoRD vs baselines at the same trajectory budget (cf. CoRD Table 2)")
+    for col in ("pipeline", "problems", "answer acc.", "mean PP", "mean tokens"):
+        t.add_column(col)
+    for name in ("cord", "cord-curation", "cord-integration"):
+        if name in s:
+            r = s[name]
+            t.add_row(name, str(r["n"]), f"{r['accuracy']:.1%}", f"{r['mean_pp']:.3f}", f"{r['mean_tokens']:.0f}")
+    console.print(t)
+    if s.get("meta_prover_share") is not None:
+        console.print(f"meta-prover share of CoRD time: {s['meta_prover_share']:.1%}; "
+                      f"CoRD/curation wall-time: {s['cord_curation_wall_ratio'] or float('nan'):.2f}")
+    if s["skipped_no_gold"]:
+        console.print(f"[yellow]skipped[/] {s['skipped_no_gold']} problem(s) without a parsable gold answer")
+    fails = {k: v for k, v in s["failures"].items() if k != "_errors"}
+    if fails:
+        console.print(f"[yellow]failed proposals[/] (dropped, the run went on): {fails}")

@@ -1,0 +1,183 @@
+"""CoRD's step-wise collaborative decoding (§3, §4.3) and the curation baseline (§5).
+
+Beam search over steps: every beam's prefix is offered to every teacher, each
+proposes its next step (through ``Teacher.generate`` with an assistant prefix, so
+``hf``, ``openai`` and ``vllm`` teachers mix); the B×K extended prefixes are
+scored (``score.Scorer``) and the top B kept.  Identical extended prefixes are
+merged (the step's credit is shared by the teachers that proposed it).  Greedy
+is B = 1.  A trajectory ends at ``</think>`` or when its token budget is spent
+(then ``</think>`` is appended); the teacher of its last step writes the final
+answer.  Finished trajectories stay in the pool and compete on their score.
+
+Choices where the paper is silent: a failed proposal is dropped for that step
+and counted; if no proposal survives, the beam ends as if its budget were spent;
+the returned trajectory is the finished one with the highest score; budgets are
+counted in the proposing teachers' tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from accord.cord.segment import step_lead, stop_strings
+from accord.teachers.base import Request, SamplingParams
+
+THINK_OPEN, THINK_CLOSE = "<think>\n", "</think>"
+
+
+@dataclass
+class Beam:
+    text: str = ""  # reasoning after "<think>\n", up to (not including) </think>
+    steps: list[tuple[tuple[str, ...], str]] = field(default_factory=list)  # (teachers credited, step text)
+    score: float = float("-inf")
+    tokens: int = 0
+    done: bool = False
+    budget_hit: bool = False
+    last_stop: str | None = None
+
+
+@dataclass
+class Trajectory:
+    text: str  # the full completion: <think>…</think> + answer
+    reasoning: str
+    answer_text: str
+    steps: list[tuple[tuple[str, ...], str]]
+    score: float
+    writer: str  # teacher of the last step, who wrote the answer
+    budget_hit: bool
+    tokens: int
+
+
+@dataclass
+class CordSettings:
+    beam: int = 4
+    segmentation: str = "prompt"
+    max_steps: int = 32
+    step_tokens: int = 256
+    think_tokens: int = 4096
+    answer_tokens: int = 256
+    temperature: float = 0.6
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Timing:
+    generation_s: float = 0.0
+    failures: dict = field(default_factory=dict)
+
+
+def _propose(teachers: dict, prompt: str, beams: list[Beam], cs: CordSettings, step_no: int, timing: Timing,
+             seed: int) -> list[tuple[int, str, str, object]]:
+    """(beam index, teacher, step text, generation) for every successful proposal."""
+    out = []
+    stops = tuple(stop_strings(cs.segmentation))
+    for k, (name, teacher) in enumerate(teachers.items()):
+        reqs, leads = [], []
+        for b in beams:
+            lead = step_lead(cs.segmentation, step_no, b.last_stop)
+            leads.append(lead)
+            reqs.append(Request(prompt, prefix=THINK_OPEN + b.text + lead, seed=seed + 7919 * k + step_no))
+        params = SamplingParams(temperature=cs.temperature, top_p=cs.top_p, max_new_tokens=cs.step_tokens,
+                                stop=stops)
+        t0 = time.perf_counter()
+        try:
+            gens = teacher.generate(reqs, params)
+        except Exception as e:  # a teacher down mid-decoding: drop its proposals, go on
+            timing.failures[name] = timing.failures.get(name, 0) + len(reqs)
+            timing.failures.setdefault("_errors", []).append(f"{name}: {e}")
+            continue
+        finally:
+            timing.generation_s += time.perf_counter() - t0
+        for i, g in enumerate(gens):
+            if g.failed:
+                timing.failures[name] = timing.failures.get(name, 0) + 1
+                continue
+            out.append((i, name, leads[i] + g.text, g))
+    return out
+
+
+def _extend(b: Beam, teachers: tuple[str, ...], step: str, g, cs: CordSettings, score: float) -> Beam:
+    nb = Beam(text=b.text + step, steps=b.steps + [(teachers, step)], score=score, tokens=b.tokens + g.token_count,
+              last_stop=g.stop_string)
+    if g.stop_string == THINK_CLOSE:
+        nb.done = True
+    elif nb.tokens >= cs.think_tokens or len(nb.steps) >= cs.max_steps:
+        nb.done = nb.budget_hit = True
+    return nb
+
+
+def beam_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, timing: Timing) -> Beam:
+    beams = [Beam()]
+    for step_no in range(1, cs.max_steps + 1):
+        active = [b for b in beams if not b.done]
+        if not active:
+            break
+        props = _propose(teachers, prompt, active, cs, step_no, timing, cs.seed * 100_003)
+        merged: dict[str, tuple[int, list[str], str, object]] = {}
+        for i, name, step, g in props:  # identical extended prefixes are one candidate
+            key = active[i].text + step
+            if key in merged:
+                merged[key][1].append(name)
+            else:
+                merged[key] = (i, [name], step, g)
+        pool = [b for b in beams if b.done]
+        for i, b in enumerate(active):
+            cands = [(names, step, g) for (j, names, step, g) in merged.values() if j == i]
+            if not cands:
+                b.done = b.budget_hit = True  # nothing survived: end this beam here
+                pool.append(b)
+                continue
+            scores = scorer(prompt, THINK_OPEN + b.text, [c[1] for c in cands], answer)
+            pool += [_extend(b, tuple(n), step, g, cs, s) for (n, step, g), s in zip(cands, scores)]
+        beams = sorted(pool, key=lambda x: -x.score)[:cs.beam]
+    for b in beams:
+        if not b.done:
+            b.done = b.budget_hit = True
+    return max(beams, key=lambda x: x.score)
+
+
+def finish(teachers: dict, prompt: str, b: Beam, cs: CordSettings, timing: Timing) -> Trajectory:
+    """Close the reasoning and let the teacher of the last step write the answer."""
+    writer = b.steps[-1][0][0] if b.steps else next(iter(teachers))
+    reasoning = THINK_OPEN + b.text + THINK_CLOSE
+    t0 = time.perf_counter()
+    g = teachers[writer].generate([Request(prompt, prefix=reasoning, seed=cs.seed)],
+                                  SamplingParams(temperature=0.0, max_new_tokens=cs.answer_tokens))[0]
+    timing.generation_s += time.perf_counter() - t0
+    answer = "" if g.failed else g.text
+    return Trajectory(reasoning + answer, reasoning, answer, b.steps, b.score, writer, b.budget_hit,
+                      b.tokens + g.token_count)
+
+
+def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, timing: Timing,
+           rollouts: int) -> tuple[Trajectory | None, list[Trajectory]]:
+    """Curation (s1/LIMO): each teacher writes ``rollouts`` complete traces; the same score picks one."""
+    done: list[Trajectory] = []
+    for k, (name, teacher) in enumerate(teachers.items()):
+        reqs = [Request(prompt, prefix=THINK_OPEN, seed=cs.seed * 100_003 + 31 * k + r) for r in range(rollouts)]
+        t0 = time.perf_counter()
+        try:
+            gens = teacher.generate(reqs, SamplingParams(temperature=cs.temperature, top_p=cs.top_p,
+                                                         max_new_tokens=cs.think_tokens + cs.answer_tokens))
+        except Exception:
+            timing.failures[name] = timing.failures.get(name, 0) + rollouts
+            continue
+        finally:
+            timing.generation_s += time.perf_counter() - t0
+        for g in gens:
+            if g.failed:
+                timing.failures[name] = timing.failures.get(name, 0) + 1
+                continue
+            think, _, ans = g.text.partition(THINK_CLOSE)
+            done.append(Trajectory(THINK_OPEN + g.text, THINK_OPEN + think + THINK_CLOSE, ans,
+                                   [((name,), think)], 0.0, name, False, g.token_count))
+    if not done:
+        return None, []
+    for name in teachers:  # score each teacher's traces in one call (their reasoning is the candidate)
+        mine = [t for t in done if t.writer == name]
+        if mine:
+            for t, s in zip(mine, scorer(prompt, THINK_OPEN, [t.steps[0][1] for t in mine], answer)):
+                t.score = s
+    return max(done, key=lambda t: t.score), done

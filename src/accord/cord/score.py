@@ -1,0 +1,153 @@
+"""Step scorers for CoRD (§4.2, App. A.1, §5.2.2, App. G.2).
+
+``predictive-perplexity`` (the paper's): a meta-prover model scores a partial
+reasoning τ by how well it predicts the ground-truth answer A after the App. A.1
+template ``τ </think> The final answer is A``:
+
+    S(τ) = exp( (1/M) Σ_m log p(a_m | prompt ⊕ τ ⊕ "</think> The final answer is", a_<m) )   ∈ [0, 1]
+
+Choices where the paper is silent: A is scored as it would be written after
+"is" — with its leading space, ``" " + answer`` — and its M tokens are the
+meta-prover tokenizer's encoding of that string on its own (the same rule as
+``Teacher.score``).  With an ``hf`` meta-prover the shared prefix (chat prompt ⊕
+τ) is encoded once per beam and its key/value cache is reused for all K
+candidate steps, which are scored in one batched forward (§4.4); other backends
+go through ``Teacher.score``.
+
+Alternatives: ``random`` (seeded uniform), ``max-length`` (longer reasoning wins),
+``binary-judgment`` (App. G.2: r roll-outs after the "Time is up…" prompt, the
+share that reaches the right answer).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+
+import torch
+
+TEMPLATE = "</think> The final answer is"
+TIME_UP = ("Time is up. Given the time I've spent and the approaches I've tried, I should stop thinking and "
+           "formulate a final answer based on what I already have.</think> The final answer is:")
+SCORERS = ("predictive-perplexity", "random", "max-length", "binary-judgment")
+
+
+class CordError(ValueError):
+    """A CoRD setting that cannot work (the message says which and why)."""
+
+
+class Scorer:
+    """Scores candidate continuations of one shared prefix; records its own wall time."""
+
+    def __init__(self, kind: str, meta=None, *, seed: int = 0, judge_runs: int = 4, verifier: str = "math",
+                 judge_temperature: float = 0.6):
+        if kind not in SCORERS:
+            raise CordError(f"unknown selection {kind!r}; choose one of {', '.join(SCORERS)}")
+        if kind in ("predictive-perplexity", "binary-judgment") and meta is None:
+            raise CordError(f"selection {kind!r} needs a meta-prover (cord.meta_prover)")
+        self.kind, self.meta, self.rng = kind, meta, random.Random(seed)
+        self.judge_runs, self.verifier, self.judge_temperature = judge_runs, verifier, judge_temperature
+        self.seconds = 0.0
+        self.calls = 0
+
+    def check_answer(self, answer: str) -> None:
+        """The meta-prover must be able to write the gold answer at all."""
+        if self.kind != "predictive-perplexity":
+            return
+        tok = getattr(self.meta, "tok", None)
+        if tok is None:
+            return
+        text = " " + answer
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        unk = getattr(tok, "unk_token_id", None)
+        if not ids or (unk is not None and unk in ids) or tok.decode(ids) != text:
+            raise CordError(f"meta-prover {self.meta.name!r}: its tokenizer cannot encode the answer {answer!r} "
+                            f"(it decodes back as {tok.decode(ids)!r}); choose another cord.meta_prover")
+
+    def __call__(self, prompt: str, prefix: str, candidates: list[str], answer: str) -> list[float]:
+        t0 = time.perf_counter()
+        try:
+            self.calls += 1
+            if self.kind == "random":
+                return [self.rng.random() for _ in candidates]
+            if self.kind == "max-length":
+                return [float(len(prefix) + len(c)) for c in candidates]
+            if self.kind == "binary-judgment":
+                return self._judge(prompt, prefix, candidates, answer)
+            if hasattr(self.meta, "model") and hasattr(self.meta, "tok"):
+                return predictive_perplexity_cached(self.meta, prompt, prefix, candidates, answer)
+            return self._pp_generic(prompt, prefix, candidates, answer)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _pp_generic(self, prompt, prefix, candidates, answer) -> list[float]:
+        from accord.teachers.base import Request
+
+        reqs = [Request(prompt, prefix=prefix + c + TEMPLATE) for c in candidates]
+        lps = self.meta.score(reqs, [" " + answer] * len(candidates))
+        return [math.exp(sum(lp) / len(lp)) if lp else 0.0 for lp in lps]
+
+    def _judge(self, prompt, prefix, candidates, answer) -> list[float]:
+        from accord.teachers.base import Request, SamplingParams
+        from accord.verify import CORRECT, check
+
+        reqs = [Request(prompt, prefix=prefix + c + TIME_UP, seed=self.rng.randrange(2**31))
+                for c in candidates for _ in range(self.judge_runs)]
+        gens = self.meta.generate(reqs, SamplingParams(temperature=self.judge_temperature, max_new_tokens=32))
+        ok = [(not g.failed) and check(self.verifier, answer, g.text).verdict == CORRECT for g in gens]
+        r = self.judge_runs
+        return [sum(ok[i * r:(i + 1) * r]) / r for i in range(len(candidates))]
+
+
+@torch.inference_mode()
+def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: list[str], answer: str) -> list[float]:
+    """S for every candidate: the prefix is encoded once, its KV cache shared by one batched forward."""
+    from accord.teachers.hf import render_chat
+
+    model, tok = meta.model, meta.tok
+    dev = next(model.parameters()).device
+    head = tok(render_chat(tok, prompt, prefix, getattr(meta.cfg, "system_prompt", None)),
+               add_special_tokens=False)["input_ids"]
+    ans = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    tails = [tok(c + TEMPLATE, add_special_tokens=False)["input_ids"] for c in candidates]
+    out = model(input_ids=torch.tensor([head], device=dev), use_cache=True)
+    seqs = [t + ans for t in tails]
+    width = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)
+    mask = torch.tensor([[1] * len(head) + [1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
+    pos = torch.arange(len(head), len(head) + width, device=dev).expand(len(seqs), -1)
+    cache = _repeat_cache(out.past_key_values, len(seqs))
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+    lp = torch.log_softmax(logits.float(), dim=-1)  # tails are non-empty, so no answer token is predicted by `head`
+    scores = []
+    for r, t in enumerate(tails):
+        n = len(t)
+        # answer token m sits at tail position n+m and is predicted by the logits at n+m-1
+        tok_lp = lp[r, torch.arange(n - 1, n - 1 + len(ans), device=dev), torch.tensor(ans, device=dev)]
+        scores.append(float(torch.exp(tok_lp.mean())))
+    return scores
+
+
+def _repeat_cache(cache, n: int):
+    """The prefix's KV cache repeated for ``n`` candidates (a copy: the forward appends to it)."""
+    cache = copy.deepcopy(cache)
+    if hasattr(cache, "batch_repeat_interleave"):
+        cache.batch_repeat_interleave(n)
+        return cache
+    return tuple((k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cache)  # legacy tuples
+
+
+def full_sequence_score(model, tok, head_text: str, tail_text: str, answer: str) -> float:
+    """The slow reference: one forward over head ⊕ tail ⊕ answer ids, no cache (used by tests and curation)."""
+    head = tok(head_text, add_special_tokens=False)["input_ids"]
+    tail = tok(tail_text + TEMPLATE, add_special_tokens=False)["input_ids"]
+    ans = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([head + tail + ans])
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    start = len(head) + len(tail)
+    vals = [lp[start + m - 1, a] for m, a in enumerate(ans)]
+    return float(torch.exp(torch.stack(vals).mean()))

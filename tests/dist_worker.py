@@ -1,0 +1,12 @@
+"""Run under `torchrun --nproc_per_node N` by tests/test_distributed.py: MTD (DDP) and MoT (branch-parallel)."""
+
+import sys
+
+from rich.console import Console
+
+from accord.config import load_config
+from accord.train import run_training
+
+if __name__ == "__main__":
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    run_training(cfg, Console(stderr=True, quiet=True))

@@ -1,0 +1,216 @@
+"""CoRD: segmentation, the meta-prover score, beam search, budgets, failures, and `accord cord` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from accord.cord import hit_rates
+from accord.cord.decode import Beam, CordSettings, Timing, beam_search, finish
+from accord.cord.score import CordError, Scorer, full_sequence_score, predictive_perplexity_cached
+from accord.cord.segment import split_steps
+from accord.teachers.base import Generation
+from conftest import run_cli, write_jsonl
+
+# ------------------------------------------------------------------------------------ segmentation
+
+
+def test_prompt_segmentation():
+    t = "intro\n### Step 1\nread it\n\nthink\n### Step 2\nwait, check\n"
+    assert split_steps(t, "prompt") == ["intro\n", "### Step 1\nread it\n\nthink\n", "### Step 2\nwait, check\n"]
+
+
+def test_line_break_segmentation():
+    t = "a b\n\nc\nd\n\n\ne"
+    steps = split_steps(t, "line-break")
+    assert steps == ["a b\n\n", "c\nd\n\n", "\ne"] and "".join(steps) == t
+
+
+def test_prefix_segmentation():
+    t = "x is 3. Wait, that is wrong.\nLet me check: 3+4=7.\nalternatively use y. Awaiting nothing."
+    steps = split_steps(t, "prefix")
+    assert steps == ["x is 3. ", "Wait, that is wrong.\n", "Let me check: 3+4=7.\n",
+                     "alternatively use y. Awaiting nothing."]  # "Awaiting" is not the marker "wait"
+
+
+# ------------------------------------------------------------------------------------ the score
+
+
+def test_cached_score_equals_direct_logits(micro):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accord.teachers.hf import render_chat
+
+    model, tok = AutoModelForCausalLM.from_pretrained(micro).eval(), AutoTokenizer.from_pretrained(micro)
+
+    class Meta:
+        name, cfg = "m", type("C", (), {"system_prompt": None})()
+
+    Meta.model, Meta.tok = model, tok
+    prefix = "<think>\n### Step 1\n(1) 3>4\n"
+    cands = ["### Step 2\n(2) 4>9\n", "x", "### Step 2\nlonger candidate text here\n"]
+    got = predictive_perplexity_cached(Meta, "Start at 3.", prefix, cands, "9")
+    head = render_chat(tok, "Start at 3.", prefix)
+    want = [full_sequence_score(model, tok, head, c, "9") for c in cands]
+    assert all(0.0 <= g <= 1.0 for g in got)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
+
+
+def test_score_is_higher_when_the_prefix_makes_the_answer_likelier(tmp_path):
+    from accord.lab.micro import build_parrot
+    from accord.teachers.hf import HFTeacher
+    from accord.config import TeacherConfig
+
+    build_parrot(tmp_path / "p", "<think>\nfollow the links\n</think> The final answer is 7", seed=4, steps=200)
+    meta = HFTeacher(TeacherConfig(name="mp", model=str(tmp_path / "p")))
+    s = Scorer("predictive-perplexity", meta)
+    good, bad = s("What is 3+4?", "<think>\n", ["follow the links\n", "zz qq xx\n"], "7")
+    assert 0 <= bad < good <= 1 and good > 0.5
+
+
+def test_meta_prover_that_cannot_encode_the_answer():
+    class Tok:
+        unk_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [0 if ch == "∮" else 5 for ch in text]}
+
+        def decode(self, ids):
+            return "".join("?" if i == 0 else " " for i in ids)
+
+    class Meta:
+        name, tok = "mp", Tok()
+
+    with pytest.raises(CordError, match="cannot encode the answer"):
+        Scorer("predictive-perplexity", Meta()).check_answer("∮")
+
+
+# ------------------------------------------------------------------------------------ search
+
+
+class Scripted:
+    """A fake teacher: at step n it proposes ``steps[n-1]``; after the last one it closes </think>."""
+
+    def __init__(self, name, steps, fail_at=None, close=True):
+        self.name, self.steps, self.fail_at, self.close = name, steps, fail_at, close
+        self.calls = 0
+
+    def generate(self, reqs, params):
+        self.calls += 1
+        out = []
+        for r in reqs:
+            if "</think>" in r.prefix:
+                out.append(Generation(text=f"\n\\boxed{{{self.name}}}", token_count=3))
+                continue
+            n = r.prefix.count("### Step")
+            if self.fail_at == n:
+                out.append(Generation(text="", error="server error"))
+            elif n <= len(self.steps):
+                out.append(Generation(text=f"{self.steps[n - 1]}\n", token_count=4, stop_string="### Step"))
+            elif self.close:
+                out.append(Generation(text="done\n", token_count=2, stop_string="</think>"))
+            else:
+                out.append(Generation(text="more\n", token_count=4, stop_string="### Step"))
+        return out
+
+
+def by_text(pref: dict):
+    """A scorer from a table: the extended prefix's score is the sum of its steps' preferences."""
+    def score(prompt, prefix, cands, answer):
+        return [sum(pref.get(line, 0.0) for line in (prefix + c).splitlines()) for c in cands]
+    return score
+
+
+def greedy_reference(teachers, score, max_steps):
+    text, steps = "", []
+    for n in range(1, max_steps + 1):
+        props = []
+        for name, t in teachers.items():
+            g = t.generate([type("R", (), {"prefix": "<think>\n" + text + f"### Step {n}\n"})()], None)[0]
+            props.append((f"### Step {n}\n" + g.text, name, g))
+        s = score("", "<think>\n" + text, [p[0] for p in props], "")
+        best = max(range(len(props)), key=lambda i: (s[i], -i))
+        text += props[best][0]
+        steps.append(props[best][1])
+        if props[best][2].stop_string == "</think>":
+            break
+    return text, steps
+
+
+def test_beam_of_one_is_greedy():
+    teachers = {"a": Scripted("a", ["a1", "a2", "a3"]), "b": Scripted("b", ["b1", "b2"])}
+    pref = {"a1": 1.0, "b1": 0.5, "b2": 2.0, "a2": 0.1, "a3": 0.3, "done": 0.2}
+    cs = CordSettings(beam=1, max_steps=6)
+    got = beam_search(teachers, by_text(pref), "q", "x", cs, Timing())
+    text, steps = greedy_reference(teachers, by_text(pref), 6)
+    assert got.text == text and [n[0] for n, _ in got.steps] == steps
+
+
+def test_a_scorer_that_prefers_one_teacher_selects_only_its_steps():
+    teachers = {"a": Scripted("a", ["a1", "a2", "a3"]), "b": Scripted("b", ["b1", "b2", "b3"]),
+                "c": Scripted("c", ["c1", "c2", "c3"])}
+    pref = {f"b{i}": 5.0 for i in range(1, 4)}
+    best = beam_search(teachers, by_text(pref), "q", "x", CordSettings(beam=3, max_steps=8), Timing())
+    assert best.done and all(names == ("b",) for names, _ in best.steps[:3])
+    hr = hit_rates([best.steps], list(teachers))
+    for i in range(len(hr["bins"])):
+        vals = [hr["teachers"][t][i] for t in teachers]
+        if vals[0] is not None:
+            assert sum(vals) == pytest.approx(1.0)
+
+
+def test_identical_proposals_are_merged_and_share_credit():
+    teachers = {"a": Scripted("a", ["same"]), "b": Scripted("b", ["same"])}
+    best = beam_search(teachers, by_text({"same": 1.0}), "q", "x", CordSettings(beam=4, max_steps=3), Timing())
+    assert best.steps[0][0] == ("a", "b")
+    hr = hit_rates([best.steps], ["a", "b"])
+    b = int((0 + 0.5) / len(best.steps) * 10)  # the progress bin of the first step
+    assert [hr["teachers"][t][b] for t in ("a", "b")] == [0.5, 0.5]
+
+
+def test_budget_ends_with_think_closed_and_an_answer():
+    teachers = {"a": Scripted("a", [], close=False)}
+    cs = CordSettings(beam=2, max_steps=50, think_tokens=10)
+    tm = Timing()
+    best = beam_search(teachers, by_text({}), "q", "x", cs, tm)
+    assert best.budget_hit and best.tokens >= 10 and len(best.steps) == 3
+    traj = finish(teachers, "q", best, cs, tm)
+    assert traj.reasoning.endswith("</think>") and traj.reasoning.count("</think>") == 1
+    assert traj.answer_text == "\n\\boxed{a}" and traj.writer == "a"
+
+
+def test_failing_teacher_is_dropped_and_counted():
+    teachers = {"a": Scripted("a", ["a1", "a2"], fail_at=2), "b": Scripted("b", ["b1", "b2"])}
+    tm = Timing()
+    best = beam_search(teachers, by_text({"a1": 3.0, "a2": 9.0}), "q", "x", CordSettings(beam=1, max_steps=5), tm)
+    assert tm.failures == {"a": 1}
+    assert [n for n, _ in best.steps][:2] == [("a",), ("b",)]
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
+    rows = [json.loads(x) for x in problems_file.read_text().splitlines()] + [{"question": "no gold", "answer": ""}]
+    probs = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(probs)},
+           "teachers": [{"name": "seven", "model": str(parrot7)}, {"name": "eight", "model": str(parrot8)}],
+           "cord": {"beam": 2, "max_steps": 4, "step_tokens": 24, "think_tokens": 48, "answer_tokens": 16,
+                    "meta_prover": "eight", "segmentation": "line-break"}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("cord", str(path))
+    assert code == 0, out
+    run = tmp_path / "run"
+    s = json.loads((run / "cord" / "summary.json").read_text())
+    assert s["cord"]["n"] == 10 and s["cord-curation"]["n"] == 10 and s["skipped_no_gold"] == 1
+    assert 0 <= s["cord"]["mean_pp"] <= 1 and 0 <= s["meta_prover_share"] <= 1
+    corpus = [json.loads(x) for x in (run / "corpora" / "cord.jsonl").read_text().splitlines()]
+    assert corpus and all(r["teacher"] == "cord" for r in corpus)
+    assert all(r["completion"].count("</think>") == 1 for r in corpus)
+    code, out = run_cli("cord", str(path))
+    assert code == 0
+    assert json.loads((run / "cord" / "summary.json").read_text())["cord"]["n"] == 10  # nothing redone

@@ -1,0 +1,64 @@
+"""Multi-process training on CPU (gloo) gives the single-process result: DDP's token normalisation, MoT's parallel branches."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import write_jsonl
+
+
+def setup(tmp_path, micro, name):
+    run = tmp_path / name
+    (run / "corpora").mkdir(parents=True)
+    ans = ["<think>\n(1) 3>4\n</think>\n\n\\boxed{4}", "<think>\n(1) 5>1 (2) 1>9 (3) 9>2\n</think>\n\n\\boxed{2}",
+           "\\boxed{0}"]
+
+    def row(q, a):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    a = [row(f"Start at {i}.", ans[i % 3]) for i in range(6)]
+    b = [row(f"Begin {i}", ans[(i + 1) % 3]) for i in range(6)]
+    write_jsonl(run / "corpora" / "a.jsonl", a)
+    write_jsonl(run / "corpora" / "b.jsonl", b)
+    write_jsonl(run / "corpora" / "all.jsonl", a + b)
+    cfg = {"run_dir": str(run), "problems": {"path": "unused.jsonl"}, "student": {"model": str(micro)},
+           "teachers": [{"name": "a", "backend": "column", "column": "a"},
+                        {"name": "b", "backend": "column", "column": "b"}],
+           "train": {"method": ["mtd", "mot"], "rounds": 2, "steps_per_round": 2, "batch_size": 4, "lr": 1e-2,
+                     "max_len": 64}}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p, run
+
+
+def launch(cfg: Path, nproc: int, tmp_path: Path) -> None:
+    worker = Path(__file__).with_name("dist_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+           str(worker), str(cfg)] if nproc > 1 else [sys.executable, str(worker), str(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_match_one(tmp_path, micro):
+    one_cfg, one = setup(tmp_path, micro, "one")
+    two_cfg, two = setup(tmp_path, micro, "two")
+    launch(one_cfg, 1, tmp_path)
+    launch(two_cfg, 2, tmp_path)
+    for rel in ("train/mtd/final", "train/mot/round-2/merged"):
+        w1, w2 = weights(one / rel), weights(two / rel)
+        for k in w1:
+            assert torch.allclose(w1[k], w2[k], atol=1e-5), (rel, k)
+    assert not (two / "train" / "mot" / "round-1" / "branch-a").exists()  # branch files cleaned after the merge
