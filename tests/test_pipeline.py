@@ -141,7 +141,7 @@ def test_training_bad_input(tmp_path, problems_file, micro, parrot7):
     # a broken line names file and line
     (run / "corpora" / "a.jsonl").write_text(json.dumps(good) + "\n{oops\n")
     code, out = run_cli("train", str(cfg), "train.method=std:a")
-    assert code == 2 and "a.jsonl:2: invalid JSON" in out
+    assert code == 2 and "a.jsonl:2: malformed JSON" in out
     # more steps than data: say how many epochs
     write_jsonl(run / "corpora" / "a.jsonl", [good] * 3)
     code, out = run_cli("train", str(cfg), "train.method=std:a", "train.steps_per_round=3")

@@ -65,7 +65,9 @@ def split_of(pid: str, seed: int, validation: float, test: float) -> str:
 # ------------------------------------------------------------------ raw row readers
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
+def read_jsonl(path: Path, error: type[Exception] | None = None) -> Iterable[tuple[str, dict]]:
+    """(``file:line``, object) per non-blank line; a bad line raises ``error`` naming file and line."""
+    error = error or ProblemSourceError
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -73,9 +75,9 @@ def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ProblemSourceError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise error(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
-                raise ProblemSourceError(f"{path}:{lineno}: each line must be a JSON object")
+                raise error(f"{path}:{lineno}: each line must be a JSON object")
             yield f"{path}:{lineno}", row
 
 
@@ -116,7 +118,7 @@ def read_rows(spec: str) -> Iterable[tuple[str, dict]]:
     if path.is_dir():
         yield from _read_hf_dir(path)
     elif path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
-        yield from _read_jsonl(path)
+        yield from read_jsonl(path)
     elif path.suffix == ".parquet":
         yield from _read_parquet(path)
     else:

@@ -141,7 +141,8 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     splits = list(cfg.eval.splits)
     head, body = method_table(eval_rows, results, splits)
     pass_cols = {1 + 2 * i for i in range(len(splits))}
-    curves = [s for s in splits if plot_curves(eval_rows, s, out / f"curve-{s}.png")]
+    curve_splits = cfg.eval.curve_splits or splits  # other splits are only measured on final models
+    curves = [s for s in splits if s in curve_splits and plot_curves(eval_rows, s, out / f"curve-{s}.png")]
     collect = _collect_table(run_dir)
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>accord report — {html.escape(run_dir.name)}"
             f"</title><style>{CSS}</style></head><body>",
@@ -157,6 +158,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
                     f"<img src='curve-{html.escape(s)}.png' alt='{html.escape(s)} curve'>")
     if collect:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
+    page += _cord_section(run_dir, out)
     page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows), "</body></html>"]
     (out / "index.html").write_text("\n".join(page), encoding="utf-8")
     (out / "table.txt").write_text(text_table(head, body) + "\n")
@@ -173,3 +175,25 @@ def _collect_table(run_dir: Path) -> str:
         return ""
     keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
     return _html_table(keys, [[r.get(k) for k in keys] for r in rows])
+
+
+def _cord_section(run_dir: Path, out: Path) -> list[str]:
+    """CoRD vs its baselines (CoRD Table 2, Table 14) and teacher hit rates (Fig. 2), when `accord cord` ran."""
+    import shutil
+
+    p = run_dir / "cord" / "summary.json"
+    if not p.exists():
+        return []
+    s = json.loads(p.read_text())
+    body = [[name, s[name]["n"], s[name]["accuracy"], s[name]["mean_pp"], s[name]["mean_tokens"], s[name]["wall_s"]]
+            for name in ("cord", "cord-curation", "cord-integration") if name in s]
+    parts = ["<h2>CoRD: collaborative decoding vs baselines (CoRD Table 2)</h2>",
+             _html_table(["pipeline", "problems", "answer acc.", "mean PP", "mean tokens", "wall s"], body, {2, 3})]
+    if s.get("meta_prover_share") is not None:
+        parts.append(f"<p>meta-prover share of CoRD time: {s['meta_prover_share']:.1%}</p>")
+    png = run_dir / "cord" / "hit_rates.png"
+    if png.exists():
+        shutil.copy2(png, out / "cord-hit-rates.png")
+        parts.append("<h3>Teacher hit rates over reasoning progress (CoRD Fig. 2)</h3>"
+                     "<img src='cord-hit-rates.png' alt='CoRD teacher hit rates'>")
+    return parts

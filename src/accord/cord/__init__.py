@@ -207,8 +207,8 @@ def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: 
     out["hit_rates"] = hit_rates(steps, teachers)
     gen, mp = timing["cord_generation_s"], timing["cord_meta_prover_s"]
     out["meta_prover_share"] = mp / (gen + mp) if gen + mp else None
-    cur = timing["curation_generation_s"] + timing["curation_meta_prover_s"]
-    out["cord_curation_wall_ratio"] = (gen + mp) / cur if cur else None
+    both = "cord" in out and "cord-curation" in out and out["cord-curation"]["wall_s"]
+    out["cord_curation_wall_ratio"] = out["cord"]["wall_s"] / out["cord-curation"]["wall_s"] if both else None
     d = Path(cfg.run_dir) / "cord"
     d.mkdir(parents=True, exist_ok=True)
     (d / "summary.json").write_text(json.dumps(out, indent=1))

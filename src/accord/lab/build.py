@@ -49,6 +49,9 @@ STYLE_VERSION = {"shifted": 2}
 # failed) whenever a style change altered the BPE merges, so style changes must not touch it.
 TOKENIZER_STYLES = ("terse", "verbose", "verify", "shifted-v5")
 STUDENT = "student"
+# Tried (v2): 1-link warm-up problems with a short-form trace `(1) 8>7`; the student's general-family
+# accuracy fell from 89% to 10% (it started writing traces everywhere), so v1 (answer-only) stays.
+STUDENT_VERSION = 1
 BASE_STYLE = "terse"  # the base learns link-following in the simplest style; teachers then specialise
 
 
@@ -97,6 +100,8 @@ def recipe_hash(p: Profile, model: str | None = None) -> str:
         v = STYLE_VERSION.get(model, 1)
         key = repr(TEACHER_SCHEDULE[model]) + (f"/style-v{v}" if v != 1 else "")
         h += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    if model == STUDENT and STUDENT_VERSION != 1:
+        h += f"-student-v{STUDENT_VERSION}"
     return h
 
 

@@ -33,17 +33,13 @@ def load_corpus(cfg: AccordConfig, teacher: str) -> list[dict]:
     path = Path(cfg.run_dir) / "corpora" / f"{teacher}.jsonl"
     if not path.exists():
         raise TrainSetupError(f"{path}: no corpus; run `accord collect` first")
+    from accord.problems import read_jsonl
+
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TrainSetupError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-        msgs = row.get("messages") if isinstance(row, dict) else None
+    for where, row in read_jsonl(path, TrainSetupError):
+        msgs = row.get("messages")
         if not msgs or not isinstance(msgs, list) or msgs[-1].get("role") != "assistant":
-            raise TrainSetupError(f"{path}:{i}: field 'messages' must be a list ending with an assistant turn")
+            raise TrainSetupError(f"{where}: field 'messages' must be a list ending with an assistant turn")
         rows.append(row)
     return rows
 
@@ -90,21 +86,55 @@ def epochs_note(n_rows: int, steps: int, batch: int) -> str:
     return f"{steps} steps × {batch} = {ep:.1f} epoch(s) of {n_rows} examples"
 
 
-def save_model(model, tok, path: Path) -> Path:
-    """Atomic: written to ``<path>.partial`` then renamed, so a kill never leaves half a checkpoint."""
+def save_model(model, tok, path: Path, local: bool = False) -> Path:
+    """Atomic: written to ``<path>.partial`` then renamed, so a kill never leaves half a checkpoint.
+
+    ``local``: written by this process whatever its rank (MoT branches trained in parallel);
+    ``transformers``' ``save_pretrained`` writes on rank 0 only once torch.distributed is up.
+    """
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if local and _distributed():
+        from safetensors.torch import save_model as save_safetensors
+
+        tmp.mkdir(parents=True)
+        save_safetensors(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.to_json_file(tmp / "config.json")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.to_json_file(tmp / "generation_config.json")
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main() -> bool:
+    import torch.distributed as dist
+
+    return not _distributed() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if _distributed():
+        dist.barrier()
+
+
 def write_result(cfg: AccordConfig, name: str, **fields) -> dict:
     d = train_dir(cfg, name)
-    d.mkdir(parents=True, exist_ok=True)
     res = {"name": name, **fields}
+    if not is_main():
+        return res  # rank 0 writes the record
+    d.mkdir(parents=True, exist_ok=True)
     tmp = d / "result.json.tmp"
     tmp.write_text(json.dumps(res, indent=1, default=str))
     tmp.replace(d / "result.json")

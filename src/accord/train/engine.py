@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -157,6 +158,8 @@ def get_accelerator(args: TrainArgs | None = None):
     if _ACCELERATOR is None:
         from accelerate import Accelerator
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            os.environ.setdefault("ACCELERATE_USE_CPU", "1")  # torchrun on CPU: gloo, as `accelerate launch --cpu`
         bf16 = args.bf16 if args and args.bf16 is not None else _bf16_supported()
         log_with = (args.report_to or None) if args else None
         _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", log_with=log_with)

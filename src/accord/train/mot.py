@@ -88,7 +88,7 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
                                                            description=f"mot r{r} {teacher} loss {loss:.3f}"))
             timing["branch_train_s"] += time.perf_counter() - t0
             model = res.model
-            save_model(model, tok, bdir / "final")
+            save_model(model, tok, bdir / "final", local=True)
         t0 = time.perf_counter()
         if running is not None:
             running.add(model.state_dict(), _weight(spec, list(corpora), teacher))

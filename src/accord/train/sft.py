@@ -12,8 +12,8 @@ settings as MoT's branches.  The cosine schedule spans the T×S steps.
 from __future__ import annotations
 
 from accord.config import AccordConfig
-from accord.train.common import (engine_args, epochs_note, load_corpus, load_student, read_result, save_model,
-                                 step_checkpoints, train_dir, write_result)
+from accord.train.common import (barrier, engine_args, epochs_note, is_main, load_corpus, load_student,
+                                 read_result, save_model, step_checkpoints, train_dir, write_result)
 from accord.train.engine import train
 from accord.ui import progress
 
@@ -31,7 +31,10 @@ def run_sft(cfg: AccordConfig, name: str, method: str, rows: list[dict], console
         task = bar.add_task(name, total=steps)
         res = train(model, tok, rows, args, out_dir=out, on_step=lambda s, loss: bar.update(
             task, completed=s + 1, description=f"{name} loss {loss:.3f}"))
-    final = save_model(res.model, tok, out / "final")
+    final = out / "final"
+    if is_main():
+        save_model(res.model, tok, final)
+    barrier()
     curve = [c for c in step_checkpoints(out) if c["steps"] < steps] + [{"steps": steps, "path": str(final)}]
     return write_result(cfg, name, method=method, final=str(final), curve=curve, branch_steps=steps,
                         teachers=teachers, examples=len(rows), resumed_from=res.resumed_from)
