@@ -39,7 +39,7 @@ def main() -> None:
             "run_dir": tmp, "problems": {"path": "lab:chain:test", "limit": args.problems},
             "teachers": [{"name": t, "model": f"lab:{prefix}{t}"} for t in ("terse", "verbose", "verify", "shifted")],
             "cord": {"beam": 4, "segmentation": "prompt", "step_tokens": 48, "think_tokens": 160, "answer_tokens": 16,
-                     "baselines": ["curation"]}})
+                     "baselines": ["curation"], "answer_template": "</think>\n\n\\boxed{{answer}}"}})
         s = run_cord(cfg, console)
         summary = json.loads((Path(tmp) / "cord" / "summary.json").read_text())
     for name in ("cord", "cord-curation"):

@@ -220,3 +220,12 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
     html = write_report(load_config(path), [], []).read_text()
     assert "CoRD Table 2" in html and "<td>cord-curation</td>" in html
     assert (run / "report" / "cord-hit-rates.png").exists()
+
+
+def test_answer_templates():
+    from accord.cord.score import split_template
+
+    assert split_template("</think> The final answer is {answer}.") == ("</think> The final answer is", " ")
+    assert split_template("</think>\n\n\\boxed{{answer}}") == ("</think>\n\n\\boxed{", "")
+    with pytest.raises(CordError, match="placeholder"):
+        split_template("</think> no slot")

@@ -280,6 +280,9 @@ class CordConfig(_Strict):
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     judge_runs: int = Field(4, ge=1, description="binary-judgment: roll-outs averaged per candidate (paper: 10)")
+    answer_template: str = Field("</think> The final answer is {answer}.",
+                                 description="text after the reasoning whose {answer} tokens the meta-prover scores "
+                                 "(App. A.1); match how your models close their reasoning")
     baselines: list[Literal["curation", "integration"]] = Field(
         default_factory=lambda: ["curation"], description="post-hoc baselines at the same trajectory budget (§5)")
     integrator: str | None = Field(None, description="integration: teacher name of the merging LLM")

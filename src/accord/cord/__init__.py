@@ -75,8 +75,10 @@ def run_cord(cfg, console) -> dict:
         raise CordError("cord needs teachers that generate (not only `column` imports)")
     teachers = {t.name: load_teacher(t) for t in gen_cfgs}
     meta = teachers[c.meta_prover or gen_cfgs[0].name]
-    scorer = Scorer(c.selection, meta, seed=c.seed, judge_runs=c.judge_runs, verifier=cfg.collect.verifier)
-    pp = scorer if c.selection == "predictive-perplexity" else Scorer("predictive-perplexity", meta)
+    scorer = Scorer(c.selection, meta, seed=c.seed, judge_runs=c.judge_runs, verifier=cfg.collect.verifier,
+                    template=c.answer_template)
+    pp = scorer if c.selection == "predictive-perplexity" else Scorer("predictive-perplexity", meta,
+                                                                       template=c.answer_template)
     style = "steps" if c.segmentation == "prompt" else "default"
     done = {k[0] for k in store.done_keys("cord")}
     timing = {"cord_generation_s": 0.0, "cord_meta_prover_s": 0.0, "curation_generation_s": 0.0,

@@ -9,7 +9,9 @@ template ``τ </think> The final answer is A``:
 Choices where the paper is silent: A is scored as it would be written after
 "is" — with its leading space, ``" " + answer`` — and its M tokens are the
 meta-prover tokenizer's encoding of that string on its own (the same rule as
-``Teacher.score``).  With an ``hf`` meta-prover the shared prefix (chat prompt ⊕
+``Teacher.score``).  The template is configurable (``cord.answer_template``)
+for models that close their reasoning differently; the lab's teachers write
+``</think>\n\n\boxed{A}``, and under the paper's wording every score is ~0.  With an ``hf`` meta-prover the shared prefix (chat prompt ⊕
 τ) is encoded once per beam and its key/value cache is reused for all K
 candidate steps, which are scored in one batched forward (§4.4); other backends
 go through ``Teacher.score``.
@@ -28,7 +30,16 @@ import time
 
 import torch
 
-TEMPLATE = "</think> The final answer is"
+DEFAULT_TEMPLATE = "</think> The final answer is {answer}."  # App. A.1
+TEMPLATE = "</think> The final answer is"  # the part of the default template before the answer
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """(text written after the reasoning, lead glued to the answer): ``"… is {answer}."`` → ``("… is", " ")``."""
+    if "{answer}" not in template:
+        raise CordError(f"cord.answer_template {template!r} has no {{answer}} placeholder")
+    before = template.split("{answer}", 1)[0]
+    return (before[:-1], " ") if before.endswith(" ") else (before, "")
 TIME_UP = ("Time is up. Given the time I've spent and the approaches I've tried, I should stop thinking and "
            "formulate a final answer based on what I already have.</think> The final answer is:")
 SCORERS = ("predictive-perplexity", "random", "max-length", "binary-judgment")
@@ -42,13 +53,14 @@ class Scorer:
     """Scores candidate continuations of one shared prefix; records its own wall time."""
 
     def __init__(self, kind: str, meta=None, *, seed: int = 0, judge_runs: int = 4, verifier: str = "math",
-                 judge_temperature: float = 0.6):
+                 judge_temperature: float = 0.6, template: str = DEFAULT_TEMPLATE):
         if kind not in SCORERS:
             raise CordError(f"unknown selection {kind!r}; choose one of {', '.join(SCORERS)}")
         if kind in ("predictive-perplexity", "binary-judgment") and meta is None:
             raise CordError(f"selection {kind!r} needs a meta-prover (cord.meta_prover)")
         self.kind, self.meta, self.rng = kind, meta, random.Random(seed)
         self.judge_runs, self.verifier, self.judge_temperature = judge_runs, verifier, judge_temperature
+        self.suffix, self.lead = split_template(template)
         self.seconds = 0.0
         self.calls = 0
 
@@ -59,7 +71,7 @@ class Scorer:
         tok = getattr(self.meta, "tok", None)
         if tok is None:
             return
-        text = " " + answer
+        text = self.lead + answer
         ids = tok(text, add_special_tokens=False)["input_ids"]
         unk = getattr(tok, "unk_token_id", None)
         if not ids or (unk is not None and unk in ids) or tok.decode(ids) != text:
@@ -77,7 +89,8 @@ class Scorer:
             if self.kind == "binary-judgment":
                 return self._judge(prompt, prefix, candidates, answer)
             if hasattr(self.meta, "model") and hasattr(self.meta, "tok"):
-                return predictive_perplexity_cached(self.meta, prompt, prefix, candidates, answer)
+                return predictive_perplexity_cached(self.meta, prompt, prefix, candidates, answer, self.suffix,
+                                                    self.lead)
             return self._pp_generic(prompt, prefix, candidates, answer)
         finally:
             self.seconds += time.perf_counter() - t0
@@ -85,8 +98,8 @@ class Scorer:
     def _pp_generic(self, prompt, prefix, candidates, answer) -> list[float]:
         from accord.teachers.base import Request
 
-        reqs = [Request(prompt, prefix=prefix + c + TEMPLATE) for c in candidates]
-        lps = self.meta.score(reqs, [" " + answer] * len(candidates))
+        reqs = [Request(prompt, prefix=prefix + c + self.suffix) for c in candidates]
+        lps = self.meta.score(reqs, [self.lead + answer] * len(candidates))
         return [math.exp(sum(lp) / len(lp)) if lp else 0.0 for lp in lps]
 
     def _judge(self, prompt, prefix, candidates, answer) -> list[float]:
@@ -102,7 +115,8 @@ class Scorer:
 
 
 @torch.inference_mode()
-def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: list[str], answer: str) -> list[float]:
+def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: list[str], answer: str,
+                                 suffix: str = TEMPLATE, lead: str = " ") -> list[float]:
     """S for every candidate: the prefix is encoded once, its KV cache shared by one batched forward."""
     from accord.teachers.hf import render_chat
 
@@ -110,8 +124,8 @@ def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: lis
     dev = next(model.parameters()).device
     head = tok(render_chat(tok, prompt, prefix, getattr(meta.cfg, "system_prompt", None)),
                add_special_tokens=False)["input_ids"]
-    ans = tok(" " + answer, add_special_tokens=False)["input_ids"]
-    tails = [tok(c + TEMPLATE, add_special_tokens=False)["input_ids"] for c in candidates]
+    ans = tok(lead + answer, add_special_tokens=False)["input_ids"]
+    tails = [tok(c + suffix, add_special_tokens=False)["input_ids"] for c in candidates]
     out = model(input_ids=torch.tensor([head], device=dev), use_cache=True)
     seqs = [t + ans for t in tails]
     width = max(len(s) for s in seqs)
@@ -140,11 +154,12 @@ def _repeat_cache(cache, n: int):
     return tuple((k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cache)  # legacy tuples
 
 
-def full_sequence_score(model, tok, head_text: str, tail_text: str, answer: str) -> float:
+def full_sequence_score(model, tok, head_text: str, tail_text: str, answer: str, suffix: str = TEMPLATE,
+                        lead: str = " ") -> float:
     """The slow reference: one forward over head ⊕ tail ⊕ answer ids, no cache (used by tests and curation)."""
     head = tok(head_text, add_special_tokens=False)["input_ids"]
-    tail = tok(tail_text + TEMPLATE, add_special_tokens=False)["input_ids"]
-    ans = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    tail = tok(tail_text + suffix, add_special_tokens=False)["input_ids"]
+    ans = tok(lead + answer, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([head + tail + ans])
     with torch.inference_mode():
         lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
