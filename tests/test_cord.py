@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
+from conftest import run_cli, write_jsonl
 
 from accord.cord import hit_rates
-from accord.cord.decode import Beam, CordSettings, Timing, beam_search, finish
-from accord.cord.score import CordError, Scorer, full_sequence_score, predictive_perplexity_cached
+from accord.cord.decode import CordSettings, Timing, beam_search, finish
+from accord.cord.score import (
+    CordError,
+    Scorer,
+    full_sequence_score,
+    predictive_perplexity_cached,
+)
 from accord.cord.segment import split_steps
 from accord.teachers.base import Generation
-from conftest import run_cli, write_jsonl
 
 # ------------------------------------------------------------------------------------ segmentation
 
@@ -60,9 +64,9 @@ def test_cached_score_equals_direct_logits(micro):
 
 
 def test_score_is_higher_when_the_prefix_makes_the_answer_likelier(tmp_path):
+    from accord.config import TeacherConfig
     from accord.lab.micro import build_parrot
     from accord.teachers.hf import HFTeacher
-    from accord.config import TeacherConfig
 
     build_parrot(tmp_path / "p", "<think>\nfollow the links\n</think> The final answer is 7", seed=4, steps=200)
     meta = HFTeacher(TeacherConfig(name="mp", model=str(tmp_path / "p")))

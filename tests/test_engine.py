@@ -7,8 +7,17 @@ import json
 import pytest
 import torch
 
-from accord.train.engine import (IGNORE, TrainArgs, TrainingDiverged, collate, encode_example, length_grouped_batches,
-                                 padding_waste, sft_step, train)
+from accord.train.engine import (
+    IGNORE,
+    TrainArgs,
+    TrainingDiverged,
+    collate,
+    encode_example,
+    length_grouped_batches,
+    padding_waste,
+    sft_step,
+    train,
+)
 
 
 def rows(n: int, offset: int = 0) -> list[dict]:

@@ -4,9 +4,9 @@ import json
 import time
 
 import pytest
+from conftest import run_cli
 
 from accord.lab import tasks
-from conftest import run_cli
 
 
 def independent_walk(question: str) -> int:

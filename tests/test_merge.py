@@ -6,10 +6,18 @@ import json
 
 import pytest
 import torch
-
-from accord.train.merge import (MERGE_METHODS, MergeError, MergeSpec, RunningMerge, _sparsify, merge_checkpoints,
-                                merge_state_dicts, merge_tensor)
 from conftest import run_cli
+
+from accord.train.merge import (
+    MERGE_METHODS,
+    MergeError,
+    MergeSpec,
+    RunningMerge,
+    _sparsify,
+    merge_checkpoints,
+    merge_state_dicts,
+    merge_tensor,
+)
 
 
 def slow_reference(base, models, weights, method, density=1.0, normalize=None, masks=None):

@@ -1,10 +1,15 @@
 
 import pytest
+from conftest import write_jsonl
 
 from accord.config import ProblemsConfig
-from accord.problems import ProblemSourceError, load_problems, normalize_answer, problem_id, split_of
-
-from conftest import write_jsonl
+from accord.problems import (
+    ProblemSourceError,
+    load_problems,
+    normalize_answer,
+    problem_id,
+    split_of,
+)
 
 
 def test_answer_normalisation():

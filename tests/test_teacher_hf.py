@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from accord.config import TeacherConfig
-from accord.teachers.base import Request, SamplingParams, TeacherConfigError, load_teacher, truncate_at_stop
+from accord.teachers.base import (
+    Request,
+    SamplingParams,
+    TeacherConfigError,
+    load_teacher,
+    truncate_at_stop,
+)
 from accord.teachers.hf import HFTeacher, render_chat
 
 

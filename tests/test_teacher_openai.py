@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli, write_jsonl
 
 from accord.config import TeacherConfig
 from accord.teachers.base import Request, SamplingParams, TeacherConfigError
 from accord.teachers.openai import OpenAITeacher
-from conftest import run_cli, write_jsonl
 
 
 def free_port() -> int:

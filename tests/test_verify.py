@@ -2,9 +2,18 @@ import threading
 
 import pytest
 
-from accord.verify import (CORRECT, INCORRECT, UNPARSEABLE, INVALID, UNCLEAR, VALID, GoldAnswerError, check,
-                           parse_judgement)
 from accord.prompts import last_boxed, split_think
+from accord.verify import (
+    CORRECT,
+    INCORRECT,
+    INVALID,
+    UNCLEAR,
+    UNPARSEABLE,
+    VALID,
+    GoldAnswerError,
+    check,
+    parse_judgement,
+)
 
 
 def test_split_think_and_boxed():

@@ -314,9 +314,13 @@ COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_ev
 def main(argv: list[str] | None = None) -> int:
     from accord.collect import CollectIncomplete
     from accord.config import ConfigError
-    from accord.problems import ProblemSourceError
-    from accord.teachers.base import NotSupported, TeacherConfigError, TeacherUnavailable
     from accord.cord.score import CordError
+    from accord.problems import ProblemSourceError
+    from accord.teachers.base import (
+        NotSupported,
+        TeacherConfigError,
+        TeacherUnavailable,
+    )
     from accord.train.common import TrainSetupError
     from accord.train.engine import TrainingDiverged
     from accord.train.merge import MergeError

@@ -37,9 +37,23 @@ from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.problems import Problem, load_problems
 from accord.prompts import render_prompt, split_think, style_name
 from accord.store import TraceStore
-from accord.teachers.base import Generation, Request, SamplingParams, TeacherUnavailable, load_teacher
+from accord.teachers.base import (
+    Generation,
+    Request,
+    SamplingParams,
+    TeacherUnavailable,
+    load_teacher,
+)
 from accord.ui import progress
-from accord.verify import CORRECT, FAILED, VALID, check, gold_is_readable, judge_prompt, parse_judgement
+from accord.verify import (
+    CORRECT,
+    FAILED,
+    VALID,
+    check,
+    gold_is_readable,
+    judge_prompt,
+    parse_judgement,
+)
 
 
 class CollectIncomplete(RuntimeError):

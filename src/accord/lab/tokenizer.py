@@ -31,7 +31,14 @@ def _base_corpus() -> list[str]:
 
 def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512, split_digits: bool = True):
     """Train a byte-level BPE on ``corpus`` (plus the prompt texts) and wrap it for ``transformers``."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -1,7 +1,16 @@
 """Teacher backends behind one protocol (see :mod:`accord.teachers.base`)."""
 
-from accord.teachers.base import (BACKENDS, Generation, NotSupported, Request, SamplingParams, Teacher,
-                                  TeacherConfigError, TeacherUnavailable, load_teacher)
+from accord.teachers.base import (
+                                  BACKENDS,
+                                  Generation,
+                                  NotSupported,
+                                  Request,
+                                  SamplingParams,
+                                  Teacher,
+                                  TeacherConfigError,
+                                  TeacherUnavailable,
+                                  load_teacher,
+)
 
 __all__ = ["BACKENDS", "Generation", "NotSupported", "Request", "SamplingParams", "Teacher", "TeacherConfigError",
            "TeacherUnavailable", "load_teacher"]

@@ -20,8 +20,15 @@ from typing import Sequence
 
 import torch
 
-from accord.teachers.base import (Generation, Request, SamplingParams, TeacherConfigError, TeacherUnavailable,
-                                  resolve_model, truncate_at_stop)
+from accord.teachers.base import (
+    Generation,
+    Request,
+    SamplingParams,
+    TeacherConfigError,
+    TeacherUnavailable,
+    resolve_model,
+    truncate_at_stop,
+)
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -25,8 +25,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from accord.teachers.base import (Generation, NotSupported, Request, SamplingParams, TeacherConfigError,
-                                  TeacherUnavailable, truncate_at_stop)
+from accord.teachers.base import (
+    Generation,
+    NotSupported,
+    Request,
+    SamplingParams,
+    TeacherConfigError,
+    TeacherUnavailable,
+    truncate_at_stop,
+)
 
 
 class OpenAITeacher:

@@ -10,7 +10,13 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from accord.teachers.base import Generation, Request, SamplingParams, TeacherConfigError, resolve_model
+from accord.teachers.base import (
+    Generation,
+    Request,
+    SamplingParams,
+    TeacherConfigError,
+    resolve_model,
+)
 
 
 class VLLMTeacher:

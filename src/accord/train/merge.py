@@ -45,7 +45,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from peft.utils.merge_utils import calculate_majority_sign_mask, magnitude_based_pruning, random_pruning
+from peft.utils.merge_utils import (
+    calculate_majority_sign_mask,
+    magnitude_based_pruning,
+    random_pruning,
+)
 
 # name → (sparsification, consensus, default normalize, default rescale)
 MERGE_METHODS: dict[str, tuple[str | None, bool, bool, bool]] = {

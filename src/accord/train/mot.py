@@ -31,10 +31,22 @@ from pathlib import Path
 import torch
 
 from accord.config import AccordConfig
-from accord.train.common import (engine_args, load_student, read_result, save_model, teacher_corpora, train_dir,
-                                 write_result)
+from accord.train.common import (
+    engine_args,
+    load_student,
+    read_result,
+    save_model,
+    teacher_corpora,
+    train_dir,
+    write_result,
+)
 from accord.train.engine import encode_example, get_accelerator, train
-from accord.train.merge import LINEAR_METHODS, MergeSpec, RunningMerge, merge_checkpoints
+from accord.train.merge import (
+    LINEAR_METHODS,
+    MergeSpec,
+    RunningMerge,
+    merge_checkpoints,
+)
 from accord.ui import progress
 
 
@@ -119,10 +131,10 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
 
 def select_round(cfg: AccordConfig, rounds: list[dict], console) -> int:
     """MoT Table 10: the round with the best greedy accuracy on the held-out ``validation`` split of ``problems``."""
+    from accord.config import TeacherConfig
     from accord.evaluate import evaluate
     from accord.problems import load_problems
     from accord.teachers.base import load_teacher
-    from accord.config import TeacherConfig
 
     if cfg.problems.split == "all":
         console.print("[yellow]warning[/]: train.select=validation with problems.split=all: the held-out problems "

@@ -12,8 +12,19 @@ settings as MoT's branches.  The cosine schedule spans the T×S steps.
 from __future__ import annotations
 
 from accord.config import AccordConfig
-from accord.train.common import (barrier, engine_args, epochs_note, is_main, load_corpus, load_student,
-                                 read_result, save_model, step_checkpoints, train_dir, write_result)
+from accord.train.common import (
+    barrier,
+    engine_args,
+    epochs_note,
+    is_main,
+    load_corpus,
+    load_student,
+    read_result,
+    save_model,
+    step_checkpoints,
+    train_dir,
+    write_result,
+)
 from accord.train.engine import train
 from accord.ui import progress
 
