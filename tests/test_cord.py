@@ -233,3 +233,18 @@ def test_answer_templates():
     assert split_template("</think>\n\n\\boxed{{answer}}") == ("</think>\n\n\\boxed{", "")
     with pytest.raises(CordError, match="placeholder"):
         split_template("</think> no slot")
+
+
+def test_mcts_baseline_spends_the_trajectory_budget_and_follows_the_score():
+    from accord.cord.decode import mcts_search
+
+    teachers = {"a": Scripted("a", ["a1", "a2", "a3"]), "b": Scripted("b", ["b1", "b2", "b3"])}
+    calls = []
+
+    def score(prompt, prefix, cands, answer):
+        calls.append(len(cands))
+        return [min(1.0, 0.1 + 0.3 * (prefix + c).count("b")) for c in cands]
+
+    best = mcts_search(teachers, score, "q", "x", CordSettings(beam=3, max_steps=8), Timing())
+    assert best.done and best.steps[0][0] == ("b",)  # the first step the score prefers
+    assert calls.count(1) == 3  # three complete trajectories scored: the budget

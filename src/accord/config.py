@@ -279,6 +279,8 @@ class CordConfig(_Strict):
         "prompt", description="step unit: ### Step headers (§4.1), blank lines, or reflection markers (App. G.1)")
     selection: Literal["predictive-perplexity", "random", "max-length", "binary-judgment"] = Field(
         "predictive-perplexity", description="step score (§4.2; alternatives §5.2.2)")
+    search: Literal["beam", "mcts"] = Field("beam", description="beam search (§4.3; beam=1 is greedy) or the MCTS "
+                                            "baseline (§5.2.3) with UCB and `beam` roll-outs")
     meta_prover: str | None = Field(None, description="teacher name whose model scores steps (default: the first)")
     max_steps: int = Field(32, ge=1, description="steps per trajectory at most")
     step_tokens: int = Field(256, ge=1, description="tokens per proposed step at most")

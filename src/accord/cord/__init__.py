@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from accord.cord.decode import CordSettings, Timing, beam_search, curate, finish
+from accord.cord.decode import CordSettings, Timing, beam_search, curate, finish, mcts_search
 from accord.cord.score import CordError, Scorer
 
 BINS = 10
@@ -121,7 +121,8 @@ def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures) -> 
     c = cfg.cord
     t0, tm = time.perf_counter(), Timing()
     s0 = scorer.seconds
-    best = beam_search(teachers, scorer, prompt, p.answer, cs, tm)
+    search = mcts_search if c.search == "mcts" else beam_search
+    best = search(teachers, scorer, prompt, p.answer, cs, tm)
     traj = finish(teachers, prompt, best, cs, tm)
     timing["cord_generation_s"] += tm.generation_s
     timing["cord_meta_prover_s"] += scorer.seconds - s0

@@ -181,3 +181,72 @@ def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, t
             for t, s in zip(mine, scorer(prompt, THINK_OPEN, [t.steps[0][1] for t in mine], answer)):
                 t.score = s
     return max(done, key=lambda t: t.score), done
+
+
+# ------------------------------------------------------------------------------------ MCTS baseline (§5.2.3)
+
+
+@dataclass
+class _Node:
+    beam: Beam
+    parent: "_Node | None" = None
+    children: list["_Node"] = field(default_factory=list)
+    visits: int = 0
+    value: float = 0.0
+    expanded: bool = False
+
+
+def _ucb(n: _Node, c: float) -> float:
+    import math
+
+    if n.visits == 0:
+        return float("inf")
+    return n.value / n.visits + c * math.sqrt(math.log(max(1, n.parent.visits)) / n.visits)
+
+
+def mcts_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, timing: Timing,
+                rollouts: int | None = None, c: float = 1.0) -> Beam:
+    """MCTS over steps with UCB (the paper's baseline): select → expand (one step per teacher) → roll the best
+    child out to a complete trajectory with its teacher → back up S of that trajectory.  The budget is
+    ``rollouts`` complete trajectories (default B, as beam search produces B)."""
+    root = _Node(Beam())
+    best: Beam | None = None
+    for it in range(rollouts or cs.beam):
+        node = root
+        while node.expanded and node.children:
+            node = max(node.children, key=lambda ch: _ucb(ch, c))
+        if not node.beam.done and not node.expanded:
+            node.expanded = True
+            step_no = len(node.beam.steps) + 1
+            props = _propose(teachers, prompt, [node.beam], cs, step_no, timing, cs.seed * 100_003 + it)
+            if props:
+                scores = scorer(prompt, THINK_OPEN + node.beam.text, [p[2] for p in props], answer)
+                node.children = [_Node(_extend(node.beam, (name,), step, g, cs, s), node)
+                                 for (_, name, step, g), s in zip(props, scores)]
+                node = max(node.children, key=lambda ch: ch.beam.score)
+        final = node.beam if node.beam.done else _rollout(teachers, prompt, node.beam, cs, timing)
+        final.score = scorer(prompt, THINK_OPEN, [final.text], answer)[0]
+        if best is None or final.score > best.score:
+            best = final
+        while node is not None:
+            node.visits += 1
+            node.value += final.score
+            node = node.parent
+    return best if best is not None else Beam(done=True, budget_hit=True)
+
+
+def _rollout(teachers: dict, prompt: str, b: Beam, cs: CordSettings, timing: Timing) -> Beam:
+    """Let the teacher of the last step finish the reasoning in one go (to ``</think>`` or the budget)."""
+    name = b.steps[-1][0][0] if b.steps else next(iter(teachers))
+    left = max(1, cs.think_tokens - b.tokens)
+    t0 = time.perf_counter()
+    g = teachers[name].generate([Request(prompt, prefix=THINK_OPEN + b.text, seed=cs.seed + len(b.steps))],
+                                SamplingParams(temperature=cs.temperature, top_p=cs.top_p, max_new_tokens=left,
+                                               stop=(THINK_CLOSE,)))[0]
+    timing.generation_s += time.perf_counter() - t0
+    if g.failed:
+        timing.failures[name] = timing.failures.get(name, 0) + 1
+        return Beam(b.text, list(b.steps), b.score, b.tokens, True, True, b.last_stop)
+    closed = g.stop_string == THINK_CLOSE
+    return Beam(b.text + g.text, b.steps + [((name,), g.text)], b.score, b.tokens + g.token_count, True,
+                not closed, g.stop_string)
