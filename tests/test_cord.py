@@ -203,7 +203,8 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
     cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(probs)},
            "teachers": [{"name": "seven", "model": str(parrot7)}, {"name": "eight", "model": str(parrot8)}],
            "cord": {"beam": 2, "max_steps": 4, "step_tokens": 24, "think_tokens": 48, "answer_tokens": 16,
-                    "meta_prover": "eight", "segmentation": "line-break"}}
+                    "meta_prover": "eight", "segmentation": "line-break",
+                    "baselines": ["curation", "integration"], "integrator": "seven"}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     code, out = run_cli("cord", str(path))
@@ -211,6 +212,12 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
     run = tmp_path / "run"
     s = json.loads((run / "cord" / "summary.json").read_text())
     assert s["cord"]["n"] == 10 and s["cord-curation"]["n"] == 10 and s["skipped_no_gold"] == 1
+    assert s["cord-integration"]["n"] == 10  # the integrator (a parrot here) merged the teachers' traces
+    import sqlite3
+
+    params = json.loads(sqlite3.connect(run / "traces.sqlite").execute(
+        "select params from traces where teacher='cord' limit 1").fetchone()[0])
+    assert params["step_timings"] and all(len(t) == 3 for t in params["step_timings"])
     assert 0 <= s["cord"]["mean_pp"] <= 1 and 0 <= s["meta_prover_share"] <= 1
     corpus = [json.loads(x) for x in (run / "corpora" / "cord.jsonl").read_text().splitlines()]
     assert corpus and all(r["teacher"] == "cord" for r in corpus)

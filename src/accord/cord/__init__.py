@@ -126,7 +126,8 @@ def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures) -> 
     traj = finish(teachers, prompt, best, cs, tm)
     timing["cord_generation_s"] += tm.generation_s
     timing["cord_meta_prover_s"] += scorer.seconds - s0
-    rows = [_row(cfg, p, "cord", prompt, traj, _pp(pp, scorer, prompt, traj, p.answer), time.perf_counter() - t0)]
+    rows = [_row(cfg, p, "cord", prompt, traj, _pp(pp, scorer, prompt, traj, p.answer), time.perf_counter() - t0,
+                 step_timings=tm.steps)]
     _merge_failures(failures, tm.failures)
     if "curation" in c.baselines or "integration" in c.baselines:
         t0, tm, s0 = time.perf_counter(), Timing(), pp.seconds
@@ -174,14 +175,15 @@ def _merge_failures(into: dict, new: dict) -> None:
             into[k] = into.get(k, 0) + v
 
 
-def _row(cfg, p, teacher: str, prompt: str, traj, score: float, elapsed: float) -> dict:
+def _row(cfg, p, teacher: str, prompt: str, traj, score: float, elapsed: float, step_timings=None) -> dict:
     from accord.prompts import last_boxed
     from accord.verify import check
 
     res = check(cfg.collect.verifier, p.answer, traj.answer_text or traj.text)
     params = {"pp": score, "steps": [list(n) for n, _ in traj.steps], "step_chars": [len(s) for _, s in traj.steps],
               "writer": traj.writer, "budget_hit": traj.budget_hit, "beam": cfg.cord.beam,
-              "segmentation": cfg.cord.segmentation, "selection": cfg.cord.selection}
+              "segmentation": cfg.cord.segmentation, "selection": cfg.cord.selection,
+              "step_timings": step_timings or []}  # per step: [generation s, meta-prover s, candidates]
     return {"problem_id": p.id, "teacher": teacher, "style": "cord", "sample_idx": 0, "params": json.dumps(params),
             "prompt": prompt, "text": traj.text, "reasoning": traj.reasoning, "answer_text": traj.answer_text,
             "parsed_answer": last_boxed(traj.answer_text or traj.text), "verdict": res.verdict,

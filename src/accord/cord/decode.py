@@ -66,6 +66,7 @@ class CordSettings:
 class Timing:
     generation_s: float = 0.0
     failures: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)  # per decoding step: [generation s, scoring s, candidates]
 
 
 def _propose(teachers: dict, prompt: str, beams: list[Beam], cs: CordSettings, step_no: int, timing: Timing,
@@ -114,6 +115,7 @@ def beam_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettin
         active = [b for b in beams if not b.done]
         if not active:
             break
+        g0, s0 = timing.generation_s, getattr(scorer, "seconds", 0.0)
         props = _propose(teachers, prompt, active, cs, step_no, timing, cs.seed * 100_003)
         merged: dict[str, tuple[int, list[str], str, object]] = {}
         for i, name, step, g in props:  # identical extended prefixes are one candidate
@@ -132,6 +134,8 @@ def beam_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettin
             scores = scorer(prompt, THINK_OPEN + b.text, [c[1] for c in cands], answer)
             pool += [_extend(b, tuple(n), step, g, cs, s) for (n, step, g), s in zip(cands, scores)]
         beams = sorted(pool, key=lambda x: -x.score)[:cs.beam]
+        timing.steps.append([round(timing.generation_s - g0, 4), round(getattr(scorer, "seconds", 0.0) - s0, 4),
+                             len(merged)])
     for b in beams:
         if not b.done:
             b.done = b.budget_hit = True
