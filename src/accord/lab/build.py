@@ -10,6 +10,8 @@ Recipe (deterministic for a profile):
 3. each teacher: the base fine-tuned on its own style only (``terse``, ``verbose``,
    ``verify``, and the distribution-shifted ``shifted``), answering the default
    prompt in its style and the ``steps`` prompt with ``### Step N`` headers;
+   ``verify`` also sees 5–6-link chains, so the teachers differ in strength by
+   difficulty and the best teacher depends on the split;
 4. the student: a smaller model trained from scratch on the general family and on
    *answer-only* target problems, so it knows the domain but cannot reason;
 5. every model evaluated with :func:`accord.evaluate.evaluate` on the target test
@@ -44,7 +46,10 @@ TEACHERS = {"terse": "terse", "verbose": "verbose", "verify": "verify", "shifted
 # so it needs few steps (verbose at 0.6x stayed at 16%; shifted at 2x steps and lr reached only 24%).
 TEACHER_SCHEDULE = {"terse": (0.6, 1.0), "verbose": (1.0, 1.0), "verify": (1.0, 1.0), "shifted": (1.0, 1.0)}
 # A style's version enters only its own teacher's recipe hash (shifted v2: source-first `[1] 8 => 7`).
-STYLE_VERSION = {"shifted": 2}
+STYLE_VERSION = {"shifted": 2, "verify": 2}
+# Teachers with different strengths by difficulty: `verify` (v2) also learns 5–6-link chains from the
+# chain-ood *train* split (disjoint from its test split), so on the OOD split it is the one strong teacher.
+LONG_CHAIN_SHARE = {"verify": 0.25}
 # The tokenizer's corpus is frozen: the base's learning is a phase transition that moved (and once
 # failed) whenever a style change altered the BPE merges, so style changes must not touch it.
 TOKENIZER_STYLES = ("terse", "verbose", "verify", "shifted-v5")
@@ -185,6 +190,16 @@ def style_rows(p: Profile, styles: list[str], seed: int) -> list[dict]:
     return rows
 
 
+def long_rows(p: Profile, style: str, share: float, seed: int) -> list[dict]:
+    """``share`` × train_n extra 5–6-link problems (chain-ood train split) in ``style``, half with headers."""
+    rng = random.Random(seed)
+    rows = []
+    for r in generate("chain-ood", "train")[: int(share * p.train_n)]:
+        headers = rng.random() < 0.5
+        rows.append(_msg(r["question"], chain_trace(r["chain"], style, headers), "steps" if headers else "default"))
+    return rows
+
+
 def student_rows(p: Profile, seed: int) -> list[dict]:
     """General family + answer-only target problems (1–4 hops): knows the domain, never saw reasoning."""
     rng = random.Random(seed)
@@ -300,8 +315,10 @@ def build_lab(quick: bool = False, force: bool = False, profile: str | None = No
         elif role == "teacher":
             model, _ = _load(name, "base")
             steps_x, lr_x = TEACHER_SCHEDULE[model_name]
-            _train(model, tok, style_rows(p, [TEACHERS[model_name]], seed=i), max(1, round(p.teacher_steps * steps_x)),
-                   p, p.teacher_lr * lr_x, i, model_name, console)
+            rows = style_rows(p, [TEACHERS[model_name]], seed=i)
+            rows += long_rows(p, TEACHERS[model_name], LONG_CHAIN_SHARE.get(model_name, 0.0), seed=i)
+            _train(model, tok, rows, max(1, round(p.teacher_steps * steps_x)), p, p.teacher_lr * lr_x, i,
+                   model_name, console)
         else:
             model = _new_model(tok, p.d_student, p.layers_student, seed=99)
             _train(model, tok, student_rows(p, seed=99), p.student_steps, p, p.lr, 99, "student", console)
