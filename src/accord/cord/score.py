@@ -126,7 +126,7 @@ def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: lis
                add_special_tokens=False)["input_ids"]
     ans = tok(lead + answer, add_special_tokens=False)["input_ids"]
     tails = [tok(c + suffix, add_special_tokens=False)["input_ids"] for c in candidates]
-    out = model(input_ids=torch.tensor([head], device=dev), use_cache=True)
+    out = model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1)  # only the cache
     seqs = [t + ans for t in tails]
     width = max(len(s) for s in seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
