@@ -168,3 +168,38 @@ def test_mot_validation_selection_picks_a_round(tmp_path, problems_file, micro):
     res = json.loads((run / "train" / "mot" / "result.json").read_text())
     assert res["selected_round"] in (1, 2) and res["final"].endswith(f"round-{res['selected_round']}/merged")
     assert "validation greedy" in out and "warning" not in out
+
+
+@pytest.mark.parametrize("merge", ["average", "ties"])
+def test_mot_resumes_from_the_last_merged_round(tmp_path, micro, merge):
+    from safetensors.torch import load_file
+
+    def setup(name):
+        run = tmp_path / name / "run"
+        (run / "corpora").mkdir(parents=True)
+        rows = {t: [{"messages": [{"role": "user", "content": f"{t} {i}"},
+                                  {"role": "assistant", "content": f"\\boxed{{{i}}}"}]} for i in range(4)]
+                for t in ("a", "b")}
+        for t, r in rows.items():
+            write_jsonl(run / "corpora" / f"{t}.jsonl", r)
+        teachers = [{"name": t, "backend": "column", "column": t} for t in ("a", "b")]
+        cfg = pipeline_cfg(tmp_path / name, "unused.jsonl", teachers, micro, method="mot", rounds=2,
+                           steps_per_round=2, merge={"method": merge, "density": 0.5})
+        return cfg, run
+
+    cfg_ref, _ = setup("ref")
+    cfg, run = setup("killed")
+    for c in (cfg_ref, cfg):
+        code, out = run_cli("train", str(c))
+        assert code == 0, out
+    # a kill after round 1: round 2 and the result record are gone
+    shutil.rmtree(run / "train" / "mot" / "round-2")
+    (run / "train" / "mot" / "result.json").unlink()
+    code, out = run_cli("train", str(cfg))
+    assert code == 0, out
+    res = json.loads((run / "train" / "mot" / "result.json").read_text())
+    assert res["resumed_from_round"] == 1
+    a = load_file(run / "train" / "mot" / "round-2" / "merged" / "model.safetensors")
+    b = load_file(tmp_path / "ref" / "run" / "train" / "mot" / "round-2" / "merged" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k

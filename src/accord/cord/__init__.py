@@ -23,7 +23,14 @@ import json
 import time
 from pathlib import Path
 
-from accord.cord.decode import CordSettings, Timing, beam_search, curate, finish, mcts_search
+from accord.cord.decode import (
+    CordSettings,
+    Timing,
+    beam_search,
+    curate,
+    finish,
+    mcts_search,
+)
 from accord.cord.score import CordError, Scorer
 
 BINS = 10

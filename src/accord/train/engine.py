@@ -368,10 +368,9 @@ def _resume(out: Path, model, opt) -> tuple[int, list[float]]:
 
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
     else:
-        from accord.train.merge import _Reader
+        from accord.train.merge import load_state
 
-        rd = _Reader(ckpt)  # single-file or sharded safetensors
-        model.load_state_dict({n: rd.get(n) for n in rd.files}, strict=False)
+        model.load_state_dict(load_state(ckpt), strict=False)  # single-file or sharded safetensors
     extra = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
     opt.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["torch_rng"])

@@ -245,7 +245,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     raise MergeError(f"{p}: no model.safetensors in this checkpoint")
 
 
-class _Reader:
+class CheckpointReader:
     """Lazy tensor access across the shards of one checkpoint."""
 
     def __init__(self, path: str | Path):
@@ -259,6 +259,12 @@ class _Reader:
 
     def get(self, name: str) -> torch.Tensor:
         return self.handles[self.files[name]].get_tensor(name)
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF safetensors checkpoint (single file or sharded)."""
+    rd = CheckpointReader(path)
+    return {n: rd.get(n) for n in rd.files}
 
 
 def _check_configs(base: Path, models: Sequence[Path]) -> None:
@@ -293,7 +299,7 @@ def merge_checkpoints(base: str | Path, models: Sequence[str | Path], spec: Merg
     if not models:
         raise MergeError("give at least one model to merge")
     spec.weights_for(len(models))
-    rb, rms = _Reader(base), [_Reader(m) for m in models]
+    rb, rms = CheckpointReader(base), [CheckpointReader(m) for m in models]
     _check_configs(base, models)
     shapes = rb.shapes()
     for r in rms:

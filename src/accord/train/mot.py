@@ -28,8 +28,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from accord.config import AccordConfig
 from accord.train.common import (
     engine_args,
@@ -45,6 +43,7 @@ from accord.train.merge import (
     LINEAR_METHODS,
     MergeSpec,
     RunningMerge,
+    load_state,
     merge_checkpoints,
 )
 from accord.ui import progress
@@ -89,7 +88,7 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
             continue  # another process trains this branch
         bdir = rdir / f"branch-{teacher}"
         if (bdir / "final" / "config.json").exists():
-            model.load_state_dict(_load_state(bdir / "final"), strict=False)  # finished before a kill
+            model.load_state_dict(load_state(bdir / "final"), strict=False)  # finished before a kill
         else:
             model.load_state_dict(base)  # every branch starts from the merged student
             args = engine_args(cfg, S, schedule_steps=T * S, schedule_offset=(r - 1) * S,
@@ -119,7 +118,7 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
         if acc.is_main_process:
             merge_checkpoints(prev, [rdir / f"branch-{t}" / "final" for t in corpora], spec, merged_dir)
         acc.wait_for_everyone()
-        model.load_state_dict(_load_state(merged_dir), strict=False)
+        model.load_state_dict(load_state(merged_dir), strict=False)
     acc.wait_for_everyone()
     if acc.is_main_process:
         for t in corpora:
@@ -175,13 +174,6 @@ def _prev_path(cfg: AccordConfig, out: Path, r: int) -> Path:
     return out / f"round-{r - 1}" / "merged" if r > 1 else Path(resolve_model(cfg.student.model, "student"))
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    from accord.train.merge import _Reader
-
-    rd = _Reader(path)
-    return {n: rd.get(n) for n in rd.files}
-
-
 def _resume(out: Path, model, T: int) -> int:
     """Rounds already merged on disk; the model is loaded from the last one."""
     done = 0
@@ -189,5 +181,5 @@ def _resume(out: Path, model, T: int) -> int:
         if (out / f"round-{r}" / "merged" / "config.json").exists():
             done = r
     if done:
-        model.load_state_dict(_load_state(out / f"round-{done}" / "merged"), strict=False)
+        model.load_state_dict(load_state(out / f"round-{done}" / "merged"), strict=False)
     return done
