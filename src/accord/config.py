@@ -28,6 +28,13 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 BACKENDS = ("hf", "openai", "vllm", "column")
 
 
+def one_of(v: str, choices, what: str) -> str:
+    """``v`` if it names one of ``choices`` (a registry), else an error listing them."""
+    if v not in choices:
+        raise ValueError(f"unknown {what} {v!r}; choose one of {', '.join(choices)}")
+    return v
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; ``problems`` lists ``(path, message)`` pairs."""
 
@@ -99,9 +106,7 @@ class TeacherConfig(_Strict):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        if v not in BACKENDS:
-            raise ValueError(f"unknown teacher backend {v!r}; choose one of {', '.join(BACKENDS)}")
-        return v
+        return one_of(v, BACKENDS, "teacher backend")
 
     @model_validator(mode="after")
     def _needs(self) -> "TeacherConfig":
@@ -162,9 +167,7 @@ class CollectConfig(_Strict):
     def _verifier(cls, v: str) -> str:
         from accord.verify import VERIFIERS
 
-        if v not in VERIFIERS:
-            raise ValueError(f"unknown verifier {v!r}; choose one of {', '.join(VERIFIERS)}")
-        return v
+        return one_of(v, VERIFIERS, "verifier")
 
     @property
     def styles(self) -> list[str]:
@@ -192,9 +195,7 @@ class MergeConfig(_Strict):
     def _method(cls, v: str) -> str:
         from accord.train.merge import MERGE_METHODS
 
-        if v not in MERGE_METHODS:
-            raise ValueError(f"unknown merge method {v!r}; choose one of {', '.join(MERGE_METHODS)}")
-        return v
+        return one_of(v, MERGE_METHODS, "merge method")
 
 
 class LoraConfig(_Strict):
