@@ -4,7 +4,9 @@ Recipe (deterministic for a profile):
 
 1. the lab tokenizer, trained on lab text;
 2. a shared *base* model trained from scratch on terse traces (with and without
-   CoRD ``### Step`` headers) — the analogue of the teachers' shared pre-training.
+   CoRD ``### Step`` headers) — the analogue of the teachers' shared pre-training —
+   until it follows links on held-out validation problems (≥ 95% greedy, checked
+   every 100 steps; the step count is a cap), see :func:`_train_base`.
    A base trained on a mixture of all styles learned markedly slower (teachers at
    47–52% vs 64% for one style at equal steps): mixing styles hurts, as papers/004 says;
 3. each teacher: the base fine-tuned on its own style only (``terse``, ``verbose``,
@@ -76,11 +78,17 @@ class Profile:
     eval_n: int = 300
     eval_k: int = 4
     train_n: int = 4000
+    # Adaptive base (None: a fixed ``base_steps`` schedule): train until greedy accuracy on
+    # ``base_check_n`` validation problems reaches ``base_target`` (checked every ``base_check_every``
+    # steps), with ``base_steps`` as the cap and the length of the cosine schedule.
+    base_target: float | None = None
+    base_check_every: int = 100
+    base_check_n: int = 100
 
 
 PROFILES = {
-    "full": Profile("full", base_steps=1500, teacher_steps=250, student_steps=500, d_teacher=128, lr=1e-3,
-                    teacher_lr=5e-4),
+    "full": Profile("full", base_steps=2400, teacher_steps=250, student_steps=500, d_teacher=128, lr=1e-3,
+                    teacher_lr=5e-4, eval_n=200, base_target=0.95),
     "quick": Profile("quick", base_steps=250, teacher_steps=40, student_steps=150, d_teacher=64, layers_teacher=3,
                      d_student=48, layers_student=2, eval_n=60, eval_k=2, train_n=1500),
     # tests: seconds; accuracy is irrelevant
@@ -238,27 +246,76 @@ def _new_model(tok, d: int, layers: int, seed: int):
     return model
 
 
-def _train(model, tok, rows, steps: int, p: Profile, lr: float, seed: int, label: str, console) -> None:
+def _train(model, tok, rows, steps: int, p: Profile, lr: float, seed: int, label: str, console,
+           stop=None) -> int:
+    """Train in place; ``stop(step)`` → True ends training early.  Returns the steps taken."""
     from accord.train.engine import TrainArgs, train_sft
     from accord.ui import progress
 
     args = TrainArgs(steps=steps, batch_size=p.batch, lr=lr, warmup_ratio=0.05, min_lr_ratio=0.1, max_len=256,
                      seed=seed)
+
+    def on_step(s: int, loss: float) -> bool:
+        bar.update(task, advance=1, description=f"train {label} loss {loss:.3f}")
+        return bool(stop and stop(s + 1))
+
     with progress(console) as bar:
         task = bar.add_task(f"train {label}", total=steps)
-        train_sft(model, tok, rows, args, on_step=lambda s, loss: bar.update(task, advance=1,
-                                                                                description=f"train {label} "
-                                                                                f"loss {loss:.3f}"))
+        return len(train_sft(model, tok, rows, args, on_step=on_step))
+
+
+def _train_base(model, tok, p: Profile, console) -> dict:
+    """The shared base; with ``p.base_target``, stop once it follows links on held-out problems.
+
+    Why adaptive: the base learns link-following in a sudden transition whose step moves with
+    tiny numeric differences (on one machine: step ~700 with 2 threads, ~1400 with 1 thread, same
+    seed), so a fixed step count is either wasted time or a half-trained zoo.  Validation
+    problems are disjoint from the test split the manifest reports.
+    """
+    rows = style_rows(p, [BASE_STYLE], seed=0)
+    if p.base_target is None:
+        return {"steps": _train(model, tok, rows, p.base_steps, p, p.lr, 0, "base", console)}
+    from accord.lab.tasks import generate as gen_problems
+    from accord.problems import Problem
+
+    val = [Problem(r["id"], r["question"], r["answer"]) for r in gen_problems("chain", "validation")[:p.base_check_n]]
+    seen: dict = {}
+
+    def stop(step: int) -> bool:
+        if step % p.base_check_every:
+            return False
+        model.eval()
+        seen[step] = _greedy(model, tok, val)
+        model.train()
+        return seen[step] >= p.base_target
+
+    steps = _train(model, tok, rows, p.base_steps, p, p.lr, 0, "base", console, stop=stop)
+    acc = seen.get(steps, 0.0)
+    if acc < p.base_target:
+        console.print(f"[yellow]warning:[/] the lab base reached {acc:.0%} validation accuracy after its "
+                      f"{steps}-step cap (target {p.base_target:.0%}); teachers may fall short")
+    return {"steps": steps, "validation_greedy": acc, "checks": {str(k): v for k, v in seen.items()}}
+
+
+def _generator(model, tok, name: str = "m"):
+    from accord.config import TeacherConfig
+    from accord.teachers.hf import HFTeacher
+
+    return HFTeacher(TeacherConfig(name=name, model="in-memory", batch_size=128), model=model, tokenizer=tok)
+
+
+def _greedy(model, tok, problems) -> float:
+    from accord.evaluate import evaluate
+
+    return evaluate(_generator(model, tok), problems, k=0, max_new_tokens=160).greedy
 
 
 def measure(model, tok, p: Profile, name: str = "m") -> dict:
     """Target greedy / pass@1 (T=0.6, k samples) and general greedy, with accord's evaluation core."""
-    from accord.config import TeacherConfig
     from accord.evaluate import evaluate
     from accord.problems import Problem
-    from accord.teachers.hf import HFTeacher
 
-    gen = HFTeacher(TeacherConfig(name=name, model="in-memory", batch_size=128), model=model, tokenizer=tok)
+    gen = _generator(model, tok, name)
 
     def probs(family):
         return [Problem(r["id"], r["question"], r["answer"]) for r in generate(family, "test")[: p.eval_n]]
@@ -268,7 +325,8 @@ def measure(model, tok, p: Profile, name: str = "m") -> dict:
     return {"target_greedy": target.greedy, "target_pass1": target.pass1, "general_greedy": general.greedy}
 
 
-def _save(model, tok, profile: str, name: str, role: str, p: Profile, accuracy: dict, manifest: dict) -> dict:
+def _save(model, tok, profile: str, name: str, role: str, p: Profile, accuracy: dict, manifest: dict,
+          info: dict | None = None) -> dict:
     final = lab_dir(profile) / name
     tmp = lab_dir(profile) / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -278,7 +336,8 @@ def _save(model, tok, profile: str, name: str, role: str, p: Profile, accuracy: 
     tmp.rename(final)
     entry = {"name": name, "role": role, "path": str(final), "accuracy": accuracy,
              "sha256": _sha256(final / "model.safetensors"), "recipe": recipe_hash(p, name),
-             "params": sum(x.numel() for x in model.parameters()), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+             "params": sum(x.numel() for x in model.parameters()), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             "training": info or {}}
     manifest["models"] = [m for m in manifest.get("models", []) if m["name"] != name] + [entry]
     _write_manifest(profile, manifest)
     return entry
@@ -309,9 +368,10 @@ def build_lab(quick: bool = False, force: bool = False, profile: str | None = No
     for i, (model_name, role) in enumerate(plan):
         if not force and valid_entry(name, model_name, manifest):
             continue
+        info, t_model = {}, time.perf_counter()
         if role == "base":
             model = _new_model(tok, p.d_teacher, p.layers_teacher, seed=0)
-            _train(model, tok, style_rows(p, [BASE_STYLE], seed=0), p.base_steps, p, p.lr, 0, "base", console)
+            info = _train_base(model, tok, p, console)
         elif role == "teacher":
             model, _ = _load(name, "base")
             steps_x, lr_x = TEACHER_SCHEDULE[model_name]
@@ -324,8 +384,10 @@ def build_lab(quick: bool = False, force: bool = False, profile: str | None = No
             _train(model, tok, student_rows(p, seed=99), p.student_steps, p, p.lr, 99, "student", console)
         model.eval()
         acc = measure(model, tok, p, model_name) if role != "base" else {}
-        entry = _save(model, tok, name, model_name, role, p, acc, manifest)
-        console.print(f"built lab model [bold]{model_name}[/] ({entry['params'] / 1e6:.2f}M params) {_fmt(acc)}")
+        info["build_s"] = round(time.perf_counter() - t_model, 1)
+        entry = _save(model, tok, name, model_name, role, p, acc, manifest, info)
+        extra = f"after {info['steps']} steps" if role == "base" else _fmt(acc)
+        console.print(f"built lab model [bold]{model_name}[/] ({entry['params'] / 1e6:.2f}M params) {extra}")
     console.print(f"lab profile {name!r} ready in {time.perf_counter() - t0:.0f}s at {lab_dir(name)}")
     return read_manifest(name)
 

@@ -206,7 +206,7 @@ def _n_targets(part: list[tuple[list[int], list[int]]]) -> int:
 
 
 def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path | None = None,
-          shard: bool = True, on_step: Callable[[int, float], None] | None = None,
+          shard: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
           log: Callable[[dict], None] | None = None, examples: list | None = None) -> TrainResult:
     """Train ``model`` for ``args.steps`` optimizer steps on chat ``rows``.
 
@@ -214,6 +214,8 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     ``out_dir/checkpoint-<step>``, resume from the newest one, ``metrics.jsonl``.
     ``shard=False`` trains on this process alone (MoT branches spread over processes).
     ``examples``: ``rows`` already encoded with ``encode_example`` (MoT reuses them every round).
+    ``on_step(step, loss)`` runs after every optimizer step; returning ``True`` stops training
+    there (the lab's base stops once it has learned its task).
     """
     acc = get_accelerator(args)
     world, rank = (acc.num_processes, acc.process_index) if shard else (1, 0)
@@ -264,11 +266,12 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
                  "elapsed_s": round(time.perf_counter() - clock, 4)}
         if local:
             _emit(acc, out, event, log, args)
-        if on_step:
-            on_step(step, history[-1])
+        stop = bool(on_step(step, history[-1])) if on_step else False
         if out and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
             _check_finite(model, step, last_ckpt)  # never write a checkpoint that holds NaN/inf weights
             last_ckpt = save_checkpoint(acc, model, tok, opt, out, step + 1, history, args, local, shard)
+        if stop:
+            break
     model = acc.unwrap_model(model) if shard else model
     model.eval()
     if args.lora_r:
