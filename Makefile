@@ -10,11 +10,13 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # torch first (the CPU build when none is importable); never pinned in pyproject.
+# The rest through uv when it installs (≈10 s instead of ≈80 s with pip), else pip.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0 || $(BIN)/python -m pip install torch
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	($(BIN)/python -m pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]") \
+	  || $(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -125,3 +125,11 @@ def test_lora_trains_adapters_checkpoints_and_merges(micro, tmp_path):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all("proj" in k for k in changed)  # only the LoRA-targeted linear layers move
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def test_on_step_returning_true_stops_training(micro):
+    model, tok = load(micro)
+    seen = []
+    res = train(model, tok, rows(16), TrainArgs(steps=10, batch_size=4, lr=1e-3),
+                on_step=lambda s, loss: seen.append(s) or s + 1 == 3)
+    assert seen == [0, 1, 2] and len(res.history) == 3

@@ -130,3 +130,30 @@ def test_unknown_lab_source_is_clear():
 
     with pytest.raises(ProblemSourceError, match="unknown lab task"):
         load_problems(ProblemsConfig(path="lab:nope"))
+
+
+def test_adaptive_base_and_teacher_stop_at_their_validation_target():
+    """The base trains until validation greedy accuracy reaches its target (checked every N steps),
+    with its step count as the cap; a teacher in EARLY_STOP does the same; unreachable → cap + warning."""
+    import dataclasses
+    import io
+
+    from rich.console import Console
+
+    from accord.lab import build as B
+
+    p = dataclasses.replace(B.PROFILES["micro"], base_steps=6, base_target=0.0, base_check_every=2,
+                            base_check_from=4, base_check_n=4, teacher_steps=6, teacher_target=0.0,
+                            teacher_check_every=3)
+    tok = B.lab_tokenizer()
+    out = io.StringIO()
+    console = Console(file=out)
+    info = B._train_base(B._new_model(tok, p.d_teacher, p.layers_teacher, 0), tok, p, console)
+    assert info["steps"] == 4 and list(info["checks"]) == ["4"]  # no check before base_check_from
+    never = dataclasses.replace(p, base_target=1.01)
+    info = B._train_base(B._new_model(tok, p.d_teacher, p.layers_teacher, 0), tok, never, console)
+    assert info["steps"] == 6 and info["validation_greedy"] < 1.01 and "cap" in out.getvalue()
+    model = B._new_model(tok, p.d_teacher, p.layers_teacher, 0)
+    assert B._train_teacher(model, tok, p, "verbose", 1, console)["steps"] == 3
+    assert "verify" not in B.EARLY_STOP  # verify's OOD strength comes from its whole schedule
+    assert B._train_teacher(model, tok, p, "verify", 1, console)["steps"] == round(6 * B.TEACHER_SCHEDULE["verify"][0])

@@ -46,7 +46,10 @@ RECIPE_VERSION = 5
 TEACHERS = {"terse": "terse", "verbose": "verbose", "verify": "verify", "shifted": "shifted"}
 # (steps, lr) multipliers per teacher: the base already reasons in the terse notation,
 # so it needs few steps (verbose at 0.6x stayed at 16%; shifted at 2x steps and lr reached only 24%).
-TEACHER_SCHEDULE = {"terse": (0.6, 1.0), "verbose": (1.0, 1.0), "verify": (1.0, 1.0), "shifted": (1.0, 1.0)}
+TEACHER_SCHEDULE = {"terse": (0.6, 1.0), "verbose": (1.2, 1.0), "verify": (1.0, 1.0), "shifted": (1.0, 1.0)}
+# Teachers whose fine-tune stops once they are good on validation problems (Profile.teacher_target);
+# `verify` always trains its whole schedule: its strength on 5–6-link chains comes late.
+EARLY_STOP = ("terse", "verbose", "shifted")
 # A style's version enters only its own teacher's recipe hash (shifted v2: source-first `[1] 8 => 7`).
 STYLE_VERSION = {"shifted": 2, "verify": 2}
 # Teachers with different strengths by difficulty: `verify` (v2) also learns 5–6-link chains from the
@@ -83,12 +86,17 @@ class Profile:
     # steps), with ``base_steps`` as the cap and the length of the cosine schedule.
     base_target: float | None = None
     base_check_every: int = 100
+    base_check_from: int = 300  # no check before (the transition never came earlier; checks cost ~3 s)
     base_check_n: int = 100
+    # Teachers in EARLY_STOP stop their fine-tune at ``teacher_target`` validation greedy accuracy
+    # (checked every ``teacher_check_every`` steps; their schedule is the cap).
+    teacher_target: float | None = None
+    teacher_check_every: int = 50
 
 
 PROFILES = {
     "full": Profile("full", base_steps=2400, teacher_steps=250, student_steps=500, d_teacher=128, lr=1e-3,
-                    teacher_lr=5e-4, eval_n=200, base_target=0.95),
+                    teacher_lr=5e-4, eval_n=200, base_target=0.95, teacher_target=0.98),
     "quick": Profile("quick", base_steps=250, teacher_steps=40, student_steps=150, d_teacher=64, layers_teacher=3,
                      d_student=48, layers_student=2, eval_n=60, eval_k=2, train_n=1500),
     # tests: seconds; accuracy is irrelevant
@@ -275,26 +283,44 @@ def _train_base(model, tok, p: Profile, console) -> dict:
     rows = style_rows(p, [BASE_STYLE], seed=0)
     if p.base_target is None:
         return {"steps": _train(model, tok, rows, p.base_steps, p, p.lr, 0, "base", console)}
-    from accord.lab.tasks import generate as gen_problems
-    from accord.problems import Problem
-
-    val = [Problem(r["id"], r["question"], r["answer"]) for r in gen_problems("chain", "validation")[:p.base_check_n]]
-    seen: dict = {}
-
-    def stop(step: int) -> bool:
-        if step % p.base_check_every:
-            return False
-        model.eval()
-        seen[step] = _greedy(model, tok, val)
-        model.train()
-        return seen[step] >= p.base_target
-
+    stop, seen = _until(model, tok, p.base_target, p.base_check_every, p.base_check_n, p.base_check_from)
     steps = _train(model, tok, rows, p.base_steps, p, p.lr, 0, "base", console, stop=stop)
     acc = seen.get(steps, 0.0)
     if acc < p.base_target:
         console.print(f"[yellow]warning:[/] the lab base reached {acc:.0%} validation accuracy after its "
                       f"{steps}-step cap (target {p.base_target:.0%}); teachers may fall short")
     return {"steps": steps, "validation_greedy": acc, "checks": {str(k): v for k, v in seen.items()}}
+
+
+def _train_teacher(model, tok, p: Profile, name: str, seed: int, console) -> dict:
+    steps_x, lr_x = TEACHER_SCHEDULE[name]
+    rows = style_rows(p, [TEACHERS[name]], seed=seed)
+    rows += long_rows(p, TEACHERS[name], LONG_CHAIN_SHARE.get(name, 0.0), seed=seed)
+    stop, seen = (_until(model, tok, p.teacher_target, p.teacher_check_every, p.base_check_n)
+                  if p.teacher_target is not None and name in EARLY_STOP else (None, {}))
+    steps = _train(model, tok, rows, max(1, round(p.teacher_steps * steps_x)), p, p.teacher_lr * lr_x, seed, name,
+                   console, stop=stop)
+    return {"steps": steps, **({"checks": {str(k): v for k, v in seen.items()}} if seen else {})}
+
+
+def _until(model, tok, target: float, every: int, n: int, start: int = 0):
+    """A ``stop(step)`` for :func:`_train`: every ``every`` steps, greedy accuracy on ``n``
+    chain validation problems (disjoint from the test split the manifest reports) ≥ ``target``."""
+    from accord.lab.tasks import generate as gen_problems
+    from accord.problems import Problem
+
+    val = [Problem(r["id"], r["question"], r["answer"]) for r in gen_problems("chain", "validation")[:n]]
+    seen: dict[int, float] = {}
+
+    def stop(step: int) -> bool:
+        if step % every or step < start:
+            return False
+        model.eval()
+        seen[step] = _greedy(model, tok, val)
+        model.train()
+        return seen[step] >= target
+
+    return stop, seen
 
 
 def _generator(model, tok, name: str = "m"):
@@ -374,19 +400,16 @@ def build_lab(quick: bool = False, force: bool = False, profile: str | None = No
             info = _train_base(model, tok, p, console)
         elif role == "teacher":
             model, _ = _load(name, "base")
-            steps_x, lr_x = TEACHER_SCHEDULE[model_name]
-            rows = style_rows(p, [TEACHERS[model_name]], seed=i)
-            rows += long_rows(p, TEACHERS[model_name], LONG_CHAIN_SHARE.get(model_name, 0.0), seed=i)
-            _train(model, tok, rows, max(1, round(p.teacher_steps * steps_x)), p, p.teacher_lr * lr_x, i,
-                   model_name, console)
+            info = _train_teacher(model, tok, p, model_name, i, console)
         else:
             model = _new_model(tok, p.d_student, p.layers_student, seed=99)
-            _train(model, tok, student_rows(p, seed=99), p.student_steps, p, p.lr, 99, "student", console)
+            info = {"steps": _train(model, tok, student_rows(p, seed=99), p.student_steps, p, p.lr, 99, "student",
+                                    console)}
         model.eval()
         acc = measure(model, tok, p, model_name) if role != "base" else {}
         info["build_s"] = round(time.perf_counter() - t_model, 1)
         entry = _save(model, tok, name, model_name, role, p, acc, manifest, info)
-        extra = f"after {info['steps']} steps" if role == "base" else _fmt(acc)
+        extra = f"{_fmt(acc)} after {info['steps']} steps ({info['build_s']:.0f}s)"
         console.print(f"built lab model [bold]{model_name}[/] ({entry['params'] / 1e6:.2f}M params) {extra}")
     console.print(f"lab profile {name!r} ready in {time.perf_counter() - t0:.0f}s at {lab_dir(name)}")
     return read_manifest(name)
