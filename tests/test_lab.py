@@ -132,9 +132,10 @@ def test_unknown_lab_source_is_clear():
         load_problems(ProblemsConfig(path="lab:nope"))
 
 
-def test_adaptive_base_and_teacher_stop_at_their_validation_target():
+def test_adaptive_base_and_teacher_stop_at_their_validation_target(monkeypatch):
     """The base trains until validation greedy accuracy reaches its target (checked every N steps),
-    with its step count as the cap; a teacher in EARLY_STOP does the same; unreachable → cap + warning."""
+    with its step count as the cap; teachers stop once every family in STOP_WHEN is at its target;
+    unreachable → the cap (and a warning for the base)."""
     import dataclasses
     import io
 
@@ -143,7 +144,7 @@ def test_adaptive_base_and_teacher_stop_at_their_validation_target():
     from accord.lab import build as B
 
     p = dataclasses.replace(B.PROFILES["micro"], base_steps=6, base_target=0.0, base_check_every=2,
-                            base_check_from=4, base_check_n=4, teacher_steps=6, teacher_target=0.0,
+                            base_check_from=4, base_check_n=4, teacher_steps=6, teacher_stop=True,
                             teacher_check_every=3)
     tok = B.lab_tokenizer()
     out = io.StringIO()
@@ -153,7 +154,10 @@ def test_adaptive_base_and_teacher_stop_at_their_validation_target():
     never = dataclasses.replace(p, base_target=1.01)
     info = B._train_base(B._new_model(tok, p.d_teacher, p.layers_teacher, 0), tok, never, console)
     assert info["steps"] == 6 and info["validation_greedy"] < 1.01 and "cap" in out.getvalue()
+    monkeypatch.setattr(B, "STOP_WHEN", {"verbose": {"chain": 0.0}, "verify": {"chain": 0.0, "chain-ood": 1.01}})
     model = B._new_model(tok, p.d_teacher, p.layers_teacher, 0)
     assert B._train_teacher(model, tok, p, "verbose", 1, console)["steps"] == 3
-    assert "verify" not in B.EARLY_STOP  # verify's OOD strength comes from its whole schedule
-    assert B._train_teacher(model, tok, p, "verify", 1, console)["steps"] == round(6 * B.TEACHER_SCHEDULE["verify"][0])
+    info = B._train_teacher(model, tok, p, "verify", 1, console)  # chain-ood never reaches 101%: the cap
+    assert info["steps"] == round(6 * B.TEACHER_SCHEDULE["verify"][0])
+    assert set(info["checks"]["3"]) == {"chain", "chain-ood"}
+    assert "checks" not in B._train_teacher(model, tok, p, "terse", 1, console)  # not in STOP_WHEN: fixed
