@@ -13,7 +13,7 @@ def independent_walk(question: str) -> int:
     """Solve a chain question from its text alone (no access to the generator's structure)."""
     import re
 
-    links = dict((int(a), int(b)) for a, b in re.findall(r"(\d)>(\d)", question.split(".")[0]))
+    links = {int(a): int(b) for a, b in re.findall(r"(\d)>(\d)", question.split(".")[0])}
     start, hops = map(int, re.search(r"Start at (\d) and follow (\d+) links", question).groups())
     x = start
     for _ in range(hops):
@@ -73,7 +73,7 @@ def micro_lab(tmp_path_factory):
 def test_micro_build_status_and_roundtrip(micro_lab, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    code, out = run_cli("lab", "status", "--profile", "micro", "--json")
+    _, out = run_cli("lab", "status", "--profile", "micro", "--json")
     st = json.loads(out)
     names = {m["name"]: m for m in st["models"]}
     assert set(names) == {"terse", "verbose", "verify", "shifted", "student"}

@@ -23,9 +23,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -109,7 +109,7 @@ def lr_at(step: int, args: TrainArgs) -> float:
     """Linear warmup then cosine decay to ``min_lr_ratio × lr``."""
     total = args.schedule_steps or args.steps
     step += args.schedule_offset
-    warm = max(1, int(round(args.warmup_ratio * total)))
+    warm = max(1, round(args.warmup_ratio * total))
     if step < warm:
         return args.lr * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
