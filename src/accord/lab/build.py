@@ -291,11 +291,11 @@ def _train_base(model, tok, p: Profile, console) -> dict:
         return {"steps": _train(model, tok, rows, p.base_steps, p, p.lr, 0, "base", console)}
     stop, seen = _until(model, tok, {"chain": p.base_target}, p.base_check_every, p.base_check_n, p.base_check_from)
     steps = _train(model, tok, rows, p.base_steps, p, p.lr, 0, "base", console, stop=stop)
-    acc = seen.get(steps, {}).get("chain", 0.0)
+    acc = seen.get(str(steps), {}).get("chain", 0.0)
     if acc < p.base_target:
         console.print(f"[yellow]warning:[/] the lab base reached {acc:.0%} validation accuracy after its "
                       f"{steps}-step cap (target {p.base_target:.0%}); teachers may fall short")
-    return {"steps": steps, "validation_greedy": acc, "checks": {str(k): v for k, v in seen.items()}}
+    return {"steps": steps, "validation_greedy": acc, "checks": seen}
 
 
 def _train_teacher(model, tok, p: Profile, name: str, seed: int, console) -> dict:
@@ -306,31 +306,31 @@ def _train_teacher(model, tok, p: Profile, name: str, seed: int, console) -> dic
                   if p.teacher_stop and name in STOP_WHEN else (None, {}))
     steps = _train(model, tok, rows, max(1, round(p.teacher_steps * steps_x)), p, p.teacher_lr * lr_x, seed, name,
                    console, stop=stop)
-    return {"steps": steps, **({"checks": {str(k): v for k, v in seen.items()}} if seen else {})}
+    return {"steps": steps, **({"checks": seen} if seen else {})}
 
 
 def _until(model, tok, targets: dict[str, float], every: int, n: int, start: int = 0):
     """A ``stop(step)`` for :func:`_train`: every ``every`` steps (from ``start``), greedy accuracy on
     ``n`` validation problems of each family (disjoint from the test splits the manifest reports)
-    reaches ``targets[family]``.  ``seen`` collects ``{step: {family: accuracy}}``."""
+    reaches ``targets[family]``.  ``seen`` collects ``{"<step>": {family: accuracy}}`` (JSON-ready)."""
     from accord.lab.tasks import generate as gen_problems
     from accord.problems import Problem
 
     val = {fam: [Problem(r["id"], r["question"], r["answer"]) for r in gen_problems(fam, "validation")[:n]]
            for fam in targets}
-    seen: dict[int, dict[str, float]] = {}
+    seen: dict[str, dict[str, float]] = {}
 
     def stop(step: int) -> bool:
         if step % every or step < start:
             return False
         model.eval()
-        seen[step] = {}
+        accs = seen[str(step)] = {}
         for fam, problems in val.items():  # stop checking at the first family below its target
-            seen[step][fam] = _greedy(model, tok, problems)
-            if seen[step][fam] < targets[fam]:
+            accs[fam] = _greedy(model, tok, problems)
+            if accs[fam] < targets[fam]:
                 break
         model.train()
-        return all(seen[step].get(fam, 0.0) >= t for fam, t in targets.items())
+        return all(accs.get(fam, 0.0) >= t for fam, t in targets.items())
 
     return stop, seen
 
