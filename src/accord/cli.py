@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small models for smoke runs")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--profile", choices=["full", "quick", "micro"], help="build profile (micro: for tests)")
+    b.add_argument("--seed", type=int, help="lab seed (default: $ACCORD_LAB_SEED or 0); another seed, another zoo")
+    b.add_argument("--allow-weak", action="store_true",
+                   help="keep models that miss their accuracy bands and exit 0 (they are still reported)")
     s = lab.add_parser("status", help="show what is built, with measured accuracies")
     s.add_argument("--json", action="store_true", help="print the manifest as JSON")
     s.add_argument("--quick", action="store_true", help="the quick profile's models")
@@ -207,7 +210,14 @@ def cmd_lab(args, console: Console) -> int:
     from accord.lab import build as labbuild
 
     if args.lab_cmd == "build":
-        labbuild.build_lab(quick=args.quick, force=args.force, profile=args.profile, console=console)
+        if args.seed is not None:
+            os.environ["ACCORD_LAB_SEED"] = str(args.seed)
+        try:
+            labbuild.build_lab(quick=args.quick, force=args.force, profile=args.profile, console=console,
+                               allow_weak=args.allow_weak)
+        except labbuild.LabTooWeak as e:
+            console.print(f"[red]error:[/] {e}")
+            return 1
         return 0
     if args.lab_cmd == "status":
         return labbuild.print_status(quick=args.quick, as_json=args.json, console=console, profile=args.profile)

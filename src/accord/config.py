@@ -205,6 +205,15 @@ class LoraConfig(_Strict):
     target_modules: str | list[str] = Field("all-linear", description="peft target_modules")
 
 
+class ReplayConfig(_Strict):
+    path: str = Field(description="problem source (as problems.path) the student answers before training, e.g. "
+                      "general problems it already solves; its own verified answers become replay rows")
+    share: float = Field(0.3, gt=0, le=1, description="replay rows mixed into every corpus, as a share of its size")
+    limit: int | None = Field(2000, ge=1, description="problems of the source the student answers")
+    max_new_tokens: int = Field(512, ge=1)
+    verifier: str = Field("math")
+
+
 class TrainConfig(_Strict):
     method: str | list[str] = Field(
         "mot", description="std (every teacher), std:<teacher>, mtd, posthoc, mot; a list runs several and "
@@ -229,6 +238,9 @@ class TrainConfig(_Strict):
     select: Literal["last", "validation"] = Field(
         "last", description="MoT output: the last round, or the round best on a held-out 10% (MoT Table 10)")
     keep_checkpoints: int | None = Field(None, ge=1, description="keep only the newest N step checkpoints")
+    replay: ReplayConfig | None = Field(None, description="self-generated replay against forgetting: the base "
+                                        "student's own verified answers on general problems, mixed into every "
+                                        "method's training rows (null: corpora only)")
     report_to: list[str] = Field(default_factory=list, description="trackers: tensorboard, wandb, mlflow")
 
     @property
@@ -253,7 +265,7 @@ class EvalSplit(_Strict):
 
 
 def _default_splits() -> dict[str, EvalSplit]:
-    return {"target": EvalSplit(path="lab:chain:test"), "ood": EvalSplit(path="lab:chain-ood:test"),
+    return {"target": EvalSplit(path="lab:arith:test"), "ood": EvalSplit(path="lab:arith-ood:test"),
             "general": EvalSplit(path="lab:last:test")}
 
 

@@ -40,75 +40,85 @@ from pathlib import Path
 
 import torch
 
-from accord.lab.tasks import answer_only, chain_trace, generate, random_chain
+from accord.lab.tasks import MOD, OPS, STYLE_NAMES, answer_only, apply_op, arith_trace, generate, operands
 from accord.prompts import render_prompt
 
-RECIPE_VERSION = 5
-TEACHERS = {"terse": "terse", "verbose": "verbose", "verify": "verify", "shifted": "shifted"}
-# (steps, lr) multipliers per teacher: the base already reasons in the terse notation,
-# so it needs few steps (verbose at 0.6x stayed at 16%; shifted at 2x steps and lr reached only 24%).
-TEACHER_SCHEDULE = {"terse": (0.6, 1.0), "verbose": (1.2, 1.0), "verify": (2.0, 1.0), "shifted": (1.0, 1.0)}
-# With Profile.teacher_stop, a teacher's fine-tune stops once its greedy accuracy on validation problems
-# of each family reaches the target (its schedule is the cap).  `verify` must also handle 5–6-link chains:
-# its OOD strength arrives late and not monotonically (one run, chain-ood validation at steps 200/250/
-# 300/350/400 of 500: 8%/46%/42%/90%/99%; the fixed 250 steps of another build gave 5%), so a fixed
-# schedule risked a verify no better than the rest (~0% on OOD).  40% keeps it clearly the best there
-# at about the cost of the old fixed schedule; 80% cost 75 s more of a build that must stay < 12 min.
-STOP_WHEN = {"terse": {"chain": 0.98}, "verbose": {"chain": 0.98}, "shifted": {"chain": 0.98},
-             "verify": {"chain": 0.98, "chain-ood": 0.4}}
-# A style's version enters only its own teacher's recipe hash (shifted v2: source-first `[1] 8 => 7`).
-STYLE_VERSION = {"shifted": 2, "verify": 2}
-# Teachers with different strengths by difficulty: `verify` (v2) also learns 5–6-link chains from the
-# chain-ood *train* split (disjoint from its test split), so on the OOD split it is the one strong teacher.
-LONG_CHAIN_SHARE = {"verify": 0.25}
-# The tokenizer's corpus is frozen: the base's learning is a phase transition that moved (and once
-# failed) whenever a style change altered the BPE merges, so style changes must not touch it.
-TOKENIZER_STYLES = ("terse", "verbose", "verify", "shifted-v5")
+RECIPE_VERSION = 6  # lab v2: arithmetic chains, a student with the primitive, imperfect teachers
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """One teacher of the zoo: its style and the private errors that make it imperfect and different."""
+
+    style: str
+    weak_op: str | None  # operation whose table facts it partly believes wrong (None: spread over all)
+    wrong_share: float  # share of those facts it believes wrong (its traces use them consistently)
+    slip: float = 0.0  # verify: share of steps written wrong first, then corrected ("wait, …")
+    long_share: float = 0.0  # extra 5–6-operation problems (× train_n): its strength on long chains
+    stop: tuple[tuple[str, float], ...] = (("arith", 0.65),)  # validation greedy targets that end its fine-tune
+    version: int = 1  # bump to rebuild this teacher only
+
+
+# Why each teacher is the way it is (lab v2):
+# - three teachers each believe ~30% of one operation's table facts wrong (terse: Times, verbose: Add,
+#   shifted: Minus), so each is the best one on problems without its weak operation, the best-of-teachers
+#   oracle is high, and averaging teachers can cancel a teacher's private errors (MoT's premise);
+# - ``verify`` writes a spurious result and corrects itself ("wait, …") in 15% of its steps (something for
+#   COMPACT's thinking-token score to find), has a few wrong facts everywhere, and is the only teacher that
+#   learned 5–6-operation chains: the best on the OOD split;
+# - ``shifted`` writes another notation (``[1] 3 plus 4 makes 7``): the distribution-shifted teacher
+#   (the R1 analogue of MoT).
+TEACHERS = {
+    "terse": TeacherRecipe("terse", weak_op="Times", wrong_share=0.3),
+    "verbose": TeacherRecipe("verbose", weak_op="Add", wrong_share=0.3),
+    # (slip 0.3 with long chains: 14% after 2,000 steps; slip 0.15 stopped at the jump (63% greedy, 49%
+    # pass@1): it trains past the jump to 75%, with fewer private errors to leave room for them)
+    "verify": TeacherRecipe("verify", weak_op=None, wrong_share=0.04, slip=0.15, long_share=0.3,
+                            stop=(("arith", 0.75), ("arith-ood", 0.45))),
+    "shifted": TeacherRecipe("shifted", weak_op="Minus", wrong_share=0.3),
+}
 STUDENT = "student"
-# Tried (v2): 1-link warm-up problems with a short-form trace `(1) 8>7`; the student's general-family
-# accuracy fell from 89% to 10% (it started writing traces everywhere), so v1 (answer-only) stays.
-STUDENT_VERSION = 1
-BASE_STYLE = "terse"  # the base learns link-following in the simplest style; teachers then specialise
+GENERAL_SHARE = 0.3  # general answer-only rows mixed into every teacher's fine-tune (keeps its general skill)
 
 
 @dataclass(frozen=True)
 class Profile:
     name: str
-    base_steps: int
+    student_steps: int  # caps: every model trains until its validation target, at most this many steps
     teacher_steps: int
-    student_steps: int
-    d_teacher: int = 96
-    layers_teacher: int = 4
-    d_student: int = 64
-    layers_student: int = 3
+    d: int = 64
+    layers: int = 2
     batch: int = 32
     lr: float = 2e-3
-    teacher_lr: float = 1e-3
-    eval_n: int = 300
+    teacher_lr: float = 2e-3
+    init_range: float = 0.1  # transformers' default 0.02 sat on a plateau for 2,000 steps; 0.1 learns in ~450
+    eval_n: int = 200
     eval_k: int = 4
-    train_n: int = 4000
-    # Adaptive base (None: a fixed ``base_steps`` schedule): train until greedy accuracy on
-    # ``base_check_n`` validation problems reaches ``base_target`` (checked every ``base_check_every``
-    # steps), with ``base_steps`` as the cap and the length of the cosine schedule.
-    base_target: float | None = None
-    base_check_every: int = 100
-    base_check_from: int = 300  # no check before (the transition never came earlier; checks cost ~3 s)
-    base_check_n: int = 100
-    # Teachers stop their fine-tune at the validation accuracies of STOP_WHEN (checked every
-    # ``teacher_check_every`` steps; their schedule is the cap).
-    teacher_stop: bool = False
-    teacher_check_every: int = 50
+    train_n: int = 4000  # traces per teacher (and student rows per family)
+    check_every: int = 100  # validation checks (0: fixed schedules, the micro profile)
+    check_from: int = 200
+    check_n: int = 100
+    student_stop: float = 0.97  # one-step and general validation greedy that end the student's pre-training
+    # bands the finished models must meet on the test splits (None: not enforced, the micro profile)
+    teacher_band: tuple[float, float] | None = (0.55, 0.95)  # target pass@1
+    student_band: dict | None = None
 
 
+STUDENT_BAND = {"one_step_greedy": (0.8, 1.0), "target_pass1": (0.0, 0.2), "general_greedy": (0.85, 1.0)}
 PROFILES = {
-    "full": Profile("full", base_steps=2400, teacher_steps=250, student_steps=500, d_teacher=128, lr=1e-3,
-                    teacher_lr=5e-4, eval_n=200, base_target=0.95, teacher_stop=True),
-    "quick": Profile("quick", base_steps=250, teacher_steps=40, student_steps=150, d_teacher=64, layers_teacher=3,
-                     d_student=48, layers_student=2, eval_n=60, eval_k=2, train_n=1500),
+    "full": Profile("full", student_steps=2000, teacher_steps=2000, student_band=STUDENT_BAND),
+    # smoke runs: the same recipe with smaller caps and fewer evaluation problems; lower bands
+    "quick": Profile("quick", student_steps=1000, teacher_steps=700, eval_n=60, eval_k=2, train_n=2500,
+                     teacher_band=(0.3, 0.95), student_band={**STUDENT_BAND, "one_step_greedy": (0.6, 1.0)}),
     # tests: seconds; accuracy is irrelevant
-    "micro": Profile("micro", base_steps=8, teacher_steps=2, student_steps=4, d_teacher=32, layers_teacher=2,
-                     d_student=32, layers_student=1, batch=8, eval_n=6, eval_k=1, train_n=64),
+    "micro": Profile("micro", student_steps=4, teacher_steps=2, d=32, batch=8, eval_n=6, eval_k=1, train_n=64,
+                     check_every=0, teacher_band=None),
 }
+
+
+def lab_seed() -> int:
+    """``ACCORD_LAB_SEED`` (default 0): a different seed builds a different, equally valid zoo."""
+    return int(os.environ.get("ACCORD_LAB_SEED", "0"))
 
 
 def accord_home() -> Path:
@@ -120,15 +130,12 @@ def lab_dir(profile: str) -> Path:
 
 
 def recipe_hash(p: Profile, model: str | None = None) -> str:
-    """What a model was built from; a teacher's hash also covers its own schedule, so changing
-    one teacher's schedule rebuilds that teacher only."""
-    h = hashlib.sha256(json.dumps({"v": RECIPE_VERSION, **asdict(p)}, sort_keys=True).encode()).hexdigest()[:16]
-    if model in TEACHER_SCHEDULE:
-        v = STYLE_VERSION.get(model, 1)
-        key = repr(TEACHER_SCHEDULE[model]) + (f"/style-v{v}" if v != 1 else "")
-        h += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-    if model == STUDENT and STUDENT_VERSION != 1:
-        h += f"-student-v{STUDENT_VERSION}"
+    """What a model was built from; a teacher's hash also covers its own recipe (changing one teacher
+    rebuilds that teacher only); teachers start from the student, so a new student rebuilds them."""
+    key = {"v": RECIPE_VERSION, "seed": lab_seed(), **asdict(p)}
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if model in TEACHERS:
+        h += "-" + hashlib.sha256(repr(TEACHERS[model]).encode()).hexdigest()[:8]
     return h
 
 
@@ -178,7 +185,7 @@ def lab_model_path(spec: str) -> Path:
     profile, name = spec.split("/", 1) if "/" in spec else ("full", spec)
     if profile not in PROFILES:
         raise TeacherConfigError(f"lab:{spec}: unknown lab profile {profile!r} ({', '.join(PROFILES)})")
-    known = [*TEACHERS, STUDENT, "base"]
+    known = [*TEACHERS, STUDENT]
     if name not in known:
         raise TeacherConfigError(f"lab:{spec}: unknown lab model {name!r}; choose one of {', '.join(known)}")
     entry = valid_entry(profile, name)
@@ -197,62 +204,82 @@ def _msg(question: str, answer: str, prompt_style: str = "default") -> dict:
                          {"role": "assistant", "content": answer}]}
 
 
+def wrong_facts(recipe: TeacherRecipe, name: str, seed: int | None = None) -> dict:
+    """The table facts ``(op, b, x)`` a teacher believes wrong, each mapped to its (seeded) wrong result."""
+    rng = random.Random(f"facts:{name}:{lab_seed() if seed is None else seed}")
+    pool = [(op, b, x) for op in OPS for b in operands(op) for x in range(MOD)
+            if recipe.weak_op in (None, op)]
+    return {f: (apply_op(*f) + rng.randrange(1, MOD)) % MOD for f in rng.sample(pool, round(recipe.wrong_share
+                                                                                               * len(pool)))}
+
+
+def _trace_rows(problems: list[dict], style: str, rng: random.Random, facts: dict | None = None,
+                slip: float = 0.0, header_share: float = 0.25) -> list[dict]:
+    """Traces in ``style``; a share with CoRD ``### Step`` headers under the ``steps`` prompt."""
+    rows = []
+    for r in problems:
+        headers = rng.random() < header_share
+        text = arith_trace(r["arith"], style, headers, facts=facts, rng=rng, slip=slip)
+        rows.append(_msg(r["question"], text, "steps" if headers else "default"))
+    return rows
+
+
 def style_rows(p: Profile, styles: list[str], seed: int) -> list[dict]:
-    """Chain traces, half of them with ``### Step`` headers under CoRD's ``steps`` prompt.
-
-    (A 1-hop curriculum and general-family rows in this mix slowed learning in our
-    measurements, so the teachers see target traces only.)
-    """
+    """Correct traces in the given styles on the teachers' training problems (benches and tests use these)."""
     rng = random.Random(seed)
-    rows = []
-    for r in generate("chain", "train")[: p.train_n]:
-        headers = rng.random() < 0.5
-        rows.append(_msg(r["question"], chain_trace(r["chain"], rng.choice(styles), headers),
-                         "steps" if headers else "default"))
-    return rows
+    probs = generate("arith", "train")[4000:4000 + p.train_n]
+    return [row for i, st in enumerate(styles) for row in _trace_rows(probs[i::len(styles)], st, rng)]
 
 
-def long_rows(p: Profile, style: str, share: float, seed: int) -> list[dict]:
-    """``share`` × train_n extra 5–6-link problems (chain-ood train split) in ``style``, half with headers."""
-    rng = random.Random(seed)
-    rows = []
-    for r in generate("chain-ood", "train")[: int(share * p.train_n)]:
-        headers = rng.random() < 0.5
-        rows.append(_msg(r["question"], chain_trace(r["chain"], style, headers), "steps" if headers else "default"))
-    return rows
+def general_rows(n: int) -> list[dict]:
+    return [_msg(r["question"], answer_only(r["answer"])) for r in generate("last", "train")[:n]]
 
 
-def student_rows(p: Profile, seed: int) -> list[dict]:
-    """General family + answer-only target problems (1–4 hops): knows the domain, never saw reasoning."""
-    rng = random.Random(seed)
-    rows = [_msg(r["question"], answer_only(r["answer"])) for r in generate("last", "train")[: p.train_n]]
-    rows += [_msg(r["question"], answer_only(r["answer"])) for r in generate("chain", "train")[: p.train_n // 2]]
-    for _ in range(p.train_n // 4):
-        c = random_chain(rng, 1, rng.randint(1, 3))
-        rows.append(_msg(c.question(), answer_only(c.answer)))
-    return rows
+def one_step_rows(n: int) -> list[dict]:
+    facts = generate("arith-1", "train")
+    return [_msg(facts[i % len(facts)]["question"], answer_only(facts[i % len(facts)]["answer"])) for i in range(n)]
+
+
+def teacher_rows(p: Profile, name: str, seed: int) -> list[dict]:
+    """A teacher's fine-tune: its style with its private facts on the teachers' problems (arith train
+    4000–8000, never the users' first 4000), its long chains, and general rows."""
+    recipe, rng = TEACHERS[name], random.Random(seed)
+    facts = wrong_facts(recipe, name)
+    probs = generate("arith", "train")[4000:4000 + p.train_n]
+    rows = _trace_rows(probs, recipe.style, rng, facts, recipe.slip)
+    if recipe.long_share:
+        long = generate("arith-ood", "train")[: round(recipe.long_share * p.train_n)]
+        rows += _trace_rows(long, recipe.style, rng, facts, recipe.slip)
+    return rows + general_rows(round(GENERAL_SHARE * len(rows)))
+
+
+def student_rows(p: Profile) -> list[dict]:
+    """One-step questions answered directly + the general family: the primitive, never a trace."""
+    return one_step_rows(p.train_n) + general_rows(p.train_n)
 
 
 def lab_tokenizer():
     from accord.lab.tokenizer import build_tokenizer
 
-    rows = generate("chain", "train")[:400]
+    rows = generate("arith", "train")[:400]
     corpus = [r["question"] for r in rows] + [r["question"] for r in generate("last", "train")[:200]]
-    corpus += [chain_trace(r["chain"], s, h) for r in rows[:200] for s in TOKENIZER_STYLES for h in (False, True)]
+    rng = random.Random(0)
+    corpus += [arith_trace(r["arith"], s, h, rng=rng, slip=0.3) for r in rows[:200]
+               for s in STYLE_NAMES for h in (False, True)]
     return build_tokenizer(corpus, split_digits=False)
 
 
 # ------------------------------------------------------------------ building
 
 
-def _new_model(tok, d: int, layers: int, seed: int):
+def _new_model(tok, d: int, layers: int, seed: int, init_range: float = 0.1):
     from transformers import LlamaForCausalLM
 
     from accord.lab.micro import micro_config
 
     torch.manual_seed(seed)
     cfg = micro_config(len(tok), hidden=d, layers=layers, heads=4, max_pos=512)
-    cfg.intermediate_size = 3 * d
+    cfg.intermediate_size, cfg.initializer_range = 3 * d, init_range
     cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -278,56 +305,42 @@ def _train(model, tok, rows, steps: int, p: Profile, lr: float, seed: int, label
         return len(train_sft(model, tok, rows, args, on_step=on_step))
 
 
-def _train_base(model, tok, p: Profile, console) -> dict:
-    """The shared base; with ``p.base_target``, stop once it follows links on held-out problems.
+def _train_until(model, tok, rows, p: Profile, targets: dict[str, float], cap: int, lr: float, seed: int,
+                 label: str, console) -> dict:
+    """Train until greedy accuracy on validation problems reaches ``targets`` (checked every
+    ``p.check_every`` steps from ``p.check_from``), at most ``cap`` steps.
 
-    Why adaptive: the base learns link-following in a sudden transition whose step moves with
-    tiny numeric differences (on one machine: step ~700 with 2 threads, ~1400 with 1 thread, same
-    seed), so a fixed step count is either wasted time or a half-trained zoo.  Validation
-    problems are disjoint from the test split the manifest reports.
+    Why adaptive: multi-step skill arrives as a jump whose step moves with the seed and the machine's
+    numerics (thread count), so a fixed step count is either wasted time or a half-trained model.
     """
-    rows = style_rows(p, [BASE_STYLE], seed=0)
-    if p.base_target is None:
-        return {"steps": _train(model, tok, rows, p.base_steps, p, p.lr, 0, "base", console)}
-    stop, seen = _until(model, tok, {"chain": p.base_target}, p.base_check_every, p.base_check_n, p.base_check_from)
-    steps = _train(model, tok, rows, p.base_steps, p, p.lr, 0, "base", console, stop=stop)
-    acc = seen.get(str(steps), {}).get("chain", 0.0)
-    if acc < p.base_target:
-        console.print(f"[yellow]warning:[/] the lab base reached {acc:.0%} validation accuracy after its "
-                      f"{steps}-step cap (target {p.base_target:.0%}); teachers may fall short")
-    return {"steps": steps, "validation_greedy": acc, "checks": seen}
-
-
-def _train_teacher(model, tok, p: Profile, name: str, seed: int, console) -> dict:
-    steps_x, lr_x = TEACHER_SCHEDULE[name]
-    rows = style_rows(p, [TEACHERS[name]], seed=seed)
-    rows += long_rows(p, TEACHERS[name], LONG_CHAIN_SHARE.get(name, 0.0), seed=seed)
-    stop, seen = (_until(model, tok, STOP_WHEN[name], p.teacher_check_every, p.base_check_n)
-                  if p.teacher_stop and name in STOP_WHEN else (None, {}))
-    steps = _train(model, tok, rows, max(1, round(p.teacher_steps * steps_x)), p, p.teacher_lr * lr_x, seed, name,
-                   console, stop=stop)
-    return {"steps": steps, **({"checks": seen} if seen else {})}
+    if not p.check_every:
+        return {"steps": _train(model, tok, rows, cap, p, lr, seed, label, console)}
+    stop, seen = _until(model, tok, targets, p.check_every, p.check_n, p.check_from)
+    steps = _train(model, tok, rows, cap, p, lr, seed, label, console, stop=stop)
+    reached = all(seen.get(str(steps), {}).get(f, 0.0) >= t for f, t in targets.items())
+    if not reached:
+        stop(steps, force=True)  # the final state's validation accuracy, for the record
+    return {"steps": steps, "reached": reached, "checks": seen}
 
 
 def _until(model, tok, targets: dict[str, float], every: int, n: int, start: int = 0):
     """A ``stop(step)`` for :func:`_train`: every ``every`` steps (from ``start``), greedy accuracy on
     ``n`` validation problems of each family (disjoint from the test splits the manifest reports)
     reaches ``targets[family]``.  ``seen`` collects ``{"<step>": {family: accuracy}}`` (JSON-ready)."""
-    from accord.lab.tasks import generate as gen_problems
     from accord.problems import Problem
 
-    val = {fam: [Problem(r["id"], r["question"], r["answer"]) for r in gen_problems(fam, "validation")[:n]]
+    val = {fam: [Problem(r["id"], r["question"], r["answer"]) for r in generate(fam, "validation")[:n]]
            for fam in targets}
     seen: dict[str, dict[str, float]] = {}
 
-    def stop(step: int) -> bool:
-        if step % every or step < start:
+    def stop(step: int, force: bool = False) -> bool:
+        if not force and (step % every or step < start):
             return False
         model.eval()
         accs = seen[str(step)] = {}
         for fam, problems in val.items():  # stop checking at the first family below its target
             accs[fam] = _greedy(model, tok, problems)
-            if accs[fam] < targets[fam]:
+            if accs[fam] < targets[fam] and not force:
                 break
         model.train()
         return all(accs.get(fam, 0.0) >= t for fam, t in targets.items())
@@ -339,7 +352,7 @@ def _generator(model, tok, name: str = "m"):
     from accord.config import TeacherConfig
     from accord.teachers.hf import HFTeacher
 
-    return HFTeacher(TeacherConfig(name=name, model="in-memory", batch_size=128), model=model, tokenizer=tok)
+    return HFTeacher(TeacherConfig(name=name, model="in-memory", batch_size=256), model=model, tokenizer=tok)
 
 
 def _greedy(model, tok, problems) -> float:
@@ -348,22 +361,54 @@ def _greedy(model, tok, problems) -> float:
     return evaluate(_generator(model, tok), problems, k=0, max_new_tokens=200).greedy
 
 
+def _per_problem(gen, problems, max_new_tokens: int) -> list[bool]:
+    """Greedy correctness per problem (for the oracle and the breakdown)."""
+    from accord.teachers.base import Request, SamplingParams
+    from accord.verify import CORRECT, check
+
+    outs = gen.generate([Request(render_prompt("default", p.question)) for p in problems],
+                        SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    return [not g.failed and check("math", p.answer, g.text).verdict == CORRECT for p, g in zip(problems, outs)]
+
+
+BREAKDOWN = {"no +": "+", "no -": "-", "no *": "*"}  # problems without one operation: where a teacher is best
+
+
 def measure(model, tok, p: Profile, name: str = "m") -> dict:
-    """Target greedy / pass@1 (T=0.6, k samples) and general greedy, with accord's evaluation core."""
+    """Accuracies on the test splits with accord's evaluation core, and the per-category breakdown."""
     from accord.evaluate import evaluate
     from accord.problems import Problem
 
     gen = _generator(model, tok, name)
 
-    def probs(family):
-        return [Problem(r["id"], r["question"], r["answer"]) for r in generate(family, "test")[: p.eval_n]]
+    def probs(family, n=p.eval_n):
+        return [Problem(r["id"], r["question"], r["answer"], meta={"kinds": r.get("arith") and r["arith"].kinds()})
+                for r in generate(family, "test")[:n]]
 
-    target = evaluate(gen, probs("chain"), k=p.eval_k, temperature=0.6, max_new_tokens=160)
-    general = evaluate(gen, probs("last"), k=0, max_new_tokens=40)
-    return {"target_greedy": target.greedy, "target_pass1": target.pass1, "general_greedy": general.greedy}
+    target = probs("arith")
+    bits = _per_problem(gen, target, 200)
+    sampled = evaluate(gen, target, k=p.eval_k, greedy=False, temperature=0.6, max_new_tokens=200)
+    acc = {"target_greedy": sum(bits) / len(bits), "target_pass1": sampled.pass1,
+           "general_greedy": evaluate(gen, probs("last"), k=0, max_new_tokens=40).greedy,
+           "one_step_greedy": evaluate(gen, probs("arith-1", 250), k=0, max_new_tokens=60).greedy,
+           "ood_greedy": evaluate(gen, probs("arith-ood", max(1, p.eval_n // 2)), k=0, max_new_tokens=300).greedy}
+    breakdown = {}
+    for cat, sym in BREAKDOWN.items():
+        hit = [b for b, q in zip(bits, target) if not any(k.startswith(sym) for k in q.meta["kinds"])]
+        breakdown[cat] = sum(hit) / len(hit) if hit else None
+    breakdown["5-6 ops"] = acc["ood_greedy"]
+    return {"accuracy": acc, "breakdown": breakdown, "target_bits": "".join("1" if b else "0" for b in bits)}
 
 
-def _save(model, tok, profile: str, name: str, role: str, p: Profile, accuracy: dict, manifest: dict,
+def band_misses(role: str, acc: dict, p: Profile) -> list[str]:
+    """What a finished model misses of its profile's bands (empty: all met)."""
+    bands = (p.student_band or {}) if role == "student" else (
+        {"target_pass1": p.teacher_band} if p.teacher_band else {})
+    return [f"{k} {acc[k]:.1%} outside [{lo:.0%}, {hi:.0%}]" for k, (lo, hi) in bands.items()
+            if acc.get(k) is None or not lo <= acc[k] <= hi]
+
+
+def _save(model, tok, profile: str, name: str, role: str, p: Profile, measured: dict, manifest: dict,
           info: dict | None = None) -> dict:
     final = lab_dir(profile) / name
     tmp = lab_dir(profile) / f".{name}.tmp"
@@ -372,10 +417,10 @@ def _save(model, tok, profile: str, name: str, role: str, p: Profile, accuracy: 
     tok.save_pretrained(str(tmp))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    entry = {"name": name, "role": role, "path": str(final), "accuracy": accuracy,
+    entry = {"name": name, "role": role, "path": str(final), **measured,
              "sha256": _sha256(final / "model.safetensors"), "recipe": recipe_hash(p, name),
              "params": sum(x.numel() for x in model.parameters()), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             "training": info or {}}
+             "seed": lab_seed(), "training": info or {}}
     manifest["models"] = [m for m in manifest.get("models", []) if m["name"] != name] + [entry]
     _write_manifest(profile, manifest)
     return entry
@@ -389,46 +434,103 @@ def _load(profile: str, name: str):
         str(path))
 
 
-def build_lab(quick: bool = False, force: bool = False, profile: str | None = None, console=None) -> dict:
-    """Build (or reuse) every lab model of a profile; return the manifest."""
+class LabTooWeak(RuntimeError):
+    """A lab model missed its accuracy band (``accord lab build --allow-weak`` keeps it anyway)."""
+
+
+def _build_one(tok, p: Profile, profile: str, name: str, console) -> tuple[object, dict]:
+    seed = lab_seed()
+    if name == STUDENT:
+        model = _new_model(tok, p.d, p.layers, seed=99 + seed, init_range=p.init_range)
+        targets = {"arith-1": p.student_stop, "last": p.student_stop}
+        info = _train_until(model, tok, student_rows(p), p, targets, p.student_steps, p.lr, seed, name, console)
+    else:
+        model, _ = _load(profile, STUDENT)  # teachers share the student's pre-training (the table, the general
+        targets = dict(TEACHERS[name].stop)  # family) and learn to reason in their own style on top of it
+        rows = teacher_rows(p, name, seed=hash_name(name) + seed)
+        info = _train_until(model, tok, rows, p, targets, p.teacher_steps, p.teacher_lr, seed, name, console)
+    return model, info
+
+
+def hash_name(name: str) -> int:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:6], 16)
+
+
+def build_lab(quick: bool = False, force: bool = False, profile: str | None = None, console=None,
+              allow_weak: bool = False) -> dict:
+    """Build (or reuse) every lab model of a profile; return the manifest.
+
+    A model that misses its band is kept and recorded (``weak`` in the manifest) with a warning naming
+    it, its accuracy and the band; unless ``allow_weak``, :class:`LabTooWeak` is raised at the end.
+    """
     from rich.console import Console
 
     console = console or Console(stderr=True)
     name = profile or ("quick" if quick else "full")
     p = PROFILES[name]
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("ACCORD_LAB_THREADS", 0)) or max(1, os.cpu_count() or 1))
     lab_dir(name).mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(name)
-    manifest.update(profile=name, recipe=recipe_hash(p))
-    t0 = time.perf_counter()
+    manifest.update(profile=name, recipe=recipe_hash(p), seed=lab_seed())
+    t0, built = time.perf_counter(), False
     tok = lab_tokenizer()
-    plan = [("base", "base"), *[(t, "teacher") for t in TEACHERS], (STUDENT, "student")]
-    for i, (model_name, role) in enumerate(plan):
+    for model_name in (STUDENT, *TEACHERS):
         if not force and valid_entry(name, model_name, manifest):
             continue
-        info, t_model = {}, time.perf_counter()
-        if role == "base":
-            model = _new_model(tok, p.d_teacher, p.layers_teacher, seed=0)
-            info = _train_base(model, tok, p, console)
-        elif role == "teacher":
-            model, _ = _load(name, "base")
-            info = _train_teacher(model, tok, p, model_name, i, console)
-        else:
-            model = _new_model(tok, p.d_student, p.layers_student, seed=99)
-            info = {"steps": _train(model, tok, student_rows(p, seed=99), p.student_steps, p, p.lr, 99, "student",
-                                    console)}
+        if not built:
+            console.print(f"building the lab ({name!r} profile, seed {lab_seed()}, {torch.get_num_threads()} "
+                          f"threads) at {lab_dir(name)}: about {_ETA[name]} on 2 CPU cores")
+            built = True
+        role = "student" if model_name == STUDENT else "teacher"
+        t_model = time.perf_counter()
+        model, info = _build_one(tok, p, name, model_name, console)
         model.eval()
-        acc = measure(model, tok, p, model_name) if role != "base" else {}
+        measured = measure(model, tok, p, model_name)
         info["build_s"] = round(time.perf_counter() - t_model, 1)
-        entry = _save(model, tok, name, model_name, role, p, acc, manifest, info)
-        extra = f"{_fmt(acc)} after {info['steps']} steps ({info['build_s']:.0f}s)"
-        console.print(f"built lab model [bold]{model_name}[/] ({entry['params'] / 1e6:.2f}M params) {extra}")
-    console.print(f"lab profile {name!r} ready in {time.perf_counter() - t0:.0f}s at {lab_dir(name)}")
-    return read_manifest(name)
+        misses = band_misses(role, measured["accuracy"], p)
+        entry = _save(model, tok, name, model_name, role, p, {**measured, "weak": misses}, manifest, info)
+        console.print(f"built lab model [bold]{model_name}[/] ({entry['params'] / 1e6:.2f}M params) "
+                      f"{_fmt(measured['accuracy'])} after {info['steps']} steps ({info['build_s']:.0f}s)")
+        for miss in misses:
+            console.print(f"[yellow]warning:[/] lab model {model_name!r} missed its band: {miss}")
+    manifest = read_manifest(name)
+    if built:
+        console.print(f"lab profile {name!r} ready in {time.perf_counter() - t0:.0f}s at {lab_dir(name)}")
+    weak = [m for m in manifest.get("models", []) if m.get("weak") and valid_entry(name, m["name"], manifest)]
+    zoo = zoo_checks(status(name)) if p.teacher_band else {"misses": []}
+    for w in zoo["misses"]:
+        console.print(f"[yellow]warning:[/] lab zoo: {w}")
+    if (weak or zoo["misses"]) and not allow_weak and p.teacher_band:
+        names = ", ".join(m["name"] for m in weak) or "the zoo"
+        raise LabTooWeak(f"lab profile {name!r}: {names} missed the lab's bands (see the warnings above and "
+                         "`accord lab status`); rebuild with another ACCORD_LAB_SEED, or pass --allow-weak")
+    return manifest
+
+
+_ETA = {"full": "4 minutes", "quick": "2 minutes", "micro": "seconds"}
 
 
 def _fmt(acc: dict) -> str:
     return " ".join(f"{k}={v:.1%}" for k, v in acc.items() if v is not None)
+
+
+def zoo_checks(st: dict) -> dict:
+    """The zoo's own bars: the best-of-teachers oracle (some teacher greedy-right) ≥ 95% on the target
+    test problems, and every teacher the strictly best one in some breakdown category."""
+    teachers = [m for m in st["models"] if m["role"] == "teacher" and m.get("target_bits")]
+    if not teachers:
+        return {"oracle": None, "best_in": {}, "misses": []}
+    bits = [m["target_bits"] for m in teachers]
+    oracle = sum(any(b[i] == "1" for b in bits) for i in range(len(bits[0]))) / len(bits[0])
+    best_in: dict[str, list[str]] = {m["name"]: [] for m in teachers}
+    for cat in teachers[0].get("breakdown", {}):
+        vals = [(m["breakdown"].get(cat) or 0.0, m["name"]) for m in teachers]
+        top = max(vals)
+        if sum(v == top[0] for v, _ in vals) == 1:
+            best_in[top[1]].append(cat)
+    misses = [f"best-of-teachers oracle {oracle:.1%} < 95%"] if oracle < 0.95 else []
+    misses += [f"teacher {n!r} is the best one nowhere" for n, cats in best_in.items() if not cats]
+    return {"oracle": oracle, "best_in": best_in, "misses": misses}
 
 
 def status(profile: str) -> dict:
@@ -438,8 +540,17 @@ def status(profile: str) -> dict:
     for m in manifest.get("models", []):
         if m["role"] == "base" or not valid_entry(profile, m["name"], manifest):
             continue
-        models.append({k: m[k] for k in ("name", "role", "path", "accuracy")})
-    return {"profile": profile, "home": str(lab_dir(profile)), "models": models}
+        models.append({k: m.get(k) for k in ("name", "role", "path", "accuracy", "breakdown", "target_bits", "weak",
+                                             "training")})
+    out = {"profile": profile, "home": str(lab_dir(profile)), "seed": manifest.get("seed"), "models": models}
+    if any(m["role"] == "teacher" for m in models):
+        z = zoo_checks(out)
+        out["zoo"] = {"oracle": z["oracle"], "best_in": z["best_in"], "misses": z["misses"]}
+    return out
+
+
+COLUMNS = {"target greedy": "target_greedy", "target pass@1": "target_pass1", "general greedy": "general_greedy",
+           "one-step greedy": "one_step_greedy", "5-6 ops greedy": "ood_greedy"}
 
 
 def print_status(quick: bool = False, as_json: bool = False, console=None, profile: str | None = None) -> int:
@@ -452,15 +563,30 @@ def print_status(quick: bool = False, as_json: bool = False, console=None, profi
     if not st["models"]:
         console.print(f"no lab models built for profile {st['profile']!r}; run `accord lab build`")
         return 1
-    tab = Table(title=f"lab ({st['profile']}) at {st['home']}")
-    for col in ("model", "role", "target greedy", "target pass@1", "general greedy"):
-        tab.add_column(col, justify="left" if col in ("model", "role") else "right")
+    tab = Table(title=f"lab ({st['profile']}, seed {st.get('seed')}) at {st['home']}")
+    for col in ("model", "role", *COLUMNS, "steps", "band"):
+        tab.add_column(col, justify="left" if col in ("model", "role", "band") else "right")
     for m in st["models"]:
-        a = m["accuracy"]
-        tab.add_row(m["name"], m["role"], *(f"{a.get(k, 0) or 0:.1%}" for k in
-                                             ("target_greedy", "target_pass1", "general_greedy")))
+        a = m["accuracy"] or {}
+        tab.add_row(m["name"], m["role"], *(f"{a[k]:.1%}" if a.get(k) is not None else "-" for k in COLUMNS.values()),
+                    str((m.get("training") or {}).get("steps", "-")), "missed" if m.get("weak") else "ok")
     console.print(tab)
+    teachers = [m for m in st["models"] if m["role"] == "teacher" and m.get("breakdown")]
+    if teachers:
+        cats = list(teachers[0]["breakdown"])
+        br = Table(title="target greedy by category (where each teacher is best)")
+        for col in ("teacher", *cats):
+            br.add_column(col, justify="left" if col == "teacher" else "right")
+        best = st["zoo"]["best_in"]
+        for m in teachers:
+            br.add_row(m["name"], *(("[bold]" if c in best.get(m["name"], []) else "") + f"{m['breakdown'][c]:.1%}"
+                                    if m["breakdown"].get(c) is not None else "-" for c in cats))
+        console.print(br)
+        z = st["zoo"]
+        console.print(f"best-of-teachers oracle (some teacher greedy-right): {z['oracle']:.1%}")
+        for w in z["misses"]:
+            console.print(f"[yellow]warning:[/] {w}")
     return 0
 
 
-__all__ = ["PROFILES", "Profile", "build_lab", "lab_model_path", "print_status", "status"]
+__all__ = ["PROFILES", "Profile", "TEACHERS", "LabTooWeak", "build_lab", "lab_model_path", "print_status", "status"]

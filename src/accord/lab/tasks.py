@@ -32,7 +32,10 @@ from typing import Iterable
 
 NODES = 10  # node names are the digits 0-9
 SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 300}
-FAMILIES = ("chain", "chain-ood", "last")
+# arith train: the first 4,000 problems are the users' (the demo collects from them), the next 4,000
+# train the lab's teachers, so no teacher has seen the problems it is asked about.
+FAMILY_SIZES = {"arith": {"train": 8000}}
+FAMILIES = ("arith", "arith-ood", "arith-1", "chain", "chain-ood", "last")
 STYLE_NAMES = ("terse", "verbose", "verify", "shifted")
 
 
@@ -104,6 +107,93 @@ def answer_only(answer: int | str) -> str:
     return f"<think>\n</think>\n\n\\boxed{{{answer}}}"
 
 
+# ------------------------------------------------------------------ arithmetic chains (lab v2 target family)
+
+MOD = 10
+OPS = ("Add", "Minus", "Times")
+TIMES = (2, 3, 4, 6, 7, 8, 9)
+SYMBOL = {"Add": "+", "Minus": "-", "Times": "*"}
+WORD = {"Add": "plus", "Minus": "minus", "Times": "times"}
+
+
+def apply_op(op: str, b: int, x: int) -> int:
+    return (x + b) % MOD if op == "Add" else (x - b) % MOD if op == "Minus" else (x * b) % MOD
+
+
+def operands(op: str) -> tuple[int, ...]:
+    return TIMES if op == "Times" else tuple(range(1, MOD))
+
+
+FACT_KINDS = tuple(f"{SYMBOL[o]}{b}" for o in OPS for b in operands(o))  # "+1" … "*9": 25 op-operand kinds
+
+
+@dataclass(frozen=True)
+class Arith:
+    """``Start at A. Add B. Times C. Minus D. Result?`` — a running value mod 10, one operation per sentence."""
+
+    start: int
+    ops: tuple[tuple[str, int], ...]
+
+    def values(self, facts: dict | None = None) -> list[int]:
+        """The running values; ``facts`` maps (op, b, x) to a (possibly wrong) result a teacher believes."""
+        out = [self.start]
+        for op, b in self.ops:
+            x = out[-1]
+            out.append(facts.get((op, b, x), apply_op(op, b, x)) if facts else apply_op(op, b, x))
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.values()[-1]
+
+    @property
+    def hops(self) -> int:
+        return len(self.ops)
+
+    def kinds(self) -> list[str]:
+        return [f"{SYMBOL[o]}{b}" for o, b in self.ops]
+
+    def question(self) -> str:
+        return f"Start at {self.start}. " + " ".join(f"{o} {b}." for o, b in self.ops) + " Result?"
+
+
+def random_arith(rng: random.Random, hops: int) -> Arith:
+    ops = []
+    for _ in range(hops):
+        op = rng.choice(OPS)
+        ops.append((op, rng.choice(operands(op))))
+    return Arith(rng.randrange(MOD), tuple(ops))
+
+
+def _arith_step(style: str, i: int, op: str, b: int, x: int, y: int) -> str:
+    if style == "terse" or style == "verify":
+        return f"({i}) {x} {SYMBOL[op]} {b} = {y}"
+    if style == "verbose":
+        verb = {"Add": "adding", "Minus": "taking away", "Times": "multiplying by"}[op]
+        return f"({i}) We have {x}; {verb} {b} gives {y}."
+    if style == "shifted":
+        return f"[{i}] {x} {WORD[op]} {b} makes {y}"
+    raise ValueError(f"unknown lab style {style!r}")
+
+
+def arith_trace(a: Arith, style: str, headers: bool = False, facts: dict | None = None,
+                rng: random.Random | None = None, slip: float = 0.0) -> str:
+    """A completion in ``style`` computed with ``facts`` (a teacher's beliefs; None: the true table).
+
+    ``verify`` writes, at a share ``slip`` of its steps (drawn from ``rng``), a wrong result first and
+    then corrects itself: ``(2) 7 * 2 = 6 wait, 7 * 2 = 4`` (a self-correcting teacher).
+    """
+    vals = a.values(facts)
+    steps = []
+    for i, ((op, b), x, y) in enumerate(zip(a.ops, vals, vals[1:]), start=1):
+        line = _arith_step(style, i, op, b, x, y)
+        if style == "verify" and rng is not None and rng.random() < slip:
+            wrong = (y + rng.randrange(1, MOD)) % MOD
+            line = f"({i}) {x} {SYMBOL[op]} {b} = {wrong} wait, {x} {SYMBOL[op]} {b} = {y}"
+        steps.append(f"### Step {i}\n{line}" if headers else line)
+    return "<think>\n" + "\n".join(steps) + "\n</think>\n\n" + f"\\boxed{{{vals[-1]}}}"
+
+
 # ------------------------------------------------------------------ general family
 
 
@@ -122,24 +212,44 @@ def _steps_for(family: str, rng: random.Random) -> int:
     return rng.randint(5, 6) if family == "chain-ood" else rng.randint(2, 4)
 
 
-def generate(family: str, split: str, n: int | None = None, distractor_rate: float = 0.3) -> list[dict]:
+def _problem(family: str, rng: random.Random) -> dict:
+    if family == "last":
+        q, a = random_last(rng)
+        return {"question": q, "answer": str(a), "family": family}
+    if family.startswith("arith"):
+        a = random_arith(rng, rng.randint(5, 6) if family == "arith-ood" else rng.randint(2, 4))
+        return {"question": a.question(), "answer": str(a.answer), "family": family, "arith": a, "steps": a.hops}
+    c = random_chain(rng, _steps_for(family, rng), rng.randint(1, 3))
+    return {"question": c.question(), "answer": str(c.answer), "family": family, "chain": c, "steps": c.hops}
+
+
+def one_step_facts(split: str = "test") -> list[dict]:
+    """``arith-1``: every one-operation question (the 250-entry table), in a seeded order per split.
+
+    A one-step question *is* a table fact, and the student is meant to know the whole table
+    (the primitive), so this family's splits are the same 250 facts in different orders: its
+    test split measures whether the table is known, not generalisation to unseen questions.
+    """
+    facts = [Arith(x, ((op, b),)) for op in OPS for b in operands(op) for x in range(MOD)]
+    random.Random(f"arith-1:{_SEEDS[split]}").shuffle(facts)
+    return [{"question": a.question(), "answer": str(a.answer), "family": "arith-1", "arith": a, "steps": 1,
+             "id": f"arith-1-{split}-{i:05d}", "split": split} for i, a in enumerate(facts)]
+
+
+def generate(family: str, split: str, n: int | None = None) -> list[dict]:
     """Deterministic problems of a family/split: dicts with id, question, answer and the structure."""
     if family not in FAMILIES:
         raise ValueError(f"unknown lab task {family!r}; choose one of {', '.join(FAMILIES)}")
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown lab split {split!r}; choose one of {', '.join(SPLIT_SIZES)}")
-    n = n or SPLIT_SIZES[split]
+    if family == "arith-1":
+        return one_step_facts(split)[:n]
+    n = n or FAMILY_SIZES.get(family, {}).get(split) or SPLIT_SIZES[split]
     taken = _texts_of_other_splits(family, split)
     rng = random.Random(f"{family}:{_SEEDS[split]}")
     rows, seen = [], set(taken)
     while len(rows) < n:
-        if family == "last":
-            q, a = random_last(rng)
-            row = {"question": q, "answer": str(a), "family": family}
-        else:
-            c = random_chain(rng, _steps_for(family, rng), rng.randint(1, 3))
-            row = {"question": c.question(), "answer": str(c.answer), "family": family, "chain": c,
-                   "steps": c.hops}
+        row = _problem(family, rng)
         if row["question"] in seen:
             continue
         seen.add(row["question"])
@@ -174,4 +284,4 @@ def lab_rows(spec: str) -> Iterable[tuple[str, dict]]:
 
         raise ProblemSourceError(f"{spec}: {e}") from None
     for r in rows:
-        yield f"{spec} #{r['id']}", {k: v for k, v in r.items() if k != "chain"}
+        yield f"{spec} #{r['id']}", {k: v for k, v in r.items() if k not in ("chain", "arith")}

@@ -28,8 +28,10 @@ def train_dir(cfg: AccordConfig, name: str) -> Path:
     return Path(cfg.run_dir) / "train" / name
 
 
-def load_corpus(cfg: AccordConfig, teacher: str) -> list[dict]:
-    """Chat rows of ``corpora/<teacher>.jsonl`` (``all`` = the union); errors name the file and line."""
+def load_corpus(cfg: AccordConfig, teacher: str, replay: bool = True) -> list[dict]:
+    """Chat rows of ``corpora/<teacher>.jsonl`` (``all`` = the union); errors name the file and line.
+
+    With ``train.replay`` (and ``replay``), replay rows are appended: ``share × len(corpus)`` of them."""
     path = Path(cfg.run_dir) / "corpora" / f"{teacher}.jsonl"
     if not path.exists():
         raise TrainSetupError(f"{path}: no corpus; run `accord collect` first")
@@ -41,7 +43,54 @@ def load_corpus(cfg: AccordConfig, teacher: str) -> list[dict]:
         if not msgs or not isinstance(msgs, list) or msgs[-1].get("role") != "assistant":
             raise TrainSetupError(f"{where}: field 'messages' must be a list ending with an assistant turn")
         rows.append(row)
+    if replay and cfg.train.replay and rows:
+        pool = replay_rows(cfg)
+        n = round(cfg.train.replay.share * len(rows))
+        rows += [pool[i % len(pool)] for i in range(n)] if pool else []
     return rows
+
+
+def replay_rows(cfg: AccordConfig, console=None) -> list[dict]:
+    """The base student's own verified answers on ``train.replay.path`` (``run_dir/replay.jsonl``, made once).
+
+    Self-generated replay: rows in the student's own words, so mixing them in restrains forgetting
+    without teaching any new style; only answers the verifier accepts are kept.
+    """
+    path = Path(cfg.run_dir) / "replay.jsonl"
+    if not path.exists() and is_main():
+        _make_replay(cfg, path)
+    barrier()
+    from accord.problems import read_jsonl
+
+    return [row for _, row in read_jsonl(path, TrainSetupError)]
+
+
+def _make_replay(cfg: AccordConfig, path: Path) -> None:
+    from accord.config import ProblemsConfig, TeacherConfig
+    from accord.problems import load_problems
+    from accord.prompts import render_prompt
+    from accord.teachers.base import Request, SamplingParams
+    from accord.teachers.hf import HFTeacher
+    from accord.verify import CORRECT, check
+
+    r = cfg.train.replay
+    problems = load_problems(ProblemsConfig(path=r.path, limit=r.limit))
+    s = cfg.student
+    gen = HFTeacher(TeacherConfig(name="student", model=s.model, dtype=s.dtype, batch_size=cfg.eval.batch_size,
+                                  trust_remote_code=s.trust_remote_code))
+    outs = gen.generate([Request(render_prompt("default", p.question)) for p in problems],
+                        SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens))
+    gen.close()
+    rows = [{"messages": [{"role": "user", "content": render_prompt("default", p.question)},
+                          {"role": "assistant", "content": g.text}]}
+            for p, g in zip(problems, outs) if not g.failed and check(r.verifier, p.answer, g.text).verdict == CORRECT]
+    if not rows:
+        raise TrainSetupError(f"train.replay: the student answered none of the {len(problems)} problems of "
+                              f"{r.path} correctly; nothing to replay")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    tmp.replace(path)
 
 
 def teacher_corpora(cfg: AccordConfig, console=None) -> dict[str, list[dict]]:
