@@ -36,7 +36,7 @@ def main() -> None:
     prefix = "" if profile == "full" else f"{profile}/"
     with tempfile.TemporaryDirectory() as tmp:
         cfg = validate({
-            "run_dir": tmp, "problems": {"path": "lab:chain:test", "limit": args.problems},
+            "run_dir": tmp, "problems": {"path": "lab:arith:test", "limit": args.problems},
             "teachers": [{"name": t, "model": f"lab:{prefix}{t}"} for t in ("terse", "verbose", "verify", "shifted")],
             "cord": {"beam": 4, "segmentation": "prompt", "step_tokens": 48, "think_tokens": 160, "answer_tokens": 16,
                      "baselines": ["curation"], "answer_template": "</think>\n\n\\boxed{{answer}}"}})

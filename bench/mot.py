@@ -46,7 +46,7 @@ def write_setup(root: Path, d: int, layers: int, n_rows: int) -> Path:
 
 
 def config(root: Path, method: str, rounds: int, steps: int, batch: int) -> dict:
-    return {"run_dir": str(root / "run"), "problems": {"path": "lab:chain:train"},
+    return {"run_dir": str(root / "run"), "problems": {"path": "lab:arith:train"},
             "teachers": [{"name": s, "backend": "column", "column": s}
                          for s in ("terse", "verbose", "verify", "shifted")],
             "student": {"model": str(root / "student")},

@@ -79,7 +79,7 @@ def test_micro_build_status_and_roundtrip(micro_lab, capsys):
     assert set(names) == {"terse", "verbose", "verify", "shifted", "student"}
     assert names["student"]["role"] == "student" and names["terse"]["role"] == "teacher"
     for m in st["models"]:
-        assert set(m["accuracy"]) == {"target_greedy", "target_pass1", "general_greedy"}
+        assert {"target_greedy", "target_pass1", "general_greedy", "one_step_greedy"} <= set(m["accuracy"])
         assert all(0.0 <= v <= 1.0 for v in m["accuracy"].values())
         model = AutoModelForCausalLM.from_pretrained(m["path"], use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(m["path"])
@@ -132,10 +132,10 @@ def test_unknown_lab_source_is_clear():
         load_problems(ProblemsConfig(path="lab:nope"))
 
 
-def test_adaptive_base_and_teacher_stop_at_their_validation_target(monkeypatch):
-    """The base trains until validation greedy accuracy reaches its target (checked every N steps),
-    with its step count as the cap; teachers stop once every family in STOP_WHEN is at its target;
-    unreachable → the cap (and a warning for the base)."""
+def test_models_train_until_their_validation_target_and_bands_are_enforced(monkeypatch):
+    """Every model trains until its validation accuracy reaches its targets (checked every N steps
+    from ``check_from``), with its step count as the cap; a model outside its band is reported and
+    the build raises unless weak models are allowed."""
     import dataclasses
     import io
 
@@ -143,21 +143,89 @@ def test_adaptive_base_and_teacher_stop_at_their_validation_target(monkeypatch):
 
     from accord.lab import build as B
 
-    p = dataclasses.replace(B.PROFILES["micro"], base_steps=6, base_target=0.0, base_check_every=2,
-                            base_check_from=4, base_check_n=4, teacher_steps=6, teacher_stop=True,
-                            teacher_check_every=3)
+    p = dataclasses.replace(B.PROFILES["micro"], check_every=2, check_from=4, check_n=4)
     tok = B.lab_tokenizer()
-    out = io.StringIO()
-    console = Console(file=out)
-    info = B._train_base(B._new_model(tok, p.d_teacher, p.layers_teacher, 0), tok, p, console)
-    assert info["steps"] == 4 and list(info["checks"]) == ["4"]  # no check before base_check_from
-    never = dataclasses.replace(p, base_target=1.01)
-    info = B._train_base(B._new_model(tok, p.d_teacher, p.layers_teacher, 0), tok, never, console)
-    assert info["steps"] == 6 and info["validation_greedy"] < 1.01 and "cap" in out.getvalue()
-    monkeypatch.setattr(B, "STOP_WHEN", {"verbose": {"chain": 0.0}, "verify": {"chain": 0.0, "chain-ood": 1.01}})
-    model = B._new_model(tok, p.d_teacher, p.layers_teacher, 0)
-    assert B._train_teacher(model, tok, p, "verbose", 1, console)["steps"] == 3
-    info = B._train_teacher(model, tok, p, "verify", 1, console)  # chain-ood never reaches 101%: the cap
-    assert info["steps"] == round(6 * B.TEACHER_SCHEDULE["verify"][0])
-    assert set(info["checks"]["3"]) == {"chain", "chain-ood"}
-    assert "checks" not in B._train_teacher(model, tok, p, "terse", 1, console)  # not in STOP_WHEN: fixed
+    console = Console(file=io.StringIO())
+    rows = B.student_rows(p)
+    info = B._train_until(B._new_model(tok, p.d, p.layers, 0), tok, rows, p, {"last": 0.0}, 6, 1e-3, 0, "s", console)
+    assert info["steps"] == 4 and info["reached"] and list(info["checks"]) == ["4"]  # no check before check_from
+    info = B._train_until(B._new_model(tok, p.d, p.layers, 0), tok, rows, p, {"last": 1.01}, 6, 1e-3, 0, "s", console)
+    assert info["steps"] == 6 and not info["reached"] and "6" in info["checks"]  # the cap, final state recorded
+    acc = {"target_pass1": 0.3, "one_step_greedy": 0.9, "general_greedy": 0.9}
+    assert B.band_misses("teacher", acc, dataclasses.replace(p, teacher_band=(0.55, 0.95))) == [
+        "target_pass1 30.0% outside [55%, 95%]"]
+    assert B.band_misses("student", acc, dataclasses.replace(p, student_band=B.STUDENT_BAND)) == [
+        "target_pass1 30.0% outside [0%, 20%]"]
+
+
+def test_unreachable_band_warns_and_exits_nonzero(tmp_path, monkeypatch):
+    """A micro build whose teacher band cannot be met: warning naming the model, exit 1; --allow-weak: 0."""
+    import dataclasses
+
+    from accord.lab import build as B
+
+    monkeypatch.setenv("ACCORD_HOME", str(tmp_path))
+    monkeypatch.setitem(B.PROFILES, "micro", dataclasses.replace(B.PROFILES["micro"], teacher_band=(0.99, 1.0)))
+    code, out = run_cli("lab", "build", "--profile", "micro")
+    assert code == 1 and "missed its band" in out and "'terse'" in out and "--allow-weak" in out
+    weak = {m["name"]: m["weak"] for m in B.read_manifest("micro")["models"]}
+    assert weak["terse"] and not weak["student"]
+    code, out = run_cli("lab", "build", "--profile", "micro", "--allow-weak")
+    assert code == 0
+
+
+def solve_arith(question: str) -> int:
+    """Solve an arithmetic-chain question from its text alone."""
+    import re
+
+    x = int(re.match(r"Start at (\d)\.", question).group(1))
+    for op, b in re.findall(r"(Add|Minus|Times) (\d)\.", question):
+        x = {"Add": x + int(b), "Minus": x - int(b), "Times": x * int(b)}[op] % 10
+    return x
+
+
+def test_arith_generator_solver_splits_and_styles():
+    from accord.verify import check
+
+    for fam, hops in (("arith", (2, 3, 4)), ("arith-ood", (5, 6))):
+        rows = tasks.generate(fam, "test")
+        assert all(solve_arith(r["question"]) == int(r["answer"]) and r["steps"] in hops for r in rows)
+        train = {r["question"] for r in tasks.generate(fam, "train")}
+        assert not train & {r["question"] for r in rows}
+        assert not train & {r["question"] for r in tasks.generate(fam, "validation")}
+    one = tasks.generate("arith-1", "test")
+    assert len({r["question"] for r in one}) == 250 and all(solve_arith(r["question"]) == int(r["answer"]) for r in one)
+    r = tasks.generate("arith", "train")[0]
+    for style in tasks.STYLE_NAMES:
+        for headers in (False, True):
+            text = tasks.arith_trace(r["arith"], style, headers, rng=__import__("random").Random(0), slip=0.5)
+            assert check("math", r["answer"], text).verdict == "correct"
+            assert ("### Step 1" in text) == headers
+
+
+def test_arith_has_no_shortcut():
+    """Solvers that ignore the reasoning score at chance (10%) on the target test split."""
+    import re
+
+    rows = tasks.generate("arith", "test")
+
+    def rate(f):
+        return sum(f(r["question"]) == int(r["answer"]) for r in rows) / len(rows)
+
+    nums = [lambda q: int(re.findall(r"\d", q)[-1]), lambda q: int(re.findall(r"\d", q)[0]),
+            lambda q: sum(map(int, re.findall(r"\d", q))) % 10,
+            lambda q: solve_arith(re.sub(r"(Add|Minus|Times) (\d)\. Result", "Result", q))]  # all but the last op
+    for f in nums:
+        assert rate(f) < 0.2, f
+
+
+def test_wrong_facts_make_a_teacher_wrong_only_where_it_believes_them():
+    from accord.lab import build as B
+
+    facts = B.wrong_facts(B.TEACHERS["terse"], "terse", seed=0)
+    assert facts and all(op == "Times" for op, _, _ in facts)
+    assert all(v != tasks.apply_op(*f) for f, v in facts.items())
+    a = tasks.Arith(3, (("Add", 4), ("Times", 2)))
+    wrong = {("Times", 2, 7): 6}
+    assert a.values(wrong) == [3, 7, 6] and a.values() == [3, 7, 4]
+    assert "\\boxed{6}" in tasks.arith_trace(a, "terse", facts=wrong)

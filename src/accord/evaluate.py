@@ -32,9 +32,23 @@ class EvalResult:
     pass1: float | None
     n: int
     k: int
+    greedy_se: float | None = None  # standard errors over problems (the spread a reader needs to compare)
+    pass1_se: float | None = None
 
     def as_dict(self) -> dict:
-        return {"greedy": self.greedy, "pass1": self.pass1, "n": self.n, "k": self.k}
+        return {"greedy": self.greedy, "pass1": self.pass1, "n": self.n, "k": self.k, "greedy_se": self.greedy_se,
+                "pass1_se": self.pass1_se}
+
+
+def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and its standard error over problems (sample std / √n; None for the SE of a single value)."""
+    n = len(values)
+    if not n:
+        return None, None
+    m = sum(values) / n
+    if n < 2:
+        return m, None
+    return m, (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
 def _done(path: Path | None) -> dict[tuple[str, int, str], bool]:
@@ -83,9 +97,9 @@ def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: 
         if fh:
             fh.close()
     ids = [p.id for p in problems]
-    g = sum(done[(pid, 0, "greedy")] for pid in ids) / len(ids) if greedy and ids else None
-    p1 = (sum(sum(done[(pid, i, "sample")] for i in range(k)) / k for pid in ids) / len(ids)) if k > 0 and ids else None
-    return EvalResult(g, p1, len(ids), k)
+    g, g_se = mean_se([float(done[(pid, 0, "greedy")]) for pid in ids]) if greedy else (None, None)
+    p1, p1_se = mean_se([sum(done[(pid, i, "sample")] for i in range(k)) / k for pid in ids]) if k > 0 else (None, None)
+    return EvalResult(g, p1, len(ids), k, g_se, p1_se)
 
 
 def hash_id(pid: str) -> int:

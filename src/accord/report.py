@@ -43,12 +43,18 @@ def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) 
         row: list = [name]
         for s in splits:
             m = finals[name].get(s, {})
-            row += [m.get("pass1"), m.get("greedy")]
+            row += [_with_se(m, "pass1"), _with_se(m, "greedy")]
         g, g0 = finals[name].get("general", {}).get("pass1"), base.get("general", {}).get("pass1")
         row.append(None if g is None or g0 is None else g - g0)
         row.append(compute.get(name, 0 if name == "base" else None))
         body.append(row)
     return head, body
+
+
+def _with_se(m: dict, key: str):
+    """A rate with its standard error over problems, when the evaluation recorded one."""
+    v, se = m.get(key), m.get(f"{key}_se")
+    return v if v is None or se is None else (v, se)
 
 
 def text_table(head: list[str], body: list[list]) -> str:
@@ -61,6 +67,8 @@ def text_table(head: list[str], body: list[list]) -> str:
 def _fmt(c) -> str:
     if c is None:
         return "–"
+    if isinstance(c, tuple):
+        return f"{c[0]:.3f} ± {c[1]:.3f}"
     if isinstance(c, float):
         return f"{c:+.3f}" if c < 0 or c > 1 else f"{c:.3f}"
     return str(c)
@@ -101,12 +109,15 @@ def plot_curves(eval_rows: list[dict], split: str, path: Path) -> Path | None:
 
 
 def _html_table(head: list[str], body: list[list], best_cols: set[int] = frozenset()) -> str:
-    best = {i: max((r[i] for r in body if isinstance(r[i], float)), default=None) for i in best_cols}
+    def val(c):
+        return c[0] if isinstance(c, tuple) else c
+
+    best = {i: max((val(r[i]) for r in body if isinstance(val(r[i]), float)), default=None) for i in best_cols}
     out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in body:
         tds = []
         for i, c in enumerate(r):
-            cls = ' class="best"' if i in best and c is not None and c == best[i] else ""
+            cls = ' class="best"' if i in best and c is not None and val(c) == best[i] else ""
             tds.append(f"<td{cls}>{html.escape(_fmt(c))}</td>")
         out.append("<tr>" + "".join(tds) + "</tr>")
     return "\n".join(out + ["</tbody></table>"])

@@ -1,24 +1,34 @@
-"""Build, cache and inspect the lab's teacher zoo and student (DESIGN.md §4).
+"""Build, cache and inspect the lab's teacher zoo and student (DESIGN.md §4), lab v2.
 
-Recipe (deterministic for a profile):
+The task (``lab.tasks``): arithmetic chains mod 10 (``Start at 3. Add 4. Times 2. Minus 1. Result?``),
+2–4 operations in the target family, 5–6 in the OOD family, one in ``arith-1`` (a table fact), and the
+general family ``last``.  Real students already know the single steps; distillation teaches them to
+chain those steps in a trace.  The lab models exactly that.
+
+Recipe (deterministic for a profile and ``ACCORD_LAB_SEED``):
 
 1. the lab tokenizer, trained on lab text;
-2. a shared *base* model trained from scratch on terse traces (with and without
-   CoRD ``### Step`` headers) — the analogue of the teachers' shared pre-training —
-   until it follows links on held-out validation problems (≥ 95% greedy, checked
-   every 100 steps; the step count is a cap), see :func:`_train_base`;
-   A base trained on a mixture of all styles learned markedly slower (teachers at
-   47–52% vs 64% for one style at equal steps): mixing styles hurts, as papers/004 says;
-3. each teacher: the base fine-tuned on its own style only (``terse``, ``verbose``,
-   ``verify``, and the distribution-shifted ``shifted``), answering the default
-   prompt in its style and the ``steps`` prompt with ``### Step N`` headers;
-   ``verify`` also sees 5–6-link chains, so the teachers differ in strength by
-   difficulty and the best teacher depends on the split.  Each fine-tune stops
-   once the teacher is good on validation problems (``STOP_WHEN``);
-4. the student: a smaller model trained from scratch on the general family and on
-   *answer-only* target problems, so it knows the domain but cannot reason;
-5. every model evaluated with :func:`accord.evaluate.evaluate` on the target test
-   split (greedy and pass@1 at T=0.6) and the general test split (greedy).
+2. the *student* (a 2-layer, d=64 Llama, 0.13M parameters, ``initializer_range`` 0.1): one-step
+   questions answered directly + the general family, never a trace; it trains until it knows the
+   table and the general family on validation problems (``student_stop``), so it has the primitive
+   and not the chain;
+3. each *teacher* (:data:`TEACHERS`, one :class:`TeacherRecipe` each): the student fine-tuned on its
+   own style, computed with its own private wrong facts, on the teachers' problems (arith train
+   4000–8000; users collect from the first 4000), with general rows mixed in; it trains until its
+   validation accuracy reaches its ``stop`` targets;
+4. every model measured with accord's evaluation core on the test splits (target greedy and pass@1
+   at T=0.6, general, one-step, 5–6 operations) and the per-category breakdown; each is checked
+   against its band (:func:`band_misses`), the zoo against its own bars (:func:`zoo_checks`).
+
+Choices, and why:
+- adaptive training everywhere: multi-step skill arrives as a jump whose step moves with the seed and
+  the thread count, so every model trains until validation says it is there (a cap bounds it);
+- a model outside its band is kept, recorded (``weak``) and warned about; ``accord lab build`` exits
+  non-zero unless ``--allow-weak``;
+- teachers are the student's size and start from it (the shared pre-training): a bigger teacher was
+  not needed for the bands and would cost the 15-minute demo;
+- the teachers' imperfection is systematic (wrong table facts) rather than noise, so each is best
+  somewhere, the best-of-teachers oracle is high, and averaging teachers can cancel private errors.
 
 Cache layout: ``$ACCORD_HOME/lab/<profile>/<model>/`` (standard HF checkpoints) and
 ``manifest.json``.  Each entry records the SHA-256 of its safetensors file and the

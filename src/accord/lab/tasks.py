@@ -1,6 +1,17 @@
 """Lab tasks: seeded generators of verifiable multi-step problems, and reasoning styles.
 
-Families (DESIGN.md §4):
+Lab v2 families (the lab's models are trained on these):
+- ``arith`` (the *target* family): a running value mod 10 through 2–4 operations, one per sentence
+  (``Start at 3. Add 4. Times 2. Minus 1. Result?``; Add/Minus 1–9, Times 2,3,4,6,7,8,9); each step
+  is a copy of the previous result plus one table fact.  ``arith-ood``: 5–6 operations.
+  ``arith-1``: one operation, i.e. one of the 250 table facts (the student's primitive).
+- ``last`` (the *general* family): the last number of a list.
+- Styles (:func:`arith_trace`): ``terse`` ``(1) 3 + 4 = 7``; ``verbose`` ``(1) We have 3; adding 4
+  gives 7.``; ``verify`` terse, but a share of its steps is written wrong first and corrected
+  (``wait, …``); ``shifted`` ``[1] 3 plus 4 makes 7``.  A teacher's private wrong facts enter its
+  traces through ``facts``.
+
+The link-following families of lab v1 are kept as a second task (``chain``):
 - ``chain`` (the *target* family): follow 2–4 links of a partial map on the digits
   (``Links: 4>3 8>7 3>9. Start at 8 and follow 2 links. Where do you end?``), with
   distractor links that start off the path; the answer is the node reached.
