@@ -184,11 +184,13 @@ class StudentConfig(_Strict):
 class MergeConfig(_Strict):
     method: str = Field("average", description="average (MoT), ties, dare_linear, dare_ties, task_arithmetic, "
                         "linear; mergekit conventions")
-    weights: list[float] | None = Field(None, description="one weight per teacher branch (default 1 each)")
+    weights: list[float] | None = Field(None, description="one weight per teacher branch (default 1 each; inside "
+                                        "MoT, task_arithmetic and dare_* default to 1/K: the merge replaces "
+                                        "the average, App. A.2)")
     density: float = Field(1.0, gt=0, le=1, description="ties/dare: share of each task vector kept")
     normalize: bool | None = Field(None, description="divide by the sum of weights (default: the method's, "
                                    "as in mergekit)")
-    seed: int = Field(0, description="seed of DARE's random masks")
+    seed: int = Field(0, description="seed of DARE's random masks (MoT folds the round in: new masks each round)")
 
     @field_validator("method")
     @classmethod
@@ -219,12 +221,12 @@ class TrainConfig(_Strict):
         "mot", description="std (every teacher), std:<teacher>, mtd, posthoc, mot; a list runs several and "
         "compares them")
     rounds: int = Field(3, ge=1, description="MoT rounds T; std/mtd train T×S steps with a checkpoint every S")
-    steps_per_round: int = Field(50, ge=1, description="S: optimizer steps per branch per round (MoT §3)")
+    steps_per_round: int = Field(50, ge=1, description="S: optimizer steps per branch per round (MoT §4.2)")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (MoT App. G.1: 1e-5)")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_ratio: float = Field(0.01, ge=0, lt=1, description="warmup share of each schedule (MoT App. G.1: 1%)")
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.95))
     clip: float = Field(1.0, ge=0, description="gradient-norm clip; 0 disables")
@@ -235,6 +237,9 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(False)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    mot_schedule: Literal["per-round", "global"] = Field(
+        "per-round", description="MoT learning rate: per-round = every branch is its own S-step run (warmup + "
+        "cosine, as the paper trains each branch); global = one cosine over T×S steps (App. A's MoT = MTD identity)")
     select: Literal["last", "validation"] = Field(
         "last", description="MoT output: the last round, or the round best on a held-out 10% (MoT Table 10)")
     keep_checkpoints: int | None = Field(None, ge=1, description="keep only the newest N step checkpoints")

@@ -4,6 +4,7 @@
   MoT — target pass@1 / greedy, OOD, general (forgetting = change from base);
 - the compute of each method in branch-steps (MoT Table 5);
 - per-round / per-checkpoint curves (MoT Table 22, Fig. 3) as a PNG;
+- MoT's per-teacher branch losses across rounds (MoT Fig. 3/4) as a PNG;
 - the teachers' collection table (MoT Table 21) and one sample output per model.
 
 Every piece of model or teacher text goes through ``html.escape``; the page has
@@ -108,6 +109,47 @@ def plot_curves(eval_rows: list[dict], split: str, path: Path) -> Path | None:
     return path
 
 
+def branch_losses(metrics: Path) -> dict[str, list[tuple[int, float]]]:
+    """teacher → [(step across rounds, loss)] from MoT's kept branch records (last record per step wins)."""
+    last: dict[tuple[str, int, int], float] = {}
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        ev = json.loads(line)
+        if "teacher" in ev:
+            last[(ev["teacher"], ev["round"], ev["step"])] = ev["loss"]
+    S = max((k[2] for k in last), default=0)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for (t, r, step), loss in sorted(last.items()):
+        out.setdefault(t, []).append(((r - 1) * S + step, loss))
+    return out
+
+
+def plot_branch_losses(metrics: Path, path: Path) -> Path | None:
+    """MoT Fig. 3/4: each teacher branch's training loss across rounds (a drop at a merge is the merge's effect)."""
+    series = branch_losses(metrics)
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    for t, pts in series.items():
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        w = max(1, len(ys) // 40)  # a light running mean: per-step losses of small batches are noisy
+        ys = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, ys, lw=1.3, label=t)
+    ax.set_xlabel("branch step (rounds × S)")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _html_table(head: list[str], body: list[list], best_cols: set[int] = frozenset()) -> str:
     def val(c):
         return c[0] if isinstance(c, tuple) else c
@@ -167,6 +209,9 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     for s in curves:
         page.append(f"<h2>{html.escape(s)} pass@1 by round / checkpoint (MoT Table 22, Fig. 3)</h2>"
                     f"<img src='curve-{html.escape(s)}.png' alt='{html.escape(s)} curve'>")
+    if plot_branch_losses(run_dir / "train" / "mot" / "metrics.jsonl", out / "mot-branch-loss.png"):
+        page.append("<h2>MoT branch losses by teacher across rounds (MoT Fig. 3/4)</h2>"
+                    "<img src='mot-branch-loss.png' alt='MoT branch losses'>")
     if collect:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
     page += _cord_section(run_dir, out)

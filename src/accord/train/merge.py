@@ -1,8 +1,8 @@
-"""Weight-merge operators and checkpoint merging (MoT §3 Eq. 3; mergekit conventions).
+"""Weight-merge operators and checkpoint merging (MoT §4.3 Eq. 2; mergekit conventions).
 
 Registry ``MERGE_METHODS`` (name → defaults), each with its paper:
 
-- ``average`` — MoT's operator (§3, "weight averaging"): the (weighted) mean of the
+- ``average`` — MoT's operator (§4.3 Eq. 2, "weight averaging"): the (weighted) mean of the
   models; mergekit's ``linear`` with ``normalize: true``.  ``linear`` is an alias.
 - ``task_arithmetic`` (Ilharco et al. 2023, arXiv:2212.04089): base + Σ wᵢ τᵢ.
 - ``ties`` (Yadav et al. 2023, arXiv:2306.01708): keep the top-``density`` share of
@@ -25,7 +25,7 @@ from mergekit as soon as weights are unequal).
 Choices where the references are silent: arithmetic runs in float32 and the
 result is cast back to the base dtype; DARE's random masks are seeded per
 (seed, tensor name, model index), so a merge is reproducible and independent of
-tensor order; non-floating tensors (integer buffers) are taken from the base.
+tensor order (MoT folds the round into the seed, so rounds draw new masks); non-floating tensors (integer buffers) are taken from the base.
 
 Two ways to merge:
 - ``merge_checkpoints`` streams tensor by tensor from safetensors files (one
@@ -304,9 +304,7 @@ def merge_checkpoints(base: str | Path, models: Sequence[str | Path], spec: Merg
     shapes = rb.shapes()
     for r in rms:
         _check_same(shapes, r.shapes(), str(r.path), shapes=shapes)
-    merged = {}
-    for name in progress(list(shapes)) if progress else shapes:
-        merged[name] = merge_tensor(name, rb.get(name), [r.get(name) for r in rms], spec)
+    merged = _merge_stream(rb.get, list(shapes), rms, spec, progress)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -320,6 +318,27 @@ def merge_checkpoints(base: str | Path, models: Sequence[str | Path], spec: Merg
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def merge_onto(base: dict[str, torch.Tensor], models: Sequence[str | Path], spec: MergeSpec) -> dict[str, torch.Tensor]:
+    """Merge checkpoints on disk onto an in-memory ``base`` state, keeping the base's dtype; returns the
+    tensors the checkpoints hold (a tied weight saved once comes back once: load with ``strict=False``).
+
+    MoT's TIES/DARE rounds use it with the float32 student in memory, so a small
+    per-round update is never rounded away by a bf16 checkpoint between rounds.
+    """
+    rms = [CheckpointReader(m) for m in models]
+    saved = {n: tuple(base[n].shape) for n in rms[0].files if n in base}  # tied weights are saved once
+    for r in rms:
+        _check_same(saved, r.shapes(), str(r.path), shapes=saved)
+    return _merge_stream(base.__getitem__, list(saved), rms, spec)
+
+
+def _merge_stream(get_base, names: list[str], readers: Sequence[CheckpointReader], spec: MergeSpec,
+                  progress: Iterable | None = None) -> dict[str, torch.Tensor]:
+    spec.weights_for(len(readers))
+    return {n: merge_tensor(n, get_base(n), [r.get(n) for r in readers], spec)
+            for n in (progress(names) if progress else names)}
 
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

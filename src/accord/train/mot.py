@@ -1,4 +1,4 @@
-"""Merge-of-Thought (MoT §3, Algorithm 1): branch-per-teacher SFT with iterative weight merging.
+"""Merge-of-Thought (MoT §4, Algorithm 1): branch-per-teacher SFT with iterative weight merging.
 
     θ⁰ = the student
     for round t = 1..T:
@@ -8,15 +8,26 @@
 
 Choices where the paper is silent, taken the cheap and correct way:
 - every branch starts a fresh optimizer (no AdamW state crosses a merge);
-- the learning rate follows one cosine schedule over T×S steps, round t's
-  branches using steps [(t−1)S, tS) of it, so MoT and STD/MTD see the same
-  learning-rate budget (and App. A's MoT = MTD identity holds at E = 1);
+- ``train.mot_schedule: per-round`` (default): every branch is its own S-step
+  SFT run with the shared recipe (warmup + cosine over S steps), as the paper
+  trains each branch (§4.1, App. G.1); ``global``: one cosine over T×S steps,
+  round t's branches using steps [(t−1)S, tS) of it, so the learning-rate
+  budget equals STD/MTD's and App. A's MoT = MTD identity holds at E = 1
+  (with ``global`` and T = 5 the mean lr per round is 0.96 … 0.03 of peak:
+  the last round barely trains);
 - branch k of round t is seeded with ``seed + 1000·t + k``;
 - linear operators (``average``, ``task_arithmetic``) merge with one running sum
   while branches finish one after another (base copy + sum = two model copies);
-  TIES/DARE merge tensor by tensor from the branches saved on disk;
+  TIES/DARE merge tensor by tensor from the branches saved on disk onto the
+  float32 student in memory (never onto a bf16 checkpoint: rounding would eat
+  small per-round updates), with the round folded into DARE's seed;
+- inside MoT, ``task_arithmetic`` and ``dare_*`` default to weights 1/K (the
+  merge replaces the average, App. A.2); explicit ``train.merge.weights`` win;
 - each finished branch is saved (``round-t/branch-<teacher>``) so a killed run
-  resumes mid-round; branch files are deleted once the round's merge is on disk;
+  resumes mid-round; branch files are deleted once the round's merge is on disk,
+  their step records (loss, lr) kept in ``mot/metrics.jsonl`` with round and
+  teacher (a branch retrained after a kill appends again: readers keep the last
+  record per (round, teacher, step));
 - with several processes (``accelerate launch``) branches run in parallel, one
   per process in turn, and the running sums are all-reduced;
 - LoRA students train a fresh adapter per branch and merge the merged-in deltas.
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from accord.config import AccordConfig
@@ -44,7 +56,7 @@ from accord.train.merge import (
     MergeSpec,
     RunningMerge,
     load_state,
-    merge_checkpoints,
+    merge_onto,
 )
 from accord.ui import progress
 
@@ -91,14 +103,16 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
             model.load_state_dict(load_state(bdir / "final"), strict=False)  # finished before a kill
         else:
             model.load_state_dict(base)  # every branch starts from the merged student
-            args = engine_args(cfg, S, schedule_steps=T * S, schedule_offset=(r - 1) * S,
-                               seed_offset=1000 * r + k)
+            sched = (dict(schedule_steps=T * S, schedule_offset=(r - 1) * S)
+                     if cfg.train.mot_schedule == "global" else {})
+            args = engine_args(cfg, S, seed_offset=1000 * r + k, **sched)
             t0 = time.perf_counter()
             res = train(model, tok, rows, args, out_dir=bdir, shard=False, examples=encoded,
                         on_step=lambda s, loss: bar.update(task, advance=1,
                                                            description=f"mot r{r} {teacher} loss {loss:.3f}"))
             timing["branch_train_s"] += time.perf_counter() - t0
             model = res.model
+            keep_branch_metrics(bdir, out, r, teacher)
             save_model(model, tok, bdir / "final", local=True)
         t0 = time.perf_counter()
         if running is not None:
@@ -114,9 +128,10 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
             save_model(model, tok, merged_dir)
     else:
         acc.wait_for_everyone()
-        prev = _prev_path(cfg, out, r)
-        if acc.is_main_process:
-            merge_checkpoints(prev, [rdir / f"branch-{t}" / "final" for t in corpora], spec, merged_dir)
+        if acc.is_main_process:  # onto the float32 student in memory, never a rounded checkpoint
+            model.load_state_dict(merge_onto(base, [rdir / f"branch-{t}" / "final" for t in corpora],
+                                             round_spec(spec, r)), strict=False)
+            save_model(model, tok, merged_dir)
         acc.wait_for_everyone()
         model.load_state_dict(load_state(merged_dir), strict=False)
     acc.wait_for_everyone()
@@ -126,6 +141,21 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
     timing["merge_s"] += time.perf_counter() - t0
     timing["wall_s"] += time.perf_counter() - t_round
     return model
+
+
+def keep_branch_metrics(bdir: Path, out: Path, r: int, teacher: str) -> None:
+    """Append a branch's step records (with its round and teacher) to ``mot/metrics.jsonl``; the branch
+    directory is deleted after the merge, its loss curve is not (the report plots it, MoT Fig. 3/4)."""
+    import json
+
+    src = bdir / "metrics.jsonl"
+    if not src.exists():
+        return
+    lines = [json.loads(x) for x in src.read_text().splitlines() if x.strip()]
+    with (out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        for ev in lines:
+            if ev.get("event") == "step":
+                fh.write(json.dumps({**ev, "round": r, "teacher": teacher}) + "\n")
 
 
 def select_round(cfg: AccordConfig, rounds: list[dict], console) -> int:
@@ -155,23 +185,29 @@ def select_round(cfg: AccordConfig, rounds: list[dict], console) -> int:
     return best
 
 
+AVERAGING_DEFAULT = ("task_arithmetic", "dare_linear", "dare_ties")
+
+
 def _spec(cfg: AccordConfig, teachers: list[str]) -> MergeSpec:
+    """The round merge; inside MoT the merge replaces the average (App. A.2), so the methods whose mergekit
+    default is Σ τₖ (task_arithmetic, dare_*) default to weights 1/K here: one averaged update, not K."""
     m = cfg.train.merge
     weights = None
     if m.weights is not None:
         by_name = dict(zip([t.name for t in cfg.teachers], m.weights))
         weights = [by_name[t] for t in teachers]
+    elif m.method in AVERAGING_DEFAULT:
+        weights = [1.0 / len(teachers)] * len(teachers)
     return MergeSpec(method=m.method, weights=weights, density=m.density, normalize=m.normalize, seed=m.seed)
+
+
+def round_spec(spec: MergeSpec, r: int) -> MergeSpec:
+    """Round ``r``'s merge: the round folded into the seed, so DARE draws new masks every round."""
+    return replace(spec, seed=spec.seed * 1_000_003 + r)
 
 
 def _weight(spec: MergeSpec, teachers: list[str], teacher: str) -> float:
     return spec.weights_for(len(teachers))[teachers.index(teacher)]
-
-
-def _prev_path(cfg: AccordConfig, out: Path, r: int) -> Path:
-    from accord.teachers.base import resolve_model
-
-    return out / f"round-{r - 1}" / "merged" if r > 1 else Path(resolve_model(cfg.student.model, "student"))
 
 
 def _resume(out: Path, model, T: int) -> int:

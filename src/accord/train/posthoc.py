@@ -1,4 +1,4 @@
-"""Post-hoc merge: merge the finished STD students once (MoT §5 baseline, Table 4 "merge").
+"""Post-hoc merge: merge the finished STD students once (MoT §3 baseline, Table 2 "post-hoc weight merge").
 
 The STD students (trained first if missing; finished ones are reused) are merged
 onto the original student with ``train.merge`` — the same operator MoT applies
