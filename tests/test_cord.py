@@ -63,6 +63,25 @@ def test_cached_score_equals_direct_logits(micro):
     assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
 
 
+def test_cached_score_with_an_empty_suffix_and_an_empty_candidate(micro):
+    """A template ``{answer}`` (no suffix) and an empty step: the head's own last logit predicts the answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accord.teachers.hf import render_chat
+
+    model, tok = AutoModelForCausalLM.from_pretrained(micro).eval(), AutoTokenizer.from_pretrained(micro)
+
+    class Meta:
+        name, cfg = "m", type("C", (), {"system_prompt": None})()
+
+    Meta.model, Meta.tok = model, tok
+    cands = ["", "(2) 4>9\n"]
+    got = predictive_perplexity_cached(Meta, "Start at 3.", "<think>\n", cands, "9", suffix="", lead="")
+    head = render_chat(tok, "Start at 3.", "<think>\n")
+    want = [full_sequence_score(model, tok, head, c, "9", suffix="", lead="") for c in cands]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
+
+
 def test_score_is_higher_when_the_prefix_makes_the_answer_likelier(tmp_path):
     from accord.config import TeacherConfig
     from accord.lab.micro import build_parrot
@@ -88,8 +107,9 @@ def test_meta_prover_that_cannot_encode_the_answer():
     class Meta:
         name, tok = "mp", Tok()
 
-    with pytest.raises(CordError, match="cannot encode the answer"):
-        Scorer("predictive-perplexity", Meta()).check_answer("∮")
+    why = Scorer("predictive-perplexity", Meta()).answer_problem("∮")
+    assert "cannot encode the answer '∮'" in why and "'mp'" in why
+    assert Scorer("random", Meta()).answer_problem("∮") is None  # only the perplexity score needs it
 
 
 # ------------------------------------------------------------------------------------ search
@@ -192,6 +212,67 @@ def test_failing_teacher_is_dropped_and_counted():
     best = beam_search(teachers, by_text({"a1": 3.0, "a2": 9.0}), "q", "x", CordSettings(beam=1, max_steps=5), tm)
     assert tm.failures == {"a": 1}
     assert [n for n, _ in best.steps][:2] == [("a",), ("b",)]
+
+
+class Recorder:
+    """Proposes one fixed step and records every request's seed."""
+
+    def __init__(self, name):
+        self.name, self.seeds = name, []
+
+    def generate(self, reqs, params):
+        self.seeds += [(r.prompt, r.prefix.count("### Step"), r.seed) for r in reqs]
+        return [Generation(text=f"{self.name} {len(self.seeds)} {i}\n", token_count=2, stop_string="### Step")
+                for i, _ in enumerate(reqs)]
+
+
+def test_proposal_seeds_differ_across_beams_and_problems():
+    a, b = Recorder("a"), Recorder("b")
+    for prompt in ("problem one", "problem two"):
+        beam_search({"a": a, "b": b}, by_text({}), prompt, "x", CordSettings(beam=2, max_steps=3), Timing())
+    step2 = [(p, s) for p, n, s in a.seeds if n == 2]
+    assert len(step2) == 4 and len({s for _, s in step2}) == 4  # 2 beams × 2 problems, all different
+    assert not {s for _, s in step2} & {s for _, n, s in b.seeds if n == 2}  # teachers differ too
+    again = Recorder("a")
+    for prompt in ("problem one", "problem two"):
+        beam_search({"a": again, "b": Recorder("b")}, by_text({}), prompt, "x", CordSettings(beam=2, max_steps=3),
+                    Timing())
+    assert again.seeds == a.seeds  # and a fixed seed reproduces them
+
+
+def test_equal_scores_are_not_always_won_by_the_first_teacher():
+    wins = []
+    for i in range(24):
+        teachers = {"a": Scripted("a", ["a1"]), "b": Scripted("b", ["b1"])}
+        best = beam_search(teachers, lambda p, pre, c, a: [0.0] * len(c), f"q{i}", "x",
+                           CordSettings(beam=1, max_steps=1), Timing())
+        wins.append(best.steps[0][0][0])
+    assert 4 <= wins.count("b") <= 20  # a seeded draw, not list order
+
+
+def test_curation_is_held_to_cords_budget():
+    """A roll-out that never closes its reasoning is force-closed at think_tokens and still answers."""
+    from accord.cord.decode import curate
+
+    class Rambler:
+        name = "r"
+
+        def __init__(self):
+            self.params = []
+
+        def generate(self, reqs, params):
+            self.params.append(params)
+            if "</think>" in reqs[0].prefix:
+                return [Generation(text="\n\\boxed{7}", token_count=3) for _ in reqs]
+            return [Generation(text="and so on " * 5, token_count=params.max_new_tokens, finish_reason="length")
+                    for _ in reqs]
+
+    t = Rambler()
+    cs = CordSettings(beam=2, think_tokens=10, answer_tokens=5)
+    picked, pool = curate({"r": t}, lambda p, pre, c, a: [0.5] * len(c), "q", "7", cs, Timing(), rollouts=2)
+    assert len(pool) == 2 and t.params[0].max_new_tokens == 10 and "</think>" in t.params[0].stop
+    assert t.params[1].max_new_tokens == 5 and t.params[1].temperature == 0.0
+    assert picked.reasoning.endswith("</think>") and picked.answer_text == "\n\\boxed{7}" and picked.budget_hit
 
 
 # ------------------------------------------------------------------------------------ end to end

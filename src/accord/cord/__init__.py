@@ -14,7 +14,8 @@ perplexity of CoRD vs the baselines (Table 2), teacher hit rates over
 normalised reasoning progress (Fig. 2; ``hit_rates.png``) and the wall-clock
 breakdown into step generation and meta-prover scoring (Table 14).  Problems
 already stored are skipped on re-run; a problem without a parsable gold answer
-is skipped and counted.
+is skipped and counted, and so is one whose gold answer the meta-prover's
+tokenizer cannot write (a warning names it; the run goes on).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def run_cord(cfg, console) -> dict:
     done = {k[0] for k in store.done_keys("cord")}
     timing = {"cord_generation_s": 0.0, "cord_meta_prover_s": 0.0, "curation_generation_s": 0.0,
               "curation_meta_prover_s": 0.0}
-    skipped, failures = 0, {}
+    skipped, failures, unscorable = 0, {}, []
     with progress(console) as bar:
         task = bar.add_task("cord", total=len(problems))
         for p in problems:
@@ -100,10 +101,13 @@ def run_cord(cfg, console) -> dict:
             if not _gold_ok(p.answer, cfg.collect.verifier):
                 skipped += 1
                 continue
-            scorer.check_answer(p.answer)
+            if (why := scorer.answer_problem(p.answer)) is not None:
+                unscorable.append(p.id)  # skipped and counted; the rest of the run goes on
+                console.print(f"[yellow]warning[/]: problem {p.id} skipped: {why}")
+                continue
             rows = _one_problem(cfg, teachers, scorer, pp, render_prompt(style, p.question), p, cs, timing, failures)
             store.put_traces(rows)
-    summary = summarize(cfg, store, problems, list(teachers), timing, skipped, failures)
+    summary = summarize(cfg, store, problems, list(teachers), timing, skipped, failures, unscorable)
     _write_corpus(cfg, store, problems)
     for t in teachers.values():
         t.close()
@@ -198,11 +202,13 @@ def _row(cfg, p, teacher: str, prompt: str, traj, score: float, elapsed: float, 
             "elapsed_s": elapsed}
 
 
-def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: int, failures: dict) -> dict:
+def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: int, failures: dict,
+              unscorable: list[str] = ()) -> dict:
     from accord.verify import CORRECT
 
     ids = {p.id for p in problems}
     out: dict = {"problems": len(problems), "skipped_no_gold": skipped, "failures": failures,
+                 "skipped_unscorable": list(unscorable),  # gold answers the meta-prover's tokenizer cannot write
                  "settings": cfg.cord.model_dump(mode="json"), "timing_this_run": timing}
     steps = []
     for name in ("cord", "cord-curation", "cord-integration"):

@@ -12,12 +12,20 @@ answer.  Finished trajectories stay in the pool and compete on their score.
 Choices where the paper is silent: a failed proposal is dropped for that step
 and counted; if no proposal survives, the beam ends as if its budget were spent;
 the returned trajectory is the finished one with the highest score; budgets are
-counted in the proposing teachers' tokens.
+counted in the proposing teachers' tokens; equal scores are ordered by a draw
+seeded by (seed, problem, step) — list order would favour the first-listed
+teacher and bias hit rates under binary judgment; every proposal's sampling
+seed mixes (seed, problem, teacher, beam, step), so beams and problems never
+share noise.  Curation is held to CoRD's budget: each roll-out reasons up to
+``think_tokens`` (stopping at ``</think>``), is force-closed, and then writes its
+answer greedily in ``answer_tokens``, exactly as a CoRD trajectory is finished.
 """
 
 from __future__ import annotations
 
+import random
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from accord.cord.segment import step_lead, stop_strings
@@ -79,7 +87,8 @@ def _propose(teachers: dict, prompt: str, beams: list[Beam], cs: CordSettings, s
         for b in beams:
             lead = step_lead(cs.segmentation, step_no, b.last_stop)
             leads.append(lead)
-            reqs.append(Request(prompt, prefix=THINK_OPEN + b.text + lead, seed=seed + 7919 * k + step_no))
+            reqs.append(Request(prompt, prefix=THINK_OPEN + b.text + lead,
+                                seed=mix_seed(seed, prompt, k, beams.index(b), step_no)))
         params = SamplingParams(temperature=cs.temperature, top_p=cs.top_p, max_new_tokens=cs.step_tokens,
                                 stop=stops)
         t0 = time.perf_counter()
@@ -116,7 +125,7 @@ def beam_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettin
         if not active:
             break
         g0, s0 = timing.generation_s, getattr(scorer, "seconds", 0.0)
-        props = _propose(teachers, prompt, active, cs, step_no, timing, cs.seed * 100_003)
+        props = _propose(teachers, prompt, active, cs, step_no, timing, cs.seed)
         merged: dict[str, tuple[int, list[str], str, object]] = {}
         for i, name, step, g in props:  # identical extended prefixes are one candidate
             key = active[i].text + step
@@ -133,13 +142,20 @@ def beam_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettin
                 continue
             scores = scorer(prompt, THINK_OPEN + b.text, [c[1] for c in cands], answer)
             pool += [_extend(b, tuple(n), step, g, cs, s) for (n, step, g), s in zip(cands, scores)]
-        beams = sorted(pool, key=lambda x: -x.score)[:cs.beam]
+        tie = random.Random(mix_seed(cs.seed, prompt, step_no))  # equal scores: a seeded draw, not list order
+        beams = sorted(pool, key=lambda x: (-x.score, tie.random()))[:cs.beam]
         timing.steps.append([round(timing.generation_s - g0, 4), round(getattr(scorer, "seconds", 0.0) - s0, 4),
                              len(merged)])
     for b in beams:
         if not b.done:
             b.done = b.budget_hit = True
-    return max(beams, key=lambda x: x.score)
+    return beams[0] if beams else Beam()  # sorted by score, ties already drawn
+
+
+def mix_seed(*parts) -> int:
+    """A 31-bit seed from several parts (base seed, problem prompt, teacher, beam, step): no two beams or
+    problems share their sampling noise on the seeded backends (vllm, openai)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
 def finish(teachers: dict, prompt: str, b: Beam, cs: CordSettings, timing: Timing) -> Trajectory:
@@ -155,28 +171,36 @@ def finish(teachers: dict, prompt: str, b: Beam, cs: CordSettings, timing: Timin
                       b.tokens + g.token_count)
 
 
+def _fail(timing: Timing, name: str) -> bool:
+    timing.failures[name] = timing.failures.get(name, 0) + 1
+    return True
+
+
 def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, timing: Timing,
            rollouts: int) -> tuple[Trajectory | None, list[Trajectory]]:
     """Curation (s1/LIMO): each teacher writes ``rollouts`` complete traces; the same score picks one."""
     done: list[Trajectory] = []
     for k, (name, teacher) in enumerate(teachers.items()):
-        reqs = [Request(prompt, prefix=THINK_OPEN, seed=cs.seed * 100_003 + 31 * k + r) for r in range(rollouts)]
+        reqs = [Request(prompt, prefix=THINK_OPEN, seed=mix_seed(cs.seed, prompt, k, r)) for r in range(rollouts)]
         t0 = time.perf_counter()
-        try:
+        try:  # the same budget as CoRD: think_tokens of reasoning, forced close, then the answer
             gens = teacher.generate(reqs, SamplingParams(temperature=cs.temperature, top_p=cs.top_p,
-                                                         max_new_tokens=cs.think_tokens + cs.answer_tokens))
+                                                         max_new_tokens=cs.think_tokens, stop=(THINK_CLOSE,)))
+            gens = [g for g in gens if not (g.failed and _fail(timing, name))]
+            thinks = [g.text.partition(THINK_CLOSE)[0] for g in gens]
+            answers = teacher.generate([Request(prompt, prefix=THINK_OPEN + t + THINK_CLOSE, seed=cs.seed)
+                                        for t in thinks],
+                                       SamplingParams(temperature=0.0, max_new_tokens=cs.answer_tokens)) if gens else []
         except Exception:
             timing.failures[name] = timing.failures.get(name, 0) + rollouts
             continue
         finally:
             timing.generation_s += time.perf_counter() - t0
-        for g in gens:
-            if g.failed:
-                timing.failures[name] = timing.failures.get(name, 0) + 1
-                continue
-            think, _, ans = g.text.partition(THINK_CLOSE)
-            done.append(Trajectory(THINK_OPEN + g.text, THINK_OPEN + think + THINK_CLOSE, ans,
-                                   [((name,), think)], 0.0, name, False, g.token_count))
+        for g, think, a in zip(gens, thinks, answers):
+            ans = "" if a.failed else a.text
+            hit = g.finish_reason == "length"  # the think budget ran out: force-closed, as in CoRD
+            done.append(Trajectory(THINK_OPEN + think + THINK_CLOSE + ans, THINK_OPEN + think + THINK_CLOSE, ans,
+                                   [((name,), think)], 0.0, name, hit, g.token_count + a.token_count))
     if not done:
         return None, []
     for name in teachers:  # score each teacher's traces in one call (their reasoning is the candidate)
@@ -222,7 +246,7 @@ def mcts_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettin
         if not node.beam.done and not node.expanded:
             node.expanded = True
             step_no = len(node.beam.steps) + 1
-            props = _propose(teachers, prompt, [node.beam], cs, step_no, timing, cs.seed * 100_003 + it)
+            props = _propose(teachers, prompt, [node.beam], cs, step_no, timing, mix_seed(cs.seed, it))
             if props:
                 scores = scorer(prompt, THINK_OPEN + node.beam.text, [p[2] for p in props], answer)
                 node.children = [_Node(_extend(node.beam, (name,), step, g, cs, s), node)
@@ -244,7 +268,7 @@ def _rollout(teachers: dict, prompt: str, b: Beam, cs: CordSettings, timing: Tim
     name = b.steps[-1][0][0] if b.steps else next(iter(teachers))
     left = max(1, cs.think_tokens - b.tokens)
     t0 = time.perf_counter()
-    g = teachers[name].generate([Request(prompt, prefix=THINK_OPEN + b.text, seed=cs.seed + len(b.steps))],
+    g = teachers[name].generate([Request(prompt, prefix=THINK_OPEN + b.text, seed=mix_seed(cs.seed, prompt, len(b.steps)))],
                                 SamplingParams(temperature=cs.temperature, top_p=cs.top_p, max_new_tokens=left,
                                                stop=(THINK_CLOSE,)))[0]
     timing.generation_s += time.perf_counter() - t0

@@ -64,19 +64,20 @@ class Scorer:
         self.seconds = 0.0
         self.calls = 0
 
-    def check_answer(self, answer: str) -> None:
-        """The meta-prover must be able to write the gold answer at all."""
+    def answer_problem(self, answer: str) -> str | None:
+        """Why the meta-prover cannot score this gold answer (its tokenizer cannot write it), or None."""
         if self.kind != "predictive-perplexity":
-            return
+            return None
         tok = getattr(self.meta, "tok", None)
         if tok is None:
-            return
+            return None
         text = self.lead + answer
         ids = tok(text, add_special_tokens=False)["input_ids"]
         unk = getattr(tok, "unk_token_id", None)
         if not ids or (unk is not None and unk in ids) or tok.decode(ids) != text:
-            raise CordError(f"meta-prover {self.meta.name!r}: its tokenizer cannot encode the answer {answer!r} "
-                            f"(it decodes back as {tok.decode(ids)!r}); choose another cord.meta_prover")
+            return (f"meta-prover {self.meta.name!r}: its tokenizer cannot encode the answer {answer!r} "
+                    f"(it decodes back as {tok.decode(ids)!r})")
+        return None
 
     def __call__(self, prompt: str, prefix: str, candidates: list[str], answer: str) -> list[float]:
         t0 = time.perf_counter()
@@ -126,7 +127,7 @@ def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: lis
                add_special_tokens=False)["input_ids"]
     ans = tok(lead + answer, add_special_tokens=False)["input_ids"]
     tails = [tok(c + suffix, add_special_tokens=False)["input_ids"] for c in candidates]
-    out = model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1)  # only the cache
+    out = model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1)  # cache + last logit
     seqs = [t + ans for t in tails]
     width = max(len(s) for s in seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -135,12 +136,14 @@ def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: lis
     pos = torch.arange(len(head), len(head) + width, device=dev).expand(len(seqs), -1)
     cache = _repeat_cache(out.past_key_values, len(seqs))
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
-    lp = torch.log_softmax(logits.float(), dim=-1)  # tails are non-empty, so no answer token is predicted by `head`
+    # position 0 = the head's last logit, which predicts the first token after the head (an empty tail:
+    # an empty candidate with an empty template suffix); position i+1 = the logit after tail/answer token i
+    lp = torch.log_softmax(torch.cat([out.logits[:, -1:].float().expand(len(seqs), -1, -1), logits.float()], 1), -1)
     scores = []
     for r, t in enumerate(tails):
         n = len(t)
-        # answer token m sits at tail position n+m and is predicted by the logits at n+m-1
-        tok_lp = lp[r, torch.arange(n - 1, n - 1 + len(ans), device=dev), torch.tensor(ans, device=dev)]
+        # answer token m sits at tail position n+m and is predicted by shifted position n+m
+        tok_lp = lp[r, torch.arange(n, n + len(ans), device=dev), torch.tensor(ans, device=dev)]
         scores.append(float(torch.exp(tok_lp.mean())))
     return scores
 
