@@ -67,6 +67,43 @@ def render_prompt(style: str, question: str) -> str:
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
+def opens_think(head: str) -> bool:
+    """Whether a rendered generation prompt already opens the think block (QwQ-32B, DeepSeek-R1-Distill and
+    Qwen3-thinking templates end with ``<think>\n``): the completion then starts *inside* it."""
+    return head.rstrip().endswith(THINK_OPEN)
+
+
+def join_prefix(head: str, prefix: str) -> str:
+    """Generation prompt + assistant prefix, never opening ``<think>`` twice."""
+    if prefix.lstrip().startswith(THINK_OPEN) and opens_think(head):
+        prefix = prefix.lstrip()[len(THINK_OPEN):]
+        if head.endswith("\n") and prefix.startswith("\n"):
+            prefix = prefix[1:]
+    return head + prefix
+
+
+def canonical_completion(text: str) -> str:
+    """The one stored form of a completion: a closed think block always opens with ``<think>``.
+
+    A completion generated after a template that opened ``<think>`` itself starts inside the block
+    (``reasoning</think> answer``); stored as is, it would train another format than Qwen3-style traces."""
+    body = text.lstrip()
+    if THINK_CLOSE in body and not body.startswith(THINK_OPEN):
+        return f"{THINK_OPEN}\n{text}"
+    return text
+
+
+def training_target(head: str, target: str) -> str:
+    """The target a student learns after its own generation prompt ``head``: the canonical completion,
+    minus its opening ``<think>`` when the student's template already wrote it."""
+    target = canonical_completion(target)
+    if opens_think(head) and target.lstrip().startswith(THINK_OPEN):
+        target = target.lstrip()[len(THINK_OPEN):]
+        if head.endswith("\n") and target.startswith("\n"):
+            target = target[1:]
+    return target
+
+
 @dataclass(frozen=True)
 class Parsed:
     reasoning: str  # text inside <think>…</think> ("" when absent)

@@ -8,7 +8,11 @@ Choices where nothing prescribes one:
 - token log-probs (for step-level confidence and for ``score``) come from one extra
   forward pass over prompt ⊕ completion, read from the *untempered* model
   distribution, with ``logits_to_keep`` so only completion positions are projected;
-- weights load from safetensors only; ``trust_remote_code`` is off unless configured.
+- weights load from safetensors only; ``trust_remote_code`` is off unless configured;
+- a chat template that opens ``<think>`` itself (QwQ, R1-Distill) is never given a
+  second one by an assistant prefix, and a completion that starts inside that
+  block is returned with ``<think>\n`` in front, so a truncated trace still reads
+  as truncated and every stored trace has one format.
 """
 
 from __future__ import annotations
@@ -72,10 +76,20 @@ def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto
 
 def render_chat(tok, prompt: str, prefix: str = "", system: str | None = None) -> str:
     """The model's own chat template with the generation prompt, then the assistant prefix."""
+    from accord.prompts import join_prefix
+
     if getattr(tok, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+        return join_prefix(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), prefix)
     return (f"{system}\n\n" if system else "") + prompt + "\n" + prefix
+
+
+def inside_think(tok, text: str, prefix: str) -> bool:
+    """Whether a completion of ``text`` (a rendered prompt) starts inside a think block the template
+    opened, with no assistant prefix of the caller's: its stored form then gets the ``<think>`` back."""
+    from accord.prompts import opens_think
+
+    return not prefix and opens_think(text)
 
 
 def _batch_seed(requests: Sequence[Request]) -> int:
@@ -101,6 +115,8 @@ class HFTeacher:
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             for i, g in zip(idx, self._generate_batch([texts[i] for i in idx], [requests[i] for i in idx], params)):
+                if inside_think(self.tok, texts[i], requests[i].prefix):
+                    g.text = "<think>\n" + g.text  # the stored form opens its own think block
                 out[i] = g
         return out  # type: ignore[return-value]
 

@@ -17,6 +17,7 @@ from accord.teachers.base import (
     TeacherConfigError,
     resolve_model,
 )
+from accord.teachers.hf import inside_think, render_chat
 
 
 class VLLMTeacher:
@@ -36,8 +37,6 @@ class VLLMTeacher:
         self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
 
     def _text(self, r: Request) -> str:
-        from accord.teachers.hf import render_chat
-
         return render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt)
 
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
@@ -45,7 +44,8 @@ class VLLMTeacher:
                                         max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
                                         seed=r.seed, logprobs=0 if params.logprobs else None) for r in requests]
         t0 = time.perf_counter()
-        outs = self.llm.generate([self._text(r) for r in requests], sp, use_tqdm=False)
+        texts = [self._text(r) for r in requests]
+        outs = self.llm.generate(texts, sp, use_tqdm=False)
         dt = (time.perf_counter() - t0) / max(1, len(requests))
         gens = []
         for o in outs:
@@ -54,7 +54,8 @@ class VLLMTeacher:
             if params.logprobs and c.logprobs:
                 lps = [step[tid].logprob for step, tid in zip(c.logprobs, c.token_ids)]
             stop = c.stop_reason if isinstance(c.stop_reason, str) else None
-            gens.append(Generation(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop",
+            text = "<think>\n" + c.text if inside_think(self.tok, texts[len(gens)], requests[len(gens)].prefix) else c.text
+            gens.append(Generation(text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop",
                                    token_logprobs=lps, elapsed_s=dt, stop_string=stop))
         return gens
 

@@ -7,7 +7,9 @@ Used by every recipe (STD, MTD, MoT branches) and by the lab to train its zoo.
   text plus EOS.  Rendering prompt and completion separately (rather than the
   whole conversation) trains exactly the token sequence the model produces at
   generation time (Qwen3-style templates rewrite past assistant turns).  Loss is
-  on the target only.
+  on the target only.  Targets are normalised to one format: a trace opens its
+  own ``<think>`` unless the student's template already opened it
+  (``prompts.training_target``), so corpora mixing both forms train one format.
 - Batches group similar lengths (shuffled mega-batches sorted by length), so
   padding stays small without packing across examples.
 - Loss normalisation: the sum of token losses over an optimizer step divided by
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from accord.prompts import training_target
 
 IGNORE = -100
 
@@ -70,7 +74,7 @@ def encode_example(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
     else:
         head = "\n".join(m["content"] for m in prompt_msgs) + "\n"
     h = tok(head, add_special_tokens=False)["input_ids"]
-    t = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    t = tok(training_target(head, target), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids, labels = (h + t)[:max_len], ([IGNORE] * len(h) + t)[:max_len]
     return ids, labels
 
