@@ -203,3 +203,48 @@ def test_mot_resumes_from_the_last_merged_round(tmp_path, micro, merge):
     b = load_file(tmp_path / "ref" / "run" / "train" / "mot" / "round-2" / "merged" / "model.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_validation_selection_on_a_lab_source_for_mot_std_and_mtd(tmp_path, micro):
+    """A source that names its own split (lab:arith:train) still holds out its id-hash validation share,
+    and STD/MTD record their best checkpoint beside the last one (issue 12, bug 5)."""
+    from accord.config import ProblemsConfig
+    from accord.problems import load_problems
+
+    val = load_problems(ProblemsConfig(path="lab:arith:train", split="validation", limit=20))
+    assert len(val) == 20 and {p.meta["source_split"] for p in val} == {"train"}
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\boxed{7}"}]}
+    for name in ("a", "b", "all"):
+        write_jsonl(run / "corpora" / f"{name}.jsonl", [good] * 4)
+    teachers = [{"name": "a", "backend": "column", "column": "a"}, {"name": "b", "backend": "column", "column": "b"}]
+    cfg = pipeline_cfg(tmp_path, "lab:arith:train", teachers, micro, method=["mtd", "mot"], rounds=2,
+                       steps_per_round=1, select="validation")
+    args = ("problems.split=train", "eval.limit=8", "eval.max_new_tokens=8")
+    code, out = run_cli("train", str(cfg), *args)
+    assert code == 0, out
+    mot = json.loads((run / "train" / "mot" / "result.json").read_text())
+    mtd = json.loads((run / "train" / "mtd" / "result.json").read_text())
+    assert mot["selected_round"] in (1, 2)
+    assert mtd["last"].endswith("final") and mtd["final"] in [c["path"] for c in mtd["curve"]]
+    assert out.count("validation greedy") == 4 and "warning" not in out
+    # no held-out problems at all: the last checkpoint is kept, with a warning, and nothing crashes
+    shutil.rmtree(run / "train")
+    code, out = run_cli("train", str(cfg), *args, "problems.validation_fraction=0", "train.method=mtd")
+    assert code == 0, out
+    assert "no validation problems; keeping the last checkpoint" in out
+
+
+def test_method_table_shows_the_selected_and_the_last_checkpoint():
+    from accord.report import method_table
+
+    results = [{"name": "mtd", "final": "c-1", "last": "final", "branch_steps": 2},
+               {"name": "mot", "final": "r-2", "last": "r-2", "branch_steps": 4}]
+    rows = [{"model": "base", "split": "target", "final": True, "pass1": 0.1, "greedy": 0.1, "path": "b"},
+            {"model": "mtd", "split": "target", "final": True, "pass1": 0.6, "greedy": 0.5, "path": "c-1"},
+            {"model": "mtd", "split": "target", "pass1": 0.4, "greedy": 0.3, "path": "final"},
+            {"model": "mot", "split": "target", "final": True, "pass1": 0.7, "greedy": 0.7, "path": "r-2"}]
+    _, body = method_table(rows, results, ["target"])
+    assert [r[0] for r in body] == ["base", "mtd (validation-selected)", "mtd (last)", "mot"]
+    assert body[1][1] == 0.6 and body[2][1] == 0.4

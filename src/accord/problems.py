@@ -6,7 +6,9 @@ or ``lab:<task>[:<split>]`` (the offline lab, :mod:`accord.lab`).
 - Ids are taken from ``id_field`` when given, else the first 12 hex digits of
   SHA-1 of the question: stable across runs, machines and row order.
 - Splits are assigned from a hash of (seed, id), so adding problems never moves
-  existing ones between train / validation / test.
+  existing ones between train / validation / test; a row's own ``split`` field
+  (the lab's sources carry one) is kept as ``source_split`` and never decides
+  ``problems.split``: a train source still holds out its validation share.
 - Answers are normalised per ``answer_format``: ``auto`` reads GSM8K's
   ``#### 42`` and ``\\boxed{42}``; ``raw`` keeps the text.
 """
@@ -147,8 +149,10 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
         p = _to_problem(where, row, cfg)
         seen.setdefault(p.id, p)
     problems = list(seen.values())
-    for p in problems:
-        p.meta.setdefault("split", split_of(p.id, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction))
+    for p in problems:  # the id hash decides; a source's own split (lab:arith:train) is kept beside it
+        if "split" in p.meta:
+            p.meta["source_split"] = p.meta["split"]
+        p.meta["split"] = split_of(p.id, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction)
     if cfg.split != "all":
         problems = [p for p in problems if p.meta["split"] == cfg.split]
     if cfg.limit is not None:

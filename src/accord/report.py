@@ -2,6 +2,8 @@
 
 - the method table of MoT Table 4: base, STD per teacher, MTD, post-hoc merge,
   MoT — target pass@1 / greedy, OOD, general (forgetting = change from base);
+  with ``train.select=validation`` a method's row is its validation-selected
+  checkpoint, labelled so, with its last checkpoint on the next row;
 - the compute of each method in branch-steps (MoT Table 5);
 - per-round / per-checkpoint curves (MoT Table 22, Fig. 3) as a PNG;
 - MoT's per-teacher branch losses across rounds (MoT Fig. 3/4) as a PNG;
@@ -39,17 +41,32 @@ def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) 
     compute = {r["name"]: r.get("branch_steps") for r in results}
     base = finals.get("base", {})
     head = ["model"] + [f"{s} {m}" for s in splits for m in ("pass@1", "greedy")] + ["Δ general", "branch-steps"]
+    label = {r["name"]: f"{r['name']} (validation-selected)" for r in results
+             if r.get("last") and r["last"] != r["final"]}
+    lasts = _last_rows(eval_rows, results)
     body = []
     for name in sorted(finals, key=_order_key):
-        row: list = [name]
-        for s in splits:
-            m = finals[name].get(s, {})
-            row += [_with_se(m, "pass1"), _with_se(m, "greedy")]
-        g, g0 = finals[name].get("general", {}).get("pass1"), base.get("general", {}).get("pass1")
-        row.append(None if g is None or g0 is None else g - g0)
-        row.append(compute.get(name, 0 if name == "base" else None))
-        body.append(row)
+        shown = [(label.get(name, name), finals[name])] + ([(f"{name} (last)", lasts[name])] if name in lasts else [])
+        for title, metrics in shown:
+            row: list = [title]
+            for s in splits:
+                m = metrics.get(s, {})
+                row += [_with_se(m, "pass1"), _with_se(m, "greedy")]
+            g, g0 = metrics.get("general", {}).get("pass1"), base.get("general", {}).get("pass1")
+            row.append(None if g is None or g0 is None else g - g0)
+            row.append(compute.get(name, 0 if name == "base" else None))
+            body.append(row)
     return head, body
+
+
+def _last_rows(eval_rows: list[dict], results: list[dict]) -> dict[str, dict[str, dict]]:
+    """model → split → metrics of each result's *last* checkpoint, where validation picked another one."""
+    last = {r["name"]: r["last"] for r in results if r.get("last") and r["last"] != r["final"]}
+    out: dict[str, dict[str, dict]] = {}
+    for r in eval_rows:
+        if last.get(r["model"]) == r.get("path"):
+            out.setdefault(r["model"], {})[r["split"]] = r
+    return out
 
 
 def _with_se(m: dict, key: str):

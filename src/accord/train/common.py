@@ -199,3 +199,38 @@ def step_checkpoints(out: Path) -> list[dict]:
     done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
     return [{"steps": int(p.name.split("-")[1]), "path": str(p)} for p in sorted(done, key=lambda p: int(
         p.name.split("-")[1]))]
+
+
+def select_checkpoint(cfg: AccordConfig, points: list[dict], name: str, console) -> int:
+    """Index of the point (``{"path", "steps"}``) with the best greedy accuracy on the held-out validation
+    split of ``problems`` (MoT Table 10 for rounds; §6.1's "best checkpoint" for STD/MTD); ties → the earlier.
+
+    The hold-out is the id-hash ``validation`` split of the *training* source, whatever splits the source
+    names itself; with none, the last point is kept (and a warning says so)."""
+    from accord.config import TeacherConfig
+    from accord.evaluate import evaluate
+    from accord.problems import ProblemSourceError, load_problems
+    from accord.teachers.base import load_teacher
+
+    if cfg.problems.split == "all":
+        console.print(f"[yellow]warning[/]: {name}: train.select=validation with problems.split=all: the held-out "
+                      "problems were also collected for training; set problems.split=train")
+    try:
+        probs = load_problems(cfg.problems.model_copy(update={"split": "validation", "limit": cfg.eval.limit}))
+    except ProblemSourceError:
+        probs = []
+    if not probs:
+        console.print(f"[yellow]warning[/]: {name}: no validation problems; keeping the last checkpoint")
+        return len(points) - 1
+    scores = []
+    for i, pt in enumerate(points):
+        gen = load_teacher(TeacherConfig(name=f"{name}-select-{i}", model=pt["path"], batch_size=cfg.eval.batch_size,
+                                         device=cfg.student.device))
+        res = evaluate(gen, probs, k=0, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
+                       verifier=cfg.eval.verifier)
+        gen.close()
+        scores.append(res.greedy)
+        console.print(f"{name}: step {pt['steps']} validation greedy {res.greedy:.3f}")
+    best = max(range(len(points)), key=lambda i: (scores[i], -i))
+    console.print(f"{name}: selected step {points[best]['steps']} on {len(probs)} held-out problems")
+    return best

@@ -46,6 +46,7 @@ from accord.train.common import (
     load_student,
     read_result,
     save_model,
+    select_checkpoint,
     teacher_corpora,
     train_dir,
     write_result,
@@ -80,9 +81,10 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     rounds = [{"round": r, "steps": r * S, "path": str(out / f"round-{r}" / "merged")} for r in range(1, T + 1)]
     final, picked = rounds[-1]["path"], None
     if cfg.train.select == "validation":
-        picked = select_round(cfg, rounds, console)
+        picked = rounds[select_checkpoint(cfg, rounds, "mot", console)]["round"]
         final = rounds[picked - 1]["path"]
-    return [write_result(cfg, "mot", method="mot", final=final, selected_round=picked, curve=rounds,
+    return [write_result(cfg, "mot", method="mot", final=final, last=rounds[-1]["path"], selected_round=picked,
+                         curve=rounds,
                          branch_steps=T * S * len(corpora), teachers=list(corpora), merge=spec.method,
                          timing=timing, resumed_from_round=start)]
 
@@ -156,33 +158,6 @@ def keep_branch_metrics(bdir: Path, out: Path, r: int, teacher: str) -> None:
         for ev in lines:
             if ev.get("event") == "step":
                 fh.write(json.dumps({**ev, "round": r, "teacher": teacher}) + "\n")
-
-
-def select_round(cfg: AccordConfig, rounds: list[dict], console) -> int:
-    """MoT Table 10: the round with the best greedy accuracy on the held-out ``validation`` split of ``problems``."""
-    from accord.config import TeacherConfig
-    from accord.evaluate import evaluate
-    from accord.problems import load_problems
-    from accord.teachers.base import load_teacher
-
-    if cfg.problems.split == "all":
-        console.print("[yellow]warning[/]: train.select=validation with problems.split=all: the held-out problems "
-                      "were also collected for training; set problems.split=train")
-    probs = load_problems(cfg.problems.model_copy(update={"split": "validation", "limit": cfg.eval.limit}))
-    if not probs:
-        console.print("[yellow]warning[/]: no validation problems; keeping the last round")
-        return rounds[-1]["round"]
-    scores = []
-    for r in rounds:
-        gen = load_teacher(TeacherConfig(name=f"mot-r{r['round']}", model=r["path"], batch_size=cfg.eval.batch_size))
-        res = evaluate(gen, probs, k=0, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
-                       verifier=cfg.eval.verifier)
-        gen.close()
-        scores.append((res.greedy, r["round"]))
-        console.print(f"mot: round {r['round']} validation greedy {res.greedy:.3f}")
-    best = max(scores, key=lambda x: (x[0], -x[1]))[1]  # ties → the earlier round
-    console.print(f"mot: selected round {best} on {len(probs)} held-out problems")
-    return best
 
 
 AVERAGING_DEFAULT = ("task_arithmetic", "dare_linear", "dare_ties")

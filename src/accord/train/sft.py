@@ -6,7 +6,10 @@
 
 Budgets match MoT's comparison (§5, Table 22): T×S optimizer steps, a
 checkpoint every S steps (each one evaluated for the curves), the same engine
-settings as MoT's branches.  The cosine schedule spans the T×S steps.
+settings as MoT's branches.  The cosine schedule spans the T×S steps.  With
+``train.select=validation`` the recorded model (``final``) is the checkpoint
+best on the held-out validation split, as the paper reports STD/MTD (§6.1);
+``last`` keeps the last one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from accord.train.common import (
     load_student,
     read_result,
     save_model,
+    select_checkpoint,
     step_checkpoints,
     train_dir,
     write_result,
@@ -47,7 +51,10 @@ def run_sft(cfg: AccordConfig, name: str, method: str, rows: list[dict], console
         save_model(res.model, tok, final)
     barrier()
     curve = [c for c in step_checkpoints(out) if c["steps"] < steps] + [{"steps": steps, "path": str(final)}]
-    return write_result(cfg, name, method=method, final=str(final), curve=curve, branch_steps=steps,
+    picked = str(final)
+    if cfg.train.select == "validation":  # the paper reports each method's best checkpoint (§6.1)
+        picked = curve[select_checkpoint(cfg, curve, name, console)]["path"]
+    return write_result(cfg, name, method=method, final=picked, last=str(final), curve=curve, branch_steps=steps,
                         teachers=teachers, examples=len(rows), resumed_from=res.resumed_from)
 
 
