@@ -1,6 +1,18 @@
-"""Console helpers: progress bars (rich) shared by every long-running stage."""
+"""Console helpers: progress bars (rich) shared by every long-running stage.
+
+On a terminal, rich's live bars.  Elsewhere (CI logs, ``nohup``, notebooks) rich
+can only print a bar when it finishes, so a long stage would be silent for
+minutes: ``LineProgress`` prints one line per task at most every
+``ACCORD_PROGRESS_EVERY`` seconds (default 30) — description, done/total, rate
+and ETA — and a last line when the task completes.  Written by hand because rich
+has no throttled plain-text mode; it implements only the part of rich's
+``Progress`` API that accord uses (``add_task``, ``update``, ``advance``).
+"""
 
 from __future__ import annotations
+
+import os
+import time
 
 from rich.console import Console
 from rich.progress import (
@@ -13,7 +25,74 @@ from rich.progress import (
 )
 
 
-def progress(console: Console | None = None) -> Progress:
+def progress(console: Console | None = None):
+    console = console or Console(stderr=True)
+    if not console.is_terminal and not console.is_jupyter:
+        return LineProgress(console, float(os.environ.get("ACCORD_PROGRESS_EVERY", "30")))
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), console=console or Console(stderr=True),
-                    transient=False)
+                    TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+
+
+class _Task:
+    def __init__(self, description: str, total: float | None, completed: float):
+        self.description, self.total, self.completed = description, total, completed
+        self.start, self.start_done = time.monotonic(), completed
+        self.printed_done, self.finished = None, False
+
+
+class LineProgress:
+    """Plain progress lines, throttled: for logs that are not a terminal."""
+
+    def __init__(self, console: Console, every: float = 30.0):
+        self.console, self.every, self.tasks = console, every, {}
+        self._last = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for t in self.tasks.values():
+            if t.completed != t.printed_done and t.completed > t.start_done:
+                self._line(t)
+        return False
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **_) -> int:
+        self.tasks[len(self.tasks)] = _Task(description, total, completed)
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def update(self, task: int, *, advance: float | None = None, completed: float | None = None,
+               description: str | None = None, total: float | None = None, **_) -> None:
+        t = self.tasks[task]
+        if description is not None:
+            t.description = description
+        if total is not None:
+            t.total = total
+        if completed is not None:
+            t.completed = completed
+        if advance:
+            t.completed += advance
+        now = time.monotonic()
+        done = t.total is not None and t.completed >= t.total
+        if (done and not t.finished) or now - self._last >= self.every:
+            t.finished = done
+            self._last = now
+            self._line(t)
+
+    def _line(self, t: _Task) -> None:
+        t.printed_done = t.completed
+        el = time.monotonic() - t.start
+        rate = (t.completed - t.start_done) / el if el > 0 else 0.0
+        total = f"/{t.total:g}" if t.total is not None else ""
+        eta = ""
+        if t.total is not None and rate > 0 and t.completed < t.total:
+            eta = f" eta {_hms((t.total - t.completed) / rate)}"
+        self.console.print(f"{t.description} {t.completed:g}{total} {_hms(el)} {rate:.3g}/s{eta}",
+                           markup=False, highlight=False, soft_wrap=True)
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
