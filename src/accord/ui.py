@@ -11,6 +11,7 @@ has no throttled plain-text mode; it implements only the part of rich's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -96,3 +97,21 @@ class LineProgress:
 def _hms(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@contextlib.contextmanager
+def no_hf_bars(active: bool = True):
+    """transformers' own tqdm bars ("Loading weights", "Writing model shards") off for the block: evaluation
+    and checkpointing load and save dozens of small local checkpoints, and the bars bury accord's output."""
+    if not active:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -33,6 +33,7 @@ from accord.teachers.base import (
     resolve_model,
     truncate_at_stop,
 )
+from accord.ui import no_hf_bars
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -63,8 +64,9 @@ def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto
         raise TeacherConfigError(f"{who}: {spec!r} is not a Hugging Face checkpoint (no config.json)")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        with no_hf_bars(Path(path).is_dir()):  # a checkpoint on disk: no bar; downloads keep theirs
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise TeacherConfigError(f"{who}: cannot load {spec!r} as a Hugging Face checkpoint "
                                  f"(safetensors weights + tokenizer): {e}") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from accord.config import AccordConfig
 from accord.train.engine import TrainArgs
+from accord.ui import no_hf_bars
 
 
 class TrainSetupError(ValueError):
@@ -152,7 +153,8 @@ def save_model(model, tok, path: Path, local: bool = False) -> Path:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.to_json_file(tmp / "generation_config.json")
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with no_hf_bars():
+            model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)

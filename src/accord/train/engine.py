@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from accord.prompts import training_target
+from accord.ui import no_hf_bars
 
 IGNORE = -100
 
@@ -340,7 +341,8 @@ def save_checkpoint(acc, model, tok, opt, out: Path, step: int, history: list[fl
     if write:
         tmp = out / f".checkpoint-{step}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        with no_hf_bars():
+            acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
