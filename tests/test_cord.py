@@ -285,7 +285,7 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
            "teachers": [{"name": "seven", "model": str(parrot7)}, {"name": "eight", "model": str(parrot8)}],
            "cord": {"beam": 2, "max_steps": 4, "step_tokens": 24, "think_tokens": 48, "answer_tokens": 16,
                     "meta_prover": "eight", "segmentation": "line-break",
-                    "baselines": ["curation", "integration"], "integrator": "seven"}}
+                    "baselines": ["curation", "integration"], "integrator": {"name": "merger", "model": str(parrot7)}}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     code, out = run_cli("cord", str(path))
@@ -336,3 +336,22 @@ def test_mcts_baseline_spends_the_trajectory_budget_and_follows_the_score():
     best = mcts_search(teachers, score, "q", "x", CordSettings(beam=3, max_steps=8), Timing())
     assert best.done and best.steps[0][0] == ("b",)  # the first step the score prefers
     assert calls.count(1) == 3  # three complete trajectories scored: the budget
+
+
+def test_integration_json_is_read_back_and_a_teacher_name_is_refused(tmp_path):
+    from accord.config import AccordConfig
+    from accord.cord import INTEGRATION_PROMPT, parse_integration
+
+    text = ('Sure.\n{"integrated_step2": {"content": "### Step 2. 7 * 2 = 4", "category": "Progressive"},\n'
+            '"integrated_step1": {"content": "### Step 1. 3 + 4 = 7", "category": "Progressive"},\n'
+            '"answer_part": ["\\\\boxed{4}"]}')
+    assert parse_integration(text) == ("### Step 1. 3 + 4 = 7\n### Step 2. 7 * 2 = 4", "\\boxed{4}")
+    assert parse_integration("no json here") is None
+    prompt = INTEGRATION_PROMPT.format(question="Start at 3.", traces="<reasoning_step_1> a </reasoning_step_1>")
+    assert "Question: Start at 3." in prompt and '"answer_part"' in prompt and "Error Correction Pattern" in prompt
+    base = {"problems": {"path": "p.jsonl"}, "teachers": [{"name": "a", "model": "m"}]}
+    with pytest.raises(Exception, match="its own model entry"):
+        AccordConfig.model_validate({**base, "cord": {"integrator": "a"}})
+    cfg = AccordConfig.model_validate({**base, "cord": {"integrator": {"name": "merger", "backend": "openai",
+                                                                        "model": "gpt-5-mini", "base_url": "https://api.openai.com/v1"}}})
+    assert cfg.cord.integrator.name == "merger" and [t.name for t in cfg.teachers] == ["a"]

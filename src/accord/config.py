@@ -312,9 +312,19 @@ class CordConfig(_Strict):
                                  "(App. A.1); match how your models close their reasoning")
     baselines: list[Literal["curation", "integration"]] = Field(
         default_factory=lambda: ["curation"], description="post-hoc baselines at the same trajectory budget (§5)")
-    integrator: str | None = Field(None, description="integration: teacher name of the merging LLM")
+    integrator: TeacherConfig | None = Field(
+        None, description="integration: the merging LLM as its own model entry ({name, backend, model, ...}; "
+        "GPT-5-mini in the paper); it merges the curation traces and never proposes steps")
     limit: int | None = Field(None, ge=1, description="only the first N problems")
     seed: int = Field(0)
+
+    @field_validator("integrator", mode="before")
+    @classmethod
+    def _integrator(cls, v):
+        if isinstance(v, str):
+            raise ValueError(f"give the integrator as its own model entry, e.g. {{name: merger, backend: openai, "
+                             f"model: gpt-5-mini}}, not a teacher name ({v!r}): a teacher would also propose steps")
+        return v
 
 
 class AccordConfig(_Strict):
@@ -338,10 +348,8 @@ class AccordConfig(_Strict):
         for m in self.train.methods:
             if m.startswith("std:") and m[4:] not in names + ["cord"]:
                 raise ValueError(f"train.method {m!r}: {m[4:]!r} is not one of the teachers {names}")
-        for key in ("meta_prover", "integrator"):
-            v = getattr(self.cord, key)
-            if v is not None and v not in names:
-                raise ValueError(f"cord.{key} {v!r} is not one of the teachers {names}")
+        if self.cord.meta_prover is not None and self.cord.meta_prover not in names:
+            raise ValueError(f"cord.meta_prover {self.cord.meta_prover!r} is not one of the teachers {names}")
         w = self.train.merge.weights
         if w is not None and len(w) != len(names):
             raise ValueError(f"train.merge.weights has {len(w)} value(s) for {len(names)} teacher(s)")

@@ -7,7 +7,9 @@ teacher ``cord`` (style ``cord``), and ``corpora/cord.jsonl`` holds the correct
 ones, so ``train.method: std:cord`` trains on it like any teacher corpus.  The
 curation baseline (``cord-curation``; each teacher writes B complete traces, the
 same score picks one) and the optional integration baseline (``cord-integration``;
-an LLM merges the teachers' traces, App. A.2) are stored beside it.
+a separate LLM — ``cord.integrator``, its own model entry, never a proposer —
+merges the curation traces with the paper's Table 17 prompt and its JSON answer
+is read back into ``<think>`` steps and an answer) are stored beside it.
 
 ``<run_dir>/cord/summary.json`` holds answer accuracy and mean predictive
 perplexity of CoRD vs the baselines (Table 2), teacher hit rates over
@@ -35,11 +37,69 @@ from accord.cord.decode import (
 from accord.cord.score import CordError, Scorer
 
 BINS = 10
-INTEGRATION_PROMPT = (
-    "You are given a problem and several reasoning traces written by different solvers. Merge them into one "
-    "coherent reasoning trace: keep the steps the traces agree on, fix or drop the wrong ones, and keep the "
-    "long-form thinking style. Write the merged reasoning inside <think>...</think>, then the final answer as "
-    "\\boxed{{...}}.\n\nProblem:\n{question}\n\n{traces}")
+# CoRD Table 17, verbatim but for the two placeholders (the teachers' traces go in <reasoning_step_i> tags).
+INTEGRATION_PROMPT = """Instruction
+
+You are tasked with analyzing multiple reasoning solutions and integrating them into a single, structured JSON output.
+
+1. Integrate All Reasoning
+- The reasoning steps are provided inside XML tags such as:
+<reasoning_step_1> ... </reasoning_step_1>
+<reasoning_step_2> ... </reasoning_step_2>
+- Merge the content inside all these XML tags into one unified reasoning flow.
+- Combine them carefully while maintaining logical flow and context.
+
+2. Assign IDs
+- Each sub-thinking process should have its own unique ID.
+- Use a hierarchy such as:
+"integrated_step1", "integrated_step2" for overall stages of integrated reasoning.
+"answer_part" for the final answer section and use `\\boxed{{ }}` format for the final answer.
+
+3. Categorize Reasoning Patterns
+Categorize the reasoning according to its type to ensure effective integration:
+- Progressive Reasoning: Logical, forward-moving step-by-step problem solving.
+Indicators: "Let's solve", "First", "Next", "Then", "Therefore", "We need to", "Given that".
+- Verification: Returning to check previous steps for accuracy.
+Indicators: "Wait", "Let me check", "Let me verify", "Double-check", "Going back to".
+- Multi-method Validation: Using different methods or perspectives to confirm a conclusion.
+Indicators: "Alternatively", "Another way", "Let's try a different approach", "Using another method".
+- Error Correction Pattern: Identifying and fixing mistakes in reasoning.
+Indicators: "This is wrong", "The mistake was", "This can't be right", "The error is", "This contradicts".
+
+4. Return Your Integration in JSON Format
+Provide your integrated reasoning in the following JSON structure:
+{{
+  "integrated_step1": {{"content": "### Step 1. <integrated reasoning text>", "category": "<reasoning pattern>"}},
+  "integrated_step2": {{"content": "### Step 2. <integrated reasoning text>", "category": "<reasoning pattern>"}},
+  ...
+  "integrated_stepN": {{"content": "### Step N. <integrated reasoning text>", "category": "<reasoning pattern>"}},
+  "answer_part": ["<final answer in boxed format>"]
+}}
+
+Question: {question}
+
+Reasoning Steps: {traces}"""
+
+
+def parse_integration(text: str) -> tuple[str, str] | None:
+    """(reasoning, answer) from the integrator's JSON (Table 17's shape): the ``integrated_step*`` contents in
+    order, and ``answer_part``; None when no such JSON object can be read."""
+    import re
+
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None
+    try:
+        obj = json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    keys = sorted((k for k in obj if re.fullmatch(r"integrated_step\d+", k)), key=lambda k: int(k[15:]))
+    steps = [v.get("content", "") if isinstance(v, dict) else str(v) for v in (obj[k] for k in keys)]
+    ans = obj.get("answer_part", "")
+    ans = " ".join(map(str, ans)) if isinstance(ans, list) else str(ans)
+    return ("\n".join(s.strip() for s in steps if s), ans.strip()) if steps or ans else None
 
 
 def settings(cfg) -> CordSettings:
@@ -82,6 +142,7 @@ def run_cord(cfg, console) -> dict:
     if not gen_cfgs:
         raise CordError("cord needs teachers that generate (not only `column` imports)")
     teachers = {t.name: load_teacher(t) for t in gen_cfgs}
+    integrator = load_teacher(c.integrator) if c.integrator and "integration" in c.baselines else None
     meta = teachers[c.meta_prover or gen_cfgs[0].name]
     scorer = Scorer(c.selection, meta, seed=c.seed, judge_runs=c.judge_runs, verifier=cfg.collect.verifier,
                     template=c.answer_template)
@@ -105,11 +166,12 @@ def run_cord(cfg, console) -> dict:
                 unscorable.append(p.id)  # skipped and counted; the rest of the run goes on
                 console.print(f"[yellow]warning[/]: problem {p.id} skipped: {why}")
                 continue
-            rows = _one_problem(cfg, teachers, scorer, pp, render_prompt(style, p.question), p, cs, timing, failures)
+            rows = _one_problem(cfg, teachers, scorer, pp, render_prompt(style, p.question), p, cs, timing, failures,
+                                integrator)
             store.put_traces(rows)
     summary = summarize(cfg, store, problems, list(teachers), timing, skipped, failures, unscorable)
     _write_corpus(cfg, store, problems)
-    for t in teachers.values():
+    for t in [*teachers.values(), *([integrator] if integrator else [])]:
         t.close()
     store.close()
     _print(summary, console)
@@ -128,7 +190,7 @@ def _gold_ok(answer: str, verifier: str) -> bool:
     return True
 
 
-def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures) -> list[dict]:
+def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures, integrator=None) -> list[dict]:
     c = cfg.cord
     t0, tm = time.perf_counter(), Timing()
     s0 = scorer.seconds
@@ -147,8 +209,8 @@ def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures) -> 
         timing["curation_meta_prover_s"] += pp.seconds - s0
         if picked is not None and "curation" in c.baselines:
             rows.append(_row(cfg, p, "cord-curation", prompt, picked, picked.score, time.perf_counter() - t0))
-        if pool and "integration" in c.baselines and c.integrator:
-            rows.append(_integrate(cfg, teachers[c.integrator], pp, prompt, p, pool, cs))
+        if pool and integrator is not None:
+            rows.append(_integrate(cfg, integrator, pp, prompt, p, pool, cs))
         _merge_failures(failures, tm.failures)
     return rows
 
@@ -166,12 +228,17 @@ def _integrate(cfg, integrator, pp, prompt, p, pool, cs) -> dict:
     from accord.cord.decode import THINK_CLOSE, THINK_OPEN, Trajectory
     from accord.teachers.base import Request, SamplingParams
 
-    traces = "\n\n".join(f"Trace {i + 1} ({t.writer}):\n{t.text}" for i, t in enumerate(pool))
+    traces = "\n".join(f"<reasoning_step_{i + 1}> {t.reasoning[len(THINK_OPEN):-len(THINK_CLOSE)].strip()} "
+                       f"</reasoning_step_{i + 1}>" for i, t in enumerate(pool))
     t0 = time.perf_counter()
     g = integrator.generate([Request(INTEGRATION_PROMPT.format(question=p.question, traces=traces))],
                             SamplingParams(temperature=0.0, max_new_tokens=cs.think_tokens + cs.answer_tokens))[0]
-    think, _, ans = g.text.partition(THINK_CLOSE)
-    think = think.split(THINK_OPEN.strip(), 1)[-1].lstrip("\n")
+    parsed = parse_integration(g.text)
+    if parsed is not None:
+        think, ans = parsed[0] + "\n", "\n\n" + parsed[1]
+    else:  # no JSON: the raw text, read as reasoning then answer (counted as integration_unparsed)
+        think, _, ans = g.text.partition(THINK_CLOSE)
+        think = think.split(THINK_OPEN.strip(), 1)[-1].lstrip("\n")
     traj = Trajectory(THINK_OPEN + think + THINK_CLOSE + ans, THINK_OPEN + think + THINK_CLOSE, ans,
                       [((integrator.name,), think)], 0.0, integrator.name, False, g.token_count)
     score = pp(prompt, THINK_OPEN, [think], p.answer)[0]
