@@ -71,3 +71,16 @@ def test_override_errors(cfg_file):
         load_config(cfg_file, ["teachers.gamma.model=x"])
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(cfg_file, ["collect.samples"])
+
+
+@pytest.mark.parametrize("name", ["mot-paper.yaml", "cord-paper.yaml", "lab-quickstart.yaml", "lab-quick.yaml"])
+def test_shipped_configs_validate(name):
+    """The paper-scale configs validate offline (`accord config`; nothing downloads)."""
+    from pathlib import Path
+
+    from conftest import run_cli
+
+    code, out = run_cli("config", str(Path(__file__).parents[1] / "configs" / name))
+    assert code == 0, out
+    if name == "mot-paper.yaml":
+        assert "mot_schedule: per-round" in out and "steps_per_round: 50" in out and "k: 16" in out

@@ -355,3 +355,37 @@ def test_integration_json_is_read_back_and_a_teacher_name_is_refused(tmp_path):
     cfg = AccordConfig.model_validate({**base, "cord": {"integrator": {"name": "merger", "backend": "openai",
                                                                         "model": "gpt-5-mini", "base_url": "https://api.openai.com/v1"}}})
     assert cfg.cord.integrator.name == "merger" and [t.name for t in cfg.teachers] == ["a"]
+
+
+def test_meta_prover_defaults_to_the_best_collected_teacher(tmp_path):
+    from accord.cord import default_meta_prover
+
+    class Cfg:
+        run_dir = str(tmp_path)
+
+    notes = []
+    con = type("C", (), {"print": lambda self, m: notes.append(m)})()
+    assert default_meta_prover(Cfg, ["a", "b"], con) == "a" and "first teacher" in notes[-1]
+    (tmp_path / "collect_summary.json").write_text(json.dumps([{"teacher": "a", "accuracy": 0.5},
+                                                               {"teacher": "b", "accuracy": 0.8}]))
+    assert default_meta_prover(Cfg, ["a", "b"], con) == "b" and "80.0%" in notes[-1]
+
+
+def test_per_teacher_temperature_and_whole_trajectory_selection():
+    """CoRD's homogeneous setup samples one model at several temperatures; Random / Max-length pick among
+    complete trajectories (curation-style), not step by step."""
+    from accord.cord.decode import _propose
+
+    class T:
+        def __init__(self, name, temperature):
+            self.name, self.cfg, self.params = name, type("C", (), {"temperature": temperature})(), []
+
+        def generate(self, reqs, params):
+            self.params.append(params)
+            return [Generation(text="x\n", token_count=1, stop_string="### Step") for _ in reqs]
+
+    from accord.cord.decode import Beam
+
+    ts = {"cold": T("cold", 0.5), "default": T("default", None)}
+    _propose(ts, "q", [Beam()], CordSettings(temperature=0.6), 1, Timing(), 0)
+    assert ts["cold"].params[0].temperature == 0.5 and ts["default"].params[0].temperature == 0.6

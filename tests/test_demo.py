@@ -22,6 +22,14 @@ def test_demo_quick_profile_end_to_end(tmp_path, monkeypatch):
         assert (tmp_path / "run" / "train" / name / "result.json").exists(), name
     assert "<table>" in (tmp_path / "run" / "report" / "index.html").read_text()
     assert "mot" in out and "target pass@1" in out
+    # the quick lab's student has the primitive (one step answered directly) but not the chain, and the
+    # quick profile's own bands held (a miss would be a warning in the output and `weak` in the manifest)
+    from accord.lab.build import status
+
+    st = {m["name"]: m for m in status("quick")["models"]}
+    acc = st["student"]["accuracy"]
+    assert acc["one_step_greedy"] >= 0.6 and acc["target_pass1"] <= 0.2 and acc["general_greedy"] >= 0.85
+    assert not any(m["weak"] for m in st.values()), {n: m["weak"] for n, m in st.items()}
 
 
 def _retarget(name, tmp_path):

@@ -76,8 +76,10 @@ def test_micro_build_status_and_roundtrip(micro_lab, capsys):
     _, out = run_cli("lab", "status", "--profile", "micro", "--json")
     st = json.loads(out)
     names = {m["name"]: m for m in st["models"]}
-    assert set(names) == {"terse", "verbose", "verify", "shifted", "student"}
+    assert set(names) == {"terse", "verbose", "verify", "shifted", "student", "random"}
     assert names["student"]["role"] == "student" and names["terse"]["role"] == "teacher"
+    # lab:random: the student's architecture and initialisation, untrained (for the prior's share)
+    assert names["random"]["role"] == "random-init" and names["random"]["training"]["steps"] == 0
     for m in st["models"]:
         assert {"target_greedy", "target_pass1", "general_greedy", "one_step_greedy"} <= set(m["accuracy"])
         assert all(0.0 <= v <= 1.0 for v in m["accuracy"].values())
@@ -169,7 +171,7 @@ def test_unreachable_band_warns_and_exits_nonzero(tmp_path, monkeypatch):
     code, out = run_cli("lab", "build", "--profile", "micro")
     assert code == 1 and "missed its band" in out and "'terse'" in out and "--allow-weak" in out
     weak = {m["name"]: m["weak"] for m in B.read_manifest("micro")["models"]}
-    assert weak["terse"] and not weak["student"]
+    assert weak["terse"] and not weak["student"] and not weak["random"]  # no band for the untrained model
     code, out = run_cli("lab", "build", "--profile", "micro", "--allow-weak")
     assert code == 0
 

@@ -248,3 +248,30 @@ def test_method_table_shows_the_selected_and_the_last_checkpoint():
     _, body = method_table(rows, results, ["target"])
     assert [r[0] for r in body] == ["base", "mtd (validation-selected)", "mtd (last)", "mot"]
     assert body[1][1] == 0.6 and body[2][1] == 0.4
+
+
+def test_a_hub_id_student_is_read_from_the_cache_before_training(tmp_path, micro, monkeypatch):
+    """The paper's own student is a hub id: merging (post-hoc here) must find its files (issue 12, bug 10)."""
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(micro, snap)
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\boxed{7}"}]}
+    for name in ("a", "b"):
+        write_jsonl(run / "corpora" / f"{name}.jsonl", [good] * 4)
+    teachers = [{"name": "a", "backend": "column", "column": "a"}, {"name": "b", "backend": "column", "column": "b"}]
+    cfg = pipeline_cfg(tmp_path, "unused.jsonl", teachers, "org/tiny", method=["posthoc"], rounds=1,
+                       steps_per_round=1)
+    code, out = run_cli("train", str(cfg))
+    assert code == 0, out
+    merged = json.loads((run / "train" / "posthoc" / "final" / "merge.json").read_text())
+    assert merged["base"] == str(snap)
+    # a hub id that is not in the cache fails before any training starts
+    shutil.rmtree(run / "train")
+    code, out = run_cli("train", str(cfg), "student.model=org/missing")
+    assert code == 2 and "cannot read 'org/missing'" in out and not (run / "train" / "std-a").exists()

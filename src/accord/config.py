@@ -92,6 +92,9 @@ class TeacherConfig(_Strict):
     answer_column: str | None = Field(None, description="column: optional column holding the final answer/attempt")
     # shared
     system_prompt: str | None = Field(None, description="optional system message")
+    temperature: float | None = Field(None, ge=0, description="this teacher's sampling temperature in CoRD "
+                                      "(default cord.temperature; CoRD's homogeneous setup: one model at "
+                                      "0.5 / 0.6 / 0.7)")
     vllm_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra LLM(...) keyword arguments")
 
     @field_validator("name")
@@ -299,7 +302,8 @@ class CordConfig(_Strict):
         "predictive-perplexity", description="step score (§4.2; alternatives §5.2.2)")
     search: Literal["beam", "mcts"] = Field("beam", description="beam search (§4.3; beam=1 is greedy) or the MCTS "
                                             "baseline (§5.2.3) with UCB and `beam` roll-outs")
-    meta_prover: str | None = Field(None, description="teacher name whose model scores steps (default: the first)")
+    meta_prover: str | None = Field(None, description="teacher name whose model scores steps (default: the best "
+                                    "collected accuracy, else the first; the paper uses the strongest)")
     max_steps: int = Field(32, ge=1, description="steps per trajectory at most")
     step_tokens: int = Field(256, ge=1, description="tokens per proposed step at most")
     think_tokens: int = Field(4096, ge=1, description="reasoning budget; past it </think> is appended")
@@ -312,6 +316,9 @@ class CordConfig(_Strict):
                                  "(App. A.1); match how your models close their reasoning")
     baselines: list[Literal["curation", "integration"]] = Field(
         default_factory=lambda: ["curation"], description="post-hoc baselines at the same trajectory budget (§5)")
+    curation_rollouts: int | None = Field(None, ge=1, description="complete traces per teacher for curation "
+                                          "(default: beam, the same trajectory budget; Curation×2 = 2·beam, "
+                                          "Table 15)")
     integrator: TeacherConfig | None = Field(
         None, description="integration: the merging LLM as its own model entry ({name, backend, model, ...}; "
         "GPT-5-mini in the paper); it merges the curation traces and never proposes steps")
@@ -346,7 +353,7 @@ class AccordConfig(_Strict):
         if self.collect.judge and self.collect.judge.teacher not in names:
             raise ValueError(f"collect.judge.teacher {self.collect.judge.teacher!r} is not one of the teachers {names}")
         for m in self.train.methods:
-            if m.startswith("std:") and m[4:] not in names + ["cord"]:
+            if m.startswith("std:") and m[4:] not in names + ["cord", "cord-curation", "cord-integration"]:
                 raise ValueError(f"train.method {m!r}: {m[4:]!r} is not one of the teachers {names}")
         if self.cord.meta_prover is not None and self.cord.meta_prover not in names:
             raise ValueError(f"cord.meta_prover {self.cord.meta_prover!r} is not one of the teachers {names}")

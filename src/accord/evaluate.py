@@ -113,9 +113,9 @@ def hash_id(pid: str) -> int:
 
 def eval_points(cfg, results: list[dict]) -> list[dict]:
     """(key, label, path) of every checkpoint to evaluate: the base student, then each result's curve/final."""
-    from accord.teachers.base import resolve_model
+    from accord.teachers.base import local_model_dir
 
-    pts = [{"key": "base", "model": "base", "steps": 0, "path": resolve_model(cfg.student.model, "student")}]
+    pts = [{"key": "base", "model": "base", "steps": 0, "path": str(local_model_dir(cfg.student.model, "student"))}]
     for r in results:
         curve = r.get("curve") or []
         if not cfg.eval.every_checkpoint:

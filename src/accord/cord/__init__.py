@@ -143,7 +143,7 @@ def run_cord(cfg, console) -> dict:
         raise CordError("cord needs teachers that generate (not only `column` imports)")
     teachers = {t.name: load_teacher(t) for t in gen_cfgs}
     integrator = load_teacher(c.integrator) if c.integrator and "integration" in c.baselines else None
-    meta = teachers[c.meta_prover or gen_cfgs[0].name]
+    meta = teachers[c.meta_prover or default_meta_prover(cfg, [t.name for t in gen_cfgs], console)]
     scorer = Scorer(c.selection, meta, seed=c.seed, judge_runs=c.judge_runs, verifier=cfg.collect.verifier,
                     template=c.answer_template)
     pp = scorer if c.selection == "predictive-perplexity" else Scorer("predictive-perplexity", meta,
@@ -194,9 +194,12 @@ def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures, int
     c = cfg.cord
     t0, tm = time.perf_counter(), Timing()
     s0 = scorer.seconds
-    search = mcts_search if c.search == "mcts" else beam_search
-    best = search(teachers, scorer, prompt, p.answer, cs, tm)
-    traj = finish(teachers, prompt, best, cs, tm)
+    if c.selection in WHOLE_TRAJECTORY:  # the paper's Random / Max-length: picked among finished traces
+        traj, _ = curate(teachers, scorer, prompt, p.answer, cs, tm, rollouts=cs.beam)
+        traj = traj or finish(teachers, prompt, beam_search(teachers, scorer, prompt, p.answer, cs, tm), cs, tm)
+    else:
+        search = mcts_search if c.search == "mcts" else beam_search
+        traj = finish(teachers, prompt, search(teachers, scorer, prompt, p.answer, cs, tm), cs, tm)
     timing["cord_generation_s"] += tm.generation_s
     timing["cord_meta_prover_s"] += scorer.seconds - s0
     rows = [_row(cfg, p, "cord", prompt, traj, _pp(pp, scorer, prompt, traj, p.answer), time.perf_counter() - t0,
@@ -204,7 +207,7 @@ def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures, int
     _merge_failures(failures, tm.failures)
     if "curation" in c.baselines or "integration" in c.baselines:
         t0, tm, s0 = time.perf_counter(), Timing(), pp.seconds
-        picked, pool = curate(teachers, pp, prompt, p.answer, cs, tm, rollouts=cs.beam)
+        picked, pool = curate(teachers, pp, prompt, p.answer, cs, tm, rollouts=c.curation_rollouts or cs.beam)
         timing["curation_generation_s"] += tm.generation_s
         timing["curation_meta_prover_s"] += pp.seconds - s0
         if picked is not None and "curation" in c.baselines:
@@ -325,17 +328,47 @@ def plot_hit_rates(hr: dict, path: Path) -> Path | None:
     return path
 
 
+PIPELINES = ("cord", "cord-curation", "cord-integration")
+WHOLE_TRAJECTORY = ("random", "max-length")  # CoRD §5.2.2: these baselines choose among complete traces
+
+
+def default_meta_prover(cfg, names: list[str], console) -> str:
+    """The paper uses the strongest teacher as meta-prover: the best collected accuracy when a collection
+    exists (``collect_summary.json``), else the first teacher — with a note saying which and why."""
+    p = Path(cfg.run_dir) / "collect_summary.json"
+    acc = {}
+    if p.exists():
+        try:  # a list of per-teacher records (MoT Table 21's columns)
+            acc = {r["teacher"]: r["accuracy"] for r in json.loads(p.read_text())
+                   if isinstance(r, dict) and r.get("teacher") in names and r.get("accuracy") is not None}
+        except (json.JSONDecodeError, TypeError, KeyError):
+            acc = {}
+    if acc:
+        best = max(names, key=lambda n: (acc.get(n, -1.0), -names.index(n)))
+        console.print(f"note: meta-prover {best!r} (best collected accuracy, {acc[best]:.1%}); set cord.meta_prover "
+                      "to choose")
+        return best
+    console.print(f"note: meta-prover {names[0]!r} (the first teacher; no collection to rank them); set "
+                  "cord.meta_prover to choose — the paper uses the strongest")
+    return names[0]
+
+
 def _write_corpus(cfg, store, problems) -> int:
+    """``corpora/<pipeline>.jsonl`` for CoRD and each baseline: ``std:cord-curation`` trains on curation (Table 3)."""
     from accord.collect import _write_jsonl, corpus_row
     from accord.verify import CORRECT
 
     by_id = {p.id: p for p in problems}
-    rows = [corpus_row(r, by_id[r["problem_id"]]) for r in store.traces("cord")
-            if r["problem_id"] in by_id and r["verdict"] == CORRECT]
     out = Path(cfg.run_dir) / "corpora"
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "cord.jsonl", rows)
-    return len(rows)
+    n = 0
+    for name in PIPELINES:
+        rows = [corpus_row(r, by_id[r["problem_id"]]) for r in store.traces(name)
+                if r["problem_id"] in by_id and r["verdict"] == CORRECT]
+        if rows or name == "cord":
+            _write_jsonl(out / f"{name}.jsonl", rows)
+            n += len(rows) if name == "cord" else 0
+    return n
 
 
 def _print(s: dict, console) -> None:

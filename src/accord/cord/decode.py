@@ -84,13 +84,14 @@ def _propose(teachers: dict, prompt: str, beams: list[Beam], cs: CordSettings, s
     stops = tuple(stop_strings(cs.segmentation))
     for k, (name, teacher) in enumerate(teachers.items()):
         reqs, leads = [], []
+        temperature = getattr(getattr(teacher, "cfg", None), "temperature", None)
+        temperature = cs.temperature if temperature is None else temperature  # homogeneous setup: per teacher
         for b in beams:
             lead = step_lead(cs.segmentation, step_no, b.last_stop)
             leads.append(lead)
             reqs.append(Request(prompt, prefix=THINK_OPEN + b.text + lead,
                                 seed=mix_seed(seed, prompt, k, beams.index(b), step_no)))
-        params = SamplingParams(temperature=cs.temperature, top_p=cs.top_p, max_new_tokens=cs.step_tokens,
-                                stop=stops)
+        params = SamplingParams(temperature=temperature, top_p=cs.top_p, max_new_tokens=cs.step_tokens, stop=stops)
         t0 = time.perf_counter()
         try:
             gens = teacher.generate(reqs, params)
@@ -182,9 +183,11 @@ def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, t
     done: list[Trajectory] = []
     for k, (name, teacher) in enumerate(teachers.items()):
         reqs = [Request(prompt, prefix=THINK_OPEN, seed=mix_seed(cs.seed, prompt, k, r)) for r in range(rollouts)]
+        temperature = getattr(getattr(teacher, "cfg", None), "temperature", None)
         t0 = time.perf_counter()
         try:  # the same budget as CoRD: think_tokens of reasoning, forced close, then the answer
-            gens = teacher.generate(reqs, SamplingParams(temperature=cs.temperature, top_p=cs.top_p,
+            gens = teacher.generate(reqs, SamplingParams(temperature=cs.temperature if temperature is None
+                                                         else temperature, top_p=cs.top_p,
                                                          max_new_tokens=cs.think_tokens, stop=(THINK_CLOSE,)))
             gens = [g for g in gens if not (g.failed and _fail(timing, name))]
             thinks = [g.text.partition(THINK_CLOSE)[0] for g in gens]

@@ -118,3 +118,23 @@ def resolve_model(spec: str, who: str = "model") -> str:
     if spec.startswith(("/", "./", "../", "~")) or spec.startswith(".") or p.suffix in (".safetensors", ".bin"):
         raise TeacherConfigError(f"{who}: model path {spec!r} does not exist")
     return spec  # a hub id; loading says clearly if it cannot be fetched
+
+
+# what a checkpoint needs on disk (weights, config, tokenizer, chat template); nothing else is fetched
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def local_model_dir(spec: str, who: str = "model") -> Path:
+    """A local checkpoint directory for ``spec``: a path or lab model as :func:`resolve_model`, a hub id
+    as its snapshot in the Hugging Face cache (fetched once if not there; ``HF_HUB_OFFLINE=1`` reads the
+    cache only).  Merging and evaluation need files, not a name: resolving up front fails before training."""
+    path = Path(resolve_model(spec, who))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=CHECKPOINT_FILES))
+    except Exception as e:  # offline without a cached copy, a typo, a gated repo: say which and why
+        raise TeacherConfigError(f"{who}: cannot read {spec!r} as a local checkpoint or a cached hub snapshot "
+                                 f"({type(e).__name__}: {e})") from None

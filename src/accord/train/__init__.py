@@ -35,7 +35,14 @@ RECIPES = {"std": _std, "mtd": _mtd, "posthoc": _posthoc, "mot": _mot}
 
 
 def run_training(cfg, console) -> list[dict]:
-    """Run every method in ``train.method`` in order; finished ones are skipped."""
+    """Run every method in ``train.method`` in order; finished ones are skipped.
+
+    The student is resolved to a local checkpoint first (a hub id → its cached snapshot), so a base that
+    merging (post-hoc, MoT's TIES/DARE) cannot read fails here, before any training."""
+    from accord.teachers.base import local_model_dir
+
+    local = str(local_model_dir(cfg.student.model, "student"))
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"model": local})})
     results = []
     for m in cfg.train.methods:
         name, _, arg = m.partition(":")

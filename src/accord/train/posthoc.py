@@ -8,7 +8,7 @@ every round, applied once at the end.  Compute: the sum of the STD runs.
 from __future__ import annotations
 
 from accord.config import AccordConfig
-from accord.teachers.base import resolve_model
+from accord.teachers.base import local_model_dir
 from accord.train.common import read_result, train_dir, write_result
 from accord.train.merge import MergeSpec, merge_checkpoints
 from accord.train.sft import run_std
@@ -23,7 +23,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     weights = _weights_for(cfg, [s["teachers"][0] for s in stds])
     spec = MergeSpec(method=m.method, weights=weights, density=m.density, normalize=m.normalize, seed=m.seed)
     final = train_dir(cfg, "posthoc") / "final"
-    merge_checkpoints(resolve_model(cfg.student.model, "student"), [s["final"] for s in stds], spec, final)
+    merge_checkpoints(local_model_dir(cfg.student.model, "student"), [s["final"] for s in stds], spec, final)
     console.print(f"posthoc: merged {len(stds)} STD students with {m.method} → {final}")
     return [write_result(cfg, "posthoc", method="posthoc", final=str(final), curve=[],
                         branch_steps=sum(s["branch_steps"] for s in stds), teachers=[s["teachers"][0] for s in stds])]
