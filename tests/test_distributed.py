@@ -61,3 +61,33 @@ def test_two_processes_match_one(tmp_path, micro):
         for k in w1:
             assert torch.allclose(w1[k], w2[k], atol=1e-5), (rel, k)
     assert not (two / "train" / "mot" / "round-1" / "branch-a").exists()  # branch files cleaned after the merge
+
+
+@pytest.mark.timeout(600)
+def test_compact_on_two_processes_matches_one(tmp_path, micro):
+    """COMPACT shards whole problems across processes and normalises by the global problem count."""
+    def setup_compact(name):
+        run = tmp_path / name
+        (run / "corpora").mkdir(parents=True)
+        traces = ["<think>\n(1) 3>4\n</think>\n\n\\boxed{4}", "<think>\n(1) 5>1 (2) 1>4\n</think>\n\n\\boxed{4}"]
+        for k, t in enumerate(("a", "b")):
+            write_jsonl(run / "corpora" / f"{t}.jsonl",
+                        [{"problem_id": f"p{i}", "answer": "4",
+                          "messages": [{"role": "user", "content": f"Start at {i}."},
+                                       {"role": "assistant", "content": traces[(i + k) % 2]}]} for i in range(6)])
+        cfg = {"run_dir": str(run), "problems": {"path": "unused.jsonl"}, "student": {"model": str(micro)},
+               "teachers": [{"name": "a", "backend": "column", "column": "a"},
+                            {"name": "b", "backend": "column", "column": "b"}],
+               "train": {"method": ["compact"], "rounds": 1, "steps_per_round": 2, "batch_size": 4, "lr": 1e-2,
+                         "max_len": 64}}
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        return p, run
+
+    one_cfg, one = setup_compact("one")
+    two_cfg, two = setup_compact("two")
+    launch(one_cfg, 1, tmp_path)
+    launch(two_cfg, 2, tmp_path)
+    w1, w2 = weights(one / "train/compact/final"), weights(two / "train/compact/final")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k

@@ -44,7 +44,7 @@ def test_loss_is_token_normalised_over_the_whole_step(micro):
     ref = torch.stack(ref_terms).mean()
     n_tok = len(ref_terms)
     model.zero_grad()
-    loss = sft_step(model, [collate(ex[:2], tok.pad_token_id), collate(ex[2:], tok.pad_token_id)], "cpu", n_tok)
+    loss, _ = sft_step(model, [collate(ex[:2], tok.pad_token_id), collate(ex[2:], tok.pad_token_id)], "cpu", n_tok)
     g_split = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     ref.backward()

@@ -221,7 +221,7 @@ class ReplayConfig(_Strict):
 
 class TrainConfig(_Strict):
     method: str | list[str] = Field(
-        "mot", description="std (every teacher), std:<teacher>, mtd, posthoc, mot; a list runs several and "
+        "mot", description="std (every teacher), std:<teacher>, mtd, posthoc, mot, compact; a list runs several and "
         "compares them")
     rounds: int = Field(3, ge=1, description="MoT rounds T; std/mtd train T×S steps with a checkpoint every S")
     steps_per_round: int = Field(50, ge=1, description="S: optimizer steps per branch per round (MoT §4.2)")
@@ -259,8 +259,8 @@ class TrainConfig(_Strict):
     @classmethod
     def _method(cls, v: str | list[str]) -> str | list[str]:
         for m in [v] if isinstance(v, str) else v:
-            if m.split(":", 1)[0] not in ("std", "mtd", "posthoc", "mot"):
-                raise ValueError(f"unknown train method {m!r}; choose std, std:<teacher>, mtd, posthoc, mot")
+            if m.split(":", 1)[0] not in ("std", "mtd", "posthoc", "mot", "compact"):
+                raise ValueError(f"unknown train method {m!r}; choose std, std:<teacher>, mtd, posthoc, mot, compact")
         return v
 
 
@@ -334,6 +334,28 @@ class CordConfig(_Strict):
         return v
 
 
+class CompactConfig(_Strict):
+    """COMPACT (paper 001): per-instance teacher weights from the student's own scores (Eq. 7)."""
+    beta: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="β₁ (S_MI), β₂ (S_cons), β₃ (S_PPL) of "
+                                             "Eq. 7; the paper gives none (1, 1, 1)")
+    tau: float = Field(1.0, gt=0, description="softmax temperature τ of Eq. 7")
+    mcon_weight: float = Field(0.1, ge=0, description="λ of Eq. 10: weight of the answer-span consistency loss "
+                               "(MCC-KD's default 0.1)")
+    epsilon: float = Field(0.1, ge=0, description="mask weight M_t away from thinking words (Eq. 3); 1 = uniform")
+    thinking_words: list[str] = Field(
+        default_factory=lambda: ["So", "Hmm", "Okay", "First", "Now", "Wait", "But", "Then", "Since", "Therefore",
+                                 "Maybe", "Let", "Because", "Thus", "Alternatively", "Actually"],
+        description="words whose emitting state gets M_t = 1 (whole words, case-sensitive)")
+    scores: list[Literal["mi", "cons", "ppl"]] = Field(
+        default_factory=lambda: ["mi", "cons", "ppl"], description="scores used (ablations of Fig. 5/6; [] = the "
+        "paper's \"Direct Avg.\", α = 1/K′)")
+    sft_norm: Literal["trace-mean", "token-sum"] = Field(
+        "trace-mean", description="L_SFT per trace: mean NLL (default; α stays each teacher's share) or Eq. 8's sum")
+    consensus_self: Literal["include", "exclude"] = Field(
+        "include", description="S_cons softmax over all traces (the paper's form) or without the self loop")
+    mi_reduce: Literal["sum", "mean"] = Field("sum", description="S_MI as Eq. 3's sum (favours long traces) or mean")
+
+
 class AccordConfig(_Strict):
     run_dir: str = Field("runs/default", description="where every stage writes its files")
     problems: ProblemsConfig
@@ -343,6 +365,7 @@ class AccordConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cord: CordConfig = Field(default_factory=CordConfig)
+    compact: CompactConfig = Field(default_factory=CompactConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> "AccordConfig":

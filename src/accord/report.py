@@ -19,7 +19,7 @@ import html
 import json
 from pathlib import Path
 
-ORDER = ("base", "std", "mtd", "posthoc", "mot")
+ORDER = ("base", "std", "mtd", "posthoc", "mot", "compact")
 
 
 def final_rows(eval_rows: list[dict]) -> dict[str, dict[str, dict]]:
@@ -167,6 +167,52 @@ def plot_branch_losses(metrics: Path, path: Path) -> Path | None:
     return path
 
 
+def plot_alpha(metrics: Path, path: Path) -> Path | None:
+    """COMPACT Fig. 3: each teacher's mean weight α over training steps (a light running mean)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        ev = json.loads(line)
+        for k, v in ev.items():
+            if k.startswith("alpha/"):
+                series.setdefault(k[6:], []).append((ev["step"], v))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    for t, pts in series.items():
+        ys = [p[1] for p in pts]
+        w = max(1, len(ys) // 40)
+        ys = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+        ax.plot([p[0] for p in pts], ys, lw=1.4, label=t)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean weight α (share)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def compact_scores(metrics: Path) -> tuple[list[str], list[list]]:
+    """Mean of each score and of α per teacher over the whole COMPACT run (the report's table)."""
+    sums: dict[tuple[str, str], list[float]] = {}
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        ev = json.loads(line)
+        for k, v in ev.items():
+            if "/" in k and k.split("/", 1)[0] in ("alpha", "s_mi", "s_cons", "s_ppl"):
+                sums.setdefault(tuple(k.split("/", 1)), []).append(v)
+    teachers = sorted({t for _, t in sums})
+    cols = ("alpha", "s_mi", "s_cons", "s_ppl")
+    body = [[t] + [(sum(sums[(c, t)]) / len(sums[(c, t)])) if (c, t) in sums else None for c in cols]
+            for t in teachers]
+    return ["teacher", "mean α", "mean S_MI", "mean S_cons", "mean S_PPL"], body
+
+
 def _html_table(head: list[str], body: list[list], best_cols: set[int] = frozenset()) -> str:
     def val(c):
         return c[0] if isinstance(c, tuple) else c
@@ -226,6 +272,11 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     for s in curves:
         page.append(f"<h2>{html.escape(s)} pass@1 by round / checkpoint (MoT Table 22, Fig. 3)</h2>"
                     f"<img src='curve-{html.escape(s)}.png' alt='{html.escape(s)} curve'>")
+    compact_metrics = run_dir / "train" / "compact" / "metrics.jsonl"
+    if plot_alpha(compact_metrics, out / "compact-alpha.png"):
+        head_c, body_c = compact_scores(compact_metrics)
+        page += ["<h2>COMPACT: each teacher's weight α over training (COMPACT Fig. 3)</h2>",
+                 "<img src='compact-alpha.png' alt='COMPACT weights'>", _html_table(head_c, body_c)]
     if plot_branch_losses(run_dir / "train" / "mot" / "metrics.jsonl", out / "mot-branch-loss.png"):
         page.append("<h2>MoT branch losses by teacher across rounds (MoT Fig. 3/4)</h2>"
                     "<img src='mot-branch-loss.png' alt='MoT branch losses'>")

@@ -31,7 +31,13 @@ def _mot(cfg, console, arg):
     return run(cfg, console)
 
 
-RECIPES = {"std": _std, "mtd": _mtd, "posthoc": _posthoc, "mot": _mot}
+def _compact(cfg, console, arg):
+    from accord.train.compact import run
+
+    return run(cfg, console)
+
+
+RECIPES = {"std": _std, "mtd": _mtd, "posthoc": _posthoc, "mot": _mot, "compact": _compact}
 
 
 def run_training(cfg, console) -> list[dict]:

@@ -94,15 +94,74 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.
     return batches
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch (training needs no left padding)."""
-    width = max(len(ids) for ids, _ in examples)
+def ex_ids(ex) -> list[int]:
+    """Input ids of an example: an ``(ids, labels)`` tuple, or a dict ``{"ids", "labels", **meta}``."""
+    return ex["ids"] if isinstance(ex, dict) else ex[0]
+
+
+def ex_labels(ex) -> list[int]:
+    return ex["labels"] if isinstance(ex, dict) else ex[1]
+
+
+def collate(examples: list, pad_id: int) -> dict:
+    """Right-padded batch (training needs no left padding); dict examples pass their other fields through
+    as ``batch["meta"]`` (one dict per row) for a recipe's ``loss_fn``."""
+    width = max(len(ex_ids(e)) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, (x, y) in enumerate(examples):
+    for r, e in enumerate(examples):
+        x, y = ex_ids(e), ex_labels(e)
         ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if examples and isinstance(examples[0], dict):
+        out["meta"] = [{k: v for k, v in e.items() if k not in ("ids", "labels")} for e in examples]
+    return out
+
+
+def grouped_batches(groups: Sequence, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Batches of whole groups (a problem's traces stay together), about ``batch_size`` rows each: groups
+    are shuffled, packed in order until the next one would overflow (a group larger than a batch is
+    a batch of its own), and the batches shuffled.  ``groups[i]`` is example i's group key."""
+    by: dict = {}
+    for i, g in enumerate(groups):
+        by.setdefault(g, []).append(i)
+    order = list(by.values())
+    rng.shuffle(order)
+    batches, cur = [], []
+    for g in order:
+        if cur and len(cur) + len(g) > batch_size:
+            batches.append(cur)
+            cur = []
+        cur = cur + g
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def shard_chunks(idx: list[int], examples: list, rank: int, world: int, micro: int) -> list[list]:
+    """This process's micro-batches of a step.  Plain examples: every ``world``-th row, cut every ``micro``
+    rows.  Examples with a ``group``: whole groups go to processes in turn and micro-batches cut on group
+    boundaries, so no problem's traces are ever split."""
+    if not (idx and isinstance(examples[idx[0]], dict) and "group" in examples[idx[0]]):
+        mine = idx[rank::world]
+        return [[examples[i] for i in mine[s:s + micro]] for s in range(0, len(mine), micro)]
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and examples[runs[-1][-1]]["group"] == examples[i]["group"]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    chunks, cur = [], []
+    for g in runs[rank::world]:
+        if cur and len(cur) + len(g) > micro:
+            chunks.append(cur)
+            cur = []
+        cur = cur + g
+    if cur:
+        chunks.append(cur)
+    return [[examples[i] for i in c] for c in chunks]
 
 
 def padding_waste(batches: list[list[int]], lengths: Sequence[int]) -> float:
@@ -133,14 +192,16 @@ def make_optimizer(model, args: TrainArgs) -> torch.optim.Optimizer:
 class BatchStream:
     """Endless length-grouped batches over encoded examples, epoch after epoch (seeded)."""
 
-    def __init__(self, examples, batch_size: int, seed: int):
+    def __init__(self, examples, batch_size: int, seed: int, batcher: Callable | None = None):
         self.examples, self.batch_size = examples, batch_size
-        self.lengths = [len(x) for x, _ in examples]
+        self.batcher = batcher or length_grouped_batches
+        self.keys = ([e["group"] for e in examples] if batcher is grouped_batches
+                     else [len(ex_ids(e)) for e in examples])
         self.rng, self.epoch, self.queue = random.Random(seed), 0, []
 
     def next(self) -> list[int]:
         if not self.queue:
-            self.queue = length_grouped_batches(self.lengths, self.batch_size, self.rng)
+            self.queue = self.batcher(self.keys, self.batch_size, self.rng)
             self.epoch += 1
         return self.queue.pop()
 
@@ -175,27 +236,46 @@ def _bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def sft_step(model, batches: list[dict], device, n_tok: int, scale: float = 1.0, backward=None,
-             no_sync=None) -> torch.Tensor:
-    """Forward/backward over micro-batches; loss = Σ token NLL / ``n_tok`` (the whole step's target tokens).
+def sft_loss(model, b: dict, n_units: int) -> tuple[torch.Tensor, dict]:
+    """The default ``loss_fn``: Σ token NLL of the micro-batch / the step's target tokens."""
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    tgt = b["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum") / max(1, n_units)
+    return loss, {}
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] float32 NLL of each target token (position t predicted by logits t−1); 0 where ignored."""
+    lg, tgt = logits[:, :-1].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1).clamp(min=0),
+                                            reduction="none").view(tgt.shape)
+    nll = nll * (tgt != IGNORE)
+    return torch.nn.functional.pad(nll, (1, 0))
+
+
+def sft_step(model, batches: list[dict], device, n_units: int, scale: float = 1.0, backward=None,
+             no_sync=None, loss_fn: Callable | None = None) -> tuple[torch.Tensor, dict]:
+    """Forward/backward over micro-batches; loss = Σ ``loss_fn`` over them, each normalised by ``n_units``
+    (the whole step's target tokens by default; problems for COMPACT).  Metrics are averaged over
+    micro-batches.
 
     ``scale`` undoes DDP's gradient averaging (× world size) so every process
-    contributes its token sum over the *global* token count.
+    contributes its sum over the *global* unit count.
     """
     import contextlib
 
-    total = torch.zeros((), device=device)
+    total, sums = torch.zeros((), device=device), {}
     for j, b in enumerate(batches):
-        b = {k: v.to(device) for k, v in b.items()}
+        b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
         ctx = no_sync(model) if (no_sync and j < len(batches) - 1) else contextlib.nullcontext()
         with ctx:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-            tgt = b["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                     ignore_index=IGNORE, reduction="sum") / max(1, n_tok)
+            loss, metrics = (loss_fn or sft_loss)(model, b, max(1, n_units))
             (backward or torch.Tensor.backward)(loss * scale)
         total += loss.detach()
-    return total
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
+    return total, sums
 
 
 @dataclass
@@ -206,13 +286,15 @@ class TrainResult:
     out_dir: Path | None = None
 
 
-def _n_targets(part: list[tuple[list[int], list[int]]]) -> int:
-    return sum(sum(1 for y in labels[1:] if y != IGNORE) for _, labels in part)
+def _n_targets(part: list) -> int:
+    return sum(sum(1 for y in ex_labels(e)[1:] if y != IGNORE) for e in part)
 
 
 def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path | None = None,
           shard: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
-          log: Callable[[dict], None] | None = None, examples: list | None = None) -> TrainResult:
+          log: Callable[[dict], None] | None = None, examples: list | None = None,
+          batcher: Callable | None = None, loss_fn: Callable | None = None,
+          units_fn: Callable[[list], int] | None = None) -> TrainResult:
     """Train ``model`` for ``args.steps`` optimizer steps on chat ``rows``.
 
     With ``out_dir``: checkpoints every ``checkpoint_every`` steps under
@@ -221,6 +303,13 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     ``examples``: ``rows`` already encoded with ``encode_example`` (MoT reuses them every round).
     ``on_step(step, loss)`` runs after every optimizer step; returning ``True`` stops training
     there (the lab's base stops once it has learned its task).
+
+    Hooks for recipes whose loss is not plain SFT (COMPACT): ``examples`` may be dicts
+    ``{"ids", "labels", "group", **meta}``; ``batcher(keys, batch_size, rng)`` makes the batches
+    (:func:`grouped_batches` keeps each ``group`` whole; groups are sharded across processes whole);
+    ``loss_fn(model, batch, n_units) -> (loss, metrics)`` replaces the token-NLL loss and its metrics
+    join the step's record in ``metrics.jsonl``; ``units_fn(micro_batch_examples) -> int`` counts the
+    normaliser (default: target tokens), summed over the step and over processes.
     """
     acc = get_accelerator(args)
     world, rank = (acc.num_processes, acc.process_index) if shard else (1, 0)
@@ -232,7 +321,7 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     opt = make_optimizer(model, args)
     out = Path(out_dir) if out_dir else None
     start, history = _resume(out, model, opt) if out else (0, [])
-    stream = BatchStream(examples, args.batch_size, args.seed)
+    stream = BatchStream(examples, args.batch_size, args.seed, batcher)
     for _ in range(start):
         stream.next()  # replay the data order up to the checkpoint (cheap: indices only)
     if shard:
@@ -246,13 +335,12 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     for step in range(start, args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        idx = stream.next()[rank::world]
-        chunks = [[examples[i] for i in idx[s:s + micro]] for s in range(0, len(idx), micro)]
-        n_tok = _global_count(acc, sum(_n_targets(c) for c in chunks), shard and world > 1)
+        chunks = shard_chunks(stream.next(), examples, rank, world, micro)
+        n_tok = _global_count(acc, sum((units_fn or _n_targets)(c) for c in chunks), shard and world > 1)
         parts = [collate(c, tok.pad_token_id) for c in chunks]
         with acc.autocast():
-            loss = sft_step(model, parts, acc.device, n_tok, scale=world, backward=acc.backward,
-                            no_sync=acc.no_sync if world > 1 else None)
+            loss, metrics = sft_step(model, parts, acc.device, n_tok, scale=world, backward=acc.backward,
+                                     no_sync=acc.no_sync if world > 1 else None, loss_fn=loss_fn)
         if world > 1:
             loss = acc.reduce(loss, "sum")
         if not torch.isfinite(loss):
@@ -268,7 +356,7 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         history.append(loss.item())
         event = {"event": "step", "step": step + 1, "loss": history[-1], "lr": lr_at(step, args),
                  "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": n_tok,
-                 "elapsed_s": round(time.perf_counter() - clock, 4)}
+                 "elapsed_s": round(time.perf_counter() - clock, 4), **metrics}  # metrics: this process's
         if local:
             _emit(acc, out, event, log, args)
         stop = bool(on_step(step, history[-1])) if on_step else False

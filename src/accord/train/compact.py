@@ -1,0 +1,362 @@
+"""COMPACT (paper 001, §3): compatibility-aware multi-teacher distillation, ``train.method: compact``.
+
+Every problem's K′ verified traces (one per teacher) train together in one micro-batch.  From the
+*same* forward that computes the loss, the student scores each trace (no extra pass, no teacher):
+
+    S_PPL,k  = mean NLL of the reasoning tokens                                   (Eq. 6)
+    S_MI,k   = Σ_t ReLU(I(t) − I(t−1)) · M_t,  I(t) = mean_j log p(g_j | h_t)        (Eqs. 2–3)
+    S_cons,k = Σ_{j≠k} A_jk,  A = mean_h softmax_j(q_i·k_j / √d_h) of the last layer  (Eqs. 4–5)
+    α(x)     = softmax((β₁ z(S_MI) + β₂ z(S_cons) − β₃ z(S_PPL)) / τ),  detached      (Eq. 7)
+    L_x      = Σ_k α_k (L_SFT,k + λ Σ_{j≠k} α_j KL(P_k ‖ P_j))                        (Eqs. 9–11)
+
+and the step's loss is Σ_x L_x / (problems in the step, over every process).  §3.4: one backward pass
+on the weighted loss — not per-teacher branches plus a merge.
+
+Readings where the paper is silent (``../shared/specs/compact.md``, its corrections win):
+1. I(t) is the LM head on h_t read from the training logits (no answer-probe passes); g = the gold
+   answer's *content* tokens (digits, letters, signs) tokenised inside ``\\boxed{…}``, shared by the K′
+   traces of a problem.
+2. Reasoning positions t = 1..T_k are the completion tokens before the final-answer clause (``</think>``,
+   else the line holding the last ``\\boxed``), t = 0 the last prompt token; so the answer-copy spike
+   is not counted.  S_PPL averages NLL over the same tokens (never the SFT loss).
+3. M_t = 1 where the *next* token c_{t+1} starts a thinking word (the state that emits it, as MI-Peaks
+   records it), ε elsewhere; words and ε configurable (``compact.thinking_words``, ``compact.epsilon``).
+   The lab's traces have no such words: its config sets ε = 1.
+4. v_k = the last decoder layer's input at EOS through its ``input_layernorm``; the layer's own
+   ``q_proj``/``k_proj`` (+ ``q_norm``/``k_norm`` where present), per head, GQA by repeating kv heads,
+   no RoPE, scale √d_h, softmax over all j (self included), incoming off-diagonal weight; computed
+   with the attention module in eval mode (no dropout noise in the scores).
+5. z-scores across a problem's K′ traces, population std, 0 when degenerate; K′ = 1 → α = 1, no MCon.
+6. L_SFT,k is the per-trace mean NLL (departure from Eq. 8's token sum, which would let a long trace
+   outweigh its α; ``compact.sft_norm: token-sum`` restores the paper).  Logged in the result.
+7. MCon compares the answer spans (content of the last ``\\boxed{}``) of two traces only when their
+   token ids are identical; other pairs are skipped and the skip rate logged.  Gradient flows through
+   both distributions (as MCC-KD).  Defaults where the paper gives none: β = (1, 1, 1), τ = 1,
+   λ = 0.1 (MCC-KD's), ε = 0.1.
+8. ``train.batch_size`` counts traces (4 teachers × 4 problems = 16), so COMPACT's compute matches
+   STD/MTD/MoT at equal steps (T × S, a checkpoint every S).  Rows without a problem id (replay) are
+   groups of one.  In multi-process runs whole problems go to processes; the logged metrics are
+   rank 0's.
+9. The paper's 497 vs 200 problems and Table 1's OOD training sets do not affect the method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+
+import torch
+
+from accord.config import AccordConfig
+from accord.prompts import THINK_CLOSE, training_target
+from accord.train.common import (
+    barrier,
+    engine_args,
+    is_main,
+    load_student,
+    read_result,
+    save_model,
+    step_checkpoints,
+    teacher_corpora,
+    train_dir,
+    write_result,
+)
+from accord.train.engine import IGNORE, grouped_batches, token_nll, train
+from accord.ui import progress
+
+# content words at MI peaks (Qian et al. 2025's released list, R1-Distill-Llama-8B), plus the paper's own
+THINKING_WORDS = ("So", "Hmm", "Okay", "First", "Now", "Wait", "But", "Then", "Since", "Therefore", "Maybe",
+                  "Let", "Because", "Thus", "Alternatively", "Actually")
+_CONTENT = re.compile(r"[0-9A-Za-z+\-]")
+
+
+# --------------------------------------------------------------------------- encoding a trace
+
+
+def boxed_span(text: str) -> tuple[int, int] | None:
+    """Character range of the content of the last ``\\boxed{…}`` (balanced braces), or None."""
+    starts = [m.end() for m in re.finditer(r"\\boxed\s*\{", text)]
+    if not starts:
+        return None
+    depth = 1
+    for j in range(starts[-1], len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return starts[-1], j
+    return None
+
+
+def answer_clause(text: str) -> int:
+    """Where the final-answer clause starts: ``</think>``, else the line of the last ``\\boxed``, else the end."""
+    close = text.rfind(THINK_CLOSE)
+    if close >= 0:
+        return close
+    b = text.rfind("\\boxed")
+    return text.rfind("\n", 0, b) + 1 if b >= 0 else len(text)
+
+
+def gold_ids(tok, answer: str) -> list[int]:
+    """The gold answer's content tokens, tokenised in ``\\boxed{}`` context (format tokens dropped)."""
+    text = "\\boxed{" + str(answer) + "}"
+    s0, e0 = 7, 7 + len(str(answer))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [i for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])
+           if s < e0 and e > s0 and _CONTENT.search(text[max(s, s0):min(e, e0)])]
+    return ids or tok(str(answer), add_special_tokens=False)["input_ids"]
+
+
+def encode_trace(tok, row: dict, max_len: int, *, group, teacher: str, words=THINKING_WORDS,
+                 epsilon: float = 0.1) -> dict:
+    """One trace as an engine example with what COMPACT reads: prompt length, reasoning length, the
+    thinking mask, the answer-span positions and ids, the gold ids and the EOS index."""
+    msgs = row["messages"]
+    head = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) \
+        if getattr(tok, "chat_template", None) else "\n".join(m["content"] for m in msgs[:-1]) + "\n"
+    text = training_target(head, msgs[-1]["content"])
+    h = tok(head, add_special_tokens=False)["input_ids"]
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    t_ids, offs = enc["input_ids"], enc["offset_mapping"]
+    P = len(h)
+    ids = (h + t_ids + [tok.eos_token_id])[:max_len]
+    labels = ([IGNORE] * P + t_ids + [tok.eos_token_id])[:max_len]
+    room = max(0, len(ids) - P - 1)  # completion tokens that survived truncation (EOS aside)
+    clause = answer_clause(text)
+    T = min(room, sum(1 for s, _ in offs if s < clause))
+    starts = set()
+    if words:
+        pat = re.compile(r"(?<![A-Za-z])(" + "|".join(map(re.escape, words)) + r")(?![A-Za-z])")
+        for m in pat.finditer(text):
+            starts.update(i for i, (s, e) in enumerate(offs) if s <= m.start() < e)
+    mask = [1.0 if t in starts else epsilon for t in range(1, T + 1)]  # state t emits c_{t+1} (0-based t)
+    span = boxed_span(text)
+    span_pos = [P + i for i, (s, e) in enumerate(offs) if span and s < span[1] and e > span[0]] if span else []
+    if span_pos and span_pos[-1] >= len(ids):
+        span_pos = []
+    return {"ids": ids, "labels": labels, "group": group, "teacher": teacher, "prompt_len": P, "reason_len": T,
+            "think_mask": mask, "span": span_pos, "span_ids": [ids[p] for p in span_pos],
+            "gold": gold_ids(tok, row["answer"]) if row.get("answer") not in (None, "") else [],
+            "eos": len(ids) - 1}
+
+
+# --------------------------------------------------------------------------- the scores (no grad)
+
+
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    """Across a problem's traces: (x − mean) / population std; 0 when the std is below 1e-6."""
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    sd = x.std(unbiased=False)
+    return torch.zeros_like(x) if sd < 1e-6 else (x - x.mean()) / (sd + 1e-6)
+
+
+def alphas(s_mi, s_cons, s_ppl, beta=(1.0, 1.0, 1.0), tau: float = 1.0) -> torch.Tensor:
+    """Eq. 7: α = softmax((β₁ z(S_MI) + β₂ z(S_cons) − β₃ z(S_PPL)) / τ) over one problem's traces."""
+    score = beta[0] * zscore(s_mi) + beta[1] * zscore(s_cons) - beta[2] * zscore(s_ppl)
+    return torch.softmax(score / tau, 0), score
+
+
+def consensus(q: torch.Tensor, k: torch.Tensor, self_loop: bool = True) -> torch.Tensor:
+    """Eqs. 4–5 for one problem: q [K, H, d], k [K, H_kv, d] → S_cons [K] (incoming off-diagonal weight)."""
+    K, H, d = q.shape
+    k = k.repeat_interleave(H // k.shape[1], dim=1)  # GQA: each kv head serves H / H_kv query heads
+    s = torch.einsum("ihd,jhd->hij", q.float(), k.float()) / math.sqrt(d)
+    if not self_loop:
+        s = s.masked_fill(torch.eye(K, dtype=torch.bool), float("-inf"))
+    A = torch.softmax(s, -1).mean(0)  # [K, K], rows i, columns j
+    return A.sum(0) - A.diagonal()
+
+
+def mi_score(gold_logp: torch.Tensor, mask: torch.Tensor, reduce: str = "sum") -> float:
+    """Eqs. 2–3: gold_logp [T+1] = I(t) for t = 0..T; mask [T] = M_t; Σ ReLU(ΔI)·M (or its mean)."""
+    if gold_logp.numel() < 2:
+        return 0.0
+    gain = torch.relu(gold_logp[1:] - gold_logp[:-1]) * mask
+    return float(gain.sum() if reduce == "sum" else gain.mean())
+
+
+def _gold_curve(logits: torch.Tensor, start: int, T: int, gold: list[int], chunk: int = 1024) -> torch.Tensor:
+    """I(t) = mean_j log softmax(logits[start + t])[g_j] for t = 0..T, in chunks (no [T, V] log-softmax kept)."""
+    out = []
+    g = torch.tensor(gold, device=logits.device)
+    for a in range(start, start + T + 1, chunk):
+        lg = logits[a:min(start + T + 1, a + chunk)].float()
+        out.append(lg[:, g].mean(-1) - torch.logsumexp(lg, -1))
+    return torch.cat(out)
+
+
+def last_decoder_layer(model):
+    """The last transformer block, through DDP and PEFT wrappers."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    try:
+        return m.get_decoder().layers[-1]
+    except AttributeError:
+        raise ValueError(f"COMPACT's consensus score needs the last decoder layer's q/k projections, which "
+                         f"{type(m).__name__} does not expose; set compact.scores without 'cons'") from None
+
+
+@contextlib.contextmanager
+def capture_input(module):
+    """Keep the hidden states entering ``module`` (a forward pre-hook; a recomputation under gradient
+    checkpointing overwrites the same slot)."""
+    box = {}
+
+    def hook(mod, args, kwargs):
+        box["x"] = args[0] if args else kwargs["hidden_states"]
+
+    h = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield box
+    finally:
+        h.remove()
+
+
+@torch.no_grad()
+def _qk(layer, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    attn = layer.self_attn
+    was = attn.training
+    attn.eval()  # no dropout noise (LoRA) in the scores
+    try:
+        v = layer.input_layernorm(v)
+        d = getattr(attn, "head_dim", None) or attn.q_proj.out_features // attn.config.num_attention_heads
+        q = attn.q_proj(v).view(v.shape[0], -1, d)
+        k = attn.k_proj(v).view(v.shape[0], -1, d)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+    finally:
+        attn.train(was)
+    return q, k
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def make_loss_fn(c):
+    """The engine ``loss_fn`` for ``compact`` settings ``c`` (a ``CompactConfig``)."""
+    use = set(c.scores)
+    beta = tuple(b if name in use else 0.0 for b, name in zip(c.beta, ("mi", "cons", "ppl")))
+
+    def loss_fn(model, b: dict, n_units: int):
+        meta, labels = b["meta"], b["labels"]
+        layer = last_decoder_layer(model) if "cons" in use else None
+        with capture_input(layer) if layer is not None else contextlib.nullcontext({}) as cap:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        nll = token_nll(logits, labels)
+        tgt = (labels != IGNORE)
+        tgt[:, 0] = False
+        per = nll.sum(1) if c.sft_norm == "token-sum" else nll.sum(1) / tgt.sum(1).clamp(min=1)
+        groups: dict = {}
+        for i, m in enumerate(meta):
+            groups.setdefault(m["group"], []).append(i)
+        with torch.no_grad():
+            s_ppl = torch.stack([nll[i, m["prompt_len"]:m["prompt_len"] + m["reason_len"]].mean()
+                                 if m["reason_len"] else per[i].detach() for i, m in enumerate(meta)]).float()
+            s_mi = torch.tensor([mi_score(_gold_curve(logits[i].detach(), m["prompt_len"] - 1, m["reason_len"],
+                                                      m["gold"]),
+                                          torch.tensor(m["think_mask"], device=logits.device), c.mi_reduce)
+                                 if m["gold"] and "mi" in use else 0.0 for i, m in enumerate(meta)])
+            s_cons = torch.zeros(len(meta))
+            if layer is not None and any(len(g) > 1 for g in groups.values()):
+                x = cap["x"]
+                q, k = _qk(layer, x[torch.arange(len(meta)), torch.tensor([m["eos"] for m in meta])].detach())
+                for g in groups.values():
+                    if len(g) > 1:
+                        s_cons[g] = consensus(q[g], k[g], c.consensus_self == "include").cpu()
+        total = logits.new_zeros((), dtype=torch.float32)
+        stats = {"pairs": 0, "skipped": 0, "mcon": 0.0}
+        teach: dict[str, list] = {}
+        for g in groups.values():
+            a, score = (torch.ones(1), torch.zeros(1)) if len(g) == 1 else alphas(s_mi[g], s_cons[g], s_ppl[g].cpu(),
+                                                                                 beta, c.tau)
+            a = a.to(per.device)
+            mcon = _mcon(logits, meta, g, a, stats) if c.mcon_weight and len(g) > 1 else [0.0] * len(g)
+            for j, i in enumerate(g):
+                total = total + a[j] * (per[i] + c.mcon_weight * mcon[j])
+                teach.setdefault(meta[i]["teacher"], []).append(
+                    (float(a[j]), float(score[j]), float(s_mi[i]), float(s_cons[i]), float(s_ppl[i])))
+        n_prob = len(groups)
+        metrics = {f"alpha/{t}": sum(v[0] for v in vals) / n_prob for t, vals in teach.items()}
+        for name, col in (("score", 1), ("s_mi", 2), ("s_cons", 3), ("s_ppl", 4)):
+            metrics.update({f"{name}/{t}": sum(v[col] for v in vals) / len(vals) for t, vals in teach.items()})
+        metrics["mcon"] = stats["mcon"] / max(1, stats["pairs"] - stats["skipped"])
+        metrics["mcon_skip"] = stats["skipped"] / max(1, stats["pairs"])
+        for g in groups.values():
+            metrics[f"kprime/{len(g)}"] = metrics.get(f"kprime/{len(g)}", 0) + 1
+        return total / n_units, metrics
+
+    return loss_fn
+
+
+def _mcon(logits, meta, g: list[int], a: torch.Tensor, stats: dict) -> list:
+    """L_MCon,k = Σ_{j≠k} α_j KL(P_k ‖ P_j) over answer-span positions (Eq. 9); pairs whose span ids
+    differ are skipped and counted."""
+    lp = {i: torch.log_softmax(logits[i, torch.tensor(meta[i]["span"]) - 1].float(), -1)
+          for i in g if meta[i]["span"]}
+    out = []
+    for jk, k in enumerate(g):
+        term = 0.0
+        for jj, j in enumerate(g):
+            if j == k:
+                continue
+            stats["pairs"] += 1
+            if k not in lp or j not in lp or meta[k]["span_ids"] != meta[j]["span_ids"]:
+                stats["skipped"] += 1
+                continue
+            kl = (lp[k].exp() * (lp[k] - lp[j])).sum(-1).mean()
+            stats["mcon"] += float(kl)
+            term = term + a[jj] * kl
+        out.append(term)
+    return out
+
+
+def count_problems(examples: list) -> int:
+    return len({e["group"] for e in examples})
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def run(cfg: AccordConfig, console) -> list[dict]:
+    if (done := read_result(cfg, "compact")) is not None:
+        console.print("compact: finished earlier, skipped")
+        return [done]
+    c = cfg.compact
+    if not set(c.scores):
+        console.print("compact: every score is off: this is the paper's \"Direct Avg.\" (α = 1/K′)")
+    corpora = teacher_corpora(cfg, console)
+    model, tok = load_student(cfg)
+    examples = []
+    for t, rows in corpora.items():
+        for i, r in enumerate(rows):
+            group = r.get("problem_id") or f"{t}-row-{i}"  # replay rows: a group of one
+            examples.append(encode_trace(tok, r, cfg.train.max_len, group=group, teacher=t,
+                                         words=c.thinking_words, epsilon=c.epsilon))
+    sizes: dict[int, int] = {}
+    for n in _group_sizes(examples).values():
+        sizes[n] = sizes.get(n, 0) + 1
+    console.print("compact: problems by number of traces K′: " + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
+    T, S, out = cfg.train.rounds, cfg.train.steps_per_round, train_dir(cfg, "compact")
+    args = engine_args(cfg, T * S, checkpoint_every=S)
+    with progress(console) as bar:
+        task = bar.add_task("compact", total=T * S)
+        res = train(model, tok, [], args, out_dir=out, examples=examples, batcher=grouped_batches,
+                    loss_fn=make_loss_fn(c), units_fn=count_problems,
+                    on_step=lambda s, loss: bar.update(task, completed=s + 1, description=f"compact loss {loss:.3f}"))
+    final = out / "final"
+    if is_main():
+        save_model(res.model, tok, final)
+    barrier()
+    curve = [p for p in step_checkpoints(out) if p["steps"] < T * S] + [{"steps": T * S, "path": str(final)}]
+    return [write_result(cfg, "compact", method="compact", final=str(final), last=str(final), curve=curve,
+                         branch_steps=T * S, teachers=list(corpora), examples=len(examples),
+                         problems_by_kprime=sizes, settings=c.model_dump(mode="json"),
+                         resumed_from=res.resumed_from)]
+
+
+def _group_sizes(examples: list) -> dict:
+    out: dict = {}
+    for e in examples:
+        out[e["group"]] = out.get(e["group"], 0) + 1
+    return out

@@ -1,0 +1,227 @@
+"""COMPACT (issue 17): every score against a slow reference, the §3.4 identity, Direct Avg., end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli, write_jsonl
+
+from accord.train.compact import alphas, consensus, encode_trace, make_loss_fn, mi_score, zscore
+
+
+def slow_consensus(q, k, self_loop=True):
+    K, H, d = q.shape
+    rep = H // k.shape[1]
+    A = torch.zeros(K, K)
+    for h in range(H):
+        for i in range(K):
+            row = [float(q[i, h] @ k[j, h // rep]) / math.sqrt(d) for j in range(K)]
+            if not self_loop:
+                row[i] = -math.inf
+            m = max(row)
+            e = [math.exp(x - m) for x in row]
+            for j in range(K):
+                A[i, j] += e[j] / sum(e) / H
+    return torch.tensor([sum(float(A[j, kk]) for j in range(K) if j != kk) for kk in range(K)])
+
+
+@pytest.mark.parametrize("K,H,Hkv,self_loop", [(4, 4, 2, True), (3, 8, 8, True), (2, 4, 1, False), (4, 6, 3, False)])
+def test_consensus_matches_a_loop_over_heads_and_pairs(K, H, Hkv, self_loop):
+    g = torch.Generator().manual_seed(K * 10 + H)
+    q, k = torch.randn(K, H, 16, generator=g), torch.randn(K, Hkv, 16, generator=g)
+    assert torch.allclose(consensus(q, k, self_loop), slow_consensus(q, k, self_loop), atol=1e-5)
+
+
+def test_mi_score_on_a_known_trajectory():
+    # I(t) = 0.1, 0.5, 0.3, 0.9 → ΔI = 0.4, −0.2, 0.6 → ReLU = 0.4, 0, 0.6
+    curve, mask = torch.tensor([0.1, 0.5, 0.3, 0.9]), torch.tensor([1.0, 1.0, 0.1])
+    assert mi_score(curve, mask) == pytest.approx(0.4 + 0.06)
+    assert mi_score(curve, mask, "mean") == pytest.approx((0.4 + 0.06) / 3)
+    assert mi_score(torch.tensor([0.3]), torch.tensor([])) == 0.0
+
+
+def test_gold_curve_reads_the_lm_head_at_each_state():
+    from accord.train.compact import _gold_curve
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 11, generator=g)
+    got = _gold_curve(logits, 2, 4, [3, 7], chunk=2)
+    lp = torch.log_softmax(logits, -1)
+    want = torch.stack([(lp[t, 3] + lp[t, 7]) / 2 for t in range(2, 7)])
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_zscores_and_weights():
+    assert torch.equal(zscore(torch.tensor([2.0])), torch.zeros(1))  # K′ = 1
+    assert torch.equal(zscore(torch.tensor([3.0, 3.0, 3.0])), torch.zeros(3))  # equal scores
+    z = zscore(torch.tensor([1.0, 3.0]))
+    assert torch.allclose(z, torch.tensor([-1.0, 1.0]), atol=1e-5)  # population std
+    a, score = alphas(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 1.0]), torch.tensor([3.0, 2.0, 1.0]))
+    assert float(a.sum()) == pytest.approx(1.0) and a[2] > a[1] > a[0]  # informative and easy wins
+    u, _ = alphas(torch.randn(4), torch.randn(4), torch.randn(4), beta=(0, 0, 0))
+    assert torch.allclose(u, torch.full((4,), 0.25))  # Direct Avg.
+
+
+def test_encode_trace_positions(micro):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(micro)
+    text = "<think>\n(1) 3 + 4 = 7\nWait, (2) 7 * 2 = 4\n</think>\n\n\\boxed{4}"
+    row = {"messages": [{"role": "user", "content": "Start at 3."}, {"role": "assistant", "content": text}],
+           "answer": "4"}
+    ex = encode_trace(tok, row, 256, group="p", teacher="t", words=("Wait",), epsilon=0.1)
+    P, T = ex["prompt_len"], ex["reason_len"]
+    reasoning = tok.decode(ex["ids"][P:P + T])
+    assert "</think>" not in reasoning and reasoning.rstrip().endswith("= 4")  # the answer clause is excluded
+    assert tok.decode(ex["span_ids"]) == "4" and ex["span"][-1] < ex["eos"] == len(ex["ids"]) - 1
+    assert tok.decode(ex["gold"]) == "4"
+    # M_t = 1 at the state that emits "Wait" (its next token), ε elsewhere
+    t_wait = [t for t in range(1, T + 1) if ex["think_mask"][t - 1] == 1.0]
+    assert len(t_wait) == 1 and tok.decode(ex["ids"][P + t_wait[0]:P + t_wait[0] + 6]).strip().startswith("Wait")
+
+
+def _row(q, trace, answer="4", pid="p0"):
+    return {"problem_id": pid, "answer": answer,
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": trace}]}
+
+
+def _batch(micro, traces, words=()):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accord.train.engine import collate
+
+    model, tok = AutoModelForCausalLM.from_pretrained(micro), AutoTokenizer.from_pretrained(micro)
+    ex = [encode_trace(tok, _row("Start at 3.", t, pid=f"p{g}"), 128, group=g, teacher=f"t{i}", words=words)
+          for i, (g, t) in enumerate(traces)]
+    return model, tok, ex, collate(ex, tok.pad_token_id)
+
+
+TRACES = ["<think>\n(1) 3 + 4 = 7\n(2) 7 * 2 = 4\n</think>\n\n\\boxed{4}",
+          "<think>\n[1] 3 plus 4 makes 7\n[2] 7 times 2 makes 4\n</think>\n\n\\boxed{4}",
+          "<think>\n(1) 3 + 4 = 7\n</think>\n\n\\boxed{7}"]
+
+
+def test_mcon_skips_pairs_whose_answers_differ(micro):
+    from accord.config import CompactConfig
+    from accord.train.compact import _mcon
+
+    model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES])
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    stats = {"pairs": 0, "skipped": 0, "mcon": 0.0}
+    a = torch.tensor([0.5, 0.3, 0.2])
+    out = _mcon(logits, b["meta"], [0, 1, 2], a, stats)
+    assert stats == {"pairs": 6, "skipped": 4, "mcon": pytest.approx(stats["mcon"])}  # only 0↔1 share "4"
+    lp = [torch.log_softmax(logits[i, torch.tensor(b["meta"][i]["span"]) - 1], -1) for i in (0, 1)]
+    kl01 = float((lp[0].exp() * (lp[0] - lp[1])).sum(-1).mean())
+    assert float(out[0]) == pytest.approx(0.3 * kl01, rel=1e-5) and out[2] == 0.0
+    loss, metrics = make_loss_fn(CompactConfig())(model, b, 1)
+    assert metrics["mcon_skip"] == pytest.approx(4 / 6) and loss.requires_grad
+
+
+def test_one_compact_step_is_the_weighted_sum_of_single_trace_steps(micro, monkeypatch):
+    """§3.4 (λ = 0): with plain SGD, one problem and α fixed, θ − η Σ α_k ∇L_k = Σ α_k (θ − η ∇L_k)."""
+    from accord.config import CompactConfig
+    from accord.train import compact as C
+
+    fixed = torch.tensor([0.6, 0.3, 0.1])
+    monkeypatch.setattr(C, "alphas", lambda *a, **k: (fixed, torch.zeros(3)))
+    model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES])
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eta = 0.5
+    loss, _ = make_loss_fn(CompactConfig(mcon_weight=0.0))(model, b, 1)
+    loss.backward()
+    got = {n: theta[n] - eta * p.grad for n, p in model.named_parameters()}
+    want = {n: torch.zeros_like(t) for n, t in theta.items()}
+    from accord.train.engine import collate, token_nll
+
+    for k in range(3):
+        model.zero_grad()
+        one = collate([ex[k]], tok.pad_token_id)
+        nll = token_nll(model(input_ids=one["input_ids"]).logits, one["labels"])
+        n = int((one["labels"][:, 1:] != -100).sum())
+        (nll.sum() / n).backward()
+        for name, p in model.named_parameters():
+            want[name] += fixed[k] * (theta[name] - eta * p.grad)
+    for name in got:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+
+
+def test_direct_avg_is_uniform_sft_on_grouped_problems(micro):
+    from accord.config import CompactConfig
+    from accord.train.engine import collate, token_nll
+
+    model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (1, TRACES[2])])
+    loss, metrics = make_loss_fn(CompactConfig(scores=[], mcon_weight=0.0))(model, b, 2)
+    per = []
+    for e in ex:
+        one = collate([e], tok.pad_token_id)
+        nll = token_nll(model(input_ids=one["input_ids"]).logits, one["labels"])
+        per.append(nll.sum() / int((one["labels"][:, 1:] != -100).sum()))
+    ref = ((per[0] + per[1]) / 2 + per[2]) / 2
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert metrics["alpha/t0"] == pytest.approx(0.25) and metrics["alpha/t2"] == pytest.approx(0.5)
+
+
+def test_accord_train_compact_end_to_end(tmp_path, micro):
+    from accord.config import load_config
+    from accord.report import compact_scores, write_report
+
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    for t, style in (("a", 0), ("b", 1), ("c", 2)):
+        rows = [_row(f"Start at {i}.", TRACES[(style + i) % 3], pid=f"p{i}") for i in range(6) if (t, i) != ("c", 5)]
+        write_jsonl(run / "corpora" / f"{t}.jsonl", rows)
+    cfg = {"run_dir": str(run), "problems": {"path": "unused.jsonl"}, "student": {"model": str(micro)},
+           "teachers": [{"name": t, "backend": "column", "column": t} for t in "abc"],
+           "train": {"method": "compact", "rounds": 2, "steps_per_round": 2, "batch_size": 6, "lr": 1e-3,
+                     "max_len": 128}, "compact": {"epsilon": 1.0},
+           "eval": {"splits": {"target": {"path": "unused.jsonl"}}}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("train", str(p))
+    assert code == 0, out
+    assert "K′: 2: 1, 3: 5" in out
+    res = json.loads((run / "train" / "compact" / "result.json").read_text())
+    assert res["method"] == "compact" and res["branch_steps"] == 4 and len(res["curve"]) == 2
+    steps = [json.loads(x) for x in (run / "train" / "compact" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 4
+    for ev in steps:
+        assert sum(v for k, v in ev.items() if k.startswith("alpha/")) == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 <= ev["mcon_skip"] <= 1.0 and "s_cons/a" in ev
+    head, body = compact_scores(run / "train" / "compact" / "metrics.jsonl")
+    assert [r[0] for r in body] == ["a", "b", "c"]
+    html = write_report(load_config(p), [res], []).read_text()
+    assert "compact-alpha.png" in html and (run / "report" / "compact-alpha.png").exists()
+
+
+def test_compact_resumes_to_the_uninterrupted_weights(tmp_path, micro):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    for t, style in (("a", 0), ("b", 1)):
+        write_jsonl(run / "corpora" / f"{t}.jsonl",
+                    [_row(f"Start at {i}.", TRACES[(style + i) % 3], pid=f"p{i}") for i in range(4)])
+    cfg = {"run_dir": str(run), "problems": {"path": "unused.jsonl"}, "student": {"model": str(micro)},
+           "teachers": [{"name": t, "backend": "column", "column": t} for t in "ab"],
+           "train": {"method": "compact", "rounds": 2, "steps_per_round": 2, "batch_size": 4, "lr": 1e-3,
+                     "max_len": 128}, "eval": {"splits": {"target": {"path": "unused.jsonl"}}}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert run_cli("train", str(p))[0] == 0
+    ref = load_file(run / "train" / "compact" / "final" / "model.safetensors")
+    shutil.rmtree(run / "train" / "compact" / "final")  # killed after the step-2 checkpoint
+    (run / "train" / "compact" / "result.json").unlink()
+    code, out = run_cli("train", str(p))
+    assert code == 0, out
+    res = json.loads((run / "train" / "compact" / "result.json").read_text())
+    assert res["resumed_from"] == 2
+    got = load_file(run / "train" / "compact" / "final" / "model.safetensors")
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
