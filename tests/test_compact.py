@@ -225,3 +225,22 @@ def test_compact_resumes_to_the_uninterrupted_weights(tmp_path, micro):
     got = load_file(run / "train" / "compact" / "final" / "model.safetensors")
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_batched_scores_match_the_per_trace_reference(micro):
+    """S_PPL and S_MI for a whole micro-batch (lse taken from the SFT loss) equal the slow per-trace forms."""
+    from accord.train.compact import _gold_curve, _ppl_mi
+    from accord.train.engine import token_nll
+
+    model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (1, TRACES[2])], words=("plus",))
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        nll = token_nll(logits, b["labels"])
+        s_ppl, s_mi = _ppl_mi(logits, nll, b["input_ids"], b["meta"], "sum", True)
+    for i, m in enumerate(b["meta"]):
+        P, T = m["prompt_len"], m["reason_len"]
+        want_ppl = nll[i, P:P + T].mean()
+        want_mi = mi_score(_gold_curve(logits[i], P - 1, T, m["gold"]), torch.tensor(m["think_mask"]))
+        assert float(s_ppl[i]) == pytest.approx(float(want_ppl), rel=1e-5)
+        assert float(s_mi[i]) == pytest.approx(want_mi, rel=1e-4, abs=1e-6)
+    assert any(0.1 < v < 1.0 for m in b["meta"] for v in m["think_mask"]) is False  # ε = 0.1 or 1 only

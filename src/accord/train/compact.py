@@ -239,24 +239,19 @@ def make_loss_fn(c):
     beta = tuple(b if name in use else 0.0 for b, name in zip(c.beta, ("mi", "cons", "ppl")))
 
     def loss_fn(model, b: dict, n_units: int):
-        meta, labels = b["meta"], b["labels"]
+        meta, labels, ids = b["meta"], b["labels"], b["input_ids"]
         layer = last_decoder_layer(model) if "cons" in use else None
         with capture_input(layer) if layer is not None else contextlib.nullcontext({}) as cap:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits = model(input_ids=ids, attention_mask=b["attention_mask"]).logits
         nll = token_nll(logits, labels)
-        tgt = (labels != IGNORE)
+        tgt = labels != IGNORE
         tgt[:, 0] = False
         per = nll.sum(1) if c.sft_norm == "token-sum" else nll.sum(1) / tgt.sum(1).clamp(min=1)
         groups: dict = {}
         for i, m in enumerate(meta):
             groups.setdefault(m["group"], []).append(i)
         with torch.no_grad():
-            s_ppl = torch.stack([nll[i, m["prompt_len"]:m["prompt_len"] + m["reason_len"]].mean()
-                                 if m["reason_len"] else per[i].detach() for i, m in enumerate(meta)]).float()
-            s_mi = torch.tensor([mi_score(_gold_curve(logits[i].detach(), m["prompt_len"] - 1, m["reason_len"],
-                                                      m["gold"]),
-                                          torch.tensor(m["think_mask"], device=logits.device), c.mi_reduce)
-                                 if m["gold"] and "mi" in use else 0.0 for i, m in enumerate(meta)])
+            s_ppl, s_mi = _ppl_mi(logits.detach(), nll.detach(), ids, meta, c.mi_reduce, "mi" in use)
             s_cons = torch.zeros(len(meta))
             if layer is not None and any(len(g) > 1 for g in groups.values()):
                 x = cap["x"]
@@ -266,48 +261,94 @@ def make_loss_fn(c):
                         s_cons[g] = consensus(q[g], k[g], c.consensus_self == "include").cpu()
         total = logits.new_zeros((), dtype=torch.float32)
         stats = {"pairs": 0, "skipped": 0, "mcon": 0.0}
-        teach: dict[str, list] = {}
+        rec = []  # (teacher, α, score) per trace
         for g in groups.values():
-            a, score = (torch.ones(1), torch.zeros(1)) if len(g) == 1 else alphas(s_mi[g], s_cons[g], s_ppl[g].cpu(),
+            a, score = (torch.ones(1), torch.zeros(1)) if len(g) == 1 else alphas(s_mi[g], s_cons[g], s_ppl[g],
                                                                                  beta, c.tau)
-            a = a.to(per.device)
-            mcon = _mcon(logits, meta, g, a, stats) if c.mcon_weight and len(g) > 1 else [0.0] * len(g)
-            for j, i in enumerate(g):
-                total = total + a[j] * (per[i] + c.mcon_weight * mcon[j])
-                teach.setdefault(meta[i]["teacher"], []).append(
-                    (float(a[j]), float(score[j]), float(s_mi[i]), float(s_cons[i]), float(s_ppl[i])))
-        n_prob = len(groups)
-        metrics = {f"alpha/{t}": sum(v[0] for v in vals) / n_prob for t, vals in teach.items()}
-        for name, col in (("score", 1), ("s_mi", 2), ("s_cons", 3), ("s_ppl", 4)):
-            metrics.update({f"{name}/{t}": sum(v[col] for v in vals) / len(vals) for t, vals in teach.items()})
-        metrics["mcon"] = stats["mcon"] / max(1, stats["pairs"] - stats["skipped"])
-        metrics["mcon_skip"] = stats["skipped"] / max(1, stats["pairs"])
-        for g in groups.values():
-            metrics[f"kprime/{len(g)}"] = metrics.get(f"kprime/{len(g)}", 0) + 1
-        return total / n_units, metrics
+            a_dev = a.to(per.device)
+            total = total + (a_dev * per[g]).sum()
+            if c.mcon_weight and len(g) > 1:
+                total = total + c.mcon_weight * (a_dev * _mcon(logits, meta, g, a_dev, stats)).sum()
+            rec += [(meta[i]["teacher"], i, float(a[j]), float(score[j])) for j, i in enumerate(g)]
+        return total / n_units, _metrics(rec, s_mi, s_cons, s_ppl, stats, groups)
 
     return loss_fn
 
 
-def _mcon(logits, meta, g: list[int], a: torch.Tensor, stats: dict) -> list:
-    """L_MCon,k = Σ_{j≠k} α_j KL(P_k ‖ P_j) over answer-span positions (Eq. 9); pairs whose span ids
-    differ are skipped and counted."""
-    lp = {i: torch.log_softmax(logits[i, torch.tensor(meta[i]["span"]) - 1].float(), -1)
-          for i in g if meta[i]["span"]}
-    out = []
-    for jk, k in enumerate(g):
-        term = 0.0
-        for jj, j in enumerate(g):
-            if j == k:
-                continue
-            stats["pairs"] += 1
-            if k not in lp or j not in lp or meta[k]["span_ids"] != meta[j]["span_ids"]:
-                stats["skipped"] += 1
-                continue
-            kl = (lp[k].exp() * (lp[k] - lp[j])).sum(-1).mean()
-            stats["mcon"] += float(kl)
-            term = term + a[jj] * kl
-        out.append(term)
+def _ppl_mi(logits, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_PPL and S_MI for every row at once.  The log-normaliser at each state comes from the SFT loss
+    itself (lse = NLL of the next token + its logit), so S_MI costs a gather, not another pass over V."""
+    B, L = ids.shape
+    dev = logits.device
+    P = torch.tensor([m["prompt_len"] for m in meta], device=dev)
+    T = torch.tensor([m["reason_len"] for m in meta], device=dev)
+    pos = torch.arange(L, device=dev)[None]
+    reason = (pos >= P[:, None]) & (pos < (P + T)[:, None])  # tokens c_1..c_T
+    s_ppl = ((nll * reason).sum(1) / reason.sum(1).clamp(min=1)).float().cpu()
+    if not want_mi:
+        return s_ppl, torch.zeros(B)
+    nxt = ids[:, 1:]
+    lse = torch.zeros(B, L, device=dev)
+    lse[:, :-1] = nll[:, 1:] + logits[:, :-1].float().gather(-1, nxt[..., None])[..., 0]  # state s → token s+1
+    G = max((len(m["gold"]) for m in meta), default=0)
+    if G == 0:
+        return s_ppl, torch.zeros(B)
+    gold = torch.zeros(B, G, dtype=torch.long, device=dev)
+    gmask = torch.zeros(B, G, device=dev)
+    for i, m in enumerate(meta):
+        gold[i, :len(m["gold"])], gmask[i, :len(m["gold"])] = torch.tensor(m["gold"], device=dev), 1.0
+    glp = logits.float().gather(-1, gold[:, None, :].expand(B, L, G))  # [B, L, G]
+    curve = (glp * gmask[:, None]).sum(-1) / gmask.sum(-1).clamp(min=1)[:, None] - lse  # I at every state
+    states = (pos >= (P - 1)[:, None]) & (pos < (P + T)[:, None])  # t = 0..T
+    gain = torch.relu(curve[:, 1:] - curve[:, :-1]) * (states[:, 1:] & states[:, :-1])  # ΔI at t = 1..T
+    M = torch.zeros(B, L - 1, device=dev)
+    for i, m in enumerate(meta):
+        if m["reason_len"]:
+            M[i, m["prompt_len"] - 1:m["prompt_len"] - 1 + m["reason_len"]] = torch.tensor(m["think_mask"], device=dev)
+    s_mi = (gain * M).sum(1)
+    if reduce == "mean":
+        s_mi = s_mi / T.clamp(min=1)
+    has_gold = gmask.sum(1) > 0
+    return s_ppl, (s_mi * has_gold).float().cpu()
+
+
+def _metrics(rec, s_mi, s_cons, s_ppl, stats, groups) -> dict:
+    n_prob = len(groups)
+    by: dict[str, list] = {}
+    for t, i, a, score in rec:
+        by.setdefault(t, []).append((a, score, float(s_mi[i]), float(s_cons[i]), float(s_ppl[i])))
+    out = {f"alpha/{t}": sum(v[0] for v in vals) / n_prob for t, vals in by.items()}
+    for name, col in (("score", 1), ("s_mi", 2), ("s_cons", 3), ("s_ppl", 4)):
+        out.update({f"{name}/{t}": sum(v[col] for v in vals) / len(vals) for t, vals in by.items()})
+    out["mcon"] = stats["mcon"] / max(1, stats["pairs"] - stats["skipped"])
+    out["mcon_skip"] = stats["skipped"] / max(1, stats["pairs"])
+    for g in groups.values():
+        out[f"kprime/{len(g)}"] = out.get(f"kprime/{len(g)}", 0) + 1
+    return out
+
+
+def _mcon(logits, meta, g: list[int], a: torch.Tensor, stats: dict) -> torch.Tensor:
+    """L_MCon,k = Σ_{j≠k} α_j KL(P_k ‖ P_j) over answer-span positions (Eq. 9) for the traces of one problem;
+    pairs whose span ids differ are skipped and counted.  One KL matrix per set of identical spans."""
+    out = torch.zeros(len(g), device=logits.device)
+    stats["pairs"] += len(g) * (len(g) - 1)
+    classes: dict[tuple, list[int]] = {}
+    for j, i in enumerate(g):
+        if meta[i]["span"]:
+            classes.setdefault(tuple(meta[i]["span_ids"]), []).append(j)
+    matched = 0
+    for members in classes.values():
+        if len(members) < 2:
+            continue
+        lp = torch.stack([torch.log_softmax(logits[g[j], torch.tensor(meta[g[j]]["span"]) - 1].float(), -1)
+                          for j in members])  # [n, m, V]
+        # KL(k‖j) = mean_i Σ_v p_k (log p_k − log p_j), pairwise by broadcasting (n ≤ K traces, m span tokens)
+        kl = (lp.exp()[:, None] * (lp[:, None] - lp[None, :])).sum(-1).mean(-1)
+        off = ~torch.eye(len(members), dtype=torch.bool, device=kl.device)
+        out[members] = (kl * off * a[members][None, :]).sum(1)
+        stats["mcon"] += float((kl * off).sum().detach())
+        matched += len(members) * (len(members) - 1)
+    stats["skipped"] += len(g) * (len(g) - 1) - matched
     return out
 
 

@@ -119,23 +119,29 @@ def collate(examples: list, pad_id: int) -> dict:
     return out
 
 
-def grouped_batches(groups: Sequence, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Batches of whole groups (a problem's traces stay together), about ``batch_size`` rows each: groups
-    are shuffled, packed in order until the next one would overflow (a group larger than a batch is
-    a batch of its own), and the batches shuffled.  ``groups[i]`` is example i's group key."""
+def grouped_batches(keys: Sequence, batch_size: int, rng: random.Random, group: int = 64) -> list[list[int]]:
+    """Batches of whole groups (a problem's traces stay together), about ``batch_size`` rows each.
+
+    ``keys[i]`` is example i's ``(group key, length)``.  As :func:`length_grouped_batches` does for rows:
+    groups are shuffled, cut into mega-batches of ``group`` batches, sorted by their longest row inside
+    each (so padding stays small), packed in order until the next group would overflow (a group larger
+    than a batch is a batch of its own), and the batches shuffled."""
     by: dict = {}
-    for i, g in enumerate(groups):
+    for i, (g, _) in enumerate(keys):
         by.setdefault(g, []).append(i)
     order = list(by.values())
     rng.shuffle(order)
-    batches, cur = [], []
-    for g in order:
-        if cur and len(cur) + len(g) > batch_size:
+    per_mega = max(1, batch_size * group // max(1, round(len(keys) / max(1, len(order)))))
+    batches = []
+    for s in range(0, len(order), per_mega):
+        cur: list[int] = []
+        for g in sorted(order[s:s + per_mega], key=lambda g: max(keys[i][1] for i in g)):
+            if cur and len(cur) + len(g) > batch_size:
+                batches.append(cur)
+                cur = []
+            cur = cur + g
+        if cur:
             batches.append(cur)
-            cur = []
-        cur = cur + g
-    if cur:
-        batches.append(cur)
     rng.shuffle(batches)
     return batches
 
@@ -195,7 +201,7 @@ class BatchStream:
     def __init__(self, examples, batch_size: int, seed: int, batcher: Callable | None = None):
         self.examples, self.batch_size = examples, batch_size
         self.batcher = batcher or length_grouped_batches
-        self.keys = ([e["group"] for e in examples] if batcher is grouped_batches
+        self.keys = ([(e["group"], len(ex_ids(e))) for e in examples] if batcher is grouped_batches
                      else [len(ex_ids(e)) for e in examples])
         self.rng, self.epoch, self.queue = random.Random(seed), 0, []
 

@@ -1,0 +1,111 @@
+"""COMPACT's step against MTD's at the same traces per step (issue 17: goal ≤ 1.15× time, ≤ 1.2× memory).
+
+Same model (the lab student's shape, fresh weights), the same four lab styles
+as four teachers on the same problems (so every problem has K′ = 4), the same
+batch size in traces.  Time is the engine's wall time for ``--steps`` steps
+(best of ``--repeats``, interleaved); memory is the peak of the autograd
+graph's saved tensors in one step, measured with ``torch.autograd.graph.
+saved_tensors_hooks`` (CPU has no allocator high-water mark) plus the scores'
+extra tensors.
+
+    python bench/compact.py [--steps 40] [--batch 16] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def setup(n_problems: int = 400):
+    from accord.lab.build import PROFILES, _new_model, _trace_rows, lab_tokenizer
+    from accord.lab.tasks import generate
+
+    import random
+
+    tok = lab_tokenizer()
+    probs = generate("arith", "train")[4000:4000 + n_problems]
+    rows = {}
+    for st in ("terse", "verbose", "verify", "shifted"):
+        rows[st] = [{**r, "problem_id": p["id"], "answer": p["answer"]}
+                    for r, p in zip(_trace_rows(probs, st, random.Random(0)), probs)]
+    return tok, rows, lambda: _new_model(tok, PROFILES["full"].d, PROFILES["full"].layers, seed=0)
+
+
+def run_mtd(tok, rows, new_model, args) -> float:
+    from accord.train.engine import TrainArgs, train
+
+    from accord.train.engine import encode_example
+
+    model = new_model()
+    flat = [r for rs in rows.values() for r in rs]
+    ex = [encode_example(tok, r, 256) for r in flat]  # encoded outside the clock, as for COMPACT
+    t0 = time.perf_counter()
+    train(model, tok, flat, TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0),
+          examples=ex)
+    return time.perf_counter() - t0
+
+
+def run_compact(tok, rows, new_model, args) -> float:
+    from accord.config import CompactConfig
+    from accord.train.compact import count_problems, encode_trace, make_loss_fn
+    from accord.train.engine import TrainArgs, grouped_batches, train
+
+    model = new_model()
+    ex = [encode_trace(tok, r, 256, group=r["problem_id"], teacher=t, epsilon=1.0) for t, rs in rows.items()
+          for r in rs]
+    t0 = time.perf_counter()
+    train(model, tok, [], TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0),
+          examples=ex, batcher=grouped_batches, loss_fn=make_loss_fn(CompactConfig(epsilon=1.0)),
+          units_fn=count_problems)
+    return time.perf_counter() - t0
+
+
+def saved_bytes(tok, rows, new_model, args, compact: bool) -> int:
+    """Bytes the autograd graph saves for one step of ``args.batch`` traces (4 problems × 4 teachers)."""
+    from accord.config import CompactConfig
+    from accord.train.compact import encode_trace, make_loss_fn
+    from accord.train.engine import collate, encode_example, sft_loss
+
+    model = new_model()
+    picked = [(t, r) for i in range(args.batch // 4) for t, rs in rows.items() for r in [rs[i]]]
+    if compact:
+        ex = [encode_trace(tok, r, 256, group=r["problem_id"], teacher=t, epsilon=1.0) for t, r in picked]
+        fn = make_loss_fn(CompactConfig(epsilon=1.0))
+    else:
+        ex, fn = [encode_example(tok, r, 256) for _, r in picked], sft_loss
+    b = collate(ex, tok.pad_token_id)
+    seen = {}
+
+    def pack(t):
+        seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = fn(model, b, 4)
+    loss.backward()
+    return sum(seen.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tok, rows, new_model = setup()
+    t_mtd, t_cmp = [], []
+    for _ in range(args.repeats):
+        t_mtd.append(run_mtd(tok, rows, new_model, args))
+        t_cmp.append(run_compact(tok, rows, new_model, args))
+    print(f"mtd: {min(t_mtd):.2f}s  compact: {min(t_cmp):.2f}s for {args.steps} steps of {args.batch} traces")
+    print(f"compact/mtd step-time ratio: {min(t_cmp) / min(t_mtd):.2f}  (goal ≤ 1.15)")
+    m_mtd, m_cmp = saved_bytes(tok, rows, new_model, args, False), saved_bytes(tok, rows, new_model, args, True)
+    print(f"compact/mtd saved-activation memory ratio: {m_cmp / m_mtd:.2f}  (goal ≤ 1.2)")
+
+
+if __name__ == "__main__":
+    main()
