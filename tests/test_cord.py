@@ -303,6 +303,14 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
     corpus = [json.loads(x) for x in (run / "corpora" / "cord.jsonl").read_text().splitlines()]
     assert corpus and all(r["teacher"] == "cord" for r in corpus)
     assert all(r["completion"].count("</think>") == 1 for r in corpus)
+    cur = [json.loads(x) for x in (run / "corpora" / "cord-curation.jsonl").read_text().splitlines()]
+    assert cur and all(r["teacher"] == "cord-curation" for r in cur)  # std:cord-curation can train on it
+    # Random selection picks among whole trajectories (curation-style), not step by step
+    code, out = run_cli("cord", str(path), "cord.selection=random", f"run_dir={tmp_path / 'rand'}", "cord.limit=2")
+    assert code == 0, out
+    rows = sqlite3.connect(tmp_path / "rand" / "traces.sqlite").execute(
+        "select params from traces where teacher='cord'").fetchall()
+    assert len(rows) == 2 and all(len(json.loads(r[0])["steps"]) == 1 for r in rows)  # one writer, one piece
     code, out = run_cli("cord", str(path))
     assert code == 0
     assert json.loads((run / "cord" / "summary.json").read_text())["cord"]["n"] == 10  # nothing redone

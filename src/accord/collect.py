@@ -14,8 +14,11 @@ Imported corpora (``backend: column``, s1K-style tables with one column per
 teacher) go through the same verification and store as sample 0 of style ``import``.
 
 Choices where the papers are silent: seeds per sample are a hash of
-(seed, teacher, style, problem, sample index), so any subset re-generates
-identically; corpora do not train on the teacher's styled prompt (the student is
+(seed, teacher, style, problem, sample index), so on the per-request seeded
+backends (``vllm``, ``openai`` where the server honours ``seed``) any subset
+re-generates identically; the ``hf`` backend seeds each *batch* from its
+requests' seeds (transformers has no per-row generator), so it reproduces the
+same batches exactly but a subset batched differently draws other noise; corpora do not train on the teacher's styled prompt (the student is
 asked with a simple instruction at test time, QR-Distill §2.1): the user turn is
 the ``default`` style prompt — the one evaluation uses — and the teacher's styled
 prompt is kept beside it.
