@@ -231,3 +231,30 @@ def test_wrong_facts_make_a_teacher_wrong_only_where_it_believes_them():
     wrong = {("Times", 2, 7): 6}
     assert a.values(wrong) == [3, 7, 6] and a.values() == [3, 7, 4]
     assert "\\boxed{6}" in tasks.arith_trace(a, "terse", facts=wrong)
+
+
+def test_a_second_builder_waits_for_the_first_and_reuses_its_models(tmp_path, monkeypatch):
+    """Two builds of one profile at once: the second waits on the lock, says so, and rebuilds nothing."""
+    import fcntl
+    import io
+    import threading
+
+    from rich.console import Console
+
+    from accord.lab import build as B
+
+    monkeypatch.setenv("ACCORD_HOME", str(tmp_path))
+    B.build_lab(profile="micro", console=Console(file=io.StringIO()))
+    before = {m["name"]: m["built_at"] + m["sha256"] for m in B.read_manifest("micro")["models"]}
+    fh = (B.lab_dir("micro") / ".lock").open("a")
+    fcntl.flock(fh, fcntl.LOCK_EX)  # "another process" is building
+    out = io.StringIO()
+    t = threading.Thread(target=B.build_lab, kwargs={"profile": "micro", "console": Console(file=out)})
+    t.start()
+    t.join(timeout=3)
+    assert t.is_alive() and "waiting" in out.getvalue()  # blocked, and said why
+    fcntl.flock(fh, fcntl.LOCK_UN)
+    fh.close()
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert {m["name"]: m["built_at"] + m["sha256"] for m in B.read_manifest("micro")["models"]} == before

@@ -39,6 +39,7 @@ into place, so a killed build leaves no partial entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -504,6 +505,32 @@ def build_lab(quick: bool = False, force: bool = False, profile: str | None = No
     p = PROFILES[name]
     torch.set_num_threads(_cpus())
     lab_dir(name).mkdir(parents=True, exist_ok=True)
+    with lab_lock(name, console):
+        return _build_locked(name, p, force, console, allow_weak)
+
+
+@contextlib.contextmanager
+def lab_lock(profile: str, console):
+    """One builder per lab profile: a second process (two `accord run`s at once) waits, says so, and then
+    reuses what the first one built instead of overwriting its models (POSIX ``flock``; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; builds there are not guarded
+        yield
+        return
+    with (lab_dir(profile) / ".lock").open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"another process is building the lab at {lab_dir(profile)}; waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_locked(name: str, p: Profile, force: bool, console, allow_weak: bool) -> dict:
     manifest = read_manifest(name)
     manifest.update(profile=name, recipe=recipe_hash(p), seed=lab_seed())
     t0 = time.perf_counter()
