@@ -18,7 +18,7 @@ def test_demo_quick_profile_end_to_end(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "run" / "collect_summary.json").read_text())
     assert {s["teacher"] for s in summary} == {"terse", "verbose", "verify", "shifted"}
     assert all(s["samples"] == 120 for s in summary)
-    for name in ("std-terse", "std-shifted", "mtd", "posthoc", "mot"):
+    for name in ("std-terse", "std-shifted", "mtd", "posthoc", "mot", "compact"):
         assert (tmp_path / "run" / "train" / name / "result.json").exists(), name
     assert "<table>" in (tmp_path / "run" / "report" / "index.html").read_text()
     assert "mot" in out and "target pass@1" in out

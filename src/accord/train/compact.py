@@ -371,8 +371,9 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     examples = []
     for t, rows in corpora.items():
         for i, r in enumerate(rows):
-            group = r.get("problem_id") or f"{t}-row-{i}"  # replay rows: a group of one
-            examples.append(encode_trace(tok, r, cfg.train.max_len, group=group, teacher=t,
+            pid = r.get("problem_id")  # replay rows have none: a group of one, logged as "replay"
+            examples.append(encode_trace(tok, r, cfg.train.max_len, group=pid or f"{t}-row-{i}",
+                                         teacher=t if pid else "replay",
                                          words=c.thinking_words, epsilon=c.epsilon))
     sizes: dict[int, int] = {}
     for n in _group_sizes(examples).values():
