@@ -244,3 +244,30 @@ def test_batched_scores_match_the_per_trace_reference(micro):
         assert float(s_ppl[i]) == pytest.approx(float(want_ppl), rel=1e-5)
         assert float(s_mi[i]) == pytest.approx(want_mi, rel=1e-4, abs=1e-6)
     assert any(0.1 < v < 1.0 for m in b["meta"] for v in m["think_mask"]) is False  # ε = 0.1 or 1 only
+
+
+def test_compact_with_lora_scores_through_the_adapters(tmp_path, micro):
+    """LoRA students: the consensus score reads the adapted q/k projections; training merges the adapters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from accord.config import CompactConfig
+    from accord.train.compact import _qk, last_decoder_layer
+
+    model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES])
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(micro),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], lora_dropout=0.5))
+    layer = last_decoder_layer(peft)
+    for n, p in layer.self_attn.q_proj.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # make the adapter matter
+    v = torch.randn(3, layer.self_attn.q_proj.in_features)
+    peft.train()
+    q1, _ = _qk(layer, v)
+    q2, _ = _qk(layer, v)
+    assert torch.equal(q1, q2)  # no dropout noise in the scores, even in train mode
+    base_q = layer.self_attn.q_proj.base_layer(layer.input_layernorm(v)).view_as(q1)
+    assert not torch.allclose(q1, base_q)  # the adapter is part of the score
+    loss, metrics = make_loss_fn(CompactConfig())(peft, b, 1)
+    loss.backward()
+    assert "s_cons/t0" in metrics and layer.self_attn.q_proj.lora_A["default"].weight.grad is not None
