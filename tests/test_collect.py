@@ -80,6 +80,7 @@ def test_kill_and_resume_loses_at_most_a_batch_and_never_duplicates(tmp_path, pa
     assert len(kept) % 2 == 0  # batches of two: whole batches only
     code, out = run_cli("collect", str(cfg))
     assert code == 0, out
+    assert f"{len(kept)} of 160 generations already stored, {160 - len(kept)} to go" in out  # says it resumes
     rows = list(db.execute("select problem_id, sample_idx, text from traces"))
     assert len(rows) == 160 and len({(r[0], r[1]) for r in rows}) == 160
     assert kept <= {tuple(r) for r in rows}  # nothing collected before the kill was lost or changed
@@ -153,3 +154,11 @@ def test_bad_problem_file_is_a_clear_error(tmp_path, parrot7):
     cfg = write_cfg(tmp_path, bad, [{"name": "seven", "model": str(parrot7)}])
     code, out = run_cli("collect", str(cfg))
     assert code == 2 and "bad.jsonl:2" in out
+
+
+def test_a_teacher_that_keeps_almost_nothing_is_warned_about(tmp_path, parrot7):
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": f"What is {i}+8?", "answer": "8"} for i in range(3)])
+    cfg = write_cfg(tmp_path, probs, [{"name": "seven", "model": str(parrot7), "batch_size": 4}], samples=1)
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0, out
+    assert "teacher 'seven' kept 0 verified trace(s): too few to train on" in out

@@ -163,7 +163,7 @@ def test_direct_avg_is_uniform_sft_on_grouped_problems(micro):
         per.append(nll.sum() / int((one["labels"][:, 1:] != -100).sum()))
     ref = ((per[0] + per[1]) / 2 + per[2]) / 2
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
-    assert metrics["alpha/t0"] == pytest.approx(0.25) and metrics["alpha/t2"] == pytest.approx(0.5)
+    assert metrics["alpha/t0"] == pytest.approx(0.5) and "alpha/t2" not in metrics  # shares over K′ ≥ 2
 
 
 def test_accord_train_compact_end_to_end(tmp_path, micro):
@@ -221,7 +221,7 @@ def test_compact_resumes_to_the_uninterrupted_weights(tmp_path, micro):
     code, out = run_cli("train", str(p))
     assert code == 0, out
     res = json.loads((run / "train" / "compact" / "result.json").read_text())
-    assert res["resumed_from"] == 2
+    assert res["resumed_from"] == 2 and "resuming compact from checkpoint-2 (step 2 of 4)" in out
     got = load_file(run / "train" / "compact" / "final" / "model.safetensors")
     for k in ref:
         assert torch.equal(ref[k], got[k]), k

@@ -87,6 +87,7 @@ def test_report_escapes_model_text(tmp_path, problems_file, two_parrots, micro):
     rows = [{"key": "base", "model": "base", "split": "target", "final": True, "pass1": 0.5, "greedy": 0.5}]
     html = write_report(cfg, [], rows).read_text()
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "Only the base student is here" in html and "accord train CONFIG" in html  # says what is missing
 
 
 def test_one_mot_round_equals_one_mtd_step(tmp_path, micro, lab_tokenizer):

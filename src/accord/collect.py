@@ -119,6 +119,10 @@ def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Proble
             if (p.id, style_name(s), i) not in done]
     if not todo:
         return 0
+    total = len(c.styles) * len(problems) * c.samples
+    if total > len(todo):  # a resumed collection says so
+        console.print(f"collect {tcfg.name}: {total - len(todo)} of {total} generations already stored, "
+                      f"{len(todo)} to go")
     stale = store.other_params(tcfg.name, params_json)
     if stale:
         console.print(f"[yellow]warning[/]: {stale} stored rows of teacher {tcfg.name!r} were generated with other "
@@ -324,6 +328,10 @@ def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
         store.close()
     (run_dir / "collect_summary.json").write_text(json.dumps(result.summary, indent=2))
     console.print(summary_table(result.summary, sizes["all"]))
+    for t, n in sizes.items():
+        if t != "all" and n <= 1 and t not in result.failures:
+            console.print(f"[yellow]warning[/]: teacher {t!r} kept {n} verified trace(s): too few to train on "
+                          f"(corpora/{t}.jsonl); check its accuracy above, or the problems it was asked")
     if result.failures:
         raise CollectIncomplete("could not collect from: " + "; ".join(result.failures.values()))
     return result

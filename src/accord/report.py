@@ -269,6 +269,11 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             "base student (forgetting is negative); branch-steps = optimizer steps summed over branches "
             "(MoT Table 5). Bold: best in column.</p>",
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
+    if not results:
+        page.append("<p><b>Only the base student is here</b>: no trained model was found in "
+                    f"<code>{html.escape(str(run_dir / 'train'))}</code>. Run <code>accord train CONFIG</code> "
+                    "(or <code>accord run CONFIG</code>, which also collects and evaluates), then "
+                    "<code>accord eval CONFIG</code> and <code>accord report CONFIG</code>.</p>")
     for s in curves:
         page.append(f"<h2>{html.escape(s)} pass@1 by round / checkpoint (MoT Table 22, Fig. 3)</h2>"
                     f"<img src='curve-{html.escape(s)}.png' alt='{html.escape(s)} curve'>")

@@ -313,11 +313,16 @@ def _ppl_mi(logits, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.T
 
 
 def _metrics(rec, s_mi, s_cons, s_ppl, stats, groups) -> dict:
-    n_prob = len(groups)
+    """Per-teacher means over the micro-batch.  ``alpha/<teacher>`` is each teacher's share of the weight
+    over the problems that *are* weighted (K′ ≥ 2; groups of one — replay rows, single-trace problems —
+    have α = 1 by construction and are left out), so the shares sum to 1 (COMPACT Fig. 3)."""
+    multi = {i for g in groups.values() if len(g) > 1 for i in g}
+    n_prob = sum(1 for g in groups.values() if len(g) > 1)
     by: dict[str, list] = {}
     for t, i, a, score in rec:
-        by.setdefault(t, []).append((a, score, float(s_mi[i]), float(s_cons[i]), float(s_ppl[i])))
-    out = {f"alpha/{t}": sum(v[0] for v in vals) / n_prob for t, vals in by.items()}
+        by.setdefault(t, []).append((a, score, float(s_mi[i]), float(s_cons[i]), float(s_ppl[i]), i in multi))
+    out = {f"alpha/{t}": sum(v[0] for v in vals if v[5]) / n_prob for t, vals in by.items()
+           if n_prob and any(v[5] for v in vals)}
     for name, col in (("score", 1), ("s_mi", 2), ("s_cons", 3), ("s_ppl", 4)):
         out.update({f"{name}/{t}": sum(v[col] for v in vals) / len(vals) for t, vals in by.items()})
     out["mcon"] = stats["mcon"] / max(1, stats["pairs"] - stats["skipped"])

@@ -327,6 +327,10 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     opt = make_optimizer(model, args)
     out = Path(out_dir) if out_dir else None
     start, history = _resume(out, model, opt) if out else (0, [])
+    if start and (not shard or acc.is_main_process):  # a resumed run says so
+        import sys
+
+        print(f"resuming {out.name} from checkpoint-{start} (step {start} of {args.steps})", file=sys.stderr)
     stream = BatchStream(examples, args.batch_size, args.seed, batcher)
     for _ in range(start):
         stream.next()  # replay the data order up to the checkpoint (cheap: indices only)
