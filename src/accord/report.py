@@ -142,39 +142,23 @@ def branch_losses(metrics: Path) -> dict[str, list[tuple[int, float]]]:
 
 def plot_branch_losses(metrics: Path, path: Path) -> Path | None:
     """MoT Fig. 3/4: each teacher branch's training loss across rounds (a drop at a merge is the merge's effect)."""
-    series = branch_losses(metrics)
-    if not series:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    for t, pts in series.items():
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        w = max(1, len(ys) // 40)  # a light running mean: per-step losses of small batches are noisy
-        ys = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-        ax.plot(xs, ys, lw=1.3, label=t)
-    ax.set_xlabel("branch step (rounds × S)")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _plot_smoothed(branch_losses(metrics), path, "branch step (rounds × S)", "training loss", log=True)
 
 
 def plot_alpha(metrics: Path, path: Path) -> Path | None:
-    """COMPACT Fig. 3: each teacher's mean weight α over training steps (a light running mean)."""
+    """COMPACT Fig. 3: each teacher's mean weight α over training steps."""
     series: dict[str, list[tuple[int, float]]] = {}
     for line in metrics.read_text().splitlines() if metrics.exists() else []:
         ev = json.loads(line)
         for k, v in ev.items():
             if k.startswith("alpha/"):
                 series.setdefault(k[6:], []).append((ev["step"], v))
+    return _plot_smoothed(series, path, "step", "mean weight α (share)")
+
+
+def _plot_smoothed(series: dict[str, list[tuple[int, float]]], path: Path, xlabel: str, ylabel: str,
+                   log: bool = False) -> Path | None:
+    """One line per key, with a light running mean (per-step values of small batches are noisy)."""
     if not series:
         return None
     import matplotlib
@@ -183,13 +167,15 @@ def plot_alpha(metrics: Path, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    for t, pts in series.items():
+    for name, pts in series.items():
         ys = [p[1] for p in pts]
         w = max(1, len(ys) // 40)
         ys = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-        ax.plot([p[0] for p in pts], ys, lw=1.4, label=t)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean weight α (share)")
+        ax.plot([p[0] for p in pts], ys, lw=1.3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -134,16 +134,23 @@ def grouped_batches(keys: Sequence, batch_size: int, rng: random.Random, group: 
     per_mega = max(1, batch_size * group // max(1, round(len(keys) / max(1, len(order)))))
     batches = []
     for s in range(0, len(order), per_mega):
-        cur: list[int] = []
-        for g in sorted(order[s:s + per_mega], key=lambda g: max(keys[i][1] for i in g)):
-            if cur and len(cur) + len(g) > batch_size:
-                batches.append(cur)
-                cur = []
-            cur = cur + g
-        if cur:
-            batches.append(cur)
+        batches += pack_groups(sorted(order[s:s + per_mega], key=lambda g: max(keys[i][1] for i in g)), batch_size)
     rng.shuffle(batches)
     return batches
+
+
+def pack_groups(groups: list[list[int]], size: int) -> list[list[int]]:
+    """Concatenate groups in order into chunks of at most ``size`` rows; a group is never split (one larger
+    than ``size`` is a chunk of its own)."""
+    chunks, cur = [], []
+    for g in groups:
+        if cur and len(cur) + len(g) > size:
+            chunks.append(cur)
+            cur = []
+        cur = cur + g
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def shard_chunks(idx: list[int], examples: list, rank: int, world: int, micro: int) -> list[list]:
@@ -159,15 +166,7 @@ def shard_chunks(idx: list[int], examples: list, rank: int, world: int, micro: i
             runs[-1].append(i)
         else:
             runs.append([i])
-    chunks, cur = [], []
-    for g in runs[rank::world]:
-        if cur and len(cur) + len(g) > micro:
-            chunks.append(cur)
-            cur = []
-        cur = cur + g
-    if cur:
-        chunks.append(cur)
-    return [[examples[i] for i in c] for c in chunks]
+    return [[examples[i] for i in c] for c in pack_groups(runs[rank::world], micro)]
 
 
 def padding_waste(batches: list[list[int]], lengths: Sequence[int]) -> float:
