@@ -52,3 +52,18 @@ def test_replay_with_nothing_correct_is_a_clear_error(tmp_path, parrot7):
     problems = write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "question": "What is 1+0?", "answer": "1"}])
     with pytest.raises(TrainSetupError, match="train.replay: the student answered none"):
         replay_rows(_cfg(tmp_path, parrot7, problems))
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    """Against brute force: the share of k′-subsets of the n samples that hold a correct one."""
+    from itertools import combinations
+
+    from accord.evaluate import pass_at_k
+
+    for n in (1, 4, 6):
+        for c in range(n + 1):
+            samples = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(combinations(range(n), k))
+                want = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+                assert abs(pass_at_k(n, c, k) - want) < 1e-12, (n, c, k)

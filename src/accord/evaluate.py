@@ -2,7 +2,8 @@
 
 pass@1 over k samples is the mean, over problems, of the fraction of the k
 samples that are correct (MoT §5 reports AIME as 16-run averages; the same
-estimator).  Generation goes through the teacher backends, so a vLLM backend
+estimator); pass@k′ for k′ = 2, 4, … ≤ k by the unbiased estimator
+1 − C(k−c, k′)/C(k, k′) is recorded beside it (``pass_at``).  Generation goes through the teacher backends, so a vLLM backend
 evaluates on GPU and an hf backend on CPU.  Optionally every (problem, sample)
 row is written to a JSONL file, and a re-run skips rows already there, so a
 killed evaluation resumes.
@@ -34,10 +35,11 @@ class EvalResult:
     k: int
     greedy_se: float | None = None  # standard errors over problems (the spread a reader needs to compare)
     pass1_se: float | None = None
+    pass_at: dict | None = None  # {k': unbiased pass@k'} for k' = 1, 2, 4, … ≤ k (and k itself)
 
     def as_dict(self) -> dict:
         return {"greedy": self.greedy, "pass1": self.pass1, "n": self.n, "k": self.k, "greedy_se": self.greedy_se,
-                "pass1_se": self.pass1_se}
+                "pass1_se": self.pass1_se, "pass_at": self.pass_at}
 
 
 def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -98,8 +100,18 @@ def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: 
             fh.close()
     ids = [p.id for p in problems]
     g, g_se = mean_se([float(done[(pid, 0, "greedy")]) for pid in ids]) if greedy else (None, None)
-    p1, p1_se = mean_se([sum(done[(pid, i, "sample")] for i in range(k)) / k for pid in ids]) if k > 0 else (None, None)
-    return EvalResult(g, p1, len(ids), k, g_se, p1_se)
+    counts = [sum(done[(pid, i, "sample")] for i in range(k)) for pid in ids] if k > 0 else []
+    p1, p1_se = mean_se([c / k for c in counts]) if k > 0 else (None, None)
+    ks = sorted({j for j in (2 ** e for e in range(k.bit_length())) if j <= k} | {k}) if k > 0 else []
+    pass_at = {j: sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in ks} if counts else None
+    return EvalResult(g, p1, len(ids), k, g_se, p1_se, pass_at)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 − C(n−c, k) / C(n, k) (Chen et al. 2021)."""
+    from math import comb
+
+    return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
 def hash_id(pid: str) -> int:
