@@ -133,3 +133,21 @@ def test_on_step_returning_true_stops_training(micro):
     res = train(model, tok, rows(16), TrainArgs(steps=10, batch_size=4, lr=1e-3),
                 on_step=lambda s, loss: seen.append(s) or s + 1 == 3)
     assert seen == [0, 1, 2] and len(res.history) == 3
+
+
+def test_train_gives_its_model_and_optimizer_back(micro):
+    """Nothing inside accord or accelerate keeps a trained model alive once the caller drops it, so STD per
+    teacher, MTD and the lab build run at the memory of one model (issue 13, item 1)."""
+    import gc
+    import weakref
+
+    from accord.train.engine import TrainArgs, get_accelerator, train
+
+    model, tok = load(micro)
+    ref = weakref.ref(model)
+    res = train(model, tok, rows(6), TrainArgs(steps=2, batch_size=2, lr=1e-3, max_len=128))
+    assert res.model is model
+    del model, res
+    gc.collect()
+    assert ref() is None
+    assert not get_accelerator()._models and not get_accelerator()._optimizers

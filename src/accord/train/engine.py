@@ -375,6 +375,8 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         if stop:
             break
     model = acc.unwrap_model(model) if shard else model
+    if shard:
+        acc.free_memory()  # accelerate keeps every prepared model and optimizer: give them back (issue 13)
     model.eval()
     if args.lora_r:
         model = model.merge_and_unload()
