@@ -61,6 +61,7 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
     assert all(0 <= r["pass1"] <= 1 for r in rows)
     assert all(set(r["pass_at"]) == {"1", "2"} and r["pass_at"]["1"] == pytest.approx(r["pass1"])
                and r["pass_at"]["2"] >= r["pass1"] for r in rows)  # unbiased pass@k beside pass@1
+    assert all(r["maj"] is not None for r in rows)  # maj@k recorded beside them
     assert "mot" in out and "branch-steps" in out  # the text table
     dom = chromium_dom(run / "report" / "index.html")
     assert "<table>" in dom and "std-seven" in dom and "<td>mot</td>" in dom

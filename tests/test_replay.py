@@ -67,3 +67,39 @@ def test_pass_at_k_is_the_unbiased_estimator():
                 subsets = list(combinations(range(n), k))
                 want = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
                 assert abs(pass_at_k(n, c, k) - want) < 1e-12, (n, c, k)
+
+
+def test_majority_vote():
+    from accord.evaluate import majority_correct
+
+    assert majority_correct(["4", "7", "4", None], [True, False, True, False])
+    assert not majority_correct(["7", "7", "4", "4"], [False, False, True, True])  # tie → the first seen
+    assert not majority_correct([None, None], [False, False])
+    assert majority_correct(["4", None, None], [True, False, False])  # unparsed samples do not vote
+
+
+def test_evaluate_records_majority_and_pass_at_k(tmp_path):
+    """A generator that answers 4, 4, 4, 7 to everything: maj@4 is right only where the gold is 4, pass@4
+    wherever any sample is; both survive a resume from the rows on disk."""
+    from accord.evaluate import evaluate
+    from accord.problems import Problem
+    from accord.teachers.base import Generation
+
+    class Fixed:
+        def generate(self, reqs, params):
+            return [Generation(text="\\boxed{%s}" % ("7" if (r.seed % 4) == 3 else "4")) for r in reqs]
+
+    probs = [Problem("a", "q1", "4"), Problem("b", "q2", "7")]
+    gen = Fixed()
+    # seeds are seed·1000003 + hash(id) + i: make sample i's answer depend on i alone
+    import accord.evaluate as E
+
+    orig = E.hash_id
+    E.hash_id = lambda pid: 0
+    try:
+        r = evaluate(gen, probs, k=4, greedy=False, rows_path=tmp_path / "rows.jsonl")
+        again = evaluate(gen, probs, k=4, greedy=False, rows_path=tmp_path / "rows.jsonl")  # all from disk
+    finally:
+        E.hash_id = orig
+    assert r.maj == 0.5 and r.pass1 == 0.5 and r.pass_at[4] == 1.0
+    assert (again.maj, again.pass1, again.pass_at) == (r.maj, r.pass1, r.pass_at)

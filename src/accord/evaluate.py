@@ -3,7 +3,9 @@
 pass@1 over k samples is the mean, over problems, of the fraction of the k
 samples that are correct (MoT §5 reports AIME as 16-run averages; the same
 estimator); pass@k′ for k′ = 2, 4, … ≤ k by the unbiased estimator
-1 − C(k−c, k′)/C(k, k′) is recorded beside it (``pass_at``).  Generation goes through the teacher backends, so a vLLM backend
+1 − C(k−c, k′)/C(k, k′) is recorded beside it (``pass_at``), and maj@k (the
+most frequent parsed answer of the k samples, ties to the one seen first; rows
+written before the answers were stored count as unparsed).  Generation goes through the teacher backends, so a vLLM backend
 evaluates on GPU and an hf backend on CPU.  Optionally every (problem, sample)
 row is written to a JSONL file, and a re-run skips rows already there, so a
 killed evaluation resumes.
@@ -36,10 +38,12 @@ class EvalResult:
     greedy_se: float | None = None  # standard errors over problems (the spread a reader needs to compare)
     pass1_se: float | None = None
     pass_at: dict | None = None  # {k': unbiased pass@k'} for k' = 1, 2, 4, … ≤ k (and k itself)
+    maj: float | None = None  # maj@k: the majority parsed answer of the k samples is right
+    maj_se: float | None = None
 
     def as_dict(self) -> dict:
         return {"greedy": self.greedy, "pass1": self.pass1, "n": self.n, "k": self.k, "greedy_se": self.greedy_se,
-                "pass1_se": self.pass1_se, "pass_at": self.pass_at}
+                "pass1_se": self.pass1_se, "pass_at": self.pass_at, "maj": self.maj, "maj_se": self.maj_se}
 
 
 def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -53,7 +57,8 @@ def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
     return m, (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
-def _done(path: Path | None) -> dict[tuple[str, int, str], bool]:
+def _done(path: Path | None, answers: dict | None = None) -> dict[tuple[str, int, str], bool]:
+    """Correctness of every row already on disk; ``answers`` receives each row's parsed answer."""
     if path is None or not path.exists():
         return {}
     out = {}
@@ -62,8 +67,25 @@ def _done(path: Path | None) -> dict[tuple[str, int, str], bool]:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill; regenerated below
-        out[(r["problem_id"], r["sample"], r["mode"])] = r["verdict"] == CORRECT
+        key = (r["problem_id"], r["sample"], r["mode"])
+        out[key] = r["verdict"] == CORRECT
+        if answers is not None:
+            answers[key] = r.get("parsed")
     return out
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """maj@k for one problem: the most frequent parsed answer among the samples (ties: the one seen first;
+    unparsed samples do not vote) is right iff a sample giving it was judged right."""
+    counts: dict[str, int] = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    if not counts:
+        return False
+    top = max(counts.values())
+    pick = next(a for a in answers if a is not None and counts[a] == top)
+    return any(c for a, c in zip(answers, correct) if a == pick)
 
 
 def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: float = 0.6, greedy: bool = True,
@@ -71,7 +93,8 @@ def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: 
              rows_path: str | Path | None = None, chunk: int = 256) -> EvalResult:
     """Evaluate a generator on problems; ``rows_path`` makes it resumable."""
     path = Path(rows_path) if rows_path else None
-    done = _done(path)
+    parsed: dict = {}
+    done = _done(path, parsed)
     todo = []
     if greedy:
         todo += [(p, 0, "greedy") for p in problems if (p.id, 0, "greedy") not in done]
@@ -88,11 +111,13 @@ def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: 
                 reqs = [Request(render_prompt(style, p.question), seed=seed * 1_000_003 + hash_id(p.id) + i)
                         for p, i, _ in batch]
                 for (p, i, m), g in zip(batch, teacher.generate(reqs, params)):
-                    verdict = check(verifier, p.answer, g.text).verdict if not g.failed else "failed"
+                    res = check(verifier, p.answer, g.text) if not g.failed else None
+                    verdict = res.verdict if res else "failed"
                     done[(p.id, i, m)] = verdict == CORRECT
+                    parsed[(p.id, i, m)] = res.parsed if res else None
                     if fh:
                         fh.write(json.dumps({"problem_id": p.id, "sample": i, "mode": m, "output": g.text,
-                                             "verdict": verdict}) + "\n")
+                                             "verdict": verdict, "parsed": parsed[(p.id, i, m)]}) + "\n")
                 if fh:
                     fh.flush()
     finally:
@@ -104,7 +129,10 @@ def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: 
     p1, p1_se = mean_se([c / k for c in counts]) if k > 0 else (None, None)
     ks = sorted({j for j in (2 ** e for e in range(k.bit_length())) if j <= k} | {k}) if k > 0 else []
     pass_at = {j: sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in ks} if counts else None
-    return EvalResult(g, p1, len(ids), k, g_se, p1_se, pass_at)
+    maj = mean_se([float(majority_correct([parsed.get((pid, i, "sample")) for i in range(k)],
+                                          [done[(pid, i, "sample")] for i in range(k)])) for pid in ids]) \
+        if k > 0 else (None, None)
+    return EvalResult(g, p1, len(ids), k, g_se, p1_se, pass_at, *maj)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
