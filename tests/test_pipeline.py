@@ -62,6 +62,8 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
     assert all(set(r["pass_at"]) == {"1", "2"} and r["pass_at"]["1"] == pytest.approx(r["pass1"])
                and r["pass_at"]["2"] >= r["pass1"] for r in rows)  # unbiased pass@k beside pass@1
     assert all(r["maj"] is not None for r in rows)  # maj@k recorded beside them
+    assert all((r["temperature"], r["top_p"], r["n"], r["k"]) == (0.6, 1.0, r["n"], 2) and r["n"] > 0 for r in rows)
+    assert "top-p 1.0 (k = 2)" in (run / "report" / "index.html").read_text()
     assert "mot" in out and "branch-steps" in out  # the text table
     dom = chromium_dom(run / "report" / "index.html")
     assert "<table>" in dom and "std-seven" in dom and "<td>mot</td>" in dom

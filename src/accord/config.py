@@ -282,6 +282,7 @@ class EvalConfig(_Strict):
                                          description="name → problem source; the lab's target/ood/general by default")
     k: int = Field(16, ge=0, description="samples per problem for pass@1 (0: greedy only)")
     temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the k samples")
     greedy: bool = Field(True, description="also measure greedy accuracy")
     max_new_tokens: int = Field(32768, ge=1)
     backend: Literal["hf", "vllm"] = Field("hf", description="generation backend for evaluation")

@@ -88,7 +88,8 @@ def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> 
     return any(c for a, c in zip(answers, correct) if a == pick)
 
 
-def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: float = 0.6, greedy: bool = True,
+def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: float = 0.6, top_p: float = 1.0,
+             greedy: bool = True,
              max_new_tokens: int = 1024, verifier: str = "math", style: str = "default", seed: int = 0,
              rows_path: str | Path | None = None, chunk: int = 256) -> EvalResult:
     """Evaluate a generator on problems; ``rows_path`` makes it resumable."""
@@ -105,7 +106,7 @@ def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: 
         for mode in ("greedy", "sample"):
             part = [t for t in todo if t[2] == mode]
             params = SamplingParams(temperature=0.0 if mode == "greedy" else temperature,
-                                    max_new_tokens=max_new_tokens)
+                                    top_p=1.0 if mode == "greedy" else top_p, max_new_tokens=max_new_tokens)
             for s in range(0, len(part), chunk):
                 batch = part[s:s + chunk]
                 reqs = [Request(render_prompt(style, p.question), seed=seed * 1_000_003 + hash_id(p.id) + i)
@@ -217,11 +218,12 @@ def evaluate_models(cfg, results: list[dict], console) -> list[dict]:
                 else:
                     gen = gen or _generator(cfg, pt["path"], pt["key"])
                     bar.update(task, description=f"eval {pt['key']} {split}")
-                    r = evaluate(gen, probs, k=cfg.eval.k, temperature=cfg.eval.temperature,
+                    r = evaluate(gen, probs, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                  greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
                                  verifier=cfg.eval.verifier, seed=cfg.eval.seed,
                                  rows_path=_rows_path(summary))
-                    res = r.as_dict()
+                    res = {**r.as_dict(), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
+                           "max_new_tokens": cfg.eval.max_new_tokens}  # what a reader needs to compare runs
                     summary.write_text(json.dumps(res))
                 rows.append({**pt, "split": split, **res})
                 bar.update(task, advance=1)

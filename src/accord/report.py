@@ -199,6 +199,12 @@ def compact_scores(metrics: Path) -> tuple[list[str], list[list]]:
     return ["teacher", "mean α", "mean S_MI", "mean S_cons", "mean S_PPL"], body
 
 
+def _n_problems(eval_rows: list[dict]) -> str:
+    """'target: 200 problems, general: 200 problems' from the base student's rows."""
+    n = {r["split"]: r.get("n") for r in eval_rows if r.get("model") == "base" and r.get("n")}
+    return ", ".join(f"{k}: {v} problems" for k, v in n.items()) or "n not recorded"
+
+
 def _html_table(head: list[str], body: list[list], best_cols: set[int] = frozenset()) -> str:
     def val(c):
         return c[0] if isinstance(c, tuple) else c
@@ -251,7 +257,8 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             f"<h1>accord report <small>{html.escape(str(run_dir))}</small></h1>",
             "<h2>Methods (MoT Table 4)</h2>",
             "<p>pass@1 averaged over k samples at temperature "
-            f"{cfg.eval.temperature} (k = {cfg.eval.k}); Δ general = change of general-family pass@1 from the "
+            f"{cfg.eval.temperature}, top-p {cfg.eval.top_p} (k = {cfg.eval.k}), ± the standard error over "
+            f"problems ({html.escape(_n_problems(eval_rows))}); Δ general = change of general-family pass@1 from the "
             "base student (forgetting is negative); branch-steps = optimizer steps summed over branches "
             "(MoT Table 5). Bold: best in column.</p>",
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
