@@ -84,3 +84,15 @@ def test_shipped_configs_validate(name):
     assert code == 0, out
     if name == "mot-paper.yaml":
         assert "mot_schedule: per-round" in out and "steps_per_round: 50" in out and "k: 16" in out
+
+
+def test_override_typos_say_command_line_and_suggest(cfg_file, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["colect.samples=2", "train.stesp_per_round=3"])
+    msg = str(e.value)
+    assert "colect: unknown field (did you mean collect?) — from the command line" in msg
+    assert "train.stesp_per_round: unknown field (did you mean steps_per_round?) — from the command line" in msg
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is an existing file, not a directory"):
+        load_config(cfg_file, [f"run_dir={f}"])

@@ -1,4 +1,6 @@
 
+import json
+
 import pytest
 from conftest import write_jsonl
 
@@ -74,3 +76,31 @@ def test_missing_file_and_limit(tmp_path):
         load_problems(ProblemsConfig(path=str(tmp_path / "nope.jsonl")))
     f = write_jsonl(tmp_path / "p.jsonl", [{"question": f"q{i}", "answer": "1"} for i in range(5)])
     assert len(load_problems(ProblemsConfig(path=str(f), limit=2))) == 2
+
+
+def test_non_utf8_bytes_name_file_line_and_offset(tmp_path):
+    from accord.config import ProblemsConfig
+    from accord.problems import ProblemSourceError, load_problems
+
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(b'{"question": "a", "answer": "1"}\n{"question": "b\xff", "answer": "2"}\n')
+    with pytest.raises(ProblemSourceError) as e:
+        load_problems(ProblemsConfig(path=str(p)))
+    msg = str(e.value)
+    assert f"{p}:2:" in msg and "0xff" in msg and "byte offset 48" in msg and "column 16" in msg
+
+
+def test_duplicate_ids_are_counted_named_and_optionally_fatal(tmp_path, capsys):
+    from accord.config import ProblemsConfig
+    from accord.problems import ProblemSourceError, load_problems
+
+    rows = [{"id": "x", "question": "a", "answer": "1"}, {"id": "y", "question": "b", "answer": "2"},
+            {"id": "x", "question": "c", "answer": "3"}]
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_problems(ProblemsConfig(path=str(p)))
+    assert [q.question for q in got] == ["a", "b"]
+    err = capsys.readouterr().err
+    assert "1 row(s) repeat a problem id" in err and f"{p}:3" in err and f"first at {p}:1" in err
+    with pytest.raises(ProblemSourceError, match="repeat a problem id"):
+        load_problems(ProblemsConfig(path=str(p), on_duplicate="error"))

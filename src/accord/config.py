@@ -62,6 +62,8 @@ class ProblemsConfig(_Strict):
     test_fraction: float = Field(0.0, ge=0, lt=1, description="share of problems in the test split")
     split_seed: int = Field(0, description="seed of the id-hash split assignment")
     limit: int | None = Field(None, ge=1, description="keep only the first N problems (after splitting)")
+    on_duplicate: Literal["first", "error"] = Field(
+        "first", description="rows sharing a problem id: keep the first (and warn, naming them) or stop")
 
     @model_validator(mode="after")
     def _fractions(self) -> "ProblemsConfig":
@@ -381,6 +383,8 @@ class AccordConfig(_Strict):
                 raise ValueError(f"train.method {m!r}: {m[4:]!r} is not one of the teachers {names}")
         if self.cord.meta_prover is not None and self.cord.meta_prover not in names:
             raise ValueError(f"cord.meta_prover {self.cord.meta_prover!r} is not one of the teachers {names}")
+        if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
+            raise ValueError(f"run_dir {self.run_dir!r} is an existing file, not a directory")
         w = self.train.merge.weights
         if w is not None and len(w) != len(names):
             raise ValueError(f"train.merge.weights has {len(w)} value(s) for {len(names)} teacher(s)")
@@ -459,7 +463,7 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def validate(data: dict, source: str = "config") -> AccordConfig:
+def validate(data: dict, source: str = "config", overridden: list[str] | None = None) -> AccordConfig:
     try:
         return AccordConfig.model_validate(data)
     except ValidationError as e:
@@ -469,18 +473,45 @@ def validate(data: dict, source: str = "config") -> AccordConfig:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field" + (" (put secrets in an environment variable named by api_key_env)"
-                                         if loc.endswith("api_key") else "")
+                                         if loc.endswith("api_key") else _did_you_mean(err["loc"]))
+            if overridden and any(loc == o or loc.startswith(o + ".") or o.startswith(loc + ".") for o in overridden):
+                msg += " — from the command line"
             problems.append((loc, msg))
         raise ConfigError(source, problems) from None
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """`` (did you mean collect?)`` for an unknown key close to a real field of the same section."""
+    import difflib
+
+    model: Any = AccordConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        ann = getattr(field, "annotation", None)
+        nxt = next((a for a in (getattr(ann, "__args__", None) or (ann,)) if hasattr(a, "model_fields")), None)
+        if nxt is None:
+            args = getattr(ann, "__args__", ()) or ()
+            nxt = next((b for a in args for b in (getattr(a, "__args__", None) or ()) if hasattr(b, "model_fields")),
+                       None)
+        if nxt is None:
+            return ""
+        model = nxt
+    close = difflib.get_close_matches(str(loc[-1]), list(getattr(model, "model_fields", {})), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> AccordConfig:
-    """Load YAML (or ``base``), apply overrides, validate; every problem reported at once."""
+    """Load YAML (or ``base``), apply overrides, validate; every problem reported at once; a problem that comes
+    from an override says ``(from the command line)``."""
     data = load_yaml(path) if path is not None else dict(base or {})
+    overridden = []
     for item in overrides or []:
         keys, value = parse_override(item)
         apply_override(data, keys, value)
-    return validate(data, str(path) if path else "config")
+        overridden.append(".".join(keys))
+    return validate(data, str(path) if path else "config", overridden)
 
 
 def dump_config(cfg: AccordConfig, run_dir: str | Path | None = None) -> Path:

@@ -70,8 +70,15 @@ def split_of(pid: str, seed: int, validation: float, test: float) -> str:
 def read_jsonl(path: Path, error: type[Exception] | None = None) -> Iterable[tuple[str, dict]]:
     """(``file:line``, object) per non-blank line; a bad line raises ``error`` naming file and line."""
     error = error or ProblemSourceError
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    offset = 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{lineno}: not UTF-8 — byte 0x{raw[e.start]:02x} at column {e.start + 1} "
+                            f"(byte offset {offset + e.start} of the file); save the file as UTF-8") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -144,11 +151,24 @@ def _to_problem(where: str, row: dict, cfg: ProblemsConfig) -> Problem:
 
 def load_problems(cfg: ProblemsConfig) -> list[Problem]:
     """Read, normalise, de-duplicate by id, split and limit the configured problems."""
-    seen: dict[str, Problem] = {}
+    seen: dict[str, tuple[Problem, str]] = {}
+    dupes: list[tuple[str, str, str]] = []  # (id, where, first seen where)
     for where, row in read_rows(cfg.path):
         p = _to_problem(where, row, cfg)
-        seen.setdefault(p.id, p)
-    problems = list(seen.values())
+        if p.id in seen:
+            dupes.append((p.id, where, seen[p.id][1]))
+        else:
+            seen[p.id] = (p, where)
+    if dupes:
+        first = "; ".join(f"id {i!r} at {w} (first at {f})" for i, w, f in dupes[:3])
+        msg = f"{cfg.path}: {len(dupes)} row(s) repeat a problem id: {first}"
+        if cfg.on_duplicate == "error":
+            raise ProblemSourceError(msg)
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]warning[/]: {msg}; the first of each is kept "
+                                   "(problems.on_duplicate: error stops instead)", highlight=False, soft_wrap=True)
+    problems = [p for p, _ in seen.values()]
     for p in problems:  # the id hash decides; a source's own split (lab:arith:train) is kept beside it
         if "split" in p.meta:
             p.meta["source_split"] = p.meta["split"]
