@@ -160,13 +160,18 @@ def test_training_bad_input(tmp_path, problems_file, micro, parrot7):
     assert code == 2 and "'zzz' is not one of the teachers" in out
 
 
-def test_mot_validation_selection_picks_a_round(tmp_path, problems_file, micro):
+def two_imported_teachers(tmp_path):
+    """Two `column` teachers whose corpora (and the union) hold four identical rows: selection plumbing only."""
     run = tmp_path / "run"
     (run / "corpora").mkdir(parents=True)
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\boxed{7}"}]}
     for name in ("a", "b", "all"):
         write_jsonl(run / "corpora" / f"{name}.jsonl", [good] * 4)
-    teachers = [{"name": "a", "backend": "column", "column": "a"}, {"name": "b", "backend": "column", "column": "b"}]
+    return run, [{"name": t, "backend": "column", "column": t} for t in ("a", "b")]
+
+
+def test_mot_validation_selection_picks_a_round(tmp_path, problems_file, micro):
+    run, teachers = two_imported_teachers(tmp_path)
     cfg = pipeline_cfg(tmp_path, problems_file, teachers, micro, method="mot", rounds=2, steps_per_round=1,
                        select="validation")
     code, out = run_cli("train", str(cfg), "problems.split=train", "problems.validation_fraction=0.5")
@@ -219,12 +224,7 @@ def test_validation_selection_on_a_lab_source_for_mot_std_and_mtd(tmp_path, micr
 
     val = load_problems(ProblemsConfig(path="lab:arith:train", split="validation", limit=20))
     assert len(val) == 20 and {p.meta["source_split"] for p in val} == {"train"}
-    run = tmp_path / "run"
-    (run / "corpora").mkdir(parents=True)
-    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\boxed{7}"}]}
-    for name in ("a", "b", "all"):
-        write_jsonl(run / "corpora" / f"{name}.jsonl", [good] * 4)
-    teachers = [{"name": "a", "backend": "column", "column": "a"}, {"name": "b", "backend": "column", "column": "b"}]
+    run, teachers = two_imported_teachers(tmp_path)
     cfg = pipeline_cfg(tmp_path, "lab:arith:train", teachers, micro, method=["mtd", "mot"], rounds=2,
                        steps_per_round=1, select="validation")
     args = ("problems.split=train", "eval.limit=8", "eval.max_new_tokens=8")
