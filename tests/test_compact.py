@@ -10,7 +10,26 @@ import torch
 import yaml
 from conftest import run_cli, write_jsonl
 
-from accord.train.compact import alphas, consensus, encode_trace, make_loss_fn, mi_score, zscore
+from accord.train.compact import alphas, consensus, encode_trace, make_loss_fn, zscore
+
+
+# slow, obviously-correct references for the batched scores (one trace at a time)
+def mi_score(gold_logp: torch.Tensor, mask: torch.Tensor, reduce: str = "sum") -> float:
+    """Eqs. 2–3: gold_logp [T+1] = I(t) for t = 0..T; mask [T] = M_t; Σ ReLU(ΔI)·M (or its mean)."""
+    if gold_logp.numel() < 2:
+        return 0.0
+    gain = torch.relu(gold_logp[1:] - gold_logp[:-1]) * mask
+    return float(gain.sum() if reduce == "sum" else gain.mean())
+
+
+def gold_curve(logits: torch.Tensor, start: int, T: int, gold: list[int], chunk: int = 1024) -> torch.Tensor:
+    """I(t) = mean_j log softmax(logits[start + t])[g_j] for t = 0..T, in chunks (no [T, V] log-softmax kept)."""
+    out = []
+    g = torch.tensor(gold, device=logits.device)
+    for a in range(start, start + T + 1, chunk):
+        lg = logits[a:min(start + T + 1, a + chunk)].float()
+        out.append(lg[:, g].mean(-1) - torch.logsumexp(lg, -1))
+    return torch.cat(out)
 
 
 def slow_consensus(q, k, self_loop=True):
@@ -45,11 +64,9 @@ def test_mi_score_on_a_known_trajectory():
 
 
 def test_gold_curve_reads_the_lm_head_at_each_state():
-    from accord.train.compact import _gold_curve
-
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(9, 11, generator=g)
-    got = _gold_curve(logits, 2, 4, [3, 7], chunk=2)
+    got = gold_curve(logits, 2, 4, [3, 7], chunk=2)
     lp = torch.log_softmax(logits, -1)
     want = torch.stack([(lp[t, 3] + lp[t, 7]) / 2 for t in range(2, 7)])
     assert torch.allclose(got, want, atol=1e-6)
@@ -229,7 +246,7 @@ def test_compact_resumes_to_the_uninterrupted_weights(tmp_path, micro):
 
 def test_batched_scores_match_the_per_trace_reference(micro):
     """S_PPL and S_MI for a whole micro-batch (lse taken from the SFT loss) equal the slow per-trace forms."""
-    from accord.train.compact import _gold_curve, _ppl_mi
+    from accord.train.compact import _ppl_mi
     from accord.train.engine import token_nll
 
     model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (1, TRACES[2])], words=("plus",))
@@ -240,7 +257,7 @@ def test_batched_scores_match_the_per_trace_reference(micro):
     for i, m in enumerate(b["meta"]):
         P, T = m["prompt_len"], m["reason_len"]
         want_ppl = nll[i, P:P + T].mean()
-        want_mi = mi_score(_gold_curve(logits[i], P - 1, T, m["gold"]), torch.tensor(m["think_mask"]))
+        want_mi = mi_score(gold_curve(logits[i], P - 1, T, m["gold"]), torch.tensor(m["think_mask"]))
         assert float(s_ppl[i]) == pytest.approx(float(want_ppl), rel=1e-5)
         assert float(s_mi[i]) == pytest.approx(want_mi, rel=1e-4, abs=1e-6)
     assert any(0.1 < v < 1.0 for m in b["meta"] for v in m["think_mask"]) is False  # ε = 0.1 or 1 only

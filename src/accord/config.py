@@ -337,6 +337,11 @@ class CordConfig(_Strict):
         return v
 
 
+# content words at MI peaks (Qian et al. 2025's released list, R1-Distill-Llama-8B), plus COMPACT's own examples
+THINKING_WORDS = ("So", "Hmm", "Okay", "First", "Now", "Wait", "But", "Then", "Since", "Therefore", "Maybe",
+                  "Let", "Because", "Thus", "Alternatively", "Actually")
+
+
 class CompactConfig(_Strict):
     """COMPACT (paper 001): per-instance teacher weights from the student's own scores (Eq. 7)."""
     beta: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="β₁ (S_MI), β₂ (S_cons), β₃ (S_PPL) of "
@@ -346,8 +351,7 @@ class CompactConfig(_Strict):
                                "(MCC-KD's default 0.1)")
     epsilon: float = Field(0.1, ge=0, description="mask weight M_t away from thinking words (Eq. 3); 1 = uniform")
     thinking_words: list[str] = Field(
-        default_factory=lambda: ["So", "Hmm", "Okay", "First", "Now", "Wait", "But", "Then", "Since", "Therefore",
-                                 "Maybe", "Let", "Because", "Thus", "Alternatively", "Actually"],
+        default_factory=lambda: list(THINKING_WORDS),
         description="words whose emitting state gets M_t = 1 (whole words, case-sensitive)")
     scores: list[Literal["mi", "cons", "ppl"]] = Field(
         default_factory=lambda: ["mi", "cons", "ppl"], description="scores used (ablations of Fig. 5/6; [] = the "

@@ -131,17 +131,20 @@ def split_think(text: str) -> Parsed:
 _BOXED = re.compile(r"\\boxed\s*\{")
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{…}`` (balanced braces), or None."""
+def last_boxed_span(text: str) -> tuple[int, int] | None:
+    """Character range ``[start, end)`` of the content of the last ``\\boxed{…}`` (balanced braces), or None."""
     starts = [m.end() for m in _BOXED.finditer(text)]
     if not starts:
         return None
-    i, depth = starts[-1], 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j].strip()
+    depth = 1
+    for j in range(starts[-1], len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return starts[-1], j
     return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{…}`` (balanced braces), or None."""
+    span = last_boxed_span(text)
+    return text[span[0]:span[1]].strip() if span else None

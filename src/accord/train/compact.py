@@ -45,11 +45,12 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections import Counter
 
 import torch
 
-from accord.config import AccordConfig
-from accord.prompts import THINK_CLOSE, training_target
+from accord.config import THINKING_WORDS, AccordConfig
+from accord.prompts import THINK_CLOSE, last_boxed_span, training_target
 from accord.train.common import (
     barrier,
     engine_args,
@@ -65,26 +66,10 @@ from accord.train.common import (
 from accord.train.engine import IGNORE, grouped_batches, token_nll, train
 from accord.ui import progress
 
-# content words at MI peaks (Qian et al. 2025's released list, R1-Distill-Llama-8B), plus the paper's own
-THINKING_WORDS = ("So", "Hmm", "Okay", "First", "Now", "Wait", "But", "Then", "Since", "Therefore", "Maybe",
-                  "Let", "Because", "Thus", "Alternatively", "Actually")
 _CONTENT = re.compile(r"[0-9A-Za-z+\-]")
 
 
 # --------------------------------------------------------------------------- encoding a trace
-
-
-def boxed_span(text: str) -> tuple[int, int] | None:
-    """Character range of the content of the last ``\\boxed{…}`` (balanced braces), or None."""
-    starts = [m.end() for m in re.finditer(r"\\boxed\s*\{", text)]
-    if not starts:
-        return None
-    depth = 1
-    for j in range(starts[-1], len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return starts[-1], j
-    return None
 
 
 def answer_clause(text: str) -> int:
@@ -129,7 +114,7 @@ def encode_trace(tok, row: dict, max_len: int, *, group, teacher: str, words=THI
         for m in pat.finditer(text):
             starts.update(i for i, (s, e) in enumerate(offs) if s <= m.start() < e)
     mask = [1.0 if t in starts else epsilon for t in range(1, T + 1)]  # state t emits c_{t+1} (0-based t)
-    span = boxed_span(text)
+    span = last_boxed_span(text)
     span_pos = [P + i for i, (s, e) in enumerate(offs) if span and s < span[1] and e > span[0]] if span else []
     if span_pos and span_pos[-1] >= len(ids):
         span_pos = []
@@ -165,24 +150,6 @@ def consensus(q: torch.Tensor, k: torch.Tensor, self_loop: bool = True) -> torch
         s = s.masked_fill(torch.eye(K, dtype=torch.bool), float("-inf"))
     A = torch.softmax(s, -1).mean(0)  # [K, K], rows i, columns j
     return A.sum(0) - A.diagonal()
-
-
-def mi_score(gold_logp: torch.Tensor, mask: torch.Tensor, reduce: str = "sum") -> float:
-    """Eqs. 2–3: gold_logp [T+1] = I(t) for t = 0..T; mask [T] = M_t; Σ ReLU(ΔI)·M (or its mean)."""
-    if gold_logp.numel() < 2:
-        return 0.0
-    gain = torch.relu(gold_logp[1:] - gold_logp[:-1]) * mask
-    return float(gain.sum() if reduce == "sum" else gain.mean())
-
-
-def _gold_curve(logits: torch.Tensor, start: int, T: int, gold: list[int], chunk: int = 1024) -> torch.Tensor:
-    """I(t) = mean_j log softmax(logits[start + t])[g_j] for t = 0..T, in chunks (no [T, V] log-softmax kept)."""
-    out = []
-    g = torch.tensor(gold, device=logits.device)
-    for a in range(start, start + T + 1, chunk):
-        lg = logits[a:min(start + T + 1, a + chunk)].float()
-        out.append(lg[:, g].mean(-1) - torch.logsumexp(lg, -1))
-    return torch.cat(out)
 
 
 def last_decoder_layer(model):
@@ -380,9 +347,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
             examples.append(encode_trace(tok, r, cfg.train.max_len, group=pid or f"{t}-row-{i}",
                                          teacher=t if pid else "replay",
                                          words=c.thinking_words, epsilon=c.epsilon))
-    sizes: dict[int, int] = {}
-    for n in _group_sizes(examples).values():
-        sizes[n] = sizes.get(n, 0) + 1
+    sizes = dict(Counter(Counter(e["group"] for e in examples).values()))
     console.print("compact: problems by number of traces K′: " + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
     T, S, out = cfg.train.rounds, cfg.train.steps_per_round, train_dir(cfg, "compact")
     args = engine_args(cfg, T * S, checkpoint_every=S)
@@ -401,9 +366,3 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                          problems_by_kprime=sizes, settings=c.model_dump(mode="json"),
                          resumed_from=res.resumed_from)]
 
-
-def _group_sizes(examples: list) -> dict:
-    out: dict = {}
-    for e in examples:
-        out[e["group"]] = out.get(e["group"], 0) + 1
-    return out
