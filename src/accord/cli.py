@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--profile", choices=["full", "quick", "micro"], help="build profile (micro: for tests)")
     b.add_argument("--seed", type=int, help="lab seed (default: $ACCORD_LAB_SEED or 0); another seed, another zoo")
+    b.add_argument("--with", dest="extra", action="append", choices=["student-b"],
+                   help="also build an optional model: student-b (QR-Distill's second student, another tokenizer)")
     b.add_argument("--allow-weak", action="store_true",
                    help="keep models that miss their accuracy bands and exit 0 (they are still reported)")
     s = lab.add_parser("status", help="show what is built, with measured accuracies")
@@ -214,7 +216,7 @@ def cmd_lab(args, console: Console) -> int:
             os.environ["ACCORD_LAB_SEED"] = str(args.seed)
         try:
             labbuild.build_lab(quick=args.quick, force=args.force, profile=args.profile, console=console,
-                               allow_weak=args.allow_weak)
+                               allow_weak=args.allow_weak, extra=tuple(args.extra or ()))
         except labbuild.LabTooWeak as e:
             console.print(f"[red]error:[/] {e}")
             return 1
@@ -298,13 +300,10 @@ def cmd_merge(args, console: Console) -> int:
 
 def cmd_cord(args, console: Console) -> int:
     from accord.cord import run_cord
-    from accord.run import lab_profiles
+    from accord.run import build_lab_models
 
     cfg = _load(args)
-    from accord.lab.build import build_lab
-
-    for profile in lab_profiles(cfg, student=False):
-        build_lab(profile=profile, console=console, allow_weak=True)  # warned; `accord lab build` fails on it
+    build_lab_models(cfg, console, student=False)
     run_cord(cfg, console)
     console.print(f"CoRD traces: {Path(cfg.run_dir) / 'corpora' / 'cord.jsonl'}; "
                   f"summary: {Path(cfg.run_dir) / 'cord' / 'summary.json'}")

@@ -227,11 +227,16 @@ def select(rows: list[dict], policy: str, seed: int, teacher: str) -> list[dict]
 
 def corpus_row(row: dict, p: Problem) -> dict:
     return {"problem_id": p.id, "teacher": row["teacher"], "style": row["style"], "sample_idx": row["sample_idx"],
-            "split": p.meta.get("split"), "question": p.question, "answer": p.answer, "prompt": row["prompt"],
+            "split": p.meta.get("split"), "level": _level(p), "question": p.question, "answer": p.answer, "prompt": row["prompt"],
             "completion": row["text"], "reasoning": row["reasoning"], "final": row["answer_text"],
             "token_count": row["token_count"],
             "messages": [{"role": "user", "content": render_prompt("default", p.question)},
                          {"role": "assistant", "content": row["text"]}]}
+
+
+def _level(p: Problem):
+    """A problem's difficulty as its source gives it (MATH's ``level``, a ``difficulty``, the lab's ``steps``)."""
+    return next((p.meta[k] for k in ("level", "difficulty", "steps") if p.meta.get(k) is not None), None)
 
 
 def build_corpora(cfg: AccordConfig, store: TraceStore, problems: list[Problem]) -> dict[str, int]:

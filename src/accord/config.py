@@ -260,9 +260,12 @@ class TrainConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str | list[str]) -> str | list[str]:
+        from accord.train import RECIPES  # the registry (no torch imported)
+
         for m in [v] if isinstance(v, str) else v:
-            if m.split(":", 1)[0] not in ("std", "mtd", "posthoc", "mot", "compact"):
-                raise ValueError(f"unknown train method {m!r}; choose std, std:<teacher>, mtd, posthoc, mot, compact")
+            if m.split(":", 1)[0] not in RECIPES:
+                raise ValueError(f"unknown train method {m!r}; choose std, std:<teacher>, "
+                                 + ", ".join(r for r in RECIPES if r != "std"))
         return v
 
 
@@ -363,6 +366,61 @@ class CompactConfig(_Strict):
     mi_reduce: Literal["sum", "mean"] = Field("sum", description="S_MI as Eq. 3's sum (favours long traces) or mean")
 
 
+class QrStudent(_Strict):
+    model: str = Field(description="HF id, local path or lab:<model> of this student")
+    name: str | None = Field(None, description="its name in results (qr-<name>); default: from the model")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default train.lr; the paper: 5e-6 "
+                             "Mistral, 2e-4 Gemma)")
+    trust_remote_code: bool = Field(False)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError(f"student name {v!r} must match {NAME_RE.pattern}")
+        return v
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        base = self.model.rstrip("/").split("/")[-1].split(":")[-1]
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", base).lstrip("-._") or "student"
+
+
+class QrConfig(_Strict):
+    """QR-Distill (paper 003): a router sends each path to one, several or no students, which train jointly
+    and pull their word-aligned hidden states towards a competence-weighted ensemble."""
+    students: list[QrStudent] = Field(default_factory=list, description="S ≥ 2 students trained jointly, each "
+                                      "with its own tokenizer and learning rate")
+    encoder: str = Field("minilm", description="router encoder: minilm (all-MiniLM-L6-v2, offline package; the "
+                         "paper uses RoBERTa-base), a local sentence-transformers path, or hashing (no model)")
+    tau: float = Field(1.0, gt=0, description="binary-concrete temperature τ of the gates")
+    tau_end: float | None = Field(None, gt=0, description="anneal τ exponentially to this by the last step")
+    entropy_weight: float = Field(0.1, ge=0, description="λ₁: pull of the selection rate towards ½ (H maximised)")
+    entropy: Literal["pooled", "per-student"] = Field("per-student", description="H per student (balanced use; "
+                                                     "default) or pooled over students (Eq. 3, which \"all paths "
+                                                     "to one student\" also maximises)")
+    mutual_weight: float = Field(0.1, ge=0, description="λ₂ of the mutual-student loss (0: w/o Collab)")
+    mutual_paths: Literal["all", "routed"] = Field("all", description="paths the mutual loss covers per student: "
+                                                   "all (Eq. 8) or only those routed to it (the public code)")
+    proj: Literal["fitted", "random"] = Field("fitted", description="fixed projections: Procrustes-fitted on the "
+                                              "base students, or random orthonormal (the public code)")
+    competence: Literal["nll-per-char", "uniform"] = Field("nll-per-char", description="ensemble weights γ")
+    paths_per_question: int | None = Field(None, ge=1, description="paths sampled per question per epoch "
+                                           "(null: all; the public code: 2)")
+    router_baseline: Literal["none", "batch", "question"] = Field("none", description="detached per-student "
+                                                                  "baseline subtracted from the router's signal")
+    heads_lr: float = Field(1e-4, gt=0, description="learning rate of the router")
+    freeze: list[str] = Field(default_factory=list, description="students kept frozen (Table 5 ablation)")
+    route: Literal["learned", "frozen", "all", "none"] = Field("learned", description="learned router; frozen "
+                                                               "(random, never trained); all or none (every path "
+                                                               "to every student: w/o Route)")
+    filter: Literal["on", "off"] = Field("on", description="off: train on every generated path, wrong ones too "
+                                         "(w/o QF)")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate after warmup "
+                                                    "(the paper names none: constant)")
+
+
 class AccordConfig(_Strict):
     run_dir: str = Field("runs/default", description="where every stage writes its files")
     problems: ProblemsConfig
@@ -373,6 +431,7 @@ class AccordConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cord: CordConfig = Field(default_factory=CordConfig)
     compact: CompactConfig = Field(default_factory=CompactConfig)
+    qr: QrConfig = Field(default_factory=QrConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> "AccordConfig":
@@ -385,6 +444,8 @@ class AccordConfig(_Strict):
         for m in self.train.methods:
             if m.startswith("std:") and m[4:] not in names + ["cord", "cord-curation", "cord-integration"]:
                 raise ValueError(f"train.method {m!r}: {m[4:]!r} is not one of the teachers {names}")
+        if "qr" in self.train.methods:
+            self._check_qr()
         if self.cord.meta_prover is not None and self.cord.meta_prover not in names:
             raise ValueError(f"cord.meta_prover {self.cord.meta_prover!r} is not one of the teachers {names}")
         if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
@@ -393,6 +454,19 @@ class AccordConfig(_Strict):
         if w is not None and len(w) != len(names):
             raise ValueError(f"train.merge.weights has {len(w)} value(s) for {len(names)} teacher(s)")
         return self
+
+    def _check_qr(self) -> None:
+        labels = [s.label() for s in self.qr.students]
+        if len(labels) < 2:
+            raise ValueError(f"train.method qr needs at least two students in qr.students (got {len(labels)}); "
+                             "with one student use train.method=std or mtd")
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"qr.students: two students share a name ({labels}); give each a name")
+        unknown = [f for f in self.qr.freeze if f not in labels]
+        if unknown:
+            raise ValueError(f"qr.freeze: {unknown} are not students ({labels})")
+        if len(self.qr.freeze) >= len(labels):
+            raise ValueError("qr.freeze: every student is frozen; nothing would train")
 
     def teacher(self, name: str) -> TeacherConfig:
         for t in self.teachers:

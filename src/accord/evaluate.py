@@ -156,7 +156,13 @@ def eval_points(cfg, results: list[dict]) -> list[dict]:
     """(key, label, path) of every checkpoint to evaluate: the base student, then each result's curve/final."""
     from accord.teachers.base import local_model_dir
 
-    pts = [{"key": "base", "model": "base", "steps": 0, "path": str(local_model_dir(cfg.student.model, "student"))}]
+    pts = [{"key": "base", "model": "base", "steps": 0, "path": str(local_model_dir(cfg.student.model, "student")),
+            "final": True}]
+    for r in results:  # a result trained from another base (a QR student) brings its base along
+        b = r.get("base_model")
+        if b and all(p["path"] != b for p in pts):
+            pts.append({"key": f"base-{r.get('student', r['name'])}", "model": f"base-{r.get('student', r['name'])}",
+                        "steps": 0, "path": b, "final": True})
     for r in results:
         curve = r.get("curve") or []
         if not cfg.eval.every_checkpoint:
@@ -171,7 +177,6 @@ def eval_points(cfg, results: list[dict]) -> list[dict]:
         for p in pts:
             if p["model"] == r["name"] and p["path"] == r["final"]:
                 p["final"] = True
-    pts[0]["final"] = True
     return pts
 
 

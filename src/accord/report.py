@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
-ORDER = ("base", "std", "mtd", "posthoc", "mot", "compact")
+ORDER = ("base", "std", "mtd", "posthoc", "mot", "compact", "qr")
 
 
 def final_rows(eval_rows: list[dict]) -> dict[str, dict[str, dict]]:
@@ -44,6 +45,8 @@ def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) 
     label = {r["name"]: f"{r['name']} (validation-selected)" for r in results
              if r.get("last") and r["last"] != r["final"]}
     lasts = _last_rows(eval_rows, results)
+    own_base = {r["name"]: f"base-{r['student']}" for r in results if r.get("student")}
+    own_base.update({b: b for b in own_base.values()})
     body = []
     for name in sorted(finals, key=_order_key):
         shown = [(label.get(name, name), finals[name])] + ([(f"{name} (last)", lasts[name])] if name in lasts else [])
@@ -52,9 +55,10 @@ def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) 
             for s in splits:
                 m = metrics.get(s, {})
                 row += [_with_se(m, "pass1"), _with_se(m, "greedy")]
-            g, g0 = metrics.get("general", {}).get("pass1"), base.get("general", {}).get("pass1")
+            ref = finals.get(own_base.get(name, ""), base)  # a QR student is compared with its own base
+            g, g0 = metrics.get("general", {}).get("pass1"), ref.get("general", {}).get("pass1")
             row.append(None if g is None or g0 is None else g - g0)
-            row.append(compute.get(name, 0 if name == "base" else None))
+            row.append(compute.get(name, 0 if name.startswith("base") else None))
             body.append(row)
     return head, body
 
@@ -105,7 +109,7 @@ def plot_curves(eval_rows: list[dict], split: str, path: Path) -> Path | None:
             continue
         if r["model"] == "base":
             base = r["pass1"]
-        elif r.get("steps") is not None:
+        elif r.get("steps") is not None and not r["model"].startswith("base"):
             series.setdefault(r["model"], []).append((r["steps"], r["pass1"]))
     if not series:
         return None
@@ -280,6 +284,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
                     "<img src='mot-branch-loss.png' alt='MoT branch losses'>")
     if collect:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
+    page += _qr_section(run_dir / "train" / "qr", out)
     page += _cord_section(run_dir, out)
     page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows), "</body></html>"]
     (out / "index.html").write_text("\n".join(page), encoding="utf-8")
@@ -297,6 +302,74 @@ def _collect_table(run_dir: Path) -> str:
         return ""
     keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
     return _html_table(keys, [[r.get(k) for k in keys] for r in rows])
+
+
+def routing_table(path: Path, key: str = "type") -> tuple[list[str], list[list]]:
+    """QR-Distill: the trained router's selection rate per ``key`` (path type or difficulty level) and
+    student, ± its standard error over paths (from ``train/qr/routing.jsonl``)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    if not rows:
+        return [], []
+    names = list(rows[0]["gate"])
+    vals = sorted({r.get(key) for r in rows if r.get(key) is not None}, key=lambda v: (str(type(v)), v))
+    body = []
+    for v in vals:
+        sub = [r for r in rows if r.get(key) == v]
+        cells: list = [str(v), len(sub)]
+        for n in names:
+            p = sum(r["gate"][n] for r in sub) / len(sub)
+            cells.append((p, math.sqrt(p * (1 - p) / len(sub))))
+        body.append(cells)
+    return [key, "paths"] + [f"selected by {n}" for n in names], body
+
+
+def plot_routing(head: list[str], body: list[list], path: Path, xlabel: str) -> Path | None:
+    """Grouped bars: selection rate per row value (x) and student (bars), with ± SE (QR-Distill Fig. 4/5)."""
+    if not body:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [h.removeprefix("selected by ") for h in head[2:]]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    w = 0.8 / max(1, len(names))
+    for k, n in enumerate(names):
+        xs = [i + (k - (len(names) - 1) / 2) * w for i in range(len(body))]
+        ax.bar(xs, [r[2 + k][0] for r in body], w, yerr=[r[2 + k][1] for r in body], label=n, capsize=2)
+    ax.set_xticks(range(len(body)), [r[0] for r in body], rotation=20 if len(body) > 6 else 0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("selection rate")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _qr_section(qr_dir: Path, out: Path) -> list[str]:
+    """QR-Distill's routing (§4.3): selection rates over training, per path type (Fig. 4) and per difficulty
+    level (Fig. 5), from the run's metrics and the trained router's decisions."""
+    parts = []
+    series: dict[str, list[tuple[int, float]]] = {}
+    metrics = qr_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        ev = json.loads(line)
+        for k, v in ev.items():
+            if k.startswith("sel/"):
+                series.setdefault(k[4:], []).append((ev["step"], v))
+    if _plot_smoothed(series, out / "qr-selection.png", "step", "share of the batch's paths selected"):
+        parts += ["<h2>QR-Distill: selection rate per student over training</h2>",
+                  "<img src='qr-selection.png' alt='QR selection rates'>"]
+    for key, fig, what in (("type", "Fig. 4", "path type (teacher / style)"), ("level", "Fig. 5", "difficulty level")):
+        head, body = routing_table(qr_dir / "routing.jsonl", key)
+        if body and plot_routing(head, body, out / f"qr-routing-{key}.png", what):
+            parts += [f"<h2>QR-Distill: the trained router's selections by {html.escape(what)} ({fig})</h2>",
+                      f"<img src='qr-routing-{key}.png' alt='QR routing by {key}'>", _html_table(head, body)]
+    return parts
 
 
 def _cord_section(run_dir: Path, out: Path) -> list[str]:

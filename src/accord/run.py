@@ -13,30 +13,40 @@ from pathlib import Path
 
 from accord.config import AccordConfig, dump_config
 
-LAB_REF = re.compile(r"^lab:(?:(full|quick|micro)/)?[A-Za-z_-]+$")
+LAB_REF = re.compile(r"^lab:(?:(full|quick|micro)/)?[A-Za-z_-]+$")  # a lab model, not a lab problem source
 
 
-def lab_profiles(cfg: AccordConfig, student: bool = True) -> list[str]:
-    """Lab profiles whose models the config names (problem sources like lab:chain:train are not models)."""
-    specs = [t.model for t in cfg.teachers if t.model] + ([cfg.student.model] if student else [])
-    out = []
+def lab_models(cfg: AccordConfig, student: bool = True) -> dict[str, set[str]]:
+    """Lab profile → the lab model names the config uses (teachers, the student, QR's students); problem
+    sources like lab:arith:train are not models."""
+    specs = [t.model for t in cfg.teachers if t.model]
+    if student:
+        specs += [cfg.student.model] + ([s.model for s in cfg.qr.students] if "qr" in cfg.train.methods else [])
+    out: dict[str, set[str]] = {}
     for s in specs:
         m = LAB_REF.match(s or "")
-        if m and (m.group(1) or "full") not in out:
-            out.append(m.group(1) or "full")
+        if m:
+            out.setdefault(m.group(1) or "full", set()).add(s.split("/")[-1].removeprefix("lab:"))
     return out
+
+
+def build_lab_models(cfg: AccordConfig, console, student: bool = True) -> None:
+    """Build (or reuse) the lab models the config names; a model outside its band is only warned about
+    here (`accord lab build` fails on it)."""
+    from accord.lab.build import build_lab
+
+    for profile, names in lab_models(cfg, student).items():
+        build_lab(profile=profile, console=console, allow_weak=True, extra=tuple(sorted(names)))
 
 
 def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train", "eval", "report"),
         extra_results: list[dict] | None = None) -> dict:
     from accord.collect import collect
     from accord.evaluate import evaluate_models
-    from accord.lab.build import build_lab
     from accord.report import method_table, text_table, write_report
     from accord.train import run_training
 
-    for profile in lab_profiles(cfg):
-        build_lab(profile=profile, console=console, allow_weak=True)  # warned; `accord lab build` fails on it
+    build_lab_models(cfg, console)
     dump_config(cfg)
     out: dict = {}
     if "collect" in stages:

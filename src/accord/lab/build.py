@@ -94,6 +94,12 @@ TEACHERS = {
 }
 STUDENT = "student"
 RANDOM = "random"  # the student's architecture and initialisation, never trained: how much the prior matters
+# a second student with another tokenizer (digits split, a smaller vocabulary), another architecture (Qwen2)
+# and another width, trained by the student's recipe: QR-Distill's cross-tokenizer students.  Built only when
+# a config names it (`lab:student-b`) or `accord lab build --with student-b` asks for it.
+STUDENT_B = "student-b"
+EXTRAS = (STUDENT_B,)
+STUDENT_B_RECIPE = {"arch": "qwen2", "width": 0.75, "vocab": 448, "split_digits": True}  # width × the student's d
 # longest fine-tune first, so parallel workers finish together (seed 0: 1400, 1200, 900, 900 steps)
 BUILD_ORDER = ("verify", "shifted", "terse", "verbose")
 GENERAL_SHARE = 0.3  # general answer-only rows mixed into every teacher's fine-tune (keeps its general skill)
@@ -160,6 +166,8 @@ def recipe_hash(p: Profile, model: str | None = None) -> str:
     h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if model in TEACHERS:
         h += "-" + hashlib.sha256(repr(TEACHERS[model]).encode()).hexdigest()[:8]
+    if model == STUDENT_B:
+        h += "-" + hashlib.sha256(repr(STUDENT_B_RECIPE).encode()).hexdigest()[:8]
     return h
 
 
@@ -209,12 +217,12 @@ def lab_model_path(spec: str) -> Path:
     profile, name = spec.split("/", 1) if "/" in spec else ("full", spec)
     if profile not in PROFILES:
         raise TeacherConfigError(f"lab:{spec}: unknown lab profile {profile!r} ({', '.join(PROFILES)})")
-    known = [*TEACHERS, STUDENT, RANDOM]
+    known = [*TEACHERS, STUDENT, RANDOM, *EXTRAS]
     if name not in known:
         raise TeacherConfigError(f"lab:{spec}: unknown lab model {name!r}; choose one of {', '.join(known)}")
     entry = valid_entry(profile, name)
     if entry is None:
-        flag = "" if profile == "full" else f" --profile {profile}"
+        flag = ("" if profile == "full" else f" --profile {profile}") + (f" --with {name}" if name in EXTRAS else "")
         raise TeacherConfigError(f"lab:{spec}: lab model not built (or its cache is stale); "
                                  f"run `accord lab build{flag}`")
     return Path(entry["path"])
@@ -293,6 +301,15 @@ def lab_tokenizer():
     return build_tokenizer(corpus, split_digits=False)
 
 
+def lab_tokenizer_b():
+    """Student-b's tokenizer: the same lab text, digits split one per token, a smaller vocabulary."""
+    from accord.lab.tokenizer import build_tokenizer
+
+    rows = generate("arith", "train")[:400]
+    corpus = [r["question"] for r in rows] + [r["question"] for r in generate("last", "train")[:200]]
+    return build_tokenizer(corpus, vocab_size=STUDENT_B_RECIPE["vocab"], split_digits=STUDENT_B_RECIPE["split_digits"])
+
+
 # ------------------------------------------------------------------ building
 
 
@@ -306,6 +323,20 @@ def _new_model(tok, d: int, layers: int, seed: int, init_range: float = 0.1):
     cfg.intermediate_size, cfg.initializer_range = 3 * d, init_range
     cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
     model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def _new_qwen2(tok, d: int, layers: int, seed: int, init_range: float = 0.1):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, initializer_range=init_range, rms_norm_eps=1e-5,
+                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
@@ -486,8 +517,9 @@ def _build_one(tok, p: Profile, profile: str, name: str, console) -> tuple[objec
     seed = lab_seed()
     if name == RANDOM:
         return _new_model(tok, p.d, p.layers, seed=99 + seed, init_range=p.init_range), {"steps": 0}
-    if name == STUDENT:
-        model = _new_model(tok, p.d, p.layers, seed=99 + seed, init_range=p.init_range)
+    if name in (STUDENT, STUDENT_B):
+        model = (_new_model(tok, p.d, p.layers, seed=99 + seed, init_range=p.init_range) if name == STUDENT else
+                 _new_qwen2(tok, round(p.d * STUDENT_B_RECIPE["width"]), p.layers, seed=77 + seed, init_range=p.init_range))
         targets = {"arith-1": p.student_stop, "last": p.student_stop}
         info = _train_until(model, tok, student_rows(p), p, targets, p.student_steps, p.lr, seed, name, console)
     else:
@@ -504,7 +536,7 @@ def hash_name(name: str) -> int:
 
 
 def build_lab(quick: bool = False, force: bool = False, profile: str | None = None, console=None,
-              allow_weak: bool = False) -> dict:
+              allow_weak: bool = False, extra: tuple[str, ...] = ()) -> dict:
     """Build (or reuse) every lab model of a profile; return the manifest.
 
     A model that misses its band is kept and recorded (``weak`` in the manifest) with a warning naming
@@ -518,7 +550,7 @@ def build_lab(quick: bool = False, force: bool = False, profile: str | None = No
     torch.set_num_threads(_cpus())
     lab_dir(name).mkdir(parents=True, exist_ok=True)
     with lab_lock(name, console):
-        return _build_locked(name, p, force, console, allow_weak)
+        return _build_locked(name, p, force, console, allow_weak, tuple(e for e in extra if e in EXTRAS))
 
 
 @contextlib.contextmanager
@@ -542,11 +574,11 @@ def lab_lock(profile: str, console):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build_locked(name: str, p: Profile, force: bool, console, allow_weak: bool) -> dict:
+def _build_locked(name: str, p: Profile, force: bool, console, allow_weak: bool, extra: tuple[str, ...] = ()) -> dict:
     manifest = read_manifest(name)
     manifest.update(profile=name, recipe=recipe_hash(p), seed=lab_seed())
     t0 = time.perf_counter()
-    todo = [m for m in (STUDENT, RANDOM, *TEACHERS) if force or not valid_entry(name, m, manifest)]
+    todo = [m for m in (STUDENT, RANDOM, *extra, *TEACHERS) if force or not valid_entry(name, m, manifest)]
     if todo:
         workers = _workers(name, len([m for m in todo if m in TEACHERS]))
         console.print(f"building the lab ({name!r} profile, seed {lab_seed()}, "
@@ -555,8 +587,9 @@ def _build_locked(name: str, p: Profile, force: bool, console, allow_weak: bool)
                       + f") at {lab_dir(name)}: about {_ETA[name]} on 2 CPU cores")
         if STUDENT in todo:  # the teachers start from the student: it comes first, with every thread
             _record(name, p, manifest, console, *_build_job((name, STUDENT, torch.get_num_threads(), console)))
-        if RANDOM in todo:
-            _record(name, p, manifest, console, *_build_job((name, RANDOM, torch.get_num_threads(), console)))
+        for m in (RANDOM, *extra):
+            if m in todo:
+                _record(name, p, manifest, console, *_build_job((name, m, torch.get_num_threads(), console)))
         teachers = sorted((m for m in todo if m in TEACHERS), key=lambda m: BUILD_ORDER.index(m))
         if workers > 1:
             import multiprocessing as mp
@@ -609,7 +642,7 @@ def _build_job(job: tuple) -> tuple:
         console = Console(stderr=True, force_terminal=False)
     torch.set_num_threads(threads)
     p, t0 = PROFILES[profile], time.perf_counter()
-    tok = lab_tokenizer()
+    tok = lab_tokenizer_b() if model_name == STUDENT_B else lab_tokenizer()
     model, info = _build_one(tok, p, profile, model_name, console)
     model.eval()
     measured = measure(model, tok, p, model_name)
@@ -620,7 +653,7 @@ def _build_job(job: tuple) -> tuple:
 
 def _record(profile: str, p: Profile, manifest: dict, console, model_name: str, tmp: str, measured: dict,
             info: dict) -> None:
-    role = {STUDENT: "student", RANDOM: "random-init"}.get(model_name, "teacher")
+    role = {STUDENT: "student", STUDENT_B: "student", RANDOM: "random-init"}.get(model_name, "teacher")
     misses = band_misses(role, measured["accuracy"], p)
     entry = _save(Path(tmp), profile, model_name, role, p, {**measured, "weak": misses}, manifest, info)
     console.print(f"built lab model [bold]{model_name}[/] ({entry['params'] / 1e6:.2f}M params) "

@@ -37,7 +37,13 @@ def _compact(cfg, console, arg):
     return run(cfg, console)
 
 
-RECIPES = {"std": _std, "mtd": _mtd, "posthoc": _posthoc, "mot": _mot, "compact": _compact}
+def _qr(cfg, console, arg):
+    from accord.train.qr import run
+
+    return run(cfg, console)
+
+
+RECIPES = {"std": _std, "mtd": _mtd, "posthoc": _posthoc, "mot": _mot, "compact": _compact, "qr": _qr}
 
 
 def run_training(cfg, console) -> list[dict]:

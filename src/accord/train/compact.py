@@ -63,7 +63,7 @@ from accord.train.common import (
     train_dir,
     write_result,
 )
-from accord.train.engine import IGNORE, grouped_batches, token_nll, train
+from accord.train.engine import IGNORE, capture_input, chat_head, grouped_batches, token_nll, train
 from accord.ui import progress
 
 _CONTENT = re.compile(r"[0-9A-Za-z+\-]")
@@ -96,8 +96,7 @@ def encode_trace(tok, row: dict, max_len: int, *, group, teacher: str, words=THI
     """One trace as an engine example with what COMPACT reads: prompt length, reasoning length, the
     thinking mask, the answer-span positions and ids, the gold ids and the EOS index."""
     msgs = row["messages"]
-    head = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) \
-        if getattr(tok, "chat_template", None) else "\n".join(m["content"] for m in msgs[:-1]) + "\n"
+    head = chat_head(tok, msgs[:-1])
     text = training_target(head, msgs[-1]["content"])
     h = tok(head, add_special_tokens=False)["input_ids"]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -162,22 +161,6 @@ def last_decoder_layer(model):
     except AttributeError:
         raise ValueError(f"COMPACT's consensus score needs the last decoder layer's q/k projections, which "
                          f"{type(m).__name__} does not expose; set compact.scores without 'cons'") from None
-
-
-@contextlib.contextmanager
-def capture_input(module):
-    """Keep the hidden states entering ``module`` (a forward pre-hook; a recomputation under gradient
-    checkpointing overwrites the same slot)."""
-    box = {}
-
-    def hook(mod, args, kwargs):
-        box["x"] = args[0] if args else kwargs["hidden_states"]
-
-    h = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield box
-    finally:
-        h.remove()
 
 
 @torch.no_grad()

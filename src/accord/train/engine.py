@@ -19,6 +19,7 @@ Used by every recipe (STD, MTD, MoT branches) and by the lab to train its zoo.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -64,16 +65,21 @@ class TrainArgs:
     lora_targets: str | list[str] = "all-linear"
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow
     log_every: int = 1
+    lrs: dict[str, float] = field(default_factory=dict)  # several models: peak lr per model name (default lr)
+
+
+def chat_head(tok, prompt_msgs: list[dict]) -> str:
+    """The prompt text a model sees before its answer: its chat template with the generation prompt (a
+    tokenizer without one: the turns joined by newlines)."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in prompt_msgs) + "\n"
 
 
 def encode_example(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) for one chat row; the prompt part is masked with -100."""
     msgs = row["messages"]
-    prompt_msgs, target = msgs[:-1], msgs[-1]["content"]
-    if getattr(tok, "chat_template", None):
-        head = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    else:
-        head = "\n".join(m["content"] for m in prompt_msgs) + "\n"
+    head, target = chat_head(tok, msgs[:-1]), msgs[-1]["content"]
     h = tok(head, add_special_tokens=False)["input_ids"]
     t = tok(training_target(head, target), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids, labels = (h + t)[:max_len], ([IGNORE] * len(h) + t)[:max_len]
@@ -186,12 +192,20 @@ def lr_at(step: int, args: TrainArgs) -> float:
 
 
 def make_optimizer(model, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only; ``model`` may be a dict of named models (one optimizer, two param
+    groups per model, each carrying its ``peak_lr`` from ``args.lrs``; frozen models contribute nothing)."""
+    models = model if isinstance(model, dict) else {"": model}
     if args.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0, weight_decay=0.0)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=args.betas)
+        params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.0, weight_decay=0.0)
+    groups = []
+    for name, m in models.items():
+        peak = args.lrs.get(name, args.lr)
+        decay = [p for p in m.parameters() if p.requires_grad and p.ndim >= 2]
+        rest = [p for p in m.parameters() if p.requires_grad and p.ndim < 2]
+        groups += [{"params": ps, "weight_decay": wd, "peak_lr": peak, "lr": peak}
+                   for ps, wd in ((decay, args.weight_decay), (rest, 0.0)) if ps]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=args.betas)
 
 
 class BatchStream:
@@ -200,7 +214,8 @@ class BatchStream:
     def __init__(self, examples, batch_size: int, seed: int, batcher: Callable | None = None):
         self.examples, self.batch_size = examples, batch_size
         self.batcher = batcher or length_grouped_batches
-        self.keys = ([(e["group"], len(ex_ids(e))) for e in examples] if batcher is grouped_batches
+        grouped = bool(examples) and isinstance(examples[0], dict) and "group" in examples[0]
+        self.keys = ([(e["group"], len(ex_ids(e))) for e in examples] if grouped
                      else [len(ex_ids(e)) for e in examples])
         self.rng, self.epoch, self.queue = random.Random(seed), 0, []
 
@@ -250,6 +265,40 @@ def sft_loss(model, b: dict, n_units: int) -> tuple[torch.Tensor, dict]:
     return loss, {}
 
 
+def to_device(obj, device):
+    """Tensors inside dicts and lists moved to ``device`` (a multi-model batch nests one batch per model)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list) and obj and isinstance(obj[0], (torch.Tensor, dict)):
+        return [to_device(v, device) for v in obj]
+    return obj
+
+
+def output_states(model):
+    """The module whose *input* is the last hidden state a causal LM reads its logits from (``lm_head``),
+    through DDP and PEFT wrappers."""
+    m = getattr(model, "module", model)
+    return m.get_output_embeddings()
+
+
+@contextlib.contextmanager
+def capture_input(module):
+    """Keep the hidden states entering ``module`` (a forward pre-hook; a recomputation under gradient
+    checkpointing overwrites the same slot)."""
+    box = {}
+
+    def hook(mod, args, kwargs):
+        box["x"] = args[0] if args else kwargs["hidden_states"]
+
+    h = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield box
+    finally:
+        h.remove()
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, T] float32 NLL of each target token (position t predicted by logits t−1); 0 where ignored."""
     lg, tgt = logits[:, :-1].float(), labels[:, 1:]
@@ -268,11 +317,9 @@ def sft_step(model, batches: list[dict], device, n_units: int, scale: float = 1.
     ``scale`` undoes DDP's gradient averaging (× world size) so every process
     contributes its sum over the *global* unit count.
     """
-    import contextlib
-
     total, sums = torch.zeros((), device=device), {}
     for j, b in enumerate(batches):
-        b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+        b = to_device(b, device)
         ctx = no_sync(model) if (no_sync and j < len(batches) - 1) else contextlib.nullcontext()
         with ctx:
             loss, metrics = (loss_fn or sft_loss)(model, b, max(1, n_units))
@@ -299,7 +346,8 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
           shard: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
           log: Callable[[dict], None] | None = None, examples: list | None = None,
           batcher: Callable | None = None, loss_fn: Callable | None = None,
-          units_fn: Callable[[list], int] | None = None) -> TrainResult:
+          units_fn: Callable[[list], int] | None = None, collate_fn: Callable[[list], dict] | None = None
+          ) -> TrainResult:
     """Train ``model`` for ``args.steps`` optimizer steps on chat ``rows``.
 
     With ``out_dir``: checkpoints every ``checkpoint_every`` steps under
@@ -309,23 +357,33 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     ``on_step(step, loss)`` runs after every optimizer step; returning ``True`` stops training
     there (the lab's base stops once it has learned its task).
 
-    Hooks for recipes whose loss is not plain SFT (COMPACT): ``examples`` may be dicts
+    Hooks for recipes whose loss is not plain SFT (COMPACT, QR-Distill): ``examples`` may be dicts
     ``{"ids", "labels", "group", **meta}``; ``batcher(keys, batch_size, rng)`` makes the batches
     (:func:`grouped_batches` keeps each ``group`` whole; groups are sharded across processes whole);
     ``loss_fn(model, batch, n_units) -> (loss, metrics)`` replaces the token-NLL loss and its metrics
     join the step's record in ``metrics.jsonl``; ``units_fn(micro_batch_examples) -> int`` counts the
-    normaliser (default: target tokens), summed over the step and over processes.
+    normaliser (default: target tokens), summed over the step and over processes;
+    ``collate_fn(micro_batch_examples) -> batch`` replaces the padding collate.
+
+    Several models: ``model`` a dict ``{name: module}`` (``tok`` a dict too, or ``None`` for a module without
+    one) trains them in one optimizer step — one optimizer, per-model peak learning rates (``args.lrs``),
+    one clip over all of them, ``loss_fn`` receiving the dict; checkpoints hold ``checkpoint-N/<name>/``
+    per model; a model with no trainable parameter is frozen (never wrapped, never stepped); the result's
+    ``model`` is the dict.
     """
     acc = get_accelerator(args)
     world, rank = (acc.num_processes, acc.process_index) if shard else (1, 0)
     torch.manual_seed(args.seed)
+    single = not isinstance(model, dict)
+    models = {"": model} if single else dict(model)
+    toks = {"": tok} if single else dict(tok or {})
     examples = examples if examples is not None else [encode_example(tok, r, args.max_len) for r in rows]
     if not examples:
         raise ValueError("no training examples")
-    model = _prepare_model(model, args)
-    opt = make_optimizer(model, args)
+    models = {n: (_prepare_model(m, args) if _is_lm(m) and _trainable(m) else m) for n, m in models.items()}
+    opt = make_optimizer(models, args)
     out = Path(out_dir) if out_dir else None
-    start, history = _resume(out, model, opt) if out else (0, [])
+    start, history = _resume(out, models, opt) if out else (0, [])
     if start and (not shard or acc.is_main_process):  # a resumed run says so
         import sys
 
@@ -333,23 +391,26 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     stream = BatchStream(examples, args.batch_size, args.seed, batcher)
     for _ in range(start):
         stream.next()  # replay the data order up to the checkpoint (cheap: indices only)
-    if shard:
-        model, opt = acc.prepare(model, opt)  # DDP/FSDP/DeepSpeed wrapping, device placement, autocast
-    else:
-        model.to(acc.device)
+    models, opt = _place(acc, models, opt, shard)
     local = not shard or acc.is_main_process  # does this process write files?
-    model.train()
+    for m in models.values():
+        m.train()
+    call = models[""] if single else models
+    collate_fn = collate_fn or (lambda c: collate(c, tok.pad_token_id))
+    trained = [m for m in models.values() if _trainable(m)]
     micro = max(1, args.batch_size // args.grad_accum)
     clock, last_ckpt = time.perf_counter(), _latest(out)
     for step in range(start, args.steps):
+        factor = lr_at(step, args) / args.lr if args.lr else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
+            g["lr"] = g.get("peak_lr", args.lr) * factor
         chunks = shard_chunks(stream.next(), examples, rank, world, micro)
         n_tok = _global_count(acc, sum((units_fn or _n_targets)(c) for c in chunks), shard and world > 1)
-        parts = [collate(c, tok.pad_token_id) for c in chunks]
+        parts = [collate_fn(c) for c in chunks]
         with acc.autocast():
-            loss, metrics = sft_step(model, parts, acc.device, n_tok, scale=world, backward=acc.backward,
-                                     no_sync=acc.no_sync if world > 1 else None, loss_fn=loss_fn)
+            loss, metrics = sft_step(call, parts, acc.device, n_tok, scale=world, backward=acc.backward,
+                                     no_sync=(lambda _: _no_sync_all(acc, trained)) if world > 1 else None,
+                                     loss_fn=loss_fn)
         if world > 1:
             loss = acc.reduce(loss, "sum")
         if not torch.isfinite(loss):
@@ -358,8 +419,9 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
                                    "Lower train.lr or check the corpus.")
         gnorm = None
         if args.clip:
+            params = [p for m in trained for p in m.parameters()]
             clip = acc.clip_grad_norm_ if shard else torch.nn.utils.clip_grad_norm_
-            gnorm = clip(model.parameters(), args.clip)
+            gnorm = clip(params, args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append(loss.item())
@@ -370,21 +432,51 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
             _emit(acc, out, event, log, args)
         stop = bool(on_step(step, history[-1])) if on_step else False
         if out and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
-            _check_finite(model, step, last_ckpt)  # never write a checkpoint that holds NaN/inf weights
-            last_ckpt = save_checkpoint(acc, model, tok, opt, out, step + 1, history, args, local, shard)
+            _check_finite(models, step, last_ckpt)  # never write a checkpoint that holds NaN/inf weights
+            last_ckpt = save_checkpoint(acc, models, toks, opt, out, step + 1, history, args, local, shard)
         if stop:
             break
-    model = acc.unwrap_model(model) if shard else model
+    models = {n: acc.unwrap_model(m) if shard else m for n, m in models.items()}
     if shard:
         acc.free_memory()  # accelerate keeps every prepared model and optimizer: give them back (issue 13)
-    model.eval()
-    if args.lora_r:
-        model = model.merge_and_unload()
-    return TrainResult(model, history, start, out)
+    for n, m in models.items():
+        m.eval()
+        if args.lora_r and hasattr(m, "merge_and_unload"):
+            models[n] = m.merge_and_unload()
+    return TrainResult(models[""] if single else models, history, start, out)
 
 
-def _check_finite(model, step: int, last_ckpt: Path | None) -> None:
-    if all(torch.isfinite(p).all() for p in model.parameters()):
+def _is_lm(m) -> bool:
+    """A transformers model (LoRA and gradient checkpointing apply), not a small head module."""
+    return hasattr(m, "config") and hasattr(m, "save_pretrained")
+
+
+def _trainable(m) -> bool:
+    return any(p.requires_grad for p in m.parameters())
+
+
+def _place(acc, models: dict, opt, shard: bool) -> tuple[dict, object]:
+    """DDP/FSDP/DeepSpeed wrapping, device placement and autocast (``shard``) for every trainable model;
+    frozen ones and unsharded runs are only moved to the device."""
+    if not shard:
+        return {n: m.to(acc.device) for n, m in models.items()}, opt
+    names = [n for n, m in models.items() if _trainable(m)]
+    *prepared, opt = acc.prepare(*(models[n] for n in names), opt)
+    out = {n: m.to(acc.device) for n, m in models.items()}
+    out.update(zip(names, prepared))
+    return out, opt
+
+
+@contextlib.contextmanager
+def _no_sync_all(acc, models: list):
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            stack.enter_context(acc.no_sync(m))
+        yield
+
+
+def _check_finite(models: dict, step: int, last_ckpt: Path | None) -> None:
+    if all(torch.isfinite(p).all() for m in models.values() for p in m.parameters()):
         return
     where = f"the last good checkpoint {last_ckpt} is kept" if last_ckpt else "no checkpoint was written yet"
     raise TrainingDiverged(f"weights became non-finite by step {step + 1}; {where}. Lower train.lr.")
@@ -433,16 +525,16 @@ def _latest(out: Path | None) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def save_checkpoint(acc, model, tok, opt, out: Path, step: int, history: list[float], args: TrainArgs,
-                    write: bool = True, barrier: bool = True) -> Path:
-    """An HF checkpoint (safetensors weights or LoRA adapter + tokenizer) plus optimizer/RNG state."""
+def save_checkpoint(acc, models: dict, toks: dict, opt, out: Path, step: int, history: list[float],
+                    args: TrainArgs, write: bool = True, barrier: bool = True) -> Path:
+    """An HF checkpoint (safetensors weights or LoRA adapter + tokenizer) plus optimizer/RNG state; several
+    models each get their own ``<name>/`` directory (a head without ``save_pretrained``: its safetensors)."""
     ckpt = out / f"checkpoint-{step}"
     if write:
         tmp = out / f".checkpoint-{step}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        with no_hf_bars():
-            acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        for name, m in models.items():
+            _save_module(acc.unwrap_model(m), toks.get(name), tmp / name)
         torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -451,6 +543,19 @@ def save_checkpoint(acc, model, tok, opt, out: Path, step: int, history: list[fl
     if barrier:
         acc.wait_for_everyone()
     return ckpt
+
+
+def _save_module(m, tok, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if hasattr(m, "save_pretrained"):
+        with no_hf_bars():
+            m.save_pretrained(path, safe_serialization=True)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(m, str(path / "model.safetensors"))
+    if tok is not None:
+        tok.save_pretrained(path)
 
 
 def _prune(out: Path, keep: int | None) -> None:
@@ -462,28 +567,37 @@ def _prune(out: Path, keep: int | None) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _resume(out: Path, model, opt) -> tuple[int, list[float]]:
+def _resume(out: Path, models: dict, opt) -> tuple[int, list[float]]:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = _latest(out)
     if ckpt is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         return 0, []
-    from safetensors.torch import load_file
-
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if (ckpt / "adapter_model.safetensors").exists():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    else:
-        from accord.train.merge import load_state
-
-        model.load_state_dict(load_state(ckpt), strict=False)  # single-file or sharded safetensors
+    for name, m in models.items():
+        _load_module(m, ckpt / name)
     extra = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
     opt.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["torch_rng"])
     _truncate_metrics(out / "metrics.jsonl", state["step"])
     return state["step"], list(state["history"])
+
+
+def _load_module(m, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if (path / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(m, load_file(path / "adapter_model.safetensors"))
+    elif _is_lm(m):
+        from accord.train.merge import load_state
+
+        m.load_state_dict(load_state(path), strict=False)  # single-file or sharded safetensors
+    else:
+        from safetensors.torch import load_model
+
+        load_model(m, str(path / "model.safetensors"))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
