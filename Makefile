@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0 || $(BIN)/python -m pip install torch
-	($(BIN)/python -m pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]") \
-	  || $(BIN)/python -m pip install -q -e ".[dev]"
+	($(BIN)/python -m pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev,qr]") \
+	  || $(BIN)/python -m pip install -q -e ".[dev,qr]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -258,3 +258,36 @@ def test_a_second_builder_waits_for_the_first_and_reuses_its_models(tmp_path, mo
     t.join(timeout=60)
     assert not t.is_alive()
     assert {m["name"]: m["built_at"] + m["sha256"] for m in B.read_manifest("micro")["models"]} == before
+
+
+def test_accord_run_qr_on_two_lab_students_builds_student_b_and_reports_each(micro_lab, tmp_path):
+    """`accord run` with QR on the micro lab: student-b (Qwen2, another tokenizer) is built on demand, each
+    student gets its row and its base row, and the report draws the routing plots."""
+    import yaml
+
+    from accord.lab.build import valid_entry
+
+    assert valid_entry("micro", "student-b") is None  # optional: not part of the plain build
+    run = tmp_path / "run"
+    cfg = {"run_dir": str(run), "problems": {"path": "lab:arith:train", "limit": 4},
+           "teachers": [{"name": "terse", "model": "lab:micro/terse"}, {"name": "shifted", "model": "lab:micro/shifted"}],
+           "collect": {"samples": 2, "max_new_tokens": 24, "select": "all-correct"},
+           "student": {"model": "lab:micro/student"},
+           "train": {"method": "qr", "rounds": 1, "steps_per_round": 2, "batch_size": 8, "max_len": 96},
+           "qr": {"students": [{"model": "lab:micro/student"}, {"model": "lab:micro/student-b"}],
+                  "encoder": "hashing", "filter": "off"},  # micro teachers are rarely right: keep every path
+           "eval": {"k": 1, "limit": 2, "max_new_tokens": 8, "splits": {"target": {"path": "lab:arith:test"},
+                                                                         "general": {"path": "lab:last:test"}}}}
+    p = tmp_path / "qr.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("run", str(p))
+    assert code == 0, out
+    assert valid_entry("micro", "student-b") is not None
+    table = (run / "report" / "table.txt").read_text()
+    for row in ("base ", "base-student-b", "qr-student ", "qr-student-b"):
+        assert row in table, table
+    assert (run / "report" / "qr-routing-type.png").exists() and (run / "report" / "qr-selection.png").exists()
+    from transformers import AutoTokenizer
+
+    a, b = (AutoTokenizer.from_pretrained(run / "train" / f"qr-{n}" / "final") for n in ("student", "student-b"))
+    assert a("Start at 31")["input_ids"] != b("Start at 31")["input_ids"]  # two tokenizers really

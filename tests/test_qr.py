@@ -48,7 +48,7 @@ def _row(q: str, trace: str, pid: str, teacher: str = "a") -> dict:
 
 def _train_router(ce: torch.Tensor, types: torch.Tensor, steps: int, *, normalised: bool = True,
                   entropy: float = 0.0, sft: bool = True, bias: float = 0.0, lr: float = 0.1,
-                  kind: str = "per-student") -> torch.nn.Module:
+                  kind: str = "per-student", baseline: str = "batch") -> torch.nn.Module:
     """A router on one-hot path-type features, trained on fixed per-(path, student) CE values."""
     torch.manual_seed(0)
     feats = torch.nn.functional.one_hot(types).float()
@@ -64,8 +64,8 @@ def _train_router(ce: torch.Tensor, types: torch.Tensor, steps: int, *, normalis
         if sft:
             for k in range(ce.shape[1]):
                 a = alpha[:, k]
-                loss = loss + ((a * ce[:, k]).sum() / a.sum().clamp(min=1) if normalised
-                               else (a * ce[:, k]).sum() / len(a))
+                loss = loss + (qr.routed_sft(a, ce[:, k], meta, baseline) if normalised
+                               else (a * ce[:, k]).sum() / len(a))  # the literal Σ α·CE over all paths
         loss = loss - entropy * qr._entropy(torch.sigmoid(logits), meta, kind)
         opt.zero_grad()
         loss.backward()
@@ -74,13 +74,20 @@ def _train_router(ce: torch.Tensor, types: torch.Tensor, steps: int, *, normalis
 
 
 def test_router_learns_to_send_a_type_to_the_student_that_fits_it():
-    """Student 0 has the lower CE on type A (0), student 1 on type B: one step raises the gate logit (A, s0)
-    and lowers (B, s0); trained with the entropy term, A goes to s0 and B to s1."""
+    """Student 0 has the lower CE on type A (0), student 1 on type B: the gradient raises the gate logit
+    (A, s0) and lowers (B, s0); a trained router sends A to s0 and B to s1."""
     types = torch.tensor([0, 1] * 32)
     ce = torch.stack([torch.where(types == 0, 0.5, 2.0), torch.where(types == 0, 1.2, 0.8)], 1)
     eye = torch.eye(2)
-    d = (_train_router(ce, types, steps=1, lr=0.5)(eye) - _train_router(ce, types, steps=0)(eye)).detach()
-    assert d[0, 0] > 0 and d[1, 0] < 0  # the gradient is non-zero and has the right sign
+    torch.manual_seed(0)
+    logits = torch.zeros(64, 2, requires_grad=True)  # the gate logits themselves, one per (path, student)
+    alpha, _ = qr.gates(logits, 1.0)
+    meta = [{"group": i // 4} for i in range(64)]
+    loss = sum(qr.routed_sft(alpha[:, k], ce[:, k], meta, "batch") for k in range(2))
+    g = torch.autograd.grad(loss, logits)[0]
+    # non-zero, and a descent step raises (A, s0) and (B, s1) and lowers (B, s0) and (A, s1)
+    assert g[types == 0, 0].mean() < 0 < g[types == 1, 0].mean()
+    assert g[types == 1, 1].mean() < 0 < g[types == 0, 1].mean()
     p = torch.sigmoid(_train_router(ce, types, steps=150, lr=0.5, entropy=0.1)(eye)).detach()
     assert p[0, 0] > 0.5 > p[1, 0] and p[1, 1] > 0.5 > p[0, 1]
 
@@ -95,6 +102,25 @@ def test_literal_sum_without_normalisation_collapses_the_selection_rate():
     norm = torch.sigmoid(_train_router(ce, types, steps=300, lr=0.5, entropy=0.1)(eye)).detach()
     assert lit.max() < 0.05
     assert norm[0, 0] > 0.5 and norm[1, 1] > 0.5
+    # the paper's self-normalised form alone drifts to fewer paths until nothing is assigned (docstring 2):
+    # student 0 ends up with no path at all, even type A where it is the better student
+    bare = torch.sigmoid(_train_router(ce, types, steps=300, lr=0.5, baseline="none")(eye)).detach()
+    assert bare[:, 0].max() < 0.05
+
+
+def test_batch_baseline_changes_the_routers_signal_not_the_value_or_the_students_gradient():
+    torch.manual_seed(0)
+    ce = torch.rand(8, requires_grad=True)
+    lg = torch.randn(8, requires_grad=True)
+    a, soft = qr.gates(lg, 1.0)
+    meta = [{"group": i // 2} for i in range(8)]
+    v0, v1 = qr.routed_sft(a, ce, meta, "none"), qr.routed_sft(a, ce, meta, "batch")
+    assert float(v0) == pytest.approx(float(v1), abs=1e-6)
+    d = a.detach().sum().clamp(min=1)
+    g_ce, g_l = torch.autograd.grad(v1, (ce, lg))
+    assert torch.allclose(g_ce, a.detach() / d)  # the student learns the assigned paths' mean
+    centred = (ce.detach() - ce.detach().mean()) / d  # the router: CE − the batch mean, through σ′
+    assert torch.allclose(g_l, centred * (soft * (1 - soft)).detach(), atol=1e-6)
 
 
 def test_entropy_term_drives_the_rate_to_one_half():

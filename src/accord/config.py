@@ -408,8 +408,9 @@ class QrConfig(_Strict):
     competence: Literal["nll-per-char", "uniform"] = Field("nll-per-char", description="ensemble weights γ")
     paths_per_question: int | None = Field(None, ge=1, description="paths sampled per question per epoch "
                                            "(null: all; the public code: 2)")
-    router_baseline: Literal["none", "batch", "question"] = Field("none", description="detached per-student "
-                                                                  "baseline subtracted from the router's signal")
+    router_baseline: Literal["none", "batch", "question"] = Field(
+        "batch", description="the router's signal: CE minus the student's detached mean CE over the batch "
+        "(default) or the question; none: the self-normalised form alone (collapses in the lab)")
     heads_lr: float = Field(1e-4, gt=0, description="learning rate of the router")
     freeze: list[str] = Field(default_factory=list, description="students kept frozen (Table 5 ablation)")
     route: Literal["learned", "frozen", "all", "none"] = Field("learned", description="learned router; frozen "

@@ -19,10 +19,13 @@ corrections win), numbered:
 1. Gates: one Bernoulli gate per (path, student), a binary-concrete (Gumbel-sigmoid) sample with the
    straight-through estimator, τ = 1 fixed (``qr.tau_end`` anneals it exponentially); a path may go to
    one, several or no students.  The router's decision at analysis time is 1[l > 0].
-2. The SFT term is each student's mean CE over the paths assigned to it (self-normalised): its gradient
-   with respect to a gate is centred on the assigned paths' mean (but see 3: alone it still shrinks).  ``router_baseline:
-   batch | question`` subtracts a detached per-student mean CE from the router's signal only (batch-wide,
-   or within a question: ranks a question's paths).  CE_s(j) is the per-token mean NLL (the public code's).
+2. The SFT term is each student's mean CE over the paths assigned to it.  The router's signal is
+   CE_s(j) − b_s with b_s = sg(mean of CE_s over the batch's paths) (``router_baseline: batch``, default;
+   ``question``: over the question's paths, ranking a question's paths).  The paper's self-normalised form
+   with a differentiated denominator (``none``; the spec's correction 2) is centred on the *assigned*
+   paths' mean instead: it drifts towards ever fewer paths and, once a batch assigns less than one, every
+   gate is pushed down — measured on the lab (``configs/lab-qr.yaml``): both students selected nothing from
+   step ~150 on and their CE rose from 1.1 to 4–6.  CE_s(j) is the per-token mean NLL (the public code's).
 3. The entropy term is *maximised* (the text; Eq. 9's sign read as the text says), on the expected gates
    σ(l/τ) so its gradient stays finite.  Default ``entropy: per-student`` — H of each student's rate over a
    question's paths, averaged: the "balanced usage" the paper intends.  Eq. 3's ``pooled`` form is also
@@ -299,13 +302,8 @@ def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None):
         ce = torch.stack([o[0] for o in out], 1)  # [B, S]
         share = B / max(1, n_units)  # this micro-batch's share of the step's paths
         loss = logits.new_zeros(())
-        for k, n in enumerate(names):
-            a = alpha[:, k]
-            signal = ce[:, k] - _baseline(ce[:, k].detach(), meta, q.router_baseline)
-            sft = (a * ce[:, k]).sum() / a.sum().clamp(min=1)
-            if q.router_baseline != "none":  # the router's signal only: the value and the student gradient stay
-                sft = sft + (a * (signal.detach() - ce[:, k].detach())).sum() / a.sum().clamp(min=1)
-            loss = loss + share * sft
+        for k in range(len(names)):
+            loss = loss + share * routed_sft(alpha[:, k], ce[:, k], meta, q.router_baseline)
         ent = _entropy(expected, meta, q.entropy)
         loss = loss - q.entropy_weight * share * ent
         mutual, gamma = _mutual(out, names, frozen, router, alpha.detach(), q)
@@ -313,6 +311,22 @@ def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None):
         return loss, _metrics(names, alpha.detach(), ce.detach(), gamma, float(mutual.detach()), float(ent.detach()), meta)
 
     return loss_fn
+
+
+def routed_sft(a: torch.Tensor, ce: torch.Tensor, meta: list[dict], baseline: str) -> torch.Tensor:
+    """One student's SFT term: its mean CE over the paths assigned to it (value, and the student's gradient).
+
+    ``baseline: none`` — the paper's form, Σ α·CE / max(Σ α, 1) with the denominator differentiated: the
+    router's gradient is CE − (the assigned paths' mean CE), which drifts towards ever fewer paths and, once
+    a batch assigns fewer than one, pushes every gate down.  ``batch`` / ``question`` — the denominator is
+    detached and the router's signal is CE − b with b the student's mean CE over the batch's (or the
+    question's) paths: centred over *all* paths, so there is no drift and the entropy term sets the rate;
+    the extra term has value 0."""
+    if baseline == "none":
+        return (a * ce).sum() / a.sum().clamp(min=1)
+    d = a.detach().sum().clamp(min=1)
+    b = _baseline(ce.detach(), meta, baseline)
+    return (a * ce).sum() / d - ((a - a.detach()) * b).sum() / d
 
 
 def _baseline(ce: torch.Tensor, meta: list[dict], kind: str) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""QR-Distill's joint step against the students' plain SFT on the paths routed to them (issue 18: goal ≤ 1.3).
+
+Two students with different tokenizers and architectures (the lab student's shape, Llama d=64 with the lab
+tokenizer, and student-b's, Qwen2 d=48 with its digit-splitting tokenizer; fresh weights), the four lab styles
+as four teachers on the same problems (every question has 4 paths), ``--batch`` paths per step.  QR runs
+``--steps`` steps with the default settings (``hashing`` encoder: features are precomputed outside the clock
+either way); its mean selection rate per student r_s is read from its own metrics, and each student then
+runs plain SFT (the engine's default loss) with batch round(r_s × batch) for the same steps.  The ratio is
+QR's wall time over the sum of the two SFT wall times (best of ``--repeats``, interleaved).
+
+    python bench/qr.py [--steps 30] [--batch 32] [--repeats 2] [--mutual-paths all|routed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+
+def setup(n_problems: int = 300):
+    from accord.lab.build import PROFILES, STUDENT_B_RECIPE, _new_model, _new_qwen2, _trace_rows, lab_tokenizer, \
+        lab_tokenizer_b
+    from accord.lab.tasks import generate
+
+    p = PROFILES["full"]
+    toks = {"a": lab_tokenizer(), "b": lab_tokenizer_b()}
+    probs = generate("arith", "train")[4000:4000 + n_problems]
+    rows = []
+    for st in ("terse", "verbose", "verify", "shifted"):
+        for r, q in zip(_trace_rows(probs, st, random.Random(0)), probs):
+            rows.append({**r, "problem_id": q["id"], "teacher": st, "type": st, "answer": q["answer"]})
+    new = {"a": lambda: _new_model(toks["a"], p.d, p.layers, seed=0),
+           "b": lambda: _new_qwen2(toks["b"], round(p.d * STUDENT_B_RECIPE["width"]), p.layers, seed=0)}
+    return toks, rows, new
+
+
+def run_qr(toks, rows, new, args) -> tuple[float, dict]:
+    from accord.config import QrConfig
+    from accord.train import qr
+    from accord.train.engine import TrainArgs, train
+
+    names = list(toks)
+    students = {n: new[n]() for n in names}
+    ex = qr._encode(rows, names, toks, 256, True)
+    feat = qr._hashing([r["messages"][-1]["content"] for r in rows])
+    router = qr.Router(feat.shape[1], qr.fit_projections(students, ex, "fitted", 0))
+    q = QrConfig(encoder="hashing", mutual_paths=args.mutual_paths)
+    events = []
+    t0 = time.perf_counter()
+    train({**students, "heads": router}, {**toks, "heads": None}, [],
+          TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0, bf16=False),
+          examples=ex, batcher=qr.capped_batcher(None), units_fn=len, loss_fn=qr.make_loss_fn(q, names, set()),
+          collate_fn=qr.collate_paths(names, [t.pad_token_id for t in toks.values()], feat), log=events.append)
+    dt = time.perf_counter() - t0
+    return dt, {n: sum(e[f"sel/{n}"] for e in events) / len(events) for n in names}
+
+
+def run_sft(tok, rows, new_model, batch: int, args) -> float:
+    from accord.train.engine import TrainArgs, encode_example, train
+
+    model = new_model()
+    ex = [encode_example(tok, r, 256) for r in rows]
+    t0 = time.perf_counter()
+    train(model, tok, rows, TrainArgs(steps=args.steps, batch_size=max(1, batch), lr=1e-3, max_len=256, seed=0,
+                                      bf16=False), examples=ex)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--mutual-paths", choices=["all", "routed"], default="all")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    toks, rows, new = setup()
+    best_qr, best_ref, rates = float("inf"), float("inf"), {}
+    for _ in range(args.repeats):
+        t, rates = run_qr(toks, rows, new, args)
+        best_qr = min(best_qr, t)
+        ref = sum(run_sft(toks[n], rows, new[n], round(rates[n] * args.batch), args) for n in toks)
+        best_ref = min(best_ref, ref)
+    print(f"selection rates: " + ", ".join(f"{n} {r:.2f}" for n, r in rates.items()))
+    print(f"qr step time: {best_qr / args.steps * 1e3:.1f} ms; routed-path SFT (sum over students): "
+          f"{best_ref / args.steps * 1e3:.1f} ms")
+    print(f"qr/routed-SFT step-time ratio: {best_qr / best_ref:.2f}  (mutual_paths={args.mutual_paths}; goal ≤ 1.3)")
+
+
+if __name__ == "__main__":
+    main()
