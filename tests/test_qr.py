@@ -355,3 +355,22 @@ def test_missing_encoder_is_a_clear_error(tmp_path):
 
     with pytest.raises(TrainSetupError, match="not a local sentence-transformers directory"):
         qr.embed(["x"], str(tmp_path / "nowhere"))
+
+
+def test_routed_forward_split_matches_the_full_forward(micro):
+    """``mutual_paths: routed`` runs the gradient forward on routed paths only: the values are the full
+    forward's, and the gradient reaches the student only through the routed paths."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(micro), AutoTokenizer.from_pretrained(micro)
+    rows = [_row("Start at 3.", t, f"p{i}") | {"type": "a"} for i, t in enumerate(TRACES + TRACES[:1])]
+    ex = qr._encode(rows, ["s"], {"s": tok}, 128, True)
+    b = qr.collate_paths(["s"], [tok.pad_token_id], torch.zeros(4, 1))(ex)
+    full = qr.student_pass(model, b["per"]["s"], b["n_units"], True)
+    routed = torch.tensor([True, False, True, False])
+    split = qr.split_pass(model, b["per"]["s"], b["n_units"], routed)
+    for x, y in zip(full, split):
+        assert torch.allclose(x.float(), y.float(), atol=1e-5)
+    assert split[0][routed].requires_grad and not split[0][~routed].detach().requires_grad
+    (split[0] * torch.tensor([0.0, 1.0, 0.0, 1.0])).sum().backward()  # only unrouted paths in the loss
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())

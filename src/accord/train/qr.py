@@ -49,8 +49,9 @@ corrections win), numbered:
 7. Competence γ = softmax over students of −NLL per character of the completion (per-token NLL would
    favour the student with the smaller vocabulary), detached; ``competence: uniform`` averages.
 8. The mutual term covers every path for every student (Eq. 8; ``mutual_paths: all``); ``routed`` is the
-   public code's reading.  So every student runs one forward with gradient over every path of the step:
-   the router needs CE for every (path, student) pair as a value anyway.  A frozen student (``qr.freeze``,
+   public code's reading.  With ``all`` every student runs one forward with gradient over every path of the
+   step; with ``routed`` the forward has gradient on the paths routed to it only and runs under no_grad on
+   the others (the router still needs every (path, student) CE, as a value).  A frozen student (``qr.freeze``,
    Table 5) runs under no_grad and stays bitwise unchanged.
 9. ``train.batch_size`` counts paths (QR's compute then compares with STD/MTD at equal steps); a question's
    paths share a micro-batch; ``paths_per_question`` samples that many per question each epoch.  Each
@@ -282,6 +283,29 @@ def student_pass(model, b: dict, n_units: int, grad: bool) -> tuple[torch.Tensor
     return total / n_tok, (total / b["chars"]).detach(), layer_norm(z), present
 
 
+def split_pass(model, b: dict, n_units: int, routed: torch.Tensor) -> tuple:
+    """:func:`student_pass` with gradient on the paths routed to the student and without on the others
+    (``mutual_paths: routed``: an unrouted path's CE and states are only values — the router's signal and the
+    ensemble target — so their backward is never paid for)."""
+    B = routed.shape[0]
+    parts = [(idx, student_pass(model, _rows(b, idx), n_units, grad))
+             for idx, grad in ((routed.nonzero()[:, 0], True), ((~routed).nonzero()[:, 0], False)) if len(idx)]
+    merged = []
+    for i in range(4):
+        first = parts[0][1][i]
+        full = first.new_zeros((B, *first.shape[1:]))
+        for idx, res in parts:
+            full = full.index_put((idx,), res[i])
+        merged.append(full)
+    return tuple(merged)
+
+
+def _rows(b: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of one student's batch, padding trimmed to their longest row."""
+    w = int(b["attention_mask"][idx].sum(1).max())
+    return {k: (v[idx][:, :w] if v.dim() == 2 else v[idx]) for k, v in b.items()}
+
+
 def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None):
     """The engine ``loss_fn`` for ``qr`` settings ``q`` and students ``names`` (the heads are ``HEADS``)."""
 
@@ -298,7 +322,10 @@ def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None):
         else:  # all / none: every path to every student
             alpha = torch.ones_like(logits)
         expected = torch.sigmoid(logits / tau)
-        out = [student_pass(models[n], b["per"][n], b["n_units"], n not in frozen) for n in names]
+        routed = q.mutual_paths == "routed" and q.route != "all"
+        out = [split_pass(models[n], b["per"][n], b["n_units"], alpha[:, k].detach() > 0.5) if routed and n not in
+               frozen else student_pass(models[n], b["per"][n], b["n_units"], n not in frozen)
+               for k, n in enumerate(names)]
         ce = torch.stack([o[0] for o in out], 1)  # [B, S]
         share = B / max(1, n_units)  # this micro-batch's share of the step's paths
         loss = logits.new_zeros(())
