@@ -109,7 +109,8 @@ def test_rebuild_reuses_cache_and_detects_corruption(micro_lab):
 def test_lab_model_specs_resolve_and_collect_runs(micro_lab, tmp_path):
     import yaml
 
-    from accord.teachers.base import TeacherConfigError, resolve_model
+    from accord.models import resolve_model
+    from accord.teachers.base import TeacherConfigError
 
     assert resolve_model("lab:micro/terse").endswith("terse")
     with pytest.raises(TeacherConfigError, match="not built"):

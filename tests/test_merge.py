@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import run_cli
 
+from accord.registry import MERGE_METHODS
 from accord.train.merge import (
-    MERGE_METHODS,
     MergeError,
     MergeSpec,
     RunningMerge,
@@ -22,7 +22,8 @@ from accord.train.merge import (
 
 def slow_reference(base, models, weights, method, density=1.0, normalize=None, masks=None):
     """Element by element, in Python floats: prune → weight → elect sign → mix → normalise."""
-    sparsify, consensus, norm_default, _ = MERGE_METHODS[method]
+    m = MERGE_METHODS[method]
+    sparsify, consensus, norm_default = m.sparsify, m.sign_consensus, m.normalize
     normalize = norm_default if normalize is None else normalize
     b = base.flatten().tolist()
     deltas = [[x - y for x, y in zip(m.flatten().tolist(), b)] for m in models]
@@ -107,7 +108,7 @@ def test_merging_identical_models_is_identity_for_averages(tensors, method):
     base, models = tensors
     same = [models[0].clone() for _ in range(3)]
     got = merge_tensor("w", base, same, MergeSpec(method=method))
-    if MERGE_METHODS[method][2]:  # normalised methods: the mean of identical models is that model
+    if MERGE_METHODS[method].normalize:  # normalised methods: the mean of identical models is that model
         assert torch.allclose(got, models[0], atol=1e-6)
     else:  # task arithmetic adds the same task vector three times
         assert torch.allclose(got, base + 3 * (models[0] - base), atol=1e-5)

@@ -300,10 +300,10 @@ def cmd_merge(args, console: Console) -> int:
 
 def cmd_cord(args, console: Console) -> int:
     from accord.cord import run_cord
-    from accord.run import build_lab_models
+    from accord.run import prepare_models
 
     cfg = _load(args)
-    build_lab_models(cfg, console, student=False)
+    prepare_models(cfg, console, student=False)
     run_cord(cfg, console)
     console.print(f"CoRD traces: {Path(cfg.run_dir) / 'corpora' / 'cord.jsonl'}; "
                   f"summary: {Path(cfg.run_dir) / 'cord' / 'summary.json'}")

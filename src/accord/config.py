@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from accord.registry import BACKENDS, MERGE_METHODS, METHODS, SELECT_POLICIES
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,7 +26,6 @@ from pydantic import (
 )
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-BACKENDS = ("hf", "openai", "vllm", "column")
 
 
 def one_of(v: str, choices, what: str) -> str:
@@ -148,13 +148,18 @@ class CollectConfig(_Strict):
     stop: list[str] = Field(default_factory=list, description="extra stop strings")
     style: str | list[str] = Field(
         "default", description="prompt style name(s) (see accord.prompts.STYLES) or a template with {question}")
-    select: Literal["random-correct", "all-correct", "first-correct"] = Field(
-        "random-correct", description="how corpora pick traces per problem per teacher")
+    select: str = Field("random-correct", description="how corpora pick traces per problem per teacher: "
+                        + "; ".join(f"{s.name} ({s.summary})" for s in SELECT_POLICIES.values()))
     verifier: str = Field("math", description="math (math-verify), numeric, choice, exact")
     numeric_tolerance: float = Field(1e-6, ge=0, description="relative tolerance of the numeric verifier")
     seed: int = Field(0)
     judge: JudgeConfig | None = Field(None, description="optional LLM-judge filter (QR-Distill §2.3 step 2)")
     confidence: ConfidenceConfig = Field(default_factory=ConfidenceConfig)
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, v: str) -> str:
+        return one_of(v, SELECT_POLICIES, "selection policy")
 
     @field_validator("style")
     @classmethod
@@ -200,8 +205,6 @@ class MergeConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from accord.train.merge import MERGE_METHODS
-
         return one_of(v, MERGE_METHODS, "merge method")
 
 
@@ -260,12 +263,10 @@ class TrainConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str | list[str]) -> str | list[str]:
-        from accord.train import RECIPES  # the registry (no torch imported)
-
         for m in [v] if isinstance(v, str) else v:
-            if m.split(":", 1)[0] not in RECIPES:
+            if m.split(":", 1)[0] not in METHODS:
                 raise ValueError(f"unknown train method {m!r}; choose std, std:<teacher>, "
-                                 + ", ".join(r for r in RECIPES if r != "std"))
+                                 + ", ".join(r for r in METHODS if r != "std"))
         return v
 
 

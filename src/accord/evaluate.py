@@ -154,7 +154,7 @@ def hash_id(pid: str) -> int:
 
 def eval_points(cfg, results: list[dict]) -> list[dict]:
     """(key, label, path) of every checkpoint to evaluate: the base student, then each result's curve/final."""
-    from accord.teachers.base import local_model_dir
+    from accord.models import local_model_dir
 
     pts = [{"key": "base", "model": "base", "steps": 0, "path": str(local_model_dir(cfg.student.model, "student")),
             "final": True}]

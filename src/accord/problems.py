@@ -116,10 +116,10 @@ def _read_hf_dir(path: Path) -> Iterable[tuple[str, dict]]:
 
 
 def read_rows(spec: str) -> Iterable[tuple[str, dict]]:
-    if spec.startswith("lab:"):
-        from accord.lab.tasks import lab_rows
+    from accord.sources import scheme_problem_rows
 
-        yield from lab_rows(spec)
+    if (rows := scheme_problem_rows(spec)) is not None:
+        yield from rows
         return
     path = Path(spec)
     if not path.exists():

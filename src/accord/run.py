@@ -2,41 +2,29 @@
 
 Each stage reads the previous stage's files in ``run_dir`` and skips work already
 on disk, so re-running after a kill (or after adding a method to
-``train.method``) does only what is missing.  Lab models named in the config
-(``lab:<model>``, ``lab:quick/<model>``) are built first when missing.
+``train.method``) does only what is missing.  Scheme models named in the config
+(the lab's ``lab:<model>``, ``lab:quick/<model>``) are built first when missing.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from accord.config import AccordConfig, dump_config
 
-LAB_REF = re.compile(r"^lab:(?:(full|quick|micro)/)?[A-Za-z_-]+$")  # a lab model, not a lab problem source
-
-
-def lab_models(cfg: AccordConfig, student: bool = True) -> dict[str, set[str]]:
-    """Lab profile → the lab model names the config uses (teachers, the student, QR's students); problem
-    sources like lab:arith:train are not models."""
+def model_specs(cfg: AccordConfig, student: bool = True) -> list[str]:
+    """Every model spec the config names: teachers, and (``student``) the student and QR's students."""
     specs = [t.model for t in cfg.teachers if t.model]
     if student:
         specs += [cfg.student.model] + ([s.model for s in cfg.qr.students] if "qr" in cfg.train.methods else [])
-    out: dict[str, set[str]] = {}
-    for s in specs:
-        m = LAB_REF.match(s or "")
-        if m:
-            out.setdefault(m.group(1) or "full", set()).add(s.split("/")[-1].removeprefix("lab:"))
-    return out
+    return specs
 
 
-def build_lab_models(cfg: AccordConfig, console, student: bool = True) -> None:
-    """Build (or reuse) the lab models the config names; a model outside its band is only warned about
-    here (`accord lab build` fails on it)."""
-    from accord.lab.build import build_lab
+def prepare_models(cfg: AccordConfig, console, student: bool = True) -> None:
+    """Make the scheme models the config names exist (the lab builds what is missing)."""
+    from accord.sources import prepare
 
-    for profile, names in lab_models(cfg, student).items():
-        build_lab(profile=profile, console=console, allow_weak=True, extra=tuple(sorted(names)))
+    prepare(model_specs(cfg, student), console)
 
 
 def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train", "eval", "report"),
@@ -46,7 +34,7 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     from accord.report import method_table, text_table, write_report
     from accord.train import run_training
 
-    build_lab_models(cfg, console)
+    prepare_models(cfg, console)
     dump_config(cfg)
     out: dict = {}
     if "collect" in stages:

@@ -1,7 +1,6 @@
 """Teacher backends behind one protocol (see :mod:`accord.teachers.base`)."""
 
 from accord.teachers.base import (
-                                  BACKENDS,
                                   Generation,
                                   NotSupported,
                                   Request,
@@ -12,5 +11,5 @@ from accord.teachers.base import (
                                   load_teacher,
 )
 
-__all__ = ["BACKENDS", "Generation", "NotSupported", "Request", "SamplingParams", "Teacher", "TeacherConfigError",
+__all__ = ["Generation", "NotSupported", "Request", "SamplingParams", "Teacher", "TeacherConfigError",
            "TeacherUnavailable", "load_teacher"]

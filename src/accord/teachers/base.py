@@ -17,9 +17,7 @@ the backend does internally.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 if TYPE_CHECKING:
@@ -81,19 +79,15 @@ class Teacher(Protocol):
 
 
 # "module:attr" strings so heavy backends (vllm) import only when used.
-BACKENDS: dict[str, str] = {
-    "hf": "accord.teachers.hf:HFTeacher",
-    "openai": "accord.teachers.openai:OpenAITeacher",
-    "vllm": "accord.teachers.vllm:VLLMTeacher",
-}
-
-
 def load_teacher(cfg: "TeacherConfig") -> Teacher:
-    if cfg.backend not in BACKENDS:
+    from accord.registry import BACKENDS, load
+
+    backend = BACKENDS.get(cfg.backend)
+    if backend is None or backend.impl is None:
+        gen = [b.name for b in BACKENDS.values() if b.impl]
         raise TeacherConfigError(f"teacher {cfg.name!r}: backend {cfg.backend!r} cannot generate "
-                                 f"(generating backends: {', '.join(BACKENDS)})")
-    module, attr = BACKENDS[cfg.backend].split(":")
-    return getattr(importlib.import_module(module), attr)(cfg)
+                                 f"(generating backends: {', '.join(gen)})")
+    return load(backend.impl)(cfg)
 
 
 def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
@@ -104,37 +98,3 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
         if 0 <= i < best:
             best, hit = i, s
     return text[:best], hit
-
-
-def resolve_model(spec: str, who: str = "model") -> str:
-    """``lab:<name>`` → the cached lab checkpoint; an explicit local path must exist."""
-    if spec.startswith("lab:"):
-        from accord.lab.build import lab_model_path
-
-        return str(lab_model_path(spec[4:]))
-    p = Path(spec).expanduser()
-    if p.exists():
-        return str(p)
-    if spec.startswith(("/", "./", "../", "~")) or spec.startswith(".") or p.suffix in (".safetensors", ".bin"):
-        raise TeacherConfigError(f"{who}: model path {spec!r} does not exist")
-    return spec  # a hub id; loading says clearly if it cannot be fetched
-
-
-# what a checkpoint needs on disk (weights, config, tokenizer, chat template); nothing else is fetched
-CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-
-
-def local_model_dir(spec: str, who: str = "model") -> Path:
-    """A local checkpoint directory for ``spec``: a path or lab model as :func:`resolve_model`, a hub id
-    as its snapshot in the Hugging Face cache (fetched once if not there; ``HF_HUB_OFFLINE=1`` reads the
-    cache only).  Merging and evaluation need files, not a name: resolving up front fails before training."""
-    path = Path(resolve_model(spec, who))
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path), allow_patterns=CHECKPOINT_FILES))
-    except Exception as e:  # offline without a cached copy, a typo, a gated repo: say which and why
-        raise TeacherConfigError(f"{who}: cannot read {spec!r} as a local checkpoint or a cached hub snapshot "
-                                 f"({type(e).__name__}: {e})") from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -28,52 +27,10 @@ from accord.teachers.base import (
     Generation,
     Request,
     SamplingParams,
-    TeacherConfigError,
     TeacherUnavailable,
-    resolve_model,
     truncate_at_stop,
 )
-from accord.ui import no_hf_bars
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-                             who: str = "model"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(spec, who)
-    dev = pick_device(device)
-    if Path(path).is_dir() and not (Path(path) / "config.json").exists():
-        raise TeacherConfigError(f"{who}: {spec!r} is not a Hugging Face checkpoint (no config.json)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with no_hf_bars(Path(path).is_dir()):  # a checkpoint on disk: no bar; downloads keep theirs
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise TeacherConfigError(f"{who}: cannot load {spec!r} as a Hugging Face checkpoint "
-                                 f"(safetensors weights + tokenizer): {e}") from None
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model.to(dev).eval(), tok
+from accord.models import load_model_and_tokenizer
 
 
 def render_chat(tok, prompt: str, prefix: str = "", system: str | None = None) -> str:

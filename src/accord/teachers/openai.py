@@ -52,7 +52,7 @@ class OpenAITeacher:
         if cfg.tokenizer:
             from transformers import AutoTokenizer
 
-            from accord.teachers.base import resolve_model
+            from accord.models import resolve_model
 
             self._tok = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer, f"teacher {cfg.name!r} tokenizer"))
 

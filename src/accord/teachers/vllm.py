@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+from accord.models import resolve_model
 from accord.teachers.base import (
     Generation,
     Request,
     SamplingParams,
     TeacherConfigError,
-    resolve_model,
 )
 from accord.teachers.hf import inside_think, render_chat
 

@@ -109,7 +109,7 @@ def teacher_corpora(cfg: AccordConfig, console=None) -> dict[str, list[dict]]:
 
 
 def load_student(cfg: AccordConfig):
-    from accord.teachers.hf import load_model_and_tokenizer
+    from accord.models import load_model_and_tokenizer
 
     s = cfg.student
     dtype = "float32" if s.dtype == "auto" else s.dtype  # fp32 master weights; bf16 comes from autocast

@@ -1,6 +1,6 @@
 """Weight-merge operators and checkpoint merging (MoT §4.3 Eq. 2; mergekit conventions).
 
-Registry ``MERGE_METHODS`` (name → defaults), each with its paper:
+Operators by name in ``accord.registry.MERGE_METHODS`` (defaults and paper per record):
 
 - ``average`` — MoT's operator (§4.3 Eq. 2, "weight averaging"): the (weighted) mean of the
   models; mergekit's ``linear`` with ``normalize: true``.  ``linear`` is an alias.
@@ -45,22 +45,13 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from accord.registry import LINEAR_METHODS, MERGE_METHODS
 from peft.utils.merge_utils import (
     calculate_majority_sign_mask,
     magnitude_based_pruning,
     random_pruning,
 )
 
-# name → (sparsification, consensus, default normalize, default rescale)
-MERGE_METHODS: dict[str, tuple[str | None, bool, bool, bool]] = {
-    "average": (None, False, True, False),
-    "linear": (None, False, True, False),
-    "task_arithmetic": (None, False, False, False),
-    "ties": ("magnitude", True, True, False),
-    "dare_linear": ("random", False, False, True),
-    "dare_ties": ("random", True, False, True),
-}
-LINEAR_METHODS = ("average", "linear", "task_arithmetic")
 
 
 class MergeError(ValueError):
@@ -85,11 +76,11 @@ class MergeSpec:
 
     @property
     def do_normalize(self) -> bool:
-        return MERGE_METHODS[self.method][2] if self.normalize is None else self.normalize
+        return MERGE_METHODS[self.method].normalize if self.normalize is None else self.normalize
 
     @property
     def do_rescale(self) -> bool:
-        return MERGE_METHODS[self.method][3] if self.rescale is None else self.rescale
+        return MERGE_METHODS[self.method].rescale if self.rescale is None else self.rescale
 
     def weights_for(self, n: int) -> list[float]:
         w = self.weights or [1.0] * n
@@ -103,7 +94,7 @@ def _tensor_seed(seed: int, name: str, i: int) -> int:
 
 
 def _sparsify(delta: torch.Tensor, spec: MergeSpec, name: str, i: int) -> torch.Tensor:
-    how = MERGE_METHODS[spec.method][0]
+    how = MERGE_METHODS[spec.method].sparsify
     if how is None or spec.density >= 1:
         return delta
     if how == "magnitude":
@@ -124,7 +115,7 @@ def merge_tensor(name: str, base: torch.Tensor, models: Sequence[torch.Tensor], 
     deltas = torch.stack([_sparsify(m.float() - b, spec, name, i) for i, m in enumerate(models)])
     w = w.view(-1, *([1] * base.dim()))
     weighted = deltas * w
-    if MERGE_METHODS[spec.method][1]:
+    if MERGE_METHODS[spec.method].sign_consensus:
         mask = calculate_majority_sign_mask(weighted, method="total")
         mixed = (weighted * mask).sum(0)
         divisor = (w * mask).sum(0)

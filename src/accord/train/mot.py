@@ -52,8 +52,8 @@ from accord.train.common import (
     write_result,
 )
 from accord.train.engine import encode_example, get_accelerator, train
+from accord.registry import LINEAR_METHODS
 from accord.train.merge import (
-    LINEAR_METHODS,
     MergeSpec,
     RunningMerge,
     load_state,

@@ -8,7 +8,7 @@ every round, applied once at the end.  Compute: the sum of the STD runs.
 from __future__ import annotations
 
 from accord.config import AccordConfig
-from accord.teachers.base import local_model_dir
+from accord.models import local_model_dir
 from accord.train.common import read_result, train_dir, write_result
 from accord.train.merge import MergeSpec, merge_checkpoints
 from accord.train.sft import run_std

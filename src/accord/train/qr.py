@@ -532,8 +532,8 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     if all(done):
         console.print("qr: finished earlier, skipped")
         return done
-    from accord.teachers.base import local_model_dir
-    from accord.teachers.hf import load_model_and_tokenizer
+    from accord.models import local_model_dir
+    from accord.models import load_model_and_tokenizer
 
     rows = qr_paths(cfg)
     out = train_dir(cfg, "qr")

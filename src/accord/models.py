@@ -1,0 +1,86 @@
+"""Loading models, one way for teachers, students and evaluation: resolving a spec (a local path, a
+hub id, or a scheme such as the lab's ``lab:<model>`` through :mod:`accord.sources`), the device and
+dtype picks, and the checkpoint + tokenizer load (safetensors only, no remote code unless asked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from accord.teachers.base import TeacherConfigError
+from accord.ui import no_hf_bars
+
+
+def resolve_model(spec: str, who: str = "model") -> str:
+    """A scheme spec (``lab:<name>``) → its checkpoint path; an explicit local path must exist; else a hub id."""
+    from accord.sources import scheme_model_path
+
+    if (path := scheme_model_path(spec, who)) is not None:
+        return path
+    p = Path(spec).expanduser()
+    if p.exists():
+        return str(p)
+    if spec.startswith(("/", "./", "../", "~")) or spec.startswith(".") or p.suffix in (".safetensors", ".bin"):
+        raise TeacherConfigError(f"{who}: model path {spec!r} does not exist")
+    return spec  # a hub id; loading says clearly if it cannot be fetched
+
+
+# what a checkpoint needs on disk (weights, config, tokenizer, chat template); nothing else is fetched
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def local_model_dir(spec: str, who: str = "model") -> Path:
+    """A local checkpoint directory for ``spec``: a path or lab model as :func:`resolve_model`, a hub id
+    as its snapshot in the Hugging Face cache (fetched once if not there; ``HF_HUB_OFFLINE=1`` reads the
+    cache only).  Merging and evaluation need files, not a name: resolving up front fails before training."""
+    path = Path(resolve_model(spec, who))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=CHECKPOINT_FILES))
+    except Exception as e:  # offline without a cached copy, a typo, a gated repo: say which and why
+        raise TeacherConfigError(f"{who}: cannot read {spec!r} as a local checkpoint or a cached hub snapshot "
+                                 f"({type(e).__name__}: {e})") from None
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+                             who: str = "model"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec, who)
+    dev = pick_device(device)
+    if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+        raise TeacherConfigError(f"{who}: {spec!r} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with no_hf_bars(Path(path).is_dir()):  # a checkpoint on disk: no bar; downloads keep theirs
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TeacherConfigError(f"{who}: cannot load {spec!r} as a Hugging Face checkpoint "
+                                 f"(safetensors weights + tokenizer): {e}") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(dev).eval(), tok

@@ -1,0 +1,95 @@
+"""Every "chosen by name" list, once: training methods, teacher backends, merge operators, selection
+policies, spec schemes.  Each entry is a named record with keyword fields and its paper (mergekit's
+``merge_methods/registry.py`` is the model); this module imports no torch, so ``config`` validates
+against it cheaply.  Implementations are named as ``"module:attribute"`` and loaded on use
+(:func:`load`), so the registry depends on nothing it lists.
+
+Adding a method, backend, merge operator or selection policy is one implementation file plus one line
+here; ``docs/architecture.md`` walks through it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+def load(ref: str):
+    """``"package.module:attr"`` → the attribute (imported on first use)."""
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    recipe: str  # "module:function", called as recipe(cfg, console, arg) → list of result records
+    paper: str
+    summary: str
+
+
+METHODS = {m.name: m for m in (
+    Method("std", "accord.train.sft:run_std", "MoT §5 (single-teacher baseline)",
+           "SFT on one teacher's corpus (std:<teacher>), or on each teacher in turn"),
+    Method("mtd", "accord.train.sft:run_mtd", "MoT §5 (multi-teacher baseline)", "SFT on the union of the corpora"),
+    Method("posthoc", "accord.train.posthoc:run", "MoT Table 4 (post-hoc merge)",
+           "merge the finished STD students once"),
+    Method("mot", "accord.train.mot:run", "arXiv 000 (MoT §4)", "teacher branches merged every round"),
+    Method("compact", "accord.train.compact:run", "arXiv 001 (COMPACT §3)",
+           "per-problem teacher weights from the student's own scores"),
+    Method("qr", "accord.train.qr:run", "arXiv 003 (QR-Distill §2)",
+           "a router sends paths to S cooperating students with their own tokenizers"),
+)}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    impl: str | None  # "module:Class" of the generating backend; None: data only (imported columns)
+    summary: str
+
+
+BACKENDS = {b.name: b for b in (
+    Backend("hf", "accord.teachers.hf:HFTeacher", "transformers generate() in this process"),
+    Backend("openai", "accord.teachers.openai:OpenAITeacher", "any OpenAI-compatible server (vLLM, SGLang, APIs)"),
+    Backend("vllm", "accord.teachers.vllm:VLLMTeacher", "vLLM's offline engine in this process"),
+    Backend("column", None, "an existing corpus column (s1K-style tables), verified like generations"),
+)}
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    sparsify: str | None  # None | "magnitude" (TIES) | "random" (DARE)
+    sign_consensus: bool  # TIES' elected sign per entry
+    normalize: bool  # default: divide by the sum of weights
+    rescale: bool  # default: DARE's 1/density
+    paper: str
+
+
+MERGE_METHODS = {m.name: m for m in (
+    MergeMethod("average", None, False, True, False, "MoT §4.3 Eq. 2 (weight averaging)"),
+    MergeMethod("linear", None, False, True, False, "alias of average (mergekit's linear, normalised)"),
+    MergeMethod("task_arithmetic", None, False, False, False, "Ilharco et al. 2023, arXiv:2212.04089"),
+    MergeMethod("ties", "magnitude", True, True, False, "Yadav et al. 2023, arXiv:2306.01708"),
+    MergeMethod("dare_linear", "random", False, False, True, "Yu et al. 2024, arXiv:2311.03099"),
+    MergeMethod("dare_ties", "random", True, False, True, "Yu et al. 2024, arXiv:2311.03099"),
+)}
+LINEAR_METHODS = ("average", "linear", "task_arithmetic")
+
+
+@dataclass(frozen=True)
+class SelectPolicy:
+    name: str
+    summary: str
+
+
+SELECT_POLICIES = {s.name: s for s in (
+    SelectPolicy("random-correct", "one random verified trace per problem and teacher (MoT §5)"),
+    SelectPolicy("all-correct", "every verified trace (QR-Distill's paths)"),
+    SelectPolicy("first-correct", "the first verified trace by (style, sample index)"),
+)}
+
+
+# scheme → plugin module for ``<scheme>:<rest>`` model specs and problem sources (see ``accord.sources``)
+SCHEMES = {"lab": "accord.lab.sources"}

@@ -1,0 +1,47 @@
+"""Scheme specs: ``<scheme>:<rest>`` in a ``model:`` field or a problem source (the offline lab's
+``lab:terse``, ``lab:arith:test``).  The loaders ask here and know no scheme themselves; each scheme
+is a plugin module named in :data:`accord.registry.SCHEMES` with three functions:
+
+- ``model_path(spec, who) -> str``: the checkpoint a model spec names (a clear error when absent);
+- ``problem_rows(spec) -> Iterable[(where, row)]``: the rows a problem source names;
+- ``prepare(specs, console)``: make the models among ``specs`` exist (the lab builds them).
+
+A spec without a registered scheme (a path, ``C:\\…``, a hub id) is not a scheme spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def plugin(spec: str | None):
+    """The plugin module of ``spec``'s scheme, or None."""
+    import importlib
+
+    from accord.registry import SCHEMES
+
+    if not spec or ":" not in spec:
+        return None
+    ref = SCHEMES.get(spec.split(":", 1)[0])
+    return importlib.import_module(ref) if ref else None
+
+
+def scheme_model_path(spec: str, who: str = "model") -> str | None:
+    p = plugin(spec)
+    return p.model_path(spec, who) if p else None
+
+
+def scheme_problem_rows(spec: str) -> Iterable[tuple[str, dict]] | None:
+    p = plugin(spec)
+    return p.problem_rows(spec) if p else None
+
+
+def prepare(specs: list[str], console) -> None:
+    """Let every scheme make the models it is named for (``accord run`` calls this before any stage)."""
+    by: dict = {}
+    for s in specs:
+        p = plugin(s)
+        if p is not None:
+            by.setdefault(p, []).append(s)
+    for p, group in by.items():
+        p.prepare(group, console)
