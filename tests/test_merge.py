@@ -177,6 +177,30 @@ def test_accord_merge_cli_writes_what_the_operator_computes(micro, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)  # a standard checkpoint
 
 
+def test_merge_writes_shards_as_it_goes_and_they_load(micro, tmp_path):
+    """A small shard budget forces several shards (HF index layout); the model loads and equals the
+    one-shard merge; shards are cut at the budget (two 4 kB tensors per 8 kB shard)."""
+    from transformers import AutoModelForCausalLM
+
+    from accord.train import merge as M
+
+    m1, m2 = _perturbed(micro, tmp_path, "m1", 1), _perturbed(micro, tmp_path, "m2", 2)
+    one = M.merge_checkpoints(micro, [m1, m2], MergeSpec(), tmp_path / "one")
+    many = M.merge_checkpoints(micro, [m1, m2], MergeSpec(), tmp_path / "many", max_shard_bytes=20_000)
+    index = json.loads((many / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (many / "model.safetensors").exists()
+    a, b = M.load_state(one), M.load_state(many)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    AutoModelForCausalLM.from_pretrained(many)
+
+    def items():
+        for i in range(6):
+            yield f"t{i}", torch.zeros(1000)  # 4,000 bytes each
+
+    names = M.save_streaming(items(), tmp_path, max_shard_bytes=8000)
+    assert len(names) == 3  # two tensors per shard
+
+
 def test_merge_errors_name_the_problem(micro, tmp_path):
     from accord.lab.micro import build_micro
 

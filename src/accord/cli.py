@@ -321,19 +321,7 @@ COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_ev
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accord.collect import CollectIncomplete
-    from accord.config import ConfigError
-    from accord.cord.score import CordError
-    from accord.problems import ProblemSourceError
-    from accord.teachers.base import (
-        NotSupported,
-        TeacherConfigError,
-        TeacherUnavailable,
-    )
-    from accord.train.common import TrainSetupError
-    from accord.train.engine import TrainingDiverged
-    from accord.train.merge import MergeError
-    from accord.verify import GoldAnswerError
+    from accord.errors import AccordError
 
     _quiet_libraries()
     parser = build_parser()
@@ -344,13 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         return COMMANDS[args.cmd](args, console)
-    except (ConfigError, ProblemSourceError, TeacherConfigError, GoldAnswerError, MergeError, TrainSetupError,
-            CordError) as e:
+    except AccordError as e:  # every error a user can act on: exit 2 for bad input, 1 for a failed run
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (TeacherUnavailable, CollectIncomplete, NotSupported, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished batches are stored; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -26,6 +26,8 @@ prompt is kept beside it.
 
 from __future__ import annotations
 
+from accord.errors import RunFailure
+
 import hashlib
 import json
 import random
@@ -59,7 +61,7 @@ from accord.verify import (
 )
 
 
-class CollectIncomplete(RuntimeError):
+class CollectIncomplete(RunFailure):
     """Some teachers could not be collected; everything else was stored."""
 
 

@@ -10,6 +10,8 @@ config written to ``<run_dir>/config.yaml`` is safe to share.
 
 from __future__ import annotations
 
+from accord.errors import UsageError
+
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +37,7 @@ def one_of(v: str, choices, what: str) -> str:
     return v
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config that cannot be used; ``problems`` lists ``(path, message)`` pairs."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):

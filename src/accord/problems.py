@@ -15,6 +15,8 @@ or ``lab:<task>[:<split>]`` (the offline lab, :mod:`accord.lab`).
 
 from __future__ import annotations
 
+from accord.errors import UsageError
+
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from accord.config import ProblemsConfig
 from accord.prompts import last_boxed
 
 
-class ProblemSourceError(ValueError):
+class ProblemSourceError(UsageError):
     """A problem source that cannot be read; the message names the file, line or field."""
 
 

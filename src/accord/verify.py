@@ -16,6 +16,8 @@ thread, so elsewhere we pass ``None`` and the caller bounds time.
 
 from __future__ import annotations
 
+from accord.errors import UsageError
+
 import re
 import threading
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from accord.prompts import last_boxed, split_think
 CORRECT, INCORRECT, UNPARSEABLE, FAILED = "correct", "incorrect", "unparseable", "failed"
 
 
-class GoldAnswerError(ValueError):
+class GoldAnswerError(UsageError):
     """The reference answer itself cannot be read by the chosen verifier."""
 
 

@@ -219,19 +219,21 @@ def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures, int
 
 
 def _pp(pp, scorer, prompt, traj, answer) -> float:
-    from accord.cord.decode import THINK_CLOSE, THINK_OPEN
+    from accord.cord.decode import THINK_PREFIX
+    from accord.prompts import THINK_CLOSE
 
-    body = traj.reasoning[len(THINK_OPEN):-len(THINK_CLOSE)]
+    body = traj.reasoning[len(THINK_PREFIX):-len(THINK_CLOSE)]
     if pp is scorer and traj.score != float("-inf"):
         return traj.score
-    return pp(prompt, THINK_OPEN, [body], answer)[0]
+    return pp(prompt, THINK_PREFIX, [body], answer)[0]
 
 
 def _integrate(cfg, integrator, pp, prompt, p, pool, cs) -> dict:
-    from accord.cord.decode import THINK_CLOSE, THINK_OPEN, Trajectory
+    from accord.cord.decode import THINK_PREFIX, Trajectory
+    from accord.prompts import THINK_CLOSE
     from accord.teachers.base import Request, SamplingParams
 
-    traces = "\n".join(f"<reasoning_step_{i + 1}> {t.reasoning[len(THINK_OPEN):-len(THINK_CLOSE)].strip()} "
+    traces = "\n".join(f"<reasoning_step_{i + 1}> {t.reasoning[len(THINK_PREFIX):-len(THINK_CLOSE)].strip()} "
                        f"</reasoning_step_{i + 1}>" for i, t in enumerate(pool))
     t0 = time.perf_counter()
     g = integrator.generate([Request(INTEGRATION_PROMPT.format(question=p.question, traces=traces))],
@@ -241,10 +243,10 @@ def _integrate(cfg, integrator, pp, prompt, p, pool, cs) -> dict:
         think, ans = parsed[0] + "\n", "\n\n" + parsed[1]
     else:  # no JSON: the raw text, read as reasoning then answer (counted as integration_unparsed)
         think, _, ans = g.text.partition(THINK_CLOSE)
-        think = think.split(THINK_OPEN.strip(), 1)[-1].lstrip("\n")
-    traj = Trajectory(THINK_OPEN + think + THINK_CLOSE + ans, THINK_OPEN + think + THINK_CLOSE, ans,
+        think = think.split(THINK_PREFIX.strip(), 1)[-1].lstrip("\n")
+    traj = Trajectory(THINK_PREFIX + think + THINK_CLOSE + ans, THINK_PREFIX + think + THINK_CLOSE, ans,
                       [((integrator.name,), think)], 0.0, integrator.name, False, g.token_count)
-    score = pp(prompt, THINK_OPEN, [think], p.answer)[0]
+    score = pp(prompt, THINK_PREFIX, [think], p.answer)[0]
     return _row(cfg, p, "cord-integration", prompt, traj, score, time.perf_counter() - t0)
 
 

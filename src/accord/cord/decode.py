@@ -29,9 +29,10 @@ import zlib
 from dataclasses import dataclass, field
 
 from accord.cord.segment import step_lead, stop_strings
+from accord.prompts import THINK_CLOSE, THINK_OPEN
 from accord.teachers.base import Request, SamplingParams
 
-THINK_OPEN, THINK_CLOSE = "<think>\n", "</think>"
+THINK_PREFIX = THINK_OPEN + "\n"  # what a CoRD trajectory starts with: the think tag and its newline
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _propose(teachers: dict, prompt: str, beams: list[Beam], cs: CordSettings, s
         for b in beams:
             lead = step_lead(cs.segmentation, step_no, b.last_stop)
             leads.append(lead)
-            reqs.append(Request(prompt, prefix=THINK_OPEN + b.text + lead,
+            reqs.append(Request(prompt, prefix=THINK_PREFIX + b.text + lead,
                                 seed=mix_seed(seed, prompt, k, beams.index(b), step_no)))
         params = SamplingParams(temperature=temperature, top_p=cs.top_p, max_new_tokens=cs.step_tokens, stop=stops)
         t0 = time.perf_counter()
@@ -141,7 +142,7 @@ def beam_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettin
                 b.done = b.budget_hit = True  # nothing survived: end this beam here
                 pool.append(b)
                 continue
-            scores = scorer(prompt, THINK_OPEN + b.text, [c[1] for c in cands], answer)
+            scores = scorer(prompt, THINK_PREFIX + b.text, [c[1] for c in cands], answer)
             pool += [_extend(b, tuple(n), step, g, cs, s) for (n, step, g), s in zip(cands, scores)]
         tie = random.Random(mix_seed(cs.seed, prompt, step_no))  # equal scores: a seeded draw, not list order
         beams = sorted(pool, key=lambda x: (-x.score, tie.random()))[:cs.beam]
@@ -162,7 +163,7 @@ def mix_seed(*parts) -> int:
 def finish(teachers: dict, prompt: str, b: Beam, cs: CordSettings, timing: Timing) -> Trajectory:
     """Close the reasoning and let the teacher of the last step write the answer."""
     writer = b.steps[-1][0][0] if b.steps else next(iter(teachers))
-    reasoning = THINK_OPEN + b.text + THINK_CLOSE
+    reasoning = THINK_PREFIX + b.text + THINK_CLOSE
     t0 = time.perf_counter()
     g = teachers[writer].generate([Request(prompt, prefix=reasoning, seed=cs.seed)],
                                   SamplingParams(temperature=0.0, max_new_tokens=cs.answer_tokens))[0]
@@ -182,7 +183,7 @@ def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, t
     """Curation (s1/LIMO): each teacher writes ``rollouts`` complete traces; the same score picks one."""
     done: list[Trajectory] = []
     for k, (name, teacher) in enumerate(teachers.items()):
-        reqs = [Request(prompt, prefix=THINK_OPEN, seed=mix_seed(cs.seed, prompt, k, r)) for r in range(rollouts)]
+        reqs = [Request(prompt, prefix=THINK_PREFIX, seed=mix_seed(cs.seed, prompt, k, r)) for r in range(rollouts)]
         temperature = getattr(getattr(teacher, "cfg", None), "temperature", None)
         t0 = time.perf_counter()
         try:  # the same budget as CoRD: think_tokens of reasoning, forced close, then the answer
@@ -191,7 +192,7 @@ def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, t
                                                          max_new_tokens=cs.think_tokens, stop=(THINK_CLOSE,)))
             gens = [g for g in gens if not (g.failed and _fail(timing, name))]
             thinks = [g.text.partition(THINK_CLOSE)[0] for g in gens]
-            answers = teacher.generate([Request(prompt, prefix=THINK_OPEN + t + THINK_CLOSE, seed=cs.seed)
+            answers = teacher.generate([Request(prompt, prefix=THINK_PREFIX + t + THINK_CLOSE, seed=cs.seed)
                                         for t in thinks],
                                        SamplingParams(temperature=0.0, max_new_tokens=cs.answer_tokens)) if gens else []
         except Exception:
@@ -202,14 +203,14 @@ def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, t
         for g, think, a in zip(gens, thinks, answers):
             ans = "" if a.failed else a.text
             hit = g.finish_reason == "length"  # the think budget ran out: force-closed, as in CoRD
-            done.append(Trajectory(THINK_OPEN + think + THINK_CLOSE + ans, THINK_OPEN + think + THINK_CLOSE, ans,
+            done.append(Trajectory(THINK_PREFIX + think + THINK_CLOSE + ans, THINK_PREFIX + think + THINK_CLOSE, ans,
                                    [((name,), think)], 0.0, name, hit, g.token_count + a.token_count))
     if not done:
         return None, []
     for name in teachers:  # score each teacher's traces in one call (their reasoning is the candidate)
         mine = [t for t in done if t.writer == name]
         if mine:
-            for t, s in zip(mine, scorer(prompt, THINK_OPEN, [t.steps[0][1] for t in mine], answer)):
+            for t, s in zip(mine, scorer(prompt, THINK_PREFIX, [t.steps[0][1] for t in mine], answer)):
                 t.score = s
     return max(done, key=lambda t: t.score), done
 
@@ -251,12 +252,12 @@ def mcts_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettin
             step_no = len(node.beam.steps) + 1
             props = _propose(teachers, prompt, [node.beam], cs, step_no, timing, mix_seed(cs.seed, it))
             if props:
-                scores = scorer(prompt, THINK_OPEN + node.beam.text, [p[2] for p in props], answer)
+                scores = scorer(prompt, THINK_PREFIX + node.beam.text, [p[2] for p in props], answer)
                 node.children = [_Node(_extend(node.beam, (name,), step, g, cs, s), node)
                                  for (_, name, step, g), s in zip(props, scores)]
                 node = max(node.children, key=lambda ch: ch.beam.score)
         final = node.beam if node.beam.done else _rollout(teachers, prompt, node.beam, cs, timing)
-        final.score = scorer(prompt, THINK_OPEN, [final.text], answer)[0]
+        final.score = scorer(prompt, THINK_PREFIX, [final.text], answer)[0]
         if best is None or final.score > best.score:
             best = final
         while node is not None:
@@ -271,7 +272,7 @@ def _rollout(teachers: dict, prompt: str, b: Beam, cs: CordSettings, timing: Tim
     name = b.steps[-1][0][0] if b.steps else next(iter(teachers))
     left = max(1, cs.think_tokens - b.tokens)
     t0 = time.perf_counter()
-    g = teachers[name].generate([Request(prompt, prefix=THINK_OPEN + b.text, seed=mix_seed(cs.seed, prompt, len(b.steps)))],
+    g = teachers[name].generate([Request(prompt, prefix=THINK_PREFIX + b.text, seed=mix_seed(cs.seed, prompt, len(b.steps)))],
                                 SamplingParams(temperature=cs.temperature, top_p=cs.top_p, max_new_tokens=left,
                                                stop=(THINK_CLOSE,)))[0]
     timing.generation_s += time.perf_counter() - t0

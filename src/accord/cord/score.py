@@ -23,6 +23,8 @@ share that reaches the right answer).
 
 from __future__ import annotations
 
+from accord.errors import UsageError
+
 import copy
 import math
 import random
@@ -45,7 +47,7 @@ TIME_UP = ("Time is up. Given the time I've spent and the approaches I've tried,
 SCORERS = ("predictive-perplexity", "random", "max-length", "binary-judgment")
 
 
-class CordError(ValueError):
+class CordError(UsageError):
     """A CoRD setting that cannot work (the message says which and why)."""
 
 

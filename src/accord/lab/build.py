@@ -39,6 +39,8 @@ into place, so a killed build leaves no partial entry.
 
 from __future__ import annotations
 
+from accord.errors import RunFailure
+
 import contextlib
 import hashlib
 import json
@@ -509,7 +511,7 @@ def _load(profile: str, name: str):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
-class LabTooWeak(RuntimeError):
+class LabTooWeak(RunFailure):
     """A lab model missed its accuracy band (``accord lab build --allow-weak`` keeps it anyway)."""
 
 

@@ -17,6 +17,8 @@ the backend does internally.
 
 from __future__ import annotations
 
+from accord.errors import RunFailure, UsageError
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence
 
@@ -24,15 +26,15 @@ if TYPE_CHECKING:
     from accord.config import TeacherConfig
 
 
-class NotSupported(RuntimeError):
+class NotSupported(RunFailure):
     """The backend cannot do what was asked (e.g. scoring on a chat-only server)."""
 
 
-class TeacherUnavailable(RuntimeError):
+class TeacherUnavailable(RunFailure):
     """The teacher cannot be reached or loaded at all (after retries)."""
 
 
-class TeacherConfigError(ValueError):
+class TeacherConfigError(UsageError):
     """A teacher's settings are unusable (missing model path, unset API key variable, ...)."""
 
 

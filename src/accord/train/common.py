@@ -12,6 +12,8 @@ A stage whose ``result.json`` exists is finished and is skipped on re-run.
 
 from __future__ import annotations
 
+from accord.errors import UsageError
+
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +23,7 @@ from accord.train.engine import TrainArgs
 from accord.ui import no_hf_bars
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(UsageError):
     """A training stage that cannot start (empty corpora, missing inputs); the message says which."""
 
 

@@ -19,6 +19,8 @@ Used by every recipe (STD, MTD, MoT branches) and by the lab to train its zoo.
 
 from __future__ import annotations
 
+from accord.errors import RunFailure
+
 import contextlib
 import json
 import math
@@ -231,7 +233,7 @@ class BatchStream:
 # --------------------------------------------------------------------------- the loop
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(RunFailure, FloatingPointError):
     """A non-finite loss; the message names the step and the last good checkpoint kept."""
 
 

@@ -37,6 +37,8 @@ Two ways to merge:
 
 from __future__ import annotations
 
+from accord.errors import UsageError
+
 import json
 import shutil
 import zlib
@@ -54,7 +56,7 @@ from peft.utils.merge_utils import (
 
 
 
-class MergeError(ValueError):
+class MergeError(UsageError):
     """Models that cannot be merged (names the first offending tensor or file)."""
 
 
@@ -282,10 +284,9 @@ def _vocab(p: Path) -> dict | None:
 
 
 def merge_checkpoints(base: str | Path, models: Sequence[str | Path], spec: MergeSpec, out: str | Path,
-                      progress: Iterable | None = None) -> Path:
-    """Merge HF checkpoints tensor by tensor; write a standard (sharded) safetensors checkpoint to ``out``."""
-    from huggingface_hub import save_torch_state_dict
-
+                      progress: Iterable | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Merge HF checkpoints tensor by tensor and write a standard (sharded) safetensors checkpoint to ``out``
+    as it goes: at most one shard of merged tensors and one tensor per model are in memory at a time."""
     base, models, out = Path(base), [Path(m) for m in models], Path(out)
     if not models:
         raise MergeError("give at least one model to merge")
@@ -295,11 +296,10 @@ def merge_checkpoints(base: str | Path, models: Sequence[str | Path], spec: Merg
     shapes = rb.shapes()
     for r in rms:
         _check_same(shapes, r.shapes(), str(r.path), shapes=shapes)
-    merged = _merge_stream(rb.get, list(shapes), rms, spec, progress)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_torch_state_dict(merged, str(tmp), max_shard_size="5GB")
+    save_streaming(_merge_stream(rb.get, list(shapes), rms, spec, progress), tmp, max_shard_bytes)
     _copy_side_files(base, tmp)
     (tmp / "merge.json").write_text(json.dumps({"base": str(base), "models": [str(m) for m in models],
                                                 "method": spec.method, "weights": spec.weights_for(len(models)),
@@ -322,14 +322,51 @@ def merge_onto(base: dict[str, torch.Tensor], models: Sequence[str | Path], spec
     saved = {n: tuple(base[n].shape) for n in rms[0].files if n in base}  # tied weights are saved once
     for r in rms:
         _check_same(saved, r.shapes(), str(r.path), shapes=saved)
-    return _merge_stream(base.__getitem__, list(saved), rms, spec)
+    return dict(_merge_stream(base.__getitem__, list(saved), rms, spec))
 
 
 def _merge_stream(get_base, names: list[str], readers: Sequence[CheckpointReader], spec: MergeSpec,
-                  progress: Iterable | None = None) -> dict[str, torch.Tensor]:
+                  progress: Iterable | None = None) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, merged tensor) one at a time, reading one tensor per model for each."""
     spec.weights_for(len(readers))
-    return {n: merge_tensor(n, get_base(n), [r.get(n) for r in readers], spec)
-            for n in (progress(names) if progress else names)}
+    for n in (progress(names) if progress else names):
+        yield n, merge_tensor(n, get_base(n), [r.get(n) for r in readers], spec)
+
+
+def save_streaming(items: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> list[str]:
+    """Write (name, tensor) pairs as safetensors shards of at most ``max_shard_bytes`` each while they arrive
+    (HF layout: ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``);
+    returns the shard file names.  Written by hand because ``save_torch_state_dict`` needs the whole state."""
+    from safetensors.torch import save_file
+
+    parts: list[tuple[Path, list[str]]] = []
+    cur: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal cur, size
+        if cur:
+            path = out / f".part-{len(parts):05d}.safetensors"
+            save_file(cur, str(path), metadata={"format": "pt"})
+            parts.append((path, list(cur)))
+            cur, size = {}, 0
+
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            flush()
+        cur[name] = t.contiguous()
+        size, total = size + nbytes, total + nbytes
+    flush()
+    names = (["model.safetensors"] if len(parts) == 1 else
+             [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))])
+    for (path, _), name in zip(parts, names):
+        path.rename(out / name)
+    if len(parts) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {t: name for (_, ts), name in zip(parts, names) for t in ts}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return names
 
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
