@@ -36,6 +36,27 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_problems(ProblemsConfig(path=str(f)))
 
 
+@pytest.mark.parametrize("line, says", [
+    ('not json at all', "Expecting value at column 1"),
+    ('{"question": "b", "answer": ', "Expecting value at the end of the line (column 29): the object is cut short"),
+    ('{"question": "b", "answer": "2"} {"x": 1}', "a second JSON value starts at column 34"),
+    ("{'question': 'b'}", "Expecting property name enclosed in double quotes at column 2"),
+])
+def test_malformed_line_column_is_the_column_of_that_line(tmp_path, line, says):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"question": "a", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(ProblemSourceError) as e:
+        load_problems(ProblemsConfig(path=str(f)))
+    assert f"p.jsonl:2: malformed JSON — {says}" in str(e.value)
+    assert "^" in str(e.value)
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes('\ufeff{"question": "a", "answer": "1"}\n'.encode())
+    assert load_problems(ProblemsConfig(path=str(f)))[0].question == "a"
+
+
 def test_missing_field_names_field_and_row(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [{"question": "a", "answer": "1"}, {"problem": "b", "solution": "2"}])
     with pytest.raises(ProblemSourceError, match=r"p\.jsonl:2: missing field 'question'"):

@@ -83,13 +83,26 @@ def read_jsonl(path: Path, error: type[Exception] | None = None) -> Iterable[tup
             offset += len(raw)
             if not line.strip():
                 continue
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors) is not an error
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise error(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise error(f"{path}:{lineno}: {_json_problem(line.rstrip(chr(13) + chr(10)), e)}") from None
             if not isinstance(row, dict):
                 raise error(f"{path}:{lineno}: each line must be a JSON object")
             yield f"{path}:{lineno}", row
+
+
+def _json_problem(line: str, e: json.JSONDecodeError) -> str:
+    """What is wrong with one JSONL line, at which column of *that line*, with the text around it."""
+    col = e.pos + 1
+    near = line[max(0, e.pos - 15):e.pos + 15]
+    caret = " " * (min(e.pos, 15)) + "^"
+    what = (f"a second JSON value starts at column {col} (one object per line)" if e.msg == "Extra data"
+            else f"{e.msg} at column {col}" if e.pos < len(line)
+            else f"{e.msg} at the end of the line (column {col}): the object is cut short")
+    return f"malformed JSON — {what}\n    {near}\n    {caret}"
 
 
 def _read_parquet(path: Path) -> Iterable[tuple[str, dict]]:
