@@ -556,6 +556,8 @@ def validate(data: dict, source: str = "config", overridden: list[str] | None = 
             if err["type"] == "extra_forbidden":
                 msg = "unknown field" + (" (put secrets in an environment variable named by api_key_env)"
                                          if loc.endswith("api_key") else _did_you_mean(err["loc"]))
+            elif err["type"] in ("literal_error", "int_parsing", "float_parsing", "bool_parsing", "enum"):
+                msg += f" (got {err.get('input')!r})"  # say what was given, not only what is allowed
             if overridden and any(loc == o or loc.startswith(o + ".") or o.startswith(loc + ".") for o in overridden):
                 msg += " — from the command line"
             problems.append((loc, msg))

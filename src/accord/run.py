@@ -34,6 +34,10 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     from accord.report import method_table, text_table, write_report
     from accord.train import run_training
 
+    if "train" in stages and "collect" not in stages:
+        from accord.train.common import check_corpora
+
+        check_corpora(cfg)  # a missing or broken corpus is said before any model is built or loaded
     prepare_models(cfg, console)
     dump_config(cfg)
     out: dict = {}

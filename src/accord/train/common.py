@@ -53,6 +53,16 @@ def load_corpus(cfg: AccordConfig, teacher: str, replay: bool = True) -> list[di
     return rows
 
 
+def check_corpora(cfg: AccordConfig) -> None:
+    """Every corpus ``train.method`` will read exists and parses (errors name the file and line)."""
+    for m in cfg.train.methods:
+        name, _, arg = m.partition(":")
+        if name == "qr" and cfg.qr.filter == "off":
+            continue  # reads the trace store
+        for t in [arg] if arg else [t.name for t in cfg.teachers]:
+            load_corpus(cfg, t, replay=False)
+
+
 def replay_rows(cfg: AccordConfig, console=None) -> list[dict]:
     """The base student's own verified answers on ``train.replay.path`` (``run_dir/replay.jsonl``, made once).
 
