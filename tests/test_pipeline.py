@@ -281,3 +281,19 @@ def test_a_hub_id_student_is_read_from_the_cache_before_training(tmp_path, micro
     shutil.rmtree(run / "train")
     code, out = run_cli("train", str(cfg), "student.model=org/missing")
     assert code == 2 and "cannot read 'org/missing'" in out and not (run / "train" / "std-a").exists()
+
+
+def test_bring_your_own_file_runs_end_to_end_on_micro_models(tmp_path, micro):
+    """configs/byo-columns.yaml on its shipped example file: columns imported and verified (wrong rows
+    dropped), STD per teacher and MTD trained, evaluated on the held-out share, reported."""
+    root = Path(__file__).resolve().parents[1]
+    data = str(root / "examples" / "my-traces.jsonl")
+    code, out = run_cli("run", str(root / "configs" / "byo-columns.yaml"), f"run_dir={tmp_path / 'run'}",
+                        f"problems.path={data}", "problems.limit=60", f"student.model={micro}", "train.rounds=1",
+                        "train.steps_per_round=2", "train.batch_size=4", "eval.k=1", "eval.limit=3",
+                        "eval.max_new_tokens=8", f"eval.splits.mine.path={data}")
+    assert code == 0, out
+    summary = {r["teacher"]: r for r in json.loads((tmp_path / "run" / "collect_summary.json").read_text())}
+    assert 0 < summary["a"]["kept"] < summary["a"]["samples"]  # the wrong rows of the column are dropped
+    table = (tmp_path / "run" / "report" / "table.txt").read_text()
+    assert all(m in table for m in ("base", "std-a", "std-b", "mtd")) and "mine pass@1" in table

@@ -1,0 +1,25 @@
+"""The README's promises a newcomer reads first: the two commands, the conditions of every timing, the
+quick profile's purpose, and the architecture page it links."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_first_screen_has_the_two_commands_and_says_how_timings_were_taken():
+    first = ROOT.joinpath("README.md").read_text().split("\n---", 1)[0]
+    assert "make demo" in first and "make test" in first
+    assert "2-core" in first and "idle cores" in first  # the machine, and that timings assume idle cores
+    assert "smoke version" in first and "deliberately weak" in first  # the quick profile's purpose
+
+
+def test_architecture_page_is_linked_and_names_every_top_level_room():
+    readme = ROOT.joinpath("README.md").read_text()
+    assert "docs/architecture.md" in readme
+    page = ROOT.joinpath("docs", "architecture.md").read_text()
+    rooms = [p.stem for p in (ROOT / "src" / "accord").glob("*.py") if p.stem not in ("__init__",)]
+    rooms += [p.name for p in (ROOT / "src" / "accord").iterdir() if p.is_dir() and not p.name.startswith("_")]
+    missing = [r for r in rooms if r not in page]
+    assert missing == [], missing
