@@ -40,7 +40,7 @@ from rich.table import Table
 from accord.analysis.confidence import window_confidence
 from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.problems import Problem, load_problems
-from accord.prompts import render_prompt, split_think, style_name
+from accord.prompts import THINK_CLOSE, THINK_OPEN, render_prompt, split_think, style_name
 from accord.store import TraceStore
 from accord.teachers.base import (
     Generation,
@@ -53,6 +53,8 @@ from accord.ui import progress
 from accord.verify import (
     CORRECT,
     FAILED,
+    INCORRECT,
+    INVALID,
     VALID,
     check,
     gold_is_readable,
@@ -148,27 +150,83 @@ def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Proble
 
 
 def import_column(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore) -> int:
-    """Store an existing corpus column (s1K-style) as this teacher's sample 0, verified like generations."""
+    """Store an existing corpus column as this teacher's samples (style ``import``), verified like generations;
+    the source's own verdicts are kept beside accord's, its grades become judge verdicts."""
     done = store.done_keys(tcfg.name)
-    params = json.dumps({"source": "column", "column": tcfg.column, "answer_column": tcfg.answer_column})
+    params = json.dumps({"source": "column", "column": tcfg.column, "answer_column": tcfg.answer_column,
+                         "format": tcfg.format})
     rows = []
     for p in problems:
-        if (p.id, "import", 0) in done:
-            continue
-        trace = p.meta.get(tcfg.column)
-        if not trace:
-            continue
-        attempt = p.meta.get(tcfg.answer_column) if tcfg.answer_column else None
-        text = str(trace)
-        if attempt and "</think>" not in text:
-            text = f"<think>\n{text.strip()}\n</think>\n\n{str(attempt).strip()}"
-        g = Generation(text=text, token_count=0, finish_reason="stop")
-        row = make_row(cfg, tcfg.name, "import", p, 0, p.question, g, params)
-        row["token_count"] = None
-        rows.append(row)
+        for i, (text, verdict, grade, finish) in enumerate(column_samples(tcfg, p)):
+            if (p.id, "import", i) in done or not text:
+                continue
+            g = Generation(text=text, token_count=0, finish_reason=finish or "stop")
+            row = make_row(cfg, tcfg.name, "import", p, i, p.question, g, params)
+            row["token_count"] = None
+            if finish == "length":  # the source says it was cut off: a truncated trace is never correct
+                row["verdict"] = INCORRECT
+            row["source_verdict"] = verdict
+            if grade is not None:
+                row["judge"], row["judge_text"] = grade, f"imported {tcfg.grade_column}"
+            rows.append(row)
     if rows:
         store.put_traces(rows)
     return len(rows)
+
+
+def column_samples(tcfg: TeacherConfig, p: Problem) -> list[tuple[str | None, str | None, str | None, str | None]]:
+    """(trace, source verdict, imported grade, finish reason) for each sample a problem's column holds."""
+    from accord.problems import field
+    from accord.prompts import normalize_thoughts
+
+    raw = field(p.meta, tcfg.column)
+    if raw is None or (isinstance(raw, (str, list)) and not raw):
+        return []
+    if tcfg.format == "list":
+        traces = [None if t is None else str(t) for t in raw] if isinstance(raw, (list, tuple)) else [str(raw)]
+    elif tcfg.format in ("sharegpt", "messages"):
+        traces = [_assistant_turn(raw, tcfg.format)]
+    else:
+        traces = [str(raw)]
+    n = len(traces)
+    attempt = field(p.meta, tcfg.answer_column) if tcfg.answer_column else None
+    out = []
+    for i, text in enumerate(traces):
+        if text is not None:
+            text = normalize_thoughts(text)
+            if attempt and THINK_CLOSE not in text:
+                text = f"{THINK_OPEN}\n{text.strip()}\n{THINK_CLOSE}\n\n{str(attempt).strip()}"
+        out.append((text, _verdict(_nth(field(p.meta, tcfg.verdict_column), i, n)) if tcfg.verdict_column else None,
+                    _grade(_nth(field(p.meta, tcfg.grade_column), i, n)) if tcfg.grade_column else None,
+                    _nth(field(p.meta, tcfg.finish_column), i, n) if tcfg.finish_column else None))
+    return out
+
+
+def _assistant_turn(turns, fmt: str) -> str | None:
+    """The last assistant turn of a conversation: sharegpt ``{from: gpt|assistant, value}``, messages
+    ``{role: assistant, content}``."""
+    key, who, roles = ("value", "from", ("gpt", "assistant")) if fmt == "sharegpt" else ("content", "role", ("assistant",))
+    said = [t.get(key) for t in turns or [] if isinstance(t, dict) and t.get(who) in roles]
+    return said[-1] if said else None
+
+
+def _nth(value, i: int, n: int = 1):
+    """Sample i's entry of a per-sample list column, or the one value of a scalar column."""
+    if isinstance(value, (list, tuple)):
+        return value[i] if i < len(value) else None
+    return value
+
+
+def _verdict(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = v.strip().lower() in ("true", "yes", "correct", "1")
+    return CORRECT if v else INCORRECT
+
+
+def _grade(v) -> str | None:
+    return None if v is None else (VALID if _verdict(v) == CORRECT else INVALID)
 
 
 # ------------------------------------------------------------------ judge
@@ -206,7 +264,9 @@ def keep(cfg: AccordConfig, row: dict) -> bool:
     """Filters before selection: answer check, judge, step-level confidence."""
     if row["verdict"] != CORRECT:
         return False
-    if cfg.collect.judge is not None and row["judge"] != VALID:
+    if row["judge"] is not None and row["judge"] != VALID:  # judged, or an imported grade, says invalid
+        return False
+    if cfg.collect.judge is not None and row["judge"] is None:  # a judge is configured but has not spoken
         return False
     thr = cfg.collect.confidence.min_window_logprob
     if thr is not None and row["min_window_logprob"] is not None and row["min_window_logprob"] < thr:
@@ -285,6 +345,9 @@ def summarize(cfg: AccordConfig, store: TraceStore, problems: list[Problem], siz
             "unparseable": sum(r["verdict"] == "unparseable" for r in ok), "failed": len(rows) - len(ok),
             "judged_invalid": sum(r["judge"] not in (None, VALID) for r in rows if r["verdict"] == CORRECT),
             "mean_tokens": (sum(toks) / len(toks)) if toks else None,
+            "source_verdicts": sum(r["source_verdict"] is not None for r in ok),
+            "source_disagree": sum(r["source_verdict"] is not None and (r["source_verdict"] == CORRECT)
+                                   != (r["verdict"] == CORRECT) for r in ok),
             "mean_chars": (sum(r["char_count"] or 0 for r in ok) / len(ok)) if ok else None,
             "kept": sizes.get(t.name, 0)})
     return out
@@ -335,6 +398,10 @@ def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
         store.close()
     (run_dir / "collect_summary.json").write_text(json.dumps(result.summary, indent=2))
     console.print(summary_table(result.summary, sizes["all"]))
+    for s in result.summary:
+        if s["source_verdicts"]:
+            console.print(f"{s['teacher']}: accord's verdict and the source's disagree on {s['source_disagree']} of "
+                          f"{s['source_verdicts']} imported sample(s)")
     for t, n in sizes.items():
         if t != "all" and n <= 1 and t not in result.failures:
             console.print(f"[yellow]warning[/]: teacher {t!r} kept {n} verified trace(s): too few to train on "

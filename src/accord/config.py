@@ -53,7 +53,8 @@ class _Strict(BaseModel):
 
 class ProblemsConfig(_Strict):
     path: str = Field(description="a .jsonl/.parquet file, a saved HF dataset dir, or lab:<task>[:<split>]")
-    question_field: str = Field("question", description="column holding the question text")
+    question_field: str = Field("question", description="column holding the question text (a dotted path "
+                                "reaches inside: conversations.0.value)")
     answer_field: str = Field("answer", description="column holding the reference answer")
     id_field: str = Field("id", description="column holding a stable id; rows without it get a hash of the question")
     answer_format: Literal["auto", "raw", "gsm8k", "boxed"] = Field(
@@ -64,6 +65,8 @@ class ProblemsConfig(_Strict):
     test_fraction: float = Field(0.0, ge=0, lt=1, description="share of problems in the test split")
     split_seed: int = Field(0, description="seed of the id-hash split assignment")
     limit: int | None = Field(None, ge=1, description="keep only the first N problems (after splitting)")
+    skip_answers: list[str] = Field(["proof", "notfound"], description="rows whose answer is one of these "
+                                    "sentinels are skipped and counted (NuminaMath-1.5)")
     on_duplicate: Literal["first", "error"] = Field(
         "first", description="rows sharing a problem id: keep the first (and warn, naming them) or stop")
 
@@ -94,6 +97,14 @@ class TeacherConfig(_Strict):
     # column (import of existing corpora)
     column: str | None = Field(None, description="column: problem-table column holding this teacher's trace")
     answer_column: str | None = Field(None, description="column: optional column holding the final answer/attempt")
+    format: Literal["text", "sharegpt", "messages", "list"] = Field(
+        "text", description="column: a trace string (s1K); sharegpt turns [{from, value}] (OpenThoughts, "
+        "Bespoke-Stratos); messages [{role, content}]; a list of traces, one sample each (OpenR1 generations)")
+    verdict_column: str | None = Field(None, description="column: the source's own correctness (a bool, or a "
+                                       "list aligned with a list column), kept beside accord's verdict")
+    grade_column: str | None = Field(None, description="column: a grade such as s1K-1.1's gemini_grade "
+                                     "(Yes/No), imported as a judge verdict (filters like collect.judge)")
+    finish_column: str | None = Field(None, description="column: finish reasons (\"length\": truncated → incorrect)")
     # shared
     system_prompt: str | None = Field(None, description="optional system message")
     temperature: float | None = Field(None, ge=0, description="this teacher's sampling temperature in CoRD "

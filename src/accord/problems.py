@@ -152,23 +152,46 @@ def read_rows(spec: str) -> Iterable[tuple[str, dict]]:
 # ------------------------------------------------------------------ the loader
 
 
+def field(row: dict, path: str):
+    """``row[path]``, or a dotted path inside it (``conversations.0.value``: list items by index); None if absent."""
+    if path in row:
+        return row[path]
+    node = row
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
 def _to_problem(where: str, row: dict, cfg: ProblemsConfig) -> Problem:
+    values = {}
     for fld in (cfg.question_field, cfg.answer_field):
-        if fld not in row or row[fld] is None:
+        values[fld] = field(row, fld)
+        if values[fld] is None:
             raise ProblemSourceError(
                 f"{where}: missing field {fld!r} (available: {', '.join(sorted(map(str, row))) or 'none'}); "
                 f"set problems.question_field / problems.answer_field")
-    question = str(row[cfg.question_field])
+    question = str(values[cfg.question_field])
     pid = str(row[cfg.id_field]) if row.get(cfg.id_field) is not None else problem_id(question)
     meta = {k: v for k, v in row.items() if k not in (cfg.question_field, cfg.answer_field)}
-    return Problem(pid, question, normalize_answer(row[cfg.answer_field], cfg.answer_format), meta)
+    return Problem(pid, question, normalize_answer(values[cfg.answer_field], cfg.answer_format), meta)
 
 
 def load_problems(cfg: ProblemsConfig) -> list[Problem]:
     """Read, normalise, de-duplicate by id, split and limit the configured problems."""
     seen: dict[str, tuple[Problem, str]] = {}
     dupes: list[tuple[str, str, str]] = []  # (id, where, first seen where)
+    sentinels = {s.lower() for s in cfg.skip_answers}
+    skipped: dict[str, int] = {}
     for where, row in read_rows(cfg.path):
+        ans = field(row, cfg.answer_field)
+        if isinstance(ans, str) and ans.strip().lower() in sentinels:  # no checkable answer (a proof, …)
+            skipped[ans.strip().lower()] = skipped.get(ans.strip().lower(), 0) + 1
+            continue
         p = _to_problem(where, row, cfg)
         if p.id in seen:
             dupes.append((p.id, where, seen[p.id][1]))
@@ -183,6 +206,12 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
 
         Console(stderr=True).print(f"[yellow]warning[/]: {msg}; the first of each is kept "
                                    "(problems.on_duplicate: error stops instead)", highlight=False, soft_wrap=True)
+    if skipped:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"{cfg.path}: skipped {sum(skipped.values())} row(s) without a checkable answer ("
+                                   + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+                                   + "; problems.skip_answers)", highlight=False, soft_wrap=True)
     problems = [p for p, _ in seen.values()]
     for p in problems:  # the id hash decides; a source's own split (lab:arith:train) is kept beside it
         if "split" in p.meta:

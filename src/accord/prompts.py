@@ -93,6 +93,21 @@ def canonical_completion(text: str) -> str:
     return text
 
 
+THOUGHT_MARKERS = (("<|begin_of_thought|>", THINK_OPEN), ("<|end_of_thought|>", THINK_CLOSE),
+                   ("<|begin_of_solution|>", ""), ("<|end_of_solution|>", ""))
+
+
+def normalize_thoughts(text: str) -> str:
+    """Other corpora's reasoning markers in accord's form: OpenThoughts / Bespoke-Stratos write
+    ``<|begin_of_thought|> … <|end_of_thought|> <|begin_of_solution|> … <|end_of_solution|>``; the thought
+    becomes ``<think>…</think>`` and the solution the answer after it."""
+    if "<|begin_of_thought|>" not in text and "<|end_of_thought|>" not in text:
+        return text
+    for marker, ours in THOUGHT_MARKERS:
+        text = text.replace(marker, ours)
+    return text.strip()
+
+
 def training_target(head: str, target: str) -> str:
     """The target a student learns after its own generation prompt ``head``: the canonical completion,
     minus its opening ``<think>`` when the student's template already wrote it."""

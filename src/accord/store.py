@@ -26,14 +26,15 @@ CREATE TABLE IF NOT EXISTS traces (
   parsed_answer TEXT, verdict TEXT NOT NULL, judge TEXT, judge_text TEXT,
   token_count INTEGER, char_count INTEGER, finish_reason TEXT,
   mean_logprob REAL, min_window_logprob REAL,
-  elapsed_s REAL, error TEXT, created_at REAL NOT NULL,
+  elapsed_s REAL, error TEXT, created_at REAL NOT NULL, source_verdict TEXT,
   UNIQUE (problem_id, teacher, style, sample_idx));
 CREATE INDEX IF NOT EXISTS traces_teacher ON traces (teacher, verdict);
 """
 
 TRACE_COLUMNS = ("problem_id", "teacher", "style", "sample_idx", "params", "prompt", "text", "reasoning",
                  "answer_text", "parsed_answer", "verdict", "judge", "judge_text", "token_count", "char_count",
-                 "finish_reason", "mean_logprob", "min_window_logprob", "elapsed_s", "error", "created_at")
+                 "finish_reason", "mean_logprob", "min_window_logprob", "elapsed_s", "error", "created_at",
+                 "source_verdict")
 _KEY = ("problem_id", "teacher", "style", "sample_idx")
 
 
@@ -46,6 +47,9 @@ class TraceStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(traces)")}
+        if "source_verdict" not in cols:  # a store written before imported verdicts were kept
+            self.db.execute("ALTER TABLE traces ADD COLUMN source_verdict TEXT")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

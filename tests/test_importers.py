@@ -1,0 +1,99 @@
+"""Importing the multi-teacher corpora people already have, each schema in a small file written here:
+ShareGPT conversations with thought markers (OpenThoughts, Bespoke-Stratos), `messages` with inline
+<think>, list-valued generations with the source's own verdicts (OpenR1-Math), s1K-1.1's grades, and
+NuminaMath's answer sentinels."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import yaml
+from conftest import run_cli, write_jsonl
+
+
+def _collect(tmp_path, rows, problems: dict, teachers: list[dict], **extra):
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(tmp_path / "data.jsonl"), **problems},
+           "teachers": teachers, **extra}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("collect", str(p))
+    assert code == 0, out
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    db.row_factory = sqlite3.Row
+    traces = [dict(r) for r in db.execute("SELECT * FROM traces ORDER BY problem_id, teacher, sample_idx")]
+    return out, traces
+
+
+def _corpus(tmp_path, teacher: str) -> list[dict]:
+    path = tmp_path / "run" / "corpora" / f"{teacher}.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_sharegpt_conversations_with_thought_markers(tmp_path):
+    conv = lambda q, a: [{"from": "user", "value": q}, {"from": "assistant", "value": a}]  # noqa: E731
+    rows = [{"system": "…", "conversations": conv("What is 3 plus 4?", "<|begin_of_thought|>\n\n3 + 4 = 7\n\n"
+                                                  "<|end_of_thought|>\n\n<|begin_of_solution|>\n\nThe sum is "
+                                                  "\\boxed{7}\n\n<|end_of_solution|>"),
+             "ground_truth_solution": "3 + 4 = \\boxed{7}"},
+            {"system": "…", "conversations": conv("What is 4 plus 4?", "<|begin_of_thought|>\nguess\n"
+                                                  "<|end_of_thought|>\n<|begin_of_solution|>\\boxed{9}"
+                                                  "<|end_of_solution|>"),
+             "ground_truth_solution": "\\boxed{8}"}]
+    out, traces = _collect(tmp_path, rows, {"question_field": "conversations.0.value",
+                                            "answer_field": "ground_truth_solution"},
+                           [{"name": "ot", "backend": "column", "column": "conversations", "format": "sharegpt"}])
+    assert [t["verdict"] for t in traces if "3 plus 4" in t["prompt"]] == ["correct"]
+    assert len(traces) == 2 and sum(t["verdict"] == "correct" for t in traces) == 1
+    (row,) = _corpus(tmp_path, "ot")
+    text = row["messages"][-1]["content"]
+    assert text.startswith("<think>") and "</think>" in text and "<|" not in text and text.endswith("\\boxed{7}")
+    assert row["question"] == "What is 3 plus 4?"
+
+
+def test_messages_rows_with_inline_think(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "What is 4 plus 4?"},
+                          {"role": "assistant", "content": "<think>\n4 + 4 = 8\n</think>\n\n\\boxed{8}"}],
+             "answer": "8"}]
+    _, traces = _collect(tmp_path, rows, {"question_field": "messages.0.content"},
+                         [{"name": "m", "backend": "column", "column": "messages", "format": "messages"}])
+    assert [(t["verdict"], t["reasoning"].strip()) for t in traces] == [("correct", "4 + 4 = 8")]
+
+
+def test_list_valued_generations_keep_the_sources_verdicts_and_count_disagreements(tmp_path):
+    ok, wrong = "<think>\n3 + 4 = 7\n</think>\n\\boxed{7}", "<think>\n3 + 4 = 6\n</think>\n\\boxed{6}"
+    rows = [{"problem": "What is 3 plus 4?", "answer": "7", "generations": [ok, wrong, ok],
+             "correctness_math_verify": [True, True, False],  # the source is wrong twice
+             "finish_reasons": ["stop", "stop", "length"]}]  # the third was cut off: never correct
+    out, traces = _collect(tmp_path, rows, {"question_field": "problem"},
+                           [{"name": "r1", "backend": "column", "column": "generations", "format": "list",
+                             "verdict_column": "correctness_math_verify", "finish_column": "finish_reasons"}])
+    assert [t["sample_idx"] for t in traces] == [0, 1, 2]
+    assert [t["verdict"] for t in traces] == ["correct", "incorrect", "incorrect"]
+    assert [t["source_verdict"] for t in traces] == ["correct", "correct", "incorrect"]
+    summary = json.loads((tmp_path / "run" / "collect_summary.json").read_text())[0]
+    assert summary["source_verdicts"] == 3 and summary["source_disagree"] == 1
+    assert "disagree on 1 of 3 imported sample(s)" in out
+
+
+def test_s1k_grades_are_imported_as_judge_verdicts(tmp_path):
+    rows = [{"question": f"What is {a} plus 4?", "solution": str(a + 4), "gemini_thinking_trajectory": f"{a} + 4",
+             "gemini_attempt": f"\\boxed{{{a + 4}}}", "gemini_grade": g} for a, g in ((3, "Yes"), (4, "No"))]
+    _, traces = _collect(tmp_path, rows, {"answer_field": "solution"},
+                         [{"name": "gemini", "backend": "column", "column": "gemini_thinking_trajectory",
+                           "answer_column": "gemini_attempt", "grade_column": "gemini_grade"}])
+    assert [(t["verdict"], t["judge"]) for t in traces] in ([("correct", "valid"), ("correct", "invalid")],
+                                                            [("correct", "invalid"), ("correct", "valid")])
+    (row,) = _corpus(tmp_path, "gemini")  # the "No" grade filters like the judge
+    assert row["answer"] == "7"
+
+
+def test_answer_sentinels_are_skipped_and_counted(tmp_path):
+    rows = [{"problem": "Prove it.", "answer": "proof", "sol": "x"},
+            {"problem": "Find it.", "answer": "notfound", "sol": "x"},
+            {"problem": "What is 3 plus 4?", "answer": "7", "sol": "<think>\n7\n</think>\n\\boxed{7}"}]
+    out, traces = _collect(tmp_path, rows, {"question_field": "problem"},
+                           [{"name": "n", "backend": "column", "column": "sol"}])
+    assert "skipped 2 row(s) without a checkable answer (notfound: 1, proof: 1" in out
+    assert len(traces) == 1 and traces[0]["verdict"] == "correct"
