@@ -297,3 +297,52 @@ def test_bring_your_own_file_runs_end_to_end_on_micro_models(tmp_path, micro):
     assert 0 < summary["a"]["kept"] < summary["a"]["samples"]  # the wrong rows of the column are dropped
     table = (tmp_path / "run" / "report" / "table.txt").read_text()
     assert all(m in table for m in ("base", "std-a", "std-b", "mtd")) and "mine pass@1" in table
+
+
+def test_python_api_runs_the_stages_end_to_end(tmp_path, micro):
+    """accord.api mirrors the CLI stages on the bring-your-own example (micro student)."""
+    from accord import api
+
+    root = Path(__file__).resolve().parents[1]
+    data = str(root / "examples" / "my-traces.jsonl")
+    cfg = api.load_config(root / "configs" / "byo-columns.yaml",
+                          [f"run_dir={tmp_path / 'run'}", f"problems.path={data}", "problems.limit=40",
+                           f"student.model={micro}", "train.rounds=1", "train.steps_per_round=2",
+                           "train.batch_size=4", "eval.k=1", "eval.limit=2", "eval.max_new_tokens=8",
+                           f"eval.splits.mine.path={data}"])
+    summary = api.collect(cfg)
+    assert [s["teacher"] for s in summary] == ["a", "b"] and all(s["kept"] > 0 for s in summary)
+    results = api.train(cfg, method="std:a")
+    assert [r["name"] for r in results] == ["std-a"]
+    rows = api.evaluate(cfg)
+    assert {r["model"] for r in rows} >= {"base", "std-a"}
+    page = api.report(cfg)
+    assert page.name == "index.html" and "std-a" in page.read_text()
+
+
+def test_tensorboard_tracker_writes_the_losses(tmp_path, micro):
+    """train.report_to: [tensorboard] for real, in a fresh process: the event file holds one loss per step."""
+    import subprocess
+
+    from conftest import accord_cmd
+
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    write_jsonl(run / "corpora" / "a.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                            {"role": "assistant", "content": "7"}]}
+                                              for i in range(8)])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(run), "problems": {"path": "x.jsonl"},
+                                   "teachers": [{"name": "a", "backend": "column", "column": "a"}],
+                                   "student": {"model": str(micro)},
+                                   "train": {"method": "std:a", "rounds": 1, "steps_per_round": 3,
+                                             "batch_size": 4, "report_to": ["tensorboard"]}}))
+    p = subprocess.run([*accord_cmd(), "train", str(cfg)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = run / "train" / "std-a" / "tracking" / "std-a"  # the hyper-parameters sit in a subdirectory
+    assert list(logdir.glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]

@@ -249,8 +249,7 @@ def get_accelerator(args: TrainArgs | None = None):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")  # torchrun on CPU: gloo, as `accelerate launch --cpu`
         bf16 = args.bf16 if args and args.bf16 is not None else _bf16_supported()
-        log_with = (args.report_to or None) if args else None
-        _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", log_with=log_with)
+        _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no")
     return _ACCELERATOR
 
 
@@ -402,6 +401,8 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     trained = [m for m in models.values() if _trainable(m)]
     micro = max(1, args.batch_size // args.grad_accum)
     clock, last_ckpt = time.perf_counter(), _latest(out)
+    trackers = start_trackers(args, out, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}) \
+        if local else []
     for step in range(start, args.steps):
         factor = lr_at(step, args) / args.lr if args.lr else 0.0
         for g in opt.param_groups:
@@ -431,13 +432,15 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
                  "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": n_tok,
                  "elapsed_s": round(time.perf_counter() - clock, 4), **metrics}  # metrics: this process's
         if local:
-            _emit(acc, out, event, log, args)
+            _emit(out, event, log, args, trackers)
         stop = bool(on_step(step, history[-1])) if on_step else False
         if out and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
             _check_finite(models, step, last_ckpt)  # never write a checkpoint that holds NaN/inf weights
             last_ckpt = save_checkpoint(acc, models, toks, opt, out, step + 1, history, args, local, shard)
         if stop:
             break
+    for t in trackers:
+        t.finish()
     models = {n: acc.unwrap_model(m) if shard else m for n, m in models.items()}
     if shard:
         acc.free_memory()  # accelerate keeps every prepared model and optimizer: give them back (issue 13)
@@ -504,14 +507,35 @@ def _global_count(acc, n: int, distributed: bool) -> int:
     return int(acc.reduce(t, "sum").item())
 
 
-def _emit(acc, out: Path | None, event: dict, log, args: TrainArgs) -> None:
+def start_trackers(args: TrainArgs, out: Path | None, config: dict) -> list:
+    """accelerate's experiment trackers named in ``args.report_to`` for this run (TensorBoard writes under
+    ``<out>/tracking/<run>``).  Made per run rather than through the process-wide ``Accelerator``, whose
+    trackers are fixed when it is created."""
+    if not args.report_to:
+        return []
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    name = out.name if out else "accord"
+    trackers = []
+    for kind in args.report_to:
+        cls = LOGGER_TYPE_TO_CLASS.get(kind)
+        if cls is None:
+            raise ValueError(f"train.report_to: unknown tracker {kind!r} ({', '.join(LOGGER_TYPE_TO_CLASS)})")
+        t = cls(name, str((out or Path(".")) / "tracking")) if cls.requires_logging_directory else cls(name)
+        t.start()
+        t.store_init_configuration(config)
+        trackers.append(t)
+    return trackers
+
+
+def _emit(out: Path | None, event: dict, log, args: TrainArgs, trackers: list) -> None:
     if event["step"] % max(1, args.log_every):
         return
     if out:
         with (out / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(event) + "\n")
-    if args.report_to:
-        acc.log({k: v for k, v in event.items() if isinstance(v, (int, float)) and k != "step"}, step=event["step"])
+    for t in trackers:
+        t.log({k: v for k, v in event.items() if isinstance(v, (int, float)) and k != "step"}, step=event["step"])
     if log:
         log(event)
 

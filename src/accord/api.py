@@ -1,0 +1,61 @@
+"""accord from Python (a notebook, a script): the CLI's stages as functions, same files, same skipping.
+
+    from accord.api import load_config, collect, train, evaluate, report
+
+    cfg = load_config("configs/lab-quickstart.yaml", ["train.method=[std,mot]"])
+    collect(cfg)                      # → per-teacher summary rows (collect_summary.json)
+    results = train(cfg)              # → result records, one per trained model (train/<name>/result.json)
+    rows = evaluate(cfg)              # → evaluation rows (eval/results.json), every checkpoint and split
+    page = report(cfg)                # → path of report/index.html
+
+``train(cfg, method="compact")`` runs one method without editing the config.  Each function is the stage
+of ``accord run`` (``run(cfg)`` does all four): finished work in ``run_dir`` is skipped, lab models the
+config names are built first, and errors are the CLI's (:class:`accord.errors.AccordError`; ``exit_code``
+says whether the input or the run was at fault).  These are functions of a module rather than of the
+``accord`` package because ``accord.collect``, ``accord.train``, … name the stages' own modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None):
+    """A validated config from YAML (or a ``base`` dict) and ``key.sub=value`` overrides."""
+    from accord.config import load_config as _load
+
+    return _load(path, list(overrides), base=base)
+
+
+def _console(console):
+    from rich.console import Console
+
+    return console or Console(stderr=True)
+
+
+def run(cfg, console=None, stages: tuple[str, ...] = ("collect", "train", "eval", "report")) -> dict:
+    from accord.run import run as _run
+
+    return _run(cfg, _console(console), stages=stages)
+
+
+def collect(cfg, console=None) -> list[dict]:
+    from accord.collect import collect as _collect
+    from accord.run import prepare_models
+
+    prepare_models(cfg, _console(console), student=False)
+    return _collect(cfg, _console(console)).summary
+
+
+def train(cfg, method: str | list[str] | None = None, console=None) -> list[dict]:
+    if method is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": method})})
+    return run(cfg, console, stages=("train",))["results"]
+
+
+def evaluate(cfg, console=None) -> list[dict]:
+    return run(cfg, console, stages=("eval",))["eval"]
+
+
+def report(cfg, console=None) -> Path:
+    return Path(run(cfg, console, stages=("eval", "report"))["report"])
