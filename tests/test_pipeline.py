@@ -346,3 +346,26 @@ def test_tensorboard_tracker_writes_the_losses(tmp_path, micro):
     acc = EventAccumulator(str(logdir))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+
+
+def test_eval_repeats_give_a_standard_deviation_over_runs(parrot7, problems_file, tmp_path):
+    """eval.repeats: R runs of k samples, pass@1 over all of them, the runs' own pass@1 and their sd."""
+    from accord.config import ProblemsConfig, TeacherConfig
+    from accord.evaluate import evaluate
+    from accord.problems import load_problems
+    from accord.report import _fmt, _with_se
+    from accord.teachers.base import load_teacher
+
+    probs = load_problems(ProblemsConfig(path=str(problems_file)))
+    gen = load_teacher(TeacherConfig(name="p7", model=str(parrot7)))
+    rows = tmp_path / "rows.jsonl"
+    res = evaluate(gen, probs, k=2, greedy=False, temperature=1.0, max_new_tokens=24, repeats=3, rows_path=rows)
+    assert res.repeats == 3 and len(res.pass1_runs) == 3
+    assert res.pass1 == pytest.approx(sum(res.pass1_runs) / 3)
+    m = sum(res.pass1_runs) / 3
+    assert res.pass1_std == pytest.approx((sum((x - m) ** 2 for x in res.pass1_runs) / 2) ** 0.5)
+    assert len(rows.read_text().splitlines()) == 10 * 2 * 3  # every (problem, sample) of every run stored
+    again = evaluate(gen, probs, k=2, greedy=False, temperature=1.0, max_new_tokens=24, repeats=3, rows_path=rows)
+    assert again.pass1_runs == res.pass1_runs  # resumed from the rows, nothing regenerated
+    gen.close()
+    assert "runs)" in _fmt(_with_se(res.as_dict(), "pass1"))

@@ -300,6 +300,8 @@ class EvalConfig(_Strict):
     splits: dict[str, EvalSplit] = Field(default_factory=_default_splits,
                                          description="name → problem source; the lab's target/ood/general by default")
     k: int = Field(16, ge=0, description="samples per problem for pass@1 (0: greedy only)")
+    repeats: int = Field(1, ge=1, description="independent runs of the k samples; the report adds the standard "
+                         "deviation of pass@1 over runs (OpenThoughts reports mean ± std over 10)")
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the k samples")
     greedy: bool = Field(True, description="also measure greedy accuracy")

@@ -40,10 +40,14 @@ class EvalResult:
     pass_at: dict | None = None  # {k': unbiased pass@k'} for k' = 1, 2, 4, … ≤ k (and k itself)
     maj: float | None = None  # maj@k: the majority parsed answer of the k samples is right
     maj_se: float | None = None
+    repeats: int = 1  # independent runs of k samples each (eval.repeats)
+    pass1_runs: list | None = None  # pass@1 of each run
+    pass1_std: float | None = None  # their standard deviation (OpenThoughts' "mean ± std over runs")
 
     def as_dict(self) -> dict:
         return {"greedy": self.greedy, "pass1": self.pass1, "n": self.n, "k": self.k, "greedy_se": self.greedy_se,
-                "pass1_se": self.pass1_se, "pass_at": self.pass_at, "maj": self.maj, "maj_se": self.maj_se}
+                "pass1_se": self.pass1_se, "pass_at": self.pass_at, "maj": self.maj, "maj_se": self.maj_se,
+                "repeats": self.repeats, "pass1_runs": self.pass1_runs, "pass1_std": self.pass1_std}
 
 
 def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -91,8 +95,13 @@ def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> 
 def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: float = 0.6, top_p: float = 1.0,
              greedy: bool = True,
              max_new_tokens: int = 1024, verifier: str = "math", style: str = "default", seed: int = 0,
-             rows_path: str | Path | None = None, chunk: int = 256) -> EvalResult:
-    """Evaluate a generator on problems; ``rows_path`` makes it resumable."""
+             rows_path: str | Path | None = None, chunk: int = 256, repeats: int = 1) -> EvalResult:
+    """Evaluate a generator on problems; ``rows_path`` makes it resumable.
+
+    ``repeats`` runs the k samples that many times (samples r·k … (r+1)·k − 1 are run r, each with its own
+    seeds): pass@1 and its SE over problems use every sample, ``pass1_runs`` / ``pass1_std`` give the spread
+    between runs, pass@k′ uses all k·repeats samples per problem, maj@k is averaged over the runs."""
+    n_s = k * max(1, repeats)
     path = Path(rows_path) if rows_path else None
     parsed: dict = {}
     done = _done(path, parsed)
@@ -100,7 +109,7 @@ def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: 
     if greedy:
         todo += [(p, 0, "greedy") for p in problems if (p.id, 0, "greedy") not in done]
     if k > 0:
-        todo += [(p, i, "sample") for p in problems for i in range(k) if (p.id, i, "sample") not in done]
+        todo += [(p, i, "sample") for p in problems for i in range(n_s) if (p.id, i, "sample") not in done]
     fh = path.open("a", encoding="utf-8") if path else None
     try:
         for mode in ("greedy", "sample"):
@@ -126,14 +135,21 @@ def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: 
             fh.close()
     ids = [p.id for p in problems]
     g, g_se = mean_se([float(done[(pid, 0, "greedy")]) for pid in ids]) if greedy else (None, None)
-    counts = [sum(done[(pid, i, "sample")] for i in range(k)) for pid in ids] if k > 0 else []
-    p1, p1_se = mean_se([c / k for c in counts]) if k > 0 else (None, None)
-    ks = sorted({j for j in (2 ** e for e in range(k.bit_length())) if j <= k} | {k}) if k > 0 else []
-    pass_at = {j: sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in ks} if counts else None
-    maj = mean_se([float(majority_correct([parsed.get((pid, i, "sample")) for i in range(k)],
-                                          [done[(pid, i, "sample")] for i in range(k)])) for pid in ids]) \
-        if k > 0 else (None, None)
-    return EvalResult(g, p1, len(ids), k, g_se, p1_se, pass_at, *maj)
+    if k <= 0:
+        return EvalResult(g, None, len(ids), k, g_se, None, None, None, None)
+    R = max(1, repeats)
+    counts = [sum(done[(pid, i, "sample")] for i in range(n_s)) for pid in ids]
+    p1, p1_se = mean_se([c / n_s for c in counts])
+    ks = sorted({j for j in (2 ** e for e in range(k.bit_length())) if j <= k} | {k})
+    pass_at = {j: sum(pass_at_k(n_s, c, j) for c in counts) / len(counts) for j in ks} if counts else None
+    runs = [sum(done[(pid, i, "sample")] for pid in ids for i in range(r * k, (r + 1) * k)) / (k * len(ids))
+            for r in range(R)]
+    maj_runs = [mean_se([float(majority_correct([parsed.get((pid, i, "sample")) for i in range(r * k, (r + 1) * k)],
+                                                [done[(pid, i, "sample")] for i in range(r * k, (r + 1) * k)]))
+                         for pid in ids]) for r in range(R)]
+    maj, maj_se = sum(m for m, _ in maj_runs) / R, maj_runs[0][1] if R == 1 else None
+    sd = mean_se(runs)[1] * len(runs) ** 0.5 if R > 1 else None  # the runs' sample standard deviation
+    return EvalResult(g, p1, len(ids), k, g_se, p1_se, pass_at, maj, maj_se, R, runs if R > 1 else None, sd)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -226,7 +242,7 @@ def evaluate_models(cfg, results: list[dict], console) -> list[dict]:
                     r = evaluate(gen, probs, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                  greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
                                  verifier=cfg.eval.verifier, seed=cfg.eval.seed,
-                                 rows_path=_rows_path(summary))
+                                 rows_path=_rows_path(summary), repeats=cfg.eval.repeats)
                     res = {**r.as_dict(), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                            "max_new_tokens": cfg.eval.max_new_tokens}  # what a reader needs to compare runs
                     summary.write_text(json.dumps(res))

@@ -74,9 +74,12 @@ def _last_rows(eval_rows: list[dict], results: list[dict]) -> dict[str, dict[str
 
 
 def _with_se(m: dict, key: str):
-    """A rate with its standard error over problems, when the evaluation recorded one."""
-    v, se = m.get(key), m.get(f"{key}_se")
-    return v if v is None or se is None else (v, se)
+    """A rate with its standard error over problems, when the evaluation recorded one (and, for pass@1 over
+    several runs, the standard deviation between runs)."""
+    v, se, sd = m.get(key), m.get(f"{key}_se"), m.get(f"{key}_std")
+    if v is None or se is None:
+        return v
+    return (v, se, sd, m.get("repeats")) if sd is not None else (v, se)
 
 
 def text_table(head: list[str], body: list[list]) -> str:
@@ -90,7 +93,7 @@ def _fmt(c) -> str:
     if c is None:
         return "–"
     if isinstance(c, tuple):
-        return f"{c[0]:.3f} ± {c[1]:.3f}"
+        return f"{c[0]:.3f} ± {c[1]:.3f}" + (f" (sd {c[2]:.3f}, {c[3]} runs)" if len(c) > 2 else "")
     if isinstance(c, float):
         return f"{c:+.3f}" if c < 0 or c > 1 else f"{c:.3f}"
     return str(c)
@@ -262,7 +265,9 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             "<h2>Methods (MoT Table 4)</h2>",
             "<p>pass@1 averaged over k samples at temperature "
             f"{cfg.eval.temperature}, top-p {cfg.eval.top_p} (k = {cfg.eval.k}), ± the standard error over "
-            f"problems ({html.escape(_n_problems(eval_rows))}); Δ general = change of general-family pass@1 from the "
+            f"problems ({html.escape(_n_problems(eval_rows))})"
+            + (f"; with {cfg.eval.repeats} independent runs of the k samples, sd = the standard deviation of "
+               "pass@1 between runs" if cfg.eval.repeats > 1 else "") + "; Δ general = change of general-family pass@1 from the "
             "base student (forgetting is negative); branch-steps = optimizer steps summed over branches "
             "(MoT Table 5). Bold: best in column.</p>",
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
