@@ -26,8 +26,6 @@ prompt is kept beside it.
 
 from __future__ import annotations
 
-from accord.errors import RunFailure
-
 import hashlib
 import json
 import random
@@ -37,6 +35,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from accord.errors import RunFailure
 from accord.analysis.confidence import window_confidence
 from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.problems import Problem, load_problems

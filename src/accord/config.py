@@ -10,14 +10,11 @@ config written to ``<run_dir>/config.yaml`` is safe to share.
 
 from __future__ import annotations
 
-from accord.errors import UsageError
-
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from accord.registry import BACKENDS, MERGE_METHODS, METHODS, SELECT_POLICIES
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,6 +23,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from accord.errors import UsageError
+from accord.registry import BACKENDS, MERGE_METHODS, METHODS, SELECT_POLICIES
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -15,8 +15,6 @@ or ``lab:<task>[:<split>]`` (the offline lab, :mod:`accord.lab`).
 
 from __future__ import annotations
 
-from accord.errors import UsageError
-
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from accord.config import ProblemsConfig
+from accord.errors import UsageError
 from accord.prompts import last_boxed
 
 

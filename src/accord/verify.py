@@ -16,14 +16,13 @@ thread, so elsewhere we pass ``None`` and the caller bounds time.
 
 from __future__ import annotations
 
-from accord.errors import UsageError
-
 import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
+from accord.errors import UsageError
 from accord.prompts import last_boxed, split_think
 
 CORRECT, INCORRECT, UNPARSEABLE, FAILED = "correct", "incorrect", "unparseable", "failed"
@@ -66,11 +65,18 @@ def _parse_gold(gold: str):
 
 
 def check_math(gold: str, answer: str, tolerance: float = 0.0) -> Check:
+    boxed = last_boxed(answer)
+    return _check_math(gold, f"\\boxed{{{boxed}}}" if boxed is not None else answer)
+
+
+@lru_cache(maxsize=65536)
+def _check_math(gold: str, shown: str) -> Check:
+    """The verdict of one (reference, extracted answer) pair; cached — k samples of a problem often give the
+    same answer, and evaluation checks thousands (the reference is parsed once, not once per sample)."""
     from math_verify import parse, verify
 
     g = _parse_gold(gold)
-    boxed = last_boxed(answer)
-    pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else answer, parsing_timeout=_timeout())
+    pred = parse(shown, parsing_timeout=_timeout())
     if not pred:
         return Check(UNPARSEABLE, None)
     shown = str(pred[-1]) if isinstance(pred[-1], str) else str(pred[0])

@@ -23,14 +23,14 @@ share that reaches the right answer).
 
 from __future__ import annotations
 
-from accord.errors import UsageError
-
 import copy
 import math
 import random
 import time
 
 import torch
+
+from accord.errors import UsageError
 
 DEFAULT_TEMPLATE = "</think> The final answer is {answer}."  # App. A.1
 TEMPLATE = "</think> The final answer is"  # the part of the default template before the answer

@@ -39,8 +39,6 @@ into place, so a killed build leaves no partial entry.
 
 from __future__ import annotations
 
-from accord.errors import RunFailure
-
 import contextlib
 import hashlib
 import json
@@ -53,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from accord.errors import RunFailure
 from accord.lab.tasks import MOD, OPS, STYLE_NAMES, answer_only, apply_op, arith_trace, generate, operands
 from accord.prompts import render_prompt
 

@@ -17,10 +17,9 @@ the backend does internally.
 
 from __future__ import annotations
 
-from accord.errors import RunFailure, UsageError
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence
+from accord.errors import RunFailure, UsageError
 
 if TYPE_CHECKING:
     from accord.config import TeacherConfig

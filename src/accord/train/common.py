@@ -12,13 +12,12 @@ A stage whose ``result.json`` exists is finished and is skipped on re-run.
 
 from __future__ import annotations
 
-from accord.errors import UsageError
-
 import json
 import shutil
 from pathlib import Path
 
 from accord.config import AccordConfig
+from accord.errors import UsageError
 from accord.train.engine import TrainArgs
 from accord.ui import no_hf_bars
 

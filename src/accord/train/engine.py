@@ -19,8 +19,6 @@ Used by every recipe (STD, MTD, MoT branches) and by the lab to train its zoo.
 
 from __future__ import annotations
 
-from accord.errors import RunFailure
-
 import contextlib
 import json
 import math
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from accord.errors import RunFailure
 from accord.prompts import training_target
 from accord.ui import no_hf_bars
 

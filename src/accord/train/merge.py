@@ -37,8 +37,6 @@ Two ways to merge:
 
 from __future__ import annotations
 
-from accord.errors import UsageError
-
 import json
 import shutil
 import zlib
@@ -47,12 +45,14 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from accord.registry import LINEAR_METHODS, MERGE_METHODS
 from peft.utils.merge_utils import (
     calculate_majority_sign_mask,
     magnitude_based_pruning,
     random_pruning,
 )
+
+from accord.errors import UsageError
+from accord.registry import LINEAR_METHODS, MERGE_METHODS
 
 
 
