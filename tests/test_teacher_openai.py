@@ -16,7 +16,7 @@ import yaml
 from conftest import run_cli, write_jsonl
 
 from accord.config import TeacherConfig
-from accord.teachers.base import Request, SamplingParams, TeacherConfigError
+from accord.teachers.base import Request, SamplingParams, TeacherConfigError, TeacherUnavailable
 from accord.teachers.openai import OpenAITeacher
 
 
@@ -211,3 +211,46 @@ def test_empty_output_is_stored_as_incorrect_not_a_crash(tmp_path):
     db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
     assert sorted(tuple(r) for r in db.execute("select text, verdict from traces")) == [
         ("", "incorrect"), ("<think>thinking about What is 3+</think>\\boxed{7}", "correct")]
+
+
+def test_replicas_share_the_requests_and_a_dead_one_is_dropped_mid_collection(tmp_path):
+    """One teacher on two replicas: requests alternate; replica B stops after its 3rd request (killed
+    mid-collection); the rest goes to A; every sample is stored once, none lost, the run ends cleanly."""
+    a, b = Script([]), Script([])
+    srv_a, url_a = flaky_server(a)
+    srv_b, url_b = flaky_server(b)
+
+    def kill_b_after_three():
+        while b.calls < 3:
+            time.sleep(0.01)
+        srv_b.shutdown()
+        srv_b.server_close()  # connections are now refused
+
+    killer = threading.Thread(target=kill_b_after_three, daemon=True)
+    killer.start()
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": f"What is {i}+7?", "answer": "7"} for i in range(6)])
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(probs)},
+           "teachers": [{"name": "api", "backend": "openai", "model": "m", "base_url": [url_a, url_b],
+                         "max_retries": 1, "max_concurrency": 1, "timeout": 5}],
+           "collect": {"samples": 4, "max_new_tokens": 10}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    try:
+        code, out = run_cli("collect", str(p))
+    finally:
+        srv_a.shutdown()
+    assert code == 0, out
+    assert f"replica {url_b} unreachable" in out and "1 of 2 left" in out
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    rows = db.execute("select problem_id, sample_idx, verdict from traces").fetchall()
+    assert len(rows) == 24 and len(set((r[0], r[1]) for r in rows)) == 24  # nothing lost, nothing duplicated
+    assert all(r[2] == "correct" for r in rows)
+    assert b.calls >= 3 and a.calls >= 24 - b.calls
+
+
+def test_every_replica_gone_is_unavailable():
+    port1, port2 = free_port(), free_port()
+    t = OpenAITeacher(TeacherConfig(name="api", backend="openai", model="m", max_retries=0, timeout=2,
+                                    base_url=[f"http://127.0.0.1:{port1}/v1", f"http://127.0.0.1:{port2}/v1"]))
+    with pytest.raises(TeacherUnavailable, match=f"127.0.0.1:{port1}/v1, http://127.0.0.1:{port2}/v1"):
+        t.generate([Request("a"), Request("b")], SamplingParams(max_new_tokens=4))

@@ -87,7 +87,8 @@ class TeacherConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="hf/vllm: sequences generated together")
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (off by default)")
     # openai-compatible
-    base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1")
+    base_url: str | list[str] | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1, or a list of "
+                                             "replicas serving the same model (round-robin; a dead one is dropped)")
     api_key_env: str | None = Field(None, description="openai: environment variable holding the API key")
     endpoint: Literal["chat", "completions"] = Field("chat", description="openai: which endpoint to call")
     tokenizer: str | None = Field(None, description="openai completions: local tokenizer whose chat template renders prompts")

@@ -7,6 +7,10 @@
   batch fails to *connect*, the server is unreachable and we raise
   :class:`TeacherUnavailable` so the caller can stop that teacher cleanly.
 - Concurrency: a thread pool of ``max_concurrency`` workers.
+- Replicas: ``base_url`` may list several servers of the same model.  Requests go round-robin to the
+  replicas in rotation; a replica that still cannot be reached after the client's retries is taken out of
+  rotation (said once on stderr) and the request is sent to the next one.  Only when every replica is gone
+  does the teacher become unavailable (the caller stops it cleanly; the store keeps what was collected).
 - Reasoning: a ``reasoning_content`` field (vLLM reasoning parsers, DeepSeek API)
   is folded back as ``<think>…</think>`` so every backend yields the same format.
 - Continuing a prefix: on the chat endpoint the prefix is sent as a final assistant
@@ -21,6 +25,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -46,8 +52,11 @@ class OpenAITeacher:
             key = os.environ.get(cfg.api_key_env)
             if not key:
                 raise TeacherConfigError(f"teacher {cfg.name!r}: environment variable {cfg.api_key_env} is not set")
-        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key or "EMPTY", max_retries=cfg.max_retries,
-                                    timeout=cfg.timeout)
+        self.urls = [cfg.base_url] if isinstance(cfg.base_url, str) else list(cfg.base_url)
+        self.clients = [openai.OpenAI(base_url=u, api_key=key or "EMPTY", max_retries=cfg.max_retries,
+                                      timeout=cfg.timeout) for u in self.urls]
+        self.client = self.clients[0]
+        self._alive, self._next, self._lock = list(range(len(self.clients))), 0, threading.Lock()
         self._tok = None
         if cfg.tokenizer:
             from transformers import AutoTokenizer
@@ -61,26 +70,52 @@ class OpenAITeacher:
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
             gens = list(pool.map(lambda r: self._one(r, params), requests))
         conn = [g for g in gens if g.meta.get("connection_error")]
-        if gens and len(conn) == len(gens):
-            raise TeacherUnavailable(f"teacher {self.name!r}: cannot reach {self.cfg.base_url} after "
-                                     f"{self.cfg.max_retries} retries ({conn[0].error})")
+        if gens and (len(conn) == len(gens) or not self._alive):
+            where = ", ".join(self.urls)
+            raise TeacherUnavailable(f"teacher {self.name!r}: cannot reach {where} after "
+                                     f"{self.cfg.max_retries} retries ({conn[0].error if conn else 'no replica left'})")
         return gens
+
+    def _pick(self) -> int | None:
+        with self._lock:
+            if not self._alive:
+                return None
+            i = self._alive[self._next % len(self._alive)]
+            self._next += 1
+            return i
+
+    def _drop(self, i: int, err: Exception) -> None:
+        with self._lock:
+            if i not in self._alive:
+                return
+            self._alive.remove(i)
+            left = len(self._alive)
+        if len(self.clients) > 1:
+            print(f"warning: teacher {self.name!r}: replica {self.urls[i]} unreachable ({err}); taken out of "
+                  f"rotation, {left} of {len(self.clients)} left", file=sys.stderr)
 
     def _one(self, req: Request, params: SamplingParams) -> Generation:
         t0 = time.perf_counter()
-        try:
-            if self.cfg.endpoint == "chat":
-                g = self._chat(req, params)
-            else:
-                g = self._completion(req, params)
-        except self._openai.APIConnectionError as e:  # includes timeouts, after the client's retries
-            return Generation("", 0, "error", error=f"connection: {e}", elapsed_s=time.perf_counter() - t0,
-                              meta={"connection_error": True})
-        except self._openai.APIError as e:
-            return Generation("", 0, "error", error=f"{type(e).__name__}: {e}", elapsed_s=time.perf_counter() - t0)
-        g.text, g.stop_string = truncate_at_stop(g.text, params.stop)
-        g.elapsed_s = time.perf_counter() - t0
-        return g
+        while True:
+            i = self._pick()
+            if i is None:
+                return Generation("", 0, "error", error="connection: no replica left", meta={"connection_error": True},
+                                  elapsed_s=time.perf_counter() - t0)
+            try:
+                g = self._chat(req, params, i) if self.cfg.endpoint == "chat" else self._completion(req, params, i)
+            except self._openai.APIConnectionError as e:  # includes timeouts, after the client's retries
+                if len(self.clients) > 1:
+                    self._drop(i, e)
+                    continue  # the next replica in rotation takes this request
+                return Generation("", 0, "error", error=f"connection: {e}", elapsed_s=time.perf_counter() - t0,
+                                  meta={"connection_error": True})
+            except self._openai.APIError as e:
+                return Generation("", 0, "error", error=f"{type(e).__name__}: {e}",
+                                  elapsed_s=time.perf_counter() - t0)
+            g.text, g.stop_string = truncate_at_stop(g.text, params.stop)
+            g.elapsed_s = time.perf_counter() - t0
+            g.meta["replica"] = self.urls[i]
+            return g
 
     def _common(self, req: Request, params: SamplingParams) -> dict:
         kw = dict(model=self.cfg.model, max_tokens=params.max_new_tokens, temperature=params.temperature,
@@ -98,13 +133,13 @@ class OpenAITeacher:
             msgs.append({"role": "assistant", "content": req.prefix})
         return msgs
 
-    def _chat(self, req: Request, params: SamplingParams) -> Generation:
+    def _chat(self, req: Request, params: SamplingParams, replica: int = 0) -> Generation:
         kw = self._common(req, params)
         if params.logprobs:
             kw["logprobs"] = True
         if req.prefix:
             kw["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
-        resp = self.client.chat.completions.create(messages=self._messages(req), **kw)
+        resp = self.clients[replica].chat.completions.create(messages=self._messages(req), **kw)
         choice = resp.choices[0]
         text = choice.message.content or ""
         reasoning = getattr(choice.message, "reasoning_content", None) or getattr(choice.message, "reasoning", None)
@@ -123,11 +158,11 @@ class OpenAITeacher:
             return render_chat(self._tok, req.prompt, req.prefix, self.cfg.system_prompt)
         return req.prompt + "\n" + req.prefix
 
-    def _completion(self, req: Request, params: SamplingParams) -> Generation:
+    def _completion(self, req: Request, params: SamplingParams, replica: int = 0) -> Generation:
         kw = self._common(req, params)
         if params.logprobs:
             kw["logprobs"] = 1
-        resp = self.client.completions.create(prompt=self._render(req), **kw)
+        resp = self.clients[replica].completions.create(prompt=self._render(req), **kw)
         choice = resp.choices[0]
         lps = list(choice.logprobs.token_logprobs) if params.logprobs and choice.logprobs else None
         n = resp.usage.completion_tokens if resp.usage else len(lps or [])
@@ -150,7 +185,8 @@ class OpenAITeacher:
         return [v for o, v in zip(offsets, values) if len(head) <= o < len(head) + len(cont) and v is not None]
 
     def close(self) -> None:
-        self.client.close()
+        for c in self.clients:
+            c.close()
 
 
 def _finish(reason: str | None) -> str:
