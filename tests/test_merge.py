@@ -244,3 +244,25 @@ def test_same_tensors_as_mergekit(micro, tmp_path, method, params, args):
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_running_merge_reuses_its_buffers_across_merges(tensors):
+    """MoT passes one buffer dict to every round: the second merge writes into the first one's memory and
+    gives the same result as a fresh merge."""
+    base, models = tensors
+    state = lambda m: {"w": m}  # noqa: E731
+    buffers: dict = {}
+    first = RunningMerge({"w": base}, MergeSpec("average"), buffers)
+    for m in models:
+        first.add(state(m))
+    ptr = buffers["w"].data_ptr()
+    got1 = first.result()["w"].clone()
+    second = RunningMerge({"w": base}, MergeSpec("average"), buffers)
+    for m in models:
+        second.add(state(m))
+    got2 = second.result()["w"]
+    assert buffers["w"].data_ptr() == ptr and got2.data_ptr() == ptr  # no new model copy
+    fresh = RunningMerge({"w": base}, MergeSpec("average"))
+    for m in models:
+        fresh.add(state(m))
+    assert torch.allclose(got1, fresh.result()["w"]) and torch.allclose(got2, got1)

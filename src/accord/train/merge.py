@@ -158,21 +158,36 @@ class RunningMerge:
     Memory: the running sum (one model copy) besides the base the caller holds.
     Bandwidth: the first ``add`` writes the sum, later ones read-add-write it,
     ``result`` finishes in one more pass (Σwθ/Σw for an average).
+    ``buffers``: a dict the running sum lives in and that outlives this merge (MoT passes the same one every
+    round), so no round allocates (and page-faults) a fresh model copy; the tensors ``result`` returns are
+    those buffers — consume them (``load_state_dict`` copies) before the next merge's first ``add``.
     """
 
-    def __init__(self, base: dict[str, torch.Tensor], spec: MergeSpec):
+    def __init__(self, base: dict[str, torch.Tensor], spec: MergeSpec, buffers: dict | None = None):
         if spec.method not in LINEAR_METHODS:
             raise MergeError(f"RunningMerge supports {LINEAR_METHODS}, not {spec.method!r}")
         self.base, self.spec = base, spec
         self.float_names = [n for n, t in base.items() if t.is_floating_point()]
         self.acc: dict[str, torch.Tensor] = {}
+        self.buffers = {} if buffers is None else buffers
         self.total_w, self.n = 0.0, 0
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != like.shape or buf.device != like.device:
+            buf = self.buffers[name] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        return buf
 
     @torch.no_grad()
     def add(self, state: dict[str, torch.Tensor], weight: float = 1.0) -> None:
         if self.n == 0:
             _check_same(self.base, state, "branch 0")
-            self.acc = {n: state[n].float().mul(weight) for n in self.float_names}  # Σ wᵢ θᵢ starts here
+            self.acc = {}
+            for n in self.float_names:  # Σ wᵢ θᵢ starts here, written into the kept buffer
+                buf = self.acc[n] = self._buffer(n, state[n])
+                buf.copy_(state[n])
+                if weight != 1.0:
+                    buf.mul_(weight)
         else:
             for name, acc in self.acc.items():
                 acc.add_(state[name], alpha=weight)
@@ -204,7 +219,7 @@ class RunningMerge:
         import torch.distributed as dist
 
         if not self.acc:  # this process trained no branch: contribute zeros
-            self.acc = {n: torch.zeros_like(self.base[n], dtype=torch.float32) for n in self.float_names}
+            self.acc = {n: self._buffer(n, self.base[n]).zero_() for n in self.float_names}
         for acc in self.acc.values():
             dist.all_reduce(acc)
         dev = next(iter(self.acc.values())).device if self.acc else "cpu"

@@ -73,10 +73,14 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     corpora = {t: (rows, [encode_example(tok, x, cfg.train.max_len) for x in rows]) for t, rows in corpora.items()}
     start = _resume(out, model, T)
     timing = {"branch_train_s": 0.0, "merge_s": 0.0, "wall_s": 0.0}  # wall − branch_train = MoT's overhead
+    buffers: dict = {}  # the running sum's memory, reused by every round
     with progress(console) as bar:
         task = bar.add_task("mot", total=T * len(corpora) * S, completed=start * len(corpora) * S)
         for r in range(start + 1, T + 1):
-            model = run_round(cfg, model, tok, corpora, r, spec, out, bar, task, timing)
+            def tick(teacher: str, loss: float, r=r) -> None:
+                bar.update(task, advance=1, description=f"mot r{r} {teacher} loss {loss:.3f}")
+
+            model = run_round(cfg, model, tok, corpora, r, spec, out, tick, timing, buffers)
             console.print(f"mot: round {r}/{T} merged ({spec.method}) → {out / f'round-{r}' / 'merged'}")
     rounds = [{"round": r, "steps": r * S, "path": str(out / f"round-{r}" / "merged")} for r in range(1, T + 1)]
     final, picked = rounds[-1]["path"], None
@@ -89,14 +93,16 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                          timing=timing, resumed_from_round=start)]
 
 
-def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path, bar, task, timing: dict):
-    """Train every branch of round ``r`` from the current student, merge, save ``round-r/merged``."""
+def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path, tick, timing: dict,
+              buffers: dict | None = None):
+    """Train every branch of round ``r`` from the current student, merge, save ``round-r/merged``.
+    ``tick(teacher, loss)`` after every branch step; ``buffers``: the running sum's memory, kept across rounds."""
     T, S = cfg.train.rounds, cfg.train.steps_per_round
     acc = get_accelerator()
     rdir = out / f"round-{r}"
     t_round = time.perf_counter()
     base = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    running = RunningMerge(base, spec) if spec.method in LINEAR_METHODS else None
+    running = RunningMerge(base, spec, buffers) if spec.method in LINEAR_METHODS else None
     for k, (teacher, (rows, encoded)) in enumerate(corpora.items()):
         if k % acc.num_processes != acc.process_index:
             continue  # another process trains this branch
@@ -110,8 +116,7 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
             args = engine_args(cfg, S, seed_offset=1000 * r + k, **sched)
             t0 = time.perf_counter()
             res = train(model, tok, rows, args, out_dir=bdir, shard=False, examples=encoded,
-                        on_step=lambda s, loss: bar.update(task, advance=1,
-                                                           description=f"mot r{r} {teacher} loss {loss:.3f}"))
+                        on_step=lambda s, loss, teacher=teacher: tick(teacher, loss))
             timing["branch_train_s"] += time.perf_counter() - t0
             model = res.model
             keep_branch_metrics(bdir, out, r, teacher)
