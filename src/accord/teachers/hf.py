@@ -67,7 +67,9 @@ class HFTeacher:
 
     # -- generation ---------------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
-        texts = [render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt) for r in requests]
+        rendered: dict[tuple[str, str], str] = {}  # k samples of a problem share one rendered prompt
+        texts = [rendered.get((r.prompt, r.prefix)) or rendered.setdefault(
+            (r.prompt, r.prefix), render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt)) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: len(texts[i]))
         out: list[Generation | None] = [None] * len(requests)
         bs = self.cfg.batch_size
