@@ -67,7 +67,7 @@ def test_padding_waste_is_small_on_lab_corpora():
 
 
 def _weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # device-agnostic (CUDA too)
 
 
 def test_killed_run_resumes_to_the_same_weights(micro, tmp_path):
@@ -151,3 +151,28 @@ def test_train_gives_its_model_and_optimizer_back(micro):
     gc.collect()
     assert ref() is None
     assert not get_accelerator()._models and not get_accelerator()._optimizers
+
+
+@pytest.mark.gpu
+def test_engine_trains_in_bf16_on_cuda(micro):
+    """On a CUDA device: bf16 autocast, the loss falls, the weights stay finite and fp32 (issue 13, item 4)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tok = load(micro)
+    res = train(model, tok, rows(32), TrainArgs(steps=20, batch_size=8, lr=5e-3, bf16=True))
+    assert next(res.model.parameters()).device.type == "cuda"
+    assert next(res.model.parameters()).dtype == torch.float32
+    assert res.history[-1] < res.history[0]
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+def test_the_first_line_says_what_runs(micro, capsys):
+    from accord import ui
+
+    ui._SAID.clear()
+    model, tok = load(micro)
+    train(model, tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
+    err = capsys.readouterr().err
+    assert "train: cpu, weights float32, attention sdpa; 1 process(es); autocast no; no packing" in err
+    train(load(micro)[0], tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
+    assert "train:" not in capsys.readouterr().err  # said once per process

@@ -84,3 +84,11 @@ def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(dev).eval(), tok
+
+
+def runtime(model) -> str:
+    """Where and how a model runs: device, weight dtype, attention kernel (for the first line of a stage)."""
+    m = getattr(model, "module", model)
+    p = next(m.parameters())
+    attn = getattr(getattr(m, "config", None), "_attn_implementation", None) or "n/a"
+    return f"{p.device.type}, weights {str(p.dtype).removeprefix('torch.')}, attention {attn}"

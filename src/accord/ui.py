@@ -26,6 +26,18 @@ from rich.progress import (
 )
 
 
+_SAID: set[str] = set()
+
+
+def say_once(line: str) -> None:
+    """Print ``line`` to stderr the first time this process sees it (what runs where: said once, not per call)."""
+    if line not in _SAID:
+        _SAID.add(line)
+        import sys
+
+        print(line, file=sys.stderr, flush=True)
+
+
 def progress(console: Console | None = None):
     console = console or Console(stderr=True)
     if not console.is_terminal and not console.is_jupyter:

@@ -64,6 +64,10 @@ class HFTeacher:
                                                         who=f"teacher {cfg.name!r}")
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
+        from accord.models import runtime
+        from accord.ui import say_once
+
+        say_once(f"hf backend: {runtime(model)}; batch {cfg.batch_size}")
 
     # -- generation ---------------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:

@@ -34,7 +34,7 @@ import torch
 
 from accord.errors import RunFailure
 from accord.prompts import training_target
-from accord.ui import no_hf_bars
+from accord.ui import no_hf_bars, say_once
 
 IGNORE = -100
 
@@ -393,6 +393,13 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         stream.next()  # replay the data order up to the checkpoint (cheap: indices only)
     models, opt = _place(acc, models, opt, shard)
     local = not shard or acc.is_main_process  # does this process write files?
+    if local:
+        from accord.models import runtime
+
+        lm = next((m for m in models.values() if _is_lm(m)), None)
+        say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
+                 f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; no packing; loss: "
+                 f"{'the recipe' + chr(39) + 's' if loss_fn else 'token cross-entropy'} over full-vocabulary logits")
     for m in models.values():
         m.train()
     call = models[""] if single else models
