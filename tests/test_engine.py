@@ -176,3 +176,39 @@ def test_the_first_line_says_what_runs(micro, capsys):
     assert "train: cpu, weights float32, attention sdpa; 1 process(es); autocast no; no packing" in err
     train(load(micro)[0], tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     assert "train:" not in capsys.readouterr().err  # said once per process
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_cross_entropy_matches_the_plain_one(dtype, monkeypatch):
+    """Loss and gradients (hidden states and head weight) equal the plain logits → CE path, over several
+    chunks, with ignored positions dropped before the head as the engine does (issue 13, item 2)."""
+    from accord.train.engine import IGNORE, LinearCrossEntropy
+
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 11, 16, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(50, 16, generator=g).requires_grad_()
+    tgt = torch.randint(0, 50, (3, 11), generator=g)
+    tgt[0, :4] = IGNORE
+    tgt[2, 9:] = IGNORE
+    keep = tgt != IGNORE
+    got = LinearCrossEntropy.apply(h[keep], w, tgt[keep])
+    gh, gw = torch.autograd.grad(got * 0.5, (h, w))
+    ref = torch.nn.functional.cross_entropy((h @ w.to(dtype).T).float().reshape(-1, 50), tgt.reshape(-1),
+                                            ignore_index=IGNORE, reduction="sum")
+    rh, rw = torch.autograd.grad(ref * 0.5, (h, w))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got, ref, rtol=tol, atol=tol)
+    assert torch.allclose(gh.float(), rh.float(), rtol=tol, atol=tol)
+    assert torch.allclose(gw, rw.float(), rtol=tol, atol=tol * 10)
+    assert not gh[~keep].any()  # ignored positions get no gradient
+
+
+def test_chunked_loss_trains_the_same_model(micro):
+    model, tok = load(micro)
+    plain = train(model, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2, chunked_loss=False))
+    model2, _ = load(micro)
+    chunked = train(model2, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2, chunked_loss=True))
+    assert chunked.history == pytest.approx(plain.history, rel=1e-5)
+    a, b = _weights(plain.model), _weights(chunked.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

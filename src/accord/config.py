@@ -257,6 +257,8 @@ class TrainConfig(_Strict):
     seed: int = Field(0)
     bf16: bool | None = Field(None, description="bf16 mixed precision (default: when the device supports it)")
     gradient_checkpointing: bool = Field(False)
+    chunked_loss: bool | None = Field(None, description="the LM head and cross-entropy in chunks from the hidden "
+                                      "states, never the full [batch, length, vocabulary] logits (null: on CUDA)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     mot_schedule: Literal["per-round", "global"] = Field(

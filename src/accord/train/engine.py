@@ -60,6 +60,7 @@ class TrainArgs:
     keep_checkpoints: int | None = None  # keep only the newest N step checkpoints (None: all)
     bf16: bool | None = None  # None: bf16 when the device supports it
     gradient_checkpointing: bool = False
+    chunked_loss: bool | None = None  # the head + CE in chunks (no [B, T, V] logits); None: on CUDA only
     lora_r: int = 0  # >0: train LoRA adapters (peft) instead of all weights
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -256,13 +257,54 @@ def _bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def sft_loss(model, b: dict, n_units: int) -> tuple[torch.Tensor, dict]:
-    """The default ``loss_fn``: Σ token NLL of the micro-batch / the step's target tokens."""
+def sft_loss(model, b: dict, n_units: int, chunked: bool = False) -> tuple[torch.Tensor, dict]:
+    """The default ``loss_fn``: Σ token NLL of the micro-batch / the step's target tokens.  ``chunked``: from the
+    final hidden states through :class:`LinearCrossEntropy`, never materialising the [B, T, V] logits."""
+    if chunked:
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
+                    logits_to_keep=1)  # only the last position's logits; the head runs in chunks below
+        h, tgt = out.hidden_states[-1][:, :-1], b["labels"][:, 1:]
+        keep = tgt != IGNORE
+        head = output_states(model)
+        return LinearCrossEntropy.apply(h[keep], head.weight, tgt[keep]) / max(1, n_units), {}
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
     tgt = b["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum") / max(1, n_units)
     return loss, {}
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σ over rows of CE(h W^T, target), chunk by chunk: the logits of ``CHUNK`` rows at a time, never all of
+    them.  The gradients are computed in the forward pass (the loss is a sum, so d loss/d h and d loss/d W
+    are final once the chunk is seen) and scaled in backward — Liger Kernel's fused-linear-cross-entropy
+    idea, in plain PyTorch because no installed library does it on CPU.  Logits in the autocast dtype,
+    softmax and the loss in float32, as the plain path."""
+
+    CHUNK = 4096
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        w = weight.to(h.dtype)  # bf16 hidden states (autocast) meet the fp32 master weights in bf16, as the plain head
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        for s in range(0, h.shape[0], LinearCrossEntropy.CHUNK):
+            hs, tg = h[s:s + LinearCrossEntropy.CHUNK], targets[s:s + LinearCrossEntropy.CHUNK]
+            logits = (hs @ w.T).float()
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits.gather(-1, tg[:, None])[:, 0]).sum()
+            d = torch.softmax(logits, -1)
+            d[torch.arange(len(tg), device=d.device), tg] -= 1.0  # d loss / d logits
+            grad_h[s:s + len(tg)] = (d.to(h.dtype) @ w).to(h.dtype)
+            grad_w += d.T @ hs.float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * g.to(grad_h.dtype), grad_w * g.to(grad_w.dtype), None
 
 
 def to_device(obj, device):
@@ -393,18 +435,26 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         stream.next()  # replay the data order up to the checkpoint (cheap: indices only)
     models, opt = _place(acc, models, opt, shard)
     local = not shard or acc.is_main_process  # does this process write files?
+    for m in models.values():
+        m.train()
+    call = models[""] if single else models
+    collate_fn = collate_fn or (lambda c: collate(c, tok.pad_token_id))
+    trained = [m for m in models.values() if _trainable(m)]
+    chunked = bool(args.chunked_loss if args.chunked_loss is not None else acc.device.type == "cuda") and single \
+        and loss_fn is None and getattr(output_states(call), "bias", None) is None
+    if loss_fn is None and chunked:
+        import functools
+
+        loss_fn = functools.partial(sft_loss, chunked=True)
     if local:
         from accord.models import runtime
 
         lm = next((m for m in models.values() if _is_lm(m)), None)
         say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
                  f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; no packing; loss: "
-                 f"{'the recipe' + chr(39) + 's' if loss_fn else 'token cross-entropy'} over full-vocabulary logits")
-    for m in models.values():
-        m.train()
-    call = models[""] if single else models
-    collate_fn = collate_fn or (lambda c: collate(c, tok.pad_token_id))
-    trained = [m for m in models.values() if _trainable(m)]
+                 + ("the recipe's" if loss_fn and not chunked else "token cross-entropy")
+                 + (" from the hidden states in chunks (no full-vocabulary logits)" if chunked
+                    else " over full-vocabulary logits"))
     micro = max(1, args.batch_size // args.grad_accum)
     clock, last_ckpt = time.perf_counter(), _latest(out)
     trackers = start_trackers(args, out, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}) \
