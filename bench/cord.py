@@ -27,7 +27,7 @@ def main() -> None:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     from accord.config import validate
-    from accord.cord import run_cord
+    from accord.cord.stage import run_cord
     from accord.lab.build import build_lab, valid_entry
 
     console = Console(stderr=True, quiet=True)

@@ -185,7 +185,7 @@ def test_direct_avg_is_uniform_sft_on_grouped_problems(micro):
 
 def test_accord_train_compact_end_to_end(tmp_path, micro):
     from accord.config import load_config
-    from accord.report import compact_scores, write_report
+    from accord.analysis.report import compact_scores, write_report
 
     run = tmp_path / "run"
     (run / "corpora").mkdir(parents=True)

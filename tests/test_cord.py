@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import run_cli, write_jsonl
 
-from accord.cord import hit_rates
+from accord.analysis.cord import hit_rates
 from accord.cord.decode import CordSettings, Timing, beam_search, finish
 from accord.cord.score import (
     CordError,
@@ -315,7 +315,7 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
     assert code == 0
     assert json.loads((run / "cord" / "summary.json").read_text())["cord"]["n"] == 10  # nothing redone
     from accord.config import load_config
-    from accord.report import write_report
+    from accord.analysis.report import write_report
 
     html = write_report(load_config(path), [], []).read_text()
     assert "CoRD Table 2" in html and "<td>cord-curation</td>" in html
@@ -348,7 +348,7 @@ def test_mcts_baseline_spends_the_trajectory_budget_and_follows_the_score():
 
 def test_integration_json_is_read_back_and_a_teacher_name_is_refused(tmp_path):
     from accord.config import AccordConfig
-    from accord.cord import INTEGRATION_PROMPT, parse_integration
+    from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 
     text = ('Sure.\n{"integrated_step2": {"content": "### Step 2. 7 * 2 = 4", "category": "Progressive"},\n'
             '"integrated_step1": {"content": "### Step 1. 3 + 4 = 7", "category": "Progressive"},\n'
@@ -366,7 +366,7 @@ def test_integration_json_is_read_back_and_a_teacher_name_is_refused(tmp_path):
 
 
 def test_meta_prover_defaults_to_the_best_collected_teacher(tmp_path):
-    from accord.cord import default_meta_prover
+    from accord.cord.stage import default_meta_prover
 
     class Cfg:
         run_dir = str(tmp_path)

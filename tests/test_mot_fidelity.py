@@ -81,7 +81,7 @@ def test_ties_rounds_keep_small_updates_on_a_bf16_student(tmp_path, micro):
 
 @pytest.mark.parametrize("schedule", ["per-round", "global"])
 def test_mot_schedule_and_branch_losses_kept(tmp_path, micro, schedule):
-    from accord.report import branch_losses
+    from accord.analysis.report import branch_losses
 
     cfg, run = _mot_cfg(tmp_path, micro, warmup_ratio=0.34, mot_schedule=schedule)
     code, out = run_cli("train", str(cfg))

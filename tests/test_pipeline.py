@@ -83,7 +83,7 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
 
 def test_report_escapes_model_text(tmp_path, problems_file, two_parrots, micro):
     from accord.config import load_config
-    from accord.report import write_report
+    from accord.analysis.report import write_report
 
     cfg = load_config(pipeline_cfg(tmp_path, problems_file, two_parrots, micro))
     d = tmp_path / "run" / "eval" / "base"
@@ -243,7 +243,7 @@ def test_validation_selection_on_a_lab_source_for_mot_std_and_mtd(tmp_path, micr
 
 
 def test_method_table_shows_the_selected_and_the_last_checkpoint():
-    from accord.report import method_table
+    from accord.analysis.report import method_table
 
     results = [{"name": "mtd", "final": "c-1", "last": "final", "branch_steps": 2},
                {"name": "mot", "final": "r-2", "last": "r-2", "branch_steps": 4}]
@@ -353,7 +353,7 @@ def test_eval_repeats_give_a_standard_deviation_over_runs(parrot7, problems_file
     from accord.config import ProblemsConfig, TeacherConfig
     from accord.evaluate import evaluate
     from accord.problems import load_problems
-    from accord.report import _fmt, _with_se
+    from accord.analysis.report import _fmt, _with_se
     from accord.teachers.base import load_teacher
 
     probs = load_problems(ProblemsConfig(path=str(problems_file)))

@@ -298,7 +298,7 @@ def _qr_run(tmp_path, micro, micro_b, **qr_over):
 
 def test_accord_train_qr_end_to_end(tmp_path, micro, micro_b):
     from accord.config import load_config
-    from accord.report import routing_table, write_report
+    from accord.analysis.report import routing_table, write_report
 
     run, p = _qr_run(tmp_path, micro, micro_b)
     code, out = run_cli("train", str(p))

@@ -254,7 +254,7 @@ def cmd_train(args, console: Console) -> int:
 
 
 def cmd_eval(args, console: Console) -> int:
-    from accord.report import method_table, text_table
+    from accord.analysis.report import method_table, text_table
     from accord.run import run
 
     cfg = _load(args)
@@ -299,7 +299,7 @@ def cmd_merge(args, console: Console) -> int:
 
 
 def cmd_cord(args, console: Console) -> int:
-    from accord.cord import run_cord
+    from accord.cord.stage import run_cord
     from accord.run import prepare_models
 
     cfg = _load(args)

@@ -31,7 +31,7 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
         extra_results: list[dict] | None = None) -> dict:
     from accord.collect import collect
     from accord.evaluate import evaluate_models
-    from accord.report import method_table, text_table, write_report
+    from accord.analysis.report import method_table, text_table, write_report
     from accord.train import run_training
 
     if "train" in stages and "collect" not in stages:
@@ -59,7 +59,7 @@ def finished_results(cfg: AccordConfig) -> list[dict]:
     """Result records of every finished training stage in ``run_dir/train``."""
     import json
 
-    from accord.report import _order_key
+    from accord.analysis.report import _order_key
 
     root = Path(cfg.run_dir) / "train"
     res = [json.loads(p.read_text()) for p in root.glob("*/result.json")] if root.exists() else []

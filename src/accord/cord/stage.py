@@ -1,0 +1,289 @@
+"""`accord cord`, the stage: CoRD — collaborative step-wise multi-teacher decoding (paper 002, §3–§5).
+
+For every problem the teachers write one reasoning trajectory together, step by
+step (``decode.beam_search``), scored by a meta-prover's predictive perplexity of
+the gold answer (``score``).  Each trajectory is stored in the trace store as the
+teacher ``cord`` (style ``cord``), and ``corpora/cord.jsonl`` holds the correct
+ones, so ``train.method: std:cord`` trains on it like any teacher corpus.  The
+curation baseline (``cord-curation``; each teacher writes B complete traces, the
+same score picks one) and the optional integration baseline (``cord-integration``;
+a separate LLM — ``cord.integrator``, its own model entry, never a proposer —
+merges the curation traces with the paper's Table 17 prompt and its JSON answer
+is read back into ``<think>`` steps and an answer) are stored beside it.
+
+``<run_dir>/cord/summary.json`` holds answer accuracy and mean predictive
+perplexity of CoRD vs the baselines (Table 2), teacher hit rates over
+normalised reasoning progress (Fig. 2; ``hit_rates.png``) and the wall-clock
+breakdown into step generation and meta-prover scoring (Table 14).  Problems
+already stored are skipped on re-run; a problem without a parsable gold answer
+is skipped and counted, and so is one whose gold answer the meta-prover's
+tokenizer cannot write (a warning names it; the run goes on).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from accord.analysis.cord import hit_rates, plot_hit_rates
+from accord.cord.decode import (
+    CordSettings,
+    Timing,
+    beam_search,
+    curate,
+    finish,
+    mcts_search,
+)
+from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
+from accord.cord.score import CordError, Scorer
+
+def settings(cfg) -> CordSettings:
+    c = cfg.cord
+    return CordSettings(beam=c.beam, segmentation=c.segmentation, max_steps=c.max_steps, step_tokens=c.step_tokens,
+                        think_tokens=c.think_tokens, answer_tokens=c.answer_tokens, temperature=c.temperature,
+                        top_p=c.top_p, seed=c.seed)
+
+
+def run_cord(cfg, console) -> dict:
+    from accord.problems import load_problems
+    from accord.prompts import render_prompt
+    from accord.store import TraceStore
+    from accord.teachers.base import load_teacher
+    from accord.ui import progress
+
+    c, cs = cfg.cord, settings(cfg)
+    problems = load_problems(cfg.problems)[: c.limit] if c.limit else load_problems(cfg.problems)
+    run_dir = Path(cfg.run_dir)
+    store = TraceStore(run_dir / "traces.sqlite")
+    store.put_problems(problems)
+    gen_cfgs = [t for t in cfg.teachers if t.backend != "column"]
+    if not gen_cfgs:
+        raise CordError("cord needs teachers that generate (not only `column` imports)")
+    teachers = {t.name: load_teacher(t) for t in gen_cfgs}
+    integrator = load_teacher(c.integrator) if c.integrator and "integration" in c.baselines else None
+    meta = teachers[c.meta_prover or default_meta_prover(cfg, [t.name for t in gen_cfgs], console)]
+    scorer = Scorer(c.selection, meta, seed=c.seed, judge_runs=c.judge_runs, verifier=cfg.collect.verifier,
+                    template=c.answer_template)
+    pp = scorer if c.selection == "predictive-perplexity" else Scorer("predictive-perplexity", meta,
+                                                                       template=c.answer_template)
+    style = "steps" if c.segmentation == "prompt" else "default"
+    done = {k[0] for k in store.done_keys("cord")}
+    timing = {"cord_generation_s": 0.0, "cord_meta_prover_s": 0.0, "curation_generation_s": 0.0,
+              "curation_meta_prover_s": 0.0}
+    skipped, failures, unscorable = 0, {}, []
+    with progress(console) as bar:
+        task = bar.add_task("cord", total=len(problems))
+        for p in problems:
+            bar.update(task, advance=1)
+            if p.id in done:
+                continue
+            if not _gold_ok(p.answer, cfg.collect.verifier):
+                skipped += 1
+                continue
+            if (why := scorer.answer_problem(p.answer)) is not None:
+                unscorable.append(p.id)  # skipped and counted; the rest of the run goes on
+                console.print(f"[yellow]warning[/]: problem {p.id} skipped: {why}")
+                continue
+            rows = _one_problem(cfg, teachers, scorer, pp, render_prompt(style, p.question), p, cs, timing, failures,
+                                integrator)
+            store.put_traces(rows)
+    summary = summarize(cfg, store, problems, list(teachers), timing, skipped, failures, unscorable)
+    _write_corpus(cfg, store, problems)
+    for t in [*teachers.values(), *([integrator] if integrator else [])]:
+        t.close()
+    store.close()
+    _print(summary, console)
+    return summary
+
+
+def _gold_ok(answer: str, verifier: str) -> bool:
+    from accord.verify import GoldAnswerError, check
+
+    if not answer or not str(answer).strip():
+        return False
+    try:
+        check(verifier, answer, f"\\boxed{{{answer}}}")
+    except GoldAnswerError:
+        return False
+    return True
+
+
+def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures, integrator=None) -> list[dict]:
+    c = cfg.cord
+    t0, tm = time.perf_counter(), Timing()
+    s0 = scorer.seconds
+    if c.selection in WHOLE_TRAJECTORY:  # the paper's Random / Max-length: picked among finished traces
+        traj, _ = curate(teachers, scorer, prompt, p.answer, cs, tm, rollouts=cs.beam)
+        traj = traj or finish(teachers, prompt, beam_search(teachers, scorer, prompt, p.answer, cs, tm), cs, tm)
+    else:
+        search = mcts_search if c.search == "mcts" else beam_search
+        traj = finish(teachers, prompt, search(teachers, scorer, prompt, p.answer, cs, tm), cs, tm)
+    timing["cord_generation_s"] += tm.generation_s
+    timing["cord_meta_prover_s"] += scorer.seconds - s0
+    rows = [_row(cfg, p, "cord", prompt, traj, _pp(pp, scorer, prompt, traj, p.answer), time.perf_counter() - t0,
+                 step_timings=tm.steps)]
+    _merge_failures(failures, tm.failures)
+    if "curation" in c.baselines or "integration" in c.baselines:
+        t0, tm, s0 = time.perf_counter(), Timing(), pp.seconds
+        picked, pool = curate(teachers, pp, prompt, p.answer, cs, tm, rollouts=c.curation_rollouts or cs.beam)
+        timing["curation_generation_s"] += tm.generation_s
+        timing["curation_meta_prover_s"] += pp.seconds - s0
+        if picked is not None and "curation" in c.baselines:
+            rows.append(_row(cfg, p, "cord-curation", prompt, picked, picked.score, time.perf_counter() - t0))
+        if pool and integrator is not None:
+            rows.append(_integrate(cfg, integrator, pp, prompt, p, pool, cs))
+        _merge_failures(failures, tm.failures)
+    return rows
+
+
+def _pp(pp, scorer, prompt, traj, answer) -> float:
+    from accord.cord.decode import THINK_PREFIX
+    from accord.prompts import THINK_CLOSE
+
+    body = traj.reasoning[len(THINK_PREFIX):-len(THINK_CLOSE)]
+    if pp is scorer and traj.score != float("-inf"):
+        return traj.score
+    return pp(prompt, THINK_PREFIX, [body], answer)[0]
+
+
+def _integrate(cfg, integrator, pp, prompt, p, pool, cs) -> dict:
+    from accord.cord.decode import THINK_PREFIX, Trajectory
+    from accord.prompts import THINK_CLOSE
+    from accord.teachers.base import Request, SamplingParams
+
+    traces = "\n".join(f"<reasoning_step_{i + 1}> {t.reasoning[len(THINK_PREFIX):-len(THINK_CLOSE)].strip()} "
+                       f"</reasoning_step_{i + 1}>" for i, t in enumerate(pool))
+    t0 = time.perf_counter()
+    g = integrator.generate([Request(INTEGRATION_PROMPT.format(question=p.question, traces=traces))],
+                            SamplingParams(temperature=0.0, max_new_tokens=cs.think_tokens + cs.answer_tokens))[0]
+    parsed = parse_integration(g.text)
+    if parsed is not None:
+        think, ans = parsed[0] + "\n", "\n\n" + parsed[1]
+    else:  # no JSON: the raw text, read as reasoning then answer (counted as integration_unparsed)
+        think, _, ans = g.text.partition(THINK_CLOSE)
+        think = think.split(THINK_PREFIX.strip(), 1)[-1].lstrip("\n")
+    traj = Trajectory(THINK_PREFIX + think + THINK_CLOSE + ans, THINK_PREFIX + think + THINK_CLOSE, ans,
+                      [((integrator.name,), think)], 0.0, integrator.name, False, g.token_count)
+    score = pp(prompt, THINK_PREFIX, [think], p.answer)[0]
+    return _row(cfg, p, "cord-integration", prompt, traj, score, time.perf_counter() - t0)
+
+
+def _merge_failures(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if k == "_errors":
+            into.setdefault("_errors", []).extend(v[:3])
+        else:
+            into[k] = into.get(k, 0) + v
+
+
+def _row(cfg, p, teacher: str, prompt: str, traj, score: float, elapsed: float, step_timings=None) -> dict:
+    from accord.prompts import last_boxed
+    from accord.verify import check
+
+    res = check(cfg.collect.verifier, p.answer, traj.answer_text or traj.text)
+    params = {"pp": score, "steps": [list(n) for n, _ in traj.steps], "step_chars": [len(s) for _, s in traj.steps],
+              "writer": traj.writer, "budget_hit": traj.budget_hit, "beam": cfg.cord.beam,
+              "segmentation": cfg.cord.segmentation, "selection": cfg.cord.selection,
+              "step_timings": step_timings or []}  # per step: [generation s, meta-prover s, candidates]
+    return {"problem_id": p.id, "teacher": teacher, "style": "cord", "sample_idx": 0, "params": json.dumps(params),
+            "prompt": prompt, "text": traj.text, "reasoning": traj.reasoning, "answer_text": traj.answer_text,
+            "parsed_answer": last_boxed(traj.answer_text or traj.text), "verdict": res.verdict,
+            "token_count": traj.tokens, "char_count": len(traj.text), "finish_reason": "stop",
+            "elapsed_s": elapsed}
+
+
+def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: int, failures: dict,
+              unscorable: list[str] = ()) -> dict:
+    from accord.verify import CORRECT
+
+    ids = {p.id for p in problems}
+    out: dict = {"problems": len(problems), "skipped_no_gold": skipped, "failures": failures,
+                 "skipped_unscorable": list(unscorable),  # gold answers the meta-prover's tokenizer cannot write
+                 "settings": cfg.cord.model_dump(mode="json"), "timing_this_run": timing}
+    steps = []
+    for name in ("cord", "cord-curation", "cord-integration"):
+        rows = [r for r in store.traces(name) if r["problem_id"] in ids]
+        if not rows:
+            continue
+        params = [json.loads(r["params"] or "{}") for r in rows]
+        out[name] = {"n": len(rows), "accuracy": sum(r["verdict"] == CORRECT for r in rows) / len(rows),
+                     "mean_pp": sum(x.get("pp", 0.0) for x in params) / len(rows),
+                     "mean_tokens": sum(r["token_count"] or 0 for r in rows) / len(rows),
+                     "wall_s": sum(r["elapsed_s"] or 0 for r in rows)}
+        if name == "cord":
+            steps = [[(tuple(n), "") for n in x.get("steps", [])] for x in params if x.get("steps")]
+    out["hit_rates"] = hit_rates(steps, teachers)
+    gen, mp = timing["cord_generation_s"], timing["cord_meta_prover_s"]
+    out["meta_prover_share"] = mp / (gen + mp) if gen + mp else None
+    both = "cord" in out and "cord-curation" in out and out["cord-curation"]["wall_s"]
+    out["cord_curation_wall_ratio"] = out["cord"]["wall_s"] / out["cord-curation"]["wall_s"] if both else None
+    d = Path(cfg.run_dir) / "cord"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "summary.json").write_text(json.dumps(out, indent=1))
+    plot_hit_rates(out["hit_rates"], d / "hit_rates.png")
+    return out
+
+
+PIPELINES = ("cord", "cord-curation", "cord-integration")
+WHOLE_TRAJECTORY = ("random", "max-length")  # CoRD §5.2.2: these baselines choose among complete traces
+
+
+def default_meta_prover(cfg, names: list[str], console) -> str:
+    """The paper uses the strongest teacher as meta-prover: the best collected accuracy when a collection
+    exists (``collect_summary.json``), else the first teacher — with a note saying which and why."""
+    p = Path(cfg.run_dir) / "collect_summary.json"
+    acc = {}
+    if p.exists():
+        try:  # a list of per-teacher records (MoT Table 21's columns)
+            acc = {r["teacher"]: r["accuracy"] for r in json.loads(p.read_text())
+                   if isinstance(r, dict) and r.get("teacher") in names and r.get("accuracy") is not None}
+        except (json.JSONDecodeError, TypeError, KeyError):
+            acc = {}
+    if acc:
+        best = max(names, key=lambda n: (acc.get(n, -1.0), -names.index(n)))
+        console.print(f"note: meta-prover {best!r} (best collected accuracy, {acc[best]:.1%}); set cord.meta_prover "
+                      "to choose")
+        return best
+    console.print(f"note: meta-prover {names[0]!r} (the first teacher; no collection to rank them); set "
+                  "cord.meta_prover to choose — the paper uses the strongest")
+    return names[0]
+
+
+def _write_corpus(cfg, store, problems) -> int:
+    """``corpora/<pipeline>.jsonl`` for CoRD and each baseline: ``std:cord-curation`` trains on curation (Table 3)."""
+    from accord.collect import _write_jsonl, corpus_row
+    from accord.verify import CORRECT
+
+    by_id = {p.id: p for p in problems}
+    out = Path(cfg.run_dir) / "corpora"
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name in PIPELINES:
+        rows = [corpus_row(r, by_id[r["problem_id"]]) for r in store.traces(name)
+                if r["problem_id"] in by_id and r["verdict"] == CORRECT]
+        if rows or name == "cord":
+            _write_jsonl(out / f"{name}.jsonl", rows)
+            n += len(rows) if name == "cord" else 0
+    return n
+
+
+def _print(s: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(title="CoRD vs baselines at the same trajectory budget (cf. CoRD Table 2)")
+    for col in ("pipeline", "problems", "answer acc.", "mean PP", "mean tokens"):
+        t.add_column(col)
+    for name in ("cord", "cord-curation", "cord-integration"):
+        if name in s:
+            r = s[name]
+            t.add_row(name, str(r["n"]), f"{r['accuracy']:.1%}", f"{r['mean_pp']:.3f}", f"{r['mean_tokens']:.0f}")
+    console.print(t)
+    if s.get("meta_prover_share") is not None:
+        console.print(f"meta-prover share of CoRD time: {s['meta_prover_share']:.1%}; "
+                      f"CoRD/curation wall-time: {s['cord_curation_wall_ratio'] or float('nan'):.2f}")
+    if s["skipped_no_gold"]:
+        console.print(f"[yellow]skipped[/] {s['skipped_no_gold']} problem(s) without a parsable gold answer")
+    fails = {k: v for k, v in s["failures"].items() if k != "_errors"}
+    if fails:
+        console.print(f"[yellow]failed proposals[/] (dropped, the run went on): {fails}")
