@@ -3,12 +3,12 @@
 A lab model that writes traces (``--model``, default ``lab:verbose``: the lab student fine-tuned on verbose
 traces, the shape of a distilled student; a micro model when the lab is not built) on 200 target problems ×
 (greedy + k = 4 samples at T = 0.6), the same batch size (64) and token budget.  The reference renders the
-same chat prompts, left-pads them in batches of the same size in the given order and calls
-``model.generate``; accord runs ``evaluate()`` through its hf backend (length-sorted batches, verification,
+same chat prompts, left-pads them in batches of the same size in the given order, calls
+``model.generate`` and decodes the outputs (no verification, no rows written); accord runs ``evaluate()`` through its hf backend (length-sorted batches, verification,
 rows written for resume).  Greedy outputs are checked equal; the ratio is reference time / accord time
 (≥ 1.0: accord is no slower than the plain loop).
 
-    python bench/eval.py [--n 200] [--k 4] [--batch 64] [--repeats 2] [--model lab:verbose]
+    python bench/eval.py [--n 200] [--k 4] [--batch 64] [--repeats 5] [--model lab:verbose]
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ def run_reference(gen, probs, args) -> tuple[float, dict]:
             kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if mode == "greedy" else \
                 dict(do_sample=True, temperature=0.6, top_p=1.0, top_k=0)
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
-            if mode == "greedy":
-                for (p, _), row in zip(part, out[:, enc["input_ids"].shape[1]:]):
-                    greedy[p.id] = tok.decode(row, skip_special_tokens=True)
+            texts_out = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)  # any
+            if mode == "greedy":  # evaluation loop must read its outputs; only the greedy ones are compared
+                for (p, _), text in zip(part, texts_out):
+                    greedy[p.id] = text
     return time.perf_counter() - t0, greedy
 
 
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--model", default="lab:verbose")
     args = ap.parse_args()
     gen, probs = setup(args.n, args.batch, args.model)

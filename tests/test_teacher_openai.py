@@ -29,29 +29,32 @@ def free_port() -> int:
 # ------------------------------------------------------------------ a real server
 
 
-@pytest.fixture(scope="module")
-def served_parrot(parrot7):
+def serve(model) -> tuple[subprocess.Popen, str]:
+    """A `transformers serve` process for ``model`` on a free local port, once it accepts connections."""
     exe = Path(sys.executable).with_name("transformers")
     if not exe.exists():
         pytest.skip("transformers CLI with serving extras not installed")
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), str(parrot7)],
+    proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), str(model)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+                return proc, f"http://127.0.0.1:{port}/v1"
         except OSError:
             if proc.poll() is not None:
                 pytest.fail("transformers serve exited early")
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("transformers serve did not start")
-    yield url + "/v1", str(parrot7)
+    proc.kill()
+    pytest.fail("transformers serve did not start")
+
+
+@pytest.fixture(scope="module")
+def served_parrot(parrot7):
+    proc, url = serve(parrot7)
+    yield url, str(parrot7)
     proc.terminate()
     proc.wait(timeout=20)
 
@@ -254,3 +257,40 @@ def test_every_replica_gone_is_unavailable():
                                     base_url=[f"http://127.0.0.1:{port1}/v1", f"http://127.0.0.1:{port2}/v1"]))
     with pytest.raises(TeacherUnavailable, match=f"127.0.0.1:{port1}/v1, http://127.0.0.1:{port2}/v1"):
         t.generate([Request("a"), Request("b")], SamplingParams(max_new_tokens=4))
+
+
+@pytest.mark.slow
+def test_two_transformers_serve_replicas_one_killed_mid_collection(tmp_path, parrot7):
+    """Two real `transformers serve` processes behind one teacher; replica B is killed once 8 rows are stored:
+    the collection finishes on A with every sample stored exactly once."""
+    (pa, url_a), (pb, url_b) = serve(parrot7), serve(parrot7)
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": f"What is {i}+7?", "answer": "7"} for i in range(8)])
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(probs)},
+           "teachers": [{"name": "api", "backend": "openai", "model": str(parrot7), "base_url": [url_a, url_b],
+                         "max_retries": 1, "max_concurrency": 1, "timeout": 30}],
+           "collect": {"samples": 4, "max_new_tokens": 24}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    db_path = tmp_path / "run" / "traces.sqlite"
+
+    def kill_b_midway():
+        while True:
+            try:
+                if sqlite3.connect(db_path).execute("select count(*) from traces").fetchone()[0] >= 8:
+                    break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.2)
+        pb.kill()
+
+    threading.Thread(target=kill_b_midway, daemon=True).start()
+    try:
+        code, out = run_cli("collect", str(p))
+    finally:
+        pa.terminate()
+        pb.kill()
+    assert code == 0, out
+    assert f"replica {url_b} unreachable" in out
+    rows = sqlite3.connect(db_path).execute("select problem_id, sample_idx, verdict from traces").fetchall()
+    assert len(rows) == 32 and len({(r[0], r[1]) for r in rows}) == 32
+    assert all(r[2] == "correct" for r in rows)
