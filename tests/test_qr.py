@@ -374,3 +374,33 @@ def test_routed_forward_split_matches_the_full_forward(micro):
     assert split[0][routed].requires_grad and not split[0][~routed].detach().requires_grad
     (split[0] * torch.tensor([0.0, 1.0, 0.0, 1.0])).sum().backward()  # only unrouted paths in the loss
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("over", [
+    {"qr": {"route": "frozen"}}, {"qr": {"route": "all"}}, {"qr": {"mutual_paths": "routed", "proj": "random"}},
+    {"qr": {"competence": "uniform", "entropy": "pooled", "router_baseline": "question"}},
+    {"qr": {"router_baseline": "none", "paths_per_question": 2, "tau_end": 0.5, "schedule": "cosine"}},
+    {"qr": {"freeze": ["qwen"], "mutual_weight": 0.0}}, {"train": {"lora": {"r": 4}}},
+], ids=["frozen-router", "no-routing", "routed-random-proj", "uniform-pooled-question", "paper-literal",
+        "frozen-peer-no-collab", "lora"])
+def test_every_ablation_trains_end_to_end(tmp_path, micro, micro_b, over):
+    """Table 2 / Table 5 ablations and the reading options run through `accord train` and write both students."""
+    run, p = _qr_run(tmp_path, micro, micro_b)
+    cfg = yaml.safe_load(p.read_text())
+    for section, values in over.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    p.write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("train", str(p))
+    assert code == 0, out
+    for n in ("llama", "qwen"):
+        assert (run / "train" / f"qr-{n}" / "final" / "config.json").exists()
+    steps = [json.loads(x) for x in (run / "train" / "qr" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and all(np_finite(ev["loss"]) for ev in steps)
+    if over.get("qr", {}).get("route") == "all":
+        assert all(ev["sel/llama"] == 1.0 for ev in steps)
+
+
+def np_finite(x: float) -> bool:
+    import math
+
+    return math.isfinite(x)
