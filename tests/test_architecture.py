@@ -89,3 +89,11 @@ def test_registry_entries_load():
     for mod in SCHEMES.values():
         p = importlib.import_module(mod)
         assert all(callable(getattr(p, f)) for f in ("model_path", "problem_rows", "prepare"))
+
+
+def test_every_step_scorer_has_its_method():
+    from accord.cord.score import Scorer
+    from accord.registry import STEP_SCORERS
+
+    for name in STEP_SCORERS:
+        assert callable(getattr(Scorer, "_" + name.replace("-", "_"), None)), name

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from accord.errors import UsageError
-from accord.registry import BACKENDS, MERGE_METHODS, METHODS, SELECT_POLICIES
+from accord.registry import BACKENDS, MERGE_METHODS, METHODS, SELECT_POLICIES, STEP_SCORERS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -323,8 +323,8 @@ class CordConfig(_Strict):
     beam: int = Field(4, ge=1, description="B: partial trajectories kept per step (1 = greedy); CoRD §4.3")
     segmentation: Literal["prompt", "line-break", "prefix"] = Field(
         "prompt", description="step unit: ### Step headers (§4.1), blank lines, or reflection markers (App. G.1)")
-    selection: Literal["predictive-perplexity", "random", "max-length", "binary-judgment"] = Field(
-        "predictive-perplexity", description="step score (§4.2; alternatives §5.2.2)")
+    selection: str = Field("predictive-perplexity", description="step score: " + "; ".join(
+        f"{s.name} ({s.paper})" for s in STEP_SCORERS.values()))
     search: Literal["beam", "mcts"] = Field("beam", description="beam search (§4.3; beam=1 is greedy) or the MCTS "
                                             "baseline (§5.2.3) with UCB and `beam` roll-outs")
     meta_prover: str | None = Field(None, description="teacher name whose model scores steps (default: the best "
@@ -349,6 +349,11 @@ class CordConfig(_Strict):
         "GPT-5-mini in the paper); it merges the curation traces and never proposes steps")
     limit: int | None = Field(None, ge=1, description="only the first N problems")
     seed: int = Field(0)
+
+    @field_validator("selection")
+    @classmethod
+    def _selection(cls, v: str) -> str:
+        return one_of(v, STEP_SCORERS, "step scorer")
 
     @field_validator("integrator", mode="before")
     @classmethod

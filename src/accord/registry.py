@@ -1,5 +1,5 @@
 """Every "chosen by name" list, once: training methods, teacher backends, merge operators, selection
-policies, spec schemes.  Each entry is a named record with keyword fields and its paper (mergekit's
+policies, CoRD step scorers, spec schemes.  Each entry is a named record with keyword fields and its paper (mergekit's
 ``merge_methods/registry.py`` is the model); this module imports no torch, so ``config`` validates
 against it cheaply.  Implementations are named as ``"module:attribute"`` and loaded on use
 (:func:`load`), so the registry depends on nothing it lists.
@@ -88,6 +88,22 @@ SELECT_POLICIES = {s.name: s for s in (
     SelectPolicy("random-correct", "one random verified trace per problem and teacher (MoT §5)"),
     SelectPolicy("all-correct", "every verified trace (QR-Distill's paths)"),
     SelectPolicy("first-correct", "the first verified trace by (style, sample index)"),
+)}
+
+
+@dataclass(frozen=True)
+class StepScorer:
+    name: str
+    meta_prover: bool  # scores with the meta-prover model
+    whole_trajectory: bool  # a baseline that picks among finished traces rather than step by step (§5.2.2)
+    paper: str
+
+
+STEP_SCORERS = {s.name: s for s in (
+    StepScorer("predictive-perplexity", True, False, "CoRD §4.2 (the meta-prover's PP of the gold answer)"),
+    StepScorer("random", False, True, "CoRD §5.2.2 (Random)"),
+    StepScorer("max-length", False, True, "CoRD §5.2.2 (Max-length)"),
+    StepScorer("binary-judgment", True, False, "CoRD §5.2.2 (the meta-prover judges each step, 4 runs)"),
 )}
 
 

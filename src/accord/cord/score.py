@@ -31,6 +31,7 @@ import time
 import torch
 
 from accord.errors import UsageError
+from accord.registry import STEP_SCORERS
 
 DEFAULT_TEMPLATE = "</think> The final answer is {answer}."  # App. A.1
 TEMPLATE = "</think> The final answer is"  # the part of the default template before the answer
@@ -44,7 +45,6 @@ def split_template(template: str) -> tuple[str, str]:
     return (before[:-1], " ") if before.endswith(" ") else (before, "")
 TIME_UP = ("Time is up. Given the time I've spent and the approaches I've tried, I should stop thinking and "
            "formulate a final answer based on what I already have.</think> The final answer is:")
-SCORERS = ("predictive-perplexity", "random", "max-length", "binary-judgment")
 
 
 class CordError(UsageError):
@@ -56,9 +56,9 @@ class Scorer:
 
     def __init__(self, kind: str, meta=None, *, seed: int = 0, judge_runs: int = 4, verifier: str = "math",
                  judge_temperature: float = 0.6, template: str = DEFAULT_TEMPLATE):
-        if kind not in SCORERS:
-            raise CordError(f"unknown selection {kind!r}; choose one of {', '.join(SCORERS)}")
-        if kind in ("predictive-perplexity", "binary-judgment") and meta is None:
+        if kind not in STEP_SCORERS:
+            raise CordError(f"unknown selection {kind!r}; choose one of {', '.join(STEP_SCORERS)}")
+        if STEP_SCORERS[kind].meta_prover and meta is None:
             raise CordError(f"selection {kind!r} needs a meta-prover (cord.meta_prover)")
         self.kind, self.meta, self.rng = kind, meta, random.Random(seed)
         self.judge_runs, self.verifier, self.judge_temperature = judge_runs, verifier, judge_temperature
@@ -85,18 +85,24 @@ class Scorer:
         t0 = time.perf_counter()
         try:
             self.calls += 1
-            if self.kind == "random":
-                return [self.rng.random() for _ in candidates]
-            if self.kind == "max-length":
-                return [float(len(prefix) + len(c)) for c in candidates]
-            if self.kind == "binary-judgment":
-                return self._judge(prompt, prefix, candidates, answer)
-            if hasattr(self.meta, "model") and hasattr(self.meta, "tok"):
-                return predictive_perplexity_cached(self.meta, prompt, prefix, candidates, answer, self.suffix,
-                                                    self.lead)
-            return self._pp_generic(prompt, prefix, candidates, answer)
+            return getattr(self, "_" + self.kind.replace("-", "_"))(prompt, prefix, candidates, answer)
         finally:
             self.seconds += time.perf_counter() - t0
+
+    # one method per entry of ``accord.registry.STEP_SCORERS`` (the name with "-" → "_")
+    def _random(self, prompt, prefix, candidates, answer) -> list[float]:
+        return [self.rng.random() for _ in candidates]
+
+    def _max_length(self, prompt, prefix, candidates, answer) -> list[float]:
+        return [float(len(prefix) + len(c)) for c in candidates]
+
+    def _binary_judgment(self, prompt, prefix, candidates, answer) -> list[float]:
+        return self._judge(prompt, prefix, candidates, answer)
+
+    def _predictive_perplexity(self, prompt, prefix, candidates, answer) -> list[float]:
+        if hasattr(self.meta, "model") and hasattr(self.meta, "tok"):
+            return predictive_perplexity_cached(self.meta, prompt, prefix, candidates, answer, self.suffix, self.lead)
+        return self._pp_generic(prompt, prefix, candidates, answer)
 
     def _pp_generic(self, prompt, prefix, candidates, answer) -> list[float]:
         from accord.teachers.base import Request

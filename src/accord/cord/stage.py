@@ -37,6 +37,7 @@ from accord.cord.decode import (
 )
 from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 from accord.cord.score import CordError, Scorer
+from accord.registry import STEP_SCORERS
 
 def settings(cfg) -> CordSettings:
     c = cfg.cord
@@ -113,7 +114,7 @@ def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures, int
     c = cfg.cord
     t0, tm = time.perf_counter(), Timing()
     s0 = scorer.seconds
-    if c.selection in WHOLE_TRAJECTORY:  # the paper's Random / Max-length: picked among finished traces
+    if STEP_SCORERS[c.selection].whole_trajectory:  # the paper's Random / Max-length: picked among finished traces
         traj, _ = curate(teachers, scorer, prompt, p.answer, cs, tm, rollouts=cs.beam)
         traj = traj or finish(teachers, prompt, beam_search(teachers, scorer, prompt, p.answer, cs, tm), cs, tm)
     else:
@@ -226,7 +227,6 @@ def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: 
 
 
 PIPELINES = ("cord", "cord-curation", "cord-integration")
-WHOLE_TRAJECTORY = ("random", "max-length")  # CoRD §5.2.2: these baselines choose among complete traces
 
 
 def default_meta_prover(cfg, names: list[str], console) -> str:
