@@ -20,7 +20,7 @@ import torch
 
 
 def setup(n_problems: int = 400):
-    from accord.lab.build import PROFILES, _new_model, _trace_rows, lab_tokenizer
+    from accord.lab.recipe import PROFILES, _new_model, _trace_rows, lab_tokenizer
     from accord.lab.tasks import generate
 
     import random

@@ -28,7 +28,8 @@ def main() -> None:
     logging.disable_progress_bar()
     from accord.config import validate
     from accord.cord.stage import run_cord
-    from accord.lab.build import build_lab, valid_entry
+    from accord.lab.build import build_lab
+    from accord.lab.cache import valid_entry
 
     console = Console(stderr=True, quiet=True)
     profile = args.profile or ("full" if valid_entry("full", "terse") else "quick")

@@ -17,7 +17,7 @@ import torch
 
 
 def setup():
-    from accord.lab.build import PROFILES, _new_model, lab_tokenizer, style_rows
+    from accord.lab.recipe import PROFILES, _new_model, lab_tokenizer, style_rows
 
     tok = lab_tokenizer()
     rows = style_rows(PROFILES["quick"], ["terse", "verbose", "verify", "shifted"], seed=0)

@@ -29,7 +29,7 @@ import torch
 
 
 def write_setup(root: Path, d: int, layers: int, n_rows: int) -> Path:
-    from accord.lab.build import PROFILES, _new_model, lab_tokenizer, style_rows
+    from accord.lab.recipe import PROFILES, _new_model, lab_tokenizer, style_rows
 
     tok = lab_tokenizer()
     model = _new_model(tok, d, layers, seed=0)

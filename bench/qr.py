@@ -22,8 +22,7 @@ import torch
 
 
 def setup(n_problems: int = 300):
-    from accord.lab.build import PROFILES, STUDENT_B_RECIPE, _new_model, _new_qwen2, _trace_rows, lab_tokenizer, \
-        lab_tokenizer_b
+    from accord.lab.recipe import PROFILES, STUDENT_B_RECIPE, _new_model, _new_qwen2, _trace_rows, lab_tokenizer, lab_tokenizer_b
     from accord.lab.tasks import generate
 
     p = PROFILES["full"]

@@ -24,7 +24,7 @@ def test_demo_quick_profile_end_to_end(tmp_path, monkeypatch):
     assert "mot" in out and "target pass@1" in out
     # the quick lab's student has the primitive (one step answered directly) but not the chain, and the
     # quick profile's own bands held (a miss would be a warning in the output and `weak` in the manifest)
-    from accord.lab.build import status
+    from accord.lab.cache import status
 
     st = {m["name"]: m for m in status("quick")["models"]}
     acc = st["student"]["accuracy"]

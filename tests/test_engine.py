@@ -56,7 +56,7 @@ def test_loss_is_token_normalised_over_the_whole_step(micro):
 def test_padding_waste_is_small_on_lab_corpora():
     import random
 
-    from accord.lab.build import PROFILES, lab_tokenizer, style_rows
+    from accord.lab.recipe import PROFILES, lab_tokenizer, style_rows
 
     tok = lab_tokenizer()
     data = style_rows(PROFILES["quick"], ["terse", "verbose", "verify", "shifted"], seed=0)

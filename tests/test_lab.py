@@ -89,7 +89,7 @@ def test_micro_build_status_and_roundtrip(micro_lab, capsys):
 
 
 def test_rebuild_reuses_cache_and_detects_corruption(micro_lab):
-    from accord.lab.build import lab_dir, read_manifest
+    from accord.lab.cache import lab_dir, read_manifest
 
     before = {m["name"]: m["sha256"] for m in read_manifest("micro")["models"]}
     t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def test_rebuild_reuses_cache_and_detects_corruption(micro_lab):
     # corrupt one checkpoint: it is detected, rebuilt, and the others are untouched
     f = lab_dir("micro") / "verbose" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
-    from accord.lab.build import valid_entry
+    from accord.lab.cache import valid_entry
 
     assert valid_entry("micro", "verbose") is None
     assert run_cli("lab", "build", "--profile", "micro")[0] == 0
@@ -145,6 +145,7 @@ def test_models_train_until_their_validation_target_and_bands_are_enforced(monke
     from rich.console import Console
 
     from accord.lab import build as B
+    from accord.lab import recipe as R
 
     p = dataclasses.replace(B.PROFILES["micro"], check_every=2, check_from=4, check_n=4)
     tok = B.lab_tokenizer()
@@ -157,7 +158,7 @@ def test_models_train_until_their_validation_target_and_bands_are_enforced(monke
     acc = {"target_pass1": 0.3, "one_step_greedy": 0.9, "general_greedy": 0.9}
     assert B.band_misses("teacher", acc, dataclasses.replace(p, teacher_band=(0.55, 0.95))) == [
         "target_pass1 30.0% outside [55%, 95%]"]
-    assert B.band_misses("student", acc, dataclasses.replace(p, student_band=B.STUDENT_BAND)) == [
+    assert B.band_misses("student", acc, dataclasses.replace(p, student_band=R.STUDENT_BAND)) == [
         "target_pass1 30.0% outside [0%, 20%]"]
 
 
@@ -223,9 +224,9 @@ def test_arith_has_no_shortcut():
 
 
 def test_wrong_facts_make_a_teacher_wrong_only_where_it_believes_them():
-    from accord.lab import build as B
+    from accord.lab import recipe as R
 
-    facts = B.wrong_facts(B.TEACHERS["terse"], "terse", seed=0)
+    facts = R.wrong_facts(R.TEACHERS["terse"], "terse", seed=0)
     assert facts and all(op == "Times" for op, _, _ in facts)
     assert all(v != tasks.apply_op(*f) for f, v in facts.items())
     a = tasks.Arith(3, (("Add", 4), ("Times", 2)))
@@ -266,7 +267,7 @@ def test_accord_run_qr_on_two_lab_students_builds_student_b_and_reports_each(mic
     student gets its row and its base row, and the report draws the routing plots."""
     import yaml
 
-    from accord.lab.build import valid_entry
+    from accord.lab.cache import valid_entry
 
     assert valid_entry("micro", "student-b") is None  # optional: not part of the plain build
     run = tmp_path / "run"

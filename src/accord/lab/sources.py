@@ -10,7 +10,7 @@ MODEL_REF = re.compile(r"^lab:(?:(full|quick|micro)/)?([A-Za-z_-]+)$")  # a lab 
 
 
 def model_path(spec: str, who: str = "model") -> str:
-    from accord.lab.build import lab_model_path
+    from accord.lab.cache import lab_model_path
 
     return str(lab_model_path(spec[4:]))
 
