@@ -179,19 +179,17 @@ def _merge_failures(into: dict, new: dict) -> None:
 
 
 def _row(cfg, p, teacher: str, prompt: str, traj, score: float, elapsed: float, step_timings=None) -> dict:
-    from accord.prompts import last_boxed
-    from accord.verify import check
+    """A trajectory as a trace-store row — the same row ``collect`` writes (``collect.make_row``), with
+    CoRD's own record in ``params``."""
+    from accord.collect import make_row
+    from accord.teachers.base import Generation
 
-    res = check(cfg.collect.verifier, p.answer, traj.answer_text or traj.text)
     params = {"pp": score, "steps": [list(n) for n, _ in traj.steps], "step_chars": [len(s) for _, s in traj.steps],
               "writer": traj.writer, "budget_hit": traj.budget_hit, "beam": cfg.cord.beam,
               "segmentation": cfg.cord.segmentation, "selection": cfg.cord.selection,
               "step_timings": step_timings or []}  # per step: [generation s, meta-prover s, candidates]
-    return {"problem_id": p.id, "teacher": teacher, "style": "cord", "sample_idx": 0, "params": json.dumps(params),
-            "prompt": prompt, "text": traj.text, "reasoning": traj.reasoning, "answer_text": traj.answer_text,
-            "parsed_answer": last_boxed(traj.answer_text or traj.text), "verdict": res.verdict,
-            "token_count": traj.tokens, "char_count": len(traj.text), "finish_reason": "stop",
-            "elapsed_s": elapsed}
+    g = Generation(text=traj.text, token_count=traj.tokens, finish_reason="stop", elapsed_s=elapsed)
+    return make_row(cfg, teacher, "cord", p, 0, prompt, g, json.dumps(params))
 
 
 def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: int, failures: dict,
