@@ -37,16 +37,14 @@ Reasoning styles (one per teacher, each can also write CoRD ``### Step N`` heade
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterable
+from typing import Callable, Iterable
 
 NODES = 10  # node names are the digits 0-9
 SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 300}
 # arith train: the first 4,000 problems are the users' (the demo collects from them), the next 4,000
 # train the lab's teachers, so no teacher has seen the problems it is asked about.
-FAMILY_SIZES = {"arith": {"train": 8000}}
-FAMILIES = ("arith", "arith-ood", "arith-1", "chain", "chain-ood", "last")
 STYLE_NAMES = ("terse", "verbose", "verify", "shifted")
 
 
@@ -219,19 +217,53 @@ def random_last(rng: random.Random) -> tuple[str, int]:
 _SEEDS = {"train": 11, "validation": 22, "test": 33}
 
 
-def _steps_for(family: str, rng: random.Random) -> int:
-    return rng.randint(5, 6) if family == "chain-ood" else rng.randint(2, 4)
+def _arith(lo: int, hi: int):
+    def make(rng: random.Random) -> dict:
+        a = random_arith(rng, rng.randint(lo, hi))
+        return {"question": a.question(), "answer": str(a.answer), "arith": a, "steps": a.hops}
+    return make
 
 
-def _problem(family: str, rng: random.Random) -> dict:
-    if family == "last":
-        q, a = random_last(rng)
-        return {"question": q, "answer": str(a), "family": family}
-    if family.startswith("arith"):
-        a = random_arith(rng, rng.randint(5, 6) if family == "arith-ood" else rng.randint(2, 4))
-        return {"question": a.question(), "answer": str(a.answer), "family": family, "arith": a, "steps": a.hops}
-    c = random_chain(rng, _steps_for(family, rng), rng.randint(1, 3))
-    return {"question": c.question(), "answer": str(c.answer), "family": family, "chain": c, "steps": c.hops}
+def _chain(lo: int, hi: int):
+    def make(rng: random.Random) -> dict:
+        c = random_chain(rng, rng.randint(lo, hi), rng.randint(1, 3))
+        return {"question": c.question(), "answer": str(c.answer), "chain": c, "steps": c.hops}
+    return make
+
+
+def _last(rng: random.Random) -> dict:
+    q, a = random_last(rng)
+    return {"question": q, "answer": str(a)}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A lab problem family: ``make(rng)`` draws one problem (question, answer, structure), or ``table(split)``
+    lists a fixed set; ``sizes`` overrides a split's size.  A new task is one function and one line here;
+    it is then ``lab:<name>[:<split>]`` everywhere a problem source is accepted."""
+    name: str
+    summary: str
+    make: Callable[[random.Random], dict] | None = None
+    table: Callable[[str], list[dict]] | None = None
+    sizes: dict = field(default_factory=dict)
+
+
+def _one_step_table(split: str) -> list[dict]:
+    return one_step_facts(split)
+
+
+TASKS = {t.name: t for t in (
+    # arith train: the first 4,000 problems are the users' (the demo collects from them), the next 4,000
+    # train the lab's teachers, so no teacher has seen the problems it is asked about.
+    Task("arith", "a running value mod 10 through 2–4 operations (the target family)", _arith(2, 4),
+         sizes={"train": 8000}),
+    Task("arith-ood", "the same with 5–6 operations (length generalisation)", _arith(5, 6)),
+    Task("arith-1", "every one-operation question: the table the student knows", table=_one_step_table),
+    Task("chain", "follow 2–4 links through a small graph (lab v1)", _chain(2, 4)),
+    Task("chain-ood", "the same with 5–6 links", _chain(5, 6)),
+    Task("last", "the last number of a list (the general family: forgetting)", _last),
+)}
+FAMILIES = tuple(TASKS)
 
 
 def one_step_facts(split: str = "test") -> list[dict]:
@@ -249,18 +281,19 @@ def one_step_facts(split: str = "test") -> list[dict]:
 
 def generate(family: str, split: str, n: int | None = None) -> list[dict]:
     """Deterministic problems of a family/split: dicts with id, question, answer and the structure."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown lab task {family!r}; choose one of {', '.join(FAMILIES)}")
+    task = TASKS.get(family)
+    if task is None:
+        raise ValueError(f"unknown lab task {family!r}; choose one of {', '.join(TASKS)}")
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown lab split {split!r}; choose one of {', '.join(SPLIT_SIZES)}")
-    if family == "arith-1":
-        return one_step_facts(split)[:n]
-    n = n or FAMILY_SIZES.get(family, {}).get(split) or SPLIT_SIZES[split]
+    if task.table is not None:
+        return task.table(split)[:n]
+    n = n or task.sizes.get(split) or SPLIT_SIZES[split]
     taken = _texts_of_other_splits(family, split)
     rng = random.Random(f"{family}:{_SEEDS[split]}")
     rows, seen = [], set(taken)
     while len(rows) < n:
-        row = _problem(family, rng)
+        row = {**task.make(rng), "family": family}
         if row["question"] in seen:
             continue
         seen.add(row["question"])
