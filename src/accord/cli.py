@@ -331,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     console = Console(stderr=True)
     try:
-        return COMMANDS[args.cmd](args, console)
+        code = COMMANDS[args.cmd](args, console)
+        if "torch.distributed" in sys.modules:  # under torchrun / accelerate launch: leave the group cleanly
+            from accord.train.common import end_distributed
+
+            end_distributed()
+        return code
     except AccordError as e:  # every error a user can act on: exit 2 for bad input, 1 for a failed run
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

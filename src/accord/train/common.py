@@ -184,6 +184,16 @@ def is_main() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
 
+def end_distributed() -> None:
+    """Leave the process group cleanly at the end of a multi-process run: without it, gloo's threads can still
+    be running at interpreter exit and abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if _distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
