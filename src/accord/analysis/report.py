@@ -346,9 +346,9 @@ def plot_routing(head: list[str], body: list[list], path: Path, xlabel: str) -> 
     ax.set_xticks(range(len(body)), [r[0] for r in body], rotation=20 if len(body) > 6 else 0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("selection rate")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.2))  # never over a bar
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
