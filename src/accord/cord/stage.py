@@ -40,10 +40,10 @@ from accord.cord.score import CordError, Scorer
 from accord.registry import STEP_SCORERS
 
 def settings(cfg) -> CordSettings:
-    c = cfg.cord
-    return CordSettings(beam=c.beam, segmentation=c.segmentation, max_steps=c.max_steps, step_tokens=c.step_tokens,
-                        think_tokens=c.think_tokens, answer_tokens=c.answer_tokens, temperature=c.temperature,
-                        top_p=c.top_p, seed=c.seed)
+    """The decoder's settings: the fields of ``CordSettings`` read from the ``cord`` config section."""
+    from dataclasses import fields
+
+    return CordSettings(**{f.name: getattr(cfg.cord, f.name) for f in fields(CordSettings)})
 
 
 def run_cord(cfg, console) -> dict:

@@ -91,6 +91,12 @@ class MergeSpec:
         return [float(x) for x in w]
 
 
+def spec_from(merge_cfg, weights: list[float] | None = None) -> MergeSpec:
+    """The operator a ``train.merge`` config section names, with per-model ``weights`` resolved by the caller."""
+    return MergeSpec(method=merge_cfg.method, weights=weights, density=merge_cfg.density,
+                     normalize=merge_cfg.normalize, seed=merge_cfg.seed)
+
+
 def _tensor_seed(seed: int, name: str, i: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + i) % (2**63)
 

@@ -58,6 +58,7 @@ from accord.train.merge import (
     RunningMerge,
     load_state,
     merge_onto,
+    spec_from,
 )
 from accord.ui import progress
 
@@ -178,7 +179,7 @@ def _spec(cfg: AccordConfig, teachers: list[str]) -> MergeSpec:
         weights = [by_name[t] for t in teachers]
     elif m.method in AVERAGING_DEFAULT:
         weights = [1.0 / len(teachers)] * len(teachers)
-    return MergeSpec(method=m.method, weights=weights, density=m.density, normalize=m.normalize, seed=m.seed)
+    return spec_from(m, weights)
 
 
 def round_spec(spec: MergeSpec, r: int) -> MergeSpec:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from accord.config import AccordConfig
 from accord.models import local_model_dir
 from accord.train.common import read_result, train_dir, write_result
-from accord.train.merge import MergeSpec, merge_checkpoints
+from accord.train.merge import merge_checkpoints, spec_from
 from accord.train.sft import run_std
 
 
@@ -21,7 +21,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     stds = run_std(cfg, console)
     m = cfg.train.merge
     weights = _weights_for(cfg, [s["teachers"][0] for s in stds])
-    spec = MergeSpec(method=m.method, weights=weights, density=m.density, normalize=m.normalize, seed=m.seed)
+    spec = spec_from(m, weights)
     final = train_dir(cfg, "posthoc") / "final"
     merge_checkpoints(local_model_dir(cfg.student.model, "student"), [s["final"] for s in stds], spec, final)
     console.print(f"posthoc: merged {len(stds)} STD students with {m.method} → {final}")
