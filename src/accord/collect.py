@@ -187,7 +187,6 @@ def column_samples(tcfg: TeacherConfig, p: Problem) -> list[tuple[str | None, st
         traces = [_assistant_turn(raw, tcfg.format)]
     else:
         traces = [str(raw)]
-    n = len(traces)
     attempt = field(p.meta, tcfg.answer_column) if tcfg.answer_column else None
     out = []
     for i, text in enumerate(traces):
@@ -195,9 +194,9 @@ def column_samples(tcfg: TeacherConfig, p: Problem) -> list[tuple[str | None, st
             text = normalize_thoughts(text)
             if attempt and THINK_CLOSE not in text:
                 text = f"{THINK_OPEN}\n{text.strip()}\n{THINK_CLOSE}\n\n{str(attempt).strip()}"
-        out.append((text, _verdict(_nth(field(p.meta, tcfg.verdict_column), i, n)) if tcfg.verdict_column else None,
-                    _grade(_nth(field(p.meta, tcfg.grade_column), i, n)) if tcfg.grade_column else None,
-                    _nth(field(p.meta, tcfg.finish_column), i, n) if tcfg.finish_column else None))
+        out.append((text, _verdict(_nth(field(p.meta, tcfg.verdict_column), i)) if tcfg.verdict_column else None,
+                    _grade(_nth(field(p.meta, tcfg.grade_column), i)) if tcfg.grade_column else None,
+                    _nth(field(p.meta, tcfg.finish_column), i) if tcfg.finish_column else None))
     return out
 
 
@@ -209,7 +208,7 @@ def _assistant_turn(turns, fmt: str) -> str | None:
     return said[-1] if said else None
 
 
-def _nth(value, i: int, n: int = 1):
+def _nth(value, i: int):
     """Sample i's entry of a per-sample list column, or the one value of a scalar column."""
     if isinstance(value, (list, tuple)):
         return value[i] if i < len(value) else None
