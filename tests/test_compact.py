@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import run_cli, write_jsonl
 
-from accord.train.compact import alphas, consensus, encode_trace, make_loss_fn, zscore
+from accord.train.compact import consensus, encode_trace, group_alphas, make_loss_fn
 
 
 # slow, obviously-correct references for the batched scores (one trace at a time)
@@ -72,15 +72,42 @@ def test_gold_curve_reads_the_lm_head_at_each_state():
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_zscores_and_weights():
-    assert torch.equal(zscore(torch.tensor([2.0])), torch.zeros(1))  # K′ = 1
-    assert torch.equal(zscore(torch.tensor([3.0, 3.0, 3.0])), torch.zeros(3))  # equal scores
-    z = zscore(torch.tensor([1.0, 3.0]))
-    assert torch.allclose(z, torch.tensor([-1.0, 1.0]), atol=1e-5)  # population std
-    a, score = alphas(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 1.0]), torch.tensor([3.0, 2.0, 1.0]))
-    assert float(a.sum()) == pytest.approx(1.0) and a[2] > a[1] > a[0]  # informative and easy wins
-    u, _ = alphas(torch.randn(4), torch.randn(4), torch.randn(4), beta=(0, 0, 0))
-    assert torch.allclose(u, torch.full((4,), 0.25))  # Direct Avg.
+def slow_alphas(s_mi, s_cons, s_ppl, beta=(1.0, 1.0, 1.0), tau=1.0):
+    """Eq. 7 for one problem, element by element: population-std z-scores (0 when K′ = 1 or std < 1e-6)."""
+    def z(x):
+        x = [float(v) for v in x]
+        mean = sum(x) / len(x)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in x) / len(x))
+        return [0.0] * len(x) if len(x) < 2 or sd < 1e-6 else [(v - mean) / (sd + 1e-6) for v in x]
+
+    score = [beta[0] * a + beta[1] * b - beta[2] * c for a, b, c in zip(z(s_mi), z(s_cons), z(s_ppl))]
+    e = [math.exp((v - max(score)) / tau) for v in score]
+    return [v / sum(e) for v in e], score
+
+
+def test_group_weights_match_the_per_problem_reference():
+    g = torch.Generator().manual_seed(0)
+    gid = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3, 0, 4, 4, 4])  # K′ = 2, 2, 3, 2, 1, 3; problem 5 equal scores
+    s = [torch.randn(12, generator=g) for _ in range(3)]
+    s[0][gid == 4] = 0.7
+    s[1][gid == 4] = 0.2
+    s[2][gid == 4] = 1.5
+    gid = torch.cat([gid, torch.tensor([5])])
+    s = [torch.cat([x, torch.tensor([0.3])]) for x in s]
+    for beta, tau in (((1.0, 1.0, 1.0), 1.0), ((0.5, 2.0, 1.0), 0.3), ((0.0, 0.0, 0.0), 1.0)):
+        a, score = group_alphas(gid, *s, beta=beta, tau=tau)
+        for p in range(6):
+            ix = (gid == p).nonzero()[:, 0]
+            want_a, want_s = slow_alphas(*(x[ix] for x in s), beta=beta, tau=tau)
+            assert a[ix].tolist() == pytest.approx(want_a, rel=1e-5, abs=1e-7)
+            assert score[ix].tolist() == pytest.approx(want_s, rel=1e-5, abs=1e-6)
+            assert float(a[ix].sum()) == pytest.approx(1.0)
+    assert a[gid == 5].item() == 1.0  # K′ = 1
+    a, _ = group_alphas(gid, *s)
+    assert torch.allclose(a[gid == 4], torch.full((3,), 1 / 3))  # equal scores: uniform
+    three = torch.tensor([0, 0, 0])
+    a, _ = group_alphas(three, torch.tensor([0.0, 1.0, 2.0]), torch.ones(3), torch.tensor([3.0, 2.0, 1.0]))
+    assert a[2] > a[1] > a[0]  # informative and easy wins
 
 
 def test_encode_trace_positions(micro):
@@ -106,15 +133,25 @@ def _row(q, trace, answer="4", pid="p0"):
             "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": trace}]}
 
 
-def _batch(micro, traces, words=()):
+def _batch(micro, traces, words=(), packed=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from accord.train.engine import collate
+    from accord.train.engine import collate, collate_packed
 
     model, tok = AutoModelForCausalLM.from_pretrained(micro), AutoTokenizer.from_pretrained(micro)
     ex = [encode_trace(tok, _row("Start at 3.", t, pid=f"p{g}"), 128, group=g, teacher=f"t{i}", words=words)
           for i, (g, t) in enumerate(traces)]
-    return model, tok, ex, collate(ex, tok.pad_token_id)
+    return model, tok, ex, (collate_packed(ex, tok.pad_token_id, one_row=True) if packed
+                            else collate(ex, tok.pad_token_id))
+
+
+def _logits(model, b):
+    """The model's output rows, their flat [tokens, V] view, the per-example positions and the per-example
+    (unpacked) logits."""
+    from accord.train.engine import flat_positions, model_inputs, unpack
+
+    rows = model(**model_inputs(b)).logits
+    return rows, rows.view(-1, rows.shape[-1]), flat_positions(b), unpack(rows, b)
 
 
 TRACES = ["<think>\n(1) 3 + 4 = 7\n(2) 7 * 2 = 4\n</think>\n\n\\boxed{4}",
@@ -122,31 +159,36 @@ TRACES = ["<think>\n(1) 3 + 4 = 7\n(2) 7 * 2 = 4\n</think>\n\n\\boxed{4}",
           "<think>\n(1) 3 + 4 = 7\n</think>\n\n\\boxed{7}"]
 
 
-def test_mcon_skips_pairs_whose_answers_differ(micro):
+@pytest.mark.parametrize("packed", [False, True])
+def test_mcon_skips_pairs_whose_answers_differ(micro, packed):
     from accord.config import CompactConfig
-    from accord.train.compact import _mcon
+    from accord.train.compact import mcon, span_logprobs
 
-    model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES])
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    stats = {"pairs": 0, "skipped": 0, "mcon": 0.0}
+    model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES], packed=packed)
+    _, flat, where, logits = _logits(model, b)
+    stats = {"pairs": 6, "skipped": 0, "mcon": 0.0}
     a = torch.tensor([0.5, 0.3, 0.2])
-    out = _mcon(logits, b["meta"], [0, 1, 2], a, stats)
+    out = mcon(span_logprobs(flat, where, b["meta"]), b["meta"], torch.zeros(3, dtype=torch.long), a, stats)
     assert stats == {"pairs": 6, "skipped": 4, "mcon": pytest.approx(stats["mcon"])}  # only 0↔1 share "4"
     lp = [torch.log_softmax(logits[i, torch.tensor(b["meta"][i]["span"]) - 1], -1) for i in (0, 1)]
     kl01 = float((lp[0].exp() * (lp[0] - lp[1])).sum(-1).mean())
     assert float(out[0]) == pytest.approx(0.3 * kl01, rel=1e-5) and out[2] == 0.0
+    apart = {"pairs": 2, "skipped": 0, "mcon": 0.0}  # the same answer in two problems is never a pair
+    out = mcon(span_logprobs(flat, where, b["meta"]), b["meta"], torch.tensor([0, 1, 0]), a, apart)
+    assert apart["skipped"] == 2 and not out.any()
     loss, metrics = make_loss_fn(CompactConfig())(model, b, 1)
     assert metrics["mcon_skip"] == pytest.approx(4 / 6) and loss.requires_grad
 
 
-def test_one_compact_step_is_the_weighted_sum_of_single_trace_steps(micro, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_compact_step_is_the_weighted_sum_of_single_trace_steps(micro, monkeypatch, packed):
     """§3.4 (λ = 0): with plain SGD, one problem and α fixed, θ − η Σ α_k ∇L_k = Σ α_k (θ − η ∇L_k)."""
     from accord.config import CompactConfig
     from accord.train import compact as C
 
     fixed = torch.tensor([0.6, 0.3, 0.1])
-    monkeypatch.setattr(C, "alphas", lambda *a, **k: (fixed, torch.zeros(3)))
-    model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES])
+    monkeypatch.setattr(C, "group_alphas", lambda *a, **k: (fixed, torch.zeros(3)))
+    model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES], packed=packed)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     eta = 0.5
     loss, _ = make_loss_fn(CompactConfig(mcon_weight=0.0))(model, b, 1)
@@ -165,6 +207,26 @@ def test_one_compact_step_is_the_weighted_sum_of_single_trace_steps(micro, monke
             want[name] += fixed[k] * (theta[name] - eta * p.grad)
     for name in got:
         assert torch.allclose(got[name], want[name], atol=1e-6), name
+
+
+def test_packed_and_padded_batches_give_the_same_loss_scores_and_gradients(micro):
+    """The whole COMPACT loss (every score, MCon) from one packed row equals the padded batch's."""
+    from accord.config import CompactConfig
+
+    fn = make_loss_fn(CompactConfig(epsilon=1.0))
+    got = []
+    for packed in (False, True):
+        model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (0, TRACES[2]), (1, TRACES[0]),
+                                           (1, TRACES[1])], words=("plus",), packed=packed)
+        loss, metrics = fn(model, b, 2)
+        loss.backward()
+        got.append((loss, metrics, {n: p.grad for n, p in model.named_parameters()}))
+    (l0, m0, g0), (l1, m1, g1) = got
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    assert m0.keys() == m1.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6) for k in m0)
+    assert m0["s_cons/t0"] != 0.0 and m0["mcon"] > 0.0  # the scores were computed, not skipped
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
 
 
 def test_direct_avg_is_uniform_sft_on_grouped_problems(micro):
@@ -244,16 +306,25 @@ def test_compact_resumes_to_the_uninterrupted_weights(tmp_path, micro):
         assert torch.equal(ref[k], got[k]), k
 
 
-def test_batched_scores_match_the_per_trace_reference(micro):
-    """S_PPL and S_MI for a whole micro-batch (lse taken from the SFT loss) equal the slow per-trace forms."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_batched_scores_match_the_per_trace_reference(micro, packed):
+    """S_PPL and S_MI for a whole micro-batch (lse taken from the SFT loss) equal the slow per-trace forms,
+    from padded rows and from one packed row alike."""
     from accord.train.compact import _ppl_mi
-    from accord.train.engine import token_nll
+    from accord.train.engine import IGNORE, token_nll, unpack
 
-    model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (1, TRACES[2])], words=("plus",))
+    model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (1, TRACES[2])], words=("plus",),
+                               packed=packed)
     with torch.no_grad():
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        nll = token_nll(logits, b["labels"])
-        s_ppl, s_mi = _ppl_mi(logits, nll, b["input_ids"], b["meta"], "sum", True)
+        rows, flat, where, logits = _logits(model, b)
+        nll = unpack(token_nll(rows, b["labels"]), b)
+        ids = unpack(b["input_ids"], b, 0)
+        s_ppl, s_mi = _ppl_mi(flat, where, nll, ids, b["meta"], "sum", True)
+        if packed:  # the per-example view equals each trace run alone
+            for i, e in enumerate(ex):
+                alone = model(input_ids=torch.tensor([e["ids"]])).logits[0]
+                assert torch.allclose(alone, logits[i, :len(e["ids"])], atol=1e-4)
+                assert unpack(b["labels"], b, IGNORE)[i, 1:len(e["ids"])].tolist() == e["labels"][1:]
     for i, m in enumerate(b["meta"]):
         P, T = m["prompt_len"], m["reason_len"]
         want_ppl = nll[i, P:P + T].mean()

@@ -1,4 +1,4 @@
-"""The training engine: loss normalisation, resume after a kill, NaN stop, LoRA, padding waste."""
+"""The training engine: loss normalisation, resume after a kill, NaN stop, LoRA, padding waste, packing."""
 
 from __future__ import annotations
 
@@ -173,7 +173,8 @@ def test_the_first_line_says_what_runs(micro, capsys):
     model, tok = load(micro)
     train(model, tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     err = capsys.readouterr().err
-    assert "train: cpu, weights float32, attention sdpa; 1 process(es); autocast no; no packing" in err
+    assert ("train: cpu, weights float32, attention sdpa; 1 process(es); autocast no; padding-free packing; "
+            "loss: token cross-entropy over full-vocabulary logits") in err
     train(load(micro)[0], tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     assert "train:" not in capsys.readouterr().err  # said once per process
 
@@ -212,3 +213,87 @@ def test_chunked_loss_trains_the_same_model(micro):
     assert chunked.history == pytest.approx(plain.history, rel=1e-5)
     a, b = _weights(plain.model), _weights(chunked.model)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def _varied_rows(n: int) -> list[dict]:
+    """Rows of very different lengths, so packed rows hold several examples."""
+    return [{"messages": [{"role": "user", "content": f"Start at {i}."},
+                          {"role": "assistant", "content": "<think>\n" + "".join(f"({k}) {k}>{k + 1}\n"
+                                                                                  for k in range(1 + 3 * (i % 4)))
+                           + f"</think>\n\n\\boxed{{{i % 10}}}"}]} for i in range(n)]
+
+
+@pytest.mark.parametrize("one_row", [False, True])
+def test_packed_step_equals_the_padded_step(micro, one_row):
+    """Issue 13 item 3: the same micro-batch packed (rows as wide as the longest example, or one row) and
+    padded gives the same loss and gradients; examples really share rows."""
+    from accord.train.engine import collate_packed
+
+    model, tok = load(micro)
+    ex = [encode_example(tok, r, 128) for r in _varied_rows(8)]
+    n_tok = sum(sum(1 for y in e[1][1:] if y != IGNORE) for e in ex)
+    packed = collate_packed(ex, tok.pad_token_id, one_row)
+    assert packed["input_ids"].shape[0] == (1 if one_row else 6)  # 8 examples in fewer rows
+    assert "attention_mask" not in packed
+    got = []
+    for b in (collate(ex, tok.pad_token_id), packed):
+        model.zero_grad()
+        loss, _ = sft_step(model, [b], "cpu", n_tok)
+        got.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+    assert got[1][0] == pytest.approx(got[0][0], rel=1e-6)
+    for a, b in zip(got[0][1], got[1][1]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_no_token_attends_across_a_packed_boundary(micro):
+    """Changing one example's tokens changes nothing in the other examples of its packed row, and each
+    example's logits equal the example run alone."""
+    from accord.train.engine import collate_packed, model_inputs, unpack
+
+    model, tok = load(micro)
+    ex = [encode_example(tok, r, 128) for r in _varied_rows(4)]
+    b = collate_packed(ex, tok.pad_token_id, one_row=True)
+    with torch.no_grad():
+        logits = unpack(model(**model_inputs(b)).logits, b)
+        for i, e in enumerate(ex):
+            alone = model(input_ids=torch.tensor([e[0]])).logits[0]
+            assert torch.allclose(logits[i, :len(e[0])], alone, atol=1e-5)
+        changed = [(list(reversed(ex[0][0])), ex[0][1])] + ex[1:]
+        b2 = collate_packed(changed, tok.pad_token_id, one_row=True)
+        assert torch.equal(b2["where"], b["where"])
+        logits2 = unpack(model(**model_inputs(b2)).logits, b2)
+    assert not torch.allclose(logits2[0], logits[0])
+    assert torch.allclose(logits2[1:], logits[1:], atol=1e-6)
+
+
+def test_packing_trains_the_same_model_and_a_model_that_cannot_pack_is_caught(micro):
+    from accord.train.engine import packing_works
+
+    model, tok = load(micro)
+    plain = train(model, tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2, packing=False))
+    packed = train(load(micro)[0], tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2, packing=True))
+    assert packed.history == pytest.approx(plain.history, rel=1e-5)
+    a, b = _weights(plain.model), _weights(packed.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    class Blind(torch.nn.Module):  # drops position_ids: its packed rows would attend across examples
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def save_pretrained(self, *a, **k):  # looks like a transformers model to the engine
+            raise NotImplementedError
+
+        def forward(self, input_ids, position_ids=None, **kw):
+            return self.inner(input_ids=input_ids, **kw)
+
+    blind = Blind(load(micro)[0])
+    assert packing_works(load(micro)[0], "cpu") and not packing_works(blind, "cpu")
+    from accord.train.engine import _use_packing
+
+    assert _use_packing(blind, TrainArgs(), "cpu") is False
+    with pytest.raises(ValueError, match="Blind .*packed examples attend to each other; set train.packing: false"):
+        _use_packing(blind, TrainArgs(packing=True), "cpu")

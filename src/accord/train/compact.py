@@ -63,7 +63,17 @@ from accord.train.common import (
     train_dir,
     write_result,
 )
-from accord.train.engine import IGNORE, capture_input, chat_head, grouped_batches, token_nll, train
+from accord.train.engine import (
+    IGNORE,
+    capture_input,
+    chat_head,
+    flat_positions,
+    grouped_batches,
+    model_inputs,
+    token_nll,
+    train,
+    unpack,
+)
 from accord.ui import progress
 
 _CONTENT = re.compile(r"[0-9A-Za-z+\-]")
@@ -126,18 +136,27 @@ def encode_trace(tok, row: dict, max_len: int, *, group, teacher: str, words=THI
 # --------------------------------------------------------------------------- the scores (no grad)
 
 
-def zscore(x: torch.Tensor) -> torch.Tensor:
-    """Across a problem's traces: (x − mean) / population std; 0 when the std is below 1e-6."""
-    if x.numel() < 2:
-        return torch.zeros_like(x)
-    sd = x.std(unbiased=False)
-    return torch.zeros_like(x) if sd < 1e-6 else (x - x.mean()) / (sd + 1e-6)
+def group_zscore(x: torch.Tensor, gid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """z-scores within each problem (``gid[i]`` = trace i's problem, ``n`` traces per problem): population std,
+    0 for a problem of one trace or one whose std is below 1e-6."""
+    G = n.shape[0]
+    mean = torch.zeros(G, dtype=x.dtype).index_add_(0, gid, x) / n
+    d = x - mean[gid]
+    sd = (torch.zeros(G, dtype=x.dtype).index_add_(0, gid, d * d) / n).sqrt()
+    ok = (n >= 2) & (sd >= 1e-6)
+    return torch.where(ok[gid], d / (sd[gid] + 1e-6), torch.zeros_like(x))
 
 
-def alphas(s_mi, s_cons, s_ppl, beta=(1.0, 1.0, 1.0), tau: float = 1.0) -> torch.Tensor:
-    """Eq. 7: α = softmax((β₁ z(S_MI) + β₂ z(S_cons) − β₃ z(S_PPL)) / τ) over one problem's traces."""
-    score = beta[0] * zscore(s_mi) + beta[1] * zscore(s_cons) - beta[2] * zscore(s_ppl)
-    return torch.softmax(score / tau, 0), score
+def group_alphas(gid: torch.Tensor, s_mi, s_cons, s_ppl, beta=(1.0, 1.0, 1.0), tau: float = 1.0):
+    """Eq. 7 for every problem of a micro-batch at once: α = softmax over each problem's traces of
+    (β₁ z(S_MI) + β₂ z(S_cons) − β₃ z(S_PPL)) / τ; returns (α, score) per trace (α = 1 for a lone trace)."""
+    n = torch.bincount(gid).to(s_mi.dtype)
+    score = (beta[0] * group_zscore(s_mi, gid, n) + beta[1] * group_zscore(s_cons, gid, n)
+             - beta[2] * group_zscore(s_ppl, gid, n))
+    logit = score / tau
+    top = torch.full((n.shape[0],), -math.inf, dtype=logit.dtype).scatter_reduce(0, gid, logit, "amax")
+    e = (logit - top[gid]).exp()
+    return e / torch.zeros_like(top).index_add_(0, gid, e)[gid], score
 
 
 def consensus(q: torch.Tensor, k: torch.Tensor, self_loop: bool = True) -> torch.Tensor:
@@ -189,47 +208,75 @@ def make_loss_fn(c):
     beta = tuple(b if name in use else 0.0 for b, name in zip(c.beta, ("mi", "cons", "ppl")))
 
     def loss_fn(model, b: dict, n_units: int):
-        meta, labels, ids = b["meta"], b["labels"], b["input_ids"]
+        meta = b["meta"]
         layer = last_decoder_layer(model) if "cons" in use else None
-        with capture_input(layer) if layer is not None else contextlib.nullcontext({}) as cap:
-            logits = model(input_ids=ids, attention_mask=b["attention_mask"]).logits
-        nll = token_nll(logits, labels)
-        tgt = labels != IGNORE
-        tgt[:, 0] = False
-        per = nll.sum(1) if c.sft_norm == "token-sum" else nll.sum(1) / tgt.sum(1).clamp(min=1)
+        parts, index = (b["parts"], b["index"]) if "parts" in b else ([b], [list(range(len(meta)))])
+        terms = [_trace_terms(model, part, layer, c, "mi" in use) for part in parts]
+        order = torch.tensor([i for ix in index for i in ix])
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(len(order))  # back to the micro-batch's example order
+
+        def gather(key):
+            return torch.cat([t[key] for t in terms])[inv.to(terms[0][key].device)]
+
+        per, s_ppl, s_mi = gather("per"), gather("s_ppl"), gather("s_mi")
+        span_lp = {ix[j]: v for t, ix in zip(terms, index) for j, v in t["span_lp"].items()}
         groups: dict = {}
         for i, m in enumerate(meta):
             groups.setdefault(m["group"], []).append(i)
-        with torch.no_grad():
-            s_ppl, s_mi = _ppl_mi(logits.detach(), nll.detach(), ids, meta, c.mi_reduce, "mi" in use)
-            s_cons = torch.zeros(len(meta))
-            if layer is not None and any(len(g) > 1 for g in groups.values()):
-                x = cap["x"]
-                q, k = _qk(layer, x[torch.arange(len(meta)), torch.tensor([m["eos"] for m in meta])].detach())
+        gid = torch.empty(len(meta), dtype=torch.long)
+        for k, g in enumerate(groups.values()):
+            gid[g] = k
+        s_cons = torch.zeros(len(meta))
+        if layer is not None and any(len(g) > 1 for g in groups.values()):
+            with torch.no_grad():
+                q, k = _qk(layer, gather("eos_state"))
                 for g in groups.values():
                     if len(g) > 1:
                         s_cons[g] = consensus(q[g], k[g], c.consensus_self == "include").cpu()
-        total = logits.new_zeros((), dtype=torch.float32)
+        a, score = group_alphas(gid, s_mi, s_cons, s_ppl, beta, c.tau)
+        a_dev = a.to(per.device)
+        total = (a_dev * per).sum()
         stats = {"pairs": 0, "skipped": 0, "mcon": 0.0}
-        rec = []  # (teacher, α, score) per trace
-        for g in groups.values():
-            a, score = (torch.ones(1), torch.zeros(1)) if len(g) == 1 else alphas(s_mi[g], s_cons[g], s_ppl[g],
-                                                                                 beta, c.tau)
-            a_dev = a.to(per.device)
-            total = total + (a_dev * per[g]).sum()
-            if c.mcon_weight and len(g) > 1:
-                total = total + c.mcon_weight * (a_dev * _mcon(logits, meta, g, a_dev, stats)).sum()
-            rec += [(meta[i]["teacher"], i, float(a[j]), float(score[j])) for j, i in enumerate(g)]
-        return total / n_units, _metrics(rec, s_mi, s_cons, s_ppl, stats, groups)
+        if c.mcon_weight:
+            stats["pairs"] = sum(len(g) * (len(g) - 1) for g in groups.values())
+            total = total + c.mcon_weight * (a_dev * mcon(span_lp, meta, gid, a_dev, stats)).sum()
+        return total / n_units, _metrics(meta, a, score, s_mi, s_cons, s_ppl, stats, groups)
 
     return loss_fn
 
 
-def _ppl_mi(logits, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_PPL and S_MI for every row at once.  The log-normaliser at each state comes from the SFT loss
-    itself (lse = NLL of the next token + its logit), so S_MI costs a gather, not another pass over V."""
+def _trace_terms(model, b: dict, layer, c, want_mi: bool) -> dict:
+    """One forward over a (padded or packed) batch of traces and what COMPACT needs of each trace: its SFT term
+    ``per`` (with gradient), S_PPL and S_MI (no gradient), the answer-span log-probabilities (with gradient, for
+    MCon) and the last layer's input at EOS (for S_cons)."""
+    meta = b["meta"]
+    with capture_input(layer) if layer is not None else contextlib.nullcontext({}) as cap:
+        logits = model(**model_inputs(b)).logits  # [R, W, V]: padded rows, or packed ones
+    where = flat_positions(b)  # [B, L]: example i's token t in the flattened rows (−1 past its end)
+    ids, labels = unpack(b["input_ids"], b, 0), unpack(b["labels"], b, IGNORE)
+    nll = unpack(token_nll(logits, b["labels"]), b)  # [B, L]
+    flat = logits.view(-1, logits.shape[-1])
+    tgt = labels != IGNORE
+    tgt[:, 0] = False
+    per = nll.sum(1) if c.sft_norm == "token-sum" else nll.sum(1) / tgt.sum(1).clamp(min=1)
+    with torch.no_grad():
+        s_ppl, s_mi = _ppl_mi(flat.detach(), where, nll.detach(), ids, meta, c.mi_reduce, want_mi)
+        eos = None
+        if layer is not None:
+            x = cap["x"]
+            eos = x.reshape(-1, x.shape[-1])[where[torch.arange(len(meta)), torch.tensor([m["eos"] for m in meta])]]
+    return {"per": per, "s_ppl": s_ppl, "s_mi": s_mi, "eos_state": eos,
+            "span_lp": span_logprobs(flat, where, meta) if c.mcon_weight else {}}
+
+
+def _ppl_mi(flat, where, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_PPL and S_MI for every example at once (``flat`` the logits as [tokens, V], ``where`` [B, L] each
+    example's token positions in it).  The log-normaliser at each state comes from the SFT loss itself
+    (lse = NLL of the next token + its logit), so S_MI costs a gather, not another pass over V."""
     B, L = ids.shape
-    dev = logits.device
+    dev = flat.device
+    at = where.clamp(min=0)  # past an example's end: any valid row, masked below
     P = torch.tensor([m["prompt_len"] for m in meta], device=dev)
     T = torch.tensor([m["reason_len"] for m in meta], device=dev)
     pos = torch.arange(L, device=dev)[None]
@@ -239,7 +286,7 @@ def _ppl_mi(logits, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.T
         return s_ppl, torch.zeros(B)
     nxt = ids[:, 1:]
     lse = torch.zeros(B, L, device=dev)
-    lse[:, :-1] = nll[:, 1:] + logits[:, :-1].float().gather(-1, nxt[..., None])[..., 0]  # state s → token s+1
+    lse[:, :-1] = nll[:, 1:] + flat[at[:, :-1], nxt].float()  # state s → token s+1
     G = max((len(m["gold"]) for m in meta), default=0)
     if G == 0:
         return s_ppl, torch.zeros(B)
@@ -247,7 +294,7 @@ def _ppl_mi(logits, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.T
     gmask = torch.zeros(B, G, device=dev)
     for i, m in enumerate(meta):
         gold[i, :len(m["gold"])], gmask[i, :len(m["gold"])] = torch.tensor(m["gold"], device=dev), 1.0
-    glp = logits.float().gather(-1, gold[:, None, :].expand(B, L, G))  # [B, L, G]
+    glp = flat[at[..., None], gold[:, None, :]].float()  # [B, L, G]
     curve = (glp * gmask[:, None]).sum(-1) / gmask.sum(-1).clamp(min=1)[:, None] - lse  # I at every state
     states = (pos >= (P - 1)[:, None]) & (pos < (P + T)[:, None])  # t = 0..T
     gain = torch.relu(curve[:, 1:] - curve[:, :-1]) * (states[:, 1:] & states[:, :-1])  # ΔI at t = 1..T
@@ -262,19 +309,20 @@ def _ppl_mi(logits, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.T
     return s_ppl, (s_mi * has_gold).float().cpu()
 
 
-def _metrics(rec, s_mi, s_cons, s_ppl, stats, groups) -> dict:
+def _metrics(meta, a, score, s_mi, s_cons, s_ppl, stats, groups) -> dict:
     """Per-teacher means over the micro-batch.  ``alpha/<teacher>`` is each teacher's share of the weight
     over the problems that *are* weighted (K′ ≥ 2; groups of one — replay rows, single-trace problems —
     have α = 1 by construction and are left out), so the shares sum to 1 (COMPACT Fig. 3)."""
     multi = {i for g in groups.values() if len(g) > 1 for i in g}
     n_prob = sum(1 for g in groups.values() if len(g) > 1)
-    by: dict[str, list] = {}
-    for t, i, a, score in rec:
-        by.setdefault(t, []).append((a, score, float(s_mi[i]), float(s_cons[i]), float(s_ppl[i]), i in multi))
-    out = {f"alpha/{t}": sum(v[0] for v in vals if v[5]) / n_prob for t, vals in by.items()
-           if n_prob and any(v[5] for v in vals)}
+    cols = [t.tolist() for t in (a, score, s_mi, s_cons, s_ppl)]
+    by: dict[str, list[int]] = {}
+    for i, m in enumerate(meta):
+        by.setdefault(m["teacher"], []).append(i)
+    out = {f"alpha/{t}": sum(cols[0][i] for i in ix if i in multi) / n_prob for t, ix in by.items()
+           if n_prob and any(i in multi for i in ix)}
     for name, col in (("score", 1), ("s_mi", 2), ("s_cons", 3), ("s_ppl", 4)):
-        out.update({f"{name}/{t}": sum(v[col] for v in vals) / len(vals) for t, vals in by.items()})
+        out.update({f"{name}/{t}": sum(cols[col][i] for i in ix) / len(ix) for t, ix in by.items()})
     out["mcon"] = stats["mcon"] / max(1, stats["pairs"] - stats["skipped"])
     out["mcon_skip"] = stats["skipped"] / max(1, stats["pairs"])
     for g in groups.values():
@@ -282,29 +330,47 @@ def _metrics(rec, s_mi, s_cons, s_ppl, stats, groups) -> dict:
     return out
 
 
-def _mcon(logits, meta, g: list[int], a: torch.Tensor, stats: dict) -> torch.Tensor:
-    """L_MCon,k = Σ_{j≠k} α_j KL(P_k ‖ P_j) over answer-span positions (Eq. 9) for the traces of one problem;
-    pairs whose span ids differ are skipped and counted.  One KL matrix per set of identical spans."""
-    out = torch.zeros(len(g), device=logits.device)
-    stats["pairs"] += len(g) * (len(g) - 1)
-    classes: dict[tuple, list[int]] = {}
-    for j, i in enumerate(g):
-        if meta[i]["span"]:
-            classes.setdefault(tuple(meta[i]["span_ids"]), []).append(j)
-    matched = 0
-    for members in classes.values():
-        if len(members) < 2:
-            continue
-        lp = torch.stack([torch.log_softmax(logits[g[j], torch.tensor(meta[g[j]]["span"]) - 1].float(), -1)
-                          for j in members])  # [n, m, V]
-        # KL(k‖j) = mean_i Σ_v p_k (log p_k − log p_j), pairwise by broadcasting (n ≤ K traces, m span tokens)
-        kl = (lp.exp()[:, None] * (lp[:, None] - lp[None, :])).sum(-1).mean(-1)
-        off = ~torch.eye(len(members), dtype=torch.bool, device=kl.device)
-        out[members] = (kl * off * a[members][None, :]).sum(1)
-        stats["mcon"] += float((kl * off).sum().detach())
-        matched += len(members) * (len(members) - 1)
-    stats["skipped"] += len(g) * (len(g) - 1) - matched
+def span_logprobs(flat, where, meta) -> dict[int, torch.Tensor]:
+    """Example i → [m, V] log-probabilities of the states that emit its answer-span tokens, all read by *one*
+    index into the logits: each indexing op's backward writes a logits-sized gradient buffer, so one per trace
+    would cost more than the whole loss."""
+    rows = [(i, p - 1) for i, m in enumerate(meta) for p in m["span"]]
+    if not rows:
+        return {}
+    at = where[torch.tensor([r for r, _ in rows]), torch.tensor([t for _, t in rows])]
+    lp = torch.log_softmax(flat[at].float(), -1)
+    out, o = {}, 0
+    for i, m in enumerate(meta):
+        if m["span"]:
+            out[i], o = lp[o:o + len(m["span"])], o + len(m["span"])
     return out
+
+
+def mcon(span_lp: dict, meta, gid: torch.Tensor, a: torch.Tensor, stats: dict) -> torch.Tensor:
+    """L_MCon,k = Σ_{j≠k} α_j KL(P_k ‖ P_j) over answer-span positions (Eq. 9) for every trace of a micro-batch
+    (``span_lp`` from :func:`span_logprobs`; j ranges over the traces of k's problem).  Pairs whose span ids
+    differ are skipped and counted (``stats``: pairs, skipped, Σ KL).  All matched pairs in one tensor op."""
+    by: dict[tuple, list[int]] = {}
+    for i, m in enumerate(meta):
+        if i in span_lp:
+            by.setdefault((int(gid[i]), tuple(m["span_ids"])), []).append(i)
+    pairs = [(i, j) for members in by.values() for i in members for j in members if i != j]
+    stats["skipped"] += stats["pairs"] - len(pairs)
+    out = torch.zeros(len(meta), device=a.device)
+    if not pairs:
+        return out
+    rows = sorted(span_lp)
+    at = {i: r for r, i in enumerate(rows)}
+    M = max(span_lp[i].shape[0] for i in rows)
+    lp = torch.stack([torch.nn.functional.pad(span_lp[i], (0, 0, 0, M - span_lp[i].shape[0])) for i in rows])
+    I = torch.tensor([at[i] for i, _ in pairs], device=lp.device)  # [P] rows of lp: zero past a span's end
+    J = torch.tensor([at[j] for _, j in pairs], device=lp.device)
+    length = torch.tensor([span_lp[i].shape[0] for i in rows], device=lp.device, dtype=lp.dtype)
+    kl = (lp[I].exp() * (lp[I] - lp[J])).sum((1, 2)) / length[I]  # KL(k‖j), mean over the span's positions
+    stats["mcon"] += float(kl.detach().sum())
+    owner = torch.tensor([i for i, _ in pairs], device=out.device)
+    other = torch.tensor([j for _, j in pairs], device=a.device)
+    return out.index_add(0, owner, a[other] * kl)
 
 
 def count_problems(examples: list) -> int:

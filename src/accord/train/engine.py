@@ -10,8 +10,14 @@ Used by every recipe (STD, MTD, MoT branches) and by the lab to train its zoo.
   on the target only.  Targets are normalised to one format: a trace opens its
   own ``<think>`` unless the student's template already opened it
   (``prompts.training_target``), so corpora mixing both forms train one format.
-- Batches group similar lengths (shuffled mega-batches sorted by length), so
-  padding stays small without packing across examples.
+- Batches group similar lengths (shuffled mega-batches sorted by length).
+- Padding-free packing (``packing``, default on when a probe shows the model keeps packed examples
+  apart): a micro-batch's examples are laid end to end in rows with position ids restarting per
+  example and no attention mask, so transformers' flattening path (FlashAttention-2's varlen kernel,
+  or a block-diagonal mask for SDPA/eager) never lets a token attend across an example.  Rows: one
+  for FlashAttention (its cost is Σ Lᵢ²); for SDPA/eager, first-fit decreasing into rows as wide as
+  the longest example, so every cost is at most the padded batch's.  A recipe's ``loss_fn`` reads the
+  per-example view through ``batch["where"]`` (:func:`unpack`, :func:`flat_positions`).
 - Loss normalisation: the sum of token losses over an optimizer step divided by
   the number of target tokens in that step, whatever the gradient accumulation.
 - AdamW (0.9, 0.95), weight decay 0.1, warmup + cosine, clip 1.0 (MoT App. G.1).
@@ -61,6 +67,7 @@ class TrainArgs:
     bf16: bool | None = None  # None: bf16 when the device supports it
     gradient_checkpointing: bool = False
     chunked_loss: bool | None = None  # the head + CE in chunks (no [B, T, V] logits); None: on CUDA only
+    packing: bool | None = None  # padding-free rows; None: on when the model passes the packing probe
     lora_r: int = 0  # >0: train LoRA adapters (peft) instead of all weights
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -125,6 +132,111 @@ def collate(examples: list, pad_id: int) -> dict:
     if examples and isinstance(examples[0], dict):
         out["meta"] = [{k: v for k, v in e.items() if k not in ("ids", "labels")} for e in examples]
     return out
+
+
+def collate_packed(examples: list, pad_id: int, one_row: bool = False) -> dict:
+    """Padding-free batch: the examples end to end in rows, ``position_ids`` restarting at every example, no
+    ``attention_mask`` (transformers then keeps the examples apart).  ``one_row``: a single row (FlashAttention's
+    varlen kernel); else first-fit decreasing into rows as wide as the longest example.  Each example's first
+    label is ignored (the token before it belongs to another example).  ``batch["where"]`` [B, L_max] holds the
+    flat index (into ``rows.view(-1)``) of token t of example i, −1 past its end."""
+    lens = [len(ex_ids(e)) for e in examples]
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    width = sum(lens) if one_row else max(lens)
+    for i in sorted(range(len(examples)), key=lambda i: -lens[i]):
+        r = next((r for r in range(len(rows)) if fill[r] + lens[i] <= width), None)
+        if r is None:
+            rows.append([])
+            fill.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        fill[r] += lens[i]
+    width = max(fill)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    where = torch.full((len(examples), max(lens)), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        o = 0
+        for i in members:
+            x, y, n = ex_ids(examples[i]), list(ex_labels(examples[i])), lens[i]
+            ids[r, o:o + n], labels[r, o:o + n] = torch.tensor(x), torch.tensor([IGNORE] + y[1:n])
+            pos[r, o:o + n] = torch.arange(n)
+            where[i, :n] = torch.arange(r * width + o, r * width + o + n)
+            o += n
+        pos[r, o:] = torch.arange(width - o)  # the tail is a segment of its own (ignored labels)
+    out = {"input_ids": ids, "position_ids": pos, "labels": labels, "where": where}
+    if examples and isinstance(examples[0], dict):
+        out["meta"] = [{k: v for k, v in e.items() if k not in ("ids", "labels")} for e in examples]
+    return out
+
+
+def split_by_length(lengths: Sequence[int], min_saving: float = 0.1) -> list[list[int]]:
+    """A micro-batch's indices as one part, or two length buckets (short, long) when two forwards would fill at
+    least ``min_saving`` fewer padded cells than one.  For problem-grouped batches, whose traces cannot be
+    length-sorted across problems (a terse and a verbose trace of one problem share a micro-batch)."""
+    idx = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    L = [lengths[i] for i in idx]
+    one = len(L) * L[-1] if L else 0
+    best = min(range(1, len(L)), key=lambda s: s * L[s - 1] + (len(L) - s) * L[-1], default=None)
+    if best is None or best * L[best - 1] + (len(L) - best) * L[-1] > (1 - min_saving) * one:
+        return [list(range(len(lengths)))]
+    return [sorted(idx[:best]), sorted(idx[best:])]
+
+
+def collate_grouped(examples: list, collate_one: Callable[[list], dict]) -> dict:
+    """A problem-grouped micro-batch: one batch, or ``{"parts": [batch, …], "index": [[i, …], …], "meta"}`` when
+    :func:`split_by_length` cuts it (a recipe's ``loss_fn`` runs one forward per part and reassembles its
+    per-example terms by ``index``; :func:`sft_loss` sums the parts)."""
+    parts = split_by_length([len(ex_ids(e)) for e in examples])
+    if len(parts) == 1:
+        return collate_one(examples)
+    return {"parts": [collate_one([examples[i] for i in p]) for p in parts], "index": parts,
+            "meta": [{k: v for k, v in e.items() if k not in ("ids", "labels")} for e in examples]}
+
+
+def model_inputs(b: dict) -> dict:
+    """The model's keyword arguments for a padded or a packed batch (never a KV cache in training: with one,
+    transformers would not detect packed rows)."""
+    keys = ("input_ids", "position_ids") if "where" in b else ("input_ids", "attention_mask")
+    return {**{k: b[k] for k in keys}, "use_cache": False}
+
+
+def flat_positions(b: dict) -> torch.Tensor:
+    """[B, L_max] flat index of token t of example i in the model's output rows (``x.view(R·W, …)``); −1 past the
+    example's end.  A padded batch maps to itself."""
+    if "where" in b:
+        return b["where"]
+    B, L = b["input_ids"].shape
+    idx = torch.arange(B * L, device=b["input_ids"].device).view(B, L)
+    return idx.masked_fill(b["attention_mask"] == 0, -1)
+
+
+def unpack(x: torch.Tensor, b: dict, fill=0) -> torch.Tensor:
+    """A per-token tensor [R, W, …] of the model's rows as [B, L_max, …] per example (``fill`` past each end);
+    a padded batch's tensor is returned as it is."""
+    if "where" not in b:
+        return x
+    where = b["where"]
+    flat = x.reshape(-1, *x.shape[2:])[where.clamp(min=0)]
+    pad = (where < 0).view(*where.shape, *([1] * (x.dim() - 2)))
+    return flat.masked_fill(pad, fill)
+
+
+@torch.no_grad()
+def packing_works(model, device) -> bool:
+    """The probe behind ``packing: null``: in one row holding two examples, the second example's logits must not
+    change when the first one's tokens do.  A model that ignores ``position_ids`` or builds its own mask fails."""
+    V = getattr(model, "module", model).get_input_embeddings().num_embeddings
+    a, b2, tail = [1 % V, 2 % V, 3 % V], [4 % V, 5 % V, 6 % V], [7 % V, 8 % V, 9 % V, 10 % V]
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
+    try:
+        out = [model(input_ids=torch.tensor([h + tail], device=device), position_ids=pos,
+                     use_cache=False).logits[0, 3:].float() for h in (a, b2)]
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return bool((out[0] - out[1]).abs().max() <= 1e-3 * (1 + out[0].abs().max()))
 
 
 def grouped_batches(keys: Sequence, batch_size: int, rng: random.Random, group: int = 64) -> list[list[int]]:
@@ -260,14 +372,15 @@ def _bf16_supported() -> bool:
 def sft_loss(model, b: dict, n_units: int, chunked: bool = False) -> tuple[torch.Tensor, dict]:
     """The default ``loss_fn``: Σ token NLL of the micro-batch / the step's target tokens.  ``chunked``: from the
     final hidden states through :class:`LinearCrossEntropy`, never materialising the [B, T, V] logits."""
+    if "parts" in b:
+        return sum(sft_loss(model, part, n_units, chunked)[0] for part in b["parts"]), {}
     if chunked:
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
-                    logits_to_keep=1)  # only the last position's logits; the head runs in chunks below
+        out = model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1)  # only the last position's logits; the head runs in chunks below
         h, tgt = out.hidden_states[-1][:, :-1], b["labels"][:, 1:]
         keep = tgt != IGNORE
         head = output_states(model)
         return LinearCrossEntropy.apply(h[keep], head.weight, tgt[keep]) / max(1, n_units), {}
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    logits = model(**model_inputs(b)).logits[:, :-1]
     tgt = b["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum") / max(1, n_units)
@@ -438,7 +551,14 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     for m in models.values():
         m.train()
     call = models[""] if single else models
-    collate_fn = collate_fn or (lambda c: collate(c, tok.pad_token_id))
+    packed = collate_fn is None and _use_packing(call, args, acc.device) if single else False
+    if collate_fn is None:
+        inner = getattr(call, "module", call)
+        one_row = "flash" in str(getattr(getattr(inner, "config", None), "_attn_implementation", ""))
+        one = ((lambda c: collate_packed(c, tok.pad_token_id, one_row)) if packed
+               else (lambda c: collate(c, tok.pad_token_id)))
+        grouped = isinstance(examples[0], dict) and "group" in examples[0] and not one_row
+        collate_fn = (lambda c: collate_grouped(c, one)) if grouped else one
     trained = [m for m in models.values() if _trainable(m)]
     chunked = bool(args.chunked_loss if args.chunked_loss is not None else acc.device.type == "cuda") and single \
         and loss_fn is None and getattr(output_states(call), "bias", None) is None
@@ -451,7 +571,8 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
 
         lm = next((m for m in models.values() if _is_lm(m)), None)
         say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
-                 f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; no packing; loss: "
+                 f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; "
+                 f"{'padding-free packing' if packed else 'no packing'}; loss: "
                  + ("the recipe's" if loss_fn and not chunked else "token cross-entropy")
                  + (" from the hidden states in chunks (no full-vocabulary logits)" if chunked
                     else " over full-vocabulary logits"))
@@ -505,6 +626,25 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         if args.lora_r and hasattr(m, "merge_and_unload"):
             models[n] = m.merge_and_unload()
     return TrainResult(models[""] if single else models, history, start, out)
+
+
+def _use_packing(model, args: TrainArgs, device) -> bool:
+    """``args.packing``: False → padded; None → packed when the model passes :func:`packing_works`; True → packed,
+    and an error naming the model when it fails the probe."""
+    if args.packing is False or not _is_lm(model):
+        return False
+    inner = getattr(model, "module", model)
+    was = model.training
+    model.eval()
+    try:
+        ok = packing_works(model, device)
+    finally:
+        model.train(was)
+    if args.packing and not ok:
+        attn = getattr(inner.config, "_attn_implementation", "?")
+        raise ValueError(f"train.packing: true, but {type(inner).__name__} (attention {attn}) lets packed examples "
+                         "attend to each other; set train.packing: false")
+    return ok
 
 
 def _is_lm(m) -> bool:
