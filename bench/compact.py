@@ -11,7 +11,7 @@ graph's saved tensors in one step, measured with ``torch.autograd.graph.
 saved_tensors_hooks`` (CPU has no allocator high-water mark) plus the scores'
 extra tensors.
 
-    python bench/compact.py [--steps 60] [--batch 16] [--repeats 3]
+    python bench/compact.py [--steps 60] [--batch 16] [--repeats 3] [--shape lab|small]
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import argparse
 import torch
 
 
-def setup(n_problems: int = 400):
+SHAPES = {"lab": (None, None), "small": (256, 4)}  # (hidden size, layers); lab = the lab student's own
+
+
+def setup(n_problems: int = 400, shape: str = "lab"):
     from accord.lab.recipe import PROFILES, _new_model, _trace_rows, lab_tokenizer
     from accord.lab.tasks import generate
 
@@ -32,7 +35,8 @@ def setup(n_problems: int = 400):
     for st in ("terse", "verbose", "verify", "shifted"):
         rows[st] = [{**r, "problem_id": p["id"], "answer": p["answer"]}
                     for r, p in zip(_trace_rows(probs, st, random.Random(0)), probs)]
-    return tok, rows, lambda: _new_model(tok, PROFILES["full"].d, PROFILES["full"].layers, seed=0)
+    d, layers = SHAPES[shape]
+    return tok, rows, lambda: _new_model(tok, d or PROFILES["full"].d, layers or PROFILES["full"].layers, seed=0)
 
 
 def run_mtd(tok, rows, new_model, args) -> float:
@@ -100,15 +104,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shape", choices=list(SHAPES), default="lab",
+                    help="lab: the lab student (d = 64, 2 layers); small: d = 256, 4 layers (same tokenizer)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    tok, rows, new_model = setup()
+    tok, rows, new_model = setup(shape=args.shape)
     t_mtd, t_cmp = [], []
     for _ in range(args.repeats):
         t_mtd.append(run_mtd(tok, rows, new_model, args))
         t_cmp.append(run_compact(tok, rows, new_model, args))
-    print(f"mtd: {1e3 * min(t_mtd):.1f} ms/step  compact: {1e3 * min(t_cmp):.1f} ms/step ({args.steps} steps of "
-          f"{args.batch} traces, steady state)")
+    print(f"shape {args.shape}: mtd {1e3 * min(t_mtd):.1f} ms/step, compact {1e3 * min(t_cmp):.1f} ms/step "
+          f"({args.steps} steps of {args.batch} traces, steady state)")
     print(f"compact/mtd step-time ratio: {min(t_cmp) / min(t_mtd):.2f}  (goal ≤ 1.15)")
     m_mtd, m_cmp = saved_bytes(tok, rows, new_model, args, False), saved_bytes(tok, rows, new_model, args, True)
     print(f"compact/mtd saved-activation memory ratio: {m_cmp / m_mtd:.2f}  (goal ≤ 1.2)")

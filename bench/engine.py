@@ -1,4 +1,4 @@
-"""Training throughput: accord's engine vs a plain PyTorch loop (and TRL's SFTTrainer) on the lab student.
+"""Training throughput: accord's engine vs a plain PyTorch loop and TRL's SFTTrainer (padded, and padding-free).
 
 Same model (the lab student's shape, fresh weights), same lab corpus, same
 batches (the engine's length-grouped order replayed), same AdamW, same
@@ -6,6 +6,7 @@ clipping; throughput counts real (non-padding) tokens per second.  Each
 contender runs ``--repeats`` times, interleaved; the best run counts.
 
     python bench/engine.py [--steps 60] [--batch 32] [--repeats 2]
+    python bench/engine.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12 [--max-len 4096]
 """
 
 from __future__ import annotations
@@ -73,7 +74,18 @@ def run_plain(tok, rows, new_model, args) -> tuple[float, int]:
     return time.perf_counter() - t0, sum(len(ex[i][0]) for b in batches for i in b)
 
 
-def run_trl(tok, rows, new_model, args) -> tuple[float, int] | None:
+def run_trl_padding_free(tok, rows, new_model, args) -> tuple[float, int] | None:
+    """TRL with ``padding_free=True`` (its batch as one row, position ids restarting per example) — the setting
+    its users run; with Liger's kernels too when ``liger-kernel`` is installed."""
+    try:
+        import liger_kernel  # noqa: F401
+        liger = True
+    except ImportError:
+        liger = False
+    return run_trl(tok, rows, new_model, args, padding_free=True, use_liger_kernel=liger)
+
+
+def run_trl(tok, rows, new_model, args, **extra) -> tuple[float, int] | None:
     try:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
@@ -87,13 +99,14 @@ def run_trl(tok, rows, new_model, args) -> tuple[float, int] | None:
                         learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.1,
                         adam_beta2=0.95, max_grad_norm=1.0, max_length=256, logging_steps=10**6, save_strategy="no",
                         report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-                        bf16=False, train_sampling_strategy="group_by_length")
+                        bf16=False, train_sampling_strategy="group_by_length", **extra)
         trainer = SFTTrainer(model=new_model(), args=cfg, train_dataset=data, processing_class=tok)
         batch_tokens = []
         orig = trainer.compute_loss
 
         def counting(model, inputs, *a, **k):
-            batch_tokens.append(int(inputs["attention_mask"].sum()))
+            real = inputs["attention_mask"] if "attention_mask" in inputs else inputs["input_ids"] != tok.pad_token_id
+            batch_tokens.append(int(real.sum()))
             return orig(model, inputs, *a, **k)
 
         trainer.compute_loss = counting
@@ -102,20 +115,201 @@ def run_trl(tok, rows, new_model, args) -> tuple[float, int] | None:
         return time.perf_counter() - t0, sum(batch_tokens)
 
 
+# --------------------------------------------------------------------------- model shapes (random init, no download)
+
+SHAPES = {
+    "qwen3-tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6),
+}
+
+
+def new_qwen3(shape: str, device: str):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=40960, tie_word_embeddings=True, eos_token_id=1,
+                      pad_token_id=0, bos_token_id=None)
+    with torch.device(device):
+        return Qwen3ForCausalLM(cfg)
+
+
+def synthetic(n: int, vocab: int, max_len: int, seed: int = 0, prompt: int = 64) -> list[tuple[list, list]]:
+    """Token sequences of uniform random length in [max_len / 8, max_len], the first ``prompt`` tokens masked."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = [rng.randrange(10, vocab) for _ in range(rng.randint(max_len // 8, max_len))]
+        out.append((ids, [-100] * prompt + ids[prompt:]))
+    return out
+
+
+class _Clock:
+    """Steady-state tokens/s: the time between the end of step ``warm`` and the last step (device synchronised)."""
+
+    def __init__(self, device: str, warm: int):
+        self.device, self.warm, self.stamps = device, warm, []
+
+    def tick(self, *_):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def rate(self, tokens: list[int]) -> float:
+        return sum(tokens[self.warm:]) / (self.stamps[-1] - self.stamps[self.warm - 1])
+
+
+def _peak_reset(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def shape_bench(args) -> None:
+    """``--shape qwen3-0.6b --device cuda``: the engine (its defaults there: bf16 autocast, packing, chunked loss)
+    against a plain bf16-autocast loop on identical batches — tokens/s, model-FLOPs utilisation (6·params·tokens
+    over ``--peak-tflops``), peak memory — and against TRL padding-free when TRL is installed."""
+    from types import SimpleNamespace
+
+    from accord.train.engine import IGNORE, BatchStream, TrainArgs, collate, lr_at, make_optimizer, train
+
+    dev, warm = args.device, 2
+    steps = args.steps
+    vocab = SHAPES[args.shape]["vocab_size"]
+    ex = synthetic(args.batch * steps, vocab, args.max_len)
+    tok = SimpleNamespace(pad_token_id=0)
+    stream = BatchStream(ex, args.batch, 0)
+    batches = [stream.next() for _ in range(steps)]
+    tokens = [sum(len(ex[i][0]) for i in b) for b in batches]
+    targs = TrainArgs(steps=steps, batch_size=args.batch, lr=1e-5, max_len=args.max_len, seed=0, warmup_ratio=0.1)
+    res = {}
+
+    _peak_reset(dev)
+    model = new_qwen3(args.shape, dev)
+    params = sum(p.numel() for p in model.parameters())
+    clock = _Clock(dev, warm)
+    train(model, tok, [], targs, examples=ex, on_step=clock.tick)
+    res["engine"] = (clock.rate(tokens), _peak(dev))
+    del model
+
+    _peak_reset(dev)
+    model = new_qwen3(args.shape, dev)
+    opt = make_optimizer(model, targs)
+    clock = _Clock(dev, warm)
+    model.train()
+    for step, idx in enumerate(batches):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, targs)
+        b = {k: v.to(dev) for k, v in collate([ex[i] for i in idx], 0).items()}
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        tgt = b["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), tgt.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum") / (tgt != IGNORE).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.tick()
+    res["plain"] = (clock.rate(tokens), _peak(dev))
+    del model, opt
+
+    try:
+        res["trl-pf"] = _trl_synthetic(args, ex, batches, tokens, warm)
+    except ImportError:
+        pass
+    except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
+        print(f"TRL padding-free: not measured ({type(e).__name__}: {e})")
+
+    peak = args.peak_tflops * 1e12
+    for name, (rate, mem) in res.items():
+        mfu = f", MFU {6 * params * rate / peak:.1%}" if dev == "cuda" else ""
+        print(f"{name:7s} {rate:10.0f} tokens/s{mfu}" + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
+    print(f"shape {args.shape} ({params / 1e6:.0f}M parameters) on {dev}, batch {args.batch} × ≤ {args.max_len} tokens")
+    print(f"engine/plain throughput ratio: {res['engine'][0] / res['plain'][0]:.2f}")
+    if dev == "cuda":
+        print(f"engine/plain peak memory ratio: {res['engine'][1] / res['plain'][1]:.2f}")
+    if "trl-pf" in res:
+        print(f"engine/TRL padding-free throughput ratio: {res['engine'][0] / res['trl-pf'][0]:.2f}")
+
+
+def _trl_synthetic(args, ex, batches, tokens, warm) -> tuple[float, float | None]:
+    """TRL ``padding_free=True`` (+ ``use_liger_kernel`` when installed) on the same sequences, pre-tokenised."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    try:
+        import liger_kernel  # noqa: F401
+        liger = True
+    except ImportError:
+        liger = False
+    order = [i for b in batches for i in b]
+    data = Dataset.from_dict({"input_ids": [ex[i][0] for i in order],
+                              "completion_mask": [[int(y != -100) for y in ex[i][1]] for i in order]})
+    dev = args.device
+    clock = _Clock(dev, warm)
+
+    class Tick(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            clock.tick()
+
+    _peak_reset(dev)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch,
+                        learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 10),
+                        weight_decay=0.1,
+                        adam_beta2=0.95, max_grad_norm=1.0, max_length=None, logging_steps=10**6,  # already ≤ max_len
+                        save_strategy="no", report_to=[], use_cpu=dev == "cpu", dataloader_num_workers=0,
+                        disable_tqdm=True, seed=0, bf16=dev == "cuda", padding_free=True, use_liger_kernel=liger,
+                        completion_only_loss=True, shuffle_dataset=False)
+        trainer = SFTTrainer(model=new_qwen3(args.shape, dev), args=cfg, train_dataset=data,
+                             processing_class=_stub_tokenizer(), callbacks=[Tick()])
+        trainer.train()
+    return clock.rate(tokens), _peak(dev)
+
+
+def _stub_tokenizer():
+    from accord.lab.tokenizer import build_tokenizer
+
+    return build_tokenizer()  # only its pad/eos ids are read: the dataset is already tokenised
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--shape", choices=["lab", *SHAPES], default="lab",
+                    help="lab: the lab student on the lab corpus (default); a Qwen3 shape: random init on "
+                         "synthetic token sequences (nothing downloaded)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-len", type=int, default=4096, help="longest synthetic sequence (Qwen3 shapes)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H200: 989)")
     args = ap.parse_args()
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    if args.shape != "lab":
+        return shape_bench(args)
     tok, rows, new_model = setup()
     best: dict[str, float] = {}
     for _ in range(args.repeats):
-        for name, fn in (("plain", run_plain), ("engine", run_engine), ("trl", run_trl)):
+        for name, fn in (("plain", run_plain), ("engine", run_engine), ("trl", run_trl),
+                         ("trl-pf", run_trl_padding_free)):
             r = fn(tok, rows, new_model, args)
             if r is not None:
                 best[name] = max(best.get(name, 0.0), r[1] / r[0])
@@ -123,6 +317,7 @@ def main() -> None:
         print(f"{name:7s} {v:10.0f} tokens/s")
     if "trl" in best:
         print(f"engine/TRL SFTTrainer throughput ratio: {best['engine'] / best['trl']:.2f}")
+        print(f"engine/TRL padding-free throughput ratio: {best['engine'] / best['trl-pf']:.2f}")
     else:
         print("engine/TRL SFTTrainer throughput ratio: n/a (pip install trl)")
     print(f"engine/plain-loop throughput ratio: {best['engine'] / best['plain']:.2f}")

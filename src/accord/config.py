@@ -259,6 +259,9 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(False)
     chunked_loss: bool | None = Field(None, description="the LM head and cross-entropy in chunks from the hidden "
                                       "states, never the full [batch, length, vocabulary] logits (null: on CUDA)")
+    packing: bool | None = Field(None, description="padding-free batches: examples end to end in rows, position "
+                                 "ids restarting per example, attention never crossing an example (null: on when a "
+                                 "two-example probe shows the model keeps packed examples apart; true: required)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     mot_schedule: Literal["per-round", "global"] = Field(

@@ -138,7 +138,8 @@ def engine_args(cfg: AccordConfig, steps: int, *, checkpoint_every: int | None =
                      betas=tuple(t.betas), clip=t.clip, max_len=t.max_len, seed=t.seed + seed_offset,
                      optimizer=t.optimizer, schedule_steps=schedule_steps, schedule_offset=schedule_offset,
                      checkpoint_every=checkpoint_every, keep_checkpoints=t.keep_checkpoints, bf16=t.bf16,
-                     gradient_checkpointing=t.gradient_checkpointing, chunked_loss=t.chunked_loss, lora_r=t.lora.r, lora_alpha=t.lora.alpha,
+                     gradient_checkpointing=t.gradient_checkpointing, chunked_loss=t.chunked_loss, packing=t.packing,
+                     lora_r=t.lora.r, lora_alpha=t.lora.alpha,
                      lora_dropout=t.lora.dropout, lora_targets=t.lora.target_modules, report_to=list(t.report_to))
 
 

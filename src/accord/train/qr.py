@@ -275,7 +275,7 @@ def student_pass(model, b: dict, n_units: int, grad: bool) -> tuple[torch.Tensor
     """One student's forward over the paths: (per-path mean CE [B], NLL per character [B], pooled layer-normed
     word states [B, U, d], unit present [B, U])."""
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()), capture_input(output_states(model)) as cap:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
     nll = token_nll(logits, b["labels"])
     n_tok = (b["labels"][:, 1:] != IGNORE).sum(1).clamp(min=1)
     total = nll.sum(1)
