@@ -12,6 +12,7 @@ contender runs ``--repeats`` times, interleaved; the best run counts.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 
 import torch
@@ -77,11 +78,7 @@ def run_plain(tok, rows, new_model, args) -> tuple[float, int]:
 def run_trl_padding_free(tok, rows, new_model, args) -> tuple[float, int] | None:
     """TRL with ``padding_free=True`` (its batch as one row, position ids restarting per example) — the setting
     its users run; with Liger's kernels too when ``liger-kernel`` is installed."""
-    try:
-        import liger_kernel  # noqa: F401
-        liger = True
-    except ImportError:
-        liger = False
+    liger = importlib.util.find_spec("liger_kernel") is not None
     return run_trl(tok, rows, new_model, args, padding_free=True, use_liger_kernel=liger)
 
 
@@ -97,7 +94,8 @@ def run_trl(tok, rows, new_model, args, **extra) -> tuple[float, int] | None:
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch,
                         learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.1,
-                        adam_beta2=0.95, max_grad_norm=1.0, max_length=256, logging_steps=10**6, save_strategy="no",
+                        adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10**6, save_strategy="no",
+                        max_length=None if extra.get("padding_free") else 256,  # lab traces are < 256 tokens
                         report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
                         bf16=False, train_sampling_strategy="group_by_length", **extra)
         trainer = SFTTrainer(model=new_model(), args=cfg, train_dataset=data, processing_class=tok)
@@ -225,7 +223,7 @@ def shape_bench(args) -> None:
     del model, opt
 
     try:
-        res["trl-pf"] = _trl_synthetic(args, ex, batches, tokens, warm)
+        res["trl-pf"] = _trl_synthetic(args, ex, batches, warm)
     except ImportError:
         pass
     except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
@@ -235,7 +233,7 @@ def shape_bench(args) -> None:
     for name, (rate, mem) in res.items():
         mfu = f", MFU {6 * params * rate / peak:.1%}" if dev == "cuda" else ""
         print(f"{name:7s} {rate:10.0f} tokens/s{mfu}" + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
-    print(f"shape {args.shape} ({params / 1e6:.0f}M parameters) on {dev}, batch {args.batch} × ≤ {args.max_len} tokens")
+    print(f"shape {args.shape} ({params / 1e6:.2f}M parameters) on {dev}, batch {args.batch} × ≤ {args.max_len} tokens")
     print(f"engine/plain throughput ratio: {res['engine'][0] / res['plain'][0]:.2f}")
     if dev == "cuda":
         print(f"engine/plain peak memory ratio: {res['engine'][1] / res['plain'][1]:.2f}")
@@ -243,7 +241,7 @@ def shape_bench(args) -> None:
         print(f"engine/TRL padding-free throughput ratio: {res['engine'][0] / res['trl-pf'][0]:.2f}")
 
 
-def _trl_synthetic(args, ex, batches, tokens, warm) -> tuple[float, float | None]:
+def _trl_synthetic(args, ex, batches, warm) -> tuple[float, float | None]:
     """TRL ``padding_free=True`` (+ ``use_liger_kernel`` when installed) on the same sequences, pre-tokenised."""
     import tempfile
 
@@ -251,11 +249,7 @@ def _trl_synthetic(args, ex, batches, tokens, warm) -> tuple[float, float | None
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    try:
-        import liger_kernel  # noqa: F401
-        liger = True
-    except ImportError:
-        liger = False
+    liger = importlib.util.find_spec("liger_kernel") is not None
     order = [i for b in batches for i in b]
     data = Dataset.from_dict({"input_ids": [ex[i][0] for i in order],
                               "completion_mask": [[int(y != -100) for y in ex[i][1]] for i in order]})
@@ -277,8 +271,15 @@ def _trl_synthetic(args, ex, batches, tokens, warm) -> tuple[float, float | None
                         completion_only_loss=True, shuffle_dataset=False)
         trainer = SFTTrainer(model=new_qwen3(args.shape, dev), args=cfg, train_dataset=data,
                              processing_class=_stub_tokenizer(), callbacks=[Tick()])
+        seen, orig = [], trainer.compute_loss
+
+        def counting(model, inputs, *a, **k):  # TRL samples its own batches: count the tokens it really trains
+            seen.append(int(inputs["input_ids"].numel()))  # one row, no padding
+            return orig(model, inputs, *a, **k)
+
+        trainer.compute_loss = counting
         trainer.train()
-    return clock.rate(tokens), _peak(dev)
+    return clock.rate(seen), _peak(dev)
 
 
 def _stub_tokenizer():
