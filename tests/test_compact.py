@@ -150,8 +150,10 @@ def _logits(model, b):
     (unpacked) logits."""
     from accord.train.engine import flat_positions, model_inputs, unpack
 
+    from accord.train.compact import _Head
+
     rows = model(**model_inputs(b)).logits
-    return rows, rows.view(-1, rows.shape[-1]), flat_positions(b), unpack(rows, b)
+    return rows, _Head(logits=rows), flat_positions(b), unpack(rows, b)
 
 
 TRACES = ["<think>\n(1) 3 + 4 = 7\n(2) 7 * 2 = 4\n</think>\n\n\\boxed{4}",
@@ -165,16 +167,16 @@ def test_mcon_skips_pairs_whose_answers_differ(micro, packed):
     from accord.train.compact import mcon, span_logprobs
 
     model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES], packed=packed)
-    _, flat, where, logits = _logits(model, b)
+    _, head, where, logits = _logits(model, b)
     stats = {"pairs": 6, "skipped": 0, "mcon": 0.0}
     a = torch.tensor([0.5, 0.3, 0.2])
-    out = mcon(span_logprobs(flat, where, b["meta"]), b["meta"], torch.zeros(3, dtype=torch.long), a, stats)
+    out = mcon(span_logprobs(head, where, b["meta"]), b["meta"], torch.zeros(3, dtype=torch.long), a, stats)
     assert stats == {"pairs": 6, "skipped": 4, "mcon": pytest.approx(stats["mcon"])}  # only 0↔1 share "4"
     lp = [torch.log_softmax(logits[i, torch.tensor(b["meta"][i]["span"]) - 1], -1) for i in (0, 1)]
     kl01 = float((lp[0].exp() * (lp[0] - lp[1])).sum(-1).mean())
     assert float(out[0]) == pytest.approx(0.3 * kl01, rel=1e-5) and out[2] == 0.0
     apart = {"pairs": 2, "skipped": 0, "mcon": 0.0}  # the same answer in two problems is never a pair
-    out = mcon(span_logprobs(flat, where, b["meta"]), b["meta"], torch.tensor([0, 1, 0]), a, apart)
+    out = mcon(span_logprobs(head, where, b["meta"]), b["meta"], torch.tensor([0, 1, 0]), a, apart)
     assert apart["skipped"] == 2 and not out.any()
     loss, metrics = make_loss_fn(CompactConfig())(model, b, 1)
     assert metrics["mcon_skip"] == pytest.approx(4 / 6) and loss.requires_grad
@@ -225,6 +227,30 @@ def test_packed_and_padded_batches_give_the_same_loss_scores_and_gradients(micro
     assert float(l1) == pytest.approx(float(l0), rel=1e-5)
     assert m0.keys() == m1.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6) for k in m0)
     assert m0["s_cons/t0"] != 0.0 and m0["mcon"] > 0.0  # the scores were computed, not skipped
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_chunked_head_gives_the_full_logits_loss_scores_and_gradients(micro):
+    """Issue 13 item 2: COMPACT's loss, every score and the gradients are the same when the head runs in chunks
+    from the hidden states (no [tokens, V] logits) as from the full logits — packed batch, MCon on."""
+    from accord.config import CompactConfig
+    from accord.train.engine import LinearTokenNLL
+
+    got = []
+    for chunked in (False, True):
+        model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (0, TRACES[2]), (1, TRACES[0]),
+                                           (1, TRACES[1])], words=("plus",), packed=True)
+        LinearTokenNLL.CHUNK = 7  # several chunks
+        try:
+            loss, metrics = make_loss_fn(CompactConfig(epsilon=1.0), chunked=chunked)(model, b, 2)
+            loss.backward()
+        finally:
+            LinearTokenNLL.CHUNK = 4096
+        got.append((loss, metrics, {n: p.grad for n, p in model.named_parameters()}))
+    (l0, m0, g0), (l1, m1, g1) = got
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    assert all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6) for k in m0) and m0["mcon"] > 0
     for n in g0:
         assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
 
@@ -316,10 +342,10 @@ def test_batched_scores_match_the_per_trace_reference(micro, packed):
     model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (1, TRACES[2])], words=("plus",),
                                packed=packed)
     with torch.no_grad():
-        rows, flat, where, logits = _logits(model, b)
+        rows, head, where, logits = _logits(model, b)
         nll = unpack(token_nll(rows, b["labels"]), b)
         ids = unpack(b["input_ids"], b, 0)
-        s_ppl, s_mi = _ppl_mi(flat, where, nll, ids, b["meta"], "sum", True)
+        s_ppl, s_mi = _ppl_mi(head, where, nll, ids, b["meta"], "sum", True)
         if packed:  # the per-example view equals each trace run alone
             for i, e in enumerate(ex):
                 alone = model(input_ids=torch.tensor([e["ids"]])).logits[0]

@@ -297,3 +297,29 @@ def test_packing_trains_the_same_model_and_a_model_that_cannot_pack_is_caught(mi
     assert _use_packing(blind, TrainArgs(), "cpu") is False
     with pytest.raises(ValueError, match="Blind .*packed examples attend to each other; set train.packing: false"):
         _use_packing(blind, TrainArgs(packing=True), "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_linear_nll_matches_the_plain_one(dtype):
+    """LinearTokenNLL (COMPACT's chunked head): per-row NLL and the gradients of any weighting of it equal the
+    plain logits → cross-entropy path, over several chunks."""
+    from accord.train.engine import LinearTokenNLL
+
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(37, 16, generator=g), torch.randn(50, 16, generator=g) * 0.3
+    t, weights = torch.randint(0, 50, (37,), generator=g), torch.rand(37, generator=g)
+    h, w = h0.to(dtype).requires_grad_(), w0.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy((h @ w.to(dtype).T).float(), t, reduction="none")
+    (ref * weights).sum().backward()
+    rh, rw = h.grad.clone(), w.grad.clone()
+    h.grad, w.grad = None, None
+    LinearTokenNLL.CHUNK = 8
+    try:
+        got = LinearTokenNLL.apply(h, w, t)
+    finally:
+        LinearTokenNLL.CHUNK = 4096
+    (got * weights).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got, ref.detach(), rtol=tol, atol=tol)
+    assert torch.allclose(h.grad.float(), rh.float(), rtol=tol, atol=tol)
+    assert torch.allclose(w.grad, rw, rtol=tol, atol=tol * 10)

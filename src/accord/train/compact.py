@@ -38,6 +38,11 @@ Readings where the paper is silent (``../shared/specs/compact.md``, its correcti
    groups of one.  In multi-process runs whole problems go to processes; the logged metrics are
    rank 0's.
 9. The paper's 497 vs 200 problems and Table 1's OOD training sets do not affect the method.
+10. Speed (issue 13): batches may be packed (``batch["where"]`` maps each trace's tokens) and a problem-grouped
+    micro-batch is cut into length buckets, one forward each, the per-trace terms reassembled before the weights;
+    with ``train.chunked_loss`` (default on CUDA) the head is read from the final hidden states — per-token NLL
+    through ``LinearTokenNLL``, the gold and next-token logits as dot products, full rows only at answer spans —
+    so no [tokens, V] tensor exists.  Every path gives the same loss, scores and gradients (tests).
 """
 
 from __future__ import annotations
@@ -65,11 +70,14 @@ from accord.train.common import (
 )
 from accord.train.engine import (
     IGNORE,
+    LinearTokenNLL,
     capture_input,
+    chunkable_head,
     chat_head,
     flat_positions,
     grouped_batches,
     model_inputs,
+    output_states,
     token_nll,
     train,
     unpack,
@@ -202,8 +210,9 @@ def _qk(layer, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- the loss
 
 
-def make_loss_fn(c):
-    """The engine ``loss_fn`` for ``compact`` settings ``c`` (a ``CompactConfig``)."""
+def make_loss_fn(c, chunked: bool | None = False):
+    """The engine ``loss_fn`` for ``compact`` settings ``c`` (a ``CompactConfig``); ``chunked`` (``train.chunked_loss``;
+    None: on CUDA) reads the head from the hidden states in chunks, never the full logits."""
     use = set(c.scores)
     beta = tuple(b if name in use else 0.0 for b, name in zip(c.beta, ("mi", "cons", "ppl")))
 
@@ -211,7 +220,8 @@ def make_loss_fn(c):
         meta = b["meta"]
         layer = last_decoder_layer(model) if "cons" in use else None
         parts, index = (b["parts"], b["index"]) if "parts" in b else ([b], [list(range(len(meta)))])
-        terms = [_trace_terms(model, part, layer, c, "mi" in use) for part in parts]
+        chunk = (parts[0]["input_ids"].device.type == "cuda" if chunked is None else chunked) and chunkable_head(model)
+        terms = [_trace_terms(model, part, layer, c, "mi" in use, chunk) for part in parts]
         order = torch.tensor([i for ix in index for i in ix])
         inv = torch.empty_like(order)
         inv[order] = torch.arange(len(order))  # back to the micro-batch's example order
@@ -246,36 +256,80 @@ def make_loss_fn(c):
     return loss_fn
 
 
-def _trace_terms(model, b: dict, layer, c, want_mi: bool) -> dict:
+class _Head:
+    """The LM head at the positions COMPACT reads: from the full logits, or — ``chunked`` (issue 13: no
+    [tokens, V] tensor) — formed from the final hidden states and the head's weight, only for the rows asked for,
+    the per-token NLL through :class:`LinearTokenNLL`."""
+
+    def __init__(self, logits=None, h=None, weight=None):
+        x = logits if logits is not None else h
+        self.shape = x.shape[:2]
+        self.flat = logits.reshape(-1, logits.shape[-1]) if logits is not None else None
+        self.h, self.w = (h.reshape(-1, h.shape[-1]), weight) if h is not None else (None, None)
+
+    def token_nll(self, labels: torch.Tensor) -> torch.Tensor:
+        """[R, W] NLL of each target token (as :func:`token_nll`)."""
+        if self.flat is not None:
+            return token_nll(self.flat.view(*self.shape, -1), labels)
+        R, W = self.shape
+        tgt = labels[:, 1:]
+        keep = tgt != IGNORE
+        vals = LinearTokenNLL.apply(self.h.view(R, W, -1)[:, :-1][keep], self.w, tgt[keep])
+        nll = torch.zeros(R, W - 1, device=vals.device, dtype=torch.float32).masked_scatter(keep, vals)
+        return torch.nn.functional.pad(nll, (1, 0))
+
+    def pair(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logit of token ``ids[i]`` at flat row ``rows[i]`` (same shapes)."""
+        if self.flat is not None:
+            return self.flat[rows, ids].float()
+        return (self.h[rows].float() * self.w[ids].float()).sum(-1)
+
+    def gold(self, rows: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        """[B, L, G]: the logits of example b's gold ids at each of its rows ``rows`` [B, L]."""
+        if self.flat is not None:
+            return self.flat[rows[..., None], gold[:, None, :]].float()
+        return torch.einsum("bld,bgd->blg", self.h[rows].float(), self.w[gold].float())
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits of a few flat rows (with gradient)."""
+        if self.flat is not None:
+            return self.flat[rows]
+        return self.h[rows] @ self.w.to(self.h.dtype).T
+
+
+def _trace_terms(model, b: dict, layer, c, want_mi: bool, chunked: bool) -> dict:
     """One forward over a (padded or packed) batch of traces and what COMPACT needs of each trace: its SFT term
     ``per`` (with gradient), S_PPL and S_MI (no gradient), the answer-span log-probabilities (with gradient, for
     MCon) and the last layer's input at EOS (for S_cons)."""
     meta = b["meta"]
     with capture_input(layer) if layer is not None else contextlib.nullcontext({}) as cap:
-        logits = model(**model_inputs(b)).logits  # [R, W, V]: padded rows, or packed ones
+        if chunked:  # the final hidden states; the model's own head runs on the last position only
+            out = model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1)
+            head = _Head(h=out.hidden_states[-1], weight=output_states(model).weight)
+        else:
+            head = _Head(logits=model(**model_inputs(b)).logits)  # [R, W, V]: padded rows, or packed ones
     where = flat_positions(b)  # [B, L]: example i's token t in the flattened rows (−1 past its end)
     ids, labels = unpack(b["input_ids"], b, 0), unpack(b["labels"], b, IGNORE)
-    nll = unpack(token_nll(logits, b["labels"]), b)  # [B, L]
-    flat = logits.view(-1, logits.shape[-1])
+    nll = unpack(head.token_nll(b["labels"]), b)  # [B, L]
     tgt = labels != IGNORE
     tgt[:, 0] = False
     per = nll.sum(1) if c.sft_norm == "token-sum" else nll.sum(1) / tgt.sum(1).clamp(min=1)
     with torch.no_grad():
-        s_ppl, s_mi = _ppl_mi(flat.detach(), where, nll.detach(), ids, meta, c.mi_reduce, want_mi)
+        s_ppl, s_mi = _ppl_mi(head, where, nll.detach(), ids, meta, c.mi_reduce, want_mi)
         eos = None
         if layer is not None:
             x = cap["x"]
             eos = x.reshape(-1, x.shape[-1])[where[torch.arange(len(meta)), torch.tensor([m["eos"] for m in meta])]]
     return {"per": per, "s_ppl": s_ppl, "s_mi": s_mi, "eos_state": eos,
-            "span_lp": span_logprobs(flat, where, meta) if c.mcon_weight else {}}
+            "span_lp": span_logprobs(head, where, meta) if c.mcon_weight else {}}
 
 
-def _ppl_mi(flat, where, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_PPL and S_MI for every example at once (``flat`` the logits as [tokens, V], ``where`` [B, L] each
-    example's token positions in it).  The log-normaliser at each state comes from the SFT loss itself
+def _ppl_mi(head: _Head, where, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_PPL and S_MI for every example at once (``head`` the LM head's outputs, ``where`` [B, L] each example's
+    token positions in them).  The log-normaliser at each state comes from the SFT loss itself
     (lse = NLL of the next token + its logit), so S_MI costs a gather, not another pass over V."""
     B, L = ids.shape
-    dev = flat.device
+    dev = where.device
     at = where.clamp(min=0)  # past an example's end: any valid row, masked below
     P = torch.tensor([m["prompt_len"] for m in meta], device=dev)
     T = torch.tensor([m["reason_len"] for m in meta], device=dev)
@@ -286,7 +340,7 @@ def _ppl_mi(flat, where, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[to
         return s_ppl, torch.zeros(B)
     nxt = ids[:, 1:]
     lse = torch.zeros(B, L, device=dev)
-    lse[:, :-1] = nll[:, 1:] + flat[at[:, :-1], nxt].float()  # state s → token s+1
+    lse[:, :-1] = nll[:, 1:] + head.pair(at[:, :-1], nxt)  # state s → token s+1
     G = max((len(m["gold"]) for m in meta), default=0)
     if G == 0:
         return s_ppl, torch.zeros(B)
@@ -294,7 +348,7 @@ def _ppl_mi(flat, where, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[to
     gmask = torch.zeros(B, G, device=dev)
     for i, m in enumerate(meta):
         gold[i, :len(m["gold"])], gmask[i, :len(m["gold"])] = torch.tensor(m["gold"], device=dev), 1.0
-    glp = flat[at[..., None], gold[:, None, :]].float()  # [B, L, G]
+    glp = head.gold(at, gold)  # [B, L, G]
     curve = (glp * gmask[:, None]).sum(-1) / gmask.sum(-1).clamp(min=1)[:, None] - lse  # I at every state
     states = (pos >= (P - 1)[:, None]) & (pos < (P + T)[:, None])  # t = 0..T
     gain = torch.relu(curve[:, 1:] - curve[:, :-1]) * (states[:, 1:] & states[:, :-1])  # ΔI at t = 1..T
@@ -330,7 +384,7 @@ def _metrics(meta, a, score, s_mi, s_cons, s_ppl, stats, groups) -> dict:
     return out
 
 
-def span_logprobs(flat, where, meta) -> dict[int, torch.Tensor]:
+def span_logprobs(head: _Head, where, meta) -> dict[int, torch.Tensor]:
     """Example i → [m, V] log-probabilities of the states that emit its answer-span tokens, all read by *one*
     index into the logits: each indexing op's backward writes a logits-sized gradient buffer, so one per trace
     would cost more than the whole loss."""
@@ -338,7 +392,7 @@ def span_logprobs(flat, where, meta) -> dict[int, torch.Tensor]:
     if not rows:
         return {}
     at = where[torch.tensor([r for r, _ in rows]), torch.tensor([t for _, t in rows])]
-    lp = torch.log_softmax(flat[at].float(), -1)
+    lp = torch.log_softmax(head.rows(at).float(), -1)
     out, o = {}, 0
     for i, m in enumerate(meta):
         if m["span"]:
@@ -398,12 +452,15 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                                          words=c.thinking_words, epsilon=c.epsilon))
     sizes = dict(Counter(Counter(e["group"] for e in examples).values()))
     console.print("compact: problems by number of traces K′: " + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
+    chunked = cfg.train.chunked_loss if cfg.train.chunked_loss is not None else torch.cuda.is_available()
+    console.print("compact: the head " + ("in chunks from the hidden states (no full-vocabulary logits)"
+                                          if chunked and chunkable_head(model) else "over full-vocabulary logits"))
     T, S, out = cfg.train.rounds, cfg.train.steps_per_round, train_dir(cfg, "compact")
     args = engine_args(cfg, T * S, checkpoint_every=S)
     with progress(console) as bar:
         task = bar.add_task("compact", total=T * S)
         res = train(model, tok, [], args, out_dir=out, examples=examples, batcher=grouped_batches,
-                    loss_fn=make_loss_fn(c), units_fn=count_problems,
+                    loss_fn=make_loss_fn(c, cfg.train.chunked_loss), units_fn=count_problems,
                     on_step=lambda s, loss: bar.update(task, completed=s + 1, description=f"compact loss {loss:.3f}"))
     final = out / "final"
     if is_main():

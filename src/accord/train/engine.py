@@ -420,6 +420,52 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * g.to(grad_h.dtype), grad_w * g.to(grad_w.dtype), None
 
 
+class LinearTokenNLL(torch.autograd.Function):
+    """Per-row NLL of ``targets`` under h W^T, chunk by chunk, for losses that weight tokens after the fact
+    (COMPACT's α per trace): the forward keeps only the log-normalisers; the backward recomputes each chunk's
+    softmax, scales it by the upstream gradient of each row and accumulates d/dh and d/dW.  One more pass over
+    the head than :class:`LinearCrossEntropy` (whose loss is a plain sum, so its gradients can be formed in the
+    forward), and never a [rows, V] tensor either way."""
+
+    CHUNK = 4096
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        w = weight.to(h.dtype)
+        lse = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+        picked = torch.empty_like(lse)
+        for s in range(0, h.shape[0], LinearTokenNLL.CHUNK):
+            logits = (h[s:s + LinearTokenNLL.CHUNK] @ w.T).float()
+            tg = targets[s:s + LinearTokenNLL.CHUNK]
+            lse[s:s + len(tg)] = torch.logsumexp(logits, -1)
+            picked[s:s + len(tg)] = logits.gather(-1, tg[:, None])[:, 0]
+        ctx.save_for_backward(h, weight, targets, lse)
+        return lse - picked
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h, weight, targets, lse = ctx.saved_tensors
+        w = weight.to(h.dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        for s in range(0, h.shape[0], LinearTokenNLL.CHUNK):
+            hs, tg = h[s:s + LinearTokenNLL.CHUNK], targets[s:s + LinearTokenNLL.CHUNK]
+            d = torch.exp((hs @ w.T).float() - lse[s:s + len(tg), None])
+            d[torch.arange(len(tg), device=d.device), tg] -= 1.0
+            d *= g[s:s + len(tg), None].float()
+            grad_h[s:s + len(tg)] = (d.to(h.dtype) @ w).to(h.dtype)
+            grad_w += d.T @ hs.float()
+        return grad_h, grad_w.to(weight.dtype), None
+
+
+def chunkable_head(model) -> bool:
+    """Whether the logits are exactly h W^T (no bias, no soft-capping), so the head may run in chunks."""
+    m = getattr(model, "module", model)
+    cfg = getattr(m, "config", None)
+    return (getattr(output_states(m), "bias", None) is None
+            and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
+
+
 def to_device(obj, device):
     """Tensors inside dicts and lists moved to ``device`` (a multi-model batch nests one batch per model)."""
     if isinstance(obj, torch.Tensor):
@@ -561,7 +607,7 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         collate_fn = (lambda c: collate_grouped(c, one)) if grouped else one
     trained = [m for m in models.values() if _trainable(m)]
     chunked = bool(args.chunked_loss if args.chunked_loss is not None else acc.device.type == "cuda") and single \
-        and loss_fn is None and getattr(output_states(call), "bias", None) is None
+        and loss_fn is None and chunkable_head(call)
     if loss_fn is None and chunked:
         import functools
 
@@ -573,9 +619,9 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
                  f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; "
                  f"{'padding-free packing' if packed else 'no packing'}; loss: "
-                 + ("the recipe's" if loss_fn and not chunked else "token cross-entropy")
-                 + (" from the hidden states in chunks (no full-vocabulary logits)" if chunked
-                    else " over full-vocabulary logits"))
+                 + ("the recipe's (its own head: see its first line)" if loss_fn and not chunked else
+                    "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"
+                                             if chunked else " over full-vocabulary logits")))
     micro = max(1, args.batch_size // args.grad_accum)
     clock, last_ckpt = time.perf_counter(), _latest(out)
     trackers = start_trackers(args, out, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}) \
