@@ -51,28 +51,36 @@ def _tokens(tok, rows, args) -> int:
 
 def run_plain(tok, rows, new_model, args) -> tuple[float, int]:
     """The reference: the loop anyone would write by hand."""
-    from accord.train.engine import IGNORE, TrainArgs, collate, lr_at, make_optimizer
+    from accord.train.engine import TrainArgs
 
     model = new_model()
     targs = TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0)
     t0 = time.perf_counter()  # like the engine's: tokenising the corpus counts
     ex, batches = _batches(tok, rows, args)
+    plain_loop(model, ex, batches, targs, tok.pad_token_id, "cpu", lambda: None)
+    return time.perf_counter() - t0, sum(len(ex[i][0]) for b in batches for i in b)
+
+
+def plain_loop(model, ex, batches, targs, pad_id: int, dev: str, tick) -> None:
+    """The loop anyone would write by hand: padded batches, (bf16 autocast on CUDA), full logits, AdamW, clip."""
+    from accord.train.engine import IGNORE, collate, lr_at, make_optimizer
+
     opt = make_optimizer(model, targs)
     model.train()
     for step, idx in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, targs)
-        b = collate([ex[i] for i in idx], tok.pad_token_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        b = {k: v.to(dev) for k, v in collate([ex[i] for i in idx], pad_id).items()}
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
         tgt = b["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum") / (tgt != IGNORE).sum()
-        loss.backward()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 tgt.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        (loss / (tgt != IGNORE).sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()
-    return time.perf_counter() - t0, sum(len(ex[i][0]) for b in batches for i in b)
+        tick()
 
 
 def run_trl_padding_free(tok, rows, new_model, args) -> tuple[float, int] | None:
@@ -179,7 +187,7 @@ def shape_bench(args) -> None:
     over ``--peak-tflops``), peak memory — and against TRL padding-free when TRL is installed."""
     from types import SimpleNamespace
 
-    from accord.train.engine import IGNORE, BatchStream, TrainArgs, collate, lr_at, make_optimizer, train
+    from accord.train.engine import BatchStream, TrainArgs, train
 
     dev, warm = args.device, 2
     steps = args.steps
@@ -202,25 +210,10 @@ def shape_bench(args) -> None:
 
     _peak_reset(dev)
     model = new_qwen3(args.shape, dev)
-    opt = make_optimizer(model, targs)
     clock = _Clock(dev, warm)
-    model.train()
-    for step, idx in enumerate(batches):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, targs)
-        b = {k: v.to(dev) for k, v in collate([ex[i] for i in idx], 0).items()}
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        tgt = b["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), tgt.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum") / (tgt != IGNORE).sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        clock.tick()
+    plain_loop(model, ex, batches, targs, 0, dev, clock.tick)
     res["plain"] = (clock.rate(tokens), _peak(dev))
-    del model, opt
+    del model
 
     try:
         res["trl-pf"] = _trl_synthetic(args, ex, batches, warm)
