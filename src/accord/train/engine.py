@@ -118,6 +118,11 @@ def ex_labels(ex) -> list[int]:
     return ex["labels"] if isinstance(ex, dict) else ex[1]
 
 
+def example_meta(examples: list[dict]) -> list[dict]:
+    """What a recipe's ``loss_fn`` reads of each dict example: every field but the token ids and labels."""
+    return [{k: v for k, v in e.items() if k not in ("ids", "labels")} for e in examples]
+
+
 def collate(examples: list, pad_id: int) -> dict:
     """Right-padded batch (training needs no left padding); dict examples pass their other fields through
     as ``batch["meta"]`` (one dict per row) for a recipe's ``loss_fn``."""
@@ -130,7 +135,7 @@ def collate(examples: list, pad_id: int) -> dict:
         ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if examples and isinstance(examples[0], dict):
-        out["meta"] = [{k: v for k, v in e.items() if k not in ("ids", "labels")} for e in examples]
+        out["meta"] = example_meta(examples)
     return out
 
 
@@ -168,7 +173,7 @@ def collate_packed(examples: list, pad_id: int, one_row: bool = False) -> dict:
         pos[r, o:] = torch.arange(width - o)  # the tail is a segment of its own (ignored labels)
     out = {"input_ids": ids, "position_ids": pos, "labels": labels, "where": where}
     if examples and isinstance(examples[0], dict):
-        out["meta"] = [{k: v for k, v in e.items() if k not in ("ids", "labels")} for e in examples]
+        out["meta"] = example_meta(examples)
     return out
 
 
@@ -193,7 +198,7 @@ def collate_grouped(examples: list, collate_one: Callable[[list], dict]) -> dict
     if len(parts) == 1:
         return collate_one(examples)
     return {"parts": [collate_one([examples[i] for i in p]) for p in parts], "index": parts,
-            "meta": [{k: v for k, v in e.items() if k not in ("ids", "labels")} for e in examples]}
+            "meta": example_meta(examples)}
 
 
 def model_inputs(b: dict) -> dict:
