@@ -5,8 +5,9 @@ tokenizer, and student-b's, Qwen2 d=48 with its digit-splitting tokenizer; fresh
 as four teachers on the same problems (every question has 4 paths), ``--batch`` paths per step.  QR runs
 ``--steps`` steps with the default settings (``hashing`` encoder: features are precomputed outside the clock
 either way); its mean selection rate per student r_s is read from its own metrics, and each student then
-runs plain SFT (the engine's default loss) with batch round(r_s × batch) for the same steps.  The ratio is
-QR's wall time over the sum of the two SFT wall times (best of ``--repeats``, interleaved); a second ratio
+runs plain SFT (the engine's defaults) with batch round(r_s × batch) for the same steps.  The ratio is QR's
+steady-state step time (from the engine's step log, after 5 steps: start-up is not counted) over the sum of
+the two SFT step times (best of ``--repeats``, interleaved); a second ratio
 takes each student's SFT on every path (the paper's Table 3: the students trained apart).
 
     python bench/qr.py [--steps 30] [--batch 32] [--repeats 2] [--mutual-paths all|routed]
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 
 import torch
 
@@ -49,13 +49,16 @@ def run_qr(toks, rows, new, args) -> tuple[float, dict]:
     router = qr.Router(feat.shape[1], qr.fit_projections(students, ex, "fitted", 0))
     q = QrConfig(encoder="hashing", mutual_paths=args.mutual_paths)
     events = []
-    t0 = time.perf_counter()
     train({**students, "heads": router}, {**toks, "heads": None}, [],
           TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0, bf16=False),
           examples=ex, batcher=qr.capped_batcher(None), units_fn=len, loss_fn=qr.make_loss_fn(q, names, set()),
           collate_fn=qr.collate_paths(names, [t.pad_token_id for t in toks.values()], feat), log=events.append)
-    dt = time.perf_counter() - t0
-    return dt, {n: sum(e[f"sel/{n}"] for e in events) / len(events) for n in names}
+    return steady(events) * args.steps, {n: sum(e[f"sel/{n}"] for e in events) / len(events) for n in names}
+
+
+def steady(log: list[dict], skip: int = 5) -> float:
+    """Seconds per optimizer step after the first ``skip`` steps, from the engine's step events."""
+    return (log[-1]["elapsed_s"] - log[skip - 1]["elapsed_s"]) / (len(log) - skip)
 
 
 def run_sft(tok, rows, new_model, batch: int, args) -> float:
@@ -63,10 +66,10 @@ def run_sft(tok, rows, new_model, batch: int, args) -> float:
 
     model = new_model()
     ex = [encode_example(tok, r, 256) for r in rows]
-    t0 = time.perf_counter()
+    events = []
     train(model, tok, rows, TrainArgs(steps=args.steps, batch_size=max(1, batch), lr=1e-3, max_len=256, seed=0,
-                                      bf16=False), examples=ex)
-    return time.perf_counter() - t0
+                                      bf16=False), examples=ex, log=events.append)
+    return steady(events) * args.steps
 
 
 def main() -> None:

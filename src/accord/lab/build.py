@@ -188,19 +188,22 @@ def _build_locked(name: str, p: Profile, force: bool, console, allow_weak: bool,
                       + f") at {lab_dir(name)}: about {_ETA[name]} on 2 CPU cores")
         if STUDENT in todo:  # the teachers start from the student: it comes first, with every thread
             _record(name, p, manifest, console, *_build_job((name, STUDENT, torch.get_num_threads(), console)))
-        for m in (RANDOM, *extra):
+        for m in extra:
             if m in todo:
                 _record(name, p, manifest, console, *_build_job((name, m, torch.get_num_threads(), console)))
-        teachers = sorted((m for m in todo if m in TEACHERS), key=lambda m: BUILD_ORDER.index(m))
+        # longest first; the untrained random-init model (seconds: only measured) last, on whichever worker
+        # frees first, so it never waits on the critical path
+        jobs = sorted((m for m in todo if m in TEACHERS), key=lambda m: BUILD_ORDER.index(m)) + \
+            [m for m in (RANDOM,) if m in todo]
         if workers > 1:
             import multiprocessing as mp
 
             threads = max(1, _cpus() // workers)
             with mp.get_context("spawn").Pool(workers) as pool:
-                for res in pool.imap_unordered(_build_job, [(name, m, threads, None) for m in teachers]):
+                for res in pool.imap_unordered(_build_job, [(name, m, threads, None) for m in jobs]):
                     _record(name, p, manifest, console, *res)
         else:
-            for m in teachers:
+            for m in jobs:
                 _record(name, p, manifest, console, *_build_job((name, m, torch.get_num_threads(), console)))
     manifest = read_manifest(name)
     if todo:
