@@ -96,3 +96,25 @@ def test_override_typos_say_command_line_and_suggest(cfg_file, tmp_path):
     f.write_text("x")
     with pytest.raises(ConfigError, match="is an existing file, not a directory"):
         load_config(cfg_file, [f"run_dir={f}"])
+
+
+def test_engine_args_carry_every_training_option():
+    """`train:` → the engine's arguments: every shared field by name (a new option cannot be forgotten in a
+    hand-written copier), `lora.*` as `lora_*`, and the run's own schedule."""
+    import dataclasses
+
+    from accord.train.common import engine_args
+    from accord.train.engine import TrainArgs
+
+    cfg = load_config("configs/lab-quickstart.yaml", [
+        "train.packing=false", "train.chunked_loss=true", "train.grad_accum=2", "train.clip=0.5", "train.bf16=false",
+        "train.lora.r=4", "train.lora.alpha=8", "train.lora.target_modules=[q_proj]", "train.keep_checkpoints=2",
+        "train.seed=7", "train.report_to=[tensorboard]"])
+    a = engine_args(cfg, 30, checkpoint_every=10, seed_offset=1)
+    assert (a.packing, a.chunked_loss, a.grad_accum, a.clip, a.bf16) == (False, True, 2, 0.5, False)
+    assert (a.lora_r, a.lora_alpha, a.lora_targets, a.keep_checkpoints) == (4, 8, ["q_proj"], 2)
+    assert (a.steps, a.checkpoint_every, a.seed, a.report_to) == (30, 10, 8, ["tensorboard"])
+    shared = {f.name for f in dataclasses.fields(TrainArgs)} & set(type(cfg.train).model_fields)
+    assert {"lr", "batch_size", "max_len", "packing", "warmup_ratio"} <= shared
+    assert all(getattr(a, n) == (getattr(cfg.train, n) if n != "seed" else 8) or n in ("betas", "report_to")
+               for n in shared)

@@ -12,6 +12,8 @@ A stage whose ``result.json`` exists is finished and is skipped on re-run.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from pathlib import Path
@@ -132,15 +134,15 @@ def load_student(cfg: AccordConfig):
 
 def engine_args(cfg: AccordConfig, steps: int, *, checkpoint_every: int | None = None,
                 schedule_steps: int | None = None, schedule_offset: int = 0, seed_offset: int = 0) -> TrainArgs:
+    """The engine's arguments from ``train:`` — every field the two share by name is carried over (so a new
+    option reaches the engine by being declared in both), ``lora.*`` as ``lora_*``, plus this run's schedule."""
     t = cfg.train
-    return TrainArgs(steps=steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
-                     min_lr_ratio=t.min_lr_ratio, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
-                     betas=tuple(t.betas), clip=t.clip, max_len=t.max_len, seed=t.seed + seed_offset,
-                     optimizer=t.optimizer, schedule_steps=schedule_steps, schedule_offset=schedule_offset,
-                     checkpoint_every=checkpoint_every, keep_checkpoints=t.keep_checkpoints, bf16=t.bf16,
-                     gradient_checkpointing=t.gradient_checkpointing, chunked_loss=t.chunked_loss, packing=t.packing,
-                     lora_r=t.lora.r, lora_alpha=t.lora.alpha,
-                     lora_dropout=t.lora.dropout, lora_targets=t.lora.target_modules, report_to=list(t.report_to))
+    shared = {f.name: getattr(t, f.name) for f in dataclasses.fields(TrainArgs) if f.name in type(t).model_fields}
+    lora = {f"lora_{k}": getattr(t.lora, k) for k in ("r", "alpha", "dropout")}
+    return TrainArgs(**{**shared, **lora, "betas": tuple(t.betas), "report_to": list(t.report_to),
+                        "lora_targets": t.lora.target_modules, "steps": steps, "seed": t.seed + seed_offset,
+                        "schedule_steps": schedule_steps, "schedule_offset": schedule_offset,
+                        "checkpoint_every": checkpoint_every})
 
 
 def epochs_note(n_rows: int, steps: int, batch: int) -> str:
