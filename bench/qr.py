@@ -10,7 +10,7 @@ steady-state step time (from the engine's step log, after 5 steps: start-up is n
 the two SFT step times (best of ``--repeats``, interleaved); a second ratio
 takes each student's SFT on every path (the paper's Table 3: the students trained apart).
 
-    python bench/qr.py [--steps 30] [--batch 32] [--repeats 2] [--mutual-paths all|routed]
+    python bench/qr.py [--steps 30] [--batch 32] [--repeats 2] [--mutual-paths all|routed] [--pack]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def setup(n_problems: int = 300):
 def run_qr(toks, rows, new, args) -> tuple[float, dict]:
     from accord.config import QrConfig
     from accord.train import qr
-    from accord.train.engine import TrainArgs, train
+    from accord.train.engine import TrainArgs, train, use_packing, varlen_attention
 
     names = list(toks)
     students = {n: new[n]() for n in names}
@@ -48,10 +48,13 @@ def run_qr(toks, rows, new, args) -> tuple[float, dict]:
     feat = qr._hashing([r["messages"][-1]["content"] for r in rows])
     router = qr.Router(feat.shape[1], qr.fit_projections(students, ex, "fitted", 0))
     q = QrConfig(encoder="hashing", mutual_paths=args.mutual_paths)
+    targs = TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0, bf16=False)
+    pack = {n: toks[n].pad_token_id for n in names  # as the recipe: packed under varlen kernels (or --pack)
+            if (args.pack or varlen_attention(students[n])) and use_packing(students[n], targs, "cpu")}
     events = []
     train({**students, "heads": router}, {**toks, "heads": None}, [],
-          TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0, bf16=False),
-          examples=ex, batcher=qr.capped_batcher(None), units_fn=len, loss_fn=qr.make_loss_fn(q, names, set()),
+          targs, examples=ex, batcher=qr.capped_batcher(None), units_fn=len,
+          loss_fn=qr.make_loss_fn(q, names, set(), pack=pack),
           collate_fn=qr.collate_paths(names, [t.pad_token_id for t in toks.values()], feat), log=events.append)
     return steady(events) * args.steps, {n: sum(e[f"sel/{n}"] for e in events) / len(events) for n in names}
 
@@ -78,6 +81,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mutual-paths", choices=["all", "routed"], default="all")
+    ap.add_argument("--pack", action="store_true", help="pack each student's paths (one row per forward)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     toks, rows, new = setup()

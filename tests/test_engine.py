@@ -292,11 +292,11 @@ def test_packing_trains_the_same_model_and_a_model_that_cannot_pack_is_caught(mi
 
     blind = Blind(load(micro)[0])
     assert packing_works(load(micro)[0], "cpu") and not packing_works(blind, "cpu")
-    from accord.train.engine import _use_packing
+    from accord.train.engine import use_packing
 
-    assert _use_packing(blind, TrainArgs(), "cpu") is False
+    assert use_packing(blind, TrainArgs(), "cpu") is False
     with pytest.raises(ValueError, match="Blind .*packed examples attend to each other; set train.packing: false"):
-        _use_packing(blind, TrainArgs(packing=True), "cpu")
+        use_packing(blind, TrainArgs(packing=True), "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -376,6 +376,29 @@ def test_routed_forward_split_matches_the_full_forward(micro):
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+def test_packed_student_pass_equals_the_padded_one(micro, micro_b):
+    """Paths packed for each student's forward (both tokenizers): the same per-path CE, competence, pooled
+    states and gradients as the padded forward — whole batch and the routed split."""
+    long = "<think>\n" + "Start 3 , add 4 : 7 .\n" * 8 + "</think>\n\n\\boxed{7}"
+    rows = [_row("Start at 3.", t, f"p{i}") for i, t in enumerate(TRACES + [long, TRACES[0]])]
+    names, students, toks, ex, feat, router = _models([micro, micro_b], rows)
+    b = qr.collate_paths(names, [t.pad_token_id for t in toks.values()], feat)(ex)
+    routed = torch.tensor([True, False, True, True, False])
+    for n in names:
+        runs = []
+        for pad in (None, toks[n].pad_token_id):
+            students[n].zero_grad()
+            out = qr.student_pass(students[n], b["per"][n], b["n_units"], True, pad)
+            split = qr.split_pass(students[n], b["per"][n], b["n_units"], routed, pad)
+            (out[0].sum() + (out[2] ** 2).mean() + split[0].sum()).backward()
+            runs.append((out, split, [p.grad.clone() for p in students[n].parameters()]))
+        (a, sa, ga), (c, sc, gc) = runs
+        for x, y in [*zip(a, c), *zip(sa, sc)]:
+            assert torch.allclose(x.float(), y.float(), atol=1e-5), n
+        assert all(torch.allclose(u, v, atol=1e-6, rtol=1e-4) for u, v in zip(ga, gc)), n
+    assert qr.repack(b["per"][names[0]], 0)["input_ids"].shape[0] < len(rows)  # paths really shared rows
+
+
 @pytest.mark.parametrize("over", [
     {"qr": {"route": "frozen"}}, {"qr": {"route": "all"}}, {"qr": {"mutual_paths": "routed", "proj": "random"}},
     {"qr": {"competence": "uniform", "entropy": "pooled", "router_baseline": "question"}},

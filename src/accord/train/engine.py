@@ -201,6 +201,15 @@ def collate_grouped(examples: list, collate_one: Callable[[list], dict]) -> dict
             "meta": example_meta(examples)}
 
 
+def repack(b: dict, pad_id: int, one_row: bool = True) -> dict:
+    """A right-padded batch (``input_ids``, ``attention_mask``, ``labels``) as :func:`collate_packed`'s rows, for a
+    recipe that decides which rows go together only inside its ``loss_fn`` (QR's routed subsets)."""
+    n = b["attention_mask"].sum(1).tolist()
+    ids, labels = b["input_ids"].tolist(), b["labels"].tolist()
+    out = collate_packed([(x[:k], y[:k]) for x, y, k in zip(ids, labels, n)], pad_id, one_row)
+    return {k: v.to(b["input_ids"].device) for k, v in out.items()}
+
+
 def model_inputs(b: dict) -> dict:
     """The model's keyword arguments for a padded or a packed batch (never a KV cache in training: with one,
     transformers would not detect packed rows)."""
@@ -602,10 +611,9 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     for m in models.values():
         m.train()
     call = models[""] if single else models
-    packed = collate_fn is None and _use_packing(call, args, acc.device) if single else False
+    packed = collate_fn is None and use_packing(call, args, acc.device) if single else False
     if collate_fn is None:
-        inner = getattr(call, "module", call)
-        one_row = "flash" in str(getattr(getattr(inner, "config", None), "_attn_implementation", ""))
+        one_row = varlen_attention(call)
         one = ((lambda c: collate_packed(c, tok.pad_token_id, one_row)) if packed
                else (lambda c: collate(c, tok.pad_token_id)))
         grouped = isinstance(examples[0], dict) and "group" in examples[0] and not one_row
@@ -691,7 +699,14 @@ def _give_back(acc) -> None:
         getattr(acc, name, []).clear()
 
 
-def _use_packing(model, args: TrainArgs, device) -> bool:
+def varlen_attention(model) -> bool:
+    """FlashAttention-style kernels (``flash_attention_2/3``…), whose cost on one packed row is Σ Lᵢ²: packing is
+    free there, while SDPA/eager pay a block mask over the whole row."""
+    inner = getattr(model, "module", model)
+    return "flash" in str(getattr(getattr(inner, "config", None), "_attn_implementation", ""))
+
+
+def use_packing(model, args: TrainArgs, device) -> bool:
     """``args.packing``: False → padded; None → packed when the model passes :func:`packing_works`; True → packed,
     and an error naming the model when it fails the probe."""
     if args.packing is False or not _is_lm(model):

@@ -96,7 +96,20 @@ from accord.train.common import (
     train_dir,
     write_result,
 )
-from accord.train.engine import IGNORE, capture_input, chat_head, grouped_batches, output_states, token_nll, train
+from accord.train.engine import (
+    IGNORE,
+    capture_input,
+    chat_head,
+    grouped_batches,
+    model_inputs,
+    output_states,
+    repack,
+    token_nll,
+    train,
+    unpack,
+    use_packing,
+    varlen_attention,
+)
 from accord.ui import progress
 
 _WORD = re.compile(r"\S+")
@@ -270,25 +283,27 @@ def collate_paths(names: list[str], pads: list[int], feats: torch.Tensor):
     return collate
 
 
-def student_pass(model, b: dict, n_units: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                     torch.Tensor]:
+def student_pass(model, b: dict, n_units: int, grad: bool, pad_id: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One student's forward over the paths: (per-path mean CE [B], NLL per character [B], pooled layer-normed
-    word states [B, U, d], unit present [B, U])."""
+    word states [B, U, d], unit present [B, U]).  ``pad_id`` given: the paths are packed for the forward
+    (:func:`engine.repack`; the student passed the packing probe) and read back per path."""
+    run = repack(b, pad_id) if pad_id is not None else b
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()), capture_input(output_states(model)) as cap:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-    nll = token_nll(logits, b["labels"])
+        logits = model(**model_inputs(run)).logits
+    nll = unpack(token_nll(logits, run["labels"]), run)
     n_tok = (b["labels"][:, 1:] != IGNORE).sum(1).clamp(min=1)
     total = nll.sum(1)
-    z, present = pool_units(cap["x"].float(), b["unit"], n_units)
+    z, present = pool_units(unpack(cap["x"], run).float(), b["unit"], n_units)
     return total / n_tok, (total / b["chars"]).detach(), layer_norm(z), present
 
 
-def split_pass(model, b: dict, n_units: int, routed: torch.Tensor) -> tuple:
+def split_pass(model, b: dict, n_units: int, routed: torch.Tensor, pad_id: int | None = None) -> tuple:
     """:func:`student_pass` with gradient on the paths routed to the student and without on the others
     (``mutual_paths: routed``: an unrouted path's CE and states are only values — the router's signal and the
     ensemble target — so their backward is never paid for)."""
     B = routed.shape[0]
-    parts = [(idx, student_pass(model, _rows(b, idx), n_units, grad))
+    parts = [(idx, student_pass(model, _rows(b, idx), n_units, grad, pad_id))
              for idx, grad in ((routed.nonzero()[:, 0], True), ((~routed).nonzero()[:, 0], False)) if len(idx)]
     merged = []
     for i in range(4):
@@ -306,8 +321,10 @@ def _rows(b: dict, idx: torch.Tensor) -> dict:
     return {k: (v[idx][:, :w] if v.dim() == 2 else v[idx]) for k, v in b.items()}
 
 
-def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None):
-    """The engine ``loss_fn`` for ``qr`` settings ``q`` and students ``names`` (the heads are ``HEADS``)."""
+def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None, pack: dict[str, int] | None = None):
+    """The engine ``loss_fn`` for ``qr`` settings ``q`` and students ``names`` (the heads are ``HEADS``);
+    ``pack``: student name → its pad id, for the students whose paths are packed."""
+    pack = pack or {}
 
     def loss_fn(models: dict, b: dict, n_units: int):
         meta, B = b["meta"], len(b["meta"])
@@ -323,8 +340,9 @@ def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None):
             alpha = torch.ones_like(logits)
         expected = torch.sigmoid(logits / tau)
         routed = q.mutual_paths == "routed" and q.route != "all"
-        out = [split_pass(models[n], b["per"][n], b["n_units"], alpha[:, k].detach() > 0.5) if routed and n not in
-               frozen else student_pass(models[n], b["per"][n], b["n_units"], n not in frozen)
+        out = [split_pass(models[n], b["per"][n], b["n_units"], alpha[:, k].detach() > 0.5, pack.get(n))
+               if routed and n not in frozen else
+               student_pass(models[n], b["per"][n], b["n_units"], n not in frozen, pack.get(n))
                for k, n in enumerate(names)]
         ce = torch.stack([o[0] for o in out], 1)  # [B, S]
         share = B / max(1, n_units)  # this micro-batch's share of the step's paths
@@ -558,12 +576,18 @@ def run(cfg: AccordConfig, console) -> list[dict]:
         router.requires_grad_(False)
     T, S = cfg.train.rounds, cfg.train.steps_per_round
     args = engine_args(cfg, T * S, checkpoint_every=S)
+    # paths are routed inside the loss, so they are packed there (engine.repack), one row per forward: only
+    # under a varlen kernel does that pay — on a CPU with SDPA `bench/qr.py --pack` ran 1.09× slower with rows
+    # as wide as the longest path and 2.1× with one row (a block mask over the whole row) — or on request
+    pack = {n: toks[n].pad_token_id for n, m in students.items()
+            if (args.packing or varlen_attention(m)) and use_packing(m, args, "cpu")}
     args.lrs = {**{n: s.lr or cfg.train.lr for n, s in zip(names, q.students)}, HEADS: q.heads_lr}
     if q.schedule == "constant":
         args.min_lr_ratio = 1.0
     n_types = len({r["type"] for r in rows})
     console.print(f"qr: {len(rows)} paths of {len({r['problem_id'] for r in rows})} questions, {n_types} path "
-                  f"type(s); students {', '.join(names)}" + (f" (frozen: {', '.join(q.freeze)})" if q.freeze else ""))
+                  f"type(s); students {', '.join(names)}" + (f" (frozen: {', '.join(q.freeze)})" if q.freeze else "")
+                  + f"; paths packed for {', '.join(pack) or 'no student'}")
     step_box = [0]
     tau_at = None
     if q.tau_end:
@@ -578,7 +602,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
 
         res = train(models, {**toks, HEADS: None}, [], args, out_dir=out, examples=examples,
                     batcher=capped_batcher(q.paths_per_question), units_fn=len,
-                    loss_fn=make_loss_fn(q, names, set(q.freeze), tau_at),
+                    loss_fn=make_loss_fn(q, names, set(q.freeze), tau_at, pack),
                     collate_fn=collate_paths(names, [t.pad_token_id for t in toks.values()], feat), on_step=on_step)
     trained = res.model
     if is_main():
