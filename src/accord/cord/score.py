@@ -23,7 +23,6 @@ share that reaches the right answer).
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -146,19 +145,18 @@ def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: lis
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
     # position 0 = the head's last logit, which predicts the first token after the head (an empty tail:
     # an empty candidate with an empty template suffix); position i+1 = the logit after tail/answer token i
-    lp = torch.log_softmax(torch.cat([out.logits[:, -1:].float().expand(len(seqs), -1, -1), logits.float()], 1), -1)
-    scores = []
-    for r, t in enumerate(tails):
-        n = len(t)
-        # answer token m sits at tail position n+m and is predicted by shifted position n+m
-        tok_lp = lp[r, torch.arange(n, n + len(ans), device=dev), torch.tensor(ans, device=dev)]
-        scores.append(float(torch.exp(tok_lp.mean())))
-    return scores
+    full = torch.cat([out.logits[:, -1:].expand(len(seqs), -1, -1), logits], 1)
+    # answer token m of row r sits at tail position n_r + m and is predicted by shifted position n_r + m: only
+    # those rows of the vocabulary are normalised
+    rows = torch.tensor([[len(t) + m for m in range(len(ans))] for t in tails], device=dev)  # [R, A]
+    lp = torch.log_softmax(full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1])).float(), -1)
+    tok_lp = lp.gather(-1, torch.tensor(ans, device=dev).expand(len(seqs), -1)[..., None])[..., 0]
+    return torch.exp(tok_lp.mean(1)).tolist()
 
 
 def _repeat_cache(cache, n: int):
-    """The prefix's KV cache repeated for ``n`` candidates (a copy: the forward appends to it)."""
-    cache = copy.deepcopy(cache)
+    """The prefix's KV cache repeated for ``n`` candidates, in place (the prefix's own cache is not used again;
+    the candidates' forward appends to the repeated one)."""
     if hasattr(cache, "batch_repeat_interleave"):
         cache.batch_repeat_interleave(n)
         return cache
