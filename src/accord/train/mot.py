@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from accord.config import AccordConfig
@@ -73,16 +74,15 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     model, tok = load_student(cfg)
     corpora = {t: (rows, [encode_example(tok, x, cfg.train.max_len) for x in rows]) for t, rows in corpora.items()}
     start = _resume(out, model, T)
-    timing = {"branch_train_s": 0.0, "merge_s": 0.0, "wall_s": 0.0}  # wall − branch_train = MoT's overhead
-    buffers: dict = {}  # the running sum's memory, reused by every round
     with progress(console) as bar:
         task = bar.add_task("mot", total=T * len(corpora) * S, completed=start * len(corpora) * S)
+        job = MotRun(cfg, tok, corpora, spec, out,
+                     tick=lambda r, teacher, loss: bar.update(task, advance=1,
+                                                              description=f"mot r{r} {teacher} loss {loss:.3f}"))
         for r in range(start + 1, T + 1):
-            def tick(teacher: str, loss: float, r=r) -> None:
-                bar.update(task, advance=1, description=f"mot r{r} {teacher} loss {loss:.3f}")
-
-            model = run_round(cfg, model, tok, corpora, r, spec, out, tick, timing, buffers)
+            model = run_round(job, model, r)
             console.print(f"mot: round {r}/{T} merged ({spec.method}) → {out / f'round-{r}' / 'merged'}")
+    timing = asdict(job.timing)
     rounds = [{"round": r, "steps": r * S, "path": str(out / f"round-{r}" / "merged")} for r in range(1, T + 1)]
     final, picked = rounds[-1]["path"], None
     if cfg.train.select == "validation":
@@ -94,16 +94,39 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                          timing=timing, resumed_from_round=start)]
 
 
-def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path, tick, timing: dict,
-              buffers: dict | None = None):
-    """Train every branch of round ``r`` from the current student, merge, save ``round-r/merged``.
-    ``tick(teacher, loss)`` after every branch step; ``buffers``: the running sum's memory, kept across rounds."""
+@dataclass
+class MotTiming:
+    """Seconds spent by the rounds; wall − branch_train = MoT's own overhead (``bench/mot.py``)."""
+    branch_train_s: float = 0.0
+    merge_s: float = 0.0
+    wall_s: float = 0.0
+
+
+@dataclass
+class MotRun:
+    """What every round of one MoT run shares: the settings, the student's tokenizer, the encoded corpora
+    ``{teacher: (rows, examples)}``, the round merge, the output directory, a ``tick(round, teacher, loss)`` after
+    every branch step, the timing it accumulates and the running sum's memory (reused by every round)."""
+    cfg: AccordConfig
+    tok: object
+    corpora: dict
+    spec: MergeSpec
+    out: Path
+    tick: Callable[[int, str, float], None] = lambda r, teacher, loss: None
+    timing: MotTiming = field(default_factory=MotTiming)
+    buffers: dict = field(default_factory=dict)
+
+
+def run_round(job: MotRun, model, r: int):
+    """Train every branch of round ``r`` from the current student, merge, save ``round-r/merged``; returns the
+    merged student."""
+    cfg, tok, corpora, spec, out, timing = job.cfg, job.tok, job.corpora, job.spec, job.out, job.timing
     T, S = cfg.train.rounds, cfg.train.steps_per_round
     acc = get_accelerator()
     rdir = out / f"round-{r}"
     t_round = time.perf_counter()
     base = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    running = RunningMerge(base, spec, buffers) if spec.method in LINEAR_METHODS else None
+    running = RunningMerge(base, spec, job.buffers) if spec.method in LINEAR_METHODS else None
     for k, (teacher, (rows, encoded)) in enumerate(corpora.items()):
         if k % acc.num_processes != acc.process_index:
             continue  # another process trains this branch
@@ -117,15 +140,15 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
             args = engine_args(cfg, S, seed_offset=1000 * r + k, **sched)
             t0 = time.perf_counter()
             res = train(model, tok, rows, args, out_dir=bdir, shard=False, examples=encoded,
-                        on_step=lambda s, loss, teacher=teacher: tick(teacher, loss))
-            timing["branch_train_s"] += time.perf_counter() - t0
+                        on_step=lambda s, loss, teacher=teacher: job.tick(r, teacher, loss))
+            timing.branch_train_s += time.perf_counter() - t0
             model = res.model
             keep_branch_metrics(bdir, out, r, teacher)
             save_model(model, tok, bdir / "final", local=True)
         t0 = time.perf_counter()
         if running is not None:
             running.add(model.state_dict(), _weight(spec, list(corpora), teacher))
-        timing["merge_s"] += time.perf_counter() - t0
+        timing.merge_s += time.perf_counter() - t0
     t0 = time.perf_counter()
     merged_dir = rdir / "merged"
     if running is not None:
@@ -146,8 +169,8 @@ def run_round(cfg, model, tok, corpora: dict, r: int, spec: MergeSpec, out: Path
     if acc.is_main_process:
         for t in corpora:
             shutil.rmtree(rdir / f"branch-{t}", ignore_errors=True)
-    timing["merge_s"] += time.perf_counter() - t0
-    timing["wall_s"] += time.perf_counter() - t_round
+    timing.merge_s += time.perf_counter() - t0
+    timing.wall_s += time.perf_counter() - t_round
     return model
 
 
