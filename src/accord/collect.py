@@ -40,6 +40,7 @@ from accord.analysis.confidence import window_confidence
 from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.problems import Problem, load_problems
 from accord.prompts import THINK_CLOSE, THINK_OPEN, render_prompt, split_think, style_name
+from accord.rows import CorpusRow, StoredTrace, TraceRow
 from accord.store import TraceStore
 from accord.teachers.base import (
     Generation,
@@ -89,7 +90,7 @@ def sampling_params(cfg: AccordConfig) -> SamplingParams:
 
 
 def make_row(cfg: AccordConfig, teacher: str, style: str, p: Problem, idx: int, prompt: str, g: Generation,
-             params: str) -> dict:
+             params: str) -> TraceRow:
     parsed = split_think(g.text)
     if g.failed:
         verdict, answer = FAILED, None
@@ -99,7 +100,7 @@ def make_row(cfg: AccordConfig, teacher: str, style: str, p: Problem, idx: int, 
     mean_lp, min_lp = (None, None)
     if g.token_logprobs:
         mean_lp, min_lp = window_confidence(g.token_logprobs, cfg.collect.confidence.window)
-    return dict(problem_id=p.id, teacher=teacher, style=style, sample_idx=idx, params=params, prompt=prompt,
+    return TraceRow(problem_id=p.id, teacher=teacher, style=style, sample_idx=idx, params=params, prompt=prompt,
                 text=g.text, reasoning=parsed.reasoning, answer_text=parsed.answer, parsed_answer=answer,
                 verdict=verdict, token_count=g.token_count, char_count=len(g.text), finish_reason=g.finish_reason,
                 mean_logprob=mean_lp, min_window_logprob=min_lp, elapsed_s=g.elapsed_s, error=g.error)
@@ -285,7 +286,7 @@ def select(rows: list[dict], policy: str, seed: int, teacher: str) -> list[dict]
     return [rng.choice(rows)]
 
 
-def corpus_row(row: dict, p: Problem) -> dict:
+def corpus_row(row: StoredTrace, p: Problem) -> CorpusRow:
     return {"problem_id": p.id, "teacher": row["teacher"], "style": row["style"], "sample_idx": row["sample_idx"],
             "split": p.meta.get("split"), "level": _level(p), "question": p.question, "answer": p.answer, "prompt": row["prompt"],
             "completion": row["text"], "reasoning": row["reasoning"], "final": row["answer_text"],

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from accord.rows import StoredTrace, TraceRow
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS problems (
   id TEXT PRIMARY KEY, question TEXT NOT NULL, answer TEXT NOT NULL, split TEXT, meta TEXT);
@@ -74,7 +76,7 @@ class TraceStore:
                               (teacher,))
         return {(r[0], r[1], r[2]) for r in cur}
 
-    def put_traces(self, rows: list[dict]) -> None:
+    def put_traces(self, rows: list[TraceRow]) -> None:
         """Insert a batch atomically; an existing failed row is replaced, any other is kept."""
         cols = ",".join(TRACE_COLUMNS)
         marks = ",".join("?" * len(TRACE_COLUMNS))
@@ -90,7 +92,7 @@ class TraceStore:
         with self.transaction() as db:
             db.executemany("UPDATE traces SET judge=?, judge_text=? WHERE row_id=?", [(v, t, i) for i, v, t in items])
 
-    def traces(self, teacher: str | None = None, where: str = "", args: tuple = ()) -> list[dict]:
+    def traces(self, teacher: str | None = None, where: str = "", args: tuple = ()) -> list[StoredTrace]:
         sql = "SELECT * FROM traces WHERE 1=1"
         params: tuple = ()
         if teacher is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from accord.config import AccordConfig
 from accord.errors import UsageError
+from accord.rows import CurvePoint, TrainRecord
 from accord.train.engine import TrainArgs
 from accord.ui import no_hf_bars
 
@@ -204,7 +205,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def write_result(cfg: AccordConfig, name: str, **fields) -> dict:
+def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
     d = train_dir(cfg, name)
     res = {"name": name, **fields}
     if not is_main():
@@ -216,12 +217,12 @@ def write_result(cfg: AccordConfig, name: str, **fields) -> dict:
     return res
 
 
-def read_result(cfg: AccordConfig, name: str) -> dict | None:
+def read_result(cfg: AccordConfig, name: str) -> TrainRecord | None:
     p = train_dir(cfg, name) / "result.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def step_checkpoints(out: Path) -> list[dict]:
+def step_checkpoints(out: Path) -> list[CurvePoint]:
     done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
     return [{"steps": int(p.name.split("-")[1]), "path": str(p)} for p in sorted(done, key=lambda p: int(
         p.name.split("-")[1]))]

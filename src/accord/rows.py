@@ -1,0 +1,88 @@
+"""The records that travel between stages, typed (``TypedDict``: plain dicts at run time, checked contracts in
+tests and editors).
+
+- ``TraceRow``: one generation as ``collect`` (and CoRD, and the importers) produce it — ``collect.make_row``;
+- ``StoredTrace``: a trace row as the store keeps it (``store.TRACE_COLUMNS`` + its row id), with the judge's
+  verdict and an imported corpus's own verdict;
+- ``ChatRow`` / ``CorpusRow``: a training example (``{"messages": [user, assistant]}``) and the corpus line
+  ``collect`` writes per kept trace (``collect.corpus_row``), which every recipe reads;
+- ``CurvePoint`` / ``TrainRecord``: a checkpoint on a method's curve and the ``train/<name>/result.json`` a recipe
+  writes (``train.common.write_result``), which evaluation and the report read.
+
+Imports nothing: any room may use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class TraceRow(TypedDict):
+    problem_id: str
+    teacher: str
+    style: str
+    sample_idx: int
+    params: str  # the sampling settings, JSON
+    prompt: str
+    text: str  # the whole completion
+    reasoning: str | None  # inside the think block
+    answer_text: str | None  # after it
+    parsed_answer: str | None
+    verdict: str  # verify.CORRECT | WRONG | UNPARSABLE | FAILED
+    token_count: int
+    char_count: int
+    finish_reason: str | None
+    mean_logprob: float | None
+    min_window_logprob: float | None
+    elapsed_s: float | None
+    error: str | None
+
+
+class StoredTrace(TraceRow, total=False):
+    row_id: int
+    judge: str | None  # approve | reject (collect.judge)
+    judge_text: str | None
+    created_at: float
+    source_verdict: str | None  # an imported corpus's own verdict column
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+class ChatRow(TypedDict):
+    messages: list[Message]  # [user, assistant]
+
+
+class CorpusRow(ChatRow):
+    problem_id: str
+    teacher: str
+    style: str
+    sample_idx: int
+    split: str | None
+    level: Any  # the source's difficulty (MATH level, lab steps), or None
+    question: str
+    answer: str
+    prompt: str
+    completion: str
+    reasoning: str | None
+    final: str | None
+    token_count: int
+
+
+class CurvePoint(TypedDict, total=False):
+    steps: int  # optimizer steps (per branch for MoT)
+    path: str  # an HF checkpoint directory
+    round: int  # MoT
+
+
+class TrainRecord(TypedDict, total=False):
+    name: str  # std-<teacher> | mtd | posthoc | mot | compact | qr-<student>
+    method: str
+    final: str  # the checkpoint evaluated as the method's model
+    last: str
+    curve: list[CurvePoint]
+    branch_steps: int  # the compute column of the method table
+    teachers: list[str]
+    base_model: str  # QR: the student each row is compared with
