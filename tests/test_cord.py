@@ -63,6 +63,33 @@ def test_cached_score_equals_direct_logits(micro):
     assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
 
 
+def test_one_step_of_several_beams_is_scored_at_once_and_equals_direct_logits(micro):
+    """Prefixes of different lengths (left-padded into one cache) and a beam with one candidate: every score
+    equals the uncached full-sequence one, and the scorer runs once per step, not once per beam."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accord.teachers.hf import render_chat
+
+    model, tok = AutoModelForCausalLM.from_pretrained(micro).eval(), AutoTokenizer.from_pretrained(micro)
+
+    class Meta:
+        name, cfg = "m", type("C", (), {"system_prompt": None})()
+
+    Meta.model, Meta.tok = model, tok
+    groups = [("<think>\n", ["(1) 3>4\n", "### Step 1\n(1) 3>4 4>9 9>2 2>6\n"]),
+              ("<think>\n### Step 1\n(1) 3>4\n### Step 2\n(2) 4>9 and a much longer prefix\n", ["x"]),
+              ("<think>\n(1)", ["", " 3>4\n", "\n\n"])]
+    s = Scorer("predictive-perplexity", Meta)
+    got = s.many("Start at 3.", groups, "9")
+    want = [[full_sequence_score(model, tok, render_chat(tok, "Start at 3.", pre), c, "9") for c in cands]
+            for pre, cands in groups]
+    assert [len(g) for g in got] == [2, 1, 3]
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-4, abs=1e-7)
+    assert s.calls == 1
+    assert s("Start at 3.", *groups[1], "9") == pytest.approx(want[1], rel=1e-4, abs=1e-7)
+
+
 def test_cached_score_with_an_empty_suffix_and_an_empty_candidate(micro):
     """A template ``{answer}`` (no suffix) and an empty step: the head's own last logit predicts the answer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

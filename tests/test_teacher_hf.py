@@ -71,6 +71,9 @@ def test_parrot_continues_prefix_and_stops_exclusive(parrot8):
     assert cut.stop_string == "add" and "add" not in cut.text and full.text.startswith(cut.text)
     cont = t.generate([Request("any", prefix=cut.text)], SamplingParams(temperature=0, max_new_tokens=40))[0]
     assert (cut.text + cont.text) == full.text
+    again = t.generate([Request("any")], SamplingParams(temperature=0, max_new_tokens=40, stop=("add",)))[0]
+    assert again.text == cut.text and again.stop_string == "add"  # the stop criterion, built once, is reused
+    assert list(t._stops) == [("add",)]
 
 
 def test_truncate_and_missing_model_path(tmp_path):

@@ -3,7 +3,7 @@
 Beam search over steps: every beam's prefix is offered to every teacher, each
 proposes its next step (through ``Teacher.generate`` with an assistant prefix, so
 ``hf``, ``openai`` and ``vllm`` teachers mix); the B×K extended prefixes are
-scored (``score.Scorer``) and the top B kept.  Identical extended prefixes are
+scored (``score.Scorer``, all beams of a step in one call) and the top B kept.  Identical extended prefixes are
 merged (the step's credit is shared by the teachers that proposed it).  Greedy
 is B = 1.  A trajectory ends at ``</think>`` or when its token budget is spent
 (then ``</think>`` is appended); the teacher of its last step writes the final
@@ -135,15 +135,16 @@ def beam_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettin
                 merged[key][1].append(name)
             else:
                 merged[key] = (i, [name], step, g)
+        cands = [[(names, step, g) for (j, names, step, g) in merged.values() if j == i] for i in range(len(active))]
+        scores = iter(score_groups(scorer, prompt, [(THINK_PREFIX + b.text, [c[1] for c in cs_])
+                                                    for b, cs_ in zip(active, cands) if cs_], answer))
         pool = [b for b in beams if b.done]
-        for i, b in enumerate(active):
-            cands = [(names, step, g) for (j, names, step, g) in merged.values() if j == i]
-            if not cands:
+        for b, cs_ in zip(active, cands):
+            if not cs_:
                 b.done = b.budget_hit = True  # nothing survived: end this beam here
                 pool.append(b)
                 continue
-            scores = scorer(prompt, THINK_PREFIX + b.text, [c[1] for c in cands], answer)
-            pool += [_extend(b, tuple(n), step, g, cs, s) for (n, step, g), s in zip(cands, scores)]
+            pool += [_extend(b, tuple(n), step, g, cs, s) for (n, step, g), s in zip(cs_, next(scores))]
         tie = random.Random(mix_seed(cs.seed, prompt, step_no))  # equal scores: a seeded draw, not list order
         beams = sorted(pool, key=lambda x: (-x.score, tie.random()))[:cs.beam]
         timing.steps.append([round(timing.generation_s - g0, 4), round(getattr(scorer, "seconds", 0.0) - s0, 4),
@@ -152,6 +153,15 @@ def beam_search(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettin
         if not b.done:
             b.done = b.budget_hit = True
     return beams[0] if beams else Beam()  # sorted by score, ties already drawn
+
+
+def score_groups(scorer, prompt: str, groups: list[tuple[str, list[str]]], answer: str) -> list[list[float]]:
+    """Scores of every beam's candidates: in one call when the scorer takes groups (``Scorer.many``), else one
+    call per beam (a plain ``(prompt, prefix, candidates, answer)`` callable)."""
+    if not groups:
+        return []
+    many = getattr(scorer, "many", None)
+    return many(prompt, groups, answer) if many else [scorer(prompt, p, c, answer) for p, c in groups]
 
 
 def mix_seed(*parts) -> int:

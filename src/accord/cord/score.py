@@ -11,10 +11,11 @@ Choices where the paper is silent: A is scored as it would be written after
 meta-prover tokenizer's encoding of that string on its own (the same rule as
 ``Teacher.score``).  The template is configurable (``cord.answer_template``)
 for models that close their reasoning differently; the lab's teachers write
-``</think>\n\n\boxed{A}``, and under the paper's wording every score is ~0.  With an ``hf`` meta-prover the shared prefix (chat prompt ⊕
-τ) is encoded once per beam and its key/value cache is reused for all K
-candidate steps, which are scored in one batched forward (§4.4); other backends
-go through ``Teacher.score``.
+``</think>\n\n\boxed{A}``, and under the paper's wording every score is ~0.  With an ``hf`` meta-prover a decoding step costs two forwards
+whatever the beam: the B beams' prefixes (chat prompt ⊕ τ) are encoded in one
+left-padded batch, and their key/value cache, indexed to one row per candidate,
+serves all B×K candidate steps in one batched forward (§4.4); other backends
+go through one ``Teacher.score`` call per step.
 
 Alternatives: ``random`` (seeded uniform), ``max-length`` (longer reasoning wins),
 ``binary-judgment`` (App. G.2: r roll-outs after the "Time is up…" prompt, the
@@ -81,86 +82,128 @@ class Scorer:
         return None
 
     def __call__(self, prompt: str, prefix: str, candidates: list[str], answer: str) -> list[float]:
+        return self.many(prompt, [(prefix, candidates)], answer)[0]
+
+    def many(self, prompt: str, groups: list[tuple[str, list[str]]], answer: str) -> list[list[float]]:
+        """Scores for the candidates of several prefixes of one problem (a beam-search step's beams) at once."""
         t0 = time.perf_counter()
         try:
             self.calls += 1
-            return getattr(self, "_" + self.kind.replace("-", "_"))(prompt, prefix, candidates, answer)
+            return getattr(self, "_" + self.kind.replace("-", "_"))(prompt, groups, answer)
         finally:
             self.seconds += time.perf_counter() - t0
 
-    # one method per entry of ``accord.registry.STEP_SCORERS`` (the name with "-" → "_")
-    def _random(self, prompt, prefix, candidates, answer) -> list[float]:
-        return [self.rng.random() for _ in candidates]
+    # one method per entry of ``accord.registry.STEP_SCORERS`` (the name with "-" → "_"); each takes the
+    # (prefix, candidates) groups and returns one list of scores per group
+    def _random(self, prompt, groups, answer) -> list[list[float]]:
+        return [[self.rng.random() for _ in cands] for _, cands in groups]
 
-    def _max_length(self, prompt, prefix, candidates, answer) -> list[float]:
-        return [float(len(prefix) + len(c)) for c in candidates]
+    def _max_length(self, prompt, groups, answer) -> list[list[float]]:
+        return [[float(len(prefix) + len(c)) for c in cands] for prefix, cands in groups]
 
-    def _binary_judgment(self, prompt, prefix, candidates, answer) -> list[float]:
-        return self._judge(prompt, prefix, candidates, answer)
+    def _binary_judgment(self, prompt, groups, answer) -> list[list[float]]:
+        return _regroup(self._judge(prompt, _flat(groups), answer), groups)
 
-    def _predictive_perplexity(self, prompt, prefix, candidates, answer) -> list[float]:
+    def _predictive_perplexity(self, prompt, groups, answer) -> list[list[float]]:
         if hasattr(self.meta, "model") and hasattr(self.meta, "tok"):
-            return predictive_perplexity_cached(self.meta, prompt, prefix, candidates, answer, self.suffix, self.lead)
-        return self._pp_generic(prompt, prefix, candidates, answer)
+            return predictive_perplexity_groups(self.meta, prompt, groups, answer, self.suffix, self.lead)
+        return _regroup(self._pp_generic(prompt, _flat(groups), answer), groups)
 
-    def _pp_generic(self, prompt, prefix, candidates, answer) -> list[float]:
+    def _pp_generic(self, prompt, pairs, answer) -> list[float]:
         from accord.teachers.base import Request
 
-        reqs = [Request(prompt, prefix=prefix + c + self.suffix) for c in candidates]
-        lps = self.meta.score(reqs, [self.lead + answer] * len(candidates))
+        reqs = [Request(prompt, prefix=prefix + c + self.suffix) for prefix, c in pairs]
+        lps = self.meta.score(reqs, [self.lead + answer] * len(pairs))
         return [math.exp(sum(lp) / len(lp)) if lp else 0.0 for lp in lps]
 
-    def _judge(self, prompt, prefix, candidates, answer) -> list[float]:
+    def _judge(self, prompt, pairs, answer) -> list[float]:
         from accord.teachers.base import Request, SamplingParams
         from accord.verify import CORRECT, check
 
         reqs = [Request(prompt, prefix=prefix + c + TIME_UP, seed=self.rng.randrange(2**31))
-                for c in candidates for _ in range(self.judge_runs)]
+                for prefix, c in pairs for _ in range(self.judge_runs)]
         gens = self.meta.generate(reqs, SamplingParams(temperature=self.judge_temperature, max_new_tokens=32))
         ok = [(not g.failed) and check(self.verifier, answer, g.text).verdict == CORRECT for g in gens]
         r = self.judge_runs
-        return [sum(ok[i * r:(i + 1) * r]) / r for i in range(len(candidates))]
+        return [sum(ok[i * r:(i + 1) * r]) / r for i in range(len(pairs))]
+
+
+def _flat(groups: list[tuple[str, list[str]]]) -> list[tuple[str, str]]:
+    return [(prefix, c) for prefix, cands in groups for c in cands]
+
+
+def _regroup(flat: list[float], groups: list[tuple[str, list[str]]]) -> list[list[float]]:
+    out, at = [], 0
+    for _, cands in groups:
+        out.append(flat[at:at + len(cands)])
+        at += len(cands)
+    return out
+
+
+def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: list[str], answer: str,
+                                 suffix: str = TEMPLATE, lead: str = " ") -> list[float]:
+    """S for every candidate of one prefix (``predictive_perplexity_groups`` with one group)."""
+    return predictive_perplexity_groups(meta, prompt, [(prefix, candidates)], answer, suffix, lead)[0]
 
 
 @torch.inference_mode()
-def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: list[str], answer: str,
-                                 suffix: str = TEMPLATE, lead: str = " ") -> list[float]:
-    """S for every candidate: the prefix is encoded once, its KV cache shared by one batched forward."""
+def predictive_perplexity_groups(meta, prompt: str, groups: list[tuple[str, list[str]]], answer: str,
+                                 suffix: str = TEMPLATE, lead: str = " ") -> list[list[float]]:
+    """S for every candidate of every (prefix, candidates) group in two forwards: the prefixes (left-padded,
+    one batch) build a KV cache, which is indexed to one row per candidate; the candidates ⊕ template ⊕
+    answer (right-padded) are then read in one batched forward on that cache."""
     from accord.teachers.hf import render_chat
 
     model, tok = meta.model, meta.tok
     dev = next(model.parameters()).device
-    head = tok(render_chat(tok, prompt, prefix, getattr(meta.cfg, "system_prompt", None)),
-               add_special_tokens=False)["input_ids"]
+    system = getattr(meta.cfg, "system_prompt", None)
+    heads = [tok(render_chat(tok, prompt, prefix, system), add_special_tokens=False)["input_ids"]
+             for prefix, _ in groups]
     ans = tok(lead + answer, add_special_tokens=False)["input_ids"]
-    tails = [tok(c + suffix, add_special_tokens=False)["input_ids"] for c in candidates]
-    out = model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1)  # cache + last logit
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    h = max(len(x) for x in heads)
+    head_ids = torch.tensor([[pad] * (h - len(x)) + x for x in heads], device=dev)
+    head_mask = torch.tensor([[0] * (h - len(x)) + [1] * len(x) for x in heads], device=dev)
+    out = model(input_ids=head_ids, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)  # cache + each prefix's last logit
+    owner = [g for g, (_, cands) in enumerate(groups) for _ in cands]  # the group of each candidate row
+    tails = [tok(c + suffix, add_special_tokens=False)["input_ids"] for _, cands in groups for c in cands]
+    if not tails:
+        return [[] for _ in groups]
     seqs = [t + ans for t in tails]
     width = max(len(s) for s in seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    idx = torch.tensor(owner, device=dev)
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)
-    mask = torch.tensor([[1] * len(head) + [1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
-    pos = torch.arange(len(head), len(head) + width, device=dev).expand(len(seqs), -1)
-    cache = _repeat_cache(out.past_key_values, len(seqs))
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
-    # position 0 = the head's last logit, which predicts the first token after the head (an empty tail:
-    # an empty candidate with an empty template suffix); position i+1 = the logit after tail/answer token i
-    full = torch.cat([out.logits[:, -1:].expand(len(seqs), -1, -1), logits], 1)
+    mask = torch.cat([head_mask[idx], torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs],
+                                                   device=dev)], 1)
+    pos = torch.tensor([len(heads[g]) for g in owner], device=dev)[:, None] + torch.arange(width, device=dev)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                   **{_cache_kwarg(model): _select_cache(out.past_key_values, idx)}).logits
+    # position 0 = the prefix's last logit, which predicts the first token after it (an empty tail: an empty
+    # candidate with an empty template suffix); position i+1 = the logit after tail/answer token i
+    full = torch.cat([out.logits[idx, -1:], logits], 1)
     # answer token m of row r sits at tail position n_r + m and is predicted by shifted position n_r + m: only
     # those rows of the vocabulary are normalised
     rows = torch.tensor([[len(t) + m for m in range(len(ans))] for t in tails], device=dev)  # [R, A]
     lp = torch.log_softmax(full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1])).float(), -1)
     tok_lp = lp.gather(-1, torch.tensor(ans, device=dev).expand(len(seqs), -1)[..., None])[..., 0]
-    return torch.exp(tok_lp.mean(1)).tolist()
+    return _regroup(torch.exp(tok_lp.mean(1)).tolist(), groups)
 
 
-def _repeat_cache(cache, n: int):
-    """The prefix's KV cache repeated for ``n`` candidates, in place (the prefix's own cache is not used again;
-    the candidates' forward appends to the repeated one)."""
-    if hasattr(cache, "batch_repeat_interleave"):
-        cache.batch_repeat_interleave(n)
+def _cache_kwarg(model) -> str:
+    """The forward's name for a KV cache: ``cache`` from transformers 5.x on, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _select_cache(cache, idx: torch.Tensor):
+    """The prefixes' KV cache with one row per candidate (row ``idx[r]``), in place: the prefixes' own cache
+    is not used again; the candidates' forward appends to the selected one."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(idx)
         return cache
-    return tuple((k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cache)  # legacy tuples
+    return tuple((k[idx], v[idx]) for k, v in cache)  # legacy tuples
 
 
 def full_sequence_score(model, tok, head_text: str, tail_text: str, answer: str, suffix: str = TEMPLATE,

@@ -64,6 +64,7 @@ class HFTeacher:
                                                         who=f"teacher {cfg.name!r}")
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
+        self._stops: dict = {}
         from accord.models import runtime
         from accord.ui import say_once
 
@@ -97,7 +98,7 @@ class HFTeacher:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tok)
+            kwargs.update(stopping_criteria=self._stop_criteria(tuple(params.stop)))
         try:
             seqs = self.model.generate(**enc, **kwargs)
         except torch.OutOfMemoryError as e:
@@ -112,6 +113,16 @@ class HFTeacher:
         for g in gens:
             g.elapsed_s = dt
         return gens
+
+    def _stop_criteria(self, stops: tuple[str, ...]):
+        """transformers' stop-string criterion, built once per set of stop strings: it is stateless, and
+        building it (reading and matching the whole vocabulary) costs more than a small model's decoding step,
+        which CoRD's short step-wise calls would pay hundreds of times per problem set."""
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        if stops not in self._stops:
+            self._stops[stops] = StoppingCriteriaList([StopStringCriteria(self.tok, list(stops))])
+        return self._stops[stops]
 
     def _decode_row(self, row: torch.Tensor, params: SamplingParams) -> Generation:
         ids = row.tolist()
