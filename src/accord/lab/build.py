@@ -33,7 +33,7 @@ def _train(model, tok, rows, steps: int, p: Profile, lr: float, seed: int, label
     # packing off: the lab's models are pinned by their recipe hash, and its checks were recorded with padded
     # batches (packing changes float sums in the last digits, and the base's skill arrives as a sudden transition)
     args = TrainArgs(steps=steps, batch_size=p.batch, lr=lr, warmup_ratio=0.05, min_lr_ratio=p.min_lr_ratio, max_len=256,
-                     seed=seed, packing=False)
+                     seed=seed, packing=False, chunked_loss=p.chunked_loss)
 
     def on_step(s: int, loss: float) -> bool:
         bar.update(task, advance=1, description=f"train {label} loss {loss:.3f}")
@@ -149,9 +149,10 @@ def _build_one(tok, p: Profile, profile: str, name: str, console) -> tuple[objec
         targets = {"arith-1": p.student_stop, "last": p.student_stop}
         info = _train_until(model, tok, student_rows(p), p, targets, p.student_steps, p.lr, seed, name, console)
     else:
-        model, _ = _load(profile, STUDENT)  # teachers share the student's pre-training (the table, the general
-        targets = {f: min(t, p.stop_cap) for f, t in TEACHERS[name].stop}  # family) and learn to reason in
+        # teachers share the student's pre-training (the table, the general family) and learn to reason in
         # their own style on top of it
+        model, _ = _load(profile, STUDENT)
+        targets = {f: min(t, p.stop_cap) for f, t in TEACHERS[name].stop if f not in p.stop_skip}
         rows = teacher_rows(p, name, seed=hash_name(name) + seed)
         info = _train_until(model, tok, rows, p, targets, p.teacher_steps, p.teacher_lr, seed, name, console)
     return model, info

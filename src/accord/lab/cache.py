@@ -31,10 +31,16 @@ def lab_dir(profile: str) -> Path:
     return accord_home() / "lab" / profile
 
 
+LATER_FIELDS = ("stop_skip", "chunked_loss")  # Profile fields that joined after the recipe's version
+
+
 def recipe_hash(p: Profile, model: str | None = None) -> str:
     """What a model was built from; a teacher's hash also covers its own recipe (changing one teacher
     rebuilds that teacher only); teachers start from the student, so a new student rebuilds them."""
     key = {"v": RECIPE_VERSION, "seed": lab_seed(), **asdict(p)}
+    for f in LATER_FIELDS:  # added after labs were built: at their defaults they leave those builds valid
+        if key[f] == getattr(Profile, f):
+            del key[f]
     h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if model in TEACHERS:
         h += "-" + hashlib.sha256(repr(TEACHERS[model]).encode()).hexdigest()[:8]
