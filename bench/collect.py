@@ -29,7 +29,7 @@ def main() -> None:
     from accord.config import TeacherConfig, load_config
     from accord.lab.micro import build_micro
     from accord.teachers.base import Request, SamplingParams
-    from accord.teachers.hf import HFTeacher
+    from accord.teachers.hf import HFGenerator
 
     tmp = Path(tempfile.mkdtemp())
     build_micro(tmp / "m", hidden=128, layers=4)  # the lab student's size class
@@ -37,7 +37,7 @@ def main() -> None:
     reqs = [Request(f"What is {i} plus {2 * i + 1}? Think step by step.", seed=i) for i in range(args.prompts)]
 
     def tokens_per_s(batch_size: int) -> float:
-        t = HFTeacher(TeacherConfig(name="m", model=str(tmp / "m"), batch_size=batch_size))
+        t = HFGenerator(TeacherConfig(name="m", model=str(tmp / "m"), batch_size=batch_size))
         t.generate(reqs[:2], params)  # warm-up
         t0 = time.perf_counter()
         gens = t.generate(reqs, params)

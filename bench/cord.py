@@ -27,7 +27,7 @@ def main() -> None:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     from accord.config import validate
-    from accord.cord.stage import run_cord
+    from accord.cord import stage
     from accord.lab.build import build_lab
     from accord.lab.cache import valid_entry
 
@@ -41,7 +41,7 @@ def main() -> None:
             "teachers": [{"name": t, "model": f"lab:{prefix}{t}"} for t in ("terse", "verbose", "verify", "shifted")],
             "cord": {"beam": 4, "segmentation": "prompt", "step_tokens": 48, "think_tokens": 160, "answer_tokens": 16,
                      "baselines": ["curation"], "answer_template": "</think>\n\n\\boxed{{answer}}"}})
-        s = run_cord(cfg, console)
+        s = stage.run(cfg, console)
         summary = json.loads((Path(tmp) / "cord" / "summary.json").read_text())
     for name in ("cord", "cord-curation"):
         r = summary[name]

@@ -25,7 +25,7 @@ import torch
 def setup(n: int, batch: int, spec: str):
     from accord.config import ProblemsConfig, TeacherConfig
     from accord.problems import load_problems
-    from accord.teachers.base import load_teacher
+    from accord.teachers.base import load_generator
 
     try:
         from accord.models import resolve_model
@@ -36,7 +36,7 @@ def setup(n: int, batch: int, spec: str):
 
         model = tempfile.mkdtemp()
         build_micro(model, seed=0)
-    gen = load_teacher(TeacherConfig(name="bench", model=model, batch_size=batch))
+    gen = load_generator(TeacherConfig(name="bench", model=model, batch_size=batch))
     return gen, load_problems(ProblemsConfig(path="lab:arith:test", limit=n))
 
 

@@ -58,13 +58,13 @@ def overhead() -> float:
     from rich.console import Console
 
     from accord.config import validate
-    from accord.train import run_training
+    from accord.train import train_methods
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_setup(Path(tmp), 64, 3, 400)
         cfg = validate(config(root, "mot", 4, 40, 32))
         t0 = time.perf_counter()
-        res = run_training(cfg, Console(stderr=True, quiet=True))[0]
+        res = train_methods(cfg, Console(stderr=True, quiet=True))[0]
         wall = time.perf_counter() - t0
     t = res["timing"]
     print(f"mot wall {wall:.1f}s, inside branch training {t['branch_train_s']:.1f}s, merge {t['merge_s']:.2f}s")
@@ -102,11 +102,11 @@ def _peak_child(method: str, root: str) -> None:
     from rich.console import Console
 
     from accord.config import validate
-    from accord.train import run_training
+    from accord.train import train_methods
 
     steps = 2 if method == "mot" else 8  # MoT: 1 round × 4 branches × 2 steps = 8 steps, as SFT
     cfg = validate(config(Path(root), method, 1, steps, 4))
-    run_training(cfg, Console(stderr=True, quiet=True))
+    train_methods(cfg, Console(stderr=True, quiet=True))
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 

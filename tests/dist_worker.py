@@ -5,10 +5,10 @@ import sys
 from rich.console import Console
 
 from accord.config import load_config
-from accord.train import run_training
+from accord.train import train_methods
 from accord.train.common import end_distributed
 
 if __name__ == "__main__":
     cfg = load_config(sys.argv[1], sys.argv[2:])
-    run_training(cfg, Console(stderr=True, quiet=True))
+    train_methods(cfg, Console(stderr=True, quiet=True))
     end_distributed()

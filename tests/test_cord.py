@@ -112,10 +112,10 @@ def test_cached_score_with_an_empty_suffix_and_an_empty_candidate(micro):
 def test_score_is_higher_when_the_prefix_makes_the_answer_likelier(tmp_path):
     from accord.config import TeacherConfig
     from accord.lab.micro import build_parrot
-    from accord.teachers.hf import HFTeacher
+    from accord.teachers.hf import HFGenerator
 
     build_parrot(tmp_path / "p", "<think>\nfollow the links\n</think> The final answer is 7", seed=4, steps=200)
-    meta = HFTeacher(TeacherConfig(name="mp", model=str(tmp_path / "p")))
+    meta = HFGenerator(TeacherConfig(name="mp", model=str(tmp_path / "p")))
     s = Scorer("predictive-perplexity", meta)
     good, bad = s("What is 3+4?", "<think>\n", ["follow the links\n", "zz qq xx\n"], "7")
     assert 0 <= bad < good <= 1 and good > 0.5

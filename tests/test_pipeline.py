@@ -354,10 +354,10 @@ def test_eval_repeats_give_a_standard_deviation_over_runs(parrot7, problems_file
     from accord.evaluate import evaluate
     from accord.problems import load_problems
     from accord.analysis.report import _fmt, _with_se
-    from accord.teachers.base import load_teacher
+    from accord.teachers.base import load_generator
 
     probs = load_problems(ProblemsConfig(path=str(problems_file)))
-    gen = load_teacher(TeacherConfig(name="p7", model=str(parrot7)))
+    gen = load_generator(TeacherConfig(name="p7", model=str(parrot7)))
     rows = tmp_path / "rows.jsonl"
     res = evaluate(gen, probs, k=2, greedy=False, temperature=1.0, max_new_tokens=24, repeats=3, rows_path=rows)
     assert res.repeats == 3 and len(res.pass1_runs) == 3

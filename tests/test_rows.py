@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from accord.config import AccordConfig
-from accord.rows import CorpusRow, StoredTrace, TraceRow, TrainRecord
+from accord.rows import CorpusRow, EvalPoint, EvalRow, StoredTrace, TraceRow, TrainRecord
 
 
 def _keys(td) -> set[str]:
@@ -46,3 +46,21 @@ def test_a_corpus_row_is_exactly_its_contract():
 
 def test_train_records_name_what_evaluation_and_the_report_read():
     assert {"name", "method", "final", "last", "curve", "branch_steps", "teachers"} <= _keys(TrainRecord)
+
+
+def test_eval_points_and_rows_are_their_contracts(tmp_path):
+    """Every point ``eval_points`` builds (bases, curve steps, finals, a QR student's own base) holds only
+    ``EvalPoint``'s fields, and an eval row is exactly a point + its split + ``EvalResult`` + the settings."""
+    from accord.evaluate import EvalResult, eval_points
+
+    cfg = AccordConfig.model_validate({"problems": {"path": "p.jsonl"}, "student": {"model": str(tmp_path)},
+                                       "teachers": [{"name": "a", "model": "m"}],
+                                       "eval": {"every_checkpoint": True}})
+    results = [{"name": "mot", "final": "r2", "curve": [{"steps": 5, "path": "r1", "round": 1},
+                                                       {"steps": 10, "path": "r2", "round": 2}]},
+               {"name": "qr-b", "student": "b", "final": "q", "base_model": "bb"}]
+    pts = eval_points(cfg, results)
+    assert [p["key"] for p in pts] == ["base", "base-b", "mot/step-5", "mot/step-10", "qr-b/final"]
+    assert all(set(p) <= _keys(EvalPoint) for p in pts)
+    r = EvalResult(0.5, 0.25, 2, 4).as_dict()
+    assert _keys(EvalRow) == _keys(EvalPoint) | {"split"} | set(r) | {"temperature", "top_p", "max_new_tokens"}

@@ -6,15 +6,15 @@ from accord.teachers.base import (
     Request,
     SamplingParams,
     TeacherConfigError,
-    load_teacher,
+    load_generator,
     truncate_at_stop,
 )
-from accord.teachers.hf import HFTeacher, render_chat
+from accord.teachers.hf import HFGenerator, render_chat
 
 
 @pytest.fixture(scope="module")
 def teacher(micro):
-    return HFTeacher(TeacherConfig(name="m", model=str(micro), batch_size=4))
+    return HFGenerator(TeacherConfig(name="m", model=str(micro), batch_size=4))
 
 
 def direct_logprobs(model, tok, head: str, cont: str) -> list[float]:
@@ -56,7 +56,7 @@ def test_sampling_is_seeded(teacher):
 
 
 def test_generation_logprobs_equal_scoring_the_text(parrot7):
-    t = HFTeacher(TeacherConfig(name="p", model=str(parrot7)))
+    t = HFGenerator(TeacherConfig(name="p", model=str(parrot7)))
     r = Request("some question")
     g = t.generate([r], SamplingParams(temperature=0, max_new_tokens=40, logprobs=True))[0]
     ref = t.score([r], [g.text])[0]  # the parrot's text re-tokenises to exactly the generated tokens
@@ -64,7 +64,7 @@ def test_generation_logprobs_equal_scoring_the_text(parrot7):
 
 
 def test_parrot_continues_prefix_and_stops_exclusive(parrot8):
-    t = HFTeacher(TeacherConfig(name="p", model=str(parrot8)))
+    t = HFGenerator(TeacherConfig(name="p", model=str(parrot8)))
     full = t.generate([Request("any")], SamplingParams(temperature=0, max_new_tokens=40))[0]
     assert "\\boxed{8}" in full.text and full.finish_reason == "stop"
     cut = t.generate([Request("any")], SamplingParams(temperature=0, max_new_tokens=40, stop=("add",)))[0]
@@ -79,7 +79,7 @@ def test_parrot_continues_prefix_and_stops_exclusive(parrot8):
 def test_truncate_and_missing_model_path(tmp_path):
     assert truncate_at_stop("a### Step 2b", ["### Step", "zz"]) == ("a", "### Step")
     with pytest.raises(TeacherConfigError, match="does not exist"):
-        load_teacher(TeacherConfig(name="x", model=str(tmp_path / "missing")))
+        load_generator(TeacherConfig(name="x", model=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(TeacherConfigError, match="Hugging Face checkpoint"):
-        load_teacher(TeacherConfig(name="x", model=str(tmp_path / "empty")))
+        load_generator(TeacherConfig(name="x", model=str(tmp_path / "empty")))

@@ -17,7 +17,7 @@ from conftest import run_cli, write_jsonl
 
 from accord.config import TeacherConfig
 from accord.teachers.base import Request, SamplingParams, TeacherConfigError, TeacherUnavailable
-from accord.teachers.openai import OpenAITeacher
+from accord.teachers.openai import OpenAIGenerator
 
 
 def free_port() -> int:
@@ -130,7 +130,7 @@ def flaky_server(script: Script):
 
 
 def teacher(url, retries=3):
-    return OpenAITeacher(TeacherConfig(name="api", backend="openai", model="m", base_url=url, max_retries=retries,
+    return OpenAIGenerator(TeacherConfig(name="api", backend="openai", model="m", base_url=url, max_retries=retries,
                                        max_concurrency=1, timeout=5))
 
 
@@ -195,7 +195,7 @@ def test_failed_samples_are_retried_on_rerun(tmp_path):
 def test_missing_api_key_variable(monkeypatch):
     monkeypatch.delenv("NOPE_KEY", raising=False)
     with pytest.raises(TeacherConfigError, match="NOPE_KEY is not set"):
-        OpenAITeacher(TeacherConfig(name="a", backend="openai", model="m", base_url="http://x/v1",
+        OpenAIGenerator(TeacherConfig(name="a", backend="openai", model="m", base_url="http://x/v1",
                                     api_key_env="NOPE_KEY"))
 
 
@@ -253,7 +253,7 @@ def test_replicas_share_the_requests_and_a_dead_one_is_dropped_mid_collection(tm
 
 def test_every_replica_gone_is_unavailable():
     port1, port2 = free_port(), free_port()
-    t = OpenAITeacher(TeacherConfig(name="api", backend="openai", model="m", max_retries=0, timeout=2,
+    t = OpenAIGenerator(TeacherConfig(name="api", backend="openai", model="m", max_retries=0, timeout=2,
                                     base_url=[f"http://127.0.0.1:{port1}/v1", f"http://127.0.0.1:{port2}/v1"]))
     with pytest.raises(TeacherUnavailable, match=f"127.0.0.1:{port1}/v1, http://127.0.0.1:{port2}/v1"):
         t.generate([Request("a"), Request("b")], SamplingParams(max_new_tokens=4))

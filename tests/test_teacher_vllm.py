@@ -11,12 +11,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_vllm_generates_and_scores_like_hf(parrot7):
     from accord.config import TeacherConfig
     from accord.teachers.base import Request, SamplingParams
-    from accord.teachers.hf import HFTeacher
-    from accord.teachers.vllm import VLLMTeacher
+    from accord.teachers.hf import HFGenerator
+    from accord.teachers.vllm import VLLMGenerator
 
     cfg = TeacherConfig(name="v", backend="vllm", model=str(parrot7), dtype="float32",
                         vllm_args={"gpu_memory_utilization": 0.2, "enforce_eager": True})
-    v, h = VLLMTeacher(cfg), HFTeacher(TeacherConfig(name="h", model=str(parrot7)))
+    v, h = VLLMGenerator(cfg), HFGenerator(TeacherConfig(name="h", model=str(parrot7)))
     r = [Request("What is 3+4?")]
     p = SamplingParams(temperature=0, max_new_tokens=40, logprobs=True)
     gv, gh = v.generate(r, p)[0], h.generate(r, p)[0]

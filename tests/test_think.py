@@ -37,10 +37,10 @@ def test_a_think_prefix_is_not_opened_twice(thinking):
 def test_completions_inside_the_block_get_their_think_back_and_truncation_is_seen(thinking):
     from accord.config import TeacherConfig
     from accord.teachers.base import Request, SamplingParams
-    from accord.teachers.hf import HFTeacher
+    from accord.teachers.hf import HFGenerator
 
     model, tok = thinking
-    t = HFTeacher(TeacherConfig(name="qwq", model="unused"), model=model, tokenizer=tok)
+    t = HFGenerator(TeacherConfig(name="qwq", model="unused"), model=model, tokenizer=tok)
     g = t.generate([Request("Start at 3.")], SamplingParams(temperature=0.0, max_new_tokens=4))[0]
     assert g.text.startswith("<think>\n")
     cord = t.generate([Request("Start at 3.", prefix="<think>\n(1)")], SamplingParams(temperature=0.0,

@@ -299,12 +299,12 @@ def cmd_merge(args, console: Console) -> int:
 
 
 def cmd_cord(args, console: Console) -> int:
-    from accord.cord.stage import run_cord
+    from accord.cord import stage
     from accord.run import prepare_models
 
     cfg = _load(args)
     prepare_models(cfg, console, student=False)
-    run_cord(cfg, console)
+    stage.run(cfg, console)
     console.print(f"CoRD traces: {Path(cfg.run_dir) / 'corpora' / 'cord.jsonl'}; "
                   f"summary: {Path(cfg.run_dir) / 'cord' / 'summary.json'}")
     return 0

@@ -47,7 +47,7 @@ from accord.teachers.base import (
     Request,
     SamplingParams,
     TeacherUnavailable,
-    load_teacher,
+    load_generator,
 )
 from accord.ui import progress
 from accord.verify import (
@@ -131,7 +131,7 @@ def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Proble
     if stale:
         console.print(f"[yellow]warning[/]: {stale} stored rows of teacher {tcfg.name!r} were generated with other "
                       f"settings; they are kept (use a new run_dir or --force to regenerate)")
-    teacher = load_teacher(tcfg)
+    teacher = load_generator(tcfg)
     chunk = tcfg.batch_size if tcfg.backend != "openai" else tcfg.max_concurrency * 4
     try:
         with progress(console) as bar:
@@ -231,7 +231,7 @@ def _grade(v) -> str | None:
 # ------------------------------------------------------------------ judge
 
 
-def run_judge(cfg: AccordConfig, store: TraceStore, problems: list[Problem], console: Console) -> int:
+def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], console: Console) -> int:
     j = cfg.collect.judge
     assert j is not None
     by_id = {p.id: p for p in problems}
@@ -239,7 +239,7 @@ def run_judge(cfg: AccordConfig, store: TraceStore, problems: list[Problem], con
     todo = [r for r in store.traces(where=f"judge IS NULL AND {verdicts}") if r["problem_id"] in by_id]
     if not todo:
         return 0
-    judge = load_teacher(cfg.teacher(j.teacher))
+    judge = load_generator(cfg.teacher(j.teacher))
     params = SamplingParams(temperature=0.0, max_new_tokens=j.max_new_tokens)
     try:
         with progress(console) as bar:
@@ -390,7 +390,7 @@ def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
                 console.print(f"[red]error[/]: {e}\n  everything collected so far is kept in {store.path}; "
                               f"re-run to resume")
         if cfg.collect.judge is not None and cfg.collect.judge.teacher not in result.failures:
-            run_judge(cfg, store, usable, console)
+            judge_traces(cfg, store, usable, console)
         sizes = build_corpora(cfg, store, usable)
         result.summary = summarize(cfg, store, usable, sizes)
     finally:

@@ -77,7 +77,10 @@ class ProblemsConfig(_Strict):
         return self
 
 
-class TeacherConfig(_Strict):
+class GeneratorConfig(_Strict):
+    """A model behind the generation protocol (``accord.teachers.base.Generator``): a teacher, the CoRD
+    integrator, a student under evaluation — its backend and how to reach it."""
+
     name: str = Field(description="short unique name; used in file names and tables")
     backend: str = Field("hf", description="one of: " + ", ".join(BACKENDS))
     model: str | None = Field(None, description="local path, hub id, lab:<model>, or the served model name")
@@ -95,6 +98,39 @@ class TeacherConfig(_Strict):
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
     max_retries: int = Field(5, ge=0, description="openai: retries on 429/5xx/timeouts with backoff + jitter")
     timeout: float = Field(600.0, gt=0, description="openai: seconds per request")
+    # shared
+    system_prompt: str | None = Field(None, description="optional system message")
+    vllm_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra LLM(...) keyword arguments")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid name (letters, digits, '_', '.', '-')")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        return one_of(v, BACKENDS, "teacher backend")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "GeneratorConfig":
+        missing = []
+        if self.backend in ("hf", "vllm", "openai") and not self.model:
+            missing.append("model")
+        if self.backend == "openai" and not self.base_url:
+            missing.append("base_url")
+        if self.backend == "column" and not getattr(self, "column", None):
+            missing.append("column")
+        if missing:
+            raise ValueError(f"backend {self.backend!r} needs: {', '.join(missing)}")
+        return self
+
+
+class TeacherConfig(GeneratorConfig):
+    """An entry of ``teachers:``: a generator, or (backend ``column``) an existing corpus's column."""
+
     # column (import of existing corpora)
     column: str | None = Field(None, description="column: problem-table column holding this teacher's trace")
     answer_column: str | None = Field(None, description="column: optional column holding the final answer/attempt")
@@ -106,39 +142,16 @@ class TeacherConfig(_Strict):
     grade_column: str | None = Field(None, description="column: a grade such as s1K-1.1's gemini_grade "
                                      "(Yes/No), imported as a judge verdict (filters like collect.judge)")
     finish_column: str | None = Field(None, description="column: finish reasons (\"length\": truncated → incorrect)")
-    # shared
-    system_prompt: str | None = Field(None, description="optional system message")
     temperature: float | None = Field(None, ge=0, description="this teacher's sampling temperature in CoRD "
                                       "(default cord.temperature; CoRD's homogeneous setup: one model at "
                                       "0.5 / 0.6 / 0.7)")
-    vllm_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra LLM(...) keyword arguments")
 
     @field_validator("name")
     @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid name (letters, digits, '_', '.', '-')")
+    def _reserved(cls, v: str) -> str:
         if v in ("all", "cord"):
             raise ValueError(f"{v!r} is reserved")
         return v
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, v: str) -> str:
-        return one_of(v, BACKENDS, "teacher backend")
-
-    @model_validator(mode="after")
-    def _needs(self) -> "TeacherConfig":
-        missing = []
-        if self.backend in ("hf", "vllm", "openai") and not self.model:
-            missing.append("model")
-        if self.backend == "openai" and not self.base_url:
-            missing.append("base_url")
-        if self.backend == "column" and not self.column:
-            missing.append("column")
-        if missing:
-            raise ValueError(f"backend {self.backend!r} needs: {', '.join(missing)}")
-        return self
 
 
 class JudgeConfig(_Strict):
@@ -347,7 +360,7 @@ class CordConfig(_Strict):
     curation_rollouts: int | None = Field(None, ge=1, description="complete traces per teacher for curation "
                                           "(default: beam, the same trajectory budget; Curation×2 = 2·beam, "
                                           "Table 15)")
-    integrator: TeacherConfig | None = Field(
+    integrator: GeneratorConfig | None = Field(
         None, description="integration: the merging LLM as its own model entry ({name, backend, model, ...}; "
         "GPT-5-mini in the paper); it merges the curation traces and never proposes steps")
     limit: int | None = Field(None, ge=1, description="only the first N problems")

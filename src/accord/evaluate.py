@@ -5,8 +5,9 @@ samples that are correct (MoT §5 reports AIME as 16-run averages; the same
 estimator); pass@k′ for k′ = 2, 4, … ≤ k by the unbiased estimator
 1 − C(k−c, k′)/C(k, k′) is recorded beside it (``pass_at``), and maj@k (the
 most frequent parsed answer of the k samples, ties to the one seen first; rows
-written before the answers were stored count as unparsed).  Generation goes through the teacher backends, so a vLLM backend
-evaluates on GPU and an hf backend on CPU.  Optionally every (problem, sample)
+written before the answers were stored count as unparsed).  Generation goes through the
+generation backends (``accord.teachers``), so a vLLM backend evaluates on GPU and an hf
+backend on CPU.  Optionally every (problem, sample)
 row is written to a JSONL file, and a re-run skips rows already there, so a
 killed evaluation resumes.
 
@@ -25,6 +26,7 @@ from typing import Sequence
 
 from accord.problems import Problem
 from accord.prompts import render_prompt
+from accord.rows import EvalPoint, EvalRow, TrainRecord
 from accord.teachers.base import Request, SamplingParams
 from accord.verify import CORRECT, check
 
@@ -92,7 +94,7 @@ def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> 
     return any(c for a, c in zip(answers, correct) if a == pick)
 
 
-def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: float = 0.6, top_p: float = 1.0,
+def evaluate(generator, problems: Sequence[Problem], *, k: int = 16, temperature: float = 0.6, top_p: float = 1.0,
              greedy: bool = True,
              max_new_tokens: int = 1024, verifier: str = "math", style: str = "default", seed: int = 0,
              rows_path: str | Path | None = None, chunk: int = 256, repeats: int = 1) -> EvalResult:
@@ -120,7 +122,7 @@ def evaluate(teacher, problems: Sequence[Problem], *, k: int = 16, temperature: 
                 batch = part[s:s + chunk]
                 reqs = [Request(render_prompt(style, p.question), seed=seed * 1_000_003 + hash_id(p.id) + i)
                         for p, i, _ in batch]
-                for (p, i, m), g in zip(batch, teacher.generate(reqs, params)):
+                for (p, i, m), g in zip(batch, generator.generate(reqs, params)):
                     res = check(verifier, p.answer, g.text) if not g.failed else None
                     verdict = res.verdict if res else "failed"
                     done[(p.id, i, m)] = verdict == CORRECT
@@ -168,12 +170,12 @@ def hash_id(pid: str) -> int:
 # --------------------------------------------------------------------------- the eval stage
 
 
-def eval_points(cfg, results: list[dict]) -> list[dict]:
+def eval_points(cfg, results: list[TrainRecord]) -> list[EvalPoint]:
     """(key, label, path) of every checkpoint to evaluate: the base student, then each result's curve/final."""
     from accord.models import local_model_dir
 
-    pts = [{"key": "base", "model": "base", "steps": 0, "path": str(local_model_dir(cfg.student.model, "student")),
-            "final": True}]
+    base = str(local_model_dir(cfg.student.model, "student"))
+    pts: list[EvalPoint] = [{"key": "base", "model": "base", "steps": 0, "path": base, "final": True}]
     for r in results:  # a result trained from another base (a QR student) brings its base along
         b = r.get("base_model")
         if b and all(p["path"] != b for p in pts):
@@ -207,22 +209,22 @@ def split_problems(cfg, name: str) -> list[Problem]:
 
 
 def _generator(cfg, path: str, name: str):
-    from accord.config import TeacherConfig
-    from accord.teachers.base import load_teacher
+    from accord.config import GeneratorConfig
+    from accord.teachers.base import load_generator
 
-    tc = TeacherConfig(name=name.replace("/", "_"), backend=cfg.eval.backend, model=path,
+    tc = GeneratorConfig(name=name.replace("/", "_"), backend=cfg.eval.backend, model=path,
                        batch_size=cfg.eval.batch_size, device=cfg.student.device,
                        trust_remote_code=cfg.student.trust_remote_code)
-    return load_teacher(tc)
+    return load_generator(tc)
 
 
-def evaluate_models(cfg, results: list[dict], console) -> list[dict]:
+def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
     """Evaluate every point on every split; returns rows {key, model, steps, split, greedy, pass1, ...}."""
     from accord.ui import progress
 
     root = Path(cfg.run_dir) / "eval"
     problems = {s: split_problems(cfg, s) for s in cfg.eval.splits}
-    rows = []
+    rows: list[EvalRow] = []
     pts = eval_points(cfg, results)
     curve = cfg.eval.curve_splits
     with progress(console) as bar:

@@ -29,9 +29,9 @@ class Method:
 
 
 METHODS = {m.name: m for m in (
-    Method("std", "accord.train.sft:run_std", "MoT §5 (single-teacher baseline)",
+    Method("std", "accord.train.sft:std", "MoT §5 (single-teacher baseline)",
            "SFT on one teacher's corpus (std:<teacher>), or on each teacher in turn"),
-    Method("mtd", "accord.train.sft:run_mtd", "MoT §5 (multi-teacher baseline)", "SFT on the union of the corpora"),
+    Method("mtd", "accord.train.sft:mtd", "MoT §5 (multi-teacher baseline)", "SFT on the union of the corpora"),
     Method("posthoc", "accord.train.posthoc:run", "MoT Table 4 (post-hoc merge)",
            "merge the finished STD students once"),
     Method("mot", "accord.train.mot:run", "arXiv 000 (MoT §4)", "teacher branches merged every round"),
@@ -50,9 +50,9 @@ class Backend:
 
 
 BACKENDS = {b.name: b for b in (
-    Backend("hf", "accord.teachers.hf:HFTeacher", "transformers generate() in this process"),
-    Backend("openai", "accord.teachers.openai:OpenAITeacher", "any OpenAI-compatible server (vLLM, SGLang, APIs)"),
-    Backend("vllm", "accord.teachers.vllm:VLLMTeacher", "vLLM's offline engine in this process"),
+    Backend("hf", "accord.teachers.hf:HFGenerator", "transformers generate() in this process"),
+    Backend("openai", "accord.teachers.openai:OpenAIGenerator", "any OpenAI-compatible server (vLLM, SGLang, APIs)"),
+    Backend("vllm", "accord.teachers.vllm:VLLMGenerator", "vLLM's offline engine in this process"),
     Backend("column", None, "an existing corpus column (s1K-style tables), verified like generations"),
 )}
 

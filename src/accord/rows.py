@@ -7,7 +7,9 @@ tests and editors).
 - ``ChatRow`` / ``CorpusRow``: a training example (``{"messages": [user, assistant]}``) and the corpus line
   ``collect`` writes per kept trace (``collect.corpus_row``), which every recipe reads;
 - ``CurvePoint`` / ``TrainRecord``: a checkpoint on a method's curve and the ``train/<name>/result.json`` a recipe
-  writes (``train.common.write_result``), which evaluation and the report read.
+  writes (``train.common.write_result``), which evaluation and the report read;
+- ``EvalPoint`` / ``EvalRow``: a checkpoint to evaluate (``evaluate.eval_points``) and its result on one split
+  (``evaluate.evaluate_models`` → ``eval/results.json``), which the report, the method table and the curves read.
 
 Imports nothing: any room may use it.
 """
@@ -86,3 +88,31 @@ class TrainRecord(TypedDict, total=False):
     branch_steps: int  # the compute column of the method table
     teachers: list[str]
     base_model: str  # QR: the student each row is compared with
+
+
+class EvalPoint(TypedDict, total=False):
+    key: str  # base | base-<student> | <name>/step-<N> | <name>/final: the eval/<key>/ directory
+    model: str  # base | base-<student> | a TrainRecord's name
+    steps: int | None  # optimizer steps (0 for a base, None for a final off the curve)
+    round: int | None  # MoT
+    path: str  # the HF checkpoint evaluated
+    final: bool  # the model the method table shows for ``model``
+
+
+class EvalRow(EvalPoint, total=False):
+    split: str
+    greedy: float | None
+    pass1: float | None
+    n: int
+    k: int
+    greedy_se: float | None
+    pass1_se: float | None
+    pass_at: dict | None  # {k': unbiased pass@k'}
+    maj: float | None
+    maj_se: float | None
+    repeats: int
+    pass1_runs: list | None
+    pass1_std: float | None
+    temperature: float
+    top_p: float
+    max_new_tokens: int

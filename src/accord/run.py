@@ -32,7 +32,7 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     from accord.collect import collect
     from accord.evaluate import evaluate_models
     from accord.analysis.report import method_table, text_table, write_report
-    from accord.train import run_training
+    from accord.train import train_methods
 
     if "train" in stages and "collect" not in stages:
         from accord.train.common import check_corpora
@@ -43,7 +43,7 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     out: dict = {}
     if "collect" in stages:
         collect(cfg, console)
-    out["results"] = run_training(cfg, console) if "train" in stages else finished_results(cfg)
+    out["results"] = train_methods(cfg, console) if "train" in stages else finished_results(cfg)
     out["results"] += extra_results or []
     if "eval" in stages:
         out["eval"] = evaluate_models(cfg, out.get("results", []), console)

@@ -1,7 +1,7 @@
 """CoRD's step-wise collaborative decoding (§3, §4.3) and the curation baseline (§5).
 
 Beam search over steps: every beam's prefix is offered to every teacher, each
-proposes its next step (through ``Teacher.generate`` with an assistant prefix, so
+proposes its next step (through ``Generator.generate`` with an assistant prefix, so
 ``hf``, ``openai`` and ``vllm`` teachers mix); the B×K extended prefixes are
 scored (``score.Scorer``, all beams of a step in one call) and the top B kept.  Identical extended prefixes are
 merged (the step's credit is shared by the teachers that proposed it).  Greedy

@@ -9,13 +9,13 @@ template ``τ </think> The final answer is A``:
 Choices where the paper is silent: A is scored as it would be written after
 "is" — with its leading space, ``" " + answer`` — and its M tokens are the
 meta-prover tokenizer's encoding of that string on its own (the same rule as
-``Teacher.score``).  The template is configurable (``cord.answer_template``)
+``Generator.score``).  The template is configurable (``cord.answer_template``)
 for models that close their reasoning differently; the lab's teachers write
 ``</think>\n\n\boxed{A}``, and under the paper's wording every score is ~0.  With an ``hf`` meta-prover a decoding step costs two forwards
 whatever the beam: the B beams' prefixes (chat prompt ⊕ τ) are encoded in one
 left-padded batch, and their key/value cache, indexed to one row per candidate,
 serves all B×K candidate steps in one batched forward (§4.4); other backends
-go through one ``Teacher.score`` call per step.
+go through one ``Generator.score`` call per step.
 
 Alternatives: ``random`` (seeded uniform), ``max-length`` (longer reasoning wins),
 ``binary-judgment`` (App. G.2: r roll-outs after the "Time is up…" prompt, the

@@ -46,11 +46,11 @@ def settings(cfg) -> CordSettings:
     return CordSettings(**{f.name: getattr(cfg.cord, f.name) for f in fields(CordSettings)})
 
 
-def run_cord(cfg, console) -> dict:
+def run(cfg, console) -> dict:
     from accord.problems import load_problems
     from accord.prompts import render_prompt
     from accord.store import TraceStore
-    from accord.teachers.base import load_teacher
+    from accord.teachers.base import load_generator
     from accord.ui import progress
 
     c, cs = cfg.cord, settings(cfg)
@@ -61,8 +61,8 @@ def run_cord(cfg, console) -> dict:
     gen_cfgs = [t for t in cfg.teachers if t.backend != "column"]
     if not gen_cfgs:
         raise CordError("cord needs teachers that generate (not only `column` imports)")
-    teachers = {t.name: load_teacher(t) for t in gen_cfgs}
-    integrator = load_teacher(c.integrator) if c.integrator and "integration" in c.baselines else None
+    teachers = {t.name: load_generator(t) for t in gen_cfgs}
+    integrator = load_generator(c.integrator) if c.integrator and "integration" in c.baselines else None
     meta = teachers[c.meta_prover or default_meta_prover(cfg, [t.name for t in gen_cfgs], console)]
     scorer = Scorer(c.selection, meta, seed=c.seed, judge_runs=c.judge_runs, verifier=cfg.collect.verifier,
                     template=c.answer_template)

@@ -87,10 +87,10 @@ def _until(model, tok, targets: dict[str, float], every: int, n: int, start: int
 
 
 def _generator(model, tok, name: str = "m"):
-    from accord.config import TeacherConfig
-    from accord.teachers.hf import HFTeacher
+    from accord.config import GeneratorConfig
+    from accord.teachers.hf import HFGenerator
 
-    return HFTeacher(TeacherConfig(name=name, model="in-memory", batch_size=256), model=model, tokenizer=tok)
+    return HFGenerator(GeneratorConfig(name=name, model="in-memory", batch_size=256), model=model, tokenizer=tok)
 
 
 def _greedy(model, tok, problems) -> float:

@@ -1,15 +1,16 @@
-"""Teacher backends behind one protocol (see :mod:`accord.teachers.base`)."""
+"""Generation backends (teachers, judges, students under evaluation) behind one protocol (see
+:mod:`accord.teachers.base`)."""
 
 from accord.teachers.base import (
                                   Generation,
                                   NotSupported,
                                   Request,
                                   SamplingParams,
-                                  Teacher,
+                                  Generator,
                                   TeacherConfigError,
                                   TeacherUnavailable,
-                                  load_teacher,
+                                  load_generator,
 )
 
-__all__ = ["Generation", "NotSupported", "Request", "SamplingParams", "Teacher", "TeacherConfigError",
-           "TeacherUnavailable", "load_teacher"]
+__all__ = ["Generation", "NotSupported", "Request", "SamplingParams", "Generator", "TeacherConfigError",
+           "TeacherUnavailable", "load_generator"]

@@ -1,6 +1,8 @@
-"""The teacher protocol every backend implements, and the backend registry.
+"""The generation protocol every backend implements, and the backend registry.
 
-A teacher answers two calls:
+A :class:`Generator` is any model accord talks to through a backend — a teacher, a judge, CoRD's
+meta-prover and integrator, a student under evaluation — so the protocol is named for what it does, not
+for the teacher role.  A generator answers two calls:
 
 - ``generate(requests, params)``: one completion per request.  A request holds the
   user prompt and, optionally, an assistant ``prefix`` to continue from (CoRD's
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 from accord.errors import RunFailure, UsageError
 
 if TYPE_CHECKING:
-    from accord.config import TeacherConfig
+    from accord.config import GeneratorConfig
 
 
 class NotSupported(RunFailure):
@@ -69,7 +71,7 @@ class Generation:
         return self.error is not None
 
 
-class Teacher(Protocol):
+class Generator(Protocol):
     name: str
 
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]: ...
@@ -80,7 +82,7 @@ class Teacher(Protocol):
 
 
 # "module:attr" strings so heavy backends (vllm) import only when used.
-def load_teacher(cfg: "TeacherConfig") -> Teacher:
+def load_generator(cfg: "GeneratorConfig") -> Generator:
     from accord.registry import BACKENDS, load
 
     backend = BACKENDS.get(cfg.backend)

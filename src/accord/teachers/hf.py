@@ -1,4 +1,4 @@
-"""Local ``transformers`` teacher: batched sampling with left padding.
+"""Local ``transformers`` generator (teacher, judge, student under evaluation): batched sampling with left padding.
 
 Choices where nothing prescribes one:
 - requests are sorted by prompt length and cut into batches of ``batch_size`` so
@@ -56,7 +56,7 @@ def _batch_seed(requests: Sequence[Request]) -> int:
     return int(hashlib.sha256(key).hexdigest()[:8], 16)
 
 
-class HFTeacher:
+class HFGenerator:
     def __init__(self, cfg, model=None, tokenizer=None):
         self.name, self.cfg = cfg.name, cfg
         if model is None:

@@ -1,4 +1,4 @@
-"""Teacher behind any OpenAI-compatible server (vLLM, SGLang, Ollama, OpenAI, ``transformers serve``).
+"""A generator behind any OpenAI-compatible server (vLLM, SGLang, Ollama, OpenAI, ``transformers serve``).
 
 - Retries: the ``openai`` client already retries 408/409/429/5xx, timeouts and
   dropped connections with exponential backoff and jitter (``max_retries``); we
@@ -42,7 +42,7 @@ from accord.teachers.base import (
 )
 
 
-class OpenAITeacher:
+class OpenAIGenerator:
     def __init__(self, cfg):
         import openai
 

@@ -1,4 +1,4 @@
-"""Teacher on vLLM's offline engine (optional extra: ``pip install accord[vllm]``).
+"""A generator on vLLM's offline engine (optional extra: ``pip install accord[vllm]``).
 
 Imported lazily.  Prefix caching is on by default, so CoRD's step proposals that
 share a prefix reuse its KV blocks (§4.4).  Scoring uses ``prompt_logprobs``.
@@ -20,7 +20,7 @@ from accord.teachers.base import (
 from accord.teachers.hf import inside_think, render_chat
 
 
-class VLLMTeacher:
+class VLLMGenerator:
     def __init__(self, cfg):
         try:
             import vllm

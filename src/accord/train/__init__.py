@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 
-def run_training(cfg, console) -> list[dict]:
+def train_methods(cfg, console) -> list[dict]:
     """Run every method in ``train.method`` in order; finished ones are skipped.
 
     The student is resolved to a local checkpoint first (a hub id → its cached snapshot), so a base that

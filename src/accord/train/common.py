@@ -81,17 +81,17 @@ def replay_rows(cfg: AccordConfig, console=None) -> list[dict]:
 
 
 def _make_replay(cfg: AccordConfig, path: Path) -> None:
-    from accord.config import ProblemsConfig, TeacherConfig
+    from accord.config import GeneratorConfig, ProblemsConfig
     from accord.problems import load_problems
     from accord.prompts import render_prompt
     from accord.teachers.base import Request, SamplingParams
-    from accord.teachers.hf import HFTeacher
+    from accord.teachers.hf import HFGenerator
     from accord.verify import CORRECT, check
 
     r = cfg.train.replay
     problems = load_problems(ProblemsConfig(path=r.path, limit=r.limit))
     s = cfg.student
-    gen = HFTeacher(TeacherConfig(name="student", model=s.model, dtype=s.dtype, batch_size=cfg.eval.batch_size,
+    gen = HFGenerator(GeneratorConfig(name="student", model=s.model, dtype=s.dtype, batch_size=cfg.eval.batch_size,
                                   trust_remote_code=s.trust_remote_code))
     outs = gen.generate([Request(render_prompt("default", p.question)) for p in problems],
                         SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens))
@@ -234,10 +234,10 @@ def select_checkpoint(cfg: AccordConfig, points: list[dict], name: str, console)
 
     The hold-out is the id-hash ``validation`` split of the *training* source, whatever splits the source
     names itself; with none, the last point is kept (and a warning says so)."""
-    from accord.config import TeacherConfig
+    from accord.config import GeneratorConfig
     from accord.evaluate import evaluate
     from accord.problems import ProblemSourceError, load_problems
-    from accord.teachers.base import load_teacher
+    from accord.teachers.base import load_generator
 
     if cfg.problems.split == "all":
         console.print(f"[yellow]warning[/]: {name}: train.select=validation with problems.split=all: the held-out "
@@ -251,7 +251,7 @@ def select_checkpoint(cfg: AccordConfig, points: list[dict], name: str, console)
         return len(points) - 1
     scores = []
     for i, pt in enumerate(points):
-        gen = load_teacher(TeacherConfig(name=f"{name}-select-{i}", model=pt["path"], batch_size=cfg.eval.batch_size,
+        gen = load_generator(GeneratorConfig(name=f"{name}-select-{i}", model=pt["path"], batch_size=cfg.eval.batch_size,
                                          device=cfg.student.device))
         res = evaluate(gen, probs, k=0, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
                        verifier=cfg.eval.verifier)

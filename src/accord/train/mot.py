@@ -80,7 +80,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                      tick=lambda r, teacher, loss: bar.update(task, advance=1,
                                                               description=f"mot r{r} {teacher} loss {loss:.3f}"))
         for r in range(start + 1, T + 1):
-            model = run_round(job, model, r)
+            model = train_round(job, model, r)
             console.print(f"mot: round {r}/{T} merged ({spec.method}) → {out / f'round-{r}' / 'merged'}")
     timing = asdict(job.timing)
     rounds = [{"round": r, "steps": r * S, "path": str(out / f"round-{r}" / "merged")} for r in range(1, T + 1)]
@@ -117,7 +117,7 @@ class MotRun:
     buffers: dict = field(default_factory=dict)
 
 
-def run_round(job: MotRun, model, r: int):
+def train_round(job: MotRun, model, r: int):
     """Train every branch of round ``r`` from the current student, merge, save ``round-r/merged``; returns the
     merged student."""
     cfg, tok, corpora, spec, out, timing = job.cfg, job.tok, job.corpora, job.spec, job.out, job.timing

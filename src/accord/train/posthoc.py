@@ -11,14 +11,14 @@ from accord.config import AccordConfig
 from accord.models import local_model_dir
 from accord.train.common import read_result, train_dir, write_result
 from accord.train.merge import merge_checkpoints, spec_from
-from accord.train.sft import run_std
+from accord.train.sft import std
 
 
 def run(cfg: AccordConfig, console) -> list[dict]:
     if (done := read_result(cfg, "posthoc")) is not None:
         console.print("posthoc: finished earlier, skipped")
         return [done]
-    stds = run_std(cfg, console)
+    stds = std(cfg, console)
     m = cfg.train.merge
     weights = _weights_for(cfg, [s["teachers"][0] for s in stds])
     spec = spec_from(m, weights)

@@ -33,7 +33,7 @@ from accord.train.engine import train
 from accord.ui import progress
 
 
-def run_sft(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, teachers: list[str]) -> dict:
+def fit(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, teachers: list[str]) -> dict:
     if (done := read_result(cfg, name)) is not None:
         console.print(f"{name}: finished earlier, skipped")
         return done
@@ -63,7 +63,7 @@ def _warn_epochs(console, name: str, n: int, steps: int, batch: int) -> None:
         console.print(f"[yellow]note[/]: {name} asks for {epochs_note(n, steps, batch)}; the data repeats")
 
 
-def run_std(cfg: AccordConfig, console, teacher: str | None = None) -> list[dict]:
+def std(cfg: AccordConfig, console, teacher: str | None = None) -> list[dict]:
     names = [teacher] if teacher else [t.name for t in cfg.teachers]
     out = []
     for t in names:
@@ -71,14 +71,14 @@ def run_std(cfg: AccordConfig, console, teacher: str | None = None) -> list[dict
         if not rows:
             console.print(f"[yellow]warning[/]: teacher {t!r} has an empty corpus; std-{t} skipped")
             continue
-        out.append(run_sft(cfg, f"std-{t}", "std", rows, console, [t]))
+        out.append(fit(cfg, f"std-{t}", "std", rows, console, [t]))
     return out
 
 
-def run_mtd(cfg: AccordConfig, console) -> list[dict]:
+def mtd(cfg: AccordConfig, console) -> list[dict]:
     rows = load_corpus(cfg, "all")
     if not rows:
         from accord.train.common import TrainSetupError
 
         raise TrainSetupError("mtd: the union corpus (corpora/all.jsonl) is empty")
-    return [run_sft(cfg, "mtd", "mtd", rows, console, [t.name for t in cfg.teachers])]
+    return [fit(cfg, "mtd", "mtd", rows, console, [t.name for t in cfg.teachers])]
