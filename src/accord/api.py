@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accord.config import load_config as _load
+from accord.run import prepare_models, run as _run
+
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None):
     """A validated config from YAML (or a ``base`` dict) and ``key.sub=value`` overrides."""
-    from accord.config import load_config as _load
-
     return _load(path, list(overrides), base=base)
 
 
@@ -34,14 +35,11 @@ def _console(console):
 
 
 def run(cfg, console=None, stages: tuple[str, ...] = ("collect", "train", "eval", "report")) -> dict:
-    from accord.run import run as _run
-
     return _run(cfg, _console(console), stages=stages)
 
 
 def collect(cfg, console=None) -> list[dict]:
     from accord.collect import collect as _collect
-    from accord.run import prepare_models
 
     prepare_models(cfg, _console(console), student=False)
     return _collect(cfg, _console(console)).summary

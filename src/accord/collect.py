@@ -35,11 +35,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from accord.errors import RunFailure
 from accord.analysis.confidence import window_confidence
 from accord.config import AccordConfig, TeacherConfig, dump_config
+from accord.errors import RunFailure
 from accord.problems import Problem, load_problems
-from accord.prompts import THINK_CLOSE, THINK_OPEN, render_prompt, split_think, style_name
+from accord.prompts import THINK_CLOSE, THINK_OPEN, normalize_thoughts, render_prompt, split_think, style_name
 from accord.rows import CorpusRow, StoredTrace, TraceRow
 from accord.store import TraceStore
 from accord.teachers.base import (
@@ -177,7 +177,6 @@ def import_column(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem
 def column_samples(tcfg: TeacherConfig, p: Problem) -> list[tuple[str | None, str | None, str | None, str | None]]:
     """(trace, source verdict, imported grade, finish reason) for each sample a problem's column holds."""
     from accord.problems import field
-    from accord.prompts import normalize_thoughts
 
     raw = field(p.meta, tcfg.column)
     if raw is None or (isinstance(raw, (str, list)) and not raw):

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from accord.config import load_config
+from accord.run import run
+
 
 def config_path(name: str) -> Path:
     for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
@@ -23,9 +26,6 @@ def config_path(name: str) -> Path:
 
 
 def demo(console: Console, profile: str | None = None) -> int:
-    from accord.config import load_config
-    from accord.run import run
-
     profile = profile or os.environ.get("ACCORD_DEMO_PROFILE", "full")
     cfg = load_config(config_path("lab-quick.yaml" if profile == "quick" else "lab-quickstart.yaml"))
     run(cfg, console)

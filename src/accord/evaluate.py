@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from accord.problems import Problem
+from accord.config import GeneratorConfig, ProblemsConfig
+from accord.problems import Problem, load_problems
 from accord.prompts import render_prompt
 from accord.rows import EvalPoint, EvalRow, TrainRecord
-from accord.teachers.base import Request, SamplingParams
+from accord.teachers.base import Request, SamplingParams, load_generator
+from accord.ui import progress
 from accord.verify import CORRECT, check
 
 
@@ -199,9 +201,6 @@ def eval_points(cfg, results: list[TrainRecord]) -> list[EvalPoint]:
 
 
 def split_problems(cfg, name: str) -> list[Problem]:
-    from accord.config import ProblemsConfig
-    from accord.problems import load_problems
-
     sp = cfg.eval.splits[name]
     pc = ProblemsConfig(path=sp.path, split=sp.split, limit=sp.limit or cfg.eval.limit,
                         question_field=sp.question_field, answer_field=sp.answer_field)
@@ -209,9 +208,6 @@ def split_problems(cfg, name: str) -> list[Problem]:
 
 
 def _generator(cfg, path: str, name: str):
-    from accord.config import GeneratorConfig
-    from accord.teachers.base import load_generator
-
     tc = GeneratorConfig(name=name.replace("/", "_"), backend=cfg.eval.backend, model=path,
                        batch_size=cfg.eval.batch_size, device=cfg.student.device,
                        trust_remote_code=cfg.student.trust_remote_code)
@@ -220,8 +216,6 @@ def _generator(cfg, path: str, name: str):
 
 def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
     """Evaluate every point on every split; returns rows {key, model, steps, split, greedy, pass1, ...}."""
-    from accord.ui import progress
-
     root = Path(cfg.run_dir) / "eval"
     problems = {s: split_problems(cfg, s) for s in cfg.eval.splits}
     rows: list[EvalRow] = []

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 
+from accord.sources import scheme_model_path
 from accord.teachers.base import TeacherConfigError
 from accord.ui import no_hf_bars
 
 
 def resolve_model(spec: str, who: str = "model") -> str:
     """A scheme spec (``lab:<name>``) → its checkpoint path; an explicit local path must exist; else a hub id."""
-    from accord.sources import scheme_model_path
-
     if (path := scheme_model_path(spec, who)) is not None:
         return path
     p = Path(spec).expanduser()

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 from accord.config import ProblemsConfig
 from accord.errors import UsageError
 from accord.prompts import last_boxed
+from accord.sources import scheme_problem_rows
 
 
 class ProblemSourceError(UsageError):
@@ -130,8 +131,6 @@ def _read_hf_dir(path: Path) -> Iterable[tuple[str, dict]]:
 
 
 def read_rows(spec: str) -> Iterable[tuple[str, dict]]:
-    from accord.sources import scheme_problem_rows
-
     if (rows := scheme_problem_rows(spec)) is not None:
         yield from rows
         return

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accord.analysis.report import _order_key, method_table, text_table, write_report
 from accord.config import AccordConfig, dump_config
+from accord.evaluate import evaluate_models
+from accord.sources import prepare
+from accord.train import train_methods
 
 def model_specs(cfg: AccordConfig, student: bool = True) -> list[str]:
     """Every model spec the config names: teachers, and (``student``) the student and QR's students."""
@@ -22,17 +26,12 @@ def model_specs(cfg: AccordConfig, student: bool = True) -> list[str]:
 
 def prepare_models(cfg: AccordConfig, console, student: bool = True) -> None:
     """Make the scheme models the config names exist (the lab builds what is missing)."""
-    from accord.sources import prepare
-
     prepare(model_specs(cfg, student), console)
 
 
 def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train", "eval", "report"),
         extra_results: list[dict] | None = None) -> dict:
     from accord.collect import collect
-    from accord.evaluate import evaluate_models
-    from accord.analysis.report import method_table, text_table, write_report
-    from accord.train import train_methods
 
     if "train" in stages and "collect" not in stages:
         from accord.train.common import check_corpora
@@ -59,7 +58,6 @@ def finished_results(cfg: AccordConfig) -> list[dict]:
     """Result records of every finished training stage in ``run_dir/train``."""
     import json
 
-    from accord.analysis.report import _order_key
 
     root = Path(cfg.run_dir) / "train"
     res = [json.loads(p.read_text()) for p in root.glob("*/result.json")] if root.exists() else []

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from accord.registry import SCHEMES
+
 
 def plugin(spec: str | None):
     """The plugin module of ``spec``'s scheme, or None."""
     import importlib
 
-    from accord.registry import SCHEMES
 
     if not spec or ":" not in spec:
         return None

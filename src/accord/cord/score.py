@@ -32,6 +32,9 @@ import torch
 
 from accord.errors import UsageError
 from accord.registry import STEP_SCORERS
+from accord.teachers.base import Request, SamplingParams
+from accord.teachers.hf import render_chat
+from accord.verify import CORRECT, check
 
 DEFAULT_TEMPLATE = "</think> The final answer is {answer}."  # App. A.1
 TEMPLATE = "</think> The final answer is"  # the part of the default template before the answer
@@ -110,16 +113,11 @@ class Scorer:
         return _regroup(self._pp_generic(prompt, _flat(groups), answer), groups)
 
     def _pp_generic(self, prompt, pairs, answer) -> list[float]:
-        from accord.teachers.base import Request
-
         reqs = [Request(prompt, prefix=prefix + c + self.suffix) for prefix, c in pairs]
         lps = self.meta.score(reqs, [self.lead + answer] * len(pairs))
         return [math.exp(sum(lp) / len(lp)) if lp else 0.0 for lp in lps]
 
     def _judge(self, prompt, pairs, answer) -> list[float]:
-        from accord.teachers.base import Request, SamplingParams
-        from accord.verify import CORRECT, check
-
         reqs = [Request(prompt, prefix=prefix + c + TIME_UP, seed=self.rng.randrange(2**31))
                 for prefix, c in pairs for _ in range(self.judge_runs)]
         gens = self.meta.generate(reqs, SamplingParams(temperature=self.judge_temperature, max_new_tokens=32))
@@ -152,8 +150,6 @@ def predictive_perplexity_groups(meta, prompt: str, groups: list[tuple[str, list
     """S for every candidate of every (prefix, candidates) group in two forwards: the prefixes (left-padded,
     one batch) build a KV cache, which is indexed to one row per candidate; the candidates ⊕ template ⊕
     answer (right-padded) are then read in one batched forward on that cache."""
-    from accord.teachers.hf import render_chat
-
     model, tok = meta.model, meta.tok
     dev = next(model.parameters()).device
     system = getattr(meta.cfg, "system_prompt", None)

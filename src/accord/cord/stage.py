@@ -27,17 +27,17 @@ import time
 from pathlib import Path
 
 from accord.analysis.cord import hit_rates, plot_hit_rates
-from accord.cord.decode import (
-    CordSettings,
-    Timing,
-    beam_search,
-    curate,
-    finish,
-    mcts_search,
-)
+from accord.collect import _write_jsonl, corpus_row, make_row
+from accord.cord.decode import CordSettings, THINK_PREFIX, Timing, Trajectory, beam_search, curate, finish, mcts_search
 from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 from accord.cord.score import CordError, Scorer
+from accord.problems import load_problems
+from accord.prompts import THINK_CLOSE, render_prompt
 from accord.registry import STEP_SCORERS
+from accord.store import TraceStore
+from accord.teachers.base import Generation, Request, SamplingParams, load_generator
+from accord.ui import progress
+from accord.verify import CORRECT, GoldAnswerError, check
 
 def settings(cfg) -> CordSettings:
     """The decoder's settings: the fields of ``CordSettings`` read from the ``cord`` config section."""
@@ -47,12 +47,6 @@ def settings(cfg) -> CordSettings:
 
 
 def run(cfg, console) -> dict:
-    from accord.problems import load_problems
-    from accord.prompts import render_prompt
-    from accord.store import TraceStore
-    from accord.teachers.base import load_generator
-    from accord.ui import progress
-
     c, cs = cfg.cord, settings(cfg)
     problems = load_problems(cfg.problems)[: c.limit] if c.limit else load_problems(cfg.problems)
     run_dir = Path(cfg.run_dir)
@@ -99,8 +93,6 @@ def run(cfg, console) -> dict:
 
 
 def _gold_ok(answer: str, verifier: str) -> bool:
-    from accord.verify import GoldAnswerError, check
-
     if not answer or not str(answer).strip():
         return False
     try:
@@ -139,9 +131,6 @@ def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures, int
 
 
 def _pp(pp, scorer, prompt, traj, answer) -> float:
-    from accord.cord.decode import THINK_PREFIX
-    from accord.prompts import THINK_CLOSE
-
     body = traj.reasoning[len(THINK_PREFIX):-len(THINK_CLOSE)]
     if pp is scorer and traj.score != float("-inf"):
         return traj.score
@@ -149,10 +138,6 @@ def _pp(pp, scorer, prompt, traj, answer) -> float:
 
 
 def _integrate(cfg, integrator, pp, prompt, p, pool, cs) -> dict:
-    from accord.cord.decode import THINK_PREFIX, Trajectory
-    from accord.prompts import THINK_CLOSE
-    from accord.teachers.base import Request, SamplingParams
-
     traces = "\n".join(f"<reasoning_step_{i + 1}> {t.reasoning[len(THINK_PREFIX):-len(THINK_CLOSE)].strip()} "
                        f"</reasoning_step_{i + 1}>" for i, t in enumerate(pool))
     t0 = time.perf_counter()
@@ -181,9 +166,6 @@ def _merge_failures(into: dict, new: dict) -> None:
 def _row(cfg, p, teacher: str, prompt: str, traj, score: float, elapsed: float, step_timings=None) -> dict:
     """A trajectory as a trace-store row — the same row ``collect`` writes (``collect.make_row``), with
     CoRD's own record in ``params``."""
-    from accord.collect import make_row
-    from accord.teachers.base import Generation
-
     params = {"pp": score, "steps": [list(n) for n, _ in traj.steps], "step_chars": [len(s) for _, s in traj.steps],
               "writer": traj.writer, "budget_hit": traj.budget_hit, "beam": cfg.cord.beam,
               "segmentation": cfg.cord.segmentation, "selection": cfg.cord.selection,
@@ -194,8 +176,6 @@ def _row(cfg, p, teacher: str, prompt: str, traj, score: float, elapsed: float, 
 
 def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: int, failures: dict,
               unscorable: list[str] = ()) -> dict:
-    from accord.verify import CORRECT
-
     ids = {p.id for p in problems}
     out: dict = {"problems": len(problems), "skipped_no_gold": skipped, "failures": failures,
                  "skipped_unscorable": list(unscorable),  # gold answers the meta-prover's tokenizer cannot write
@@ -250,9 +230,6 @@ def default_meta_prover(cfg, names: list[str], console) -> str:
 
 def _write_corpus(cfg, store, problems) -> int:
     """``corpora/<pipeline>.jsonl`` for CoRD and each baseline: ``std:cord-curation`` trains on curation (Table 3)."""
-    from accord.collect import _write_jsonl, corpus_row
-    from accord.verify import CORRECT
-
     by_id = {p.id: p for p in problems}
     out = Path(cfg.run_dir) / "corpora"
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from accord.config import GeneratorConfig
 from accord.errors import RunFailure
+from accord.evaluate import evaluate
 from accord.lab.cache import _load, _save, _save_tmp, lab_dir, lab_lock, read_manifest, recipe_hash, status, valid_entry
 from accord.lab.recipe import (
     BREAKDOWN, BUILD_ORDER, EXTRAS, PROFILES, RANDOM, STUDENT, STUDENT_B, STUDENT_B_RECIPE, TEACHERS, Profile,
@@ -21,15 +23,18 @@ from accord.lab.recipe import (
     student_rows, teacher_rows, zoo_checks,
 )
 from accord.lab.tasks import generate
+from accord.problems import Problem
 from accord.prompts import render_prompt
+from accord.teachers.base import Request, SamplingParams
+from accord.teachers.hf import HFGenerator
+from accord.train.engine import TrainArgs, train_sft
+from accord.ui import progress
+from accord.verify import CORRECT, check
 
 
 def _train(model, tok, rows, steps: int, p: Profile, lr: float, seed: int, label: str, console,
            stop=None) -> int:
     """Train in place; ``stop(step)`` → True ends training early.  Returns the steps taken."""
-    from accord.train.engine import TrainArgs, train_sft
-    from accord.ui import progress
-
     # packing off: the lab's models are pinned by their recipe hash, and its checks were recorded with padded
     # batches (packing changes float sums in the last digits, and the base's skill arrives as a sudden transition)
     args = TrainArgs(steps=steps, batch_size=p.batch, lr=lr, warmup_ratio=0.05, min_lr_ratio=p.min_lr_ratio, max_len=256,
@@ -66,8 +71,6 @@ def _until(model, tok, targets: dict[str, float], every: int, n: int, start: int
     """A ``stop(step)`` for :func:`_train`: every ``every`` steps (from ``start``), greedy accuracy on
     ``n`` validation problems of each family (disjoint from the test splits the manifest reports)
     reaches ``targets[family]``.  ``seen`` collects ``{"<step>": {family: accuracy}}`` (JSON-ready)."""
-    from accord.problems import Problem
-
     val = {fam: [Problem(r["id"], r["question"], r["answer"]) for r in _validation(fam)[:n]] for fam in targets}
     seen: dict[str, dict[str, float]] = {}
 
@@ -87,23 +90,15 @@ def _until(model, tok, targets: dict[str, float], every: int, n: int, start: int
 
 
 def _generator(model, tok, name: str = "m"):
-    from accord.config import GeneratorConfig
-    from accord.teachers.hf import HFGenerator
-
     return HFGenerator(GeneratorConfig(name=name, model="in-memory", batch_size=256), model=model, tokenizer=tok)
 
 
 def _greedy(model, tok, problems) -> float:
-    from accord.evaluate import evaluate
-
     return evaluate(_generator(model, tok), problems, k=0, max_new_tokens=200).greedy
 
 
 def _per_problem(gen, problems, max_new_tokens: int) -> list[bool]:
     """Greedy correctness per problem (for the oracle and the breakdown)."""
-    from accord.teachers.base import Request, SamplingParams
-    from accord.verify import CORRECT, check
-
     outs = gen.generate([Request(render_prompt("default", p.question)) for p in problems],
                         SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     return [not g.failed and check("math", p.answer, g.text).verdict == CORRECT for p, g in zip(problems, outs)]
@@ -111,9 +106,6 @@ def _per_problem(gen, problems, max_new_tokens: int) -> list[bool]:
 
 def measure(model, tok, p: Profile, name: str = "m") -> dict:
     """Accuracies on the test splits with accord's evaluation core, and the per-category breakdown."""
-    from accord.evaluate import evaluate
-    from accord.problems import Problem
-
     gen = _generator(model, tok, name)
 
     def probs(family, n=p.eval_n):

@@ -21,6 +21,8 @@ from accord.lab.recipe import (
     EXTRAS, PROFILES, RANDOM, RECIPE_VERSION, STUDENT, STUDENT_B, STUDENT_B_RECIPE, TEACHERS, Profile, lab_seed,
     zoo_checks,
 )
+from accord.teachers.base import TeacherConfigError
+from accord.ui import no_hf_bars
 
 
 def accord_home() -> Path:
@@ -87,8 +89,6 @@ def valid_entry(profile: str, name: str, manifest: dict | None = None) -> dict |
 
 def lab_model_path(spec: str) -> Path:
     """``terse`` or ``quick/terse`` → the cached checkpoint; a clear error when not built."""
-    from accord.teachers.base import TeacherConfigError
-
     profile, name = spec.split("/", 1) if "/" in spec else ("full", spec)
     if profile not in PROFILES:
         raise TeacherConfigError(f"lab:{spec}: unknown lab profile {profile!r} ({', '.join(PROFILES)})")
@@ -105,7 +105,6 @@ def lab_model_path(spec: str) -> Path:
 
 def _save_tmp(model, tok, profile: str, name: str) -> Path:
     tmp = lab_dir(profile) / f".{name}.tmp"
-    from accord.ui import no_hf_bars
 
     shutil.rmtree(tmp, ignore_errors=True)
     with no_hf_bars():
@@ -133,7 +132,6 @@ def _save(tmp: Path, profile: str, name: str, role: str, p: Profile, measured: d
 def _load(profile: str, name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from accord.ui import no_hf_bars
 
     path = lab_dir(profile) / name
     with no_hf_bars():

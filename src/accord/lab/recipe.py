@@ -42,7 +42,9 @@ from dataclasses import dataclass
 
 import torch
 
+from accord.lab.micro import micro_config
 from accord.lab.tasks import MOD, OPS, STYLE_NAMES, answer_only, apply_op, arith_trace, generate, operands
+from accord.lab.tokenizer import build_tokenizer
 from accord.prompts import render_prompt
 
 
@@ -226,8 +228,6 @@ def student_rows(p: Profile) -> list[dict]:
 
 
 def lab_tokenizer():
-    from accord.lab.tokenizer import build_tokenizer
-
     rows = generate("arith", "train")[:400]
     corpus = [r["question"] for r in rows] + [r["question"] for r in generate("last", "train")[:200]]
     rng = random.Random(0)
@@ -238,8 +238,6 @@ def lab_tokenizer():
 
 def lab_tokenizer_b():
     """Student-b's tokenizer: the same lab text, digits split one per token, a smaller vocabulary."""
-    from accord.lab.tokenizer import build_tokenizer
-
     rows = generate("arith", "train")[:400]
     corpus = [r["question"] for r in rows] + [r["question"] for r in generate("last", "train")[:200]]
     return build_tokenizer(corpus, vocab_size=STUDENT_B_RECIPE["vocab"], split_digits=STUDENT_B_RECIPE["split_digits"])
@@ -248,7 +246,6 @@ def lab_tokenizer_b():
 def _new_model(tok, d: int, layers: int, seed: int, init_range: float = 0.1):
     from transformers import LlamaForCausalLM
 
-    from accord.lab.micro import micro_config
 
     torch.manual_seed(seed)
     cfg = micro_config(len(tok), hidden=d, layers=layers, heads=4, max_pos=512)

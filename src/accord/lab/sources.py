@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from accord.lab.tasks import lab_rows
+
 MODEL_REF = re.compile(r"^lab:(?:(full|quick|micro)/)?([A-Za-z_-]+)$")  # a lab model, not a problem source
 
 
@@ -16,8 +18,6 @@ def model_path(spec: str, who: str = "model") -> str:
 
 
 def problem_rows(spec: str) -> Iterable[tuple[str, dict]]:
-    from accord.lab.tasks import lab_rows
-
     return lab_rows(spec)
 
 

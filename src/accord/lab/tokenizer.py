@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from accord.prompts import STYLES
+from accord.verify import JUDGE_PROMPT
+
 SPECIAL = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 THINK = ["<think>", "</think>"]
 CHAT_TEMPLATE = (
@@ -22,9 +25,6 @@ CHAT_TEMPLATE = (
 
 
 def _base_corpus() -> list[str]:
-    from accord.prompts import STYLES
-    from accord.verify import JUDGE_PROMPT
-
     printable = "".join(chr(c) for c in range(32, 127))
     return [printable, JUDGE_PROMPT, *STYLES.values(), "### Step 1\n### Step 2\n\\boxed{42}\nThe final answer is"]
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence
+
 from accord.errors import RunFailure, UsageError
+from accord.registry import BACKENDS, load
 
 if TYPE_CHECKING:
     from accord.config import GeneratorConfig
@@ -83,8 +85,6 @@ class Generator(Protocol):
 
 # "module:attr" strings so heavy backends (vllm) import only when used.
 def load_generator(cfg: "GeneratorConfig") -> Generator:
-    from accord.registry import BACKENDS, load
-
     backend = BACKENDS.get(cfg.backend)
     if backend is None or backend.impl is None:
         gen = [b.name for b in BACKENDS.values() if b.impl]

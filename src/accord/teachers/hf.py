@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from accord.models import load_model_and_tokenizer, runtime
+from accord.prompts import join_prefix, opens_think
 from accord.teachers.base import (
     Generation,
     Request,
@@ -30,13 +32,11 @@ from accord.teachers.base import (
     TeacherUnavailable,
     truncate_at_stop,
 )
-from accord.models import load_model_and_tokenizer
+from accord.ui import say_once
 
 
 def render_chat(tok, prompt: str, prefix: str = "", system: str | None = None) -> str:
     """The model's own chat template with the generation prompt, then the assistant prefix."""
-    from accord.prompts import join_prefix
-
     if getattr(tok, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return join_prefix(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), prefix)
@@ -46,8 +46,6 @@ def render_chat(tok, prompt: str, prefix: str = "", system: str | None = None) -
 def inside_think(tok, text: str, prefix: str) -> bool:
     """Whether a completion of ``text`` (a rendered prompt) starts inside a think block the template
     opened, with no assistant prefix of the caller's: its stored form then gets the ``<think>`` back."""
-    from accord.prompts import opens_think
-
     return not prefix and opens_think(text)
 
 
@@ -65,8 +63,6 @@ class HFGenerator:
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self._stops: dict = {}
-        from accord.models import runtime
-        from accord.ui import say_once
 
         say_once(f"hf backend: {runtime(model)}; batch {cfg.batch_size}")
 

@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
+from accord.registry import METHODS, load
+
 
 def train_methods(cfg, console) -> list[dict]:
     """Run every method in ``train.method`` in order; finished ones are skipped.
 
     The student is resolved to a local checkpoint first (a hub id → its cached snapshot), so a base that
     merging (post-hoc, MoT's TIES/DARE) cannot read fails here, before any training."""
-    from accord.registry import METHODS, load
     from accord.models import local_model_dir
 
     local = str(local_model_dir(cfg.student.model, "student"))

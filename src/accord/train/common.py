@@ -18,11 +18,18 @@ import json
 import shutil
 from pathlib import Path
 
-from accord.config import AccordConfig
+from accord.config import AccordConfig, GeneratorConfig, ProblemsConfig
 from accord.errors import UsageError
+from accord.evaluate import evaluate
+from accord.models import load_model_and_tokenizer
+from accord.problems import ProblemSourceError, load_problems, read_jsonl
+from accord.prompts import render_prompt
 from accord.rows import CurvePoint, TrainRecord
+from accord.teachers.base import Request, SamplingParams, load_generator
+from accord.teachers.hf import HFGenerator
 from accord.train.engine import TrainArgs
 from accord.ui import no_hf_bars
+from accord.verify import CORRECT, check
 
 
 class TrainSetupError(UsageError):
@@ -40,7 +47,6 @@ def load_corpus(cfg: AccordConfig, teacher: str, replay: bool = True) -> list[di
     path = Path(cfg.run_dir) / "corpora" / f"{teacher}.jsonl"
     if not path.exists():
         raise TrainSetupError(f"{path}: no corpus; run `accord collect` first")
-    from accord.problems import read_jsonl
 
     rows = []
     for where, row in read_jsonl(path, TrainSetupError):
@@ -75,19 +81,11 @@ def replay_rows(cfg: AccordConfig, console=None) -> list[dict]:
     if not path.exists() and is_main():
         _make_replay(cfg, path)
     barrier()
-    from accord.problems import read_jsonl
 
     return [row for _, row in read_jsonl(path, TrainSetupError)]
 
 
 def _make_replay(cfg: AccordConfig, path: Path) -> None:
-    from accord.config import GeneratorConfig, ProblemsConfig
-    from accord.problems import load_problems
-    from accord.prompts import render_prompt
-    from accord.teachers.base import Request, SamplingParams
-    from accord.teachers.hf import HFGenerator
-    from accord.verify import CORRECT, check
-
     r = cfg.train.replay
     problems = load_problems(ProblemsConfig(path=r.path, limit=r.limit))
     s = cfg.student
@@ -123,8 +121,6 @@ def teacher_corpora(cfg: AccordConfig, console=None) -> dict[str, list[dict]]:
 
 
 def load_student(cfg: AccordConfig):
-    from accord.models import load_model_and_tokenizer
-
     s = cfg.student
     dtype = "float32" if s.dtype == "auto" else s.dtype  # fp32 master weights; bf16 comes from autocast
     model, tok = load_model_and_tokenizer(s.model, device="cpu", dtype=dtype, trust_remote_code=s.trust_remote_code,
@@ -234,11 +230,6 @@ def select_checkpoint(cfg: AccordConfig, points: list[dict], name: str, console)
 
     The hold-out is the id-hash ``validation`` split of the *training* source, whatever splits the source
     names itself; with none, the last point is kept (and a warning says so)."""
-    from accord.config import GeneratorConfig
-    from accord.evaluate import evaluate
-    from accord.problems import ProblemSourceError, load_problems
-    from accord.teachers.base import load_generator
-
     if cfg.problems.split == "all":
         console.print(f"[yellow]warning[/]: {name}: train.select=validation with problems.split=all: the held-out "
                       "problems were also collected for training; set problems.split=train")

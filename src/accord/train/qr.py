@@ -83,6 +83,7 @@ from pathlib import Path
 import torch
 
 from accord.config import AccordConfig
+from accord.models import load_model_and_tokenizer, local_model_dir
 from accord.prompts import THINK_OPEN, training_target
 from accord.train.common import (
     TrainSetupError,
@@ -110,7 +111,7 @@ from accord.train.engine import (
     use_packing,
     varlen_attention,
 )
-from accord.ui import progress
+from accord.ui import no_hf_bars, progress
 
 _WORD = re.compile(r"\S+")
 HEADS = "heads"
@@ -462,7 +463,6 @@ def embed(texts: list[str], encoder: str, batch: int = 64) -> torch.Tensor:
     if not Path(path).is_dir():
         raise TrainSetupError(f"qr.encoder: {encoder!r} is not a local sentence-transformers directory "
                               "(nothing is downloaded); use minilm, hashing or a path")
-    from accord.ui import no_hf_bars
 
     with no_hf_bars():
         model = SentenceTransformer(path, device="cpu", local_files_only=True)
@@ -550,8 +550,6 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     if all(done):
         console.print("qr: finished earlier, skipped")
         return done
-    from accord.models import local_model_dir
-    from accord.models import load_model_and_tokenizer
 
     rows = qr_paths(cfg)
     out = train_dir(cfg, "qr")
