@@ -118,3 +118,12 @@ def test_engine_args_carry_every_training_option():
     assert {"lr", "batch_size", "max_len", "packing", "warmup_ratio"} <= shared
     assert all(getattr(a, n) == (getattr(cfg.train, n) if n != "seed" else 8) or n in ("betas", "report_to")
                for n in shared)
+
+
+def test_every_merge_setting_reaches_the_merge_operator():
+    from accord.train.merge import spec_from
+
+    cfg = load_config("configs/lab-quickstart.yaml", ["train.merge.method=dare_ties", "train.merge.density=0.3",
+                                                       "train.merge.normalize=false", "train.merge.seed=11"])
+    s = spec_from(cfg.train.merge, [0.5, 0.5])
+    assert (s.method, s.density, s.normalize, s.seed, s.weights) == ("dare_ties", 0.3, False, 11, [0.5, 0.5])

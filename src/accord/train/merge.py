@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -92,9 +92,10 @@ class MergeSpec:
 
 
 def spec_from(merge_cfg, weights: list[float] | None = None) -> MergeSpec:
-    """The operator a ``train.merge`` config section names, with per-model ``weights`` resolved by the caller."""
-    return MergeSpec(method=merge_cfg.method, weights=weights, density=merge_cfg.density,
-                     normalize=merge_cfg.normalize, seed=merge_cfg.seed)
+    """The operator a ``train.merge`` config section names (every field the two share, so a new setting
+    reaches the merge by being declared in both), with per-model ``weights`` resolved by the caller."""
+    shared = {f.name for f in fields(MergeSpec)} & set(type(merge_cfg).model_fields) - {"weights"}
+    return MergeSpec(**{k: getattr(merge_cfg, k) for k in shared}, weights=weights)
 
 
 def _tensor_seed(seed: int, name: str, i: int) -> int:
