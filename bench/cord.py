@@ -5,7 +5,7 @@ B = 4 with prompt-guided segmentation; curation lets each teacher write B
 complete traces and picks one with the same score.  Both run in this process
 on the same problems; wall times are the per-problem totals the store records.
 
-    python bench/cord.py [--problems 20] [--profile quick]
+    python bench/cord.py [--problems 20] [--profile quick] [--prefix-cache-mb 0]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", type=int, default=20)
     ap.add_argument("--profile", choices=["full", "quick"])
+    ap.add_argument("--prefix-cache-mb", type=int, default=1024, help="hf backend's prefix cache (0: off)")
     args = ap.parse_args()
     from rich.console import Console
     from transformers.utils import logging
@@ -38,7 +39,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = validate({
             "run_dir": tmp, "problems": {"path": "lab:arith:test", "limit": args.problems},
-            "teachers": [{"name": t, "model": f"lab:{prefix}{t}"} for t in ("terse", "verbose", "verify", "shifted")],
+            "teachers": [{"name": t, "model": f"lab:{prefix}{t}", "prefix_cache_mb": args.prefix_cache_mb}
+                         for t in ("terse", "verbose", "verify", "shifted")],
             "cord": {"beam": 4, "segmentation": "prompt", "step_tokens": 48, "think_tokens": 160, "answer_tokens": 16,
                      "baselines": ["curation"], "answer_template": "</think>\n\n\\boxed{{answer}}"}})
         s = stage.run(cfg, console)

@@ -90,6 +90,27 @@ def test_one_step_of_several_beams_is_scored_at_once_and_equals_direct_logits(mi
     assert s("Start at 3.", *groups[1], "9") == pytest.approx(want[1], rel=1e-4, abs=1e-7)
 
 
+def test_a_meta_prover_that_proposed_the_step_scores_from_its_own_prefix_cache(micro):
+    """The meta-prover is a teacher: after it continued the beams' prefixes, scoring them starts from those
+    cached states — and the scores still equal the uncached full-sequence ones."""
+    from accord.config import TeacherConfig
+    from accord.teachers.base import Request, SamplingParams
+    from accord.teachers.hf import HFGenerator, render_chat
+
+    meta = HFGenerator(TeacherConfig(name="m", model=str(micro)))
+    prefixes = ["<think>\n### Step 1\n(1) 3>4\n", "<think>\n### Step 1\n(1) 3>4 4>9 9>2 and more words\n"]
+    meta.generate([Request("Start at 3.", prefix=p + "### Step 2\n") for p in prefixes],
+                  SamplingParams(temperature=0.0, max_new_tokens=6))
+    hits = meta._prefix.hits
+    groups = [(p, ["(2) 4>9\n", "x"]) for p in prefixes]
+    got = Scorer("predictive-perplexity", meta).many("Start at 3.", groups, "9")
+    assert meta._prefix.hits == hits + 2  # both prefixes came from the cache
+    want = [[full_sequence_score(meta.model, meta.tok, render_chat(meta.tok, "Start at 3.", p), c, "9") for c in cs]
+            for p, cs in groups]
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-4, abs=1e-7)
+
+
 def test_cached_score_with_an_empty_suffix_and_an_empty_candidate(micro):
     """A template ``{answer}`` (no suffix) and an empty step: the head's own last logit predicts the answer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

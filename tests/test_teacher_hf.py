@@ -83,3 +83,37 @@ def test_truncate_and_missing_model_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TeacherConfigError, match="Hugging Face checkpoint"):
         load_generator(TeacherConfig(name="x", model=str(tmp_path / "empty")))
+
+
+def test_continuations_reuse_cached_prefixes_with_the_same_results(micro):
+    """CoRD-style steps (every call continues the last one's text, rows of different lengths): with the prefix
+    cache the greedy text and token log-probs equal a fresh encoding's, and the cache is really hit."""
+    on = HFGenerator(TeacherConfig(name="on", model=str(micro)))
+    off = HFGenerator(TeacherConfig(name="off", model=str(micro), prefix_cache_mb=0))
+    qs = ["Start at 3. Add 4.", "Start at 5. Times 3. Add 9. Minus 2. Result?", "Start at 1."]
+    prefixes = ["<think>\n", "<think>\n(1) 5 * 3 = 5\n", "<think>\n"]
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, logprobs=True)
+    for _ in range(3):
+        a = on.generate([Request(q, prefix=p) for q, p in zip(qs, prefixes)], params)
+        b = off.generate([Request(q, prefix=p) for q, p in zip(qs, prefixes)], params)
+        for x, y in zip(a, b):
+            assert x.text == y.text and x.token_count == y.token_count
+            assert torch.allclose(torch.tensor(x.token_logprobs), torch.tensor(y.token_logprobs), atol=1e-4)
+        prefixes = [p + g.text + " " for p, g in zip(prefixes, a)]
+    assert on._prefix.hits >= 6 and on._prefix.reused_tokens > 0 and off._prefix is None
+    plain = on.generate([Request(q) for q in qs], params)  # no assistant prefix: never cached
+    assert [g.text for g in plain] == [g.text for g in off.generate([Request(q) for q in qs], params)]
+
+
+def test_prefix_cache_evicts_least_recently_used_within_its_budget():
+    from accord.teachers.prefix_cache import PrefixCache
+
+    states = lambda n: ([torch.zeros(2, n, 4)], [torch.zeros(2, n, 4)])  # noqa: E731  (64 bytes per token)
+    c = PrefixCache(budget_bytes=64 * 25)
+    c.put(list(range(10)), *states(10))
+    c.put(list(range(10, 20)), *states(10))
+    assert c.longest(list(range(10)) + [99])[0] == 10  # the first entry, now the most recently used… after a batch
+    c.batch([list(range(10)) + [99]], width=11)
+    c.put(list(range(20, 30)), *states(10))  # over budget: the least recently used (the second) goes
+    assert c.longest(list(range(10, 20)))[1] is None and c.longest(list(range(10)) + [5])[0] == 10
+    assert c.bytes <= c.budget

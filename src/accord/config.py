@@ -88,6 +88,9 @@ class GeneratorConfig(_Strict):
     device: str = Field("auto", description="hf: cpu, cuda, cuda:1, mps or auto")
     dtype: str = Field("auto", description="auto (bf16 on a capable GPU, else float32), bfloat16, float16, float32")
     batch_size: int = Field(32, ge=1, description="hf/vllm: sequences generated together")
+    prefix_cache_mb: int = Field(1024, ge=0, description="hf: memory for the key/value states of recent requests "
+                                 "that continue an assistant prefix, reused when a request continues one again "
+                                 "(CoRD's steps, curation's answers); 0 = off")
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (off by default)")
     # openai-compatible
     base_url: str | list[str] | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1, or a list of "

@@ -91,3 +91,11 @@ def runtime(model) -> str:
     p = next(m.parameters())
     attn = getattr(getattr(m, "config", None), "_attn_implementation", None) or "n/a"
     return f"{p.device.type}, weights {str(p.dtype).removeprefix('torch.')}, attention {attn}"
+
+
+def cache_kwarg(model) -> str:
+    """The name a model's forward (and ``generate``) takes a KV cache by: ``cache`` from transformers 5.x on,
+    ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

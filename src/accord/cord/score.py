@@ -14,8 +14,10 @@ for models that close their reasoning differently; the lab's teachers write
 ``</think>\n\n\boxed{A}``, and under the paper's wording every score is ~0.  With an ``hf`` meta-prover a decoding step costs two forwards
 whatever the beam: the B beams' prefixes (chat prompt ⊕ τ) are encoded in one
 left-padded batch, and their key/value cache, indexed to one row per candidate,
-serves all B×K candidate steps in one batched forward (§4.4); other backends
-go through one ``Generator.score`` call per step.
+serves all B×K candidate steps in one batched forward (§4.4); when the
+meta-prover is also a proposer, the prefixes' states come from its prefix cache
+(``accord.teachers.prefix_cache``), so they are not encoded again.  Other
+backends go through one ``Generator.score`` call per step.
 
 Alternatives: ``random`` (seeded uniform), ``max-length`` (longer reasoning wins),
 ``binary-judgment`` (App. G.2: r roll-outs after the "Time is up…" prompt, the
@@ -31,6 +33,7 @@ import time
 import torch
 
 from accord.errors import UsageError
+from accord.models import cache_kwarg
 from accord.registry import STEP_SCORERS
 from accord.teachers.base import Request, SamplingParams
 from accord.teachers.hf import render_chat
@@ -149,21 +152,26 @@ def predictive_perplexity_groups(meta, prompt: str, groups: list[tuple[str, list
                                  suffix: str = TEMPLATE, lead: str = " ") -> list[list[float]]:
     """S for every candidate of every (prefix, candidates) group in two forwards: the prefixes (left-padded,
     one batch) build a KV cache, which is indexed to one row per candidate; the candidates ⊕ template ⊕
-    answer (right-padded) are then read in one batched forward on that cache."""
+    answer (right-padded) are then read in one batched forward on that cache.  A meta-prover that has just
+    continued these prefixes itself (an ``hf`` teacher proposing steps) starts from their cached states, so
+    the first forward reads only what it has not seen."""
     model, tok = meta.model, meta.tok
     dev = next(model.parameters()).device
     system = getattr(meta.cfg, "system_prompt", None)
-    heads = [tok(render_chat(tok, prompt, prefix, system), add_special_tokens=False)["input_ids"]
-             for prefix, _ in groups]
+    heads = tok([render_chat(tok, prompt, prefix, system) for prefix, _ in groups], add_special_tokens=False)["input_ids"]
     ans = tok(lead + answer, add_special_tokens=False)["input_ids"]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     h = max(len(x) for x in heads)
     head_ids = torch.tensor([[pad] * (h - len(x)) + x for x in heads], device=dev)
     head_mask = torch.tensor([[0] * (h - len(x)) + [1] * len(x) for x in heads], device=dev)
-    out = model(input_ids=head_ids, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)  # cache + each prefix's last logit
+    pos = (head_mask.cumsum(-1) - 1).clamp(min=0)
+    # a meta-prover that just continued these prefixes (it is one of the teachers) has their states cached
+    cols, cache = meta.cached_prefix(heads, h) if hasattr(meta, "cached_prefix") else (0, None)
+    out = model(input_ids=head_ids[:, cols:], attention_mask=head_mask, position_ids=pos[:, cols:], use_cache=True,
+                logits_to_keep=1, **({cache_kwarg(model): cache} if cache else {}))  # cache + each prefix's last logit
     owner = [g for g, (_, cands) in enumerate(groups) for _ in cands]  # the group of each candidate row
-    tails = [tok(c + suffix, add_special_tokens=False)["input_ids"] for _, cands in groups for c in cands]
+    tails = tok([c + suffix for _, cands in groups for c in cands], add_special_tokens=False)["input_ids"] \
+        if owner else []
     if not tails:
         return [[] for _ in groups]
     seqs = [t + ans for t in tails]
@@ -174,7 +182,7 @@ def predictive_perplexity_groups(meta, prompt: str, groups: list[tuple[str, list
                                                    device=dev)], 1)
     pos = torch.tensor([len(heads[g]) for g in owner], device=dev)[:, None] + torch.arange(width, device=dev)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                   **{_cache_kwarg(model): _select_cache(out.past_key_values, idx)}).logits
+                   **{cache_kwarg(model): _select_cache(out.past_key_values, idx)}).logits
     # position 0 = the prefix's last logit, which predicts the first token after it (an empty tail: an empty
     # candidate with an empty template suffix); position i+1 = the logit after tail/answer token i
     full = torch.cat([out.logits[idx, -1:], logits], 1)
@@ -184,13 +192,6 @@ def predictive_perplexity_groups(meta, prompt: str, groups: list[tuple[str, list
     lp = torch.log_softmax(full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1])).float(), -1)
     tok_lp = lp.gather(-1, torch.tensor(ans, device=dev).expand(len(seqs), -1)[..., None])[..., 0]
     return _regroup(torch.exp(tok_lp.mean(1)).tolist(), groups)
-
-
-def _cache_kwarg(model) -> str:
-    """The forward's name for a KV cache: ``cache`` from transformers 5.x on, ``past_key_values`` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _select_cache(cache, idx: torch.Tensor):

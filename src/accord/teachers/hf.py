@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from accord.models import load_model_and_tokenizer, runtime
+from accord.models import cache_kwarg, load_model_and_tokenizer, runtime
 from accord.prompts import join_prefix, opens_think
 from accord.teachers.base import (
     Generation,
@@ -32,6 +32,7 @@ from accord.teachers.base import (
     TeacherUnavailable,
     truncate_at_stop,
 )
+from accord.teachers.prefix_cache import PrefixCache, layer_states, to_cache
 from accord.ui import say_once
 
 
@@ -54,6 +55,16 @@ def _batch_seed(requests: Sequence[Request]) -> int:
     return int(hashlib.sha256(key).hexdigest()[:8], 16)
 
 
+def _seed(device: torch.device, seed: int) -> None:
+    """Seed the generator sampling draws from.  On CPU only the CPU generator: ``torch.manual_seed`` also queues
+    a lazy seeding of every accelerator backend, each capturing a stack trace (≈ 0.4 ms, as much as a small
+    model's decoding step, paid once per ``generate`` call)."""
+    if device.type == "cpu":
+        torch.random.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
 class HFGenerator:
     def __init__(self, cfg, model=None, tokenizer=None):
         self.name, self.cfg = cfg.name, cfg
@@ -63,6 +74,8 @@ class HFGenerator:
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self._stops: dict = {}
+        mb = getattr(cfg, "prefix_cache_mb", 0)
+        self._prefix = PrefixCache(mb * 2**20) if mb and getattr(self.tok, "padding_side", "left") == "left" else None
 
         say_once(f"hf backend: {runtime(model)}; batch {cfg.batch_size}")
 
@@ -86,7 +99,7 @@ class HFGenerator:
     def _generate_batch(self, texts: list[str], reqs: list[Request], params: SamplingParams) -> list[Generation]:
         t0 = time.perf_counter()
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        torch.manual_seed(_batch_seed(reqs))
+        _seed(self.device, _batch_seed(reqs))
         sample = params.temperature > 0
         kwargs = dict(do_sample=sample, max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id)
         if sample:
@@ -95,11 +108,19 @@ class HFGenerator:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stopping_criteria=self._stop_criteria(tuple(params.stop)))
+        reuse = self._prefix is not None and all(r.prefix for r in reqs)
+        if reuse:  # a continuation: start from the cached states of the prefix it shares with earlier requests
+            rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+            _, cache = self.cached_prefix(rows, enc["input_ids"].shape[1])
+            kwargs.update(return_dict_in_generate=True, **({cache_kwarg(self.model): cache} if cache else {}))
         try:
-            seqs = self.model.generate(**enc, **kwargs)
+            out = self.model.generate(**enc, **kwargs)
         except torch.OutOfMemoryError as e:
             raise TeacherUnavailable(f"teacher {self.name!r}: out of memory; lower batch_size ({e})") from None
+        seqs = out.sequences if reuse else out
         new = seqs[:, enc["input_ids"].shape[1]:]
+        if reuse:
+            self._remember(rows, enc["input_ids"].shape[1], new, out)
         gens = [self._decode_row(row, params) for row in new]
         if params.logprobs:
             lps = self._token_logprobs(enc["input_ids"], enc["attention_mask"], new)
@@ -109,6 +130,30 @@ class HFGenerator:
         for g in gens:
             g.elapsed_s = dt
         return gens
+
+    def cached_prefix(self, rows: list[list[int]], width: int):
+        """``(C, cache)``: the key/value states of the first ``C`` columns of the left-padded batch ``rows`` (token
+        ids, padded to ``width``) from earlier continuations, or ``(0, None)`` — for a scorer reading the same
+        prefixes this model just continued (CoRD's meta-prover)."""
+        if self._prefix is None:
+            return 0, None
+        cols, layers = self._prefix.batch(rows, width)
+        return cols, to_cache(layers) if layers else None
+
+    def _remember(self, rows: list[list[int]], width: int, new: torch.Tensor, out) -> None:
+        """Keep each row's states — its prompt and the generated tokens the model was fed, up to its end — for
+        the next request that continues it."""
+        states = layer_states(out.get("cache", out.get("past_key_values")))
+        if not states:
+            return
+        fed = states[0][0].shape[2] - width  # generated tokens the model was fed (all but the last)
+        stop = {self.tok.pad_token_id, self.tok.eos_token_id, *self._extra_eos()}
+        for i, r in enumerate(rows):
+            gen = new[i, :fed].tolist()
+            gen = gen[:next((j for j, t in enumerate(gen) if t in stop), len(gen))]
+            pad, n = width - len(r), len(r) + len(gen)
+            self._prefix.put(r + gen, [k[i, :, pad:pad + n].clone() for k, _ in states],
+                             [v[i, :, pad:pad + n].clone() for _, v in states])
 
     def _stop_criteria(self, stops: tuple[str, ...]):
         """transformers' stop-string criterion, built once per set of stop strings: it is stateless, and
@@ -189,5 +234,7 @@ class HFGenerator:
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+        if self._prefix is not None:
+            self._prefix.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
