@@ -121,7 +121,7 @@ class HFGenerator:
         new = seqs[:, enc["input_ids"].shape[1]:]
         if reuse:
             self._remember(rows, enc["input_ids"].shape[1], new, out)
-        gens = [self._decode_row(row, params) for row in new]
+        gens = self._decode_rows(new, params)
         if params.logprobs:
             lps = self._token_logprobs(enc["input_ids"], enc["attention_mask"], new)
             for g, lp in zip(gens, lps):
@@ -165,17 +165,21 @@ class HFGenerator:
             self._stops[stops] = StoppingCriteriaList([StopStringCriteria(self.tok, list(stops))])
         return self._stops[stops]
 
-    def _decode_row(self, row: torch.Tensor, params: SamplingParams) -> Generation:
-        ids = row.tolist()
-        stop_ids = {self.tok.pad_token_id, self.tok.eos_token_id} | set(self._extra_eos())
-        n = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-        hit_eos = n < len(ids)
-        text = self.tok.decode(ids[:n], skip_special_tokens=True)
-        text, stop = truncate_at_stop(text, params.stop)
-        if stop is not None:
-            n = len(self.tok(text, add_special_tokens=False)["input_ids"])
-        finish = "stop" if (hit_eos or stop is not None) else "length"
-        return Generation(text=text, token_count=n, finish_reason=finish, stop_string=stop)
+    def _decode_rows(self, new: torch.Tensor, params: SamplingParams) -> list[Generation]:
+        """Each row's text up to its end (EOS/pad) and first stop string; a row cut at a stop string counts
+        the tokens of its kept text (re-tokenised, all such rows in one call)."""
+        stop_ids = {self.tok.pad_token_id, self.tok.eos_token_id, *self._extra_eos()}
+        gens = []
+        for ids in new.tolist():
+            n = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+            text, stop = truncate_at_stop(self.tok.decode(ids[:n], skip_special_tokens=True), params.stop)
+            gens.append(Generation(text=text, token_count=n, stop_string=stop,
+                                   finish_reason="stop" if (n < len(ids) or stop is not None) else "length"))
+        cut = [g for g in gens if g.stop_string is not None]
+        if cut:
+            for g, ids in zip(cut, self.tok([g.text for g in cut], add_special_tokens=False)["input_ids"]):
+                g.token_count = len(ids)
+        return gens
 
     def _extra_eos(self) -> list[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
