@@ -11,7 +11,9 @@ Choices where the paper is silent: A is scored as it would be written after
 meta-prover tokenizer's encoding of that string on its own (the same rule as
 ``Generator.score``).  The template is configurable (``cord.answer_template``)
 for models that close their reasoning differently; the lab's teachers write
-``</think>\n\n\boxed{A}``, and under the paper's wording every score is ~0.  With an ``hf`` meta-prover a decoding step costs two forwards
+``</think>\n\n\boxed{A}``, and under the paper's wording every score is ~0.
+
+With an ``hf`` meta-prover a decoding step costs two forwards
 whatever the beam: the B beams' prefixes (chat prompt ⊕ τ) are encoded in one
 left-padded batch, and their key/value cache, indexed to one row per candidate,
 serves all B×K candidate steps in one batched forward (§4.4); when the
@@ -158,7 +160,7 @@ def predictive_perplexity_groups(meta, prompt: str, groups: list[tuple[str, list
     model, tok = meta.model, meta.tok
     dev = next(model.parameters()).device
     system = getattr(meta.cfg, "system_prompt", None)
-    heads = tok([render_chat(tok, prompt, prefix, system) for prefix, _ in groups], add_special_tokens=False)["input_ids"]
+    heads = tok([render_chat(tok, prompt, p, system) for p, _ in groups], add_special_tokens=False)["input_ids"]
     ans = tok(lead + answer, add_special_tokens=False)["input_ids"]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     h = max(len(x) for x in heads)
@@ -170,10 +172,9 @@ def predictive_perplexity_groups(meta, prompt: str, groups: list[tuple[str, list
     out = model(input_ids=head_ids[:, cols:], attention_mask=head_mask, position_ids=pos[:, cols:], use_cache=True,
                 logits_to_keep=1, **({cache_kwarg(model): cache} if cache else {}))  # cache + each prefix's last logit
     owner = [g for g, (_, cands) in enumerate(groups) for _ in cands]  # the group of each candidate row
-    tails = tok([c + suffix for _, cands in groups for c in cands], add_special_tokens=False)["input_ids"] \
-        if owner else []
-    if not tails:
+    if not owner:
         return [[] for _ in groups]
+    tails = tok([c + suffix for _, cands in groups for c in cands], add_special_tokens=False)["input_ids"]
     seqs = [t + ans for t in tails]
     width = max(len(s) for s in seqs)
     idx = torch.tensor(owner, device=dev)

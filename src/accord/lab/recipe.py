@@ -154,7 +154,8 @@ PROFILES = {
     # steps against 18% at the 1,600-step cap with 2e-3 — and it does not wait for the 5–6-operation family;
     # 50 validation problems per check; the chunked head, 7–16% faster per step here)
     "quick": Profile("quick", student_steps=1500, teacher_steps=1400, batch=16, eval_n=60, eval_k=2, train_n=2500,
-                     teacher_lr=3e-3, check_n=50, check_from=800, student_stop=0.9, stop_cap=0.45, stop_skip=("arith-ood",), chunked_loss=True,
+                     teacher_lr=3e-3, check_n=50, check_from=800, student_stop=0.9, stop_cap=0.45,
+                     stop_skip=("arith-ood",), chunked_loss=True,
                      teacher_band=(0.15, 0.95), zoo_band=False,
                      student_band={**STUDENT_BAND, "one_step_greedy": (0.6, 1.0)}),
     # tests: seconds; accuracy is irrelevant

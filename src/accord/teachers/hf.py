@@ -9,6 +9,9 @@ Choices where nothing prescribes one:
   forward pass over prompt ⊕ completion, read from the *untempered* model
   distribution, with ``logits_to_keep`` so only completion positions are projected;
 - weights load from safetensors only; ``trust_remote_code`` is off unless configured;
+- a request that continues an assistant prefix starts from the key/value states an earlier continuation left
+  (``prefix_cache``, bounded by ``prefix_cache_mb``); each stop-string criterion is built once (transformers
+  rebuilds it from the whole vocabulary on every call otherwise);
 - a chat template that opens ``<think>`` itself (QwQ, R1-Distill) is never given a
   second one by an assistant prefix, and a completion that starts inside that
   block is returned with ``<think>\n`` in front, so a truncated trace still reads
