@@ -348,6 +348,9 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
         "select params from traces where teacher='cord' limit 1").fetchone()[0])
     assert params["step_timings"] and all(len(t) == 3 for t in params["step_timings"])
     assert 0 <= s["cord"]["mean_pp"] <= 1 and 0 <= s["meta_prover_share"] <= 1
+    pc = s["timing_this_run"]["prefix_cache"]  # the hf teachers' continuations started from cached states
+    assert set(pc) == {"seven", "eight"} and all(v["rows"] > 0 and v["tokens_reused"] > 0 for v in pc.values()), pc
+    assert "prefix cache (prompt tokens not re-encoded)" in out
     corpus = [json.loads(x) for x in (run / "corpora" / "cord.jsonl").read_text().splitlines()]
     assert corpus and all(r["teacher"] == "cord" for r in corpus)
     assert all(r["completion"].count("</think>") == 1 for r in corpus)

@@ -83,6 +83,8 @@ def run(cfg, console) -> dict:
             rows = _one_problem(cfg, teachers, scorer, pp, render_prompt(style, p.question), p, cs, timing, failures,
                                 integrator)
             store.put_traces(rows)
+    # how much each hf teacher's prefix cache saved (``Generator.cache_stats``; other backends have none)
+    timing["prefix_cache"] = {n: st for n, t in teachers.items() if (st := getattr(t, "cache_stats", lambda: None)())}
     summary = summarize(cfg, store, problems, list(teachers), timing, skipped, failures, unscorable)
     _write_corpus(cfg, store, problems)
     for t in [*teachers.values(), *([integrator] if integrator else [])]:
@@ -257,6 +259,9 @@ def _print(s: dict, console) -> None:
     if s.get("meta_prover_share") is not None:
         console.print(f"meta-prover share of CoRD time: {s['meta_prover_share']:.1%}; "
                       f"CoRD/curation wall-time: {s['cord_curation_wall_ratio'] or float('nan'):.2f}")
+    if pc := s["timing_this_run"].get("prefix_cache"):
+        console.print("prefix cache (prompt tokens not re-encoded): "
+                      + ", ".join(f"{n} {v['tokens_reused']:,} over {v['rows']:,} rows" for n, v in pc.items()))
     if s["skipped_no_gold"]:
         console.print(f"[yellow]skipped[/] {s['skipped_no_gold']} problem(s) without a parsable gold answer")
     fails = {k: v for k, v in s["failures"].items() if k != "_errors"}

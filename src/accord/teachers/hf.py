@@ -134,6 +134,12 @@ class HFGenerator:
             g.elapsed_s = dt
         return gens
 
+    def cache_stats(self) -> dict | None:
+        """Rows that started from cached states and the prompt tokens they did not re-encode (None: no cache)."""
+        if self._prefix is None:
+            return None
+        return {"rows": self._prefix.hits, "tokens_reused": self._prefix.reused_tokens, "mb": self._prefix.bytes / 2**20}
+
     def cached_prefix(self, rows: list[list[int]], width: int):
         """``(C, cache)``: the key/value states of the first ``C`` columns of the left-padded batch ``rows`` (token
         ids, padded to ``width``) from earlier continuations, or ``(0, None)`` — for a scorer reading the same
