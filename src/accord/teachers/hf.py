@@ -123,7 +123,10 @@ class HFGenerator:
         seqs = out.sequences if reuse else out
         new = seqs[:, enc["input_ids"].shape[1]:]
         if reuse:
-            self._remember(rows, enc["input_ids"].shape[1], new, out)
+            try:
+                self._remember(rows, enc["input_ids"].shape[1], new, out)
+            except torch.OutOfMemoryError:  # the cache is an optimisation: drop it rather than the run
+                self._prefix.clear()
         gens = self._decode_rows(new, params)
         if params.logprobs:
             lps = self._token_logprobs(enc["input_ids"], enc["attention_mask"], new)
