@@ -159,7 +159,7 @@ class HFGenerator:
         if not states:
             return
         fed = states[0][0].shape[2] - width  # generated tokens the model was fed (all but the last)
-        stop = {self.tok.pad_token_id, self.tok.eos_token_id, *self._extra_eos()}
+        stop = self._end_ids()
         for i, r in enumerate(rows):
             gen = new[i, :fed].tolist()
             gen = gen[:next((j for j, t in enumerate(gen) if t in stop), len(gen))]
@@ -180,7 +180,7 @@ class HFGenerator:
     def _decode_rows(self, new: torch.Tensor, params: SamplingParams) -> list[Generation]:
         """Each row's text up to its end (EOS/pad) and first stop string; a row cut at a stop string counts
         the tokens of its kept text (re-tokenised, all such rows in one call)."""
-        stop_ids = {self.tok.pad_token_id, self.tok.eos_token_id, *self._extra_eos()}
+        stop_ids = self._end_ids()
         gens = []
         for ids in new.tolist():
             n = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
@@ -193,9 +193,10 @@ class HFGenerator:
                 g.token_count = len(ids)
         return gens
 
-    def _extra_eos(self) -> list[int]:
+    def _end_ids(self) -> set[int]:
+        """Token ids that end a row: pad, the tokenizer's EOS and the generation config's."""
         eos = getattr(self.model.generation_config, "eos_token_id", None)
-        return [eos] if isinstance(eos, int) else list(eos or [])
+        return {self.tok.pad_token_id, self.tok.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))}
 
     # -- scoring ------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -11,7 +11,7 @@ Choices (nothing prescribes them):
   prompts (collection, evaluation) keep exactly the numerics they had;
 - an entry is one sequence's token ids and its per-layer keys and values (unpadded, on the model's device);
   a new sequence reuses the entry sharing its longest token prefix (entries are bucketed by their first
-  ``KEY`` tokens, compared as tensors), always leaving at least its last token to compute;
+  ``KEY`` tokens; common prefixes found by binary search on tuple slices), always leaving at least its last token to compute;
 - a batch (left-padded) reuses the first ``C`` columns, the largest width every row has cached; a batch whose
   rows cannot all reuse at least ``MIN_REUSE`` tokens is encoded from scratch;
 - least recently used entries go first once the budget (``prefix_cache_mb``) is exceeded.
@@ -33,7 +33,8 @@ MIN_REUSE = 8  # reused columns below which the batch is encoded from scratch
 class PrefixCache:
     def __init__(self, budget_bytes: int):
         self.budget, self.bytes = budget_bytes, 0
-        self.entries: OrderedDict[tuple, tuple[tuple, list, list, int]] = OrderedDict()  # LRU order
+        # token ids → (keys per layer, values per layer, bytes), least recently used first
+        self.entries: OrderedDict[tuple, tuple[list, list, int]] = OrderedDict()
         self.buckets: dict[tuple, set[tuple]] = {}
         self.hits = self.reused_tokens = 0
 
@@ -60,14 +61,14 @@ class PrefixCache:
             return 0, None
         first = self.entries[found[0][1]]
         layers = []
-        for layer in range(len(first[1])):
-            h, d = first[1][layer].shape[0], first[1][layer].shape[-1]
-            ks = first[1][layer].new_zeros((len(rows), h, cols, d))
-            vs = first[2][layer].new_zeros((len(rows), h, cols, first[2][layer].shape[-1]))
+        for layer in range(len(first[0])):
+            k0, v0 = first[0][layer], first[1][layer]
+            ks = k0.new_zeros((len(rows), k0.shape[0], cols, k0.shape[-1]))
+            vs = v0.new_zeros((len(rows), v0.shape[0], cols, v0.shape[-1]))
             for i, (r, (_, k)) in enumerate(zip(rows, found)):
                 pad, e = width - len(r), self.entries[k]
-                ks[i, :, pad:] = e[1][layer][:, :cols - pad]
-                vs[i, :, pad:] = e[2][layer][:, :cols - pad]
+                ks[i, :, pad:] = e[0][layer][:, :cols - pad]
+                vs[i, :, pad:] = e[1][layer][:, :cols - pad]
             layers.append((ks, vs))
         for _, k in found:
             self.entries.move_to_end(k)
@@ -83,11 +84,11 @@ class PrefixCache:
         size = sum(t.numel() * t.element_size() for t in (*keys, *values))
         if key in self.entries or size > self.budget:
             return
-        self.entries[key] = (key, keys, values, size)
+        self.entries[key] = (keys, values, size)
         self.buckets.setdefault(key[:KEY], set()).add(key)
         self.bytes += size
         while self.bytes > self.budget:
-            old, (_, _, _, s) = self.entries.popitem(last=False)
+            old, (_, _, s) = self.entries.popitem(last=False)
             self.buckets[old[:KEY]].discard(old)
             self.bytes -= s
 
