@@ -117,3 +117,71 @@ def test_prefix_cache_evicts_least_recently_used_within_its_budget():
     c.put(list(range(20, 30)), *states(10))  # over budget: the least recently used (the second) goes
     assert c.longest(list(range(10, 20)))[1] is None and c.longest(list(range(10)) + [5])[0] == 10
     assert c.bytes <= c.budget
+
+
+def _generate_reference(model, enc, temperature, top_p, n, stop, pad):
+    """transformers' own ``generate`` with the settings the hf backend asks for."""
+    kw = dict(do_sample=temperature > 0, max_new_tokens=n, pad_token_id=pad, stopping_criteria=stop)
+    kw.update(dict(temperature=temperature, top_p=top_p, top_k=0) if temperature else
+              dict(temperature=None, top_p=None, top_k=None))
+    return model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_decoding_loop_equals_transformers_generate(teacher, temperature, top_p):
+    """accord's loop draws exactly the tokens ``generate`` draws: left padding, stop strings, end ids, the same
+    seeded multinomial draws (greedy, temperature, temperature + top-p)."""
+    from accord.teachers.hf import _seed
+    from accord.teachers.sampling import decode, supports
+
+    assert teacher._fast and supports(teacher.model, teacher._cache_kw)
+    texts = [render_chat(teacher.tok, q, "<think>\n") for q in ("Start at 3. Add 4.", "q", "a longer one: 5 * 3 + 2?")]
+    enc = teacher.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    stop = teacher._stop_criteria(("\n", "3"))
+    for n in (1, 5, 30):
+        _seed(teacher.device, 11)
+        ref = _generate_reference(teacher.model, enc, temperature, top_p, n, stop, teacher.tok.pad_token_id)
+        _seed(teacher.device, 11)
+        got, cache = decode(teacher.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=n,
+                            temperature=temperature, top_p=top_p, end_ids=teacher._end_ids(),
+                            pad_id=teacher.tok.pad_token_id, stop=stop, cache_kw=teacher._cache_kw)
+        assert torch.equal(got, ref)
+        assert cache.get_seq_length() == enc["input_ids"].shape[1] + got.shape[1] - 1  # all but the last token fed
+
+
+def test_top_p_filter_equals_a_per_row_reference():
+    """Reference: per row, walk the tokens from the most probable, keeping each until the kept mass reaches p
+    (a token is dropped only if the mass below it, in ascending order, is at most 1 − p)."""
+    from accord.teachers.sampling import top_p_filter
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    for p in (0.1, 0.5, 0.9, 0.999):
+        got = top_p_filter(logits.clone(), p)
+        for row, out in zip(logits, got):
+            probs = row.softmax(-1)
+            keep = set()
+            for i in sorted(range(50), key=lambda i: (probs[i].item(), i)):  # ascending, as the warper sorts
+                below = sum(probs[j].item() for j in range(50) if (probs[j].item(), j) <= (probs[i].item(), i))
+                if below > 1 - p + 1e-6 or i == int(row.argmax()):
+                    keep.add(i)
+            assert {i for i in range(50) if out[i] > -float("inf")} == keep
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_models_configured_beyond_the_loop_keep_generate(micro):
+    """A generation config that turns on something the loop does not do (here a repetition penalty) sends the
+    model to transformers' ``generate``, whose result the backend reads the same way."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(micro))
+    model.generation_config.repetition_penalty = 1.3
+    t = HFGenerator(TeacherConfig(name="rp", model=str(micro)), model=model,
+                    tokenizer=HFGenerator(TeacherConfig(name="x", model=str(micro))).tok)
+    assert not t._fast
+    reqs = [Request("Start at 3. Add 4.", prefix="<think>\n"), Request("q", prefix="<think>\n")]
+    a = t.generate(reqs, SamplingParams(temperature=0.0, max_new_tokens=8, logprobs=True))
+    b = t.generate(reqs, SamplingParams(temperature=0.0, max_new_tokens=8, logprobs=True))  # from the prefix cache
+    assert [g.text for g in a] == [g.text for g in b] and all(g.token_count <= 8 for g in a)
+    model.generation_config.repetition_penalty = 1.0
+    assert HFGenerator(TeacherConfig(name="plain", model=str(micro)), model=model, tokenizer=t.tok)._fast

@@ -4,6 +4,8 @@ dtype picks, and the checkpoint + tokenizer load (safetensors only, no remote co
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import torch
@@ -95,7 +97,18 @@ def runtime(model) -> str:
 
 def cache_kwarg(model) -> str:
     """The name a model's forward (and ``generate``) takes a KV cache by: ``cache`` from transformers 5.x on,
-    ``past_key_values`` before."""
+    ``past_key_values`` before (read once per model class: inspecting a signature costs ~0.1 ms)."""
+    return _cache_kwarg(type(model))
+
+
+@functools.cache
+def _cache_kwarg(cls) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward or ``generate`` output carries, under either name (reading the old name on 5.x
+    warns)."""
+    return out.get("cache") if "cache" in out else out.get("past_key_values")

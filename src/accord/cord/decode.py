@@ -217,11 +217,13 @@ def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, t
                                    [((name,), think)], 0.0, name, hit, g.token_count + a.token_count))
     if not done:
         return None, []
-    for name in teachers:  # score each teacher's traces in one call (their reasoning is the candidate)
-        mine = [t for t in done if t.writer == name]
-        if mine:
-            for t, s in zip(mine, scorer(prompt, THINK_PREFIX, [t.steps[0][1] for t in mine], answer)):
-                t.score = s
+    # every trace scored in one call (its reasoning is the candidate; one group per teacher)
+    mine = [[t for t in done if t.writer == name] for name in teachers]
+    mine = [m for m in mine if m]
+    for ts, scores in zip(mine, score_groups(scorer, prompt, [(THINK_PREFIX, [t.steps[0][1] for t in ts])
+                                                              for ts in mine], answer)):
+        for t, s in zip(ts, scores):
+            t.score = s
     return max(done, key=lambda t: t.score), done
 
 

@@ -18,7 +18,10 @@ whatever the beam: the B beams' prefixes (chat prompt ⊕ τ) are encoded in one
 left-padded batch, and their key/value cache, indexed to one row per candidate,
 serves all B×K candidate steps in one batched forward (§4.4); when the
 meta-prover is also a proposer, the prefixes' states come from its prefix cache
-(``accord.teachers.prefix_cache``), so they are not encoded again.  Other
+(``accord.teachers.prefix_cache``), so they are not encoded again — and when at
+most ``ONE_PASS_MAX`` tokens of each prefix are not cached, each candidate row
+reads those itself and the step costs one forward (the few duplicated tokens cost
+less than a second pass over the model).  Other
 backends go through one ``Generator.score`` call per step.
 
 Alternatives: ``random`` (seeded uniform), ``max-length`` (longer reasoning wins),
@@ -35,7 +38,7 @@ import time
 import torch
 
 from accord.errors import UsageError
-from accord.models import cache_kwarg
+from accord.models import cache_kwarg, output_cache
 from accord.registry import STEP_SCORERS
 from accord.teachers.base import Request, SamplingParams
 from accord.teachers.hf import render_chat
@@ -43,6 +46,7 @@ from accord.verify import CORRECT, check
 
 DEFAULT_TEMPLATE = "</think> The final answer is {answer}."  # App. A.1
 TEMPLATE = "</think> The final answer is"  # the part of the default template before the answer
+ONE_PASS_MAX = 64  # uncached prefix tokens up to which each candidate row reads them itself (one forward, not two)
 
 
 def split_template(template: str) -> tuple[str, str]:
@@ -152,41 +156,54 @@ def predictive_perplexity_cached(meta, prompt: str, prefix: str, candidates: lis
 @torch.inference_mode()
 def predictive_perplexity_groups(meta, prompt: str, groups: list[tuple[str, list[str]]], answer: str,
                                  suffix: str = TEMPLATE, lead: str = " ") -> list[list[float]]:
-    """S for every candidate of every (prefix, candidates) group in two forwards: the prefixes (left-padded,
+    """S for every candidate of every (prefix, candidates) group in at most two forwards: the prefixes (left-padded,
     one batch) build a KV cache, which is indexed to one row per candidate; the candidates ⊕ template ⊕
     answer (right-padded) are then read in one batched forward on that cache.  A meta-prover that has just
     continued these prefixes itself (an ``hf`` teacher proposing steps) starts from their cached states, so
-    the first forward reads only what it has not seen."""
+    the first forward reads only what it has not seen — or, when that is at most ``ONE_PASS_MAX`` tokens, each
+    candidate row reads it in the one forward that reads its tail."""
     model, tok = meta.model, meta.tok
     dev = next(model.parameters()).device
     system = getattr(meta.cfg, "system_prompt", None)
-    heads = tok([render_chat(tok, prompt, p, system) for p, _ in groups], add_special_tokens=False)["input_ids"]
-    ans = tok(lead + answer, add_special_tokens=False)["input_ids"]
+    # one tokenizer call for the prefixes, the answer and the candidate tails (each is encoded on its own)
+    tails = [c + suffix for _, cands in groups for c in cands]
+    enc = tok([render_chat(tok, prompt, p, system) for p, _ in groups] + [lead + answer] + tails,
+              add_special_tokens=False)["input_ids"]
+    heads, ans, tails = enc[:len(groups)], enc[len(groups)], enc[len(groups) + 1:]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     h = max(len(x) for x in heads)
     head_ids = torch.tensor([[pad] * (h - len(x)) + x for x in heads], device=dev)
     head_mask = torch.tensor([[0] * (h - len(x)) + [1] * len(x) for x in heads], device=dev)
     pos = (head_mask.cumsum(-1) - 1).clamp(min=0)
-    # a meta-prover that just continued these prefixes (it is one of the teachers) has their states cached
-    cols, cache = meta.cached_prefix(heads, h) if hasattr(meta, "cached_prefix") else (0, None)
-    out = model(input_ids=head_ids[:, cols:], attention_mask=head_mask, position_ids=pos[:, cols:], use_cache=True,
-                logits_to_keep=1, **({cache_kwarg(model): cache} if cache else {}))  # cache + each prefix's last logit
     owner = [g for g, (_, cands) in enumerate(groups) for _ in cands]  # the group of each candidate row
     if not owner:
         return [[] for _ in groups]
-    tails = tok([c + suffix for _, cands in groups for c in cands], add_special_tokens=False)["input_ids"]
+    idx = torch.tensor(owner, device=dev)
     seqs = [t + ans for t in tails]
     width = max(len(s) for s in seqs)
-    idx = torch.tensor(owner, device=dev)
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)
     mask = torch.cat([head_mask[idx], torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs],
                                                    device=dev)], 1)
-    pos = torch.tensor([len(heads[g]) for g in owner], device=dev)[:, None] + torch.arange(width, device=dev)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                   **{cache_kwarg(model): _select_cache(out.past_key_values, idx)}).logits
-    # position 0 = the prefix's last logit, which predicts the first token after it (an empty tail: an empty
-    # candidate with an empty template suffix); position i+1 = the logit after tail/answer token i
-    full = torch.cat([out.logits[idx, -1:], logits], 1)
+    tail_pos = torch.tensor([len(heads[g]) for g in owner], device=dev)[:, None] + torch.arange(width, device=dev)
+    # a meta-prover that just continued these prefixes (it is one of the teachers) has their states cached
+    cols, cache = meta.cached_prefix(heads, h) if hasattr(meta, "cached_prefix") else (0, None)
+    kw = cache_kwarg(model)
+    if cache is not None and h - cols <= ONE_PASS_MAX:
+        # one forward: each candidate row reads its prefix's few uncached columns itself, then its tail and the
+        # answer; position u - 1 is the prefix's last logit
+        u = h - cols
+        logits = model(input_ids=torch.cat([head_ids[idx, cols:], ids], 1), attention_mask=mask,
+                       position_ids=torch.cat([pos[idx, cols:], tail_pos], 1),
+                       **{kw: _select_cache(cache, idx)}).logits
+        full = logits[:, u - 1:]
+    else:
+        out = model(input_ids=head_ids[:, cols:], attention_mask=head_mask, position_ids=pos[:, cols:],
+                    use_cache=True, logits_to_keep=1, **({kw: cache} if cache else {}))  # cache + last logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=tail_pos,
+                       **{kw: _select_cache(output_cache(out), idx)}).logits
+        # position 0 = the prefix's last logit, which predicts the first token after it (an empty tail: an
+        # empty candidate with an empty template suffix); position i+1 = the logit after tail/answer token i
+        full = torch.cat([out.logits[idx, -1:], logits], 1)
     # answer token m of row r sits at tail position n_r + m and is predicted by shifted position n_r + m: only
     # those rows of the vocabulary are normalised
     rows = torch.tensor([[len(t) + m for m in range(len(ans))] for t in tails], device=dev)  # [R, A]

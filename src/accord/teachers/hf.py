@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from accord.models import cache_kwarg, load_model_and_tokenizer, runtime
+from accord.models import cache_kwarg, load_model_and_tokenizer, output_cache, runtime
 from accord.prompts import join_prefix, opens_think
 from accord.teachers.base import (
     Generation,
@@ -36,6 +36,7 @@ from accord.teachers.base import (
     truncate_at_stop,
 )
 from accord.teachers.prefix_cache import PrefixCache, layer_states, to_cache
+from accord.teachers.sampling import decode, supports
 from accord.ui import say_once
 
 
@@ -77,6 +78,8 @@ class HFGenerator:
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self._stops: dict = {}
+        self._cache_kw = cache_kwarg(model)
+        self._fast = supports(model, self._cache_kw)  # accord's decoding loop, else transformers' generate
         mb = getattr(cfg, "prefix_cache_mb", 0)
         self._prefix = PrefixCache(mb * 2**20) if mb and getattr(self.tok, "padding_side", "left") == "left" else None
 
@@ -103,28 +106,18 @@ class HFGenerator:
         t0 = time.perf_counter()
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         _seed(self.device, _batch_seed(reqs))
-        sample = params.temperature > 0
-        kwargs = dict(do_sample=sample, max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id)
-        if sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if params.stop:
-            kwargs.update(stopping_criteria=self._stop_criteria(tuple(params.stop)))
         reuse = self._prefix is not None and all(r.prefix for r in reqs)
+        cols, cache, rows = 0, None, None
         if reuse:  # a continuation: start from the cached states of the prefix it shares with earlier requests
             rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
-            _, cache = self.cached_prefix(rows, enc["input_ids"].shape[1])
-            kwargs.update(return_dict_in_generate=True, **({cache_kwarg(self.model): cache} if cache else {}))
+            cols, cache = self.cached_prefix(rows, enc["input_ids"].shape[1])
         try:
-            out = self.model.generate(**enc, **kwargs)
+            new, cache = self._run(enc, params, cache, cols)
         except torch.OutOfMemoryError as e:
             raise TeacherUnavailable(f"teacher {self.name!r}: out of memory; lower batch_size ({e})") from None
-        seqs = out.sequences if reuse else out
-        new = seqs[:, enc["input_ids"].shape[1]:]
         if reuse:
             try:
-                self._remember(rows, enc["input_ids"].shape[1], new, out)
+                self._remember(rows, enc["input_ids"].shape[1], new, cache)
             except torch.OutOfMemoryError:  # the cache is an optimisation: drop it rather than the run
                 self._prefix.clear()
         gens = self._decode_rows(new, params)
@@ -136,6 +129,26 @@ class HFGenerator:
         for g in gens:
             g.elapsed_s = dt
         return gens
+
+    def _run(self, enc, params: SamplingParams, cache, cols: int):
+        """``(new token ids, cache)`` for a left-padded batch: ``sampling.decode`` where it reproduces
+        ``generate`` for this model (``self._fast``), else ``generate`` with the same settings."""
+        stop = self._stop_criteria(tuple(params.stop)) if params.stop else None
+        sample = params.temperature > 0
+        if self._fast:
+            return decode(self.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=params.max_new_tokens,
+                          temperature=params.temperature if sample else 0.0, top_p=params.top_p,
+                          end_ids=self._end_ids(), pad_id=self.tok.pad_token_id, stop=stop, cache=cache,
+                          cached=cols, cache_kw=self._cache_kw)
+        kwargs = dict(do_sample=sample, max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id,
+                      return_dict_in_generate=True, **({"stopping_criteria": stop} if stop else {}),
+                      **({self._cache_kw: cache} if cache is not None else {}))
+        if sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(**enc, **kwargs)
+        return out.sequences[:, enc["input_ids"].shape[1]:], output_cache(out)
 
     def cache_stats(self) -> dict | None:
         """Rows that started from cached states and the prompt tokens they did not re-encode (None: no cache)."""
@@ -152,10 +165,10 @@ class HFGenerator:
         cols, layers = self._prefix.batch(rows, width)
         return cols, to_cache(layers) if layers else None
 
-    def _remember(self, rows: list[list[int]], width: int, new: torch.Tensor, out) -> None:
+    def _remember(self, rows: list[list[int]], width: int, new: torch.Tensor, cache) -> None:
         """Keep each row's states — its prompt and the generated tokens the model was fed, up to its end — for
         the next request that continues it."""
-        states = layer_states(out.get("cache", out.get("past_key_values")))
+        states = layer_states(cache)
         if not states:
             return
         fed = states[0][0].shape[2] - width  # generated tokens the model was fed (all but the last)
