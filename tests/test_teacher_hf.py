@@ -185,3 +185,23 @@ def test_models_configured_beyond_the_loop_keep_generate(micro):
     assert [g.text for g in a] == [g.text for g in b] and all(g.token_count <= 8 for g in a)
     model.generation_config.repetition_penalty = 1.0
     assert HFGenerator(TeacherConfig(name="plain", model=str(micro)), model=model, tokenizer=t.tok)._fast
+
+
+@pytest.mark.gpu
+def test_decoding_loop_equals_generate_on_cuda_in_bf16(micro):
+    """On a CUDA device with bf16 weights: the loop's greedy and seeded samples equal ``generate``'s."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from accord.teachers.hf import _seed
+    from accord.teachers.sampling import decode
+
+    t = HFGenerator(TeacherConfig(name="g", model=str(micro), device="cuda", dtype="bfloat16"))
+    texts = [render_chat(t.tok, q, "<think>\n") for q in ("Start at 3. Add 4.", "q")]
+    enc = t.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(t.device)
+    for temperature in (0.0, 0.8):
+        _seed(t.device, 5)
+        ref = _generate_reference(t.model, enc, temperature, 0.9, 20, None, t.tok.pad_token_id)
+        _seed(t.device, 5)
+        got, _ = decode(t.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=20, temperature=temperature,
+                        top_p=0.9, end_ids=t._end_ids(), pad_id=t.tok.pad_token_id, cache_kw=t._cache_kw)
+        assert torch.equal(got, ref)
