@@ -9,6 +9,8 @@ Choices where nothing prescribes one:
   forward pass over prompt ⊕ completion, read from the *untempered* model
   distribution, with ``logits_to_keep`` so only completion positions are projected;
 - weights load from safetensors only; ``trust_remote_code`` is off unless configured;
+- decoding runs accord's own loop (``sampling.decode``: the same tokens as ``generate``, without its ~1.3 ms of
+  set-up per call), or ``generate`` for a model whose generation config turns on more (``sampling.supports``);
 - a request that continues an assistant prefix starts from the key/value states an earlier continuation left
   (``prefix_cache``, bounded by ``prefix_cache_mb``); each stop-string criterion is built once (transformers
   rebuilds it from the whole vocabulary on every call otherwise);
