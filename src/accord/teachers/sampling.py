@@ -80,7 +80,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
                 use_cache=True, logits_to_keep=1, **{cache_kw: cache})
     seq, last, mask = input_ids, pos[:, -1:], attention_mask
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].to(device=input_ids.device, dtype=torch.float32)  # a split model's head
         if temperature > 0:
             probs = top_p_filter(logits / temperature, top_p).softmax(-1)
             nxt = torch.multinomial(probs, num_samples=1).squeeze(1)
