@@ -172,12 +172,12 @@ def test_top_p_filter_equals_a_per_row_reference():
 def test_models_configured_beyond_the_loop_keep_generate(micro):
     """A generation config that turns on something the loop does not do (here a repetition penalty) sends the
     model to transformers' ``generate``, whose result the backend reads the same way."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(micro))
     model.generation_config.repetition_penalty = 1.3
     t = HFGenerator(TeacherConfig(name="rp", model=str(micro)), model=model,
-                    tokenizer=HFGenerator(TeacherConfig(name="x", model=str(micro))).tok)
+                    tokenizer=AutoTokenizer.from_pretrained(str(micro), padding_side="left"))
     assert not t._fast
     reqs = [Request("Start at 3. Add 4.", prefix="<think>\n"), Request("q", prefix="<think>\n")]
     a = t.generate(reqs, SamplingParams(temperature=0.0, max_new_tokens=8, logprobs=True))

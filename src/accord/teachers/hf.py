@@ -139,7 +139,7 @@ class HFGenerator:
         sample = params.temperature > 0
         if self._fast:
             return decode(self.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=params.max_new_tokens,
-                          temperature=params.temperature if sample else 0.0, top_p=params.top_p,
+                          temperature=params.temperature, top_p=params.top_p,
                           end_ids=self._end_ids(), pad_id=self.tok.pad_token_id, stop=stop, cache=cache,
                           cached=cols, cache_kw=self._cache_kw)
         kwargs = dict(do_sample=sample, max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id,

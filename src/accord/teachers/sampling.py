@@ -4,10 +4,10 @@ Written by hand because ``transformers``' ``generate`` pays about 1.3 ms of set-
 the generation config, keyword validation by signature inspection, processor and criterion lists) and ~0.25 ms
 of bookkeeping per token — as much as a small model's whole decoding step.  CoRD calls a teacher once per step
 and per teacher, hundreds of times per problem set, and evaluation and collection call it per batch; on the lab
-this loop is 20–30% faster per call (``bench/cord.py``).
+a call is 20–30% faster (``bench/eval.py`` compares accord's evaluation with a plain ``generate`` loop).
 
 It does exactly what ``generate`` does for the settings accord uses, and is tested token for token against it
-(greedy and seeded sampling, stop strings, a prefix cache): the last position's logits in float32, divided by
+(greedy and seeded sampling, stop strings, left padding; with a prefix cache, the same text as without): the last position's logits in float32, divided by
 the temperature, top-p as ``TopPLogitsWarper`` computes it (ascending sort, cumulative probability ≤ 1 − p
 removed, the top token always kept), softmax, one ``torch.multinomial`` draw from the default generator (argmax
 when greedy); a finished row is fed the pad token; a row finishes at an end id or a stop string.  A model whose
