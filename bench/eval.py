@@ -9,6 +9,11 @@ rows written for resume).  Greedy outputs are checked equal; the ratio is refere
 (≥ 1.0: accord is no slower than the plain loop).
 
     python bench/eval.py [--n 200] [--k 4] [--batch 64] [--repeats 5] [--model lab:verbose]
+    python bench/eval.py --device cuda --shape qwen3-0.6b --n 64 --k 1 --max-new-tokens 256 --repeats 2
+
+``--shape`` replaces the model by a randomly initialised one of that shape (``bench/engine.py``'s shapes; the lab
+tokenizer; nothing downloaded): it never writes EOS, so every row decodes ``--max-new-tokens`` tokens — a
+throughput test of the generation path on a GPU (bf16 there), not of verification.
 """
 
 from __future__ import annotations
@@ -22,22 +27,40 @@ from pathlib import Path
 import torch
 
 
-def setup(n: int, batch: int, spec: str):
+def setup(n: int, batch: int, spec: str, shape: str | None = None, device: str = "auto"):
     from accord.config import ProblemsConfig, TeacherConfig
     from accord.problems import load_problems
     from accord.teachers.base import load_generator
 
-    try:
-        from accord.models import resolve_model
+    if shape:
+        model = random_checkpoint(shape)
+    else:
+        try:
+            from accord.models import resolve_model
 
-        model = resolve_model(spec)
-    except Exception:
-        from accord.lab.micro import build_micro
+            model = resolve_model(spec)
+        except Exception:
+            from accord.lab.micro import build_micro
 
-        model = tempfile.mkdtemp()
-        build_micro(model, seed=0)
-    gen = load_generator(TeacherConfig(name="bench", model=model, batch_size=batch))
+            model = tempfile.mkdtemp()
+            build_micro(model, seed=0)
+    gen = load_generator(TeacherConfig(name="bench", model=model, batch_size=batch, device=device))
     return gen, load_problems(ProblemsConfig(path="lab:arith:test", limit=n))
+
+
+def random_checkpoint(shape: str) -> str:
+    """A checkpoint directory: ``bench/engine.py``'s random ``shape`` with the lab tokenizer's special ids."""
+    from engine import new_qwen3  # bench/engine.py (this script's directory is on sys.path)
+
+    from accord.lab.tokenizer import build_tokenizer
+
+    tok, model = build_tokenizer(), new_qwen3(shape, "cpu")
+    for c in (model.config, model.generation_config):
+        c.eos_token_id, c.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    path = tempfile.mkdtemp()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 def run_accord(gen, probs, args) -> tuple[float, dict]:
@@ -73,7 +96,8 @@ def run_reference(gen, probs, args) -> tuple[float, dict]:
         jobs = [(p, t) for p, t in zip(probs, texts) for _ in range(reps)]
         for s in range(0, len(jobs), args.batch):
             part = jobs[s:s + args.batch]
-            enc = tok([t for _, t in part], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok([t for _, t in part], return_tensors="pt", padding=True, add_special_tokens=False
+                      ).to(model.device)
             kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if mode == "greedy" else \
                 dict(do_sample=True, temperature=0.6, top_p=1.0, top_k=0)
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
@@ -92,8 +116,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--model", default="lab:verbose")
+    ap.add_argument("--shape", choices=["qwen3-tiny", "qwen3-0.6b"], help="a random model of this shape instead")
+    ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
     args = ap.parse_args()
-    gen, probs = setup(args.n, args.batch, args.model)
+    gen, probs = setup(args.n, args.batch, args.model, args.shape, args.device)
+    print(f"model: {args.shape or args.model} on {gen.device}, {next(gen.model.parameters()).dtype}")
     best_a = best_r = float("inf")
     for _ in range(args.repeats):
         ta, ga = run_accord(gen, probs, args)

@@ -1,0 +1,47 @@
+#!/bin/bash
+# accord on one CUDA GPU, with the project's own benches (issue 13): the tests with CUDA visible, the engine
+# against a plain autocast loop (and TRL when installed) at Qwen3-0.6B's shape, and generation through accord's
+# evaluation against plain `model.generate` — random weights, nothing downloaded.
+#
+#   here:   bash ../shared/gpu-check/prepare.sh      # wheels for what the GPU machine lacks → .gpu/whl
+#   there:  OUT=$OUT bash bench/gpu.sh                # from the repository root (device tool: carry .gpu)
+#
+# Every step has its own timeout and prints `STEP name rc=N seconds`; nothing stops the others. About 6 minutes
+# on an H200; the figures land in $OUT/summary.txt and $OUT/*.txt.
+set -x
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/accord-gpu}
+mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SUM=$OUT/summary.txt
+: > "$SUM"
+step() {  # step NAME TIMEOUT CMD...
+  local name=$1 t=$2; shift 2
+  local t0=$SECONDS
+  echo "===== STEP $name (timeout ${t}s) ====="
+  timeout -k 5 "$t" "$@" 2>&1 | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "STEP $name rc=$rc $((SECONDS - t0))s" | tee -a "$SUM"
+  return 0
+}
+
+nvidia-smi || true
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)'
+if [ -d "$ROOT/.gpu/whl" ] && [ -z "${SKIP_WHL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.gpu/whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$ROOT/src
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false ACCORD_HOME=${ACCORD_HOME:-/tmp/accord-home}
+cd "$ROOT"
+
+step imports 60 python3 -c 'import accord.cli, accord.train.engine, accord.teachers.sampling, math_verify, pydantic; print("ok")'
+step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
+step pytest-cuda-visible 180 python3 -m pytest -q -p no:cacheprovider --maxfail=10 -rfEs -m "not slow" \
+  tests/test_engine.py tests/test_merge.py tests/test_teacher_hf.py tests/test_pipeline.py tests/test_cord.py
+step bench-engine 200 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12
+step bench-eval 150 python3 bench/eval.py --device cuda --shape qwen3-0.6b --n 64 --batch 64 --k 1 \
+  --max-new-tokens 256 --repeats 2
+
+echo "===== SUMMARY ====="
+cat "$SUM"
+grep -h "ratio\|utilisation\|peak\|equal" "$OUT"/bench-*.txt 2>/dev/null
