@@ -448,3 +448,37 @@ def test_per_teacher_temperature_and_whole_trajectory_selection():
     ts = {"cold": T("cold", 0.5), "default": T("default", None)}
     _propose(ts, "q", [Beam()], CordSettings(temperature=0.6), 1, Timing(), 0)
     assert ts["cold"].params[0].temperature == 0.5 and ts["default"].params[0].temperature == 0.6
+
+
+def test_teachers_behind_servers_are_asked_at_once_with_the_same_result():
+    """``openai``-backend teachers propose from threads (a step waits for the slowest, not the sum); hf-backend
+    ones stay in this thread; the search's result is the same either way."""
+    import threading
+    import time as _time
+
+    class Served(Scripted):
+        def __init__(self, name, steps, backend):
+            super().__init__(name, steps)
+            self.cfg = type("C", (), {"backend": backend, "temperature": None})()
+            self.threads = set()
+
+        def generate(self, reqs, params):
+            self.threads.add(threading.get_ident())
+            _time.sleep(0.15)  # a server's latency
+            return super().generate(reqs, params)
+
+    def run(backend):
+        teachers = {n: Served(n, [f"{n}1", f"{n}2"], backend) for n in "abcd"}
+        t0 = _time.perf_counter()
+        best = beam_search(teachers, by_text({"c1": 2.0, "a2": 1.0}), "q", "x", CordSettings(beam=2, max_steps=3),
+                           Timing())
+        return best, _time.perf_counter() - t0, teachers
+
+    served, t_served, ts = run("openai")
+    local, t_local, tl = run("hf")
+    assert served.text == local.text and served.steps == local.steps
+    steps = len(served.steps)
+    assert t_served < 0.6 * t_local and t_local >= 4 * 0.15 * steps  # 4 teachers: the sum vs about the slowest
+    main = threading.get_ident()
+    assert all(t.threads == {main} for t in tl.values())
+    assert any(t.threads != {main} for t in ts.values())

@@ -47,11 +47,13 @@ class Backend:
     name: str
     impl: str | None  # "module:Class" of the generating backend; None: data only (imported columns)
     summary: str
+    remote: bool = False  # behind a server: calls from several threads at once are safe and seeded per request
 
 
 BACKENDS = {b.name: b for b in (
-    Backend("hf", "accord.teachers.hf:HFGenerator", "transformers generate() in this process"),
-    Backend("openai", "accord.teachers.openai:OpenAIGenerator", "any OpenAI-compatible server (vLLM, SGLang, APIs)"),
+    Backend("hf", "accord.teachers.hf:HFGenerator", "transformers models in this process (accord's decoding loop)"),
+    Backend("openai", "accord.teachers.openai:OpenAIGenerator", "any OpenAI-compatible server (vLLM, SGLang, APIs)",
+            remote=True),
     Backend("vllm", "accord.teachers.vllm:VLLMGenerator", "vLLM's offline engine in this process"),
     Backend("column", None, "an existing corpus column (s1K-style tables), verified like generations"),
 )}

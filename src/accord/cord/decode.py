@@ -19,6 +19,9 @@ seed mixes (seed, problem, teacher, beam, step), so beams and problems never
 share noise.  Curation is held to CoRD's budget: each roll-out reasons up to
 ``think_tokens`` (stopping at ``</think>``), is force-closed, and then writes its
 answer greedily in ``answer_tokens``, exactly as a CoRD trajectory is finished.
+Teachers behind a server (the ``openai`` backend) are asked at once, from threads
+(``each_teacher``): a step waits for the slowest, not for their sum; in-process
+teachers are asked one after another, and the results are the same either way.
 """
 
 from __future__ import annotations
@@ -78,30 +81,62 @@ class Timing:
     steps: list = field(default_factory=list)  # per decoding step: [generation s, scoring s, candidates]
 
 
+def each_teacher(teachers: dict, fn) -> list:
+    """``[fn(k, name, teacher) for the teachers in order]``.  Teachers behind a server (``Backend.remote``) are
+    called at once, from threads, so a step waits for the slowest of them rather than their sum; in-process
+    ones (hf, vllm) run one after another in this thread — they share this process's compute and the torch
+    generator their sampling is seeded on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from accord.registry import BACKENDS
+
+    jobs = list(enumerate(teachers.items()))
+    remote = [i for i, (_, t) in jobs
+              if getattr(BACKENDS.get(getattr(getattr(t, "cfg", None), "backend", None)), "remote", False)]
+    if len(remote) < 2:
+        return [fn(k, name, t) for k, (name, t) in jobs]
+    out: list = [None] * len(jobs)
+    with ThreadPoolExecutor(max_workers=len(remote)) as pool:
+        futures = {i: pool.submit(fn, jobs[i][0], *jobs[i][1]) for i in remote}
+        for i, (k, (name, t)) in enumerate(jobs):
+            if i not in futures:
+                out[i] = fn(k, name, t)
+        for i, f in futures.items():
+            out[i] = f.result()
+    return out
+
+
+def _temperature(teacher, cs: CordSettings) -> float:
+    """The teacher's own sampling temperature (the homogeneous-teacher setup), else CoRD's."""
+    t = getattr(getattr(teacher, "cfg", None), "temperature", None)
+    return cs.temperature if t is None else t
+
+
 def _propose(teachers: dict, prompt: str, beams: list[Beam], cs: CordSettings, step_no: int, timing: Timing,
              seed: int) -> list[tuple[int, str, str, object]]:
     """(beam index, teacher, step text, generation) for every successful proposal."""
-    out = []
     stops = tuple(stop_strings(cs.segmentation))
-    for k, (name, teacher) in enumerate(teachers.items()):
-        reqs, leads = [], []
-        temperature = getattr(getattr(teacher, "cfg", None), "temperature", None)
-        temperature = cs.temperature if temperature is None else temperature  # homogeneous setup: per teacher
-        for b in beams:
-            lead = step_lead(cs.segmentation, step_no, b.last_stop)
-            leads.append(lead)
-            reqs.append(Request(prompt, prefix=THINK_PREFIX + b.text + lead,
-                                seed=mix_seed(seed, prompt, k, beams.index(b), step_no)))
-        params = SamplingParams(temperature=temperature, top_p=cs.top_p, max_new_tokens=cs.step_tokens, stop=stops)
-        t0 = time.perf_counter()
+    leads = [step_lead(cs.segmentation, step_no, b.last_stop) for b in beams]
+
+    def ask(k, name, teacher):
+        reqs = [Request(prompt, prefix=THINK_PREFIX + b.text + lead, seed=mix_seed(seed, prompt, k, i, step_no))
+                for i, (b, lead) in enumerate(zip(beams, leads))]
+        params = SamplingParams(temperature=_temperature(teacher, cs), top_p=cs.top_p,
+                                max_new_tokens=cs.step_tokens, stop=stops)
         try:
-            gens = teacher.generate(reqs, params)
+            return teacher.generate(reqs, params), None
         except Exception as e:  # a teacher down mid-decoding: drop its proposals, go on
-            timing.failures[name] = timing.failures.get(name, 0) + len(reqs)
-            timing.failures.setdefault("_errors", []).append(f"{name}: {e}")
+            return None, e
+
+    t0 = time.perf_counter()
+    answers = each_teacher(teachers, ask)
+    timing.generation_s += time.perf_counter() - t0
+    out = []
+    for (name, _), (gens, err) in zip(teachers.items(), answers):
+        if err is not None:
+            timing.failures[name] = timing.failures.get(name, 0) + len(beams)
+            timing.failures.setdefault("_errors", []).append(f"{name}: {err}")
             continue
-        finally:
-            timing.generation_s += time.perf_counter() - t0
         for i, g in enumerate(gens):
             if g.failed:
                 timing.failures[name] = timing.failures.get(name, 0) + 1
@@ -183,34 +218,32 @@ def finish(teachers: dict, prompt: str, b: Beam, cs: CordSettings, timing: Timin
                       b.tokens + g.token_count)
 
 
-def _fail(timing: Timing, name: str) -> bool:
-    timing.failures[name] = timing.failures.get(name, 0) + 1
-    return True
-
-
 def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, timing: Timing,
            rollouts: int) -> tuple[Trajectory | None, list[Trajectory]]:
     """Curation (s1/LIMO): each teacher writes ``rollouts`` complete traces; the same score picks one."""
-    done: list[Trajectory] = []
-    for k, (name, teacher) in enumerate(teachers.items()):
+    def write(k, name, teacher):
         reqs = [Request(prompt, prefix=THINK_PREFIX, seed=mix_seed(cs.seed, prompt, k, r)) for r in range(rollouts)]
-        temperature = getattr(getattr(teacher, "cfg", None), "temperature", None)
-        t0 = time.perf_counter()
         try:  # the same budget as CoRD: think_tokens of reasoning, forced close, then the answer
-            gens = teacher.generate(reqs, SamplingParams(temperature=cs.temperature if temperature is None
-                                                         else temperature, top_p=cs.top_p,
+            gens = teacher.generate(reqs, SamplingParams(temperature=_temperature(teacher, cs), top_p=cs.top_p,
                                                          max_new_tokens=cs.think_tokens, stop=(THINK_CLOSE,)))
-            gens = [g for g in gens if not (g.failed and _fail(timing, name))]
+            failed = sum(g.failed for g in gens)
+            gens = [g for g in gens if not g.failed]
             thinks = [g.text.partition(THINK_CLOSE)[0] for g in gens]
             answers = teacher.generate([Request(prompt, prefix=THINK_PREFIX + t + THINK_CLOSE, seed=cs.seed)
                                         for t in thinks],
                                        SamplingParams(temperature=0.0, max_new_tokens=cs.answer_tokens)) if gens else []
         except Exception:
-            timing.failures[name] = timing.failures.get(name, 0) + rollouts
-            continue
-        finally:
-            timing.generation_s += time.perf_counter() - t0
-        for g, think, a in zip(gens, thinks, answers):
+            return None, rollouts
+        return list(zip(gens, thinks, answers)), failed
+
+    t0 = time.perf_counter()
+    written = each_teacher(teachers, write)
+    timing.generation_s += time.perf_counter() - t0
+    done: list[Trajectory] = []
+    for name, (traces, failed) in zip(teachers, written):
+        if failed:
+            timing.failures[name] = timing.failures.get(name, 0) + failed
+        for g, think, a in traces or []:
             ans = "" if a.failed else a.text
             hit = g.finish_reason == "length"  # the think budget ran out: force-closed, as in CoRD
             done.append(Trajectory(THINK_PREFIX + think + THINK_CLOSE + ans, THINK_PREFIX + think + THINK_CLOSE, ans,
@@ -284,9 +317,9 @@ def _rollout(teachers: dict, prompt: str, b: Beam, cs: CordSettings, timing: Tim
     name = b.steps[-1][0][0] if b.steps else next(iter(teachers))
     left = max(1, cs.think_tokens - b.tokens)
     t0 = time.perf_counter()
-    g = teachers[name].generate([Request(prompt, prefix=THINK_PREFIX + b.text, seed=mix_seed(cs.seed, prompt, len(b.steps)))],
-                                SamplingParams(temperature=cs.temperature, top_p=cs.top_p, max_new_tokens=left,
-                                               stop=(THINK_CLOSE,)))[0]
+    req = Request(prompt, prefix=THINK_PREFIX + b.text, seed=mix_seed(cs.seed, prompt, len(b.steps)))
+    g = teachers[name].generate([req], SamplingParams(temperature=_temperature(teachers[name], cs), top_p=cs.top_p,
+                                                      max_new_tokens=left, stop=(THINK_CLOSE,)))[0]
     timing.generation_s += time.perf_counter() - t0
     if g.failed:
         timing.failures[name] = timing.failures.get(name, 0) + 1
