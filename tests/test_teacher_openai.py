@@ -85,8 +85,9 @@ def test_collect_from_real_transformers_serve(tmp_path, served_parrot, monkeypat
 
 
 class Script:
-    def __init__(self, statuses):
-        self.statuses, self.calls, self.lock = list(statuses), 0, threading.Lock()
+    def __init__(self, statuses, delay: float = 0.0):
+        self.statuses, self.calls, self.lock, self.delay = list(statuses), 0, threading.Lock(), delay
+        self.spans: list[tuple[float, float]] = []  # (start, end) of every answered request
 
     def next(self):
         with self.lock:
@@ -101,6 +102,8 @@ def flaky_server(script: Script):
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            t0 = time.perf_counter()
+            time.sleep(script.delay)  # a server's latency
             status = script.next()
             if status == "empty":  # a 200 with no content at all
                 status, body["messages"][-1]["content"] = 200, ""
@@ -123,6 +126,8 @@ def flaky_server(script: Script):
             self.send_header("content-length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
+            with script.lock:
+                script.spans.append((t0, time.perf_counter()))
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -294,3 +299,41 @@ def test_two_transformers_serve_replicas_one_killed_mid_collection(tmp_path, par
     rows = sqlite3.connect(db_path).execute("select problem_id, sample_idx, verdict from traces").fetchall()
     assert len(rows) == 32 and len({(r[0], r[1]) for r in rows}) == 32
     assert all(r[2] == "correct" for r in rows)
+
+
+def test_teachers_behind_servers_are_collected_at_once(tmp_path):
+    """Two server teachers (a latency each, one request in flight per teacher): their requests overlap in time,
+    the stored rows equal a one-teacher-at-a-time collection's, and a teacher whose server is gone is reported
+    while the other's traces are kept."""
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": f"What is {i}+4?", "answer": "7"} for i in range(3)])
+    scripts = [Script([], delay=0.1), Script([], delay=0.1)]
+    servers = [flaky_server(sc) for sc in scripts]
+
+    def config(run, teachers):
+        cfg = {"run_dir": str(tmp_path / run), "problems": {"path": str(probs)}, "collect": {"samples": 2},
+               "teachers": [{"name": n, "backend": "openai", "model": "m", "base_url": u, "max_concurrency": 1,
+                             "max_retries": 0, "timeout": 5} for n, u in teachers]}
+        p = tmp_path / f"{run}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        return p
+
+    def rows(run):
+        db = sqlite3.connect(tmp_path / run / "traces.sqlite")
+        return sorted(db.execute("select teacher, problem_id, sample_idx, text, verdict from traces"))
+
+    try:
+        urls = [u for _, u in servers]
+        assert run_cli("collect", str(config("both", [("a", urls[0]), ("b", urls[1])])))[0] == 0
+        a, b = scripts[0].spans, scripts[1].spans
+        assert len(a) == len(b) == 6
+        assert max(s for s, _ in a) > min(s for s, _ in b) and max(s for s, _ in b) > min(s for s, _ in a)
+        for run, (n, u) in (("one-a", ("a", urls[0])), ("one-b", ("b", urls[1]))):
+            assert run_cli("collect", str(config(run, [(n, u)])))[0] == 0
+        assert rows("both") == sorted(rows("one-a") + rows("one-b"))
+        dead = f"http://127.0.0.1:{free_port()}/v1"
+        code, out = run_cli("collect", str(config("half", [("a", urls[0]), ("gone", dead)])))
+        assert code == 1 and "cannot reach" in out and "re-run to resume" in out
+        assert [r[0] for r in rows("half")] == ["a"] * 6
+    finally:
+        for srv, _ in servers:
+            srv.shutdown()

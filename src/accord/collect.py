@@ -21,7 +21,9 @@ requests' seeds (transformers has no per-row generator), so it reproduces the
 same batches exactly but a subset batched differently draws other noise; corpora do not train on the teacher's styled prompt (the student is
 asked with a simple instruction at test time, QR-Distill §2.1): the user turn is
 the ``default`` style prompt — the one evaluation uses — and the teacher's styled
-prompt is kept beside it.
+prompt is kept beside it.  Teachers behind servers (``backend: openai``) are collected
+at once, each from a thread of its own, while the main thread verifies and stores
+what comes back (:func:`sample_at_once`); in-process teachers one after another.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.errors import RunFailure
 from accord.problems import Problem, load_problems
 from accord.prompts import THINK_CLOSE, THINK_OPEN, normalize_thoughts, render_prompt, split_think, style_name
+from accord.registry import BACKENDS
 from accord.rows import CorpusRow, StoredTrace, TraceRow
 from accord.store import TraceStore
 from accord.teachers.base import (
@@ -111,18 +114,18 @@ def _chunks(items: list, size: int):
         yield items[i:i + size]
 
 
-def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore,
-                   console: Console) -> int:
-    """Generate every missing (problem, style, sample) for one teacher; return how many were generated."""
+def _plan(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore,
+          console: Console) -> tuple[list[tuple], str]:
+    """One teacher's missing (problem, style, sample) triples and its settings' JSON (stored with each row); says
+    when a collection resumes or stored rows were made with other settings."""
     c = cfg.collect
-    params = sampling_params(cfg)
     params_json = json.dumps({"temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
                               "stop": c.stop, "model": tcfg.model, "seed": c.seed}, sort_keys=True)
     done = store.done_keys(tcfg.name)
     todo = [(p, s, i) for s in c.styles for p in problems for i in range(c.samples)
             if (p.id, style_name(s), i) not in done]
     if not todo:
-        return 0
+        return [], params_json
     total = len(c.styles) * len(problems) * c.samples
     if total > len(todo):  # a resumed collection says so
         console.print(f"collect {tcfg.name}: {total - len(todo)} of {total} generations already stored, "
@@ -131,22 +134,105 @@ def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Proble
     if stale:
         console.print(f"[yellow]warning[/]: {stale} stored rows of teacher {tcfg.name!r} were generated with other "
                       f"settings; they are kept (use a new run_dir or --force to regenerate)")
+    return todo, params_json
+
+
+def _parts(cfg: AccordConfig, tcfg: TeacherConfig, todo: list[tuple]):
+    """The teacher's requests in chunks: ``(part, prompts, requests)`` (a chunk is one batch, or for a server
+    four times its concurrency)."""
+    c = cfg.collect
+    for part in _chunks(todo, tcfg.batch_size if tcfg.backend != "openai" else tcfg.max_concurrency * 4):
+        prompts = [render_prompt(s, p.question) for p, s, _ in part]
+        yield part, prompts, [Request(pr, seed=sample_seed(c.seed, tcfg.name, style_name(s), p.id, i))
+                              for pr, (p, s, i) in zip(prompts, part)]
+
+
+def _store(cfg, store: TraceStore, name: str, part, prompts, gens, params_json: str) -> None:
+    store.put_traces([make_row(cfg, name, style_name(s), p, i, pr, g, params_json)
+                      for pr, (p, s, i), g in zip(prompts, part, gens)])
+
+
+def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore,
+                   console: Console) -> int:
+    """Generate every missing (problem, style, sample) for one teacher; return how many were generated."""
+    todo, params_json = _plan(cfg, tcfg, problems, store, console)
+    if not todo:
+        return 0
+    params = sampling_params(cfg)
     teacher = load_generator(tcfg)
-    chunk = tcfg.batch_size if tcfg.backend != "openai" else tcfg.max_concurrency * 4
     try:
         with progress(console) as bar:
             task = bar.add_task(f"{tcfg.name}", total=len(todo))
-            for part in _chunks(todo, chunk):
-                prompts = [render_prompt(s, p.question) for p, s, _ in part]
-                reqs = [Request(pr, seed=sample_seed(c.seed, tcfg.name, style_name(s), p.id, i))
-                        for pr, (p, s, i) in zip(prompts, part)]
-                gens = teacher.generate(reqs, params)
-                store.put_traces([make_row(cfg, tcfg.name, style_name(s), p, i, pr, g, params_json)
-                                  for pr, (p, s, i), g in zip(prompts, part, gens)])
+            for part, prompts, reqs in _parts(cfg, tcfg, todo):
+                _store(cfg, store, tcfg.name, part, prompts, teacher.generate(reqs, params), params_json)
                 bar.advance(task, len(part))
     finally:
         teacher.close()
     return len(todo)
+
+
+def sample_at_once(cfg: AccordConfig, tcfgs: list[TeacherConfig], problems: list[Problem], store: TraceStore,
+                   console: Console) -> dict[str, int | TeacherUnavailable]:
+    """:func:`sample_teacher` for several teachers behind servers at once: each teacher's requests go out from a
+    thread of its own (each keeps its ``max_concurrency`` requests in flight), while this thread verifies and
+    stores what comes back — collection then takes as long as the slowest teacher, not the sum of all.
+    Returns, per teacher, how many were generated or the :class:`TeacherUnavailable` that stopped it (the
+    others go on).  Generators are created here first, so a configuration error stops before any request."""
+    import queue
+    import threading
+
+    plans = {t.name: (t, *_plan(cfg, t, problems, store, console)) for t in tcfgs}
+    plans = {n: v for n, v in plans.items() if v[1]}
+    out: dict[str, int | TeacherUnavailable] = {t.name: 0 for t in tcfgs}
+    if not plans:
+        return out
+    params = sampling_params(cfg)
+    teachers = {}
+    try:
+        for n, (t, _, _) in plans.items():
+            teachers[n] = load_generator(t)
+        results: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def ask(name: str) -> None:
+            t, todo, _ = plans[name]
+            try:
+                for part, prompts, reqs in _parts(cfg, t, todo):
+                    if stop.is_set():
+                        break
+                    results.put((name, part, prompts, teachers[name].generate(reqs, params)))
+            except BaseException as e:  # handed to the main thread, which decides
+                results.put((name, e, None, None))
+                return
+            results.put((name, None, None, None))
+
+        threads = [threading.Thread(target=ask, args=(n,), name=f"collect-{n}", daemon=True) for n in plans]
+        try:
+            with progress(console) as bar:
+                tasks = {n: bar.add_task(n, total=len(todo)) for n, (_, todo, _) in plans.items()}
+                for th in threads:
+                    th.start()
+                running = len(threads)
+                while running:
+                    name, part, prompts, gens = results.get()
+                    if gens is None:  # this teacher is done, or stopped
+                        running -= 1
+                        if isinstance(part, TeacherUnavailable):
+                            out[name] = part
+                        elif part is not None:
+                            raise part
+                        continue
+                    _store(cfg, store, name, part, prompts, gens, plans[name][2])
+                    out[name] += len(part)
+                    bar.advance(tasks[name], len(part))
+        finally:
+            stop.set()  # on an error here, the other teachers stop after their request in flight
+            for th in threads:
+                th.join()
+    finally:
+        for t in teachers.values():
+            t.close()
+    return out
 
 
 def import_column(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore) -> int:
@@ -378,9 +464,15 @@ def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
     store.put_problems(usable)
     result = CollectResult(run_dir, [])
     try:
+        served = [t for t in cfg.teachers if BACKENDS[t.backend].remote]
+        at_once = sample_at_once(cfg, served, usable, store, console) if len(served) > 1 else {}
         for t in cfg.teachers:
             try:
-                if t.backend == "column":
+                if t.name in at_once:
+                    if isinstance(at_once[t.name], TeacherUnavailable):
+                        raise at_once[t.name]
+                    result.generated += at_once[t.name]
+                elif t.backend == "column":
                     result.generated += import_column(cfg, t, usable, store)
                 else:
                     result.generated += sample_teacher(cfg, t, usable, store, console)
