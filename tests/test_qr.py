@@ -427,3 +427,29 @@ def np_finite(x: float) -> bool:
     import math
 
     return math.isfinite(x)
+
+
+def test_length_buckets_give_the_whole_batch_values_and_gradients(micro):
+    """Short and long paths of a question share a batch: ``split_pass`` cuts it into two length buckets (two
+    forwards) and returns what one padded forward gives — per-path CE, competence, pooled states, gradients."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accord.train.engine import split_by_length
+
+    model, tok = AutoModelForCausalLM.from_pretrained(micro), AutoTokenizer.from_pretrained(micro)
+    long = "<think>\n" + "Start 3 , add 4 : 7 .\n" * 8 + "</think>\n\n\\boxed{7}"
+    rows = [_row("Start at 3.", t, f"p{i}") | {"type": "a"} for i, t in enumerate(TRACES + [long, long])]
+    ex = qr._encode(rows, ["s"], {"s": tok}, 256, True)
+    batch = qr.collate_paths(["s"], [tok.pad_token_id], torch.zeros(len(rows), 1))(ex)
+    b, n = batch["per"]["s"], batch["n_units"]
+    assert len(split_by_length(b["attention_mask"].sum(1).tolist())) == 2  # really two buckets
+    runs = []
+    for fn in (lambda: qr.student_pass(model, b, n, True), lambda: qr.split_pass(model, b, n, None)):
+        model.zero_grad()
+        out = fn()
+        (out[0].sum() + (out[2] ** 2).mean()).backward()
+        runs.append((out, [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (c, gc) = runs
+    for x, y in zip(a, c):
+        assert torch.allclose(x.float(), y.float(), atol=1e-5)
+    assert all(torch.allclose(u, v, atol=1e-6, rtol=1e-4) for u, v in zip(ga, gc))

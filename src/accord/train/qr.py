@@ -105,6 +105,7 @@ from accord.train.engine import (
     model_inputs,
     output_states,
     repack,
+    split_by_length,
     token_nll,
     train,
     unpack,
@@ -299,13 +300,22 @@ def student_pass(model, b: dict, n_units: int, grad: bool, pad_id: int | None = 
     return total / n_tok, (total / b["chars"]).detach(), layer_norm(z), present
 
 
-def split_pass(model, b: dict, n_units: int, routed: torch.Tensor, pad_id: int | None = None) -> tuple:
-    """:func:`student_pass` with gradient on the paths routed to the student and without on the others
-    (``mutual_paths: routed``: an unrouted path's CE and states are only values — the router's signal and the
-    ensemble target — so their backward is never paid for)."""
-    B = routed.shape[0]
-    parts = [(idx, student_pass(model, _rows(b, idx), n_units, grad, pad_id))
-             for idx, grad in ((routed.nonzero()[:, 0], True), ((~routed).nonzero()[:, 0], False)) if len(idx)]
+def split_pass(model, b: dict, n_units: int, routed: torch.Tensor | None, pad_id: int | None = None,
+               grad: bool = True) -> tuple:
+    """:func:`student_pass` over parts of the batch, reassembled in row order.  ``routed`` given
+    (``mutual_paths: routed``): gradient on the paths routed to the student, none on the others (an unrouted
+    path's CE and states are only values — the router's signal and the ensemble target — so their backward is
+    never paid for); else every row with ``grad``.  Each part is cut into two length buckets when that fills
+    ≥ 10% fewer padded cells (``engine.split_by_length``: a question's paths, terse to verbose, share a batch)."""
+    B = b["attention_mask"].shape[0]
+    groups = ([(routed.nonzero()[:, 0], True), ((~routed).nonzero()[:, 0], False)] if routed is not None
+              else [(torch.arange(B), grad)])
+    lengths = b["attention_mask"].sum(1).tolist()
+    parts = [(idx[bucket], student_pass(model, _rows(b, idx[bucket]), n_units, g, pad_id))
+             for idx, g in groups if len(idx)
+             for bucket in map(torch.tensor, split_by_length([lengths[i] for i in idx.tolist()]))]
+    if len(parts) == 1 and len(parts[0][0]) == B and bool((parts[0][0] == torch.arange(B)).all()):
+        return parts[0][1]
     merged = []
     for i in range(4):
         first = parts[0][1][i]
@@ -341,9 +351,9 @@ def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None, pack: dict[
             alpha = torch.ones_like(logits)
         expected = torch.sigmoid(logits / tau)
         routed = q.mutual_paths == "routed" and q.route != "all"
-        out = [split_pass(models[n], b["per"][n], b["n_units"], alpha[:, k].detach() > 0.5, pack.get(n))
-               if routed and n not in frozen else
-               student_pass(models[n], b["per"][n], b["n_units"], n not in frozen, pack.get(n))
+        out = [split_pass(models[n], b["per"][n], b["n_units"],
+                          alpha[:, k].detach() > 0.5 if routed and n not in frozen else None, pack.get(n),
+                          grad=n not in frozen)
                for k, n in enumerate(names)]
         ce = torch.stack([o[0] for o in out], 1)  # [B, S]
         share = B / max(1, n_units)  # this micro-batch's share of the step's paths
