@@ -207,6 +207,7 @@ def sample_at_once(cfg: AccordConfig, tcfgs: list[TeacherConfig], problems: list
             results.put((name, None, None, None))
 
         threads = [threading.Thread(target=ask, args=(n,), name=f"collect-{n}", daemon=True) for n in plans]
+        interrupted = False
         try:
             with progress(console) as bar:
                 tasks = {n: bar.add_task(n, total=len(todo)) for n, (_, todo, _) in plans.items()}
@@ -225,9 +226,12 @@ def sample_at_once(cfg: AccordConfig, tcfgs: list[TeacherConfig], problems: list
                     _store(cfg, store, name, part, prompts, gens, plans[name][2])
                     out[name] += len(part)
                     bar.advance(tasks[name], len(part))
+        except KeyboardInterrupt:
+            interrupted = True  # leave at once: the threads are daemons, every stored row is kept
+            raise
         finally:
             stop.set()  # on an error here, the other teachers stop after their request in flight
-            for th in threads:
+            for th in threads if not interrupted else []:
                 th.join()
     finally:
         for t in teachers.values():
