@@ -90,19 +90,19 @@ def each_teacher(teachers: dict, fn) -> list:
 
     from accord.registry import BACKENDS
 
-    jobs = list(enumerate(teachers.items()))
-    remote = [i for i, (_, t) in jobs
+    jobs = list(enumerate(teachers.items()))  # (k, (name, teacher))
+    remote = [k for k, (_, t) in jobs
               if getattr(BACKENDS.get(getattr(getattr(t, "cfg", None), "backend", None)), "remote", False)]
     if len(remote) < 2:
         return [fn(k, name, t) for k, (name, t) in jobs]
     out: list = [None] * len(jobs)
     with ThreadPoolExecutor(max_workers=len(remote)) as pool:
-        futures = {i: pool.submit(fn, jobs[i][0], *jobs[i][1]) for i in remote}
-        for i, (k, (name, t)) in enumerate(jobs):
-            if i not in futures:
-                out[i] = fn(k, name, t)
-        for i, f in futures.items():
-            out[i] = f.result()
+        futures = {k: pool.submit(fn, k, *jobs[k][1]) for k in remote}
+        for k, (name, t) in jobs:
+            if k not in futures:
+                out[k] = fn(k, name, t)
+        for k, f in futures.items():
+            out[k] = f.result()
     return out
 
 
