@@ -138,14 +138,15 @@ def test_decoding_loop_equals_transformers_generate(teacher, temperature, top_p)
     texts = [render_chat(teacher.tok, q, "<think>\n") for q in ("Start at 3. Add 4.", "q", "a longer one: 5 * 3 + 2?")]
     enc = teacher.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     stop = teacher._stop_criteria(("\n", "3"))
-    for n in (1, 5, 30):
+    for n, every in ((1, 1), (5, 1), (30, 1), (30, 4), (30, 7)):  # every > 1: the accelerator's deferred check
         _seed(teacher.device, 11)
         ref = _generate_reference(teacher.model, enc, temperature, top_p, n, stop, teacher.tok.pad_token_id)
         _seed(teacher.device, 11)
         got, cache = decode(teacher.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=n,
                             temperature=temperature, top_p=top_p, end_ids=teacher._end_ids(),
-                            pad_id=teacher.tok.pad_token_id, stop=stop, cache_kw=teacher._cache_kw)
-        assert torch.equal(got, ref)
+                            pad_id=teacher.tok.pad_token_id, stop=stop, cache_kw=teacher._cache_kw,
+                            check_every=every)
+        assert torch.equal(got, ref), (n, every)
         assert cache.get_seq_length() == enc["input_ids"].shape[1] + got.shape[1] - 1  # all but the last token fed
 
 

@@ -62,13 +62,20 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            temperature: float, top_p: float, end_ids: set[int], pad_id: int, stop=None, cache=None,
-           cached: int = 0, cache_kw: str = "cache"):
+           cached: int = 0, cache_kw: str = "cache", check_every: int | None = None):
     """``(new_ids [B, n], cache)``: up to ``max_new_tokens`` tokens per row after the left-padded batch.
 
     ``cache`` may hold the states of the first ``cached`` columns (a prefix cache); the returned cache holds every
     column the model was fed (the prompt and all generated tokens but the last).  ``stop`` is a stopping criterion
-    called as ``stop(ids, None)`` → a bool per row (transformers' ``StopStringCriteria``)."""
+    called as ``stop(ids, None)`` → a bool per row (transformers' ``StopStringCriteria``).
+
+    Whether any row is still running is read back every ``check_every`` tokens (default: every token on a CPU,
+    every 8 on an accelerator, where reading it waits for the device and leaves it idle while the next step is
+    launched — ``generate`` defers the check there too); the steps decoded past the end are cut off again, and
+    the cache cropped, so the result is the same either way."""
     from transformers import DynamicCache
+
+    every = check_every or (1 if input_ids.device.type == "cpu" else 8)
 
     if cache is None:
         cache, cached = DynamicCache(config=model.config), 0
@@ -78,7 +85,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     live = torch.ones(b, dtype=torch.bool, device=input_ids.device)
     out = model(input_ids=input_ids[:, cached:], attention_mask=attention_mask, position_ids=pos[:, cached:],
                 use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-    seq, last, mask = input_ids, pos[:, -1:], attention_mask
+    seq, last, mask, running = input_ids, pos[:, -1:], attention_mask, []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].to(device=input_ids.device, dtype=torch.float32)  # a split model's head
         if temperature > 0:
@@ -91,10 +98,15 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         live &= ~torch.isin(nxt, ends)
         if stop is not None:
             live &= ~stop(seq, None)
-        if step == max_new_tokens - 1 or not bool(live.any()):
+        running.append(live.any())  # stays on the device until read
+        if step == max_new_tokens - 1 or ((step + 1) % every == 0 and not bool(running[-1])):
             break
         mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
         last = last + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, use_cache=True,
                     logits_to_keep=1, **{cache_kw: cache})
-    return seq[:, width:], cache
+    flags = torch.stack(running).tolist() if running else []
+    n = next((i + 1 for i, r in enumerate(flags) if not r), len(flags))  # the step after which no row ran
+    if n < len(flags) and hasattr(cache, "crop"):
+        cache.crop(n - len(flags))  # drop the states of the tokens fed past the end (a negative count: 4.x and 5.x)
+    return seq[:, width:width + n], cache
