@@ -7,12 +7,13 @@ and per teacher, hundreds of times per problem set, and evaluation and collectio
 a call is 20–30% faster (``bench/eval.py`` compares accord's evaluation with a plain ``generate`` loop).
 
 It does exactly what ``generate`` does for the settings accord uses, and is tested token for token against it
-(greedy and seeded sampling, stop strings, left padding; with a prefix cache, the same text as without): the last position's logits in float32, divided by
-the temperature, top-p as ``TopPLogitsWarper`` computes it (ascending sort, cumulative probability ≤ 1 − p
-removed, the top token always kept), softmax, one ``torch.multinomial`` draw from the default generator (argmax
-when greedy); a finished row is fed the pad token; a row finishes at an end id or a stop string.  A model whose
-generation config asks for more (a repetition penalty, a minimum length, banned words…) keeps ``generate``:
-``supports`` says which (the hf backend checks it once per model).
+(greedy and seeded sampling, stop strings, left padding, a deferred running check; with a prefix cache, the
+same text as without): the last position's logits in float32, divided by the temperature, top-p as
+``TopPLogitsWarper`` computes it (ascending sort, cumulative probability ≤ 1 − p removed, the top token always
+kept), softmax, one ``torch.multinomial`` draw from the default generator (argmax when greedy); a finished row
+is fed the pad token; a row finishes at an end id or a stop string.  A model whose generation config asks for
+more (a repetition penalty, a minimum length, banned words…) keeps ``generate``: ``supports`` says which (the hf
+backend checks it once per model).
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     from transformers import DynamicCache
 
     every = check_every or (1 if input_ids.device.type == "cpu" else 8)
-
     if cache is None:
         cache, cached = DynamicCache(config=model.config), 0
     b, width = input_ids.shape
