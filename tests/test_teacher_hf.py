@@ -184,6 +184,8 @@ def test_models_configured_beyond_the_loop_keep_generate(micro):
     a = t.generate(reqs, SamplingParams(temperature=0.0, max_new_tokens=8, logprobs=True))
     b = t.generate(reqs, SamplingParams(temperature=0.0, max_new_tokens=8, logprobs=True))  # from the prefix cache
     assert [g.text for g in a] == [g.text for g in b] and all(g.token_count <= 8 for g in a)
+    again = t.generate(reqs[:1], SamplingParams(temperature=0.0, max_new_tokens=8))  # a prompt long enough to cache
+    assert again[0].text == a[0].text and t._prefix.hits == 1  # generate's own cache was kept (``output_cache``)
     model.generation_config.repetition_penalty = 1.0
     assert HFGenerator(TeacherConfig(name="plain", model=str(micro)), model=model, tokenizer=t.tok)._fast
 
