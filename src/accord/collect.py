@@ -42,7 +42,6 @@ from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.errors import RunFailure
 from accord.problems import Problem, load_problems
 from accord.prompts import THINK_CLOSE, THINK_OPEN, normalize_thoughts, render_prompt, split_think, style_name
-from accord.registry import BACKENDS
 from accord.rows import CorpusRow, StoredTrace, TraceRow
 from accord.store import TraceStore
 from accord.teachers.base import (
@@ -51,6 +50,7 @@ from accord.teachers.base import (
     SamplingParams,
     TeacherUnavailable,
     load_generator,
+    served,
 )
 from accord.ui import progress
 from accord.verify import (
@@ -468,8 +468,8 @@ def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
     store.put_problems(usable)
     result = CollectResult(run_dir, [])
     try:
-        served = [t for t in cfg.teachers if BACKENDS[t.backend].remote]
-        at_once = sample_at_once(cfg, served, usable, store, console) if len(served) > 1 else {}
+        remote = [t for t in cfg.teachers if served(t)]
+        at_once = sample_at_once(cfg, remote, usable, store, console) if len(remote) > 1 else {}
         for t in cfg.teachers:
             try:
                 if t.name in at_once:

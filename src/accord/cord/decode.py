@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from accord.cord.segment import step_lead, stop_strings
 from accord.prompts import THINK_CLOSE, THINK_OPEN
-from accord.teachers.base import Request, SamplingParams
+from accord.teachers.base import Request, SamplingParams, served
 
 THINK_PREFIX = THINK_OPEN + "\n"  # what a CoRD trajectory starts with: the think tag and its newline
 
@@ -88,11 +88,8 @@ def each_teacher(teachers: dict, fn) -> list:
     generator their sampling is seeded on."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from accord.registry import BACKENDS
-
     jobs = list(enumerate(teachers.items()))  # (k, (name, teacher))
-    remote = [k for k, (_, t) in jobs
-              if getattr(BACKENDS.get(getattr(getattr(t, "cfg", None), "backend", None)), "remote", False)]
+    remote = [k for k, (_, t) in jobs if served(getattr(t, "cfg", None))]
     if len(remote) < 2:
         return [fn(k, name, t) for k, (name, t) in jobs]
     out: list = [None] * len(jobs)

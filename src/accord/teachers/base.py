@@ -93,6 +93,13 @@ def load_generator(cfg: "GeneratorConfig") -> Generator:
     return load(backend.impl)(cfg)
 
 
+def served(cfg) -> bool:
+    """Whether a generator config's backend is behind a server (``Backend.remote``): calls from several threads
+    at once are then safe and seeded per request (collection and CoRD ask such teachers at once)."""
+    backend = BACKENDS.get(getattr(cfg, "backend", None))
+    return bool(backend and backend.remote)
+
+
 def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
     """Cut ``text`` at the earliest stop string; return (text, stop or None)."""
     best, hit = len(text), None

@@ -82,6 +82,9 @@ class HFGenerator:
         self._stops: dict = {}
         self._cache_kw = cache_kwarg(model)
         self._fast = supports(model, self._cache_kw)  # accord's decoding loop, else transformers' generate
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        self._ends = {tokenizer.pad_token_id, tokenizer.eos_token_id,
+                      *([eos] if isinstance(eos, int) else list(eos or []))}
         mb = getattr(cfg, "prefix_cache_mb", 0)
         self._prefix = PrefixCache(mb * 2**20) if mb and getattr(self.tok, "padding_side", "left") == "left" else None
 
@@ -136,12 +139,12 @@ class HFGenerator:
         """``(new token ids, cache)`` for a left-padded batch: ``sampling.decode`` where it reproduces
         ``generate`` for this model (``self._fast``), else ``generate`` with the same settings."""
         stop = self._stop_criteria(tuple(params.stop)) if params.stop else None
-        sample = params.temperature > 0
         if self._fast:
             return decode(self.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=params.max_new_tokens,
                           temperature=params.temperature, top_p=params.top_p,
                           end_ids=self._end_ids(), pad_id=self.tok.pad_token_id, stop=stop, cache=cache,
                           cached=cols, cache_kw=self._cache_kw)
+        sample = params.temperature > 0
         kwargs = dict(do_sample=sample, max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id,
                       return_dict_in_generate=True, **({"stopping_criteria": stop} if stop else {}),
                       **({self._cache_kw: cache} if cache is not None else {}))
@@ -209,9 +212,8 @@ class HFGenerator:
         return gens
 
     def _end_ids(self) -> set[int]:
-        """Token ids that end a row: pad, the tokenizer's EOS and the generation config's."""
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        return {self.tok.pad_token_id, self.tok.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))}
+        """Token ids that end a row: pad, the tokenizer's EOS and the generation config's (read once)."""
+        return self._ends
 
     # -- scoring ------------------------------------------------------------------------------------
     @torch.inference_mode()
