@@ -21,19 +21,23 @@ import random
 import torch
 
 
-def setup(n_problems: int = 300):
+SHAPES = {"lab": (None, None), "small": (256, 4)}  # (student a's hidden size, layers); student b is 0.75 × as wide
+
+
+def setup(n_problems: int = 300, shape: str = "lab"):
     from accord.lab.recipe import PROFILES, STUDENT_B_RECIPE, _new_model, _new_qwen2, _trace_rows, lab_tokenizer, lab_tokenizer_b
     from accord.lab.tasks import generate
 
     p = PROFILES["full"]
+    d, layers = (SHAPES[shape][0] or p.d), (SHAPES[shape][1] or p.layers)
     toks = {"a": lab_tokenizer(), "b": lab_tokenizer_b()}
     probs = generate("arith", "train")[4000:4000 + n_problems]
     rows = []
     for st in ("terse", "verbose", "verify", "shifted"):
         for r, q in zip(_trace_rows(probs, st, random.Random(0)), probs):
             rows.append({**r, "problem_id": q["id"], "teacher": st, "type": st, "answer": q["answer"]})
-    new = {"a": lambda: _new_model(toks["a"], p.d, p.layers, seed=0),
-           "b": lambda: _new_qwen2(toks["b"], round(p.d * STUDENT_B_RECIPE["width"]), p.layers, seed=0)}
+    new = {"a": lambda: _new_model(toks["a"], d, layers, seed=0),
+           "b": lambda: _new_qwen2(toks["b"], round(d * STUDENT_B_RECIPE["width"]), layers, seed=0)}
     return toks, rows, new
 
 
@@ -81,10 +85,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mutual-paths", choices=["all", "routed"], default="all")
+    ap.add_argument("--shape", choices=list(SHAPES), default="lab",
+                    help="lab: the lab's students (d = 64 and 48, 2 layers); small: d = 256 and 192, 4 layers")
     ap.add_argument("--pack", action="store_true", help="pack each student's paths (one row per forward)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    toks, rows, new = setup()
+    toks, rows, new = setup(shape=args.shape)
     best_qr, best_ref, best_all, rates = float("inf"), float("inf"), float("inf"), {}
     for _ in range(args.repeats):
         t, rates = run_qr(toks, rows, new, args)

@@ -23,3 +23,21 @@ def test_architecture_page_is_linked_and_names_every_top_level_room():
     rooms += [p.name for p in (ROOT / "src" / "accord").iterdir() if p.is_dir() and not p.name.startswith("_")]
     missing = [r for r in rooms if r not in page]
     assert missing == [], missing
+
+
+def test_help_and_schema_name_every_training_method():
+    """``accord train --help``, the schema and the error for an unknown method all list the registry's methods
+    (they once stopped at ``mot`` after COMPACT and QR had landed)."""
+    import pytest
+
+    from accord.cli import build_parser
+    from accord.config import AccordConfig
+    from accord.registry import METHODS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    help_text = sub.choices["train"].description
+    schema = AccordConfig.model_json_schema()["$defs"]["TrainConfig"]["properties"]["method"]["description"]
+    with pytest.raises(ValueError) as err:
+        AccordConfig.model_validate({"train": {"method": "nope"}})
+    for name in METHODS:
+        assert name in help_text and name in schema and name in str(err.value), name

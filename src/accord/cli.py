@@ -51,6 +51,8 @@ def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from accord.registry import method_choices
+
     ap = argparse.ArgumentParser(prog="accord", description="Distil the reasoning of several teacher LLMs into one "
                                  "small student.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"accord {_version()}")
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=["full", "quick"], help="with no config: which lab config to run")
 
     p = sub.add_parser("train", help="train the student with every method in train.method",
-                       description="Train with train.method (std, std:<teacher>, mtd, posthoc, mot; a list runs "
+                       description=f"Train with train.method ({method_choices()}; a list runs "
                        "several). Reads <run_dir>/corpora; writes <run_dir>/train/<name>/ (HF checkpoints, "
                        "metrics.jsonl, result.json). A killed run resumes from its last checkpoint.")
     _add_config_args(p)

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from accord.errors import UsageError
-from accord.registry import BACKENDS, MERGE_METHODS, METHODS, SELECT_POLICIES, STEP_SCORERS
+from accord.registry import BACKENDS, MERGE_METHODS, METHODS, SELECT_POLICIES, STEP_SCORERS, method_choices
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -256,7 +256,7 @@ class ReplayConfig(_Strict):
 
 class TrainConfig(_Strict):
     method: str | list[str] = Field(
-        "mot", description="std (every teacher), std:<teacher>, mtd, posthoc, mot, compact; a list runs several and "
+        "mot", description=f"{method_choices()} (std alone: every teacher in turn); a list runs several and "
         "compares them")
     rounds: int = Field(3, ge=1, description="MoT rounds T; std/mtd train T×S steps with a checkpoint every S")
     steps_per_round: int = Field(50, ge=1, description="S: optimizer steps per branch per round (MoT §4.2)")
@@ -300,8 +300,7 @@ class TrainConfig(_Strict):
     def _method(cls, v: str | list[str]) -> str | list[str]:
         for m in [v] if isinstance(v, str) else v:
             if m.split(":", 1)[0] not in METHODS:
-                raise ValueError(f"unknown train method {m!r}; choose std, std:<teacher>, "
-                                 + ", ".join(r for r in METHODS if r != "std"))
+                raise ValueError(f"unknown train method {m!r}; choose {method_choices()}")
         return v
 
 

@@ -42,6 +42,11 @@ METHODS = {m.name: m for m in (
 )}
 
 
+def method_choices() -> str:
+    """The names ``train.method`` takes, for help texts and errors (``std:<teacher>`` after ``std``)."""
+    return ", ".join(n + (", std:<teacher>" if n == "std" else "") for n in METHODS)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
