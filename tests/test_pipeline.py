@@ -65,6 +65,8 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
     assert all((r["temperature"], r["top_p"], r["n"], r["k"]) == (0.6, 1.0, r["n"], 2) and r["n"] > 0 for r in rows)
     assert "top-p 1.0 (k = 2)" in (run / "report" / "index.html").read_text()
     assert "mot" in out and "branch-steps" in out  # the text table
+    assert "paired against mtd" in out and "target Δ vs mtd" in out  # and each method's paired difference
+    assert "<h3>Paired against mtd</h3>" in (run / "report" / "index.html").read_text()
     dom = chromium_dom(run / "report" / "index.html")
     assert "<table>" in dom and "std-seven" in dom and "<td>mot</td>" in dom
     assert (run / "report" / "curve-target.png").exists()
@@ -369,3 +371,65 @@ def test_eval_repeats_give_a_standard_deviation_over_runs(parrot7, problems_file
     assert again.pass1_runs == res.pass1_runs  # resumed from the rows, nothing regenerated
     gen.close()
     assert "runs)" in _fmt(_with_se(res.as_dict(), "pass1"))
+
+
+def _write_rows(run, key: str, split: str, verdicts: dict[tuple[str, int, str], bool]) -> dict:
+    path = run / "eval" / key / f"{split}.rows.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"problem_id": p, "sample": i, "mode": m, "output": "",
+                                        "verdict": "correct" if ok else "incorrect", "parsed": None}) + "\n"
+                            for (p, i, m), ok in verdicts.items()))
+    return {"key": key, "model": key.split("/")[0], "split": split, "final": True}
+
+
+def test_paired_differences_match_a_by_hand_reference(tmp_path):
+    """paired_table against the slow definition: per-problem pass@1 from the rows, differences on the shared
+    problems, their mean and sample-SD/√n, the 95% flag; greedy verdicts when no samples were drawn; a QR
+    student against its own base."""
+    import random
+    import statistics
+
+    from accord.analysis.report import Z95, paired_table
+
+    rng = random.Random(3)
+    pids = [f"p{i}" for i in range(40)]
+
+    def sampled(bias):
+        v = {(p, 0, "greedy"): rng.random() < bias for p in pids}
+        v.update({(p, i, "sample"): rng.random() < bias for p in pids for i in range(4)})
+        return v
+
+    v_mtd, v_mot = sampled(0.3), sampled(0.8)
+    del v_mot[("p0", 2, "sample")]  # a problem with fewer samples still averages its own
+    rows = [_write_rows(tmp_path, "mtd/step-8", "target", v_mtd), _write_rows(tmp_path, "mot/step-8", "target", v_mot)]
+    head, body = paired_table(tmp_path, rows, [], ["target"], "mtd")
+    assert head == ["model", "target Δ vs mtd", "target better / worse"]
+
+    def pass1(v, p):
+        xs = [ok for (q, _, m), ok in v.items() if q == p and m == "sample"]
+        return sum(xs) / len(xs)
+
+    d = [pass1(v_mot, p) - pass1(v_mtd, p) for p in pids]
+    (name, diff, counts), = body
+    assert name == "mot"
+    assert abs(diff.mean - statistics.mean(d)) < 1e-12
+    assert abs(diff.se - statistics.stdev(d) / len(d) ** 0.5) < 1e-12
+    assert diff.significant == (abs(statistics.mean(d)) > Z95 * statistics.stdev(d) / len(d) ** 0.5)
+    assert diff.significant  # 0.8 against 0.3 on 40 problems
+    assert counts == f"{sum(x > 0 for x in d)} / {sum(x < 0 for x in d)}"
+
+    # greedy only (eval.k = 0), problems not shared are left out, own bases for QR students
+    g_base = {(p, 0, "greedy"): i % 2 == 0 for i, p in enumerate(pids)}
+    g_qr = {(p, 0, "greedy"): True for p in pids[:30]}
+    rows = [_write_rows(tmp_path, "base-student-b", "ood", g_base), _write_rows(tmp_path, "qr-student-b/final", "ood", g_qr),
+            _write_rows(tmp_path, "base", "ood", {(p, 0, "greedy"): True for p in pids})]
+    _, body = paired_table(tmp_path, rows, [{"name": "qr-student-b", "student": "student-b"}], ["ood"], "base")
+    (name, diff, counts), = body
+    d = [1.0 - float(i % 2 == 0) for i in range(30)]
+    assert name == "qr-student-b" and abs(diff.mean - statistics.mean(d)) < 1e-12 and counts == "15 / 0"
+    assert paired_table(tmp_path, rows, [], ["ood"], "mtd")[1] == []  # no reference evaluated: no table
+    # the first QR student's own base is the run's base student ("base"), as in the method table
+    rows.append(_write_rows(tmp_path, "qr-student/final", "ood", g_base))
+    results = [{"name": "qr-student", "student": "student"}, {"name": "qr-student-b", "student": "student-b"}]
+    _, body = paired_table(tmp_path, rows, results, ["ood"], "base")
+    assert [(r[0], r[2]) for r in body] == [("qr-student", "0 / 20"), ("qr-student-b", "15 / 0")]

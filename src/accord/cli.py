@@ -51,7 +51,7 @@ def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from accord.registry import method_choices
+    from accord.registry import MERGE_METHODS, method_choices
 
     ap = argparse.ArgumentParser(prog="accord", description="Distil the reasoning of several teacher LLMs into one "
                                  "small student.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="also evaluate these checkpoints")
 
-    p = sub.add_parser("report", help="write <run_dir>/report/index.html from finished stages")
+    p = sub.add_parser("report", help="write <run_dir>/report/index.html from finished stages",
+                       description="The method table (pass@1 ± SE, paired differences against MTD and the base), "
+                       "accuracy over training, each method's own plots (MoT's rounds, COMPACT's weights, QR's "
+                       "routing, CoRD's steps) and the traces behind them, from whatever stages have finished: "
+                       "<run_dir>/report/index.html with PNG figures beside it.")
     _add_config_args(p)
 
     p = sub.add_parser("cord", help="CoRD: teachers write one trajectory together, step by step",
@@ -89,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = sub.add_parser("merge", help="merge HF checkpoints (mergekit conventions)",
-                       description="Merge models onto a base: average/linear, task_arithmetic, ties, dare_linear, "
-                       "dare_ties. Task vectors are model − base; weights and normalisation follow mergekit.")
-    p.add_argument("--method", default="average", help="merge method (default average)")
+                       description=f"Merge models onto a base: {', '.join(MERGE_METHODS)}. Task vectors are "
+                       "model − base; weights and normalisation follow mergekit. Safetensors in, safetensors out.")
+    p.add_argument("--method", default="average", choices=list(MERGE_METHODS), help="merge method (default average)")
     p.add_argument("--base", required=True, help="base checkpoint dir")
     p.add_argument("--models", nargs="+", required=True, help="checkpoint dirs to merge")
     p.add_argument("--out", required=True, help="output dir")
@@ -107,15 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="start afresh (the old store is kept as a backup)")
 
-    p = sub.add_parser("export", help="export the trace store to JSONL")
+    p = sub.add_parser("export", help="export the trace store to JSONL",
+                       description="Every stored generation (problem, teacher, style, sample, text, parsed answer, "
+                       "verdict, judge verdict, tokens, confidence, timing) as one JSON line each.")
     _add_config_args(p)
     p.add_argument("--out", help="output file (default <run_dir>/traces.jsonl)")
 
-    p = sub.add_parser("config", help="validate a config and print it resolved, or print the schema")
+    p = sub.add_parser("config", help="validate a config and print it resolved, or print the schema",
+                       description="With a config: check it (every problem at once, with its field path) and print "
+                       "it with defaults and overrides applied. --schema: every field with its meaning.")
     _add_config_args(p, optional=True)
     p.add_argument("--schema", action="store_true", help="print every config field with its description")
 
-    p = sub.add_parser("lab", help="the offline lab: build and inspect the teacher zoo and student")
+    p = sub.add_parser("lab", help="the offline lab: build and inspect the teacher zoo and student",
+                       description="Tiny HF-format teachers and a student the project trains itself, on tasks it "
+                       "generates, so every stage runs offline on a CPU through the same code path as real "
+                       "models (referenced in configs as lab:<model> and lab:<task>).")
     lab = p.add_subparsers(dest="lab_cmd", metavar="ACTION")
     b = lab.add_parser("build", help="train the lab models (cached under $ACCORD_HOME)")
     b.add_argument("--quick", action="store_true", help="small models for smoke runs")
@@ -131,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="the quick profile's models")
     s.add_argument("--profile", choices=["full", "quick", "micro"], help="which profile to show")
 
-    sub.add_parser("demo", help="the main job on the embedded lab (what `make demo` runs)")
+    sub.add_parser("demo", help="the main job on the embedded lab (what `make demo` runs)",
+                   description="Build the lab on first use, then collect, train every method, evaluate and "
+                   "report on it (configs/lab-quickstart.yaml; ACCORD_DEMO_PROFILE=quick: the smoke version), "
+                   "printing the method table. Finished stages are skipped on a re-run.")
     return ap
 
 

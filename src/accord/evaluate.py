@@ -82,6 +82,22 @@ def _done(path: Path | None, answers: dict | None = None) -> dict[tuple[str, int
     return out
 
 
+def problem_scores(rows_path: Path) -> dict[str, float]:
+    """Each problem's score in a finished evaluation's rows: pass@1 over its samples (every repeat), or its greedy
+    verdict when no sample was drawn (``eval.k: 0``) — the per-problem values :func:`mean_se` averages."""
+    done = _done(Path(rows_path))
+    samples: dict[str, list[bool]] = {}
+    greedy: dict[str, bool] = {}
+    for (pid, _, mode), ok in done.items():
+        if mode == "sample":
+            samples.setdefault(pid, []).append(ok)
+        else:
+            greedy[pid] = ok
+    if samples:
+        return {pid: sum(v) / len(v) for pid, v in samples.items()}
+    return {pid: float(ok) for pid, ok in greedy.items()}
+
+
 def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
     """maj@k for one problem: the most frequent parsed answer among the samples (ties: the one seen first;
     unparsed samples do not vote) is right iff a sample giving it was judged right."""

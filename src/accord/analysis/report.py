@@ -5,6 +5,8 @@
   with ``train.select=validation`` a method's row is its validation-selected
   checkpoint, labelled so, with its last checkpoint on the next row;
 - the compute of each method in branch-steps (MoT Table 5);
+- paired differences against MTD and the base student (:func:`paired_table`: per-problem pass@1 differences on
+  the shared problems, ± their SE, the 95% flag), read from the evaluation's per-sample rows;
 - per-round / per-checkpoint curves (MoT Table 22, Fig. 3) as a PNG;
 - MoT's per-teacher branch losses across rounds (MoT Fig. 3/4) as a PNG;
 - the teachers' collection table (MoT Table 21) and one sample output per model.
@@ -19,6 +21,9 @@ import html
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
+
+from accord.evaluate import mean_se, problem_scores
 
 ORDER = ("base", "std", "mtd", "posthoc", "mot", "compact", "qr")
 
@@ -63,6 +68,56 @@ def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) 
     return head, body
 
 
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+class Diff(NamedTuple):
+    """A paired difference: mean over problems, its standard error, whether the 95% interval excludes 0."""
+    mean: float
+    se: float
+    significant: bool
+
+
+def paired_table(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str], ref: str
+                 ) -> tuple[list[str], list[list]]:
+    """Each final model against ``ref`` (``"mtd"``, or ``"base"`` — a QR student against its own base) on the
+    *same* problems: the mean over problems of the per-problem difference in pass@1 (greedy when no samples
+    were drawn), its standard error over problems, and whether the 95% normal interval excludes 0; on the
+    first split also the problems where the model is better / worse.  Paired, because two models' errors on
+    one problem set are correlated: the per-row ± of the method table overstate the uncertainty of a
+    difference (Miller 2024, "Adding Error Bars to Evals", §4).  Empty when ``ref`` was not evaluated."""
+    finals = final_rows(eval_rows)
+    own_base = {r["name"]: f"base-{r['student']}" for r in results if r.get("student")}
+    head = ["model"] + [h for i, s in enumerate(splits)
+                        for h in [f"{s} Δ vs {ref}"] + ([f"{s} better / worse"] if i == 0 else [])]
+    body = []
+    for name in sorted(finals, key=_order_key):
+        other = own_base[name] if ref == "base" and own_base.get(name) in finals else ref  # as method_table
+        if name.startswith("base") or name == ref or other not in finals:
+            continue
+        row: list = [name]
+        for i, s in enumerate(splits):
+            a, b = (_scores(run_dir, finals[n].get(s)) for n in (name, other))
+            common = sorted(set(a) & set(b))
+            d = [a[p] - b[p] for p in common]
+            m, se = mean_se(d)
+            row.append(None if m is None else Diff(m, se or 0.0, bool(se) and abs(m) > Z95 * se))
+            if i == 0:
+                row.append(f"{sum(x > 0 for x in d)} / {sum(x < 0 for x in d)}" if d else None)
+        body.append(row)
+    return head, body
+
+
+def _scores(run_dir: Path, metrics: dict | None) -> dict[str, float]:
+    path = _rows_file(run_dir, metrics["key"], metrics["split"]) if metrics else None
+    return problem_scores(path) if path is not None and path.exists() else {}
+
+
+def _rows_file(run_dir: Path, key: str, split: str) -> Path:
+    """Where the evaluation keeps one model's rows on one split (one line per generation)."""
+    return run_dir / "eval" / key / f"{split}.rows.jsonl"
+
+
 def _last_rows(eval_rows: list[dict], results: list[dict]) -> dict[str, dict[str, dict]]:
     """model → split → metrics of each result's *last* checkpoint, where validation picked another one."""
     last = {r["name"]: r["last"] for r in results if r.get("last") and r["last"] != r["final"]}
@@ -92,6 +147,8 @@ def text_table(head: list[str], body: list[list]) -> str:
 def _fmt(c) -> str:
     if c is None:
         return "–"
+    if isinstance(c, Diff):
+        return f"{c.mean:+.3f} ± {c.se:.3f}" + (" *" if c.significant else "")
     if isinstance(c, tuple):
         return f"{c[0]:.3f} ± {c[1]:.3f}" + (f" (sd {c[2]:.3f}, {c[3]} runs)" if len(c) > 2 else "")
     if isinstance(c, float):
@@ -232,7 +289,7 @@ def _samples(run_dir: Path, eval_rows: list[dict]) -> str:
     for r in eval_rows:
         if not r.get("final") or r["split"] != "target":
             continue
-        rows_file = run_dir / "eval" / r["key"] / "target.rows.jsonl"
+        rows_file = _rows_file(run_dir, r["key"], "target")
         if not rows_file.exists():
             continue
         first = rows_file.read_text(encoding="utf-8").splitlines()[:1]
@@ -271,6 +328,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             "base student (forgetting is negative); branch-steps = optimizer steps summed over branches "
             "(MoT Table 5). Bold: best in column.</p>",
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
+    page += _paired_section(run_dir, eval_rows, results, splits)
     if not results:
         page.append("<p><b>Only the base student is here</b>: no trained model was found in "
                     f"<code>{html.escape(str(run_dir / 'train'))}</code>. Run <code>accord train CONFIG</code> "
@@ -295,6 +353,25 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     (out / "index.html").write_text("\n".join(page), encoding="utf-8")
     (out / "table.txt").write_text(text_table(head, body) + "\n")
     return out / "index.html"
+
+
+PAIRED_NOTE = ("mean over the same problems of (model − reference) per-problem pass@1, ± its standard error; "
+               "* = the 95% interval excludes 0")
+
+
+def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:
+    parts = []
+    for ref in ("mtd", "base"):
+        head, body = paired_table(run_dir, eval_rows, results, splits, ref)
+        if body:
+            parts += [f"<h3>Paired against {ref}</h3>", _html_table(head, body)]
+    if not parts:
+        return []
+    return ["<h2>Paired differences</h2>",
+            f"<p>{PAIRED_NOTE}; better / worse = problems where the model's pass@1 is higher / lower. A difference "
+            "between two rows of the table above is read here: the problems are shared, so their errors are "
+            "correlated and the rows' own ± overstate its uncertainty. Against base, a QR student is compared "
+            "with its own base student.</p>"] + parts
 
 
 def _collect_table(run_dir: Path) -> str:
