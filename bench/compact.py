@@ -2,16 +2,17 @@
 
 Same model (the lab student's shape, fresh weights), the same four lab styles
 as four teachers on the same problems (so every problem has K′ = 4), the same
-batch size in traces, the engine's defaults (packing included).  Step time is
-the steady state read from the engine's own step log: (elapsed at the last step −
-elapsed at step 5) / (steps − 5), so start-up and teardown (the packing probe,
-accelerate's memory release) are not counted; best of ``--repeats``,
-interleaved.  Memory is the peak of the autograd
-graph's saved tensors in one step, measured with ``torch.autograd.graph.
+batch size in traces, the engine's defaults (packing included).  Each run trains two epochs over the
+1,600 traces (4 teachers × 400 problems, 100 steps of 16 per epoch) and step time is read from the engine's
+own step log over the *second epoch*: (elapsed at its last step − elapsed at the first epoch's last step) /
+its steps.  So start-up (the packing probe) and teardown are not counted, and both methods are timed on
+exactly the same traces — only their grouping into steps differs (a timing window of a few dozen random
+steps drew ±5% more or fewer tokens for one method than the other).  Best of ``--repeats``, interleaved.
+Memory is the peak of the autograd graph's saved tensors in one step, measured with ``torch.autograd.graph.
 saved_tensors_hooks`` (CPU has no allocator high-water mark) plus the scores'
 extra tensors.
 
-    python bench/compact.py [--steps 60] [--batch 16] [--repeats 3] [--shape lab|small]
+    python bench/compact.py [--epochs 2] [--batch 16] [--repeats 3] [--shape lab|small]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def run_mtd(tok, rows, new_model, args) -> float:
     log = []
     train(model, tok, flat, TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0),
           examples=ex, log=log.append)
-    return steady(log)
+    return steady(log, args.epoch_steps)
 
 
 def run_compact(tok, rows, new_model, args) -> float:
@@ -65,7 +66,7 @@ def run_compact(tok, rows, new_model, args) -> float:
     train(model, tok, [], TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0),
           examples=ex, batcher=grouped_batches, loss_fn=make_loss_fn(CompactConfig(epsilon=1.0)),
           units_fn=count_problems, log=log.append)
-    return steady(log)
+    return steady(log, args.epoch_steps)
 
 
 def run_grouped_sft(tok, rows, new_model, args) -> float:
@@ -80,12 +81,13 @@ def run_grouped_sft(tok, rows, new_model, args) -> float:
     log = []
     train(model, tok, [], TrainArgs(steps=args.steps, batch_size=args.batch, lr=1e-3, max_len=256, seed=0),
           examples=ex, batcher=grouped_batches, log=log.append)
-    return steady(log)
+    return steady(log, args.epoch_steps)
 
 
-def steady(log: list[dict], skip: int = 5) -> float:
-    """Seconds per optimizer step after the first ``skip`` steps, from the engine's step events."""
-    return (log[-1]["elapsed_s"] - log[skip - 1]["elapsed_s"]) / (len(log) - skip)
+def steady(log: list[dict], window: int) -> float:
+    """Seconds per optimizer step over the last ``window`` steps (one epoch: every method's timed window then
+    holds the same traces), from the engine's step events."""
+    return (log[-1]["elapsed_s"] - log[-window - 1]["elapsed_s"]) / window
 
 
 def saved_bytes(tok, rows, new_model, args, compact: bool) -> int:
@@ -116,7 +118,7 @@ def saved_bytes(tok, rows, new_model, args, compact: bool) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per run (≥ 2); the last one is timed")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shape", choices=list(SHAPES), default="lab",
@@ -124,13 +126,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     tok, rows, new_model = setup(shape=args.shape)
+    n = sum(len(r) for r in rows.values())
+    if n % args.batch or args.batch % 4:
+        raise SystemExit(f"--batch must divide the {n} traces and hold whole problems (a multiple of 4)")
+    args.epoch_steps = n // args.batch
+    args.steps = max(2, args.epochs) * args.epoch_steps
     t_mtd, t_cmp, t_grp = [], [], []
     for _ in range(args.repeats):
         t_mtd.append(run_mtd(tok, rows, new_model, args))
         t_cmp.append(run_compact(tok, rows, new_model, args))
         t_grp.append(run_grouped_sft(tok, rows, new_model, args))
     print(f"shape {args.shape}: mtd {1e3 * min(t_mtd):.1f} ms/step, compact {1e3 * min(t_cmp):.1f} ms/step "
-          f"({args.steps} steps of {args.batch} traces, steady state); plain SFT on COMPACT's problem-grouped "
+          f"(the last of {args.steps // args.epoch_steps} epochs of {args.epoch_steps} steps of {args.batch} traces); plain SFT on COMPACT's problem-grouped "
           f"batches {1e3 * min(t_grp):.1f} ms/step")
     print(f"compact/mtd step-time ratio: {min(t_cmp) / min(t_mtd):.2f}  (goal ≤ 1.15)")
     print(f"  of which the grouped layout: grouped-SFT/mtd {min(t_grp) / min(t_mtd):.2f}, "
