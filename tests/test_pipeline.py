@@ -433,3 +433,16 @@ def test_paired_differences_match_a_by_hand_reference(tmp_path):
     results = [{"name": "qr-student", "student": "student"}, {"name": "qr-student-b", "student": "student-b"}]
     _, body = paired_table(tmp_path, rows, results, ["ood"], "base")
     assert [(r[0], r[2]) for r in body] == [("qr-student", "0 / 20"), ("qr-student-b", "15 / 0")]
+
+
+def test_report_cells_read_as_what_they_are():
+    """Rates to three decimals, counts and scores to one (no sign on a token count); a paired difference signed,
+    with its mark, and coloured in HTML only when its 95% interval excludes 0; wide tables scroll."""
+    from accord.analysis.report import Diff, _fmt, _html_table
+
+    assert (_fmt(0.5), _fmt(-0.849), _fmt(37.529), _fmt(None)) == ("0.500", "-0.849", "37.5", "–")
+    up, flat, down = Diff(0.05, 0.01, True), Diff(0.02, 0.015, False), Diff(-0.09, 0.02, True)
+    assert (_fmt(up), _fmt(flat), _fmt(down)) == ("+0.050 ± 0.010 *", "+0.020 ± 0.015", "-0.090 ± 0.020 *")
+    page = _html_table(["model", "Δ"], [["a", up], ["b", flat], ["c", down]])
+    assert '<td class="up">+0.050' in page and "<td>+0.020" in page and '<td class="down">-0.090' in page
+    assert page.startswith("<div class='scroll'><table>") and page.endswith("</table></div>")

@@ -151,8 +151,8 @@ def _fmt(c) -> str:
         return f"{c.mean:+.3f} ± {c.se:.3f}" + (" *" if c.significant else "")
     if isinstance(c, tuple):
         return f"{c[0]:.3f} ± {c[1]:.3f}" + (f" (sd {c[2]:.3f}, {c[3]} runs)" if len(c) > 2 else "")
-    if isinstance(c, float):
-        return f"{c:+.3f}" if c < 0 or c > 1 else f"{c:.3f}"
+    if isinstance(c, float):  # rates and changes to three decimals; counts and scores (tokens, S_MI) to one
+        return f"{c:.1f}" if abs(c) >= 10 else f"{c:.3f}"
     return str(c)
 
 
@@ -233,9 +233,10 @@ def _plot_smoothed(series: dict[str, list[tuple[int, float]]], path: Path, xlabe
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for name, pts in series.items():
         ys = [p[1] for p in pts]
-        w = max(1, len(ys) // 40)
-        ys = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-        ax.plot([p[0] for p in pts], ys, lw=1.3, label=name)
+        w = max(1, len(ys) // 40)  # a full window only: a first step alone (a batch of short replay rows
+        # can have a loss 10⁴ below its neighbours') would otherwise set a log axis' range
+        ys = [sum(ys[i - w + 1:i + 1]) / w for i in range(w - 1, len(ys))]
+        ax.plot([p[0] for p in pts[w - 1:]], ys, lw=1.3, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:
@@ -258,8 +259,9 @@ def compact_scores(metrics: Path) -> tuple[list[str], list[list]]:
                 sums.setdefault(tuple(k.split("/", 1)), []).append(v)
     teachers = sorted({t for _, t in sums})
     cols = ("alpha", "s_mi", "s_cons", "s_ppl")
-    body = [[t] + [(sum(sums[(c, t)]) / len(sums[(c, t)])) if (c, t) in sums else None for c in cols]
-            for t in teachers]
+    body = [[t] + [(sum(sums[(c, t)]) / len(sums[(c, t)])) if (c, t) in sums and t != "replay" else None
+                   for c in cols]
+            for t in teachers]  # replay rows are groups of one (α = 1, scores unused): "–"
     return ["teacher", "mean α", "mean S_MI", "mean S_cons", "mean S_PPL"], body
 
 
@@ -274,14 +276,16 @@ def _html_table(head: list[str], body: list[list], best_cols: set[int] = frozens
         return c[0] if isinstance(c, tuple) else c
 
     best = {i: max((val(r[i]) for r in body if isinstance(val(r[i]), float)), default=None) for i in best_cols}
-    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    out = ["<div class='scroll'><table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in body:
         tds = []
         for i, c in enumerate(r):
-            cls = ' class="best"' if i in best and c is not None and val(c) == best[i] else ""
-            tds.append(f"<td{cls}>{html.escape(_fmt(c))}</td>")
+            cls = ("best" if i in best and c is not None and val(c) == best[i] else
+                   ("up" if c.mean > 0 else "down") if isinstance(c, Diff) and c.significant else "")
+            attr = f' class="{cls}"' if cls else ""
+            tds.append(f"<td{attr}>{html.escape(_fmt(c))}</td>")
         out.append("<tr>" + "".join(tds) + "</tr>")
-    return "\n".join(out + ["</tbody></table>"])
+    return "\n".join(out + ["</tbody></table></div>"])
 
 
 def _samples(run_dir: Path, eval_rows: list[dict]) -> str:
@@ -300,9 +304,10 @@ def _samples(run_dir: Path, eval_rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
-CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:right}
-th:first-child,td:first-child{text-align:left}td.best{font-weight:700;background:#eef7ee}
+th:first-child,td:first-child{text-align:left}td{white-space:nowrap}td.best{font-weight:700;background:#eef7ee}
+td.up{background:#e3f4e3}td.down{background:#fbe4e4}.scroll{overflow-x:auto}
 pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap;max-height:14em;overflow:auto}small{color:#777}"""
 
 
