@@ -446,3 +446,18 @@ def test_report_cells_read_as_what_they_are():
     page = _html_table(["model", "Δ"], [["a", up], ["b", flat], ["c", down]])
     assert '<td class="up">+0.050' in page and "<td>+0.020" in page and '<td class="down">-0.090' in page
     assert page.startswith("<div class='scroll'><table>") and page.endswith("</table></div>")
+
+
+def test_curves_start_at_each_models_own_base():
+    from accord.analysis.report import curve_series
+
+    rows = [{"model": "base", "split": "target", "steps": 0, "pass1": 0.09},
+            {"model": "base-student-b", "split": "target", "steps": 0, "pass1": 0.14},
+            {"model": "mtd", "split": "target", "steps": 200, "pass1": 0.2},
+            {"model": "mtd", "split": "target", "steps": 100, "pass1": 0.1},
+            {"model": "qr-student-b", "split": "target", "steps": 100, "pass1": 0.12},
+            {"model": "qr-student", "split": "target", "steps": 100, "pass1": 0.13}]
+    results = [{"name": "qr-student", "student": "student"}, {"name": "qr-student-b", "student": "student-b"}]
+    s = curve_series(rows, "target", results)
+    assert s == {"mtd": [(0, 0.09), (100, 0.1), (200, 0.2)], "qr-student-b": [(0, 0.14), (100, 0.12)],
+                 "qr-student": [(0, 0.09), (100, 0.13)]}

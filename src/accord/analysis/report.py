@@ -42,6 +42,14 @@ def _order_key(name: str) -> tuple:
     return (ORDER.index(head) if head in ORDER else len(ORDER), name)
 
 
+def base_of(name: str, results: list[dict], known) -> str:
+    """The base model a trained model is compared with: its own student's base for a QR student
+    (``base-<student>``) when that was evaluated, else the run's base student."""
+    student = next((r.get("student") for r in results if r["name"] == name), None)
+    own = f"base-{student}" if student else None
+    return own if own in known else "base"
+
+
 def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) -> tuple[list[str], list[list]]:
     finals = final_rows(eval_rows)
     compute = {r["name"]: r.get("branch_steps") for r in results}
@@ -50,8 +58,6 @@ def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) 
     label = {r["name"]: f"{r['name']} (validation-selected)" for r in results
              if r.get("last") and r["last"] != r["final"]}
     lasts = _last_rows(eval_rows, results)
-    own_base = {r["name"]: f"base-{r['student']}" for r in results if r.get("student")}
-    own_base.update({b: b for b in own_base.values()})
     body = []
     for name in sorted(finals, key=_order_key):
         shown = [(label.get(name, name), finals[name])] + ([(f"{name} (last)", lasts[name])] if name in lasts else [])
@@ -60,7 +66,7 @@ def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) 
             for s in splits:
                 m = metrics.get(s, {})
                 row += [_with_se(m, "pass1"), _with_se(m, "greedy")]
-            ref = finals.get(own_base.get(name, ""), base)  # a QR student is compared with its own base
+            ref = finals.get(name if name.startswith("base") else base_of(name, results, finals), base)
             g, g0 = metrics.get("general", {}).get("pass1"), ref.get("general", {}).get("pass1")
             row.append(None if g is None or g0 is None else g - g0)
             row.append(compute.get(name, 0 if name.startswith("base") else None))
@@ -87,12 +93,11 @@ def paired_table(run_dir: Path, eval_rows: list[dict], results: list[dict], spli
     one problem set are correlated: the per-row ± of the method table overstate the uncertainty of a
     difference (Miller 2024, "Adding Error Bars to Evals", §4).  Empty when ``ref`` was not evaluated."""
     finals = final_rows(eval_rows)
-    own_base = {r["name"]: f"base-{r['student']}" for r in results if r.get("student")}
     head = ["model"] + [h for i, s in enumerate(splits)
                         for h in [f"{s} Δ vs {ref}"] + ([f"{s} better / worse"] if i == 0 else [])]
     body = []
     for name in sorted(finals, key=_order_key):
-        other = own_base[name] if ref == "base" and own_base.get(name) in finals else ref  # as method_table
+        other = base_of(name, results, finals) if ref == "base" else ref
         if name.startswith("base") or name == ref or other not in finals:
             continue
         row: list = [name]
@@ -156,28 +161,36 @@ def _fmt(c) -> str:
     return str(c)
 
 
-def plot_curves(eval_rows: list[dict], split: str, path: Path) -> Path | None:
+def curve_series(eval_rows: list[dict], split: str, results: list[dict] = ()) -> dict[str, list[tuple[int, float]]]:
+    """model → [(steps, pass@1 on ``split``)] at every evaluated checkpoint, starting from its own base at step 0
+    (:func:`base_of`: a QR student's curve starts at its own base student)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    bases: dict[str, float] = {}
+    for r in eval_rows:
+        if r["split"] != split or r.get("pass1") is None:
+            continue
+        if r["model"].startswith("base"):
+            bases[r["model"]] = r["pass1"]
+        elif r.get("steps") is not None:
+            series.setdefault(r["model"], []).append((r["steps"], r["pass1"]))
+    for name, pts in series.items():
+        b = bases.get(base_of(name, results, bases))
+        series[name] = ([(0, b)] if b is not None else []) + sorted(pts)
+    return series
+
+
+def plot_curves(eval_rows: list[dict], split: str, path: Path, results: list[dict] = ()) -> Path | None:
+    series = curve_series(eval_rows, split, results)
+    if not series:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    base = None
-    for r in eval_rows:
-        if r["split"] != split or r.get("pass1") is None:
-            continue
-        if r["model"] == "base":
-            base = r["pass1"]
-        elif r.get("steps") is not None and not r["model"].startswith("base"):
-            series.setdefault(r["model"], []).append((r["steps"], r["pass1"]))
-    if not series:
-        return None
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
     for name in sorted(series, key=_order_key):
-        pts = sorted(series[name])
-        if base is not None:
-            pts = [(0, base)] + pts
+        pts = series[name]
         style = dict(lw=2.4, marker="o") if name == "mot" else dict(lw=1.2, marker=".", alpha=0.85)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
     ax.set_xlabel("optimizer steps per branch (MoT: rounds × S)")
@@ -319,7 +332,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     head, body = method_table(eval_rows, results, splits)
     pass_cols = {1 + 2 * i for i in range(len(splits))}
     curve_splits = cfg.eval.curve_splits or splits  # other splits are only measured on final models
-    curves = [s for s in splits if s in curve_splits and plot_curves(eval_rows, s, out / f"curve-{s}.png")]
+    curves = [s for s in splits if s in curve_splits and plot_curves(eval_rows, s, out / f"curve-{s}.png", results)]
     collect = _collect_table(run_dir)
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>accord report — {html.escape(run_dir.name)}"
             f"</title><style>{CSS}</style></head><body>",
