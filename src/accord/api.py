@@ -7,6 +7,7 @@
     results = train(cfg)              # → result records, one per trained model (train/<name>/result.json)
     rows = evaluate(cfg)              # → evaluation rows (eval/results.json), every checkpoint and split
     page = report(cfg)                # → path of report/index.html
+    curves = interpolate(cfg)         # → MoT Fig. 6: pass@1 from the base to each trained model (analysis/)
 
 ``train(cfg, method="compact")`` runs one method without editing the config.  Each function is the stage
 of ``accord run`` (``run(cfg)`` does all four): finished work in ``run_dir`` is skipped, lab models the
@@ -57,3 +58,11 @@ def evaluate(cfg, console=None) -> list[dict]:
 
 def report(cfg, console=None) -> Path:
     return Path(run(cfg, console, stages=("eval", "report"))["report"])
+
+
+def interpolate(cfg, models: list[str] | None = None, points: int = 11, split: str | None = None, console=None) -> dict:
+    """``accord interpolate``: pass@1 at θ = λ·base + (1 − λ)·checkpoint on a λ grid (MoT App. D)."""
+    from accord.analysis import interpolate as _interpolate
+
+    prepare_models(cfg, _console(console))
+    return _interpolate.run(cfg, _console(console), models, points, split)

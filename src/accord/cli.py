@@ -26,6 +26,7 @@ EPILOG = """examples:
   accord eval my.yaml
   accord cord my.yaml cord.beam=4 cord.segmentation=prompt
   accord merge --method ties --base B --models M1 M2 --out DIR --density 0.5
+  accord interpolate my.yaml --models mtd mot --points 11   # MoT Fig. 6
   accord collect configs/lab-quickstart.yaml collect.samples=4
   accord collect my.yaml teachers.beta.base_url=http://127.0.0.1:8000/v1 --force
   accord export my.yaml --out traces.jsonl
@@ -91,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "search keeps the best cord.beam prefixes. Stored as teacher 'cord' (corpora/cord.jsonl), "
                        "with the curation baseline at the same budget; summary in <run_dir>/cord/summary.json.")
     _add_config_args(p)
+
+    p = sub.add_parser("interpolate", help="pass@1 along the line from the base to each trained model (MoT Fig. 6)",
+                       description="Base-to-checkpoint linear interpolation (MoT App. D): for λ on an even grid, "
+                       "θ = λ·base + (1 − λ)·checkpoint is evaluated on one split with the run's eval settings "
+                       "(hf backend, weights replaced in memory). Writes <run_dir>/analysis/interpolation.json and "
+                       ".png; the report draws it. Resumable.")
+    _add_config_args(p)
+    p.add_argument("--models", nargs="+", metavar="NAME", help="trained models to interpolate (default: mtd and "
+                   "mot, where trained)")
+    p.add_argument("--points", type=int, default=11, help="λ grid points from 0 to 1 (default 11: 0, 0.1, …, 1)")
+    p.add_argument("--split", help="evaluation split (default: the first in eval.splits)")
 
     p = sub.add_parser("merge", help="merge HF checkpoints (mergekit conventions)",
                        description=f"Merge models onto a base: {', '.join(MERGE_METHODS)}. Task vectors are "
@@ -314,6 +326,18 @@ def cmd_merge(args, console: Console) -> int:
     return 0
 
 
+def cmd_interpolate(args, console: Console) -> int:
+    from accord.analysis import interpolate
+    from accord.run import prepare_models
+
+    cfg = _load(args)
+    prepare_models(cfg, console)  # a lab student's base is built if missing
+    interpolate.run(cfg, console, args.models, args.points, args.split)
+    console.print(f"interpolation: {Path(cfg.run_dir) / 'analysis' / 'interpolation.png'} "
+                  "(and in the report: accord report CONFIG)")
+    return 0
+
+
 def cmd_cord(args, console: Console) -> int:
     from accord.cord import stage
     from accord.run import prepare_models
@@ -333,6 +357,7 @@ def cmd_demo(args, console: Console) -> int:
 
 
 COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_eval, "report": cmd_report, "merge": cmd_merge,
+            "interpolate": cmd_interpolate,
             "collect": cmd_collect, "export": cmd_export, "config": cmd_config, "lab": cmd_lab, "demo": cmd_demo}
 
 

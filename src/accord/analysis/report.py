@@ -365,6 +365,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
                     "<img src='mot-branch-loss.png' alt='MoT branch losses'>")
     if collect:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
+    page += _interpolation_section(run_dir / "analysis" / "interpolation.json", out)
     page += _qr_section(run_dir / "train" / "qr", out)
     page += _cord_section(run_dir, out)
     page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows), "</body></html>"]
@@ -390,6 +391,25 @@ def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], s
             "between two rows of the table above is read here: the problems are shared, so their errors are "
             "correlated and the rows' own ± overstate its uncertainty. Against base, a QR student is compared "
             "with its own base student.</p>"] + parts
+
+
+def _interpolation_section(data_file: Path, out: Path) -> list[str]:
+    """MoT Fig. 6 from ``accord interpolate``'s results, when it has been run."""
+    if not data_file.exists():
+        return []
+    from accord.analysis.interpolate import plot
+
+    data = json.loads(data_file.read_text())
+    if plot(data, out / "interpolation.png") is None:
+        return []
+    body = [[n, s["mean"], s["max_dip"]] for n, s in data["summary"].items()]
+    return ["<h2>Base-to-checkpoint interpolation (MoT App. D, Fig. 6)</h2>",
+            f"<p>θ = λ·base + (1 − λ)·checkpoint, {html.escape(data['split'])} pass@1 ± SE at each λ "
+            f"({data['n']} problems, k = {data['k']}). A smooth rise towards the checkpoint reads as a flat region, "
+            "steep drops or bumps on the way as interference; a dip smaller than the points' standard errors is "
+            "noise. From <code>accord interpolate CONFIG</code>.</p>",
+            "<img src='interpolation.png' alt='interpolation'>",
+            _html_table(["model", "mean pass@1 over λ", "largest dip base → checkpoint"], body)]
 
 
 def _collect_table(run_dir: Path) -> str:

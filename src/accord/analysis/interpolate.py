@@ -1,0 +1,169 @@
+"""Base-to-checkpoint linear interpolation (MoT App. D, Fig. 6): how a trained student sits in weight space.
+
+For λ on a grid from 0 to 1, θ(λ) = λ·θ_base + (1 − λ)·θ_ckpt — λ = 1 is the base student, λ = 0 the trained
+checkpoint — and pass@1 on one evaluation split at every λ.  MoT reads a smooth curve that rises steadily
+towards the checkpoint as a flat region (its students) and steep drops or bumps on the way as interference
+between teachers' signals (MTD's).  ``accord interpolate CONFIG``; the report draws it when it exists.
+
+Choices where the paper is silent:
+
+1. The grid: ``points`` evenly spaced λ (default 11: 0, 0.1, …, 1); the paper says "a fixed grid".
+2. θ(λ) is task arithmetic with weight 1 − λ (:func:`accord.train.merge.merge_state_dicts`: float32, cast back
+   to the checkpoint's dtype) — the model ``accord merge --method task_arithmetic --weights 1−λ`` writes; the
+   two ends are the checkpoints themselves, bit for bit, so they reproduce ``accord eval``'s numbers.
+3. Evaluated with the hf backend, the weights replaced in memory (one model loaded, no checkpoint written per
+   λ), with the run's evaluation settings (k, temperature, top-p, seeds, token budget, verifier) on one split
+   (default: the first of ``eval.splits``).  Per-sample rows are kept under
+   ``<run_dir>/analysis/interpolation/<model>/lambda-<λ>/``, so a killed run resumes and a finished point is
+   never generated again.
+4. Which checkpoints: each named model's final (``train/<name>/result.json``); by default MTD and MoT, the
+   paper's pair, where trained.  A QR student interpolates from its own base student.
+5. Two numbers summarise a curve beside its points (each pass@1 ± its standard error over problems): the mean
+   over the grid (the area under the curve) and the largest *dip* — the largest fall of pass@1 between
+   neighbouring λ when walking from the base to the checkpoint (0 for a curve that never falls).  The paper
+   reads smoothness by eye; a dip smaller than the points' standard errors is noise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accord.config import GeneratorConfig
+from accord.errors import UsageError
+from accord.evaluate import evaluate, split_problems
+from accord.models import load_model_and_tokenizer, local_model_dir
+from accord.registry import BACKENDS, load
+from accord.train.common import read_result
+from accord.train.merge import MergeSpec, load_state, merge_state_dicts
+from accord.ui import progress
+
+DEFAULT_MODELS = ("mtd", "mot")
+
+
+def grid(points: int) -> list[float]:
+    """``points`` evenly spaced λ from 0 (the checkpoint) to 1 (the base)."""
+    if points < 2:
+        raise UsageError(f"--points must be at least 2 (the two ends), got {points}")
+    return [round(i / (points - 1), 6) for i in range(points)]
+
+
+def interpolated(base: dict, ckpt: dict, lam: float) -> dict:
+    """θ(λ) = λ·θ_base + (1 − λ)·θ_ckpt as a state dict (the ends returned as they are)."""
+    if lam == 0:
+        return ckpt
+    if lam == 1:
+        return base
+    return merge_state_dicts(base, [ckpt], MergeSpec(method="task_arithmetic", weights=[1.0 - lam]))
+
+
+def value(point: dict) -> float:
+    """A point's pass@1, or its greedy accuracy when the evaluation draws no samples (``eval.k: 0``)."""
+    return point["pass1"] if point.get("pass1") is not None else point["greedy"]
+
+
+def max_dip(curve: list[dict]) -> float:
+    """The largest fall of pass@1 between neighbouring λ, walking from the base (λ = 1) to the checkpoint."""
+    ys = [value(p) for p in sorted(curve, key=lambda p: -p["lambda"])]
+    return max([0.0] + [a - b for a, b in zip(ys, ys[1:])])
+
+
+def run(cfg, console, models: list[str] | None = None, points: int = 11, split: str | None = None) -> dict:
+    """Interpolate every named model's final checkpoint with its base; writes and returns
+    ``<run_dir>/analysis/interpolation.json`` (and ``interpolation.png`` beside it)."""
+    split = split or next(iter(cfg.eval.splits))
+    if split not in cfg.eval.splits:
+        raise UsageError(f"--split {split!r}: not one of eval.splits ({', '.join(cfg.eval.splits)})")
+    lams = grid(points)
+    picked = _records(cfg, models)
+    problems = split_problems(cfg, split)
+    root = Path(cfg.run_dir) / "analysis"
+    curves: dict[str, list[dict]] = {}
+    with progress(console) as bar:
+        task = bar.add_task("interpolate", total=len(picked) * len(lams))
+        for name, rec in picked.items():
+            curves[name] = _curve(cfg, name, rec, lams, problems, split, root / "interpolation" / name, bar, task)
+    out = {"split": split, "k": cfg.eval.k, "temperature": cfg.eval.temperature, "n": len(problems),
+           "curves": curves, "summary": {n: {"mean": sum(value(p) for p in c) / len(c), "max_dip": max_dip(c)}
+                                         for n, c in curves.items()}}
+    (root / "interpolation.json").write_text(json.dumps(out, indent=1))
+    plot(out, root / "interpolation.png")
+    for n, s in out["summary"].items():
+        console.print(f"interpolate {n}: mean pass@1 over λ {s['mean']:.3f}, largest dip {s['max_dip']:.3f}")
+    return out
+
+
+def _records(cfg, models: list[str] | None) -> dict[str, dict]:
+    names = list(models or DEFAULT_MODELS)
+    found = {n: r for n in names if (r := read_result(cfg, n)) is not None}
+    missing = [n for n in names if n not in found]
+    if models and missing:
+        raise UsageError(f"interpolate: no finished training for {', '.join(missing)} in "
+                         f"{Path(cfg.run_dir) / 'train'} (run `accord train` first)")
+    if not found:
+        raise UsageError(f"interpolate: none of {', '.join(names)} is trained in {Path(cfg.run_dir) / 'train'}; "
+                         "name the models with --models")
+    return found
+
+
+def _curve(cfg, name: str, rec: dict, lams: list[float], problems, split: str, where: Path, bar, task) -> list[dict]:
+    todo = [lam for lam in lams if not (where / f"lambda-{lam:.3f}" / f"{split}.json").exists()]
+    gen = None
+    if todo:  # load only when something is left to generate
+        base_path = rec.get("base_model") or str(local_model_dir(cfg.student.model, "student"))
+        model, tok = load_model_and_tokenizer(rec["final"], cfg.student.device, "auto", cfg.student.trust_remote_code,
+                                              who=f"{name} checkpoint")
+        base, ckpt = load_state(base_path), load_state(rec["final"])
+        tc = GeneratorConfig(name=f"interpolate-{name}", backend="hf", model=rec["final"],
+                             batch_size=cfg.eval.batch_size, device=cfg.student.device, prefix_cache_mb=0)
+        gen = load(BACKENDS["hf"].impl)(tc, model=model, tokenizer=tok)
+    curve = []
+    for lam in lams:
+        summary = where / f"lambda-{lam:.3f}" / f"{split}.json"
+        if not summary.exists():
+            bar.update(task, description=f"interpolate {name} λ={lam:.2f}")
+            _load_weights(gen.model, interpolated(base, ckpt, lam))
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            r = evaluate(gen, problems, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                         greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens, verifier=cfg.eval.verifier,
+                         seed=cfg.eval.seed, rows_path=summary.with_suffix(".rows.jsonl"), repeats=cfg.eval.repeats)
+            summary.write_text(json.dumps({"lambda": lam, **r.as_dict()}))
+        curve.append(json.loads(summary.read_text()))
+        bar.update(task, advance=1)
+    if gen is not None:
+        gen.close()
+    return curve
+
+
+def _load_weights(model, state: dict) -> None:
+    """Copy ``state`` into ``model``; a checkpoint may leave out tied weights, nothing else."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n in missing if n.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise UsageError(f"interpolate: the base and the checkpoint do not match the model's weights "
+                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+
+
+def plot(data: dict, path: Path) -> Path | None:
+    """MoT Fig. 6: pass@1 against λ per model, ± one standard error."""
+    if not data.get("curves"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    for name, curve in data["curves"].items():
+        pts = sorted(curve, key=lambda p: p["lambda"])
+        ax.errorbar([p["lambda"] for p in pts], [value(p) for p in pts],
+                    yerr=[(p.get("pass1_se") if p.get("pass1") is not None else p.get("greedy_se")) or 0 for p in pts], marker="o", ms=4, capsize=2, lw=1.4, label=name)
+    ax.set_xlabel("λ  (θ = λ·base + (1 − λ)·checkpoint; 0 = trained checkpoint, 1 = base)")
+    ax.set_ylabel(f"{data['split']} pass@1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
