@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -62,6 +63,25 @@ def problems_file(tmp_path) -> Path:
     rows = [{"question": f"What is {i} plus {7 - i if i % 2 == 0 else 8 - i}?", "answer": "7" if i % 2 == 0 else "8"}
             for i in range(10)]
     return write_jsonl(tmp_path / "problems.jsonl", rows)
+
+
+def pipeline_cfg(tmp_path, problems, teachers, student, **train) -> Path:
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(problems)},
+           "teachers": teachers, "student": {"model": str(student)},
+           "collect": {"samples": 2, "max_new_tokens": 30, "temperature": 0.6},
+           "train": {"method": ["std", "mtd", "posthoc", "mot"], "rounds": 2, "steps_per_round": 2,
+                     "batch_size": 4, "lr": 1e-3, "max_len": 128, **train},
+           "eval": {"splits": {"target": {"path": str(problems)}, "general": {"path": str(problems), "limit": 4}},
+                    "k": 2, "max_new_tokens": 30, "batch_size": 16}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture
+def two_parrots(parrot7, parrot8):
+    return [{"name": "seven", "model": str(parrot7), "batch_size": 16},
+            {"name": "eight", "model": str(parrot8), "batch_size": 16}]
 
 
 def run_cli(*args: str) -> tuple[int, str]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
-
-from conftest import run_cli
-from test_pipeline import pipeline_cfg, two_parrots  # noqa: F401  (a fixture)
+from conftest import pipeline_cfg, run_cli
 
 from accord.analysis.interpolate import grid, interpolated, max_dip
 
@@ -39,7 +37,7 @@ def test_grid_and_largest_dip():
     assert max_dip(greedy_only) == 0.25
 
 
-def test_accord_interpolate_end_to_end(tmp_path, problems_file, two_parrots, micro):  # noqa: F811
+def test_accord_interpolate_end_to_end(tmp_path, problems_file, two_parrots, micro):
     cfg = pipeline_cfg(tmp_path, problems_file, two_parrots, micro, method=["mtd"], rounds=1)
     code, out = run_cli("run", str(cfg))
     assert code == 0, out

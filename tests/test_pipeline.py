@@ -10,26 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli, write_jsonl
-
-
-def pipeline_cfg(tmp_path, problems, teachers, student, **train) -> Path:
-    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(problems)},
-           "teachers": teachers, "student": {"model": str(student)},
-           "collect": {"samples": 2, "max_new_tokens": 30, "temperature": 0.6},
-           "train": {"method": ["std", "mtd", "posthoc", "mot"], "rounds": 2, "steps_per_round": 2,
-                     "batch_size": 4, "lr": 1e-3, "max_len": 128, **train},
-           "eval": {"splits": {"target": {"path": str(problems)}, "general": {"path": str(problems), "limit": 4}},
-                    "k": 2, "max_new_tokens": 30, "batch_size": 16}}
-    p = tmp_path / "cfg.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
-
-
-@pytest.fixture
-def two_parrots(parrot7, parrot8):
-    return [{"name": "seven", "model": str(parrot7), "batch_size": 16},
-            {"name": "eight", "model": str(parrot8), "batch_size": 16}]
+from conftest import pipeline_cfg, run_cli, write_jsonl
 
 
 def chromium_dom(page: Path) -> str:
