@@ -282,7 +282,7 @@ def cmd_train(args, console: Console) -> int:
 
 
 def cmd_eval(args, console: Console) -> int:
-    from accord.analysis.report import method_table, text_table
+    from accord.analysis.report import summary_text
     from accord.run import run
 
     cfg = _load(args)
@@ -294,8 +294,7 @@ def cmd_eval(args, console: Console) -> int:
             return EXIT_USAGE
         extra.append({"name": name or Path(path).name, "final": path, "curve": []})
     res = run(cfg, console, stages=("eval",), extra_results=extra)
-    head, body = method_table(res["eval"], res.get("results", []), list(cfg.eval.splits))
-    print(text_table(head, body))
+    print(summary_text(Path(cfg.run_dir), res["eval"], res.get("results", []), list(cfg.eval.splits)))
     return 0
 
 

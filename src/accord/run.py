@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from accord.analysis.report import PAIRED_NOTE, _order_key, method_table, paired_table, text_table, write_report
+from accord.analysis.report import _order_key, summary_text, write_report
 from accord.config import AccordConfig, dump_config
 from accord.evaluate import evaluate_models
 from accord.sources import prepare
@@ -48,11 +48,7 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
         out["eval"] = evaluate_models(cfg, out.get("results", []), console)
     if "report" in stages:
         out["report"] = write_report(cfg, out["results"], out["eval"])
-        head, body = method_table(out["eval"], out["results"], list(cfg.eval.splits))
-        print(text_table(head, body))
-        head, body = paired_table(Path(cfg.run_dir), out["eval"], out["results"], list(cfg.eval.splits), "mtd")
-        if body:
-            print(f"\npaired against mtd ({PAIRED_NOTE}):\n" + text_table(head, body))
+        print(summary_text(Path(cfg.run_dir), out["eval"], out["results"], list(cfg.eval.splits)))
         console.print(f"report: {Path(out['report']).resolve()}")
     return out
 

@@ -378,6 +378,14 @@ PAIRED_NOTE = ("mean over the same problems of (model − reference) per-problem
                "* = the 95% interval excludes 0")
 
 
+def summary_text(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> str:
+    """What ``accord run``, ``eval`` and ``report`` print: the method table, then each model paired against MTD."""
+    head, body = method_table(eval_rows, results, splits)
+    text = text_table(head, body)
+    head, body = paired_table(run_dir, eval_rows, results, splits, "mtd")
+    return text + (f"\n\npaired against mtd ({PAIRED_NOTE}):\n" + text_table(head, body) if body else "")
+
+
 def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:
     parts = []
     for ref in ("mtd", "base"):
