@@ -55,6 +55,19 @@ def test_consensus_matches_a_loop_over_heads_and_pairs(K, H, Hkv, self_loop):
     assert torch.allclose(consensus(q, k, self_loop), slow_consensus(q, k, self_loop), atol=1e-5)
 
 
+@pytest.mark.parametrize("self_loop", [True, False])
+def test_consensus_of_a_whole_micro_batch_is_each_problems_own(self_loop):
+    """Every problem at once (a block-masked softmax) = the loop reference per problem; a lone trace scores 0."""
+    g = torch.Generator().manual_seed(7)
+    gid = torch.tensor([0, 1, 0, 2, 1, 0, 1])  # problems of 3, 3 and 1 traces, interleaved
+    q, k = torch.randn(7, 4, 16, generator=g), torch.randn(7, 2, 16, generator=g)
+    got = consensus(q, k, self_loop, gid)
+    for p in range(3):
+        idx = (gid == p).nonzero()[:, 0]
+        want = slow_consensus(q[idx], k[idx], self_loop) if len(idx) > 1 else torch.zeros(1)
+        assert torch.allclose(got[idx], want, atol=1e-5), p
+
+
 def test_mi_score_on_a_known_trajectory():
     # I(t) = 0.1, 0.5, 0.3, 0.9 → ΔI = 0.4, −0.2, 0.6 → ReLU = 0.4, 0, 0.6
     curve, mask = torch.tensor([0.1, 0.5, 0.3, 0.9]), torch.tensor([1.0, 1.0, 0.1])

@@ -51,6 +51,7 @@ import contextlib
 import math
 import re
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
@@ -167,14 +168,18 @@ def group_alphas(gid: torch.Tensor, s_mi, s_cons, s_ppl, beta=(1.0, 1.0, 1.0), t
     return e / torch.zeros_like(top).index_add_(0, gid, e)[gid], score
 
 
-def consensus(q: torch.Tensor, k: torch.Tensor, self_loop: bool = True) -> torch.Tensor:
-    """Eqs. 4–5 for one problem: q [K, H, d], k [K, H_kv, d] → S_cons [K] (incoming off-diagonal weight)."""
-    K, H, d = q.shape
+def consensus(q: torch.Tensor, k: torch.Tensor, self_loop: bool = True, gid: torch.Tensor | None = None) -> torch.Tensor:
+    """Eqs. 4–5: q [N, H, d], k [N, H_kv, d] → S_cons [N] (incoming off-diagonal weight).  ``gid`` [N]: each
+    trace's problem — every problem of a micro-batch at once, a trace attending only to its own problem's
+    traces (one block-masked softmax instead of a loop over problems); None: one problem.  A trace alone in
+    its problem scores 0."""
+    N, H, d = q.shape
     k = k.repeat_interleave(H // k.shape[1], dim=1)  # GQA: each kv head serves H / H_kv query heads
     s = torch.einsum("ihd,jhd->hij", q.float(), k.float()) / math.sqrt(d)
-    if not self_loop:
-        s = s.masked_fill(torch.eye(K, dtype=torch.bool), float("-inf"))
-    A = torch.softmax(s, -1).mean(0)  # [K, K], rows i, columns j
+    eye = torch.eye(N, dtype=torch.bool, device=s.device)
+    off = (gid[:, None] != gid[None, :]) if gid is not None else torch.zeros_like(eye)
+    s = s.masked_fill(off | (eye if not self_loop else torch.zeros_like(eye)), float("-inf"))
+    A = torch.softmax(s, -1).nan_to_num(0.0).mean(0)  # [N, N], rows i, columns j; a row with no partner: 0
     return A.sum(0) - A.diagonal()
 
 
@@ -230,7 +235,7 @@ def make_loss_fn(c, chunked: bool | None = False):
             return torch.cat([t[key] for t in terms])[inv.to(terms[0][key].device)]
 
         per, s_ppl, s_mi = gather("per"), gather("s_ppl"), gather("s_mi")
-        span_lp = {ix[j]: v for t, ix in zip(terms, index) for j, v in t["span_lp"].items()}
+        spans = join_spans([t["spans"] for t in terms], index)
         groups: dict = {}
         for i, m in enumerate(meta):
             groups.setdefault(m["group"], []).append(i)
@@ -241,16 +246,14 @@ def make_loss_fn(c, chunked: bool | None = False):
         if layer is not None and any(len(g) > 1 for g in groups.values()):
             with torch.no_grad():
                 q, k = _qk(layer, gather("eos_state"))
-                for g in groups.values():
-                    if len(g) > 1:
-                        s_cons[g] = consensus(q[g], k[g], c.consensus_self == "include").cpu()
+                s_cons = consensus(q, k, c.consensus_self == "include", gid.to(q.device)).cpu()
         a, score = group_alphas(gid, s_mi, s_cons, s_ppl, beta, c.tau)
         a_dev = a.to(per.device)
         total = (a_dev * per).sum()
         stats = {"pairs": 0, "skipped": 0, "mcon": 0.0}
         if c.mcon_weight:
             stats["pairs"] = sum(len(g) * (len(g) - 1) for g in groups.values())
-            total = total + c.mcon_weight * (a_dev * mcon(span_lp, meta, gid, a_dev, stats)).sum()
+            total = total + c.mcon_weight * (a_dev * mcon(spans, meta, gid, a_dev, stats)).sum()
         return total / n_units, _metrics(meta, a, score, s_mi, s_cons, s_ppl, stats, groups)
 
     return loss_fn
@@ -321,7 +324,7 @@ def _trace_terms(model, b: dict, layer, c, want_mi: bool, chunked: bool) -> dict
             x = cap["x"]
             eos = x.reshape(-1, x.shape[-1])[where[torch.arange(len(meta)), torch.tensor([m["eos"] for m in meta])]]
     return {"per": per, "s_ppl": s_ppl, "s_mi": s_mi, "eos_state": eos,
-            "span_lp": span_logprobs(head, where, meta) if c.mcon_weight else {}}
+            "spans": span_logprobs(head, where, meta) if c.mcon_weight else None}
 
 
 def _ppl_mi(head: _Head, where, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,23 +347,26 @@ def _ppl_mi(head: _Head, where, nll, ids, meta, reduce: str, want_mi: bool) -> t
     G = max((len(m["gold"]) for m in meta), default=0)
     if G == 0:
         return s_ppl, torch.zeros(B)
-    gold = torch.zeros(B, G, dtype=torch.long, device=dev)
-    gmask = torch.zeros(B, G, device=dev)
-    for i, m in enumerate(meta):
-        gold[i, :len(m["gold"])], gmask[i, :len(m["gold"])] = torch.tensor(m["gold"], device=dev), 1.0
+    # per-example lists padded in Python and made tensors in one call each (a tensor per example costs more)
+    gold = torch.tensor([m["gold"] + [0] * (G - len(m["gold"])) for m in meta], device=dev)
+    gmask = torch.tensor([[1.0] * len(m["gold"]) + [0.0] * (G - len(m["gold"])) for m in meta], device=dev)
     glp = head.gold(at, gold)  # [B, L, G]
     curve = (glp * gmask[:, None]).sum(-1) / gmask.sum(-1).clamp(min=1)[:, None] - lse  # I at every state
     states = (pos >= (P - 1)[:, None]) & (pos < (P + T)[:, None])  # t = 0..T
     gain = torch.relu(curve[:, 1:] - curve[:, :-1]) * (states[:, 1:] & states[:, :-1])  # ΔI at t = 1..T
-    M = torch.zeros(B, L - 1, device=dev)
-    for i, m in enumerate(meta):
-        if m["reason_len"]:
-            M[i, m["prompt_len"] - 1:m["prompt_len"] - 1 + m["reason_len"]] = torch.tensor(m["think_mask"], device=dev)
+    M = torch.tensor([_think_row(m, L - 1) for m in meta], device=dev)  # [B, L − 1]: M at states t = 1..T
     s_mi = (gain * M).sum(1)
     if reduce == "mean":
         s_mi = s_mi / T.clamp(min=1)
     has_gold = gmask.sum(1) > 0
     return s_ppl, (s_mi * has_gold).float().cpu()
+
+
+def _think_row(m: dict, width: int) -> list[float]:
+    """One trace's thinking mask M_t placed at its states' positions (``prompt_len − 1`` onwards), 0 elsewhere."""
+    before = [0.0] * (m["prompt_len"] - 1) if m["reason_len"] else []
+    row = before + (m["think_mask"][:m["reason_len"]] if m["reason_len"] else [])
+    return row[:width] + [0.0] * (width - len(row))
 
 
 def _metrics(meta, a, score, s_mi, s_cons, s_ppl, stats, groups) -> dict:
@@ -384,43 +390,64 @@ def _metrics(meta, a, score, s_mi, s_cons, s_ppl, stats, groups) -> dict:
     return out
 
 
-def span_logprobs(head: _Head, where, meta) -> dict[int, torch.Tensor]:
-    """Example i → [m, V] log-probabilities of the states that emit its answer-span tokens, all read by *one*
+class SpanLogprobs(NamedTuple):
+    """The answer-span log-probabilities of a micro-batch: ``lp`` [rows, V] (float32, with gradient) and, per
+    example i with a span, ``at[i] = (first row, span length)``."""
+    lp: torch.Tensor
+    at: dict[int, tuple[int, int]]
+
+
+def span_logprobs(head: _Head, where, meta) -> SpanLogprobs | None:
+    """The log-probabilities of the states that emit each example's answer-span tokens, all read by *one*
     index into the logits: each indexing op's backward writes a logits-sized gradient buffer, so one per trace
-    would cost more than the whole loss."""
+    would cost more than the whole loss.  None when no example has a span."""
     rows = [(i, p - 1) for i, m in enumerate(meta) for p in m["span"]]
     if not rows:
-        return {}
+        return None
     at = where[torch.tensor([r for r, _ in rows]), torch.tensor([t for _, t in rows])]
-    lp = torch.log_softmax(head.rows(at).float(), -1)
-    out, o = {}, 0
+    starts, o = {}, 0
     for i, m in enumerate(meta):
         if m["span"]:
-            out[i], o = lp[o:o + len(m["span"])], o + len(m["span"])
-    return out
+            starts[i], o = (o, len(m["span"])), o + len(m["span"])
+    return SpanLogprobs(torch.log_softmax(head.rows(at).float(), -1), starts)
 
 
-def mcon(span_lp: dict, meta, gid: torch.Tensor, a: torch.Tensor, stats: dict) -> torch.Tensor:
+def join_spans(parts: list[SpanLogprobs | None], index: list[list[int]]) -> SpanLogprobs | None:
+    """The spans of a micro-batch's length buckets as one (``index[k]``: bucket k's examples in the micro-batch)."""
+    lps, at, off = [], {}, 0
+    for sp, ix in zip(parts, index):
+        if sp is not None:
+            lps.append(sp.lp)
+            at.update({ix[j]: (s + off, m) for j, (s, m) in sp.at.items()})
+            off += sp.lp.shape[0]
+    return SpanLogprobs(torch.cat(lps) if len(lps) > 1 else lps[0], at) if lps else None
+
+
+def mcon(spans: SpanLogprobs | None, meta, gid: torch.Tensor, a: torch.Tensor, stats: dict) -> torch.Tensor:
     """L_MCon,k = Σ_{j≠k} α_j KL(P_k ‖ P_j) over answer-span positions (Eq. 9) for every trace of a micro-batch
-    (``span_lp`` from :func:`span_logprobs`; j ranges over the traces of k's problem).  Pairs whose span ids
-    differ are skipped and counted (``stats``: pairs, skipped, Σ KL).  All matched pairs in one tensor op."""
+    (``spans`` from :func:`span_logprobs`; j ranges over the traces of k's problem).  Pairs whose span ids
+    differ are skipped and counted (``stats``: pairs, skipped, Σ KL).  Every matched pair's positions are
+    read from the flat rows by one index each side — no per-trace slices or padding in the graph."""
     by: dict[tuple, list[int]] = {}
     for i, m in enumerate(meta):
-        if i in span_lp:
+        if spans is not None and i in spans.at:
             by.setdefault((int(gid[i]), tuple(m["span_ids"])), []).append(i)
     pairs = [(i, j) for members in by.values() for i in members for j in members if i != j]
     stats["skipped"] += stats["pairs"] - len(pairs)
     out = torch.zeros(len(meta), device=a.device)
     if not pairs:
         return out
-    rows = sorted(span_lp)
-    at = {i: r for r, i in enumerate(rows)}
-    M = max(span_lp[i].shape[0] for i in rows)
-    lp = torch.stack([torch.nn.functional.pad(span_lp[i], (0, 0, 0, M - span_lp[i].shape[0])) for i in rows])
-    I = torch.tensor([at[i] for i, _ in pairs], device=lp.device)  # [P] rows of lp: zero past a span's end
-    J = torch.tensor([at[j] for _, j in pairs], device=lp.device)
-    length = torch.tensor([span_lp[i].shape[0] for i in rows], device=lp.device, dtype=lp.dtype)
-    kl = (lp[I].exp() * (lp[I] - lp[J])).sum((1, 2)) / length[I]  # KL(k‖j), mean over the span's positions
+    rows_i, rows_j, owner_row = [], [], []
+    for p, (i, j) in enumerate(pairs):  # same span ids, so the same span length
+        (si, m), (sj, _) = spans.at[i], spans.at[j]
+        rows_i += range(si, si + m)
+        rows_j += range(sj, sj + m)
+        owner_row += [p] * m
+    dev = spans.lp.device
+    lp_i, lp_j = spans.lp[torch.tensor(rows_i, device=dev)], spans.lp[torch.tensor(rows_j, device=dev)]
+    per_row = (lp_i.exp() * (lp_i - lp_j)).sum(-1)  # KL(k‖j) at each span position
+    length = torch.tensor([spans.at[i][1] for i, _ in pairs], device=dev, dtype=per_row.dtype)
+    kl = torch.zeros(len(pairs), device=dev).index_add(0, torch.tensor(owner_row, device=dev), per_row) / length
     stats["mcon"] += float(kl.detach().sum())
     owner = torch.tensor([i for i, _ in pairs], device=out.device)
     other = torch.tensor([j for _, j in pairs], device=a.device)
