@@ -348,6 +348,9 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
         "select params from traces where teacher='cord' limit 1").fetchone()[0])
     assert params["step_timings"] and all(len(t) == 3 for t in params["step_timings"])
     assert 0 <= s["cord"]["mean_pp"] <= 1 and 0 <= s["meta_prover_share"] <= 1
+    acc, n = s["cord"]["accuracy"], s["cord"]["n"]  # every rate with its standard error over problems
+    assert s["cord"]["accuracy_se"] == pytest.approx((acc * (1 - acc) / (n - 1)) ** 0.5)
+    assert s["cord"]["mean_pp_se"] is not None and "answer acc. ± SE" in out
     pc = s["timing_this_run"]["prefix_cache"]  # the hf teachers' continuations started from cached states
     assert set(pc) == {"seven", "eight"} and all(v["rows"] > 0 and v["tokens_reused"] > 0 for v in pc.values()), pc
     assert "prefix cache (prompt tokens not re-encoded)" in out

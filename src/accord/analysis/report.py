@@ -508,9 +508,10 @@ def _cord_section(run_dir: Path, out: Path) -> list[str]:
     if not p.exists():
         return []
     s = json.loads(p.read_text())
-    body = [[name, s[name]["n"], s[name]["accuracy"], s[name]["mean_pp"], s[name]["mean_tokens"], s[name]["wall_s"]]
-            for name in ("cord", "cord-curation", "cord-integration") if name in s]
+    body = [[name, s[name]["n"], _with_se(s[name], "accuracy"), _with_se(s[name], "mean_pp"), s[name]["mean_tokens"],
+             s[name]["wall_s"]] for name in ("cord", "cord-curation", "cord-integration") if name in s]
     parts = ["<h2>CoRD: collaborative decoding vs baselines (CoRD Table 2)</h2>",
+             "<p>± the standard error over problems.</p>",
              _html_table(["pipeline", "problems", "answer acc.", "mean PP", "mean tokens", "wall s"], body, {2, 3})]
     if s.get("meta_prover_share") is not None:
         parts.append(f"<p>meta-prover share of CoRD time: {s['meta_prover_share']:.1%}</p>")

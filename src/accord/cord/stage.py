@@ -31,6 +31,7 @@ from accord.collect import _write_jsonl, corpus_row, make_row
 from accord.cord.decode import CordSettings, THINK_PREFIX, Timing, Trajectory, beam_search, curate, finish, mcts_search
 from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 from accord.cord.score import CordError, Scorer
+from accord.evaluate import mean_se
 from accord.problems import load_problems
 from accord.prompts import THINK_CLOSE, render_prompt
 from accord.registry import STEP_SCORERS
@@ -188,8 +189,9 @@ def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: 
         if not rows:
             continue
         params = [json.loads(r["params"] or "{}") for r in rows]
-        out[name] = {"n": len(rows), "accuracy": sum(r["verdict"] == CORRECT for r in rows) / len(rows),
-                     "mean_pp": sum(x.get("pp", 0.0) for x in params) / len(rows),
+        acc, acc_se = mean_se([float(r["verdict"] == CORRECT) for r in rows])
+        pp, pp_se = mean_se([x.get("pp", 0.0) for x in params])
+        out[name] = {"n": len(rows), "accuracy": acc, "accuracy_se": acc_se, "mean_pp": pp, "mean_pp_se": pp_se,
                      "mean_tokens": sum(r["token_count"] or 0 for r in rows) / len(rows),
                      "wall_s": sum(r["elapsed_s"] or 0 for r in rows)}
         if name == "cord":
@@ -249,12 +251,13 @@ def _print(s: dict, console) -> None:
     from rich.table import Table
 
     t = Table(title="CoRD vs baselines at the same trajectory budget (cf. CoRD Table 2)")
-    for col in ("pipeline", "problems", "answer acc.", "mean PP", "mean tokens"):
+    for col in ("pipeline", "problems", "answer acc. ± SE", "mean PP ± SE", "mean tokens"):
         t.add_column(col)
     for name in ("cord", "cord-curation", "cord-integration"):
         if name in s:
             r = s[name]
-            t.add_row(name, str(r["n"]), f"{r['accuracy']:.1%}", f"{r['mean_pp']:.3f}", f"{r['mean_tokens']:.0f}")
+            t.add_row(name, str(r["n"]), f"{r['accuracy']:.1%} ± {(r.get('accuracy_se') or 0):.1%}",
+                      f"{r['mean_pp']:.3f} ± {(r.get('mean_pp_se') or 0):.3f}", f"{r['mean_tokens']:.0f}")
     console.print(t)
     if s.get("meta_prover_share") is not None:
         console.print(f"meta-prover share of CoRD time: {s['meta_prover_share']:.1%}; "
