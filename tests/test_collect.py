@@ -40,6 +40,15 @@ def test_collect_two_teachers_verifies_selects_and_resumes(tmp_path, problems_fi
     assert seven[0]["messages"][0]["content"].startswith(seven[0]["question"]) and "\\boxed{7}" in seven[0]["completion"]
     summary = {s["teacher"]: s for s in json.loads((run / "collect_summary.json").read_text())}
     assert summary["seven"]["samples"] == 30 and 0.2 <= summary["seven"]["accuracy"] <= 0.5
+    db_rows = sqlite3.connect(run / "traces.sqlite").execute(
+        "select problem_id, verdict from traces where teacher='seven'").fetchall()
+    per = {}  # the SE is over problems: each problem's samples averaged first
+    for pid, v in db_rows:
+        per.setdefault(pid, []).append(v == "correct")
+    means = [sum(v) / len(v) for v in per.values()]
+    m = sum(means) / len(means)
+    want = (sum((x - m) ** 2 for x in means) / (len(means) - 1) / len(means)) ** 0.5
+    assert db_rows and summary["seven"]["accuracy_se"] == pytest.approx(want) and " ± " in out
     assert "ALL TEACHERS" in out and (run / "config.yaml").exists()
     db = sqlite3.connect(run / "traces.sqlite")
     assert db.execute("select count(*) from traces").fetchone()[0] == 60

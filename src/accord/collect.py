@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from accord.analysis.confidence import window_confidence
+from accord.analysis.stats import mean_se
 from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.errors import RunFailure
 from accord.problems import Problem, load_problems
@@ -430,6 +431,7 @@ def summarize(cfg: AccordConfig, store: TraceStore, problems: list[Problem], siz
         out.append({
             "teacher": t.name, "problems": len({r["problem_id"] for r in rows}), "samples": len(rows),
             "accuracy": (sum(r["verdict"] == CORRECT for r in ok) / len(ok)) if ok else 0.0,
+            "accuracy_se": _problem_se(ok),
             "unparseable": sum(r["verdict"] == "unparseable" for r in ok), "failed": len(rows) - len(ok),
             "judged_invalid": sum(r["judge"] not in (None, VALID) for r in rows if r["verdict"] == CORRECT),
             "mean_tokens": (sum(toks) / len(toks)) if toks else None,
@@ -441,13 +443,23 @@ def summarize(cfg: AccordConfig, store: TraceStore, problems: list[Problem], siz
     return out
 
 
+def _problem_se(rows: list) -> float | None:
+    """The standard error of a teacher's accuracy over problems (its samples of one problem averaged first)."""
+    by: dict[str, list[bool]] = {}
+    for r in rows:
+        by.setdefault(r["problem_id"], []).append(r["verdict"] == CORRECT)
+    return mean_se([sum(v) / len(v) for v in by.values()])[1]
+
+
 def summary_table(summary: list[dict], total: int) -> Table:
     tab = Table(title="Collected traces per teacher (cf. MoT Table 21)")
     tab.add_column("teacher", no_wrap=True)
     for col in ("problems", "samples", "accuracy", "unparsed", "failed", "judge-rejected", "mean tokens", "kept"):
         tab.add_column(col, justify="right")
     for s in summary:
-        tab.add_row(s["teacher"], str(s["problems"]), str(s["samples"]), f"{s['accuracy']:.1%}",
+        se = s.get("accuracy_se")
+        tab.add_row(s["teacher"], str(s["problems"]), str(s["samples"]),
+                    f"{s['accuracy']:.1%}" + (f" ± {se:.1%}" if se is not None else ""),
                     str(s["unparseable"]), str(s["failed"]), str(s["judged_invalid"]),
                     "-" if s["mean_tokens"] is None else f"{s['mean_tokens']:.0f}", str(s["kept"]))
     tab.add_row("ALL TEACHERS", "", "", "", "", "", "", "", str(total), style="bold")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from accord.analysis.stats import mean_se
 from accord.config import GeneratorConfig, ProblemsConfig
 from accord.problems import Problem, load_problems
 from accord.prompts import render_prompt
@@ -52,17 +53,6 @@ class EvalResult:
         return {"greedy": self.greedy, "pass1": self.pass1, "n": self.n, "k": self.k, "greedy_se": self.greedy_se,
                 "pass1_se": self.pass1_se, "pass_at": self.pass_at, "maj": self.maj, "maj_se": self.maj_se,
                 "repeats": self.repeats, "pass1_runs": self.pass1_runs, "pass1_std": self.pass1_std}
-
-
-def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and its standard error over problems (sample std / √n; None for the SE of a single value)."""
-    n = len(values)
-    if not n:
-        return None, None
-    m = sum(values) / n
-    if n < 2:
-        return m, None
-    return m, (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
 def _done(path: Path | None, answers: dict | None = None) -> dict[tuple[str, int, str], bool]:

@@ -23,7 +23,8 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-from accord.evaluate import mean_se, problem_scores
+from accord.analysis.stats import mean_se
+from accord.evaluate import problem_scores
 
 ORDER = ("base", "std", "mtd", "posthoc", "mot", "compact", "qr")
 
@@ -428,8 +429,8 @@ def _collect_table(run_dir: Path) -> str:
     rows = rows.get("teachers", rows) if isinstance(rows, dict) else rows
     if not rows:
         return ""
-    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
-    return _html_table(keys, [[r.get(k) for k in keys] for r in rows])
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list)) and not k.endswith("_se")]
+    return _html_table(keys, [[_with_se(r, k) for k in keys] for r in rows])  # a rate beside its SE
 
 
 def routing_table(path: Path, key: str = "type") -> tuple[list[str], list[list]]:

@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 from accord.analysis.cord import hit_rates, plot_hit_rates
+from accord.analysis.stats import mean_se
 from accord.collect import _write_jsonl, corpus_row, make_row
 from accord.cord.decode import CordSettings, THINK_PREFIX, Timing, Trajectory, beam_search, curate, finish, mcts_search
 from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 from accord.cord.score import CordError, Scorer
-from accord.evaluate import mean_se
 from accord.problems import load_problems
 from accord.prompts import THINK_CLOSE, render_prompt
 from accord.registry import STEP_SCORERS
