@@ -240,11 +240,12 @@ def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
                     res = json.loads(summary.read_text())
                 else:
                     gen = gen or _generator(cfg, pt["path"], pt["key"])
+                    summary.parent.mkdir(parents=True, exist_ok=True)
                     bar.update(task, description=f"eval {pt['key']} {split}")
                     r = evaluate(gen, probs, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                  greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
                                  verifier=cfg.eval.verifier, seed=cfg.eval.seed,
-                                 rows_path=_rows_path(summary), repeats=cfg.eval.repeats)
+                                 rows_path=rows_file(summary), repeats=cfg.eval.repeats)
                     res = {**r.as_dict(), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                            "max_new_tokens": cfg.eval.max_new_tokens}  # what a reader needs to compare runs
                     summary.write_text(json.dumps(res))
@@ -256,6 +257,7 @@ def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
     return rows
 
 
-def _rows_path(summary: Path) -> Path:
-    summary.parent.mkdir(parents=True, exist_ok=True)
+def rows_file(summary: Path) -> Path:
+    """The per-sample rows beside an evaluation's summary file (``<model>/<split>.json`` →
+    ``<model>/<split>.rows.jsonl``): what a killed evaluation resumes from and the paired differences read."""
     return summary.with_suffix(".rows.jsonl")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from accord.config import GeneratorConfig
 from accord.errors import UsageError
-from accord.evaluate import evaluate, split_problems
+from accord.evaluate import evaluate, rows_file, split_problems
 from accord.models import load_model_and_tokenizer, local_model_dir
 from accord.registry import BACKENDS, load
 from accord.train.common import read_result
@@ -126,7 +126,7 @@ def _curve(cfg, name: str, rec: dict, lams: list[float], problems, split: str, w
             summary.parent.mkdir(parents=True, exist_ok=True)
             r = evaluate(gen, problems, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                          greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens, verifier=cfg.eval.verifier,
-                         seed=cfg.eval.seed, rows_path=summary.with_suffix(".rows.jsonl"), repeats=cfg.eval.repeats)
+                         seed=cfg.eval.seed, rows_path=rows_file(summary), repeats=cfg.eval.repeats)
             summary.write_text(json.dumps({"lambda": lam, **r.as_dict()}))
         curve.append(json.loads(summary.read_text()))
         bar.update(task, advance=1)

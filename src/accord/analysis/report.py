@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from accord.analysis.stats import mean_se
-from accord.evaluate import problem_scores
+from accord.evaluate import problem_scores, rows_file
 
 ORDER = ("base", "std", "mtd", "posthoc", "mot", "compact", "qr")
 
@@ -121,7 +121,7 @@ def _scores(run_dir: Path, metrics: dict | None) -> dict[str, float]:
 
 def _rows_file(run_dir: Path, key: str, split: str) -> Path:
     """Where the evaluation keeps one model's rows on one split (one line per generation)."""
-    return run_dir / "eval" / key / f"{split}.rows.jsonl"
+    return rows_file(run_dir / "eval" / key / f"{split}.json")
 
 
 def _last_rows(eval_rows: list[dict], results: list[dict]) -> dict[str, dict[str, dict]]:
