@@ -12,7 +12,7 @@ Choices where the paper is silent:
    to the checkpoint's dtype) — the model ``accord merge --method task_arithmetic --weights 1−λ`` writes; the
    two ends are the checkpoints themselves, bit for bit, so they reproduce ``accord eval``'s numbers.
 3. Evaluated with the hf backend, the weights replaced in memory (one model loaded, no checkpoint written per
-   λ), with the run's evaluation settings (k, temperature, top-p, seeds, token budget, verifier) on one split
+   λ; the base's and the checkpoint's weights are held in CPU memory beside it — three copies in all), with the run's evaluation settings (k, temperature, top-p, seeds, token budget, verifier) on one split
    (default: the first of ``eval.splits``).  Per-sample rows are kept under
    ``<run_dir>/analysis/interpolation/<model>/lambda-<λ>/``, so a killed run resumes and a finished point is
    never generated again.
