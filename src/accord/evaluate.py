@@ -60,15 +60,16 @@ def _done(path: Path | None, answers: dict | None = None) -> dict[tuple[str, int
     if path is None or not path.exists():
         return {}
     out = {}
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill; regenerated below
-        key = (r["problem_id"], r["sample"], r["mode"])
-        out[key] = r["verdict"] == CORRECT
-        if answers is not None:
-            answers[key] = r.get("parsed")
+    with path.open(encoding="utf-8") as fh:  # line by line: the rows hold every generated text
+        for line in fh:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill; regenerated below
+            key = (r["problem_id"], r["sample"], r["mode"])
+            out[key] = r["verdict"] == CORRECT
+            if answers is not None:
+                answers[key] = r.get("parsed")
     return out
 
 

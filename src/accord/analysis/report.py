@@ -17,6 +17,7 @@ no scripts.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -116,7 +117,17 @@ def paired_table(run_dir: Path, eval_rows: list[dict], results: list[dict], spli
 
 def _scores(run_dir: Path, metrics: dict | None) -> dict[str, float]:
     path = _rows_file(run_dir, metrics["key"], metrics["split"]) if metrics else None
-    return problem_scores(path) if path is not None and path.exists() else {}
+    if path is None or not path.exists():
+        return {}
+    st = path.stat()
+    return _scores_of(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=128)
+def _scores_of(path: str, mtime_ns: int, size: int) -> dict[str, float]:
+    """A rows file read once (it holds every generated text — gigabytes for long traces — and the reference's is
+    compared with every model, in the report and in the printed table); a file that changed is read again."""
+    return problem_scores(Path(path))
 
 
 def _rows_file(run_dir: Path, key: str, split: str) -> Path:
@@ -310,9 +321,10 @@ def _samples(run_dir: Path, eval_rows: list[dict]) -> str:
         rows_file = _rows_file(run_dir, r["key"], "target")
         if not rows_file.exists():
             continue
-        first = rows_file.read_text(encoding="utf-8").splitlines()[:1]
-        if first:
-            row = json.loads(first[0])
+        with rows_file.open(encoding="utf-8") as fh:
+            first = fh.readline()  # not the whole file: it holds every generated text
+        if first.strip():
+            row = json.loads(first)
             parts.append(f"<h3>{html.escape(r['model'])} <small>({html.escape(row['verdict'])})</small></h3>"
                          f"<pre>{html.escape(row['output'])}</pre>")
     return "\n".join(parts)
