@@ -383,7 +383,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     page += _cord_section(run_dir, out)
     page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows), "</body></html>"]
     (out / "index.html").write_text("\n".join(page), encoding="utf-8")
-    (out / "table.txt").write_text(text_table(head, body) + "\n")
+    (out / "table.txt").write_text(summary_text(run_dir, eval_rows, results, splits) + "\n")  # what the CLI prints
     return out / "index.html"
 
 
