@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -76,8 +78,6 @@ def test_override_errors(cfg_file):
 @pytest.mark.parametrize("name", ["mot-paper.yaml", "cord-paper.yaml", "lab-quickstart.yaml", "lab-quick.yaml"])
 def test_shipped_configs_validate(name):
     """The paper-scale configs validate offline (`accord config`; nothing downloads)."""
-    from pathlib import Path
-
     from conftest import run_cli
 
     code, out = run_cli("config", str(Path(__file__).parents[1] / "configs" / name))
@@ -127,3 +127,24 @@ def test_every_merge_setting_reaches_the_merge_operator():
                                                        "train.merge.normalize=false", "train.merge.seed=11"])
     s = spec_from(cfg.train.merge, [0.5, 0.5])
     assert (s.method, s.density, s.normalize, s.seed, s.weights) == ("dare_ties", 0.3, False, 11, [0.5, 0.5])
+
+
+def test_run_takes_overrides_without_a_config_and_others_say_config_first(tmp_path, cfg_file):
+    """`accord run run_dir=X` overrides the lab quickstart (no config needed); `accord train run_dir=X` says the
+    config goes first instead of "file not found"."""
+    import argparse
+
+    from accord.cli import _run_config
+    from conftest import run_cli
+
+    args = argparse.Namespace(config=f"run_dir={tmp_path / 'q'}", overrides=["train.steps_per_round=3"],
+                              profile="quick")
+    cfg = _run_config(args)
+    assert cfg.run_dir == str(tmp_path / "q") and cfg.train.steps_per_round == 3
+    assert "lab" in cfg.problems.path  # the quick lab's config, overridden
+    code, out = run_cli("train", f"run_dir={tmp_path / 'q'}")
+    assert code != 0 and "looks like a key=value override" in out and "accord train CONFIG" in out
+    real = tmp_path / "a=b.yaml"  # a config file whose name holds '=' is still a file
+    real.write_text(Path(cfg_file).read_text())
+    args = argparse.Namespace(config=str(real), overrides=["run_dir=elsewhere"], profile=None)
+    assert _run_config(args).run_dir == "elsewhere"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ EXIT_USAGE, EXIT_FAIL = 2, 1
 EPILOG = """examples:
   accord run                                   # the lab quickstart, end to end
   accord run --profile quick                   # the same on the quick lab (≈3 min)
+  accord run --profile quick run_dir=/tmp/q    # …with overrides (no config needed)
   accord run my.yaml train.method=[std,mtd,mot]
   accord train my.yaml train.method=mot train.rounds=5
   accord eval my.yaml
@@ -168,8 +170,12 @@ def _version() -> str:
 
 
 def _load(args):
-    from accord.config import load_config
+    from accord.config import ConfigError, load_config
 
+    if _is_override(args.config):
+        raise ConfigError(args.config, [("", f"this looks like a key=value override, not a config file: give the "
+                                         f"YAML config first (accord {args.cmd} CONFIG {args.config} …); only "
+                                         "`accord run` takes overrides without one (the lab quickstart)")])
     return load_config(args.config, args.overrides)
 
 
@@ -259,10 +265,18 @@ def _run_config(args):
     from accord.config import load_config
     from accord.demo import config_path
 
-    if args.config:
-        return load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config and _is_override(config):  # `accord run run_dir=X`: overrides of the lab quickstart
+        config, overrides = None, [config, *overrides]
+    if config:
+        return load_config(config, overrides)
     name = "lab-quick.yaml" if getattr(args, "profile", None) == "quick" else "lab-quickstart.yaml"
-    return load_config(config_path(name), args.overrides)
+    return load_config(config_path(name), overrides)
+
+
+def _is_override(arg: str) -> bool:
+    """``key.sub=value`` given where a config file goes, and no file of that name exists."""
+    return "=" in arg and not Path(arg).exists() and bool(re.match(r"^[A-Za-z_][\w.\-\[\]]*=", arg))
 
 
 def cmd_run(args, console: Console) -> int:
