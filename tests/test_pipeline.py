@@ -442,3 +442,32 @@ def test_curves_start_at_each_models_own_base():
     s = curve_series(rows, "target", results)
     assert s == {"mtd": [(0, 0.09), (100, 0.1), (200, 0.2)], "qr-student-b": [(0, 0.14), (100, 0.12)],
                  "qr-student": [(0, 0.09), (100, 0.13)]}
+
+
+def test_report_smoothing_is_a_debiased_moving_average(tmp_path):
+    """`smooth` against the explicit weighted mean Σ wⁿ⁻ⁱ yᵢ / Σ wⁿ⁻ⁱ; the plots draw it without error, a
+    tiny first value (a replay batch's loss) not setting a log axis."""
+    import random
+
+    from accord.analysis.report import _plot_smoothed, smooth
+
+    rng = random.Random(0)
+    ys = [rng.uniform(0.1, 5) for _ in range(37)]
+    span = 4.0
+    w = 1 - 1 / span
+    ref = [sum(w ** (n - i) * ys[i] for i in range(n + 1)) / sum(w ** (n - i) for i in range(n + 1))
+           for n in range(len(ys))]
+    assert smooth(ys, span) == pytest.approx(ref, rel=1e-12)
+    assert smooth(ys, 1) == ys and smooth([2.0] * 5, 3) == pytest.approx([2.0] * 5)
+    series = {"a": [(i, y) for i, y in enumerate([1e-4] + ys)], "b": [(i, 2 * y) for i, y in enumerate(ys)]}
+    import matplotlib.pyplot as plt
+
+    seen = []
+    real = plt.Axes.set_ylim
+    plt.Axes.set_ylim = lambda self, *a, **k: (seen.append(a), real(self, *a, **k))[1]
+    try:
+        assert _plot_smoothed(series, tmp_path / "p.png", "step", "loss", log=True).exists()
+    finally:
+        plt.Axes.set_ylim = real
+    lows = [a[0] for a in seen if len(a) == 2 and isinstance(a[0], float)]
+    assert lows and lows[-1] > 1e-3  # not 1e-4 / 3

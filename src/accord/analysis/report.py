@@ -245,9 +245,24 @@ def plot_alpha(metrics: Path, path: Path) -> Path | None:
     return _plot_smoothed(series, path, "step", "mean weight α (share)")
 
 
+def smooth(ys: list[float], span: float) -> list[float]:
+    """TensorBoard-style exponential moving average with bias correction: weight ``1 − 1/span`` on the past, the
+    first point itself (not pulled towards 0).  ``span`` ≤ 1 returns the values as they are."""
+    if span <= 1:
+        return list(ys)
+    keep, acc, norm, out = 1 - 1 / span, 0.0, 0.0, []
+    for y in ys:
+        acc, norm = keep * acc + (1 - keep) * y, keep * norm + (1 - keep)
+        out.append(acc / norm)
+    return out
+
+
 def _plot_smoothed(series: dict[str, list[tuple[int, float]]], path: Path, xlabel: str, ylabel: str,
                    log: bool = False) -> Path | None:
-    """One line per key, with a light running mean (per-step values of small batches are noisy)."""
+    """One line per key: the per-step values faint, their moving average (span a twentieth of the run) bold — the
+    per-step values of small batches are noisy.  A log axis starts below most of the averages, not at the
+    lowest step's (a batch of short replay rows can have a loss 10⁴ below its neighbours'); the legend sits outside
+    the axes."""
     if not series:
         return None
     import matplotlib
@@ -255,19 +270,24 @@ def _plot_smoothed(series: dict[str, list[tuple[int, float]]], path: Path, xlabe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.4, 3.6), dpi=110)
+    low = []
     for name, pts in series.items():
-        ys = [p[1] for p in pts]
-        w = max(1, len(ys) // 40)  # a full window only: a first step alone (a batch of short replay rows
-        # can have a loss 10⁴ below its neighbours') would otherwise set a log axis' range
-        ys = [sum(ys[i - w + 1:i + 1]) / w for i in range(w - 1, len(ys))]
-        ax.plot([p[0] for p in pts[w - 1:]], ys, lw=1.3, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        sm = smooth(ys, len(ys) / 20)
+        line, = ax.plot(xs, sm, lw=1.6, label=name)
+        if sm != ys:
+            ax.plot(xs, ys, lw=0.7, alpha=0.25, color=line.get_color())
+        low += [v for v in sm if v > 0]
     if log:
         ax.set_yscale("log")
+        if low:  # from the averages' 5th percentile: one tiny per-step value would otherwise set the axis
+            top = max(v for pts in series.values() for _, v in pts)
+            ax.set_ylim(sorted(low)[len(low) // 20] / 3, top * 1.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -275,18 +295,18 @@ def _plot_smoothed(series: dict[str, list[tuple[int, float]]], path: Path, xlabe
 
 
 def compact_scores(metrics: Path) -> tuple[list[str], list[list]]:
-    """Mean of each score and of α per teacher over the whole COMPACT run (the report's table)."""
+    """Mean of each score and of α per teacher over the whole COMPACT run (the report's table): over the weighted
+    problems (K′ ≥ 2), as logged, so replay rows and single-trace problems are not in it."""
     sums: dict[tuple[str, str], list[float]] = {}
     for line in metrics.read_text().splitlines() if metrics.exists() else []:
         ev = json.loads(line)
         for k, v in ev.items():
             if "/" in k and k.split("/", 1)[0] in ("alpha", "s_mi", "s_cons", "s_ppl"):
                 sums.setdefault(tuple(k.split("/", 1)), []).append(v)
-    teachers = sorted({t for _, t in sums})
+    teachers = sorted({t for c, t in sums if c == "alpha"})  # an older run also logged groups of one's scores
     cols = ("alpha", "s_mi", "s_cons", "s_ppl")
-    body = [[t] + [(sum(sums[(c, t)]) / len(sums[(c, t)])) if (c, t) in sums and t != "replay" else None
-                   for c in cols]
-            for t in teachers]  # replay rows are groups of one (α = 1, scores unused): "–"
+    body = [[t] + [(sum(sums[(c, t)]) / len(sums[(c, t)])) if (c, t) in sums else None for c in cols]
+            for t in teachers]
     return ["teacher", "mean α", "mean S_MI", "mean S_cons", "mean S_PPL"], body
 
 
@@ -357,7 +377,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             + (f"; with {cfg.eval.repeats} independent runs of the k samples, sd = the standard deviation of "
                "pass@1 between runs" if cfg.eval.repeats > 1 else "") + "; Δ general = change of general-family pass@1 from the "
             "base student (forgetting is negative); branch-steps = optimizer steps summed over branches "
-            "(MoT Table 5). Bold: best in column.</p>",
+            "(MoT Table 5). Bold: the best pass@1 of each split.</p>",
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
     page += _paired_section(run_dir, eval_rows, results, splits)
     if not results:
@@ -441,8 +461,18 @@ def _collect_table(run_dir: Path) -> str:
     rows = rows.get("teachers", rows) if isinstance(rows, dict) else rows
     if not rows:
         return ""
-    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list)) and not k.endswith("_se")]
-    return _html_table(keys, [[_with_se(r, k) for k in keys] for r in rows])  # a rate beside its SE
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list)) and not k.endswith("_se")
+            and not (k in _COLLECT_OPTIONAL and not any(r.get(k) for r in rows))]
+    return _html_table([_COLLECT_LABELS.get(k, k) for k in keys],
+                       [[_with_se(r, k) for k in keys] for r in rows])  # a rate beside its SE
+
+
+# The collection summary's fields as the CLI's table names them; the optional ones only when some teacher has any
+# (a judge ran, an imported corpus carried its own verdicts).
+_COLLECT_LABELS = {"unparseable": "unparsed", "judged_invalid": "judge-rejected", "mean_tokens": "mean tokens",
+                   "source_verdicts": "source verdicts", "source_disagree": "disagree with source",
+                   "mean_chars": "mean chars"}
+_COLLECT_OPTIONAL = {"judged_invalid", "source_verdicts", "source_disagree"}
 
 
 def routing_table(path: Path, key: str = "type") -> tuple[list[str], list[list]]:

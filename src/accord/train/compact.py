@@ -370,9 +370,10 @@ def _think_row(m: dict, width: int) -> list[float]:
 
 
 def _metrics(meta, a, score, s_mi, s_cons, s_ppl, stats, groups) -> dict:
-    """Per-teacher means over the micro-batch.  ``alpha/<teacher>`` is each teacher's share of the weight
-    over the problems that *are* weighted (K′ ≥ 2; groups of one — replay rows, single-trace problems —
-    have α = 1 by construction and are left out), so the shares sum to 1 (COMPACT Fig. 3)."""
+    """Per-teacher means over the micro-batch's problems that *are* weighted (K′ ≥ 2; groups of one — replay
+    rows, single-trace problems — have α = 1 by construction, their scores unused, a lone trace's S_cons 0):
+    ``alpha/<teacher>`` is each teacher's share of the weight, so the shares sum to 1 (COMPACT Fig. 3), and
+    ``score``/``s_*`` the means of the scores that set it."""
     multi = {i for g in groups.values() if len(g) > 1 for i in g}
     n_prob = sum(1 for g in groups.values() if len(g) > 1)
     cols = [t.tolist() for t in (a, score, s_mi, s_cons, s_ppl)]
@@ -382,7 +383,8 @@ def _metrics(meta, a, score, s_mi, s_cons, s_ppl, stats, groups) -> dict:
     out = {f"alpha/{t}": sum(cols[0][i] for i in ix if i in multi) / n_prob for t, ix in by.items()
            if n_prob and any(i in multi for i in ix)}
     for name, col in (("score", 1), ("s_mi", 2), ("s_cons", 3), ("s_ppl", 4)):
-        out.update({f"{name}/{t}": sum(cols[col][i] for i in ix) / len(ix) for t, ix in by.items()})
+        out.update({f"{name}/{t}": sum(cols[col][i] for i in ix if i in multi) / sum(i in multi for i in ix)
+                    for t, ix in by.items() if any(i in multi for i in ix)})
     out["mcon"] = stats["mcon"] / max(1, stats["pairs"] - stats["skipped"])
     out["mcon_skip"] = stats["skipped"] / max(1, stats["pairs"])
     for g in groups.values():
