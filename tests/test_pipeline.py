@@ -68,13 +68,21 @@ def test_report_escapes_model_text(tmp_path, problems_file, two_parrots, micro):
     from accord.config import load_config
     from accord.analysis.report import write_report
 
+    from accord.problems import problem_id
+
+    q = "Is <b>3</b> plus 4 seven?"
+    problems_file.write_text(json.dumps({"question": q, "answer": "7"}) + "\n")
     cfg = load_config(pipeline_cfg(tmp_path, problems_file, two_parrots, micro))
     d = tmp_path / "run" / "eval" / "base"
     d.mkdir(parents=True)
-    (d / "target.rows.jsonl").write_text(json.dumps({"output": "<script>alert(1)</script>", "verdict": "x"}) + "\n")
+    (d / "target.rows.jsonl").write_text(json.dumps({"problem_id": problem_id(q), "mode": "greedy", "parsed": "<i>",
+                                                     "output": "<script>alert(1)</script>", "verdict": "x"}) + "\n")
     rows = [{"key": "base", "model": "base", "split": "target", "final": True, "pass1": 0.5, "greedy": 0.5}]
     html = write_report(cfg, [], rows).read_text()
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    # the sample stands under its problem's question and reference answer, both escaped
+    assert "Is &lt;b&gt;3&lt;/b&gt; plus 4 seven?" in html and "reference answer: <code>7</code>" in html
+    assert "(greedy, x, answered <code>&lt;i&gt;</code>)" in html
     assert "Only the base student is here" in html and "accord train CONFIG" in html  # says what is missing
 
 

@@ -333,8 +333,10 @@ def _html_table(head: list[str], body: list[list], best_cols: set[int] = frozens
     return "\n".join(out + ["</tbody></table></div>"])
 
 
-def _samples(run_dir: Path, eval_rows: list[dict]) -> str:
-    parts = []
+def _samples(run_dir: Path, eval_rows: list[dict], cfg=None) -> str:
+    """Each final model's first target row (the same problem for all: rows are written in problem order), under
+    the problem's question and reference answer when the split can still be read."""
+    firsts = []
     for r in eval_rows:
         if not r.get("final") or r["split"] != "target":
             continue
@@ -344,10 +346,34 @@ def _samples(run_dir: Path, eval_rows: list[dict]) -> str:
         with rows_file.open(encoding="utf-8") as fh:
             first = fh.readline()  # not the whole file: it holds every generated text
         if first.strip():
-            row = json.loads(first)
-            parts.append(f"<h3>{html.escape(r['model'])} <small>({html.escape(row['verdict'])})</small></h3>"
-                         f"<pre>{html.escape(row['output'])}</pre>")
+            firsts.append((r["model"], json.loads(first)))
+    problems = _target_problems(cfg, {row.get("problem_id") for _, row in firsts})
+    parts, shown = [], None
+    for model, row in firsts:
+        pid = row.get("problem_id")
+        if pid != shown and pid in problems:
+            p = problems[pid]
+            parts.append(f"<h3>Problem <code>{html.escape(pid)}</code></h3><pre>{html.escape(p.question)}</pre>"
+                         f"<p>reference answer: <code>{html.escape(p.answer)}</code></p>")
+            shown = pid
+        said = ", ".join(html.escape(str(x)) for x in (row.get("mode"), row["verdict"]) if x)
+        if row.get("parsed") is not None:
+            said += f", answered <code>{html.escape(str(row['parsed']))}</code>"
+        parts.append(f"<h3>{html.escape(model)} <small>({said})</small></h3><pre>{html.escape(row['output'])}</pre>")
     return "\n".join(parts)
+
+
+def _target_problems(cfg, ids: set) -> dict:
+    """The target split's problems among ``ids`` ({} when the config or its source is gone: the samples show
+    without their question)."""
+    if cfg is None or "target" not in getattr(cfg.eval, "splits", {}) or not ids:
+        return {}
+    from accord.evaluate import split_problems
+
+    try:
+        return {p.id: p for p in split_problems(cfg, "target") if p.id in ids}
+    except (OSError, ValueError):  # accord's UsageError (a source that cannot be read) is a ValueError
+        return {}
 
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
@@ -401,7 +427,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     page += _interpolation_section(run_dir / "analysis" / "interpolation.json", out)
     page += _qr_section(run_dir / "train" / "qr", out)
     page += _cord_section(run_dir, out)
-    page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows), "</body></html>"]
+    page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows, cfg), "</body></html>"]
     (out / "index.html").write_text("\n".join(page), encoding="utf-8")
     (out / "table.txt").write_text(summary_text(run_dir, eval_rows, results, splits) + "\n")  # what the CLI prints
     return out / "index.html"
