@@ -34,3 +34,15 @@ def test_not_a_terminal_prints_throttled_lines_and_the_end(monkeypatch):
 def test_a_terminal_keeps_rich_bars():
     console = Console(file=io.StringIO(), force_terminal=True)
     assert not isinstance(progress(console), LineProgress)
+
+
+def test_console_in_a_log_is_wide_enough_for_the_tables(monkeypatch):
+    """Not a terminal: $COLUMNS or LOG_WIDTH columns (rich's 80 wrapped every cell of the collection table)."""
+    from accord.ui import LOG_WIDTH, make_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    c = make_console()
+    assert not c.is_terminal and c.width == LOG_WIDTH
+    monkeypatch.setenv("COLUMNS", "90")
+    assert make_console().width == 90
+    assert make_console(width=70).width == 70

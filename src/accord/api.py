@@ -30,9 +30,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def _console(console):
-    from rich.console import Console
+    from accord.ui import make_console
 
-    return console or Console(stderr=True)
+    return console or make_console()
 
 
 def run(cfg, console=None, stages: tuple[str, ...] = ("collect", "train", "eval", "report")) -> dict:

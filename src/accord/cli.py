@@ -383,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cmd:
         parser.print_help()
         return EXIT_USAGE
-    console = Console(stderr=True)
+    from accord.ui import make_console
+
+    console = make_console()
     try:
         code = COMMANDS[args.cmd](args, console)
         if "torch.distributed" in sys.modules:  # under torchrun / accelerate launch: leave the group cleanly

@@ -53,7 +53,7 @@ from accord.teachers.base import (
     load_generator,
     served,
 )
-from accord.ui import progress
+from accord.ui import make_console, progress
 from accord.verify import (
     CORRECT,
     FAILED,
@@ -468,7 +468,7 @@ def summary_table(summary: list[dict], total: int) -> Table:
 
 def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
     """The ``accord collect`` stage: sample → verify → store → judge → select → corpora + summary."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     run_dir = Path(cfg.run_dir)
     dump_config(cfg)
     problems = load_problems(cfg.problems)

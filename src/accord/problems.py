@@ -200,14 +200,14 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
         msg = f"{cfg.path}: {len(dupes)} row(s) repeat a problem id: {first}"
         if cfg.on_duplicate == "error":
             raise ProblemSourceError(msg)
-        from rich.console import Console
+        from accord.ui import make_console
 
-        Console(stderr=True).print(f"[yellow]warning[/]: {msg}; the first of each is kept "
+        make_console().print(f"[yellow]warning[/]: {msg}; the first of each is kept "
                                    "(problems.on_duplicate: error stops instead)", highlight=False, soft_wrap=True)
     if skipped:
-        from rich.console import Console
+        from accord.ui import make_console
 
-        Console(stderr=True).print(f"{cfg.path}: skipped {sum(skipped.values())} row(s) without a checkable answer ("
+        make_console().print(f"{cfg.path}: skipped {sum(skipped.values())} row(s) without a checkable answer ("
                                    + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
                                    + "; problems.skip_answers)", highlight=False, soft_wrap=True)
     problems = [p for p, _ in seen.values()]

@@ -38,8 +38,20 @@ def say_once(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+LOG_WIDTH = 120  # columns when stderr is not a terminal (rich's 80 would wrap every table cell in a log)
+
+
+def make_console(**kw) -> Console:
+    """accord's console: stderr; on a terminal its own width, in a log (CI, ``nohup``, ``tee``) ``$COLUMNS`` or
+    :data:`LOG_WIDTH` columns, so the collection and method tables stay one line per row."""
+    c = Console(stderr=True, **kw)
+    if not c.is_terminal and "COLUMNS" not in os.environ and "width" not in kw:
+        c.width = LOG_WIDTH
+    return c
+
+
 def progress(console: Console | None = None):
-    console = console or Console(stderr=True)
+    console = console or make_console()
     if not console.is_terminal and not console.is_jupyter:
         return LineProgress(console, float(os.environ.get("ACCORD_PROGRESS_EVERY", "30")))
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

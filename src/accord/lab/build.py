@@ -28,7 +28,7 @@ from accord.prompts import render_prompt
 from accord.teachers.base import Request, SamplingParams
 from accord.teachers.hf import HFGenerator
 from accord.train.engine import TrainArgs, train_sft
-from accord.ui import progress
+from accord.ui import make_console, progress
 from accord.verify import CORRECT, check
 
 
@@ -157,9 +157,7 @@ def build_lab(quick: bool = False, force: bool = False, profile: str | None = No
     A model that misses its band is kept and recorded (``weak`` in the manifest) with a warning naming
     it, its accuracy and the band; unless ``allow_weak``, :class:`LabTooWeak` is raised at the end.
     """
-    from rich.console import Console
-
-    console = console or Console(stderr=True)
+    console = console or make_console()
     name = profile or ("quick" if quick else "full")
     p = PROFILES[name]
     torch.set_num_threads(_cpus())
@@ -234,9 +232,7 @@ def _build_job(job: tuple) -> tuple:
     """Train, measure and save one model (in this process or a pool worker); returns what the parent records."""
     profile, model_name, threads, console = job
     if console is None:  # a pool worker: plain throttled progress lines, never two live bars at once
-        from rich.console import Console
-
-        console = Console(stderr=True, force_terminal=False)
+        console = make_console(force_terminal=False)
     torch.set_num_threads(threads)
     p, t0 = PROFILES[profile], time.perf_counter()
     tok = lab_tokenizer_b() if model_name == STUDENT_B else lab_tokenizer()
