@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -54,11 +55,12 @@ def main() -> None:
 
     from accord.collect import collect
 
-    quiet = Console(file=open("/dev/null", "w"))
-    collect(cfg, quiet)
-    t0 = time.perf_counter()
-    res = collect(cfg, quiet)
-    rerun = time.perf_counter() - t0
+    with open(os.devnull, "w") as null:
+        quiet = Console(file=null)
+        collect(cfg, quiet)
+        t0 = time.perf_counter()
+        res = collect(cfg, quiet)
+        rerun = time.perf_counter() - t0
     print(f"sequential tokens/s: {seq:.1f}")
     print(f"batched tokens/s: {bat:.1f}")
     print(f"finished-collection rerun seconds: {rerun:.2f} (generated {res.generated})")

@@ -18,17 +18,17 @@ extra tensors.
 from __future__ import annotations
 
 import argparse
-import torch
 
+import torch
 
 SHAPES = {"lab": (None, None), "small": (256, 4)}  # (hidden size, layers); lab = the lab student's own
 
 
 def setup(n_problems: int = 400, shape: str = "lab"):
+    import random
+
     from accord.lab.recipe import PROFILES, _new_model, _trace_rows, lab_tokenizer
     from accord.lab.tasks import generate
-
-    import random
 
     tok = lab_tokenizer()
     probs = generate("arith", "train")[4000:4000 + n_problems]
@@ -41,9 +41,7 @@ def setup(n_problems: int = 400, shape: str = "lab"):
 
 
 def run_mtd(tok, rows, new_model, args) -> float:
-    from accord.train.engine import TrainArgs, train
-
-    from accord.train.engine import encode_example
+    from accord.train.engine import TrainArgs, encode_example, train
 
     model = new_model()
     flat = [r for rs in rows.values() for r in rs]
@@ -137,8 +135,8 @@ def main() -> None:
         t_cmp.append(run_compact(tok, rows, new_model, args))
         t_grp.append(run_grouped_sft(tok, rows, new_model, args))
     print(f"shape {args.shape}: mtd {1e3 * min(t_mtd):.1f} ms/step, compact {1e3 * min(t_cmp):.1f} ms/step "
-          f"(the last of {args.steps // args.epoch_steps} epochs of {args.epoch_steps} steps of {args.batch} traces); plain SFT on COMPACT's problem-grouped "
-          f"batches {1e3 * min(t_grp):.1f} ms/step")
+          f"(the last of {args.steps // args.epoch_steps} epochs of {args.epoch_steps} steps of {args.batch} traces); "
+          f"plain SFT on COMPACT's problem-grouped batches {1e3 * min(t_grp):.1f} ms/step")
     print(f"compact/mtd step-time ratio: {min(t_cmp) / min(t_mtd):.2f}  (goal ≤ 1.15)")
     print(f"  of which the grouped layout: grouped-SFT/mtd {min(t_grp) / min(t_mtd):.2f}, "
           f"compact/grouped-SFT {min(t_cmp) / min(t_grp):.2f}")

@@ -4,9 +4,9 @@ A lab model that writes traces (``--model``, default ``lab:verbose``: the lab st
 traces, the shape of a distilled student; a micro model when the lab is not built) on 200 target problems ×
 (greedy + k = 4 samples at T = 0.6), the same batch size (64) and token budget.  The reference renders the
 same chat prompts, left-pads them in batches of the same size in the given order, calls
-``model.generate`` and decodes the outputs (no verification, no rows written); accord runs ``evaluate()`` through its hf backend (length-sorted batches, verification,
-rows written for resume).  Greedy outputs are checked equal; the ratio is reference time / accord time
-(≥ 1.0: accord is no slower than the plain loop).
+``model.generate`` and decodes the outputs (no verification, no rows written); accord runs ``evaluate()`` through its
+hf backend (length-sorted batches, verification, rows written for resume).  Greedy outputs are checked equal; the
+ratio is reference time / accord time (≥ 1.0: accord is no slower than the plain loop).
 
     python bench/eval.py [--n 200] [--k 4] [--batch 64] [--repeats 5] [--model lab:verbose]
     python bench/eval.py --device cuda --shape qwen3-0.6b --n 64 --k 1 --max-new-tokens 256 --repeats 2
@@ -39,7 +39,7 @@ def setup(n: int, batch: int, spec: str, shape: str | None = None, device: str =
             from accord.models import resolve_model
 
             model = resolve_model(spec)
-        except Exception:
+        except (OSError, ValueError):  # not in the cache: a micro model of the shape instead
             from accord.lab.micro import build_micro
 
             model = tempfile.mkdtemp()

@@ -20,12 +20,19 @@ import random
 
 import torch
 
-
 SHAPES = {"lab": (None, None), "small": (256, 4)}  # (student a's hidden size, layers); student b is 0.75 × as wide
 
 
 def setup(n_problems: int = 300, shape: str = "lab"):
-    from accord.lab.recipe import PROFILES, STUDENT_B_RECIPE, _new_model, _new_qwen2, _trace_rows, lab_tokenizer, lab_tokenizer_b
+    from accord.lab.recipe import (
+        PROFILES,
+        STUDENT_B_RECIPE,
+        _new_model,
+        _new_qwen2,
+        _trace_rows,
+        lab_tokenizer,
+        lab_tokenizer_b,
+    )
     from accord.lab.tasks import generate
 
     p = PROFILES["full"]

@@ -161,9 +161,8 @@ def _batch(micro, traces, words=(), packed=False):
 def _logits(model, b):
     """The model's output rows, their flat [tokens, V] view, the per-example positions and the per-example
     (unpacked) logits."""
-    from accord.train.engine import flat_positions, model_inputs, unpack
-
     from accord.train.compact import _Head
+    from accord.train.engine import flat_positions, model_inputs, unpack
 
     rows = model(**model_inputs(b)).logits
     return rows, _Head(logits=rows), flat_positions(b), unpack(rows, b)
@@ -179,7 +178,7 @@ def test_mcon_skips_pairs_whose_answers_differ(micro, packed):
     from accord.config import CompactConfig
     from accord.train.compact import mcon, span_logprobs
 
-    model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES], packed=packed)
+    model, _tok, _ex, b = _batch(micro, [(0, t) for t in TRACES], packed=packed)
     _, head, where, logits = _logits(model, b)
     stats = {"pairs": 6, "skipped": 0, "mcon": 0.0}
     a = torch.tensor([0.5, 0.3, 0.2])
@@ -231,7 +230,7 @@ def test_packed_and_padded_batches_give_the_same_loss_scores_and_gradients(micro
     fn = make_loss_fn(CompactConfig(epsilon=1.0))
     got = []
     for packed in (False, True):
-        model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (0, TRACES[2]), (1, TRACES[0]),
+        model, _tok, _ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (0, TRACES[2]), (1, TRACES[0]),
                                            (1, TRACES[1])], words=("plus",), packed=packed)
         loss, metrics = fn(model, b, 2)
         loss.backward()
@@ -252,7 +251,7 @@ def test_chunked_head_gives_the_full_logits_loss_scores_and_gradients(micro):
 
     got = []
     for chunked in (False, True):
-        model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (0, TRACES[2]), (1, TRACES[0]),
+        model, _tok, _ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (0, TRACES[2]), (1, TRACES[0]),
                                            (1, TRACES[1])], words=("plus",), packed=True)
         LinearTokenNLL.CHUNK = 7  # several chunks
         try:
@@ -285,8 +284,8 @@ def test_direct_avg_is_uniform_sft_on_grouped_problems(micro):
 
 
 def test_accord_train_compact_end_to_end(tmp_path, micro):
-    from accord.config import load_config
     from accord.analysis.report import compact_scores, write_report
+    from accord.config import load_config
 
     run = tmp_path / "run"
     (run / "corpora").mkdir(parents=True)
@@ -310,7 +309,7 @@ def test_accord_train_compact_end_to_end(tmp_path, micro):
     for ev in steps:
         assert sum(v for k, v in ev.items() if k.startswith("alpha/")) == pytest.approx(1.0, abs=1e-5)
         assert 0.0 <= ev["mcon_skip"] <= 1.0 and "s_cons/a" in ev
-    head, body = compact_scores(run / "train" / "compact" / "metrics.jsonl")
+    _head, body = compact_scores(run / "train" / "compact" / "metrics.jsonl")
     assert [r[0] for r in body] == ["a", "b", "c"]
     html = write_report(load_config(p), [res], []).read_text()
     assert "compact-alpha.png" in html and (run / "report" / "compact-alpha.png").exists()
@@ -352,7 +351,7 @@ def test_batched_scores_match_the_per_trace_reference(micro, packed):
     from accord.train.compact import _ppl_mi
     from accord.train.engine import IGNORE, token_nll, unpack
 
-    model, tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (1, TRACES[2])], words=("plus",),
+    model, _tok, ex, b = _batch(micro, [(0, TRACES[0]), (0, TRACES[1]), (1, TRACES[2])], words=("plus",),
                                packed=packed)
     with torch.no_grad():
         rows, head, where, logits = _logits(model, b)
@@ -381,7 +380,7 @@ def test_compact_with_lora_scores_through_the_adapters(tmp_path, micro):
     from accord.config import CompactConfig
     from accord.train.compact import _qk, last_decoder_layer
 
-    model, tok, ex, b = _batch(micro, [(0, t) for t in TRACES])
+    _model, _tok, _ex, b = _batch(micro, [(0, t) for t in TRACES])
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(micro),
                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], lora_dropout=0.5))
     layer = last_decoder_layer(peft)

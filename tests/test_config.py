@@ -71,7 +71,7 @@ def test_duplicate_teacher_names_and_unknown_judge(cfg_file):
 def test_override_errors(cfg_file):
     with pytest.raises(ConfigError, match="no list item named"):
         load_config(cfg_file, ["teachers.gamma.model=x"])
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         load_config(cfg_file, ["collect.samples"])
 
 
@@ -134,8 +134,9 @@ def test_run_takes_overrides_without_a_config_and_others_say_config_first(tmp_pa
     config goes first instead of "file not found"."""
     import argparse
 
-    from accord.cli import _run_config
     from conftest import run_cli
+
+    from accord.cli import _run_config
 
     args = argparse.Namespace(config=f"run_dir={tmp_path / 'q'}", overrides=["train.steps_per_round=3"],
                               profile="quick")

@@ -368,8 +368,8 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
     code, out = run_cli("cord", str(path))
     assert code == 0
     assert json.loads((run / "cord" / "summary.json").read_text())["cord"]["n"] == 10  # nothing redone
-    from accord.config import load_config
     from accord.analysis.report import write_report
+    from accord.config import load_config
 
     html = write_report(load_config(path), [], []).read_text()
     assert "CoRD Table 2" in html and "<td>cord-curation</td>" in html

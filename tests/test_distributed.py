@@ -1,4 +1,5 @@
-"""Multi-process training on CPU (gloo) gives the single-process result: DDP's token normalisation, MoT's parallel branches."""
+"""Multi-process training on CPU (gloo) gives the single-process result: DDP's token normalisation, MoT's parallel
+branches."""
 
 import os
 import subprocess
@@ -40,7 +41,7 @@ def launch(cfg: Path, nproc: int, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(worker), str(cfg)] if nproc > 1 else [sys.executable, str(worker), str(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
 
 

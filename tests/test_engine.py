@@ -22,7 +22,8 @@ from accord.train.engine import (
 
 def rows(n: int, offset: int = 0) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"Start at {i + offset} and follow 2 links."},
-                          {"role": "assistant", "content": f"<think>\n(1) {i}>{i + 1}\n</think>\n\n\\boxed{{{i % 10}}}"}]}
+                          {"role": "assistant",
+                           "content": f"<think>\n(1) {i}>{i + 1}\n</think>\n\n\\boxed{{{i % 10}}}"}]}
             for i in range(n)]
 
 
@@ -295,7 +296,7 @@ def test_packing_trains_the_same_model_and_a_model_that_cannot_pack_is_caught(mi
     from accord.train.engine import use_packing
 
     assert use_packing(blind, TrainArgs(), "cpu") is False
-    with pytest.raises(ValueError, match="Blind .*packed examples attend to each other; set train.packing: false"):
+    with pytest.raises(ValueError, match=r"Blind .*packed examples attend to each other; set train\.packing: false"):
         use_packing(blind, TrainArgs(packing=True), "cpu")
 
 

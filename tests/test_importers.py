@@ -32,7 +32,7 @@ def _corpus(tmp_path, teacher: str) -> list[dict]:
 
 
 def test_sharegpt_conversations_with_thought_markers(tmp_path):
-    conv = lambda q, a: [{"from": "user", "value": q}, {"from": "assistant", "value": a}]  # noqa: E731
+    conv = lambda q, a: [{"from": "user", "value": q}, {"from": "assistant", "value": a}]
     rows = [{"system": "…", "conversations": conv("What is 3 plus 4?", "<|begin_of_thought|>\n\n3 + 4 = 7\n\n"
                                                   "<|end_of_thought|>\n\n<|begin_of_solution|>\n\nThe sum is "
                                                   "\\boxed{7}\n\n<|end_of_solution|>"),
@@ -41,7 +41,7 @@ def test_sharegpt_conversations_with_thought_markers(tmp_path):
                                                   "<|end_of_thought|>\n<|begin_of_solution|>\\boxed{9}"
                                                   "<|end_of_solution|>"),
              "ground_truth_solution": "\\boxed{8}"}]
-    out, traces = _collect(tmp_path, rows, {"question_field": "conversations.0.value",
+    _out, traces = _collect(tmp_path, rows, {"question_field": "conversations.0.value",
                                             "answer_field": "ground_truth_solution"},
                            [{"name": "ot", "backend": "column", "column": "conversations", "format": "sharegpt"}])
     assert [t["verdict"] for t in traces if "3 plus 4" in t["prompt"]] == ["correct"]

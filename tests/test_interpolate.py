@@ -19,8 +19,9 @@ def test_interpolated_state_is_the_convex_combination():
     for lam in (0.1, 0.5, 0.75):
         got = interpolated(base, ckpt, lam)
         for n in ("w", "b"):
+            rows_b, rows_c = base[n].view(-1, base[n].shape[-1]), ckpt[n].view(-1, ckpt[n].shape[-1])
             ref = torch.tensor([[lam * float(x) + (1 - lam) * float(y) for x, y in zip(rb, rc)]
-                                for rb, rc in zip(base[n].view(-1, base[n].shape[-1]), ckpt[n].view(-1, ckpt[n].shape[-1]))])
+                                for rb, rc in zip(rows_b, rows_c)])
             assert torch.allclose(got[n], ref.view_as(got[n]), atol=1e-6), (n, lam)
         assert int(got["steps"]) == 3
     assert interpolated(base, ckpt, 0.0) is ckpt and interpolated(base, ckpt, 1.0) is base  # the ends, bit for bit

@@ -118,7 +118,8 @@ def test_lab_model_specs_resolve_and_collect_runs(micro_lab, tmp_path):
     with pytest.raises(TeacherConfigError, match="unknown lab model"):
         resolve_model("lab:micro/nobody")
     cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": "lab:chain:validation", "limit": 4},
-           "teachers": [{"name": "terse", "model": "lab:micro/terse"}, {"name": "shifted", "model": "lab:micro/shifted"}],
+           "teachers": [{"name": "terse", "model": "lab:micro/terse"},
+                        {"name": "shifted", "model": "lab:micro/shifted"}],
            "collect": {"samples": 2, "max_new_tokens": 24}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -272,7 +273,8 @@ def test_accord_run_qr_on_two_lab_students_builds_student_b_and_reports_each(mic
     assert valid_entry("micro", "student-b") is None  # optional: not part of the plain build
     run = tmp_path / "run"
     cfg = {"run_dir": str(run), "problems": {"path": "lab:arith:train", "limit": 4},
-           "teachers": [{"name": "terse", "model": "lab:micro/terse"}, {"name": "shifted", "model": "lab:micro/shifted"}],
+           "teachers": [{"name": "terse", "model": "lab:micro/terse"},
+                        {"name": "shifted", "model": "lab:micro/shifted"}],
            "collect": {"samples": 2, "max_new_tokens": 24, "select": "all-correct"},
            "student": {"model": "lab:micro/student"},
            "train": {"method": "qr", "rounds": 1, "steps_per_round": 2, "batch_size": 8, "max_len": 96},

@@ -250,7 +250,7 @@ def test_running_merge_reuses_its_buffers_across_merges(tensors):
     """MoT passes one buffer dict to every round: the second merge writes into the first one's memory and
     gives the same result as a fresh merge."""
     base, models = tensors
-    state = lambda m: {"w": m}  # noqa: E731
+    state = lambda m: {"w": m}
     buffers: dict = {}
     first = RunningMerge({"w": base}, MergeSpec("average"), buffers)
     for m in models:

@@ -20,7 +20,7 @@ def chromium_dom(page: Path) -> str:
     out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                           "--disable-component-update", "--disable-sync", "--no-first-run",
                           f"--user-data-dir={page.parent / '.chromium'}", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     return out.stdout
 
 
@@ -65,9 +65,8 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
 
 
 def test_report_escapes_model_text(tmp_path, problems_file, two_parrots, micro):
-    from accord.config import load_config
     from accord.analysis.report import write_report
-
+    from accord.config import load_config
     from accord.problems import problem_id
 
     q = "Is <b>3</b> plus 4 seven?"
@@ -328,7 +327,7 @@ def test_tensorboard_tracker_writes_the_losses(tmp_path, micro):
                                    "student": {"model": str(micro)},
                                    "train": {"method": "std:a", "rounds": 1, "steps_per_round": 3,
                                              "batch_size": 4, "report_to": ["tensorboard"]}}))
-    p = subprocess.run([*accord_cmd(), "train", str(cfg)], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([*accord_cmd(), "train", str(cfg)], capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -341,10 +340,10 @@ def test_tensorboard_tracker_writes_the_losses(tmp_path, micro):
 
 def test_eval_repeats_give_a_standard_deviation_over_runs(parrot7, problems_file, tmp_path):
     """eval.repeats: R runs of k samples, pass@1 over all of them, the runs' own pass@1 and their sd."""
+    from accord.analysis.report import _fmt, _with_se
     from accord.config import ProblemsConfig, TeacherConfig
     from accord.evaluate import evaluate
     from accord.problems import load_problems
-    from accord.analysis.report import _fmt, _with_se
     from accord.teachers.base import load_generator
 
     probs = load_problems(ProblemsConfig(path=str(problems_file)))
@@ -410,7 +409,8 @@ def test_paired_differences_match_a_by_hand_reference(tmp_path):
     # greedy only (eval.k = 0), problems not shared are left out, own bases for QR students
     g_base = {(p, 0, "greedy"): i % 2 == 0 for i, p in enumerate(pids)}
     g_qr = {(p, 0, "greedy"): True for p in pids[:30]}
-    rows = [_write_rows(tmp_path, "base-student-b", "ood", g_base), _write_rows(tmp_path, "qr-student-b/final", "ood", g_qr),
+    rows = [_write_rows(tmp_path, "base-student-b", "ood", g_base),
+            _write_rows(tmp_path, "qr-student-b/final", "ood", g_qr),
             _write_rows(tmp_path, "base", "ood", {(p, 0, "greedy"): True for p in pids})]
     _, body = paired_table(tmp_path, rows, [{"name": "qr-student-b", "student": "student-b"}], ["ood"], "base")
     (name, diff, counts), = body

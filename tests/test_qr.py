@@ -297,8 +297,8 @@ def _qr_run(tmp_path, micro, micro_b, **qr_over):
 
 
 def test_accord_train_qr_end_to_end(tmp_path, micro, micro_b):
-    from accord.config import load_config
     from accord.analysis.report import routing_table, write_report
+    from accord.config import load_config
 
     run, p = _qr_run(tmp_path, micro, micro_b)
     code, out = run_cli("train", str(p))
@@ -381,7 +381,7 @@ def test_packed_student_pass_equals_the_padded_one(micro, micro_b):
     states and gradients as the padded forward — whole batch and the routed split."""
     long = "<think>\n" + "Start 3 , add 4 : 7 .\n" * 8 + "</think>\n\n\\boxed{7}"
     rows = [_row("Start at 3.", t, f"p{i}") for i, t in enumerate(TRACES + [long, TRACES[0]])]
-    names, students, toks, ex, feat, router = _models([micro, micro_b], rows)
+    names, students, toks, ex, feat, _router = _models([micro, micro_b], rows)
     b = qr.collate_paths(names, [t.pad_token_id for t in toks.values()], feat)(ex)
     routed = torch.tensor([True, False, True, True, False])
     for n in names:

@@ -50,7 +50,7 @@ def test_replay_with_nothing_correct_is_a_clear_error(tmp_path, parrot7):
     from accord.train.common import TrainSetupError, replay_rows
 
     problems = write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "question": "What is 1+0?", "answer": "1"}])
-    with pytest.raises(TrainSetupError, match="train.replay: the student answered none"):
+    with pytest.raises(TrainSetupError, match=r"train\.replay: the student answered none"):
         replay_rows(_cfg(tmp_path, parrot7, problems))
 
 

@@ -108,7 +108,7 @@ def test_continuations_reuse_cached_prefixes_with_the_same_results(micro):
 def test_prefix_cache_evicts_least_recently_used_within_its_budget():
     from accord.teachers.prefix_cache import PrefixCache
 
-    states = lambda n: ([torch.zeros(2, n, 4)], [torch.zeros(2, n, 4)])  # noqa: E731  (64 bytes per token)
+    states = lambda n: ([torch.zeros(2, n, 4)], [torch.zeros(2, n, 4)])
     c = PrefixCache(budget_bytes=64 * 25)
     c.put(list(range(10)), *states(10))
     c.put(list(range(10, 20)), *states(10))

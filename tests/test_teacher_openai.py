@@ -120,7 +120,8 @@ def flaky_server(script: Script):
                     "role": "assistant", "reasoning_content": "thinking about " + q[:10], "content": "\\boxed{7}"}
                 payload = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": "m",
                                       "choices": [{"index": 0, "finish_reason": "length", "message": msg}],
-                                      "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}}).encode()
+                                      "usage": {"prompt_tokens": 1, "completion_tokens": 5,
+                                                "total_tokens": 6}}).encode()
                 self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(payload)))
@@ -251,7 +252,7 @@ def test_replicas_share_the_requests_and_a_dead_one_is_dropped_mid_collection(tm
     assert f"replica {url_b} unreachable" in out and "1 of 2 left" in out
     db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
     rows = db.execute("select problem_id, sample_idx, verdict from traces").fetchall()
-    assert len(rows) == 24 and len(set((r[0], r[1]) for r in rows)) == 24  # nothing lost, nothing duplicated
+    assert len(rows) == 24 and len({(r[0], r[1]) for r in rows}) == 24  # nothing lost, nothing duplicated
     assert all(r[2] == "correct" for r in rows)
     assert b.calls >= 3 and a.calls >= 24 - b.calls
 

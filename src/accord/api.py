@@ -21,7 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from accord.config import load_config as _load
-from accord.run import prepare_models, run as _run
+from accord.run import prepare_models
+from accord.run import run as _run
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None):

@@ -369,7 +369,8 @@ def cmd_demo(args, console: Console) -> int:
     return demo(console)
 
 
-COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_eval, "report": cmd_report, "merge": cmd_merge,
+COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_eval, "report": cmd_report,
+            "merge": cmd_merge,
             "interpolate": cmd_interpolate,
             "collect": cmd_collect, "export": cmd_export, "config": cmd_config, "lab": cmd_lab, "demo": cmd_demo}
 

@@ -18,12 +18,12 @@ Choices where the papers are silent: seeds per sample are a hash of
 backends (``vllm``, ``openai`` where the server honours ``seed``) any subset
 re-generates identically; the ``hf`` backend seeds each *batch* from its
 requests' seeds (transformers has no per-row generator), so it reproduces the
-same batches exactly but a subset batched differently draws other noise; corpora do not train on the teacher's styled prompt (the student is
-asked with a simple instruction at test time, QR-Distill §2.1): the user turn is
-the ``default`` style prompt — the one evaluation uses — and the teacher's styled
-prompt is kept beside it.  Teachers behind servers (``backend: openai``) are collected
-at once, each from a thread of its own, while the main thread verifies and stores
-what comes back (:func:`sample_at_once`); in-process teachers one after another.
+same batches exactly but a subset batched differently draws other noise;
+corpora do not train on the teacher's styled prompt (the student is asked with a simple instruction at test time,
+QR-Distill §2.1): the user turn is the ``default`` style prompt — the one evaluation uses — and the teacher's styled
+prompt is kept beside it.  Teachers behind servers (``backend: openai``) are collected at once, each from a thread of
+its own, while the main thread verifies and stores what comes back (:func:`sample_at_once`); in-process teachers one
+after another.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def sample_at_once(cfg: AccordConfig, tcfgs: list[TeacherConfig], problems: list
                     if stop.is_set():
                         break
                     results.put((name, part, prompts, teachers[name].generate(reqs, params)))
-            except BaseException as e:  # handed to the main thread, which decides
+            except BaseException as e:  # noqa: BLE001 — handed to the main thread, which decides
                 results.put((name, e, None, None))
                 return
             results.put((name, None, None, None))
@@ -294,7 +294,8 @@ def column_samples(tcfg: TeacherConfig, p: Problem) -> list[tuple[str | None, st
 def _assistant_turn(turns, fmt: str) -> str | None:
     """The last assistant turn of a conversation: sharegpt ``{from: gpt|assistant, value}``, messages
     ``{role: assistant, content}``."""
-    key, who, roles = ("value", "from", ("gpt", "assistant")) if fmt == "sharegpt" else ("content", "role", ("assistant",))
+    key, who, roles = (("value", "from", ("gpt", "assistant")) if fmt == "sharegpt"
+                       else ("content", "role", ("assistant",)))
     said = [t.get(key) for t in turns or [] if isinstance(t, dict) and t.get(who) in roles]
     return said[-1] if said else None
 
@@ -358,9 +359,7 @@ def keep(cfg: AccordConfig, row: dict) -> bool:
     if cfg.collect.judge is not None and row["judge"] is None:  # a judge is configured but has not spoken
         return False
     thr = cfg.collect.confidence.min_window_logprob
-    if thr is not None and row["min_window_logprob"] is not None and row["min_window_logprob"] < thr:
-        return False
-    return True
+    return thr is None or row["min_window_logprob"] is None or row["min_window_logprob"] >= thr
 
 
 def select(rows: list[dict], policy: str, seed: int, teacher: str) -> list[dict]:
@@ -378,7 +377,8 @@ def select(rows: list[dict], policy: str, seed: int, teacher: str) -> list[dict]
 
 def corpus_row(row: StoredTrace, p: Problem) -> CorpusRow:
     return {"problem_id": p.id, "teacher": row["teacher"], "style": row["style"], "sample_idx": row["sample_idx"],
-            "split": p.meta.get("split"), "level": _level(p), "question": p.question, "answer": p.answer, "prompt": row["prompt"],
+            "split": p.meta.get("split"), "level": _level(p), "question": p.question, "answer": p.answer,
+            "prompt": row["prompt"],
             "completion": row["text"], "reasoning": row["reasoning"], "final": row["answer_text"],
             "token_count": row["token_count"],
             "messages": [{"role": "user", "content": render_prompt("default", p.question)},

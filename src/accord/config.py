@@ -71,7 +71,7 @@ class ProblemsConfig(_Strict):
         "first", description="rows sharing a problem id: keep the first (and warn, naming them) or stop")
 
     @model_validator(mode="after")
-    def _fractions(self) -> "ProblemsConfig":
+    def _fractions(self) -> ProblemsConfig:
         if self.validation_fraction + self.test_fraction >= 1:
             raise ValueError("validation_fraction + test_fraction must be < 1")
         return self
@@ -97,7 +97,8 @@ class GeneratorConfig(_Strict):
                                              "replicas serving the same model (round-robin; a dead one is dropped)")
     api_key_env: str | None = Field(None, description="openai: environment variable holding the API key")
     endpoint: Literal["chat", "completions"] = Field("chat", description="openai: which endpoint to call")
-    tokenizer: str | None = Field(None, description="openai completions: local tokenizer whose chat template renders prompts")
+    tokenizer: str | None = Field(None, description="openai completions: local tokenizer whose chat template renders "
+                                  "prompts")
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
     max_retries: int = Field(5, ge=0, description="openai: retries on 429/5xx/timeouts with backoff + jitter")
     timeout: float = Field(600.0, gt=0, description="openai: seconds per request")
@@ -118,7 +119,7 @@ class GeneratorConfig(_Strict):
         return one_of(v, BACKENDS, "teacher backend")
 
     @model_validator(mode="after")
-    def _needs(self) -> "GeneratorConfig":
+    def _needs(self) -> GeneratorConfig:
         missing = []
         if self.backend in ("hf", "vllm", "openai") and not self.model:
             missing.append("model")
@@ -477,7 +478,7 @@ class AccordConfig(_Strict):
     qr: QrConfig = Field(default_factory=QrConfig)
 
     @model_validator(mode="after")
-    def _cross(self) -> "AccordConfig":
+    def _cross(self) -> AccordConfig:
         names = [t.name for t in self.teachers]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

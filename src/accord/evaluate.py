@@ -20,9 +20,9 @@ per (model, split) so finished ones are skipped.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from accord.analysis.stats import mean_se
 from accord.config import GeneratorConfig, ProblemsConfig

@@ -5,7 +5,6 @@ dtype picks, and the checkpoint + tokenizer load (safetensors only, no remote co
 from __future__ import annotations
 
 import functools
-
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ def resolve_model(spec: str, who: str = "model") -> str:
     p = Path(spec).expanduser()
     if p.exists():
         return str(p)
-    if spec.startswith(("/", "./", "../", "~")) or spec.startswith(".") or p.suffix in (".safetensors", ".bin"):
+    if spec.startswith(("/", ".", "~")) or p.suffix in (".safetensors", ".bin"):
         raise TeacherConfigError(f"{who}: model path {spec!r} does not exist")
     return spec  # a hub id; loading says clearly if it cannot be fetched
 
@@ -42,7 +41,7 @@ def local_model_dir(spec: str, who: str = "model") -> Path:
 
     try:
         return Path(snapshot_download(str(path), allow_patterns=CHECKPOINT_FILES))
-    except Exception as e:  # offline without a cached copy, a typo, a gated repo: say which and why
+    except Exception as e:  # noqa: BLE001 — offline without a cached copy, a typo, a gated repo: say which and why
         raise TeacherConfigError(f"{who}: cannot read {spec!r} as a local checkpoint or a cached hub snapshot "
                                  f"({type(e).__name__}: {e})") from None
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from accord.config import ProblemsConfig
 from accord.errors import UsageError
@@ -110,7 +111,7 @@ def _read_parquet(path: Path) -> Iterable[tuple[str, dict]]:
 
     try:
         table = pq.read_table(path)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 — pyarrow's many error types, said with the file's name
         raise ProblemSourceError(f"{path}: cannot read parquet: {e}") from None
     for i, row in enumerate(table.to_pylist()):
         yield f"{path} row {i}", row
@@ -121,7 +122,7 @@ def _read_hf_dir(path: Path) -> Iterable[tuple[str, dict]]:
 
     try:
         ds = load_from_disk(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 — datasets' many error types, said with the directory's name
         raise ProblemSourceError(f"{path}: not a saved Hugging Face dataset ({e})") from None
     if isinstance(ds, DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))

@@ -23,8 +23,8 @@ BOXED_HINT = "Put the final answer in \\boxed{}."
 STYLES: dict[str, str] = {
     "default": "{question}\n\n" + BOXED_HINT,
     "vanilla": "Reason to solve the problem:\n{question}\n\n" + BOXED_HINT,
-    "cot": "{question}\n\nLet's reason step by step, writing each reasoning step clearly before giving the final answer. "
-    + BOXED_HINT,
+    "cot": "{question}\n\nLet's reason step by step, writing each reasoning step clearly before giving the final "
+    "answer. " + BOXED_HINT,
     "tot": "Think in a tree of thoughts: outline multiple solution paths and choose the most promising one to derive "
     "the answer.\n{question}\n\n" + BOXED_HINT,
     "program": "Use code to solve the following problem and print the final answer.\n{question}\n\n" + BOXED_HINT,

@@ -16,6 +16,7 @@ from accord.evaluate import evaluate_models
 from accord.sources import prepare
 from accord.train import train_methods
 
+
 def model_specs(cfg: AccordConfig, student: bool = True) -> list[str]:
     """Every model spec the config names: teachers, and (``student``) the student and QR's students."""
     specs = [t.model for t in cfg.teachers if t.model]

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 from accord.errors import UsageError
 from accord.prompts import last_boxed, split_think
@@ -159,7 +159,7 @@ def check(verifier: str, gold: str, completion: str, tolerance: float = 1e-6) ->
         return VERIFIERS[verifier](gold, answer, tolerance)
     except GoldAnswerError:
         raise
-    except Exception:  # a verifier crash on odd teacher text is not the teacher being wrong
+    except Exception:  # noqa: BLE001 — a verifier crash on odd teacher text is not the teacher being wrong
         return Check(UNPARSEABLE, None)
 
 

@@ -10,7 +10,7 @@ A trace shorter than the window has one window: the whole trace.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -10,7 +10,7 @@ BINS = 10
 
 def hit_rates(step_lists: list[list[tuple[tuple[str, ...], str]]], teachers: list[str], bins: int = BINS) -> dict:
     """Share of selected steps per teacher in each normalised-progress bin (credit split on merged steps)."""
-    counts = [{t: 0.0 for t in teachers} for _ in range(bins)]
+    counts = [dict.fromkeys(teachers, 0.0) for _ in range(bins)]
     for steps in step_lists:
         n = len(steps)
         for i, (names, _) in enumerate(steps):

@@ -11,11 +11,11 @@ Choices where the paper is silent:
 2. θ(λ) is task arithmetic with weight 1 − λ (:func:`accord.train.merge.merge_state_dicts`: float32, cast back
    to the checkpoint's dtype) — the model ``accord merge --method task_arithmetic --weights 1−λ`` writes; the
    two ends are the checkpoints themselves, bit for bit, so they reproduce ``accord eval``'s numbers.
-3. Evaluated with the hf backend, the weights replaced in memory (one model loaded, no checkpoint written per
-   λ; the base's and the checkpoint's weights are held in CPU memory beside it — three copies in all), with the run's evaluation settings (k, temperature, top-p, seeds, token budget, verifier) on one split
-   (default: the first of ``eval.splits``).  Per-sample rows are kept under
-   ``<run_dir>/analysis/interpolation/<model>/lambda-<λ>/``, so a killed run resumes and a finished point is
-   never generated again.
+3. Evaluated with the hf backend, the weights replaced in memory (one model loaded, no checkpoint written per λ; the
+   base's and the checkpoint's weights are held in CPU memory beside it — three copies in all), with the run's
+   evaluation settings (k, temperature, top-p, seeds, token budget, verifier) on one split (default: the first of
+   ``eval.splits``).  Per-sample rows are kept under ``<run_dir>/analysis/interpolation/<model>/lambda-<λ>/``, so a
+   killed run resumes and a finished point is never generated again.
 4. Which checkpoints: each named model's final (``train/<name>/result.json``); by default MTD and MoT, the
    paper's pair, where trained.  A QR student interpolates from its own base student.
 5. Two numbers summarise a curve beside its points (each pass@1 ± its standard error over problems): the mean
@@ -26,6 +26,7 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def value(point: dict) -> float:
 def max_dip(curve: list[dict]) -> float:
     """The largest fall of pass@1 between neighbouring λ, walking from the base (λ = 1) to the checkpoint."""
     ys = [value(p) for p in sorted(curve, key=lambda p: -p["lambda"])]
-    return max([0.0] + [a - b for a, b in zip(ys, ys[1:])])
+    return max([0.0] + [a - b for a, b in itertools.pairwise(ys)])
 
 
 def run(cfg, console, models: list[str] | None = None, points: int = 11, split: str | None = None) -> dict:
@@ -157,7 +158,8 @@ def plot(data: dict, path: Path) -> Path | None:
     for name, curve in data["curves"].items():
         pts = sorted(curve, key=lambda p: p["lambda"])
         ax.errorbar([p["lambda"] for p in pts], [value(p) for p in pts],
-                    yerr=[(p.get("pass1_se") if p.get("pass1") is not None else p.get("greedy_se")) or 0 for p in pts], marker="o", ms=4, capsize=2, lw=1.4, label=name)
+                    yerr=[(p.get("pass1_se") if p.get("pass1") is not None else p.get("greedy_se")) or 0
+                          for p in pts], marker="o", ms=4, capsize=2, lw=1.4, label=name)
     ax.set_xlabel("λ  (θ = λ·base + (1 − λ)·checkpoint; 0 = trained checkpoint, 1 = base)")
     ax.set_ylabel(f"{data['split']} pass@1")
     ax.grid(alpha=0.3)

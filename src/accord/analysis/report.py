@@ -321,7 +321,8 @@ def _html_table(head: list[str], body: list[list], best_cols: set[int] = frozens
         return c[0] if isinstance(c, tuple) else c
 
     best = {i: max((val(r[i]) for r in body if isinstance(val(r[i]), float)), default=None) for i in best_cols}
-    out = ["<div class='scroll'><table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    heads = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    out = [f"<div class='scroll'><table><thead><tr>{heads}</tr></thead><tbody>"]
     for r in body:
         tds = []
         for i, c in enumerate(r):
@@ -401,9 +402,10 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             f"{cfg.eval.temperature}, top-p {cfg.eval.top_p} (k = {cfg.eval.k}), ± the standard error over "
             f"problems ({html.escape(_n_problems(eval_rows))})"
             + (f"; with {cfg.eval.repeats} independent runs of the k samples, sd = the standard deviation of "
-               "pass@1 between runs" if cfg.eval.repeats > 1 else "") + "; Δ general = change of general-family pass@1 from the "
-            "base student (forgetting is negative); branch-steps = optimizer steps summed over branches "
-            "(MoT Table 5). Bold: the best pass@1 of each split.</p>",
+               "pass@1 between runs" if cfg.eval.repeats > 1 else "")
+            + "; Δ general = change of general-family pass@1 from the base student (forgetting is negative); "
+            "branch-steps = optimizer steps summed over branches (MoT Table 5). "
+            "Bold: the best pass@1 of each split.</p>",
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
     page += _paired_section(run_dir, eval_rows, results, splits)
     if not results:

@@ -8,7 +8,7 @@ same problems are paired (``analysis.report.paired_table``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:

@@ -122,7 +122,7 @@ def _propose(teachers: dict, prompt: str, beams: list[Beam], cs: CordSettings, s
                                 max_new_tokens=cs.step_tokens, stop=stops)
         try:
             return teacher.generate(reqs, params), None
-        except Exception as e:  # a teacher down mid-decoding: drop its proposals, go on
+        except Exception as e:  # noqa: BLE001 — a teacher down mid-decoding: drop its proposals, go on
             return None, e
 
     t0 = time.perf_counter()
@@ -229,7 +229,7 @@ def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, t
             answers = teacher.generate([Request(prompt, prefix=THINK_PREFIX + t + THINK_CLOSE, seed=cs.seed)
                                         for t in thinks],
                                        SamplingParams(temperature=0.0, max_new_tokens=cs.answer_tokens)) if gens else []
-        except Exception:
+        except Exception:  # noqa: BLE001 — the answering teacher down: these rollouts score as failed
             return None, rollouts
         return list(zip(gens, thinks, answers)), failed
 
@@ -263,8 +263,8 @@ def curate(teachers: dict, scorer, prompt: str, answer: str, cs: CordSettings, t
 @dataclass
 class _Node:
     beam: Beam
-    parent: "_Node | None" = None
-    children: list["_Node"] = field(default_factory=list)
+    parent: _Node | None = None
+    children: list[_Node] = field(default_factory=list)
     visits: int = 0
     value: float = 0.0
     expanded: bool = False

@@ -19,6 +19,7 @@ step they open, so ``"".join(split_steps(t)) == t`` for every mode.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 MODES = ("prompt", "line-break", "prefix")
@@ -42,7 +43,7 @@ def split_steps(text: str, mode: str) -> list[str]:
     else:
         raise ValueError(f"unknown segmentation {mode!r}; choose one of {', '.join(MODES)}")
     bounds = sorted({0, *[c for c in cuts if 0 < c < len(text)], len(text)})
-    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def stop_strings(mode: str) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from accord.analysis.cord import hit_rates, plot_hit_rates
 from accord.analysis.stats import mean_se
 from accord.collect import _write_jsonl, corpus_row, make_row
-from accord.cord.decode import CordSettings, THINK_PREFIX, Timing, Trajectory, beam_search, curate, finish, mcts_search
+from accord.cord.decode import THINK_PREFIX, CordSettings, Timing, Trajectory, beam_search, curate, finish, mcts_search
 from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 from accord.cord.score import CordError, Scorer
 from accord.problems import load_problems
@@ -39,6 +39,7 @@ from accord.store import TraceStore
 from accord.teachers.base import Generation, Request, SamplingParams, load_generator
 from accord.ui import progress
 from accord.verify import CORRECT, GoldAnswerError, check
+
 
 def settings(cfg) -> CordSettings:
     """The decoder's settings: the fields of ``CordSettings`` read from the ``cord`` config section."""

@@ -18,9 +18,27 @@ from accord.errors import RunFailure
 from accord.evaluate import evaluate
 from accord.lab.cache import _load, _save, _save_tmp, lab_dir, lab_lock, read_manifest, recipe_hash, status, valid_entry
 from accord.lab.recipe import (
-    BREAKDOWN, BUILD_ORDER, EXTRAS, PROFILES, RANDOM, STUDENT, STUDENT_B, STUDENT_B_RECIPE, TEACHERS, Profile,
-    _new_model, _new_qwen2, _validation, band_misses, hash_name, lab_seed, lab_tokenizer, lab_tokenizer_b,
-    student_rows, teacher_rows, zoo_checks,
+    BREAKDOWN,
+    BUILD_ORDER,
+    EXTRAS,
+    PROFILES,
+    RANDOM,
+    STUDENT,
+    STUDENT_B,
+    STUDENT_B_RECIPE,
+    TEACHERS,
+    Profile,
+    _new_model,
+    _new_qwen2,
+    _validation,
+    band_misses,
+    hash_name,
+    lab_seed,
+    lab_tokenizer,
+    lab_tokenizer_b,
+    student_rows,
+    teacher_rows,
+    zoo_checks,
 )
 from accord.lab.tasks import generate
 from accord.problems import Problem
@@ -37,8 +55,8 @@ def _train(model, tok, rows, steps: int, p: Profile, lr: float, seed: int, label
     """Train in place; ``stop(step)`` → True ends training early.  Returns the steps taken."""
     # packing off: the lab's models are pinned by their recipe hash, and its checks were recorded with padded
     # batches (packing changes float sums in the last digits, and the base's skill arrives as a sudden transition)
-    args = TrainArgs(steps=steps, batch_size=p.batch, lr=lr, warmup_ratio=0.05, min_lr_ratio=p.min_lr_ratio, max_len=256,
-                     seed=seed, packing=False, chunked_loss=p.chunked_loss)
+    args = TrainArgs(steps=steps, batch_size=p.batch, lr=lr, warmup_ratio=0.05, min_lr_ratio=p.min_lr_ratio,
+                     max_len=256, seed=seed, packing=False, chunked_loss=p.chunked_loss)
 
     def on_step(s: int, loss: float) -> bool:
         bar.update(task, advance=1, description=f"train {label} loss {loss:.3f}")
@@ -137,7 +155,8 @@ def _build_one(tok, p: Profile, profile: str, name: str, console) -> tuple[objec
         return _new_model(tok, p.d, p.layers, seed=99 + seed, init_range=p.init_range), {"steps": 0}
     if name in (STUDENT, STUDENT_B):
         model = (_new_model(tok, p.d, p.layers, seed=99 + seed, init_range=p.init_range) if name == STUDENT else
-                 _new_qwen2(tok, round(p.d * STUDENT_B_RECIPE["width"]), p.layers, seed=77 + seed, init_range=p.init_range))
+                 _new_qwen2(tok, round(p.d * STUDENT_B_RECIPE["width"]), p.layers, seed=77 + seed,
+                            init_range=p.init_range))
         targets = {"arith-1": p.student_stop, "last": p.student_stop}
         info = _train_until(model, tok, student_rows(p), p, targets, p.student_steps, p.lr, seed, name, console)
     else:
@@ -184,7 +203,7 @@ def _build_locked(name: str, p: Profile, force: bool, console, allow_weak: bool,
                 _record(name, p, manifest, console, *_build_job((name, m, torch.get_num_threads(), console)))
         # longest first; the untrained random-init model (seconds: only measured) last, on whichever worker
         # frees first, so it never waits on the critical path
-        jobs = sorted((m for m in todo if m in TEACHERS), key=lambda m: BUILD_ORDER.index(m)) + \
+        jobs = sorted((m for m in todo if m in TEACHERS), key=BUILD_ORDER.index) + \
             [m for m in (RANDOM,) if m in todo]
         if workers > 1:
             import multiprocessing as mp
@@ -214,7 +233,7 @@ _ETA = {"full": "4 minutes", "quick": "2 minutes", "micro": "seconds"}
 
 
 def _cpus() -> int:
-    return int(os.environ.get("ACCORD_LAB_THREADS", 0)) or max(1, os.cpu_count() or 1)
+    return int(os.environ.get("ACCORD_LAB_THREADS", "0")) or max(1, os.cpu_count() or 1)
 
 
 def _workers(profile: str, n_teachers: int) -> int:
@@ -222,7 +241,7 @@ def _workers(profile: str, n_teachers: int) -> int:
     0.13M-parameter model is 1.4× faster on 2 threads than on 1, while 2 processes do 2 steps), so on
     2 cores two teachers train at once, 1 thread each.  ``ACCORD_LAB_WORKERS=1``: one at a time with
     every thread; the micro profile (tests, seconds) always builds in this process."""
-    env = int(os.environ.get("ACCORD_LAB_WORKERS", 0))
+    env = int(os.environ.get("ACCORD_LAB_WORKERS", "0"))
     if profile == "micro":
         return 1
     return max(1, min(n_teachers, env or min(4, _cpus())))

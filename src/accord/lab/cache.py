@@ -16,9 +16,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-
 from accord.lab.recipe import (
-    EXTRAS, PROFILES, RANDOM, RECIPE_VERSION, STUDENT, STUDENT_B, STUDENT_B_RECIPE, TEACHERS, Profile, lab_seed,
+    EXTRAS,
+    PROFILES,
+    RANDOM,
+    RECIPE_VERSION,
+    STUDENT,
+    STUDENT_B,
+    STUDENT_B_RECIPE,
+    TEACHERS,
+    Profile,
+    lab_seed,
     zoo_checks,
 )
 from accord.teachers.base import TeacherConfigError

@@ -47,7 +47,6 @@ from accord.lab.tasks import MOD, OPS, STYLE_NAMES, answer_only, apply_op, arith
 from accord.lab.tokenizer import build_tokenizer
 from accord.prompts import render_prompt
 
-
 RECIPE_VERSION = 6  # lab v2: arithmetic chains, a student with the primitive, imperfect teachers
 
 

@@ -37,9 +37,9 @@ Reasoning styles (one per teacher, each can also write CoRD ``### Step N`` heade
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Callable, Iterable
+from functools import cache
 
 NODES = 10  # node names are the digits 0-9
 SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 300}
@@ -303,7 +303,7 @@ def generate(family: str, split: str, n: int | None = None) -> list[dict]:
     return rows
 
 
-@lru_cache(maxsize=None)
+@cache
 def _texts_of_other_splits(family: str, split: str) -> frozenset[str]:
     """Evaluation splits must never overlap training: later splits exclude earlier ones' texts."""
     order = ["test", "validation", "train"]

@@ -3,15 +3,15 @@
 By default digits are split one per token (as Llama does).  The lab's own
 tokenizer keeps a space and a digit together (``" 8"`` is one token, ``"8"``
 another): in ``Links: 4>3 8>7`` a link's source and its target are then different
-tokens, so following a link is one unambiguous look-up for a tiny model; ``<think>``/``</think>`` are added as *non-special* tokens so they
-survive ``decode(skip_special_tokens=True)`` like Qwen3's; the chat template is a
-plain ``<|role|>content<|end|>`` format and ``<|end|>`` is the EOS token.
+tokens, so following a link is one unambiguous look-up for a tiny model;
+``<think>``/``</think>`` are added as *non-special* tokens so they survive ``decode(skip_special_tokens=True)`` like
+Qwen3's; the chat template is a plain ``<|role|>content<|end|>`` format and ``<|end|>`` is the EOS token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from accord.prompts import STYLES
 from accord.verify import JUDGE_PROMPT

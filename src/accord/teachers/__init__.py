@@ -3,14 +3,22 @@
 
 from accord.teachers.base import (
                                   Generation,
+                                  Generator,
                                   NotSupported,
                                   Request,
                                   SamplingParams,
-                                  Generator,
                                   TeacherConfigError,
                                   TeacherUnavailable,
                                   load_generator,
 )
 
-__all__ = ["Generation", "NotSupported", "Request", "SamplingParams", "Generator", "TeacherConfigError",
-           "TeacherUnavailable", "load_generator"]
+__all__ = [
+                                  "Generation",
+                                  "Generator",
+                                  "NotSupported",
+                                  "Request",
+                                  "SamplingParams",
+                                  "TeacherConfigError",
+                                  "TeacherUnavailable",
+                                  "load_generator",
+]

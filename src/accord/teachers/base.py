@@ -19,8 +19,9 @@ the backend does internally.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from accord.errors import RunFailure, UsageError
 from accord.registry import BACKENDS, load
@@ -84,7 +85,7 @@ class Generator(Protocol):
 
 
 # "module:attr" strings so heavy backends (vllm) import only when used.
-def load_generator(cfg: "GeneratorConfig") -> Generator:
+def load_generator(cfg: GeneratorConfig) -> Generator:
     backend = BACKENDS.get(cfg.backend)
     if backend is None or backend.impl is None:
         gen = [b.name for b in BACKENDS.values() if b.impl]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -159,7 +159,8 @@ class HFGenerator:
         """Rows that started from cached states and the prompt tokens they did not re-encode (None: no cache)."""
         if self._prefix is None:
             return None
-        return {"rows": self._prefix.hits, "tokens_reused": self._prefix.reused_tokens, "mb": self._prefix.bytes / 2**20}
+        pc = self._prefix
+        return {"rows": pc.hits, "tokens_reused": pc.reused_tokens, "mb": pc.bytes / 2**20}
 
     def cached_prefix(self, rows: list[list[int]], width: int):
         """``(C, cache)``: the key/value states of the first ``C`` columns of the left-padded batch ``rows`` (token

@@ -28,8 +28,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 from accord.teachers.base import (
     Generation,

@@ -11,7 +11,8 @@ Choices (nothing prescribes them):
   prompts (collection, evaluation) keep exactly the numerics they had;
 - an entry is one sequence's token ids and its per-layer keys and values (unpadded, on the model's device);
   a new sequence reuses the entry sharing its longest token prefix (entries are bucketed by their first
-  ``KEY`` tokens; common prefixes found by binary search on tuple slices), always leaving at least its last token to compute;
+  ``KEY`` tokens; common prefixes found by binary search on tuple slices), always leaving at least its last
+  token to compute;
 - a batch (left-padded) reuses the first ``C`` columns, the largest width every row has cached; a batch whose
   rows cannot all reuse at least ``MIN_REUSE`` tokens is encoded from scratch;
 - least recently used entries go first once the budget (``prefix_cache_mb``) is exceeded.

@@ -8,7 +8,7 @@ Per-request seeds map onto vLLM's per-request ``seed``.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from accord.models import resolve_model
 from accord.teachers.base import (
@@ -54,7 +54,8 @@ class VLLMGenerator:
             if params.logprobs and c.logprobs:
                 lps = [step[tid].logprob for step, tid in zip(c.logprobs, c.token_ids)]
             stop = c.stop_reason if isinstance(c.stop_reason, str) else None
-            text = "<think>\n" + c.text if inside_think(self.tok, texts[len(gens)], requests[len(gens)].prefix) else c.text
+            opened = inside_think(self.tok, texts[len(gens)], requests[len(gens)].prefix)
+            text = "<think>\n" + c.text if opened else c.text
             gens.append(Generation(text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop",
                                    token_logprobs=lps, elapsed_s=dt, stop_string=stop))
         return gens

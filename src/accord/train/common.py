@@ -13,7 +13,6 @@ A stage whose ``result.json`` exists is finished and is skipped on re-run.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import shutil
 from pathlib import Path
@@ -242,8 +241,8 @@ def select_checkpoint(cfg: AccordConfig, points: list[dict], name: str, console)
         return len(points) - 1
     scores = []
     for i, pt in enumerate(points):
-        gen = load_generator(GeneratorConfig(name=f"{name}-select-{i}", model=pt["path"], batch_size=cfg.eval.batch_size,
-                                         device=cfg.student.device))
+        gen = load_generator(GeneratorConfig(name=f"{name}-select-{i}", model=pt["path"],
+                                             batch_size=cfg.eval.batch_size, device=cfg.student.device))
         res = evaluate(gen, probs, k=0, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
                        verifier=cfg.eval.verifier)
         gen.close()

@@ -73,8 +73,8 @@ from accord.train.engine import (
     IGNORE,
     LinearTokenNLL,
     capture_input,
-    chunkable_head,
     chat_head,
+    chunkable_head,
     flat_positions,
     grouped_batches,
     model_inputs,
@@ -168,7 +168,8 @@ def group_alphas(gid: torch.Tensor, s_mi, s_cons, s_ppl, beta=(1.0, 1.0, 1.0), t
     return e / torch.zeros_like(top).index_add_(0, gid, e)[gid], score
 
 
-def consensus(q: torch.Tensor, k: torch.Tensor, self_loop: bool = True, gid: torch.Tensor | None = None) -> torch.Tensor:
+def consensus(q: torch.Tensor, k: torch.Tensor, self_loop: bool = True,
+              gid: torch.Tensor | None = None) -> torch.Tensor:
     """Eqs. 4–5: q [N, H, d], k [N, H_kv, d] → S_cons [N] (incoming off-diagonal weight).  ``gid`` [N]: each
     trace's problem — every problem of a micro-batch at once, a trace attending only to its own problem's
     traces (one block-masked softmax instead of a loop over problems); None: one problem.  A trace alone in
@@ -480,7 +481,8 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                                          teacher=t if pid else "replay",
                                          words=c.thinking_words, epsilon=c.epsilon))
     sizes = dict(Counter(Counter(e["group"] for e in examples).values()))
-    console.print("compact: problems by number of traces K′: " + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
+    console.print("compact: problems by number of traces K′: "
+                  + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
     chunked = cfg.train.chunked_loss if cfg.train.chunked_loss is not None else torch.cuda.is_available()
     console.print("compact: the head " + ("in chunks from the hidden states (no full-vocabulary logits)"
                                           if chunked and chunkable_head(model) else "over full-vocabulary logits"))

@@ -368,7 +368,7 @@ _ACCELERATOR = None
 
 def get_accelerator(args: TrainArgs | None = None):
     """One ``accelerate.Accelerator`` per process (accelerate keeps global state anyway)."""
-    global _ACCELERATOR
+    global _ACCELERATOR  # noqa: PLW0603 — one per process, created on first use
     if _ACCELERATOR is None:
         from accelerate import Accelerator
 
@@ -389,7 +389,8 @@ def sft_loss(model, b: dict, n_units: int, chunked: bool = False) -> tuple[torch
     if "parts" in b:
         return sum(sft_loss(model, part, n_units, chunked)[0] for part in b["parts"]), {}
     if chunked:
-        out = model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1)  # only the last position's logits; the head runs in chunks below
+        # only the last position's logits; the head runs in chunks below
+        out = model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1)
         h, tgt = out.hidden_states[-1][:, :-1], b["labels"][:, 1:]
         keep = tgt != IGNORE
         head = output_states(model)

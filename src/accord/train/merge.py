@@ -25,7 +25,8 @@ from mergekit as soon as weights are unequal).
 Choices where the references are silent: arithmetic runs in float32 and the
 result is cast back to the base dtype; DARE's random masks are seeded per
 (seed, tensor name, model index), so a merge is reproducible and independent of
-tensor order (MoT folds the round into the seed, so rounds draw new masks); non-floating tensors (integer buffers) are taken from the base.
+tensor order (MoT folds the round into the seed, so rounds draw new masks); non-floating tensors (integer
+buffers) are taken from the base.
 
 Two ways to merge:
 - ``merge_checkpoints`` streams tensor by tensor from safetensors files (one
@@ -40,9 +41,9 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from peft.utils.merge_utils import (
@@ -53,7 +54,6 @@ from peft.utils.merge_utils import (
 
 from accord.errors import UsageError
 from accord.registry import LINEAR_METHODS, MERGE_METHODS
-
 
 
 class MergeError(UsageError):
@@ -254,7 +254,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         from safetensors import safe_open
 
         with safe_open(str(single), "pt") as f:
-            return {n: single for n in f.keys()}
+            return dict.fromkeys(f.keys(), single)
     if (p / "pytorch_model.bin").exists() or (p / "adapter_model.safetensors").exists():
         raise MergeError(f"{p}: only safetensors full-model checkpoints can be merged (found a .bin or an adapter)")
     raise MergeError(f"{p}: no model.safetensors in this checkpoint")

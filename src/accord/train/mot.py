@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from accord.config import AccordConfig
+from accord.registry import LINEAR_METHODS
 from accord.train.common import (
     engine_args,
     load_student,
@@ -53,7 +54,6 @@ from accord.train.common import (
     write_result,
 )
 from accord.train.engine import encode_example, get_accelerator, train
-from accord.registry import LINEAR_METHODS
 from accord.train.merge import (
     MergeSpec,
     RunningMerge,

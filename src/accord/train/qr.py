@@ -364,7 +364,8 @@ def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None, pack: dict[
         loss = loss - q.entropy_weight * share * ent
         mutual, gamma = _mutual(out, names, frozen, router, alpha.detach(), q)
         loss = loss + q.mutual_weight * mutual * share
-        return loss, _metrics(names, alpha.detach(), ce.detach(), gamma, float(mutual.detach()), float(ent.detach()), meta)
+        return loss, _metrics(names, alpha.detach(), ce.detach(), gamma, float(mutual.detach()), float(ent.detach()),
+                              meta)
 
     return loss_fn
 
@@ -525,7 +526,7 @@ def fit_projections(students: dict, examples: list[dict], kind: str, seed: int, 
     pads = [0] * len(names)
     batch = collate_paths(names, pads, torch.zeros(len(examples), 1))(sample)
     zs = []
-    for k, name in enumerate(names):
+    for name in names:
         m = students[name]
         was = m.training
         m.eval()
@@ -599,7 +600,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     step_box = [0]
     tau_at = None
     if q.tau_end:
-        tau_at = lambda: q.tau * (q.tau_end / q.tau) ** (step_box[0] / max(1, T * S - 1))  # noqa: E731
+        tau_at = lambda: q.tau * (q.tau_end / q.tau) ** (step_box[0] / max(1, T * S - 1))
     models = {**students, HEADS: router}
     with progress(console) as bar:
         task = bar.add_task("qr", total=T * S)
