@@ -479,3 +479,31 @@ def test_report_smoothing_is_a_debiased_moving_average(tmp_path):
         plt.Axes.set_ylim = real
     lows = [a[0] for a in seen if len(a) == 2 and isinstance(a[0], float)]
     assert lows and lows[-1] > 1e-3  # not 1e-4 / 3
+
+
+def test_findings_say_only_what_the_paired_differences_show(tmp_path):
+    """The report's words: the best model on the first split and its difference from MTD, every difference from
+    the base and from MTD outside its 95% interval (forgetting named on the general split), the number of
+    comparisons; nothing said for a base-only run; the same lines in the HTML and the printed summary."""
+    from accord.analysis.report import findings, summary_text
+
+    pids = [f"p{i}" for i in range(40)]
+
+    def greedy(ok):
+        return {(p, 0, "greedy"): ok(i) for i, p in enumerate(pids)}
+
+    rows = [{**_write_rows(tmp_path, "base", s, greedy(lambda i: i % 2 == 0)), "greedy": 0.5}
+            for s in ("target", "general")]
+    assert findings(tmp_path, rows, [], ["target", "general"]) == []  # base only
+    rows += [{**_write_rows(tmp_path, "mtd/step-4", "target", greedy(lambda i: i % 2 == 0 or i < 4)), "greedy": 0.55},
+             {**_write_rows(tmp_path, "mtd/step-4", "general", greedy(lambda i: i % 2 == 0)), "greedy": 0.5},
+             {**_write_rows(tmp_path, "mot/step-4", "target", greedy(lambda i: True)), "greedy": 1.0},
+             {**_write_rows(tmp_path, "mot/step-4", "general", greedy(lambda i: False)), "greedy": 0.0}]
+    said = findings(tmp_path, rows, [], ["target", "general"])
+    assert said[0] == "Best on target: mot (1.000); against mtd +0.450 ± 0.080, outside its 95% interval."
+    assert said[1].startswith("Against the base student: above: mot on target (+0.500 ± 0.080)")
+    assert "below: mot on general (-0.500 ± 0.080, forgetting)" in said[1]
+    assert "mtd on target" not in said[1]  # +0.050 ± 0.035: inside (|m| < 1.96 se)
+    assert said[1].endswith("(4 paired comparisons; about 0.2 would cross by chance if none differed).")
+    assert said[2].startswith("Against mtd: above: mot on target (+0.450 ± 0.080); below: mot on general")
+    assert said[0] in summary_text(tmp_path, rows, [], ["target", "general"])
