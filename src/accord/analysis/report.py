@@ -448,7 +448,8 @@ def summary_text(run_dir: Path, eval_rows: list[dict], results: list[dict], spli
     head, body = paired_table(run_dir, eval_rows, results, splits, "mtd")
     text += f"\n\npaired against mtd ({PAIRED_NOTE}):\n" + text_table(head, body) if body else ""
     said = findings(run_dir, eval_rows, results, splits)
-    return text + ("\n\n" + "\n".join(f"- {x}" for x in said) if said else "")
+    return text + ("\n\n" + "\n".join(f"- {line}" + "".join(f"\n    {x}" for x in subs) for line, subs in said)
+                   if said else "")
 
 
 def split_diffs(body: list[list], splits: list[str]) -> dict[str, dict[str, Diff]]:
@@ -461,56 +462,60 @@ def split_diffs(body: list[list], splits: list[str]) -> dict[str, dict[str, Diff
     return out
 
 
-def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:
-    """The report's first lines, in words and from the paired differences only: the best model on the first
-    split and whether it is distinguishable from MTD, then every difference from the base student and from MTD
-    whose 95% interval excludes 0 (and, when none does, that none does), with how many comparisons were made —
-    at 95%, about one in twenty crosses by chance."""
+def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]
+             ) -> list[tuple[str, list[str]]]:
+    """The report's first lines, in words and from the paired differences only, as (line, sub-lines): the best
+    model on the first split and whether it is distinguishable from MTD, then every difference from the base
+    student and from MTD whose 95% interval excludes 0, by direction and split (or that none does), with how many
+    comparisons were made — at 95%, about one in twenty crosses by chance."""
     finals = final_rows(eval_rows)
     first = splits[0] if splits else None
-    lines: list[str] = []
+    out: list[tuple[str, list[str]]] = []
     if not any(not n.startswith("base") for n in finals):
-        return lines  # only base students: nothing to compare yet
+        return out  # only base students: nothing to compare yet
 
     def rate(m: dict) -> float | None:
         return m.get("pass1") if m.get("pass1") is not None else m.get("greedy")
 
-    scored = [(rate(f[first]), n) for n, f in finals.items() if first in f and rate(f[first]) is not None]
-    vs_mtd = split_diffs(paired_table(run_dir, eval_rows, results, splits, "mtd")[1], splits)
-    vs_base = split_diffs(paired_table(run_dir, eval_rows, results, splits, "base")[1], splits)
-
     def said(d: Diff) -> str:
         return f"{d.mean:+.3f} ± {d.se:.3f}"
 
+    vs_mtd = split_diffs(paired_table(run_dir, eval_rows, results, splits, "mtd")[1], splits)
+    vs_base = split_diffs(paired_table(run_dir, eval_rows, results, splits, "base")[1], splits)
+    scored = [(rate(f[first]), n) for n, f in finals.items() if first in f and rate(f[first]) is not None]
     if scored:
         best, name = max(scored)
         line = f"Best on {first}: {name} ({best:.3f}" + (", an untrained base" if name.startswith("base") else "") + ")"
         d = vs_mtd.get(name, {}).get(first)
         if d is not None:
             line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
-        lines.append(line + ".")
+        out.append((line + ".", []))
     for ref, diffs in (("the base student", vs_base), ("mtd", vs_mtd)):
         n = sum(len(v) for v in diffs.values())
         if not n:
             continue
-        parts = []
+        chance = f"{n} paired comparisons; about {n / 20:.1f} would cross by chance if none differed"
+        subs = []
         for sign, word in ((1, "above"), (-1, "below")):
-            hits = [f"{m} on {s} ({said(d)}{', forgetting' if s == 'general' and sign < 0 else ''})"
-                    for m, v in diffs.items() for s, d in v.items() if d.significant and d.mean * sign > 0]
-            if hits:
-                parts.append(f"{word}: " + ", ".join(hits))
-        lines.append(f"Against {ref}: " + ("; ".join(parts) if parts else "no model differs beyond its 95% interval")
-                     + f" ({n} paired comparisons; about {n / 20:.1f} would cross by chance if none differed).")
-    return lines
+            for s in splits:
+                hits = [f"{m} {said(v[s])}" for m, v in diffs.items()
+                        if s in v and v[s].significant and v[s].mean * sign > 0]
+                if hits:
+                    note = " (forgetting)" if s == "general" and sign < 0 else ""
+                    subs.append(f"{word} on {s}{note}: " + ", ".join(hits))
+        out.append((f"Against {ref} ({chance}):", subs) if subs
+                   else (f"Against {ref}: no model differs beyond its 95% interval ({chance}).", []))
+    return out
 
 
 def _findings_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:
     said = findings(run_dir, eval_rows, results, splits)
     if not said:
         return []
-    return ["<h2>At a glance</h2><ul class='findings'>" + "".join(f"<li>{html.escape(x)}</li>" for x in said)
-            + "</ul><p><small>From the paired differences below; a difference inside its 95% interval is not a "
-            "finding.</small></p>"]
+    items = "".join(f"<li>{html.escape(line)}" + ("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in subs)
+                                                  + "</ul>" if subs else "") + "</li>" for line, subs in said)
+    return [f"<h2>At a glance</h2><ul class='findings'>{items}</ul><p><small>From the paired differences below; a "
+            "difference inside its 95% interval is not a finding.</small></p>"]
 
 
 def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:
