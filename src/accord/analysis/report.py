@@ -1,5 +1,8 @@
 """Report v1: one static HTML page (tables + matplotlib PNGs) in ``<run_dir>/report/``.
 
+- *at a glance* (:func:`findings`): a few sentences drawn only from the paired differences — the best model on
+  the first split against MTD, every difference from the base and from MTD outside its 95% interval, and how
+  many comparisons were made (about one in twenty crosses by chance);
 - the method table of MoT Table 4: base, STD per teacher, MTD, post-hoc merge,
   MoT — target pass@1 / greedy, OOD, general (forgetting = change from base);
   with ``train.select=validation`` a method's row is its validation-selected
@@ -8,8 +11,10 @@
 - paired differences against MTD and the base student (:func:`paired_table`: per-problem pass@1 differences on
   the shared problems, ± their SE, the 95% flag), read from the evaluation's per-sample rows;
 - per-round / per-checkpoint curves (MoT Table 22, Fig. 3) as a PNG;
-- MoT's per-teacher branch losses across rounds (MoT Fig. 3/4) as a PNG;
-- the teachers' collection table (MoT Table 21) and one sample output per model.
+- MoT's per-teacher branch losses across rounds (MoT Fig. 3/4), COMPACT's weights (its Fig. 3) and QR's
+  selection rates as PNGs: per-step values faint under a debiased moving average (:func:`smooth`);
+- the teachers' collection table (MoT Table 21) and each model's answer to one target problem, under its
+  question and reference answer.
 
 Every piece of model or teacher text goes through ``html.escape``; the page has
 no scripts.
