@@ -24,6 +24,7 @@ EPILOG = """examples:
   accord run --profile quick                   # the same on the quick lab (≈3 min)
   accord run --profile quick run_dir=/tmp/q    # …with overrides (no config needed)
   accord run my.yaml train.method=[std,mtd,mot]
+  accord run my.yaml --plan                    # what would be built, generated, trained, evaluated; does none
   accord train my.yaml train.method=mot train.rounds=5
   accord eval my.yaml
   accord cord my.yaml cord.beam=4 cord.segmentation=prompt
@@ -53,6 +54,18 @@ def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
 
+def _add_plan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", action="store_true", help="say what would be built, generated (stored / to go per "
+                   "teacher), trained (finished / resumes / to train) and evaluated, and do none of it")
+
+
+def _show_plan(cfg, stages: tuple[str, ...]) -> int:
+    from accord.plan import plan
+
+    print("\n".join(plan(cfg, stages)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from accord.registry import MERGE_METHODS, method_choices
 
@@ -67,12 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "building the lab models on first use.")
     _add_config_args(p, optional=True)
     p.add_argument("--profile", choices=["full", "quick"], help="with no config: which lab config to run")
+    _add_plan_arg(p)
 
     p = sub.add_parser("train", help="train the student with every method in train.method",
                        description=f"Train with train.method ({method_choices()}; a list runs "
                        "several). Reads <run_dir>/corpora; writes <run_dir>/train/<name>/ (HF checkpoints, "
                        "metrics.jsonl, result.json). A killed run resumes from its last checkpoint.")
     _add_config_args(p)
+    _add_plan_arg(p)
 
     p = sub.add_parser("eval", help="evaluate the base student and every trained checkpoint",
                        description="pass@1 over eval.k samples and greedy accuracy on every eval split, for the "
@@ -80,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "eval.every_checkpoint=false). Resumable; writes <run_dir>/eval/results.json.")
     _add_config_args(p)
     p.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="also evaluate these checkpoints")
+    _add_plan_arg(p)
 
     p = sub.add_parser("report", help="write <run_dir>/report/index.html from finished stages",
                        description="The method table (pass@1 ± SE, paired differences against MTD and the base), "
@@ -124,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "<run_dir>/corpora/<teacher>.jsonl and all.jsonl with the selection policy.")
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="start afresh (the old store is kept as a backup)")
+    _add_plan_arg(p)
 
     p = sub.add_parser("export", help="export the trace store to JSONL",
                        description="Every stored generation (problem, teacher, style, sample, text, parsed answer, "
@@ -183,6 +200,8 @@ def cmd_collect(args, console: Console) -> int:
     from accord.collect import collect
 
     cfg = _load(args)
+    if args.plan:
+        return _show_plan(cfg, ("collect",))
     store = Path(cfg.run_dir) / "traces.sqlite"
     if args.force and store.exists():
         backup = store.with_name(f"traces.{time.strftime('%Y%m%d-%H%M%S')}.sqlite")
@@ -282,6 +301,8 @@ def _is_override(arg: str) -> bool:
 def cmd_run(args, console: Console) -> int:
     from accord.run import run
 
+    if args.plan:
+        return _show_plan(_run_config(args), ("collect", "train", "eval", "report"))
     run(_run_config(args), console)
     return 0
 
@@ -289,6 +310,8 @@ def cmd_run(args, console: Console) -> int:
 def cmd_train(args, console: Console) -> int:
     from accord.run import run
 
+    if args.plan:
+        return _show_plan(_load(args), ("train",))
     res = run(_load(args), console, stages=("train",))
     for r in res["results"]:
         console.print(f"{r['name']}: {r['final']}")
@@ -300,6 +323,8 @@ def cmd_eval(args, console: Console) -> int:
     from accord.run import run
 
     cfg = _load(args)
+    if args.plan:
+        return _show_plan(cfg, ("eval",))
     extra = []
     for m in args.models or []:
         name, _, path = m.rpartition("=")
@@ -380,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`accord train my.yaml --plan train.rounds=2`)
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
     if not args.cmd:
         parser.print_help()
         return EXIT_USAGE

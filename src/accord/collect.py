@@ -115,16 +115,29 @@ def _chunks(items: list, size: int):
         yield items[i:i + size]
 
 
-def _plan(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore,
+def missing_generations(cfg: AccordConfig, problems: list[Problem], done: set) -> list[tuple]:
+    """The (problem, style, sample index) triples of one teacher not among its ``done`` keys, in collection order."""
+    c = cfg.collect
+    return [(p, s, i) for s in c.styles for p in problems for i in range(c.samples)
+            if (p.id, style_name(s), i) not in done]
+
+
+def usable_problems(cfg: AccordConfig) -> tuple[list[Problem], int]:
+    """The problems collection asks about, and how many were left out (a reference answer the verifier cannot
+    read)."""
+    problems = load_problems(cfg.problems)
+    usable = [p for p in problems if gold_is_readable(cfg.collect.verifier, p.answer)]
+    return usable, len(problems) - len(usable)
+
+
+def _todo(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore,
           console: Console) -> tuple[list[tuple], str]:
     """One teacher's missing (problem, style, sample) triples and its settings' JSON (stored with each row); says
     when a collection resumes or stored rows were made with other settings."""
     c = cfg.collect
     params_json = json.dumps({"temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
                               "stop": c.stop, "model": tcfg.model, "seed": c.seed}, sort_keys=True)
-    done = store.done_keys(tcfg.name)
-    todo = [(p, s, i) for s in c.styles for p in problems for i in range(c.samples)
-            if (p.id, style_name(s), i) not in done]
+    todo = missing_generations(cfg, problems, store.done_keys(tcfg.name))
     if not todo:
         return [], params_json
     total = len(c.styles) * len(problems) * c.samples
@@ -156,7 +169,7 @@ def _store(cfg, store: TraceStore, name: str, part, prompts, gens, params_json: 
 def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore,
                    console: Console) -> int:
     """Generate every missing (problem, style, sample) for one teacher; return how many were generated."""
-    todo, params_json = _plan(cfg, tcfg, problems, store, console)
+    todo, params_json = _todo(cfg, tcfg, problems, store, console)
     if not todo:
         return 0
     params = sampling_params(cfg)
@@ -182,7 +195,7 @@ def sample_at_once(cfg: AccordConfig, tcfgs: list[TeacherConfig], problems: list
     import queue
     import threading
 
-    plans = {t.name: (t, *_plan(cfg, t, problems, store, console)) for t in tcfgs}
+    plans = {t.name: (t, *_todo(cfg, t, problems, store, console)) for t in tcfgs}
     plans = {n: v for n, v in plans.items() if v[1]}
     out: dict[str, int | TeacherUnavailable] = {t.name: 0 for t in tcfgs}
     if not plans:
@@ -471,10 +484,9 @@ def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
     console = console or make_console()
     run_dir = Path(cfg.run_dir)
     dump_config(cfg)
-    problems = load_problems(cfg.problems)
-    usable = [p for p in problems if gold_is_readable(cfg.collect.verifier, p.answer)]
-    if len(usable) < len(problems):
-        console.print(f"[yellow]warning[/]: skipped {len(problems) - len(usable)} problem(s) whose reference answer "
+    usable, unreadable = usable_problems(cfg)
+    if unreadable:
+        console.print(f"[yellow]warning[/]: skipped {unreadable} problem(s) whose reference answer "
                       f"the {cfg.collect.verifier!r} verifier cannot read")
     store = TraceStore(run_dir / "traces.sqlite")
     store.put_problems(usable)

@@ -179,11 +179,12 @@ def hash_id(pid: str) -> int:
 # --------------------------------------------------------------------------- the eval stage
 
 
-def eval_points(cfg, results: list[TrainRecord]) -> list[EvalPoint]:
-    """(key, label, path) of every checkpoint to evaluate: the base student, then each result's curve/final."""
+def eval_points(cfg, results: list[TrainRecord], cached_only: bool = False) -> list[EvalPoint]:
+    """(key, label, path) of every checkpoint to evaluate: the base student, then each result's curve/final.
+    ``cached_only``: a hub student is read from the local cache, never fetched (the plan)."""
     from accord.models import local_model_dir
 
-    base = str(local_model_dir(cfg.student.model, "student"))
+    base = str(local_model_dir(cfg.student.model, "student", cached_only=cached_only))
     pts: list[EvalPoint] = [{"key": "base", "model": "base", "steps": 0, "path": base, "final": True}]
     for r in results:  # a result trained from another base (a QR student) brings its base along
         b = r.get("base_model")
@@ -221,22 +222,30 @@ def _generator(cfg, path: str, name: str):
     return load_generator(tc)
 
 
+def eval_summary(cfg, pt: dict, split: str) -> Path | None:
+    """Where one point's evaluation on one split is kept, or None when that pair is not evaluated (a curve
+    checkpoint on a split outside ``eval.curve_splits``)."""
+    curve = cfg.eval.curve_splits
+    if not pt.get("final") and curve is not None and split not in curve:
+        return None
+    return Path(cfg.run_dir) / "eval" / pt["key"] / f"{split}.json"
+
+
 def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
     """Evaluate every point on every split; returns rows {key, model, steps, split, greedy, pass1, ...}."""
     root = Path(cfg.run_dir) / "eval"
     problems = {s: split_problems(cfg, s) for s in cfg.eval.splits}
     rows: list[EvalRow] = []
     pts = eval_points(cfg, results)
-    curve = cfg.eval.curve_splits
     with progress(console) as bar:
         task = bar.add_task("eval", total=len(pts) * len(problems))
         for pt in pts:
             gen = None
             for split, probs in problems.items():
-                if not pt.get("final") and curve is not None and split not in curve:
+                summary = eval_summary(cfg, pt, split)
+                if summary is None:
                     bar.update(task, advance=1)
                     continue
-                summary = root / pt["key"] / f"{split}.json"
                 if summary.exists():
                     res = json.loads(summary.read_text())
                 else:

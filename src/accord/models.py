@@ -30,17 +30,18 @@ def resolve_model(spec: str, who: str = "model") -> str:
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
-def local_model_dir(spec: str, who: str = "model") -> Path:
+def local_model_dir(spec: str, who: str = "model", cached_only: bool = False) -> Path:
     """A local checkpoint directory for ``spec``: a path or lab model as :func:`resolve_model`, a hub id
-    as its snapshot in the Hugging Face cache (fetched once if not there; ``HF_HUB_OFFLINE=1`` reads the
-    cache only).  Merging and evaluation need files, not a name: resolving up front fails before training."""
+    as its snapshot in the Hugging Face cache (fetched once if not there; ``HF_HUB_OFFLINE=1`` or ``cached_only``
+    read the cache only).  Merging and evaluation need files, not a name: resolving up front fails before
+    training."""
     path = Path(resolve_model(spec, who))
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path), allow_patterns=CHECKPOINT_FILES))
+        return Path(snapshot_download(str(path), allow_patterns=CHECKPOINT_FILES, local_files_only=cached_only))
     except Exception as e:  # noqa: BLE001 — offline without a cached copy, a typo, a gated repo: say which and why
         raise TeacherConfigError(f"{who}: cannot read {spec!r} as a local checkpoint or a cached hub snapshot "
                                  f"({type(e).__name__}: {e})") from None

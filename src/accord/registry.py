@@ -26,19 +26,24 @@ class Method:
     recipe: str  # "module:function", called as recipe(cfg, console, arg) → list of result records
     paper: str
     summary: str
+    # "module:function", called as plan(cfg, arg) → [(result name, working dir, budget)]: what the recipe would
+    # write and spend, read without loading anything (``accord run --plan``)
+    plan: str = ""
 
 
 METHODS = {m.name: m for m in (
     Method("std", "accord.train.sft:std", "MoT §5 (single-teacher baseline)",
-           "SFT on one teacher's corpus (std:<teacher>), or on each teacher in turn"),
-    Method("mtd", "accord.train.sft:mtd", "MoT §5 (multi-teacher baseline)", "SFT on the union of the corpora"),
+           "SFT on one teacher's corpus (std:<teacher>), or on each teacher in turn", "accord.train.sft:plan_std"),
+    Method("mtd", "accord.train.sft:mtd", "MoT §5 (multi-teacher baseline)", "SFT on the union of the corpora",
+           "accord.train.sft:plan_mtd"),
     Method("posthoc", "accord.train.posthoc:run", "MoT Table 4 (post-hoc merge)",
-           "merge the finished STD students once"),
-    Method("mot", "accord.train.mot:run", "arXiv 000 (MoT §4)", "teacher branches merged every round"),
+           "merge the finished STD students once", "accord.train.posthoc:plan"),
+    Method("mot", "accord.train.mot:run", "arXiv 000 (MoT §4)", "teacher branches merged every round",
+           "accord.train.mot:plan"),
     Method("compact", "accord.train.compact:run", "arXiv 001 (COMPACT §3)",
-           "per-problem teacher weights from the student's own scores"),
+           "per-problem teacher weights from the student's own scores", "accord.train.compact:plan"),
     Method("qr", "accord.train.qr:run", "arXiv 003 (QR-Distill §2)",
-           "a router sends paths to S cooperating students with their own tokenizers"),
+           "a router sends paths to S cooperating students with their own tokenizers", "accord.train.qr:plan"),
 )}
 
 

@@ -4,7 +4,8 @@ is a plugin module named in :data:`accord.registry.SCHEMES` with three functions
 
 - ``model_path(spec, who) -> str``: the checkpoint a model spec names (a clear error when absent);
 - ``problem_rows(spec) -> Iterable[(where, row)]``: the rows a problem source names;
-- ``prepare(specs, console)``: make the models among ``specs`` exist (the lab builds them).
+- ``prepare(specs, console)``: make the models among ``specs`` exist (the lab builds them);
+- optionally ``missing(specs) -> list[str]``: what ``prepare`` would make, without making it (``--plan``).
 
 A spec without a registered scheme (a path, ``C:\\…``, a hub id) is not a scheme spec.
 """
@@ -37,12 +38,21 @@ def scheme_problem_rows(spec: str) -> Iterable[tuple[str, dict]] | None:
     return p.problem_rows(spec) if p else None
 
 
-def prepare(specs: list[str], console) -> None:
-    """Let every scheme make the models it is named for (``accord run`` calls this before any stage)."""
+def _by_plugin(specs: list[str]) -> dict:
     by: dict = {}
     for s in specs:
         p = plugin(s)
         if p is not None:
             by.setdefault(p, []).append(s)
-    for p, group in by.items():
+    return by
+
+
+def missing(specs: list[str]) -> list[str]:
+    """The models among ``specs`` (and what their scheme builds with them) that :func:`prepare` would make."""
+    return [m for p, group in _by_plugin(specs).items() if hasattr(p, "missing") for m in p.missing(group)]
+
+
+def prepare(specs: list[str], console) -> None:
+    """Let every scheme make the models it is named for (``accord run`` calls this before any stage)."""
+    for p, group in _by_plugin(specs).items():
         p.prepare(group, console)

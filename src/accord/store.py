@@ -54,6 +54,21 @@ class TraceStore:
         if "source_verdict" not in cols:  # a store written before imported verdicts were kept
             self.db.execute("ALTER TABLE traces ADD COLUMN source_verdict TEXT")
 
+    @classmethod
+    def reader(cls, path: str | Path) -> TraceStore | None:
+        """An existing store opened read-only (``accord run --plan`` writes nothing), or None when there is none."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        store = cls.__new__(cls)
+        store.path = path
+        # immutable: no lock or shared-memory file is made — only when no write-ahead log is pending (a killed
+        # collection leaves one; then a plain read-only open reads it)
+        mode = "ro" if Path(f"{path}-wal").exists() else "ro&immutable=1"
+        store.db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=60, check_same_thread=False)
+        store.db.row_factory = sqlite3.Row
+        return store
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         self.db.execute("BEGIN IMMEDIATE")

@@ -185,11 +185,17 @@ def build_lab(quick: bool = False, force: bool = False, profile: str | None = No
         return _build_locked(name, p, force, console, allow_weak, tuple(e for e in extra if e in EXTRAS))
 
 
+def to_build(profile: str, extra: tuple[str, ...] = (), manifest: dict | None = None, force: bool = False) -> list[str]:
+    """The models a build of ``profile`` (with the optional ``extra`` ones) makes: every one not validly cached."""
+    manifest = manifest if manifest is not None else read_manifest(profile)
+    return [m for m in (STUDENT, RANDOM, *extra, *TEACHERS) if force or not valid_entry(profile, m, manifest)]
+
+
 def _build_locked(name: str, p: Profile, force: bool, console, allow_weak: bool, extra: tuple[str, ...] = ()) -> dict:
     manifest = read_manifest(name)
     manifest.update(profile=name, recipe=recipe_hash(p), seed=lab_seed())
     t0 = time.perf_counter()
-    todo = [m for m in (STUDENT, RANDOM, *extra, *TEACHERS) if force or not valid_entry(name, m, manifest)]
+    todo = to_build(name, extra, manifest, force)
     if todo:
         workers = _workers(name, len([m for m in todo if m in TEACHERS]))
         console.print(f"building the lab ({name!r} profile, seed {lab_seed()}, "

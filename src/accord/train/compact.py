@@ -464,6 +464,10 @@ def count_problems(examples: list) -> int:
 # --------------------------------------------------------------------------- the recipe
 
 
+def plan(cfg: AccordConfig, _arg: str = "") -> list[tuple[str, str, str]]:
+    return [("compact", "compact", f"{cfg.train.rounds * cfg.train.steps_per_round} steps")]
+
+
 def run(cfg: AccordConfig, console) -> list[dict]:
     if (done := read_result(cfg, "compact")) is not None:
         console.print("compact: finished earlier, skipped")

@@ -637,7 +637,7 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
                     "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"
                                              if chunked else " over full-vocabulary logits")))
     micro = max(1, args.batch_size // args.grad_accum)
-    clock, last_ckpt = time.perf_counter(), _latest(out)
+    clock, last_ckpt = time.perf_counter(), latest_checkpoint(out)
     trackers = start_trackers(args, out, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}) \
         if local else []
     for step in range(start, args.steps):
@@ -818,7 +818,7 @@ def _emit(out: Path | None, event: dict, log, args: TrainArgs, trackers: list) -
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _latest(out: Path | None) -> Path | None:
+def latest_checkpoint(out: Path | None) -> Path | None:
     """The newest *complete* step checkpoint (``trainer_state.json`` is written last)."""
     if out is None or not out.exists():
         return None
@@ -870,7 +870,7 @@ def _prune(out: Path, keep: int | None) -> None:
 
 def _resume(out: Path, models: dict, opt) -> tuple[int, list[float]]:
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = _latest(out)
+    ckpt = latest_checkpoint(out)
     if ckpt is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         return 0, []

@@ -64,6 +64,13 @@ from accord.train.merge import (
 from accord.ui import progress
 
 
+def plan(cfg: AccordConfig, _arg: str = "") -> list[tuple[str, str, str]]:
+    T, S, K = cfg.train.rounds, cfg.train.steps_per_round, len(cfg.teachers)
+    done = rounds_done(train_dir(cfg, "mot"), T)
+    return [("mot", "mot", f"{T} rounds × {K} branches × {S} steps = {T * K * S} branch-steps, merged "
+             f"({cfg.train.merge.method}) every round" + (f"; rounds 1–{done} merged on disk" if done else ""))]
+
+
 def run(cfg: AccordConfig, console) -> list[dict]:
     if (done := read_result(cfg, "mot")) is not None:
         console.print("mot: finished earlier, skipped")
@@ -214,12 +221,14 @@ def _weight(spec: MergeSpec, teachers: list[str], teacher: str) -> float:
     return spec.weights_for(len(teachers))[teachers.index(teacher)]
 
 
+def rounds_done(out: Path, T: int) -> int:
+    """The last round merged on disk (0: none)."""
+    return max((r for r in range(1, T + 1) if (out / f"round-{r}" / "merged" / "config.json").exists()), default=0)
+
+
 def _resume(out: Path, model, T: int) -> int:
     """Rounds already merged on disk; the model is loaded from the last one."""
-    done = 0
-    for r in range(1, T + 1):
-        if (out / f"round-{r}" / "merged" / "config.json").exists():
-            done = r
+    done = rounds_done(out, T)
     if done:
         model.load_state_dict(load_state(out / f"round-{done}" / "merged"), strict=False)
     return done

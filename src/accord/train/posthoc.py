@@ -29,6 +29,12 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                         branch_steps=sum(s["branch_steps"] for s in stds), teachers=[s["teachers"][0] for s in stds])]
 
 
+def plan(cfg: AccordConfig, _arg: str = "") -> list[tuple[str, str, str]]:
+    n = len(cfg.teachers)
+    return [("posthoc", "posthoc", f"one merge ({cfg.train.merge.method}) of the {n} STD students (trained "
+             "first where missing)")]
+
+
 def _weights_for(cfg: AccordConfig, teachers: list[str]) -> list[float] | None:
     w = cfg.train.merge.weights
     if w is None:

@@ -554,6 +554,12 @@ def capped_batcher(k: int | None):
     return batcher
 
 
+def plan(cfg: AccordConfig, _arg: str = "") -> list[tuple[str, str, str]]:
+    names = student_names(cfg)
+    steps = f"{cfg.train.rounds * cfg.train.steps_per_round} steps, {len(names)} students in each"
+    return [(f"qr-{n}", "qr", steps) for n in names]
+
+
 def run(cfg: AccordConfig, console) -> list[dict]:
     q = cfg.qr
     names = student_names(cfg)

@@ -63,6 +63,16 @@ def _warn_epochs(console, name: str, n: int, steps: int, batch: int) -> None:
         console.print(f"[yellow]note[/]: {name} asks for {epochs_note(n, steps, batch)}; the data repeats")
 
 
+def plan_std(cfg: AccordConfig, teacher: str = "") -> list[tuple[str, str, str]]:
+    T, S = cfg.train.rounds, cfg.train.steps_per_round
+    return [(f"std-{t}", f"std-{t}", f"{T * S} steps") for t in ([teacher] if teacher else
+                                                               [t.name for t in cfg.teachers])]
+
+
+def plan_mtd(cfg: AccordConfig, _arg: str = "") -> list[tuple[str, str, str]]:
+    return [("mtd", "mtd", f"{cfg.train.rounds * cfg.train.steps_per_round} steps")]
+
+
 def std(cfg: AccordConfig, console, teacher: str | None = None) -> list[dict]:
     names = [teacher] if teacher else [t.name for t in cfg.teachers]
     out = []

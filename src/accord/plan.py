@@ -1,0 +1,149 @@
+"""``accord run --plan``: what a run would do, read from the config and ``run_dir``, doing none of it.
+
+As ``make -n`` or ``terraform plan`` do: the models a scheme would build first, each teacher's generations
+(stored and still to make: the number an API bill follows), each method's state (finished, resumes from a
+checkpoint, to train) and budget, the evaluations stored and to run.  Loads no model, generates, trains and writes
+nothing (the trace store is opened read-only); every count comes from the same function the stage itself uses
+(``collect.missing_generations``, the recipes' ``plan`` entries, ``evaluate.eval_summary``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accord.config import AccordConfig
+from accord.errors import UsageError
+
+STAGES = ("collect", "train", "eval", "report")
+
+
+def plan(cfg: AccordConfig, stages: tuple[str, ...] = STAGES) -> list[str]:
+    from accord.run import model_specs
+    from accord.sources import missing
+
+    todo = missing(model_specs(cfg))
+    fetch = _not_here(cfg)
+    said = ([f"{len(todo)} to build first: {', '.join(todo)}"] if todo else []) + \
+        ([f"not on this machine, fetched from the hub first: {', '.join(fetch)}"] if fetch else [])
+    lines = [f"plan for {cfg.run_dir} (nothing is built, generated, trained or written):",
+             *_rows("models", said or ["every model loaded here is on this machine"])]
+    if "collect" in stages:
+        lines += _collect(cfg)
+    if "train" in stages:
+        lines += _train(cfg)
+    if "eval" in stages:
+        lines += _eval(cfg, bool(todo))
+    if "report" in stages:
+        lines.append(_row("report", f"{Path(cfg.run_dir) / 'report' / 'index.html'}, from whatever has finished"))
+    return lines
+
+
+def _not_here(cfg: AccordConfig) -> list[str]:
+    """Hub ids among the models this machine loads (not served teachers, not scheme models) that the local cache
+    lacks."""
+    from accord.models import local_model_dir
+    from accord.run import model_specs
+    from accord.sources import plugin
+    from accord.teachers.base import served
+
+    remote = {t.model for t in cfg.teachers if served(t) or t.backend == "column"}
+    out = []
+    for spec in dict.fromkeys(model_specs(cfg)):
+        if spec in remote or plugin(spec) is not None:
+            continue
+        try:
+            local_model_dir(spec, cached_only=True)
+        except UsageError:
+            out.append(spec)
+    return out
+
+
+def _row(stage: str, text: str, first: bool = True) -> str:
+    return f"  {stage if first else '':<8} {text}"
+
+
+def _rows(stage: str, texts: list[str]) -> list[str]:
+    return [_row(stage, t, i == 0) for i, t in enumerate(texts)]
+
+
+def _collect(cfg: AccordConfig) -> list[str]:
+    from accord.collect import missing_generations, usable_problems
+    from accord.prompts import style_name
+    from accord.store import TraceStore
+
+    c = cfg.collect
+    try:
+        usable, unreadable = usable_problems(cfg)
+    except UsageError as e:
+        return _rows("collect", [f"cannot read the problems — the run would stop here: {e}"])
+    store = TraceStore.reader(Path(cfg.run_dir) / "traces.sqlite")
+    out, to_make = [], 0
+    try:
+        for t in cfg.teachers:
+            if t.backend == "column":
+                out.append(f"{t.name}: imported from column {t.column!r} of {cfg.problems.path} (no generation)")
+                continue
+            total = len(c.styles) * len(usable) * c.samples
+            todo = len(missing_generations(cfg, usable, store.done_keys(t.name) if store else set()))
+            to_make += todo
+            out.append(f"{t.name} ({t.backend}): {total:,} generations = {len(usable):,} problems × "
+                       f"{len(c.styles)} style(s) ({', '.join(style_name(s) for s in c.styles)}) × {c.samples} "
+                       f"sample(s); {total - todo:,} stored, {todo:,} to generate")
+    finally:
+        if store is not None:
+            store.db.close()
+    if unreadable:
+        out.append(f"{unreadable} problem(s) left out: the {c.verifier!r} verifier cannot read their answer")
+    if c.judge is not None:
+        out.append(f"judge: {c.judge.teacher} grades each verified trace it has not graded yet")
+    out.append(f"in all: {to_make:,} generations to make; then corpora/ ({c.select}) and collect_summary.json")
+    return _rows("collect", out)
+
+
+def method_states(cfg: AccordConfig) -> list[tuple[str, str, str]]:
+    """(result, state, budget) of every result ``train.method`` makes: finished, resumes from a checkpoint, or to
+    train."""
+    from accord.registry import METHODS, load
+    from accord.train.common import train_dir
+    from accord.train.engine import latest_checkpoint
+
+    out = []
+    for m in cfg.train.methods:
+        name, _, arg = m.partition(":")
+        for result, work, budget in load(METHODS[name].plan)(cfg, arg):
+            if (train_dir(cfg, result) / "result.json").exists():
+                state = "finished, skipped"
+            elif (ckpt := latest_checkpoint(train_dir(cfg, work))) is not None:
+                state = f"resumes from {ckpt.name}"
+            else:
+                state = "to train"
+            out.append((result, state, budget))
+    return out
+
+
+def _train(cfg: AccordConfig) -> list[str]:
+    return _rows("train", [f"{r}: {state} — {budget}" for r, state, budget in method_states(cfg)])
+
+
+def _eval(cfg: AccordConfig, building: bool) -> list[str]:
+    from accord.evaluate import eval_points, eval_summary
+    from accord.run import finished_results
+
+    splits = list(cfg.eval.splits)
+    head = (f"{len(splits)} split(s) ({', '.join(splits)}), k = {cfg.eval.k} samples at T = {cfg.eval.temperature}"
+            + (" + greedy" if cfg.eval.greedy else ""))
+    if building:
+        return _rows("eval", [head, "the base student and each model once built and trained"])
+    results = finished_results(cfg)
+    try:
+        points = eval_points(cfg, results, cached_only=True)
+    except UsageError:
+        return _rows("eval", [head, f"the student {cfg.student.model!r} is not in the local cache: it is fetched "
+                                    "first, then every model is evaluated"])
+    jobs = [eval_summary(cfg, pt, s) for pt in points for s in splits]
+    jobs = [j for j in jobs if j is not None]
+    stored = sum(j.exists() for j in jobs)
+    pending = sum(state != "finished, skipped" for _, state, _ in method_states(cfg))
+    return _rows("eval", [head, f"the base student and {len(results)} finished model(s): {len(jobs)} evaluation(s), "
+                                f"{stored} stored, {len(jobs) - stored} to run"
+                                + (f"; the {pending} model(s) still to train add theirs" if pending else "")])
