@@ -300,6 +300,8 @@ def test_python_api_runs_the_stages_end_to_end(tmp_path, micro):
                            f"student.model={micro}", "train.rounds=1", "train.steps_per_round=2",
                            "train.batch_size=4", "eval.k=1", "eval.limit=2", "eval.max_new_tokens=8",
                            f"eval.splits.mine.path={data}"])
+    lines = api.plan(cfg)
+    assert any("a: imported from column" in x for x in lines) and any("std-a: to train" in x for x in lines)
     summary = api.collect(cfg)
     assert [s["teacher"] for s in summary] == ["a", "b"] and all(s["kept"] > 0 for s in summary)
     results = api.train(cfg, method="std:a")

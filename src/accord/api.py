@@ -3,6 +3,7 @@
     from accord.api import load_config, collect, train, evaluate, report
 
     cfg = load_config("configs/lab-quickstart.yaml", ["train.method=[std,mot]"])
+    print("\n".join(plan(cfg)))      # what the stages below would do, doing none of it
     collect(cfg)                      # → per-teacher summary rows (collect_summary.json)
     results = train(cfg)              # → result records, one per trained model (train/<name>/result.json)
     rows = evaluate(cfg)              # → evaluation rows (eval/results.json), every checkpoint and split
@@ -34,6 +35,13 @@ def _console(console):
     from accord.ui import make_console
 
     return console or make_console()
+
+
+def plan(cfg, stages: tuple[str, ...] = ("collect", "train", "eval", "report")) -> list[str]:
+    """``accord run --plan``: the lines saying what each stage would build, generate, train and evaluate."""
+    from accord.plan import plan as _plan
+
+    return _plan(cfg, stages)
 
 
 def run(cfg, console=None, stages: tuple[str, ...] = ("collect", "train", "eval", "report")) -> dict:
