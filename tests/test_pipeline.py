@@ -509,3 +509,32 @@ def test_findings_say_only_what_the_paired_differences_show(tmp_path):
     assert said[2][1] == ["above on target: mot +0.450 ± 0.080", "below on general (forgetting): mot -0.500 ± 0.080"]
     text = summary_text(tmp_path, rows, [], ["target", "general"])
     assert f"- {said[1][0]}\n    above on target: mot +0.500 ± 0.080\n" in text
+
+
+def test_where_they_differ_shows_the_largest_gaps_each_way(tmp_path):
+    """The best model against MTD, problem by problem: the largest per-problem gaps each way (ties by id), a
+    correct answer of the model that does better, the first answer of the other, all escaped."""
+    from accord.analysis.report import _where_they_differ
+
+    def rows(key, table):  # table: pid → list of (mode, ok, output)
+        path = tmp_path / "eval" / key / "target.rows.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"problem_id": p, "sample": i, "mode": m, "output": out,
+                                            "verdict": "correct" if ok else "incorrect", "parsed": None}) + "\n"
+                                for p, rs in table.items() for i, (m, ok, out) in enumerate(rs)))
+        return {"key": key, "model": key.split("/")[0], "split": "target", "final": True}
+
+    best = {f"p{i}": [("greedy", False, f"best-g-{i}"), ("sample", True, f"<b>best-s-{i}</b>"),
+                      ("sample", i < 3, f"best-t-{i}")] for i in range(6)}
+    mtd = {f"p{i}": [("greedy", i >= 4, f"mtd-g-{i}"), ("sample", i >= 4, f"mtd-s-{i}"),
+                     ("sample", i == 5, f"mtd-t-{i}")] for i in range(6)}
+    # per-problem pass@1 over samples: best 1.0 (p0–p2), 0.5 (p3–p5); mtd 0 (p0–p3), 0.5 (p4), 1.0 (p5)
+    ev = [{**rows("bestm/step-4", best), "pass1": 0.75}, {**rows("mtd/step-4", mtd), "pass1": 0.25}]
+    parts = "\n".join(_where_they_differ(tmp_path, ev, ["target"], n=2))
+    assert "Where bestm and mtd differ (target)" in parts and "5 problems have different per-problem pass@1" in parts
+    order = [pid for pid in ("p0", "p1", "p2", "p3", "p4", "p5") if f"<code>{pid}</code>" in parts]
+    assert order == ["p0", "p1", "p5"]  # +1.0 twice (p0, p1 before p2), then the one gap the other way (p5: −0.5)
+    assert "&lt;b&gt;best-s-0&lt;/b&gt;" in parts and "best-g-0" not in parts  # the better model's correct answer
+    assert "mtd-g-0" in parts  # the other's first answer
+    assert "mtd-g-5" in parts and "best-g-5" in parts  # the other way round on p5 (its greedy row is correct)
+    assert _where_they_differ(tmp_path, [ev[1]], ["target"]) == []  # only mtd: nothing to compare

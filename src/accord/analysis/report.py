@@ -14,7 +14,8 @@
 - MoT's per-teacher branch losses across rounds (MoT Fig. 3/4), COMPACT's weights (its Fig. 3) and QR's
   selection rates as PNGs: per-step values faint under a debiased moving average (:func:`smooth`);
 - the teachers' collection table (MoT Table 21) and each model's answer to one target problem, under its
-  question and reference answer.
+  question and reference answer; where the best model and MTD differ, problem by problem
+  (:func:`_where_they_differ`).
 
 Every piece of model or teacher text goes through ``html.escape``; the page has
 no scripts.
@@ -369,17 +370,86 @@ def _samples(run_dir: Path, eval_rows: list[dict], cfg=None) -> str:
     return "\n".join(parts)
 
 
-def _target_problems(cfg, ids: set) -> dict:
-    """The target split's problems among ``ids`` ({} when the config or its source is gone: the samples show
-    without their question)."""
-    if cfg is None or "target" not in getattr(cfg.eval, "splits", {}) or not ids:
+def _split_problems(cfg, split: str, ids: set) -> dict:
+    """A split's problems among ``ids`` ({} when the config or its source is gone: the samples show without their
+    question)."""
+    if cfg is None or split not in getattr(cfg.eval, "splits", {}) or not ids:
         return {}
     from accord.evaluate import split_problems
 
     try:
-        return {p.id: p for p in split_problems(cfg, "target") if p.id in ids}
+        return {p.id: p for p in split_problems(cfg, split) if p.id in ids}
     except (OSError, ValueError):  # accord's UsageError (a source that cannot be read) is a ValueError
         return {}
+
+
+def _target_problems(cfg, ids: set) -> dict:
+    return _split_problems(cfg, "target", ids)
+
+
+def _rows_of(path: Path, pids: set, correct: frozenset = frozenset()) -> dict[str, dict]:
+    """One row of each problem in ``pids`` from a rows file: its first, or for those in ``correct`` its first
+    correct one when it has any.  Read line by line until all are settled; a line is parsed only when it names an
+    unsettled problem."""
+    first: dict[str, dict] = {}
+    found: dict[str, dict] = {}
+    if not path.exists():
+        return first
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            open_ = [p for p in pids if p not in found]
+            if not open_:
+                break
+            if any(p in line for p in open_):
+                r = json.loads(line)
+                pid = r.get("problem_id")
+                if pid not in pids or pid in found:
+                    continue
+                first.setdefault(pid, r)
+                if pid not in correct or r.get("verdict") == "correct":
+                    found[pid] = r
+    return {**first, **found}
+
+
+def _where_they_differ(run_dir: Path, eval_rows: list[dict], splits: list[str], cfg=None, n: int = 2) -> list[str]:
+    """The best model on the first split against MTD, problem by problem: up to ``n`` problems each way where one
+    does better (per-problem pass@1), largest gaps first, each with its question, reference answer, a correct
+    answer of the better model and the first answer of the other — what the paired difference is made of."""
+    finals = final_rows(eval_rows)
+    first = splits[0] if splits else None
+    rated = [(m[first].get("pass1") if m[first].get("pass1") is not None else m[first].get("greedy"), name)
+             for name, m in finals.items() if first in m and not name.startswith("base")]
+    rated = [(v, k) for v, k in rated if v is not None]
+    if not rated or "mtd" not in finals or first not in finals["mtd"]:
+        return []
+    best = max(rated)[1]
+    if best == "mtd":
+        return []
+    a, b = (_scores(run_dir, finals[k][first]) for k in (best, "mtd"))
+    gaps = sorted(((a[p] - b[p], p) for p in set(a) & set(b) if a[p] != b[p]), key=lambda g: (-abs(g[0]), g[1]))
+    picked = [g for g in gaps if g[0] > 0][:n] + [g for g in gaps if g[0] < 0][:n]
+    if not picked:
+        return []
+    pids = {p for _, p in picked}
+    problems = _split_problems(cfg, first, pids)
+    wins = {best: frozenset(p for g, p in picked if g > 0), "mtd": frozenset(p for g, p in picked if g < 0)}
+    outs = {k: _rows_of(_rows_file(run_dir, finals[k][first]["key"], first), pids, wins[k]) for k in (best, "mtd")}
+    parts = [f"<h2>Where {html.escape(best)} and mtd differ ({html.escape(first)})</h2>",
+             f"<p>{len(gaps)} problems have different per-problem pass@1; the largest gaps each way, with a correct "
+             "answer of the model that does better and the first answer (greedy where measured) of the other.</p>"]
+    for gap, pid in picked:
+        p = problems.get(pid)
+        parts.append(f"<h3>Problem <code>{html.escape(pid)}</code> <small>({html.escape(best)} − mtd = {gap:+.2f} "
+                     "pass@1)</small></h3>")
+        if p is not None:
+            parts.append(f"<pre>{html.escape(p.question)}</pre><p>reference answer: "
+                         f"<code>{html.escape(p.answer)}</code></p>")
+        for k in (best, "mtd"):
+            row = outs[k].get(pid)
+            if row is not None:
+                parts.append(f"<p><b>{html.escape(k)}</b> <small>({html.escape(row['verdict'])}, pass@1 "
+                             f"{(a if k == best else b)[pid]:.2f})</small></p><pre>{html.escape(row['output'])}</pre>")
+    return parts
 
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
@@ -435,7 +505,8 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     page += _interpolation_section(run_dir / "analysis" / "interpolation.json", out)
     page += _qr_section(run_dir / "train" / "qr", out)
     page += _cord_section(run_dir, out)
-    page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows, cfg), "</body></html>"]
+    page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows, cfg)]
+    page += _where_they_differ(run_dir, eval_rows, splits, cfg) + ["</body></html>"]
     (out / "index.html").write_text("\n".join(page), encoding="utf-8")
     (out / "table.txt").write_text(summary_text(run_dir, eval_rows, results, splits) + "\n")  # what the CLI prints
     return out / "index.html"
