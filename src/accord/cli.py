@@ -98,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_arg(p)
 
     p = sub.add_parser("report", help="write <run_dir>/report/index.html from finished stages",
-                       description="The method table (pass@1 ± SE, paired differences against MTD and the base), "
-                       "accuracy over training, each method's own plots (MoT's rounds, COMPACT's weights, QR's "
-                       "routing, CoRD's steps) and the traces behind them, from whatever stages have finished: "
-                       "<run_dir>/report/index.html with PNG figures beside it.")
+                       description="At a glance (what the paired differences show, in words), the method table "
+                       "(pass@1 ± SE, paired differences against MTD and the base), accuracy over training, each "
+                       "method's own plots (MoT's rounds, COMPACT's weights, QR's routing, CoRD's steps) and the "
+                       "traces behind them (where the best model and MTD differ), from whatever stages have "
+                       "finished: <run_dir>/report/index.html with PNG figures beside it. A trained checkpoint not "
+                       "yet evaluated is evaluated first, as `accord eval` would (`accord eval CONFIG --plan` "
+                       "says how many).")
     _add_config_args(p)
 
     p = sub.add_parser("cord", help="CoRD: teachers write one trajectory together, step by step",
