@@ -46,3 +46,9 @@ def test_console_in_a_log_is_wide_enough_for_the_tables(monkeypatch):
     monkeypatch.setenv("COLUMNS", "90")
     assert make_console().width == 90
     assert make_console(width=70).width == 70
+    import io
+
+    buf = io.StringIO()
+    c = make_console(file=buf)
+    c.print("word " * 60)  # 300 characters: one line in a log, not three
+    assert buf.getvalue().count("\n") == 1

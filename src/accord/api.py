@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from accord.config import load_config as _load
+from accord.plan import plan as _plan
 from accord.run import prepare_models
 from accord.run import run as _run
 
@@ -39,8 +40,6 @@ def _console(console):
 
 def plan(cfg, stages: tuple[str, ...] = ("collect", "train", "eval", "report")) -> list[str]:
     """``accord run --plan``: the lines saying what each stage would build, generate, train and evaluate."""
-    from accord.plan import plan as _plan
-
     return _plan(cfg, stages)
 
 

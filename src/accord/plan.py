@@ -11,16 +11,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accord.collect import missing_generations, usable_problems
 from accord.config import AccordConfig
 from accord.errors import UsageError
+from accord.evaluate import eval_points, eval_summary
+from accord.models import local_model_dir
+from accord.prompts import style_name
+from accord.registry import METHODS, load
+from accord.run import finished_results, model_specs
+from accord.sources import missing, plugin
+from accord.store import TraceStore
+from accord.teachers.base import served
+from accord.train.common import train_dir
+from accord.train.engine import latest_checkpoint
 
 STAGES = ("collect", "train", "eval", "report")
 
 
 def plan(cfg: AccordConfig, stages: tuple[str, ...] = STAGES) -> list[str]:
-    from accord.run import model_specs
-    from accord.sources import missing
-
     todo = missing(model_specs(cfg))
     fetch = _not_here(cfg)
     said = ([f"{len(todo)} to build first: {', '.join(todo)}"] if todo else []) + \
@@ -41,11 +49,6 @@ def plan(cfg: AccordConfig, stages: tuple[str, ...] = STAGES) -> list[str]:
 def _not_here(cfg: AccordConfig) -> list[str]:
     """Hub ids among the models this machine loads (not served teachers, not scheme models) that the local cache
     lacks."""
-    from accord.models import local_model_dir
-    from accord.run import model_specs
-    from accord.sources import plugin
-    from accord.teachers.base import served
-
     remote = {t.model for t in cfg.teachers if served(t) or t.backend == "column"}
     out = []
     for spec in dict.fromkeys(model_specs(cfg)):
@@ -67,10 +70,6 @@ def _rows(stage: str, texts: list[str]) -> list[str]:
 
 
 def _collect(cfg: AccordConfig) -> list[str]:
-    from accord.collect import missing_generations, usable_problems
-    from accord.prompts import style_name
-    from accord.store import TraceStore
-
     c = cfg.collect
     try:
         usable, unreadable = usable_problems(cfg)
@@ -91,7 +90,7 @@ def _collect(cfg: AccordConfig) -> list[str]:
                        f"sample(s); {total - todo:,} stored, {todo:,} to generate")
     finally:
         if store is not None:
-            store.db.close()
+            store.close()
     if unreadable:
         out.append(f"{unreadable} problem(s) left out: the {c.verifier!r} verifier cannot read their answer")
     if c.judge is not None:
@@ -103,10 +102,6 @@ def _collect(cfg: AccordConfig) -> list[str]:
 def method_states(cfg: AccordConfig) -> list[tuple[str, str, str]]:
     """(result, state, budget) of every result ``train.method`` makes: finished, resumes from a checkpoint, or to
     train."""
-    from accord.registry import METHODS, load
-    from accord.train.common import train_dir
-    from accord.train.engine import latest_checkpoint
-
     out = []
     for m in cfg.train.methods:
         name, _, arg = m.partition(":")
@@ -126,9 +121,6 @@ def _train(cfg: AccordConfig) -> list[str]:
 
 
 def _eval(cfg: AccordConfig, building: bool) -> list[str]:
-    from accord.evaluate import eval_points, eval_summary
-    from accord.run import finished_results
-
     splits = list(cfg.eval.splits)
     head = (f"{len(splits)} split(s) ({', '.join(splits)}), k = {cfg.eval.k} samples at T = {cfg.eval.temperature}"
             + (" + greedy" if cfg.eval.greedy else ""))

@@ -42,10 +42,14 @@ LOG_WIDTH = 120  # columns when stderr is not a terminal (rich's 80 would wrap e
 
 def make_console(**kw) -> Console:
     """accord's console: stderr; on a terminal its own width, in a log (CI, ``nohup``, ``tee``) ``$COLUMNS`` or
-    :data:`LOG_WIDTH` columns, so the collection and method tables stay one line per row."""
+    :data:`LOG_WIDTH` columns, so the collection and method tables stay one line per row, and text lines are not
+    cut (one message, one line: what ``grep`` finds)."""
     c = Console(stderr=True, **kw)
-    if not c.is_terminal and "COLUMNS" not in os.environ and "width" not in kw:
-        c.width = LOG_WIDTH
+    if not c.is_terminal:
+        if "COLUMNS" not in os.environ and "width" not in kw:
+            c.width = LOG_WIDTH
+        if "soft_wrap" not in kw:
+            c.soft_wrap = True
     return c
 
 
