@@ -45,6 +45,13 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
     assert all(r["maj"] is not None for r in rows)  # maj@k recorded beside them
     assert all((r["temperature"], r["top_p"], r["n"], r["k"]) == (0.6, 1.0, r["n"], 2) and r["n"] > 0 for r in rows)
     assert "top-p 1.0 (k = 2)" in (run / "report" / "index.html").read_text()
+    import torch
+    import transformers
+
+    # what produced the numbers: recorded beside each result and evaluation, one line at the report's foot
+    assert std["provenance"]["torch"] == torch.__version__ and all(r["provenance"] == std["provenance"] for r in rows)
+    assert f"Made with python {std['provenance']['python']}, accord" in (run / "report" / "index.html").read_text()
+    assert f"transformers {transformers.__version__}" in (run / "report" / "index.html").read_text()
     assert "mot" in out and "branch-steps" in out  # the text table
     assert "paired against mtd" in out and "target Δ vs mtd" in out  # and each method's paired difference
     assert "<h3>Paired against mtd</h3>" in (run / "report" / "index.html").read_text()
@@ -538,3 +545,16 @@ def test_where_they_differ_shows_the_largest_gaps_each_way(tmp_path):
     assert "mtd-g-0" in parts  # the other's first answer
     assert "mtd-g-5" in parts and "best-g-5" in parts  # the other way round on p5 (its greedy row is correct)
     assert _where_they_differ(tmp_path, [ev[1]], ["target"]) == []  # only mtd: nothing to compare
+
+
+def test_report_flags_results_from_different_stacks():
+    from accord.analysis.report import _provenance_footer
+
+    a = {"python": "3.11", "torch": "2.13", "device": "cpu"}
+    b = {"python": "3.11", "torch": "2.14", "device": "NVIDIA H200"}
+    assert _provenance_footer([{"name": "m"}], [{"key": "base"}]) == ""  # older runs recorded none
+    one = _provenance_footer([{"provenance": a}], [{"provenance": a}, {"provenance": a}])
+    assert one == ("<p><small>Made with python 3.11, torch 2.13 on cpu (1 trained model(s), 2 evaluation(s))."
+                   "</small></p>")
+    two = _provenance_footer([{"provenance": a}], [{"provenance": b}])
+    assert "different software or hardware" in two and "torch 2.14 on NVIDIA H200 (0 trained model(s), 1 " in two

@@ -63,4 +63,5 @@ def test_eval_points_and_rows_are_their_contracts(tmp_path):
     assert [p["key"] for p in pts] == ["base", "base-b", "mot/step-5", "mot/step-10", "qr-b/final"]
     assert all(set(p) <= _keys(EvalPoint) for p in pts)
     r = EvalResult(0.5, 0.25, 2, 4).as_dict()
-    assert _keys(EvalRow) == _keys(EvalPoint) | {"split"} | set(r) | {"temperature", "top_p", "max_new_tokens"}
+    assert _keys(EvalRow) == _keys(EvalPoint) | {"split"} | set(r) | {"temperature", "top_p", "max_new_tokens",
+                                                                        "provenance"}

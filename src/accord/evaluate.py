@@ -233,6 +233,8 @@ def eval_summary(cfg, pt: dict, split: str) -> Path | None:
 
 def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
     """Evaluate every point on every split; returns rows {key, model, steps, split, greedy, pass1, ...}."""
+    from accord.models import provenance
+
     root = Path(cfg.run_dir) / "eval"
     problems = {s: split_problems(cfg, s) for s in cfg.eval.splits}
     rows: list[EvalRow] = []
@@ -257,7 +259,8 @@ def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
                                  verifier=cfg.eval.verifier, seed=cfg.eval.seed,
                                  rows_path=rows_file(summary), repeats=cfg.eval.repeats)
                     res = {**r.as_dict(), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
-                           "max_new_tokens": cfg.eval.max_new_tokens}  # what a reader needs to compare runs
+                           "max_new_tokens": cfg.eval.max_new_tokens,  # what a reader needs to compare runs
+                           "provenance": provenance()}
                     summary.write_text(json.dumps(res))
                 rows.append({**pt, "split": split, **res})
                 bar.update(task, advance=1)

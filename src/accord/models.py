@@ -87,6 +87,23 @@ def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto
     return model.to(dev).eval(), tok
 
 
+@functools.cache
+def provenance() -> dict[str, str]:
+    """What produced a result, recorded beside it (``result.json``, each evaluation's summary) and printed at the
+    foot of the report: accord's, Python's and the stack's versions and the accelerator, if any."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("accord", "torch", "transformers", "accelerate", "peft", "vllm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.machine() + " cpu"
+    return out
+
+
 def runtime(model) -> str:
     """Where and how a model runs: device, weight dtype, attention kernel (for the first line of a stage)."""
     m = getattr(model, "module", model)

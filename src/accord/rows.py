@@ -88,6 +88,7 @@ class TrainRecord(TypedDict, total=False):
     branch_steps: int  # the compute column of the method table
     teachers: list[str]
     base_model: str  # QR: the student each row is compared with
+    provenance: dict  # models.provenance(): versions and device that trained it
 
 
 class EvalPoint(TypedDict, total=False):
@@ -116,3 +117,4 @@ class EvalRow(EvalPoint, total=False):
     temperature: float
     top_p: float
     max_new_tokens: int
+    provenance: dict  # models.provenance(): versions and device that evaluated it

@@ -452,6 +452,24 @@ def _where_they_differ(run_dir: Path, eval_rows: list[dict], splits: list[str], 
     return parts
 
 
+def _provenance_footer(results: list[dict], eval_rows: list[dict]) -> str:
+    """What produced the numbers (``provenance`` in each ``result.json`` and evaluation summary): one line when
+    everything ran on one stack, else each stack with what it produced — results from mixed versions are flagged."""
+    seen: dict[str, list[int]] = {}
+    for kind, records in ((0, results), (1, eval_rows)):
+        for r in records:
+            if p := r.get("provenance"):
+                seen.setdefault(", ".join(f"{k} {v}" for k, v in p.items() if k != "device")
+                                + f" on {p.get('device', '?')}", [0, 0])[kind] += 1
+    if not seen:
+        return ""
+    lines = [f"{html.escape(k)} ({n_t} trained model(s), {n_e} evaluation(s))" for k, (n_t, n_e) in seen.items()]
+    if len(lines) == 1:
+        return f"<p><small>Made with {lines[0]}.</small></p>"
+    return ("<p><small><b>Results from different software or hardware</b> — compare with care:</small></p><ul>"
+            + "".join(f"<li><small>{x}</small></li>" for x in lines) + "</ul>")
+
+
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:right}
 th:first-child,td:first-child{text-align:left}td{white-space:nowrap}td.best{font-weight:700;background:#eef7ee}
@@ -506,7 +524,8 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     page += _qr_section(run_dir / "train" / "qr", out)
     page += _cord_section(run_dir, out)
     page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows, cfg)]
-    page += _where_they_differ(run_dir, eval_rows, splits, cfg) + ["</body></html>"]
+    page += _where_they_differ(run_dir, eval_rows, splits, cfg) + [_provenance_footer(results, eval_rows),
+                                                                     "</body></html>"]
     (out / "index.html").write_text("\n".join(page), encoding="utf-8")
     (out / "table.txt").write_text(summary_text(run_dir, eval_rows, results, splits) + "\n")  # what the CLI prints
     return out / "index.html"

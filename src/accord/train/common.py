@@ -20,7 +20,7 @@ from pathlib import Path
 from accord.config import AccordConfig, GeneratorConfig, ProblemsConfig
 from accord.errors import UsageError
 from accord.evaluate import evaluate
-from accord.models import load_model_and_tokenizer
+from accord.models import load_model_and_tokenizer, provenance
 from accord.problems import ProblemSourceError, load_problems, read_jsonl
 from accord.prompts import render_prompt
 from accord.rows import CurvePoint, TrainRecord
@@ -202,7 +202,7 @@ def barrier() -> None:
 
 def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
     d = train_dir(cfg, name)
-    res = {"name": name, **fields}
+    res = {"name": name, **fields, "provenance": provenance()}
     if not is_main():
         return res  # rank 0 writes the record
     d.mkdir(parents=True, exist_ok=True)
