@@ -81,3 +81,13 @@ def test_every_method_has_a_plan_entry(tmp_path, problems_file, two_parrots, mic
         assert m.plan, m.name
         rows = load(m.plan)(cfg, "")
         assert rows and all(len(r) == 3 and all(isinstance(x, str) and x for x in r) for r in rows), m.name
+
+
+def test_cord_plan(tmp_path, problems_file, two_parrots, micro):
+    cfg_path = pipeline_cfg(tmp_path, problems_file, two_parrots, micro)
+    code, out = run_cli("cord", str(cfg_path), "--plan", "cord.limit=4", "cord.beam=2", "cord.max_steps=3")
+    assert code == 0, out
+    assert "cord     4 problems (cord.limit 4): 0 decoded and stored, 4 to decode" in out
+    assert "2 teacher(s) propose each step (seven, eight); seven scores them (predictive-perplexity)" in out
+    assert "at most 3 steps × 2 prefixes × 2 teachers = 12 step generations" in out and "(48 at most" in out
+    assert not (tmp_path / "run").exists()

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "search keeps the best cord.beam prefixes. Stored as teacher 'cord' (corpora/cord.jsonl), "
                        "with the curation baseline at the same budget; summary in <run_dir>/cord/summary.json.")
     _add_config_args(p)
+    _add_plan_arg(p)
 
     p = sub.add_parser("interpolate", help="pass@1 along the line from the base to each trained model (MoT Fig. 6)",
                        description="Base-to-checkpoint linear interpolation (MoT App. D): for λ on an even grid, "
@@ -384,6 +385,11 @@ def cmd_cord(args, console: Console) -> int:
     from accord.run import prepare_models
 
     cfg = _load(args)
+    if args.plan:
+        from accord.plan import cord_plan
+
+        print("\n".join(cord_plan(cfg)))
+        return 0
     prepare_models(cfg, console, student=False)
     stage.run(cfg, console)
     console.print(f"CoRD traces: {Path(cfg.run_dir) / 'corpora' / 'cord.jsonl'}; "

@@ -139,3 +139,39 @@ def _eval(cfg: AccordConfig, building: bool) -> list[str]:
     return _rows("eval", [head, f"the base student and {len(results)} finished model(s): {len(jobs)} evaluation(s), "
                                 f"{stored} stored, {len(jobs) - stored} to run"
                                 + (f"; the {pending} model(s) still to train add theirs" if pending else "")])
+
+
+def cord_plan(cfg: AccordConfig) -> list[str]:
+    """``accord cord --plan``: problems decoded and to decode (the stage's own skip: a problem stored as teacher
+    ``cord``), who proposes and who scores, and the most step generations one problem can cost."""
+    import io
+
+    from rich.console import Console
+
+    from accord.cord.stage import default_meta_prover, load_cord_problems
+
+    c = cfg.cord
+    head = [f"plan for {cfg.run_dir} (nothing is built, generated or written):"]
+    gen = [t.name for t in cfg.teachers if t.backend != "column"]
+    try:
+        problems = load_cord_problems(cfg)
+    except UsageError as e:
+        return head + _rows("cord", [f"cannot read the problems — the run would stop here: {e}"])
+    store = TraceStore.reader(Path(cfg.run_dir) / "traces.sqlite")
+    try:
+        done = {k[0] for k in store.done_keys("cord")} if store else set()
+    finally:
+        if store is not None:
+            store.close()
+    todo = sum(p.id not in done for p in problems)
+    meta = c.meta_prover or default_meta_prover(cfg, gen, Console(file=io.StringIO())) if gen else "—"
+    per = c.max_steps * c.beam * len(gen)
+    return head + _rows("cord", [
+        f"{len(problems):,} problems{f' (cord.limit {c.limit})' if c.limit else ''}: {len(problems) - todo:,} "
+        f"decoded and stored, {todo:,} to decode",
+        f"{len(gen)} teacher(s) propose each step ({', '.join(gen)}); {meta} scores them ({c.selection}), "
+        f"{c.search} search keeping {c.beam}",
+        f"at most {c.max_steps} steps × {c.beam} prefixes × {len(gen)} teachers = {per:,} step generations of ≤ "
+        f"{c.step_tokens} tokens per problem ({per * todo:,} at most for the problems to decode)",
+        "baselines: " + (", ".join(c.baselines) or "none") + f"; then corpora/cord.jsonl and "
+        f"{Path(cfg.run_dir) / 'cord' / 'summary.json'}"])

@@ -48,9 +48,15 @@ def settings(cfg) -> CordSettings:
     return CordSettings(**{f.name: getattr(cfg.cord, f.name) for f in fields(CordSettings)})
 
 
+def load_cord_problems(cfg) -> list:
+    """The problems CoRD decodes: the config's, the first ``cord.limit`` of them."""
+    problems = load_problems(cfg.problems)
+    return problems[: cfg.cord.limit] if cfg.cord.limit else problems
+
+
 def run(cfg, console) -> dict:
     c, cs = cfg.cord, settings(cfg)
-    problems = load_problems(cfg.problems)[: c.limit] if c.limit else load_problems(cfg.problems)
+    problems = load_cord_problems(cfg)
     run_dir = Path(cfg.run_dir)
     store = TraceStore(run_dir / "traces.sqlite")
     store.put_problems(problems)
