@@ -9,10 +9,14 @@ nothing (the trace store is opened read-only); every count comes from the same f
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from rich.console import Console
 
 from accord.collect import missing_generations, usable_problems
 from accord.config import AccordConfig
+from accord.cord.stage import default_meta_prover, load_cord_problems
 from accord.errors import UsageError
 from accord.evaluate import eval_points, eval_summary
 from accord.models import local_model_dir
@@ -144,12 +148,6 @@ def _eval(cfg: AccordConfig, building: bool) -> list[str]:
 def cord_plan(cfg: AccordConfig) -> list[str]:
     """``accord cord --plan``: problems decoded and to decode (the stage's own skip: a problem stored as teacher
     ``cord``), who proposes and who scores, and the most step generations one problem can cost."""
-    import io
-
-    from rich.console import Console
-
-    from accord.cord.stage import default_meta_prover, load_cord_problems
-
     c = cfg.cord
     head = [f"plan for {cfg.run_dir} (nothing is built, generated or written):"]
     gen = [t.name for t in cfg.teachers if t.backend != "column"]
