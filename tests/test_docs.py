@@ -41,3 +41,19 @@ def test_help_and_schema_name_every_training_method():
         AccordConfig.model_validate({"train": {"method": "nope"}})
     for name in METHODS:
         assert name in help_text and name in schema and name in str(err.value), name
+
+
+def test_the_code_is_lint_clean():
+    """`make lint` (ruff, with pyproject's rules) passes: style is checked on every CI run, not by hand."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+    out = subprocess.run([ruff, "check", "--no-cache", "src", "tests", "bench"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
