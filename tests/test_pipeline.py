@@ -558,3 +558,31 @@ def test_report_flags_results_from_different_stacks():
                    "</small></p>")
     two = _provenance_footer([{"provenance": a}], [{"provenance": b}])
     assert "different software or hardware" in two and "torch 2.14 on NVIDIA H200 (0 trained model(s), 1 " in two
+
+
+def test_a_finished_method_with_other_settings_stops_instead_of_being_skipped(tmp_path, problems_file, two_parrots,
+                                                                               micro):
+    """An ablation in the same run_dir (here train.lr, or a merge for post-hoc) is not "finished earlier": the
+    run stops naming what changed; knobs that give the same model (packing) and other methods' settings do not
+    count; the plan says the same."""
+    cfg = pipeline_cfg(tmp_path, problems_file, two_parrots, micro, method=["std:seven"])
+    code, out = run_cli("run", str(cfg))
+    assert code == 0, out
+    res = json.loads((tmp_path / "run" / "train" / "std-seven" / "result.json").read_text())
+    assert res["settings"]["train"]["lr"] == 1e-3 and "merge" not in res["settings"]["train"]
+    code, out = run_cli("train", str(cfg), "train.packing=false", "train.merge.method=ties")
+    assert code == 0 and "std-seven: finished earlier, skipped" in out  # neither changes what std trains
+    code, out = run_cli("train", str(cfg), "train.lr=0.002")
+    assert code == 2 and "std-seven in" in out and "was trained with other settings" in out
+    assert "train.lr: 0.001 → 0.002" in out and "train.tag=<word>" in out
+    code, out = run_cli("train", str(cfg), "train.lr=0.002", "--plan")
+    assert code == 0 and "std-seven: trained with other settings (train.lr: 0.001 → 0.002)" in out
+    # the variant beside the default: same corpora, its own name, both in one table
+    code, out = run_cli("run", str(cfg), "train.lr=0.002", "train.tag=lr2")
+    assert code == 0, out
+    assert json.loads((tmp_path / "run" / "train" / "std-seven-lr2" / "result.json").read_text())["name"] == \
+        "std-seven-lr2"
+    table = (tmp_path / "run" / "report" / "table.txt").read_text()
+    assert "\nstd-seven " in table and "\nstd-seven-lr2 " in table
+    code, out = run_cli("train", str(cfg), "train.lr=0.002", "train.tag=lr2", "--plan")
+    assert "std-seven-lr2: finished, skipped" in out

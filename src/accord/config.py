@@ -291,6 +291,10 @@ class TrainConfig(_Strict):
                                         "student's own verified answers on general problems, mixed into every "
                                         "method's training rows (null: corpora only)")
     report_to: list[str] = Field(default_factory=list, description="trackers: tensorboard, wandb, mlflow")
+    tag: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                            description="appended to the name of every model this run trains (train/<name>-<tag>/): "
+                            "an ablation beside the default in one run_dir, corpora and table, e.g. "
+                            "train.method=compact compact.scores=[ppl,cons] train.tag=no-mi")
 
     @property
     def methods(self) -> list[str]:

@@ -10,6 +10,7 @@ nothing (the trace store is opened read-only); every count comes from the same f
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -26,7 +27,7 @@ from accord.run import finished_results, model_specs
 from accord.sources import missing, plugin
 from accord.store import TraceStore
 from accord.teachers.base import served
-from accord.train.common import train_dir
+from accord.train.common import settings_change, tagged, train_dir
 from accord.train.engine import latest_checkpoint
 
 STAGES = ("collect", "train", "eval", "report")
@@ -110,13 +111,16 @@ def method_states(cfg: AccordConfig) -> list[tuple[str, str, str]]:
     for m in cfg.train.methods:
         name, _, arg = m.partition(":")
         for result, work, budget in load(METHODS[name].plan)(cfg, arg):
-            if (train_dir(cfg, result) / "result.json").exists():
-                state = "finished, skipped"
+            done = train_dir(cfg, result) / "result.json"
+            if done.exists():
+                changed = settings_change(cfg, json.loads(done.read_text()))
+                state = ("finished, skipped" if not changed else
+                         "trained with other settings (" + "; ".join(changed) + ") — the run would stop here")
             elif (ckpt := latest_checkpoint(train_dir(cfg, work))) is not None:
                 state = f"resumes from {ckpt.name}"
             else:
                 state = "to train"
-            out.append((result, state, budget))
+            out.append((tagged(cfg, result), state, budget))
     return out
 
 

@@ -43,7 +43,13 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     out: dict = {}
     if "collect" in stages:
         collect(cfg, console)
-    out["results"] = train_methods(cfg, console) if "train" in stages else finished_results(cfg)
+    if "train" in stages:
+        out["results"] = train_methods(cfg, console)
+        if {"eval", "report"} & set(stages):  # evaluated and reported beside any other model in run_dir (a variant)
+            names = {r["name"] for r in out["results"]}
+            out["results"] += [r for r in finished_results(cfg) if r["name"] not in names]
+    else:
+        out["results"] = finished_results(cfg)
     out["results"] += extra_results or []
     if "eval" in stages:
         out["eval"] = evaluate_models(cfg, out.get("results", []), console)

@@ -7,7 +7,12 @@ records it in ``<run_dir>/train/<name>/result.json``::
      "curve": [{"steps": 50, "path": ".../checkpoint-50"}, ...],   # Table 22 / Fig. 3 points
      "branch_steps": 150}                                          # compute, as MoT Table 5
 
-A stage whose ``result.json`` exists is finished and is skipped on re-run.
+A stage whose ``result.json`` exists is finished and is skipped on re-run — when the config still asks for what
+it was trained with: ``settings`` (:func:`method_settings`) is recorded beside it and a re-run with other values
+stops with the keys that changed (an ablation such as ``compact.scores=[ppl,cons]`` in the same ``run_dir`` would
+otherwise be "finished earlier" and never trained).  Knobs that give the same model (packing, the chunked loss,
+gradient checkpointing, accumulation), trackers and checkpoint retention are not settings; nor is the student's
+path (recipes see it resolved).
 """
 
 from __future__ import annotations
@@ -35,8 +40,52 @@ class TrainSetupError(UsageError):
     """A training stage that cannot start (empty corpora, missing inputs); the message says which."""
 
 
+class SettingsChanged(UsageError):
+    """A finished result in ``run_dir`` was trained with other settings than the config now asks for."""
+
+
+# train.* fields that do not change the trained model (tested equal) or only what is kept and logged
+NOT_SETTINGS = {"method", "report_to", "packing", "chunked_loss", "gradient_checkpointing", "grad_accum",
+                "keep_checkpoints", "tag"}
+MERGE_SETTINGS = {"merge", "mot_schedule"}  # only MoT and post-hoc merge read them
+
+
+def method_settings(cfg: AccordConfig, method: str) -> dict:
+    """What a finished result of ``method`` was trained with: the ``train`` fields it reads (post-hoc merge: only
+    the merge — its STD students carry their own) and the method's own config section (``compact``, ``qr``)."""
+    train = cfg.train.model_dump(mode="json", exclude=NOT_SETTINGS | (set() if method == "mot" else MERGE_SETTINGS))
+    if method == "posthoc":
+        return {"train": {"merge": cfg.train.merge.model_dump(mode="json")}}
+    own = getattr(cfg, method, None)
+    return {"train": train, **({method: own.model_dump(mode="json")} if hasattr(own, "model_dump") else {})}
+
+
+def settings_change(cfg: AccordConfig, result: dict) -> list[str]:
+    """``key: recorded → now`` for each setting a finished result was trained with that the config now changes
+    (empty for a result recorded before settings were)."""
+    if "settings" not in result or not result.get("method"):
+        return []
+    was, now = _flat(result["settings"]), _flat(method_settings(cfg, result["method"]))
+    return [f"{k}: {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def tagged(cfg: AccordConfig, name: str) -> str:
+    """A result's name in this run: ``<name>-<train.tag>`` when a tag is set (an ablation beside the default)."""
+    return f"{name}-{cfg.train.tag}" if cfg.train.tag else name
+
+
 def train_dir(cfg: AccordConfig, name: str) -> Path:
-    return Path(cfg.run_dir) / "train" / name
+    return Path(cfg.run_dir) / "train" / tagged(cfg, name)
 
 
 def load_corpus(cfg: AccordConfig, teacher: str, replay: bool = True) -> list[dict]:
@@ -202,7 +251,9 @@ def barrier() -> None:
 
 def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
     d = train_dir(cfg, name)
-    res = {"name": name, **fields, "provenance": provenance()}
+    res = {"name": tagged(cfg, name), **fields, "provenance": provenance()}
+    if fields.get("method"):
+        res["settings"] = method_settings(cfg, fields["method"])
     if not is_main():
         return res  # rank 0 writes the record
     d.mkdir(parents=True, exist_ok=True)
@@ -213,8 +264,18 @@ def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
 
 
 def read_result(cfg: AccordConfig, name: str) -> TrainRecord | None:
+    """A finished result, or None; a :class:`SettingsChanged` error when the config now asks for other settings
+    than it was trained with."""
     p = train_dir(cfg, name) / "result.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    res = json.loads(p.read_text())
+    if changed := settings_change(cfg, res):
+        raise SettingsChanged(f"{tagged(cfg, name)} in {p.parent} was trained with other settings than this config "
+                              "asks for: " + "; ".join(changed) + ". To train these settings beside it (same "
+                              "corpora, one table), name them: train.tag=<word>; to replace it, delete "
+                              f"{p.parent}.")
+    return res
 
 
 def step_checkpoints(out: Path) -> list[CurvePoint]:
