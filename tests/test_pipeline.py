@@ -586,3 +586,10 @@ def test_a_finished_method_with_other_settings_stops_instead_of_being_skipped(tm
     assert "\nstd-seven " in table and "\nstd-seven-lr2 " in table
     code, out = run_cli("train", str(cfg), "train.lr=0.002", "train.tag=lr2", "--plan")
     assert "std-seven-lr2: finished, skipped" in out
+    # a run killed before it finished is not resumed under other settings either
+    d = tmp_path / "run" / "train" / "std-seven-lr2"
+    (d / "result.json").unlink()
+    code, out = run_cli("train", str(cfg), "train.lr=0.003", "train.tag=lr2", "--plan")
+    assert "std-seven-lr2: started with other settings (train.lr: 0.002 → 0.003)" in out
+    code, out = run_cli("train", str(cfg), "train.lr=0.003", "train.tag=lr2")
+    assert code == 2 and f"{d} holds a run started with other settings" in out and "train.lr: 0.002 → 0.003" in out

@@ -111,11 +111,14 @@ def method_states(cfg: AccordConfig) -> list[tuple[str, str, str]]:
     for m in cfg.train.methods:
         name, _, arg = m.partition(":")
         for result, work, budget in load(METHODS[name].plan)(cfg, arg):
-            done = train_dir(cfg, result) / "result.json"
+            done, started = train_dir(cfg, result) / "result.json", train_dir(cfg, work) / "settings.json"
             if done.exists():
                 changed = settings_change(cfg, json.loads(done.read_text()))
                 state = ("finished, skipped" if not changed else
                          "trained with other settings (" + "; ".join(changed) + ") — the run would stop here")
+            elif started.exists() and (changed := settings_change(
+                    cfg, {"method": name, "settings": json.loads(started.read_text())})):
+                state = "started with other settings (" + "; ".join(changed) + ") — the run would stop here"
             elif (ckpt := latest_checkpoint(train_dir(cfg, work))) is not None:
                 state = f"resumes from {ckpt.name}"
             else:

@@ -69,6 +69,23 @@ def settings_change(cfg: AccordConfig, result: dict) -> list[str]:
     return [f"{k}: {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
 
 
+def work_dir(cfg: AccordConfig, name: str, method: str) -> Path:
+    """A recipe's output directory, claimed for this config's settings: ``settings.json`` is written on the first
+    start, and a later start with other settings — which would resume checkpoints trained with the old ones —
+    stops naming the keys that changed."""
+    out = train_dir(cfg, name)
+    path = out / "settings.json"
+    if path.exists():
+        if changed := settings_change(cfg, {"method": method, "settings": json.loads(path.read_text())}):
+            raise SettingsChanged(f"{tagged(cfg, name)}: {out} holds a run started with other settings than this "
+                                  "config asks for: " + "; ".join(changed) + ". To train these settings beside it, "
+                                  f"name them: train.tag=<word>; to start over, delete {out}.")
+    elif is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(method_settings(cfg, method), indent=1))
+    return out
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

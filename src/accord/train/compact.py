@@ -66,7 +66,7 @@ from accord.train.common import (
     save_model,
     step_checkpoints,
     teacher_corpora,
-    train_dir,
+    work_dir,
     write_result,
 )
 from accord.train.engine import (
@@ -490,7 +490,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     chunked = cfg.train.chunked_loss if cfg.train.chunked_loss is not None else torch.cuda.is_available()
     console.print("compact: the head " + ("in chunks from the hidden states (no full-vocabulary logits)"
                                           if chunked and chunkable_head(model) else "over full-vocabulary logits"))
-    T, S, out = cfg.train.rounds, cfg.train.steps_per_round, train_dir(cfg, "compact")
+    T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "compact", "compact")
     args = engine_args(cfg, T * S, checkpoint_every=S)
     with progress(console) as bar:
         task = bar.add_task("compact", total=T * S)

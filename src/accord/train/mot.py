@@ -51,6 +51,7 @@ from accord.train.common import (
     select_checkpoint,
     teacher_corpora,
     train_dir,
+    work_dir,
     write_result,
 )
 from accord.train.engine import encode_example, get_accelerator, train
@@ -76,7 +77,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
         console.print("mot: finished earlier, skipped")
         return [done]
     corpora = teacher_corpora(cfg, console)
-    T, S, out = cfg.train.rounds, cfg.train.steps_per_round, train_dir(cfg, "mot")
+    T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "mot", "mot")
     spec = _spec(cfg, list(corpora))
     model, tok = load_student(cfg)
     corpora = {t: (rows, [encode_example(tok, x, cfg.train.max_len) for x in rows]) for t, rows in corpora.items()}

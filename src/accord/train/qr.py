@@ -95,6 +95,7 @@ from accord.train.common import (
     save_model,
     step_checkpoints,
     train_dir,
+    work_dir,
     write_result,
 )
 from accord.train.engine import (
@@ -569,7 +570,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
         return done
 
     rows = qr_paths(cfg)
-    out = train_dir(cfg, "qr")
+    out = work_dir(cfg, "qr", "qr")
     students, toks, paths = {}, {}, {}
     for s, name in zip(q.students, names):
         paths[name] = str(local_model_dir(s.model, f"qr student {name}"))

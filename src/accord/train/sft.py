@@ -26,7 +26,7 @@ from accord.train.common import (
     save_model,
     select_checkpoint,
     step_checkpoints,
-    train_dir,
+    work_dir,
     write_result,
 )
 from accord.train.engine import train
@@ -38,7 +38,7 @@ def fit(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, te
         console.print(f"{name}: finished earlier, skipped")
         return done
     T, S = cfg.train.rounds, cfg.train.steps_per_round
-    steps, out = T * S, train_dir(cfg, name)
+    steps, out = T * S, work_dir(cfg, name, method)
     _warn_epochs(console, name, len(rows), steps, cfg.train.batch_size)
     model, tok = load_student(cfg)
     args = engine_args(cfg, steps, checkpoint_every=S)
