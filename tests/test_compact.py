@@ -313,6 +313,15 @@ def test_accord_train_compact_end_to_end(tmp_path, micro):
     assert [r[0] for r in body] == ["a", "b", "c"]
     html = write_report(load_config(p), [res], []).read_text()
     assert "compact-alpha.png" in html and (run / "report" / "compact-alpha.png").exists()
+    # the ablation of Fig. 5 beside it (no S_MI): not "finished earlier", its own directory, weights plot and table
+    code, out = run_cli("train", str(p), "compact.scores=[ppl,cons]")
+    assert code == 2 and "compact.scores" in out and "train.tag=<word>" in out
+    code, out = run_cli("train", str(p), "compact.scores=[ppl,cons]", "train.tag=no-mi")
+    assert code == 0, out
+    variant = json.loads((run / "train" / "compact-no-mi" / "result.json").read_text())
+    assert variant["name"] == "compact-no-mi" and variant["settings"]["compact"]["scores"] == ["ppl", "cons"]
+    html = write_report(load_config(p), [res, variant], []).read_text()
+    assert "(COMPACT Fig. 3) — compact-no-mi</h2>" in html and (run / "report" / "compact-no-mi-alpha.png").exists()
 
 
 def test_compact_resumes_to_the_uninterrupted_weights(tmp_path, micro):

@@ -510,18 +510,22 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     for s in curves:
         page.append(f"<h2>{html.escape(s)} pass@1 by round / checkpoint (MoT Table 22, Fig. 3)</h2>"
                     f"<img src='curve-{html.escape(s)}.png' alt='{html.escape(s)} curve'>")
-    compact_metrics = run_dir / "train" / "compact" / "metrics.jsonl"
-    if plot_alpha(compact_metrics, out / "compact-alpha.png"):
-        head_c, body_c = compact_scores(compact_metrics)
-        page += ["<h2>COMPACT: each teacher's weight α over training (COMPACT Fig. 3)</h2>",
-                 "<img src='compact-alpha.png' alt='COMPACT weights'>", _html_table(head_c, body_c)]
-    if plot_branch_losses(run_dir / "train" / "mot" / "metrics.jsonl", out / "mot-branch-loss.png"):
-        page.append("<h2>MoT branch losses by teacher across rounds (MoT Fig. 3/4)</h2>"
-                    "<img src='mot-branch-loss.png' alt='MoT branch losses'>")
+    for name in _named(results, "compact"):  # the default and any tagged variant (train.tag)
+        metrics, png = run_dir / "train" / name / "metrics.jsonl", f"{name}-alpha.png"
+        if plot_alpha(metrics, out / png):
+            head_c, body_c = compact_scores(metrics)
+            page += [f"<h2>COMPACT: each teacher's weight α over training (COMPACT Fig. 3){_variant(name)}</h2>",
+                     f"<img src='{html.escape(png)}' alt='COMPACT weights'>", _html_table(head_c, body_c)]
+    for name in _named(results, "mot"):
+        png = f"{name}-branch-loss.png"
+        if plot_branch_losses(run_dir / "train" / name / "metrics.jsonl", out / png):
+            page.append(f"<h2>MoT branch losses by teacher across rounds (MoT Fig. 3/4){_variant(name)}</h2>"
+                        f"<img src='{html.escape(png)}' alt='MoT branch losses'>")
     if collect:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
     page += _interpolation_section(run_dir / "analysis" / "interpolation.json", out)
-    page += _qr_section(run_dir / "train" / "qr", out)
+    for qr_dir in sorted((run_dir / "train").glob("qr*/routing.jsonl")):  # QR's working dir(s): qr, qr-<tag>
+        page += _qr_section(qr_dir.parent, out)
     page += _cord_section(run_dir, out)
     page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows, cfg)]
     page += _where_they_differ(run_dir, eval_rows, splits, cfg) + [_provenance_footer(results, eval_rows),
@@ -715,10 +719,21 @@ def plot_routing(head: list[str], body: list[list], path: Path, xlabel: str) -> 
     return path
 
 
+def _named(results: list[dict], method: str) -> list[str]:
+    """The result names of one method, the default first (``compact``, then ``compact-<tag>`` variants)."""
+    return sorted({r["name"] for r in results if r.get("method", r["name"]) == method or r["name"] == method},
+                  key=lambda n: (n != method, n))
+
+
+def _variant(name: str) -> str:
+    """`` — <name>`` for a tagged variant's section heading, nothing for the default."""
+    return f" — {html.escape(name)}" if "-" in name else ""
+
+
 def _qr_section(qr_dir: Path, out: Path) -> list[str]:
     """QR-Distill's routing (§4.3): selection rates over training, per path type (Fig. 4) and per difficulty
     level (Fig. 5), from the run's metrics and the trained router's decisions."""
-    parts = []
+    parts, v, tag = [], _variant(qr_dir.name), qr_dir.name
     series: dict[str, list[tuple[int, float]]] = {}
     metrics = qr_dir / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.exists() else []:
@@ -726,14 +741,15 @@ def _qr_section(qr_dir: Path, out: Path) -> list[str]:
         for k, v in ev.items():
             if k.startswith("sel/"):
                 series.setdefault(k[4:], []).append((ev["step"], v))
-    if _plot_smoothed(series, out / "qr-selection.png", "step", "share of the batch's paths selected"):
-        parts += ["<h2>QR-Distill: selection rate per student over training</h2>",
-                  "<img src='qr-selection.png' alt='QR selection rates'>"]
+    if _plot_smoothed(series, out / f"{tag}-selection.png", "step", "share of the batch's paths selected"):
+        parts += [f"<h2>QR-Distill: selection rate per student over training{v}</h2>",
+                  f"<img src='{html.escape(tag)}-selection.png' alt='QR selection rates'>"]
     for key, fig, what in (("type", "Fig. 4", "path type (teacher / style)"), ("level", "Fig. 5", "difficulty level")):
         head, body = routing_table(qr_dir / "routing.jsonl", key)
-        if body and plot_routing(head, body, out / f"qr-routing-{key}.png", what):
-            parts += [f"<h2>QR-Distill: the trained router's selections by {html.escape(what)} ({fig})</h2>",
-                      f"<img src='qr-routing-{key}.png' alt='QR routing by {key}'>", _html_table(head, body)]
+        if body and plot_routing(head, body, out / f"{tag}-routing-{key}.png", what):
+            parts += [f"<h2>QR-Distill: the trained router's selections by {html.escape(what)} ({fig}){v}</h2>",
+                      f"<img src='{html.escape(tag)}-routing-{key}.png' alt='QR routing by {key}'>",
+                      _html_table(head, body)]
     return parts
 
 
