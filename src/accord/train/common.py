@@ -53,9 +53,9 @@ MERGE_SETTINGS = {"merge", "mot_schedule"}  # only MoT and post-hoc merge read t
 def method_settings(cfg: AccordConfig, method: str) -> dict:
     """What a finished result of ``method`` was trained with: the ``train`` fields it reads (post-hoc merge: only
     the merge — its STD students carry their own) and the method's own config section (``compact``, ``qr``)."""
-    train = cfg.train.model_dump(mode="json", exclude=NOT_SETTINGS | (set() if method == "mot" else MERGE_SETTINGS))
     if method == "posthoc":
         return {"train": {"merge": cfg.train.merge.model_dump(mode="json")}}
+    train = cfg.train.model_dump(mode="json", exclude=NOT_SETTINGS | (set() if method == "mot" else MERGE_SETTINGS))
     own = getattr(cfg, method, None)
     return {"train": train, **({method: own.model_dump(mode="json")} if hasattr(own, "model_dump") else {})}
 
