@@ -149,3 +149,28 @@ def test_run_takes_overrides_without_a_config_and_others_say_config_first(tmp_pa
     real.write_text(Path(cfg_file).read_text())
     args = argparse.Namespace(config=str(real), overrides=["run_dir=elsewhere"], profile=None)
     assert _run_config(args).run_dir == "elsewhere"
+
+
+def test_schema_prints_every_description_verbatim():
+    """`accord config --schema`: each field's description as written — brackets included ([ppl,cons],
+    lab:<task>[:<split>] once read as console markup and vanished)."""
+    from conftest import run_cli
+
+    from accord.config import AccordConfig
+
+    code, out = run_cli("config", "--schema")
+    assert code == 0
+    flat = " ".join(out.split())
+
+    def descriptions(model):
+        for f in model.model_fields.values():
+            inner = [a for a in getattr(f.annotation, "__args__", (f.annotation,))
+                     if isinstance(a, type) and hasattr(a, "model_fields")]
+            if inner:
+                yield from descriptions(inner[0])
+            elif f.description:
+                yield f.description
+
+    missing = [d for d in descriptions(AccordConfig) if " ".join(d.split()) not in flat]
+    assert missing == [], missing
+    assert "compact.scores=[ppl,cons] train.tag=no-mi" in flat

@@ -261,8 +261,12 @@ def _print_schema(model, prefix: str, console: Console) -> None:
         if inner:
             _print_schema(inner[0], f"{prefix}{name}.", console)
             continue
+        from rich.markup import escape
+
         default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-        console.print(f"[bold]{prefix}{name}[/] ({default}): {f.description or ''}", highlight=False)
+        # descriptions and defaults hold brackets ([ppl,cons], lab:<task>[:<split>]): text, not markup
+        console.print(f"[bold]{escape(prefix + name)}[/] ({escape(default)}): {escape(f.description or '')}",
+                      highlight=False)
 
 
 def cmd_lab(args, console: Console) -> int:
