@@ -593,3 +593,22 @@ def test_a_finished_method_with_other_settings_stops_instead_of_being_skipped(tm
     assert "std-seven-lr2: started with other settings (train.lr: 0.002 → 0.003)" in out
     code, out = run_cli("train", str(cfg), "train.lr=0.003", "train.tag=lr2")
     assert code == 2 and f"{d} holds a run started with other settings" in out and "train.lr: 0.002 → 0.003" in out
+
+
+def test_a_tagged_variant_is_paired_against_its_default(tmp_path):
+    """An ablation's question — does the variant differ from the result it varies? — on the same problems; a
+    teacher whose name merely contains a dash is not taken for a variant."""
+    from accord.analysis.report import default_of, findings, paired_table
+
+    pids = [f"p{i}" for i in range(40)]
+    rows = [_write_rows(tmp_path, k, "target", {(p, 0, "greedy"): ok(i) for i, p in enumerate(pids)})
+            for k, ok in (("base", lambda i: False), ("compact/final", lambda i: i < 10),
+                          ("compact-no-mi/final", lambda i: i < 30), ("std-a-b/final", lambda i: True))]
+    results = [{"name": "compact"}, {"name": "compact-no-mi", "tag": "no-mi"}, {"name": "std-a-b"}]
+    assert default_of("compact-no-mi", results) == "compact" and default_of("std-a-b", results) is None
+    head, body = paired_table(tmp_path, rows, results, ["target"], "default")
+    assert head[1] == "target Δ vs its default" and [r[0] for r in body] == ["compact-no-mi"]
+    assert body[0][1].mean == pytest.approx(0.5) and body[0][1].significant and body[0][2] == "20 / 0"
+    said = dict(findings(tmp_path, rows, results, ["target"]))
+    assert said["Against their defaults (train.tag) (1 paired comparisons; about 0.1 would cross by chance if none "
+                "differed):"] == ["above on target: compact-no-mi +0.500 ± 0.080"]

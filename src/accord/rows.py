@@ -89,6 +89,8 @@ class TrainRecord(TypedDict, total=False):
     teachers: list[str]
     base_model: str  # QR: the student each row is compared with
     provenance: dict  # models.provenance(): versions and device that trained it
+    settings: dict  # train.common.method_settings(): what it was trained with
+    tag: str  # train.tag: a variant of the result named without it
 
 
 class EvalPoint(TypedDict, total=False):

@@ -58,6 +58,12 @@ def base_of(name: str, results: list[dict], known) -> str:
     return own if own in known else "base"
 
 
+def default_of(name: str, results: list[dict]) -> str | None:
+    """The result a tagged variant (``train.tag``) is an ablation of: its name without ``-<tag>``."""
+    tag = next((r.get("tag") for r in results if r["name"] == name), None)
+    return name.removesuffix(f"-{tag}") if tag and name.endswith(f"-{tag}") else None
+
+
 def method_table(eval_rows: list[dict], results: list[dict], splits: list[str]) -> tuple[list[str], list[list]]:
     finals = final_rows(eval_rows)
     compute = {r["name"]: r.get("branch_steps") for r in results}
@@ -94,18 +100,21 @@ class Diff(NamedTuple):
 
 def paired_table(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str], ref: str
                  ) -> tuple[list[str], list[list]]:
-    """Each final model against ``ref`` (``"mtd"``, or ``"base"`` — a QR student against its own base) on the
-    *same* problems: the mean over problems of the per-problem difference in pass@1 (greedy when no samples
+    """Each final model against ``ref`` (``"mtd"``; ``"base"`` — a QR student against its own base; or
+    ``"default"`` — a tagged variant against the result it varies, :func:`default_of`) on the *same* problems:
+    the mean over problems of the per-problem difference in pass@1 (greedy when no samples
     were drawn), its standard error over problems, and whether the 95% normal interval excludes 0; on the
     first split also the problems where the model is better / worse.  Paired, because two models' errors on
     one problem set are correlated: the per-row ± of the method table overstate the uncertainty of a
     difference (Miller 2024, "Adding Error Bars to Evals", §4).  Empty when ``ref`` was not evaluated."""
     finals = final_rows(eval_rows)
     head = ["model"] + [h for i, s in enumerate(splits)
-                        for h in [f"{s} Δ vs {ref}"] + ([f"{s} better / worse"] if i == 0 else [])]
+                        for h in [f"{s} Δ vs {'its default' if ref == 'default' else ref}"]
+                        + ([f"{s} better / worse"] if i == 0 else [])]
     body = []
     for name in sorted(finals, key=_order_key):
-        other = base_of(name, results, finals) if ref == "base" else ref
+        other = (base_of(name, results, finals) if ref == "base" else default_of(name, results) if ref == "default"
+                 else ref)
         if name.startswith("base") or name == ref or other not in finals:
             continue
         row: list = [name]
@@ -581,6 +590,7 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
 
     vs_mtd = split_diffs(paired_table(run_dir, eval_rows, results, splits, "mtd")[1], splits)
     vs_base = split_diffs(paired_table(run_dir, eval_rows, results, splits, "base")[1], splits)
+    vs_default = split_diffs(paired_table(run_dir, eval_rows, results, splits, "default")[1], splits)
     scored = [(rate(f[first]), n) for n, f in finals.items() if first in f and rate(f[first]) is not None]
     if scored:
         best, name = max(scored)
@@ -589,7 +599,7 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
         if d is not None:
             line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
         out.append((line + ".", []))
-    for ref, diffs in (("the base student", vs_base), ("mtd", vs_mtd)):
+    for ref, diffs in (("the base student", vs_base), ("mtd", vs_mtd), ("their defaults (train.tag)", vs_default)):
         n = sum(len(v) for v in diffs.values())
         if not n:
             continue
@@ -619,10 +629,10 @@ def _findings_section(run_dir: Path, eval_rows: list[dict], results: list[dict],
 
 def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:
     parts = []
-    for ref in ("mtd", "base"):
+    for ref, title in (("mtd", "mtd"), ("base", "base"), ("default", "each variant's default (train.tag)")):
         head, body = paired_table(run_dir, eval_rows, results, splits, ref)
         if body:
-            parts += [f"<h3>Paired against {ref}</h3>", _html_table(head, body)]
+            parts += [f"<h3>Paired against {html.escape(title)}</h3>", _html_table(head, body)]
     if not parts:
         return []
     return ["<h2>Paired differences</h2>",

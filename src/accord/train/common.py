@@ -269,6 +269,8 @@ def barrier() -> None:
 def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
     d = train_dir(cfg, name)
     res = {"name": tagged(cfg, name), **fields, "provenance": provenance()}
+    if cfg.train.tag:
+        res["tag"] = cfg.train.tag
     if fields.get("method"):
         res["settings"] = method_settings(cfg, fields["method"])
     if not is_main():
