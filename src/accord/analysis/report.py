@@ -420,18 +420,23 @@ def _rows_of(path: Path, pids: set, correct: frozenset = frozenset()) -> dict[st
     return {**first, **found}
 
 
+def best_model(finals: dict, split: str | None, trained_only: bool = False) -> tuple[float, str] | None:
+    """(rate, name) of the highest pass@1 (greedy when no samples) on ``split``; ties to the later name."""
+    rated = [(m[split].get("pass1") if m[split].get("pass1") is not None else m[split].get("greedy"), name)
+             for name, m in finals.items() if split in m and not (trained_only and name.startswith("base"))]
+    return max(((v, k) for v, k in rated if v is not None), default=None)
+
+
 def _where_they_differ(run_dir: Path, eval_rows: list[dict], splits: list[str], cfg=None, n: int = 2) -> list[str]:
     """The best model on the first split against MTD, problem by problem: up to ``n`` problems each way where one
     does better (per-problem pass@1), largest gaps first, each with its question, reference answer, a correct
     answer of the better model and the first answer of the other — what the paired difference is made of."""
     finals = final_rows(eval_rows)
     first = splits[0] if splits else None
-    rated = [(m[first].get("pass1") if m[first].get("pass1") is not None else m[first].get("greedy"), name)
-             for name, m in finals.items() if first in m and not name.startswith("base")]
-    rated = [(v, k) for v, k in rated if v is not None]
-    if not rated or "mtd" not in finals or first not in finals["mtd"]:
+    top = best_model(finals, first, trained_only=True)
+    if top is None or "mtd" not in finals or first not in finals["mtd"]:
         return []
-    best = max(rated)[1]
+    best = top[1]
     if best == "mtd":
         return []
     a, b = (_scores(run_dir, finals[k][first]) for k in (best, "mtd"))
@@ -582,18 +587,14 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
     if not any(not n.startswith("base") for n in finals):
         return out  # only base students: nothing to compare yet
 
-    def rate(m: dict) -> float | None:
-        return m.get("pass1") if m.get("pass1") is not None else m.get("greedy")
-
     def said(d: Diff) -> str:
         return f"{d.mean:+.3f} ± {d.se:.3f}"
 
     vs_mtd = split_diffs(paired_table(run_dir, eval_rows, results, splits, "mtd")[1], splits)
     vs_base = split_diffs(paired_table(run_dir, eval_rows, results, splits, "base")[1], splits)
     vs_default = split_diffs(paired_table(run_dir, eval_rows, results, splits, "default")[1], splits)
-    scored = [(rate(f[first]), n) for n, f in finals.items() if first in f and rate(f[first]) is not None]
-    if scored:
-        best, name = max(scored)
+    if (top := best_model(finals, first)) is not None:
+        best, name = top
         line = f"Best on {first}: {name} ({best:.3f}" + (", an untrained base" if name.startswith("base") else "") + ")"
         d = vs_mtd.get(name, {}).get(first)
         if d is not None:
