@@ -612,3 +612,12 @@ def test_a_tagged_variant_is_paired_against_its_default(tmp_path):
     said = dict(findings(tmp_path, rows, results, ["target"]))
     assert said["Against their defaults (train.tag) (1 paired comparisons; about 0.1 would cross by chance if none "
                 "differed):"] == ["above on target: compact-no-mi +0.500 ± 0.080"]
+    # the report's table says what the variant changed, from the settings both results recorded
+    import html as html_lib
+
+    from accord.analysis.report import _paired_section
+
+    results[0]["settings"] = {"compact": {"scores": ["mi", "cons", "ppl"]}, "train": {"lr": 0.001}}
+    results[1]["settings"] = {"compact": {"scores": ["ppl", "cons"]}, "train": {"lr": 0.001}}
+    page = html_lib.unescape("\n".join(_paired_section(tmp_path, rows, results, ["target"])))
+    assert "what differs" in page and "compact.scores: ['mi', 'cons', 'ppl'] → ['ppl', 'cons']" in page

@@ -648,3 +648,20 @@ def dump_config(cfg: AccordConfig, run_dir: str | Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return out
+
+
+def diff_settings(was: dict, now: dict) -> list[str]:
+    """``key.sub: old → new`` for every leaf that differs between two nested settings dicts (a key on one side only
+    reads ``None`` on the other), sorted by key."""
+    a, b = _flat(was), _flat(now)
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

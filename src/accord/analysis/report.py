@@ -58,6 +58,17 @@ def base_of(name: str, results: list[dict], known) -> str:
     return own if own in known else "base"
 
 
+def _variant_change(name: str, results: list[dict]) -> str:
+    """The settings a tagged variant was trained with that its default was not (both recorded in ``result.json``)."""
+    from accord.config import diff_settings
+
+    by = {r["name"]: r for r in results}
+    a, b = by.get(default_of(name, results) or ""), by.get(name)
+    if not a or not b or "settings" not in a or "settings" not in b:
+        return "–"
+    return "; ".join(diff_settings(a["settings"], b["settings"])) or "nothing recorded"
+
+
 def default_of(name: str, results: list[dict]) -> str | None:
     """The result a tagged variant (``train.tag``) is an ablation of: its name without ``-<tag>``."""
     tag = next((r.get("tag") for r in results if r["name"] == name), None)
@@ -632,6 +643,8 @@ def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], s
     parts = []
     for ref, title in (("mtd", "mtd"), ("base", "base"), ("default", "each variant's default (train.tag)")):
         head, body = paired_table(run_dir, eval_rows, results, splits, ref)
+        if body and ref == "default":  # what the variant changed: the ablation, in the table that measures it
+            head, body = head + ["what differs"], [r + [_variant_change(r[0], results)] for r in body]
         if body:
             parts += [f"<h3>Paired against {html.escape(title)}</h3>", _html_table(head, body)]
     if not parts:

@@ -22,7 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
-from accord.config import AccordConfig, GeneratorConfig, ProblemsConfig
+from accord.config import AccordConfig, GeneratorConfig, ProblemsConfig, diff_settings
 from accord.errors import UsageError
 from accord.evaluate import evaluate
 from accord.models import load_model_and_tokenizer, provenance
@@ -65,8 +65,7 @@ def settings_change(cfg: AccordConfig, result: dict) -> list[str]:
     (empty for a result recorded before settings were)."""
     if "settings" not in result or not result.get("method"):
         return []
-    was, now = _flat(result["settings"]), _flat(method_settings(cfg, result["method"]))
-    return [f"{k}: {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    return diff_settings(result["settings"], method_settings(cfg, result["method"]))
 
 
 def work_dir(cfg: AccordConfig, name: str, method: str) -> Path:
@@ -83,16 +82,6 @@ def work_dir(cfg: AccordConfig, name: str, method: str) -> Path:
     elif is_main():
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(method_settings(cfg, method), indent=1))
-    return out
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
     return out
 
 
