@@ -319,7 +319,7 @@ def test_accord_train_compact_end_to_end(tmp_path, micro):
     code, out = run_cli("train", str(p), "compact.scores=[ppl,cons]", "train.tag=no-mi")
     assert code == 0, out
     variant = json.loads((run / "train" / "compact-no-mi" / "result.json").read_text())
-    assert variant["name"] == "compact-no-mi" and variant["settings"]["compact"]["scores"] == ["ppl", "cons"]
+    assert variant["name"] == "compact-no-mi" and variant["trained_with"]["compact"]["scores"] == ["ppl", "cons"]
     html = write_report(load_config(p), [res, variant], []).read_text()
     assert "(COMPACT Fig. 3) — compact-no-mi</h2>" in html and (run / "report" / "compact-no-mi-alpha.png").exists()
 

@@ -569,7 +569,7 @@ def test_a_finished_method_with_other_settings_stops_instead_of_being_skipped(tm
     code, out = run_cli("run", str(cfg))
     assert code == 0, out
     res = json.loads((tmp_path / "run" / "train" / "std-seven" / "result.json").read_text())
-    assert res["settings"]["train"]["lr"] == 1e-3 and "merge" not in res["settings"]["train"]
+    assert res["trained_with"]["train"]["lr"] == 1e-3 and "merge" not in res["trained_with"]["train"]
     code, out = run_cli("train", str(cfg), "train.packing=false", "train.merge.method=ties")
     assert code == 0 and "std-seven: finished earlier, skipped" in out  # neither changes what std trains
     code, out = run_cli("train", str(cfg), "train.lr=0.002")
@@ -617,7 +617,30 @@ def test_a_tagged_variant_is_paired_against_its_default(tmp_path):
 
     from accord.analysis.report import _paired_section
 
-    results[0]["settings"] = {"compact": {"scores": ["mi", "cons", "ppl"]}, "train": {"lr": 0.001}}
-    results[1]["settings"] = {"compact": {"scores": ["ppl", "cons"]}, "train": {"lr": 0.001}}
+    results[0]["trained_with"] = {"compact": {"scores": ["mi", "cons", "ppl"]}, "train": {"lr": 0.001}}
+    results[1]["trained_with"] = {"compact": {"scores": ["ppl", "cons"]}, "train": {"lr": 0.001}}
     page = html_lib.unescape("\n".join(_paired_section(tmp_path, rows, results, ["target"])))
     assert "what differs" in page and "compact.scores: ['mi', 'cons', 'ppl'] → ['ppl', 'cons']" in page
+
+
+def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, two_parrots, micro):
+    """Stored evaluations answer the settings they were made with: another k (or temperature, token budget,
+    number of problems) evaluates again — the old files kept aside, never reported as the new setting — and the
+    plan counts them; a recipe's older `settings` field (its own section) is not read as what it trained with."""
+    from accord.config import load_config
+    from accord.train.common import settings_change
+
+    cfg = pipeline_cfg(tmp_path, problems_file, two_parrots, micro, method=["std:seven"])
+    code, out = run_cli("run", str(cfg))
+    assert code == 0, out
+    code, out = run_cli("eval", str(cfg), "eval.k=1", "--plan")
+    assert "5 evaluation(s), 0 stored, 5 to run (5 stored with other settings, run again)" in out
+    code, out = run_cli("eval", str(cfg), "eval.k=1")
+    assert code == 0 and "base target: evaluated earlier with other settings (k: 2 → 1)" in out
+    ev = tmp_path / "run" / "eval" / "base"
+    assert json.loads((ev / "target.json").read_text())["k"] == 1
+    assert json.loads((ev / "target.stale-1.json").read_text())["k"] == 2
+    assert (ev / "target.stale-1.rows.jsonl").exists()
+    code, out = run_cli("eval", str(cfg), "eval.k=1")
+    assert code == 0 and "evaluated earlier" not in out  # now they match
+    assert settings_change(load_config(cfg), {"method": "compact", "settings": {"beta": [1, 1, 1]}}) == []

@@ -231,6 +231,16 @@ def eval_summary(cfg, pt: dict, split: str) -> Path | None:
     return Path(cfg.run_dir) / "eval" / pt["key"] / f"{split}.json"
 
 
+def eval_settings_change(cfg, stored: dict, n_problems: int | None) -> list[str]:
+    """``field: stored → now`` where a stored evaluation no longer answers what the config asks (other k,
+    temperature, top-p, token budget, repeats, or another number of problems); a field an older summary did not
+    record, or ``n_problems`` None, is not compared."""
+    e = cfg.eval
+    now = {"k": e.k, "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
+           "repeats": e.repeats, **({"n": n_problems} if n_problems is not None else {})}
+    return [f"{k}: {stored[k]!r} → {v!r}" for k, v in now.items() if k in stored and stored[k] != v]
+
+
 def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
     """Evaluate every point on every split; returns rows {key, model, steps, split, greedy, pass1, ...}."""
     from accord.models import provenance
@@ -248,9 +258,13 @@ def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
                 if summary is None:
                     bar.update(task, advance=1)
                     continue
-                if summary.exists():
-                    res = json.loads(summary.read_text())
-                else:
+                res = json.loads(summary.read_text()) if summary.exists() else None
+                if res is not None and (changed := eval_settings_change(cfg, res, len(probs))):
+                    kept = _set_aside(summary)  # evaluated with other settings: kept, not reused, not reported
+                    console.print(f"{pt['key']} {split}: evaluated earlier with other settings ({'; '.join(changed)})"
+                                  f"; evaluating again (the old files are kept as {kept.name}*)")
+                    res = None
+                if res is None:
                     gen = gen or _generator(cfg, pt["path"], pt["key"])
                     summary.parent.mkdir(parents=True, exist_ok=True)
                     bar.update(task, description=f"eval {pt['key']} {split}")
@@ -268,6 +282,19 @@ def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
                 gen.close()
     (root / "results.json").write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def _set_aside(summary: Path) -> Path:
+    """Rename a stale evaluation summary and its rows out of the way (``<split>.stale-<n>.json``); returns the new
+    summary path."""
+    n = 1
+    while (kept := summary.with_name(f"{summary.stem}.stale-{n}{summary.suffix}")).exists():
+        n += 1
+    rows = rows_file(summary)
+    summary.rename(kept)
+    if rows.exists():
+        rows.rename(rows_file(kept))
+    return kept
 
 
 def rows_file(summary: Path) -> Path:

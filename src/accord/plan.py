@@ -19,7 +19,7 @@ from accord.collect import missing_generations, usable_problems
 from accord.config import AccordConfig
 from accord.cord.stage import default_meta_prover, load_cord_problems
 from accord.errors import UsageError
-from accord.evaluate import eval_points, eval_summary
+from accord.evaluate import eval_points, eval_settings_change, eval_summary, split_problems
 from accord.models import local_model_dir
 from accord.prompts import style_name
 from accord.registry import METHODS, load
@@ -117,7 +117,7 @@ def method_states(cfg: AccordConfig) -> list[tuple[str, str, str]]:
                 state = ("finished, skipped" if not changed else
                          "trained with other settings (" + "; ".join(changed) + ") — the run would stop here")
             elif started.exists() and (changed := settings_change(
-                    cfg, {"method": name, "settings": json.loads(started.read_text())})):
+                    cfg, {"method": name, "trained_with": json.loads(started.read_text())})):
                 state = "started with other settings (" + "; ".join(changed) + ") — the run would stop here"
             elif (ckpt := latest_checkpoint(train_dir(cfg, work))) is not None:
                 state = f"resumes from {ckpt.name}"
@@ -143,12 +143,19 @@ def _eval(cfg: AccordConfig, building: bool) -> list[str]:
     except UsageError:
         return _rows("eval", [head, f"the student {cfg.student.model!r} is not in the local cache: it is fetched "
                                     "first, then every model is evaluated"])
-    jobs = [eval_summary(cfg, pt, s) for pt in points for s in splits]
-    jobs = [j for j in jobs if j is not None]
-    stored = sum(j.exists() for j in jobs)
+    sizes = {}
+    for s in splits:
+        try:
+            sizes[s] = len(split_problems(cfg, s))
+        except UsageError:
+            sizes[s] = None  # the evaluation itself would stop on it
+    jobs = [(j, s) for pt in points for s in splits if (j := eval_summary(cfg, pt, s)) is not None]
+    stored = [(j, s) for j, s in jobs if j.exists()]
+    stale = sum(bool(eval_settings_change(cfg, json.loads(j.read_text()), sizes[s])) for j, s in stored)
     pending = sum(state != "finished, skipped" for _, state, _ in method_states(cfg))
     return _rows("eval", [head, f"the base student and {len(results)} finished model(s): {len(jobs)} evaluation(s), "
-                                f"{stored} stored, {len(jobs) - stored} to run"
+                                f"{len(stored) - stale} stored, {len(jobs) - len(stored) + stale} to run"
+                                + (f" ({stale} stored with other settings, run again)" if stale else "")
                                 + (f"; the {pending} model(s) still to train add theirs" if pending else "")])
 
 

@@ -89,7 +89,7 @@ class TrainRecord(TypedDict, total=False):
     teachers: list[str]
     base_model: str  # QR: the student each row is compared with
     provenance: dict  # models.provenance(): versions and device that trained it
-    settings: dict  # train.common.method_settings(): what it was trained with
+    trained_with: dict  # train.common.method_settings(): the settings a re-run must match to skip it
     tag: str  # train.tag: a variant of the result named without it
 
 

@@ -64,9 +64,9 @@ def _variant_change(name: str, results: list[dict]) -> str:
 
     by = {r["name"]: r for r in results}
     a, b = by.get(default_of(name, results) or ""), by.get(name)
-    if not a or not b or "settings" not in a or "settings" not in b:
+    if not a or not b or "trained_with" not in a or "trained_with" not in b:
         return "–"
-    return "; ".join(diff_settings(a["settings"], b["settings"])) or "nothing recorded"
+    return "; ".join(diff_settings(a["trained_with"], b["trained_with"])) or "nothing recorded"
 
 
 def default_of(name: str, results: list[dict]) -> str | None:

@@ -8,7 +8,7 @@ records it in ``<run_dir>/train/<name>/result.json``::
      "branch_steps": 150}                                          # compute, as MoT Table 5
 
 A stage whose ``result.json`` exists is finished and is skipped on re-run — when the config still asks for what
-it was trained with: ``settings`` (:func:`method_settings`) is recorded beside it and a re-run with other values
+it was trained with: ``trained_with`` (:func:`method_settings`) is recorded beside it and a re-run with other values
 stops with the keys that changed (an ablation such as ``compact.scores=[ppl,cons]`` in the same ``run_dir`` would
 otherwise be "finished earlier" and never trained).  Knobs that give the same model (packing, the chunked loss,
 gradient checkpointing, accumulation), trackers and checkpoint retention are not settings; nor is the student's
@@ -63,9 +63,9 @@ def method_settings(cfg: AccordConfig, method: str) -> dict:
 def settings_change(cfg: AccordConfig, result: dict) -> list[str]:
     """``key: recorded → now`` for each setting a finished result was trained with that the config now changes
     (empty for a result recorded before settings were)."""
-    if "settings" not in result or not result.get("method"):
+    if "trained_with" not in result or not result.get("method"):
         return []
-    return diff_settings(result["settings"], method_settings(cfg, result["method"]))
+    return diff_settings(result["trained_with"], method_settings(cfg, result["method"]))
 
 
 def work_dir(cfg: AccordConfig, name: str, method: str) -> Path:
@@ -75,7 +75,7 @@ def work_dir(cfg: AccordConfig, name: str, method: str) -> Path:
     out = train_dir(cfg, name)
     path = out / "settings.json"
     if path.exists():
-        if changed := settings_change(cfg, {"method": method, "settings": json.loads(path.read_text())}):
+        if changed := settings_change(cfg, {"method": method, "trained_with": json.loads(path.read_text())}):
             raise SettingsChanged(f"{tagged(cfg, name)}: {out} holds a run started with other settings than this "
                                   "config asks for: " + "; ".join(changed) + ". To train these settings beside it, "
                                   f"name them: train.tag=<word>; to start over, delete {out}.")
@@ -260,8 +260,8 @@ def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
     res = {"name": tagged(cfg, name), **fields, "provenance": provenance()}
     if cfg.train.tag:
         res["tag"] = cfg.train.tag
-    if fields.get("method"):
-        res["settings"] = method_settings(cfg, fields["method"])
+    if fields.get("method"):  # beside a recipe's own ``settings`` (its section alone, written before this existed)
+        res["trained_with"] = method_settings(cfg, fields["method"])
     if not is_main():
         return res  # rank 0 writes the record
     d.mkdir(parents=True, exist_ok=True)
