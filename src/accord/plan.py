@@ -42,10 +42,11 @@ def plan(cfg: AccordConfig, stages: tuple[str, ...] = STAGES) -> list[str]:
              *_rows("models", said or ["every model loaded here is on this machine"])]
     if "collect" in stages:
         lines += _collect(cfg)
+    states = method_states(cfg) if {"train", "eval"} & set(stages) else []  # read once, said by both stages
     if "train" in stages:
-        lines += _train(cfg)
+        lines += _rows("train", [f"{r}: {state} — {budget}" for r, state, budget in states])
     if "eval" in stages:
-        lines += _eval(cfg, bool(todo))
+        lines += _eval(cfg, bool(todo), sum(state != "finished, skipped" for _, state, _ in states))
     if "report" in stages:
         lines.append(_row("report", f"{Path(cfg.run_dir) / 'report' / 'index.html'}, from whatever has finished"))
     return lines
@@ -127,11 +128,8 @@ def method_states(cfg: AccordConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def _train(cfg: AccordConfig) -> list[str]:
-    return _rows("train", [f"{r}: {state} — {budget}" for r, state, budget in method_states(cfg)])
-
-
-def _eval(cfg: AccordConfig, building: bool) -> list[str]:
+def _eval(cfg: AccordConfig, building: bool, pending: int) -> list[str]:
+    """``pending``: the models still to train, whose evaluations come after."""
     splits = list(cfg.eval.splits)
     head = (f"{len(splits)} split(s) ({', '.join(splits)}), k = {cfg.eval.k} samples at T = {cfg.eval.temperature}"
             + (" + greedy" if cfg.eval.greedy else ""))
@@ -152,7 +150,6 @@ def _eval(cfg: AccordConfig, building: bool) -> list[str]:
     jobs = [(j, s) for pt in points for s in splits if (j := eval_summary(cfg, pt, s)) is not None]
     stored = [(j, s) for j, s in jobs if j.exists()]
     stale = sum(bool(eval_settings_change(cfg, json.loads(j.read_text()), sizes[s])) for j, s in stored)
-    pending = sum(state != "finished, skipped" for _, state, _ in method_states(cfg))
     return _rows("eval", [head, f"the base student and {len(results)} finished model(s): {len(jobs)} evaluation(s), "
                                 f"{len(stored) - stale} stored, {len(jobs) - len(stored) + stale} to run"
                                 + (f" ({stale} stored with other settings, run again)" if stale else "")
