@@ -128,6 +128,53 @@ def test_lora_trains_adapters_checkpoints_and_merges(micro, tmp_path):
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
 
 
+def test_qlora_trains_on_a_4bit_base_and_merges_into_the_float_one(micro, tmp_path):
+    """``lora_quantize: nf4``: while training, the base's linear layers are 4-bit and frozen; the result is the
+    float base plus a rank-r delta per layer (never a requantized matrix, whose error would be full rank), in
+    float32 on the CPU, with the head and embeddings untouched.  A killed run resumes to the same weights."""
+    pytest.importorskip("bitsandbytes")
+    model, tok = load(micro)
+    before = _weights(model)
+    seen = []
+
+    def look(step, loss):
+        layer = model.model.layers[0].self_attn.q_proj
+        ab = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+        seen.append((type(layer.get_base_layer()).__name__, layer.get_base_layer().weight.dtype, ab.detach().cpu()))
+
+    args = TrainArgs(steps=4, batch_size=4, lr=5e-2, lora_r=2, lora_alpha=4, lora_quantize="nf4", checkpoint_every=2)
+    res = train(model, tok, rows(8), args, out_dir=tmp_path / "a", on_step=look)
+    assert seen[0][:2] == ("Linear4bit", torch.uint8)
+    assert (tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    after = _weights(res.model)
+    assert set(after) == set(before)
+    assert all(type(m) is torch.nn.Linear for n, m in res.model.named_modules() if n.endswith("proj"))
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in after.values())
+    for k in before:
+        delta = after[k] - before[k]
+        if k.endswith("proj.weight"):
+            assert 0 < torch.linalg.matrix_rank(delta) <= 2, k  # float base + B·A, nothing requantized
+        else:
+            assert torch.equal(delta, torch.zeros_like(delta)), k  # embeddings, norms, head: frozen, not quantized
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(after[k] - before[k], seen[-1][2], atol=1e-6)  # exactly the adapter's B·A·α/r
+    assert not getattr(res.model, "is_loaded_in_4bit", False)
+
+    def kill(step, loss):
+        if step == 2:  # after checkpoint-2 (an adapter) is on disk
+            raise KeyboardInterrupt
+
+    model, tok = load(micro)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, rows(8), args, out_dir=tmp_path / "b", on_step=kill)
+    model, tok = load(micro)  # a fresh process: the same float base quantized again, the adapter from disk
+    res = train(model, tok, rows(8), args, out_dir=tmp_path / "b")
+    assert res.resumed_from == 2
+    got = _weights(res.model)
+    for k in after:
+        assert torch.equal(got[k], after[k]), k
+
+
 def test_on_step_returning_true_stops_training(micro):
     model, tok = load(micro)
     seen = []

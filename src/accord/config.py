@@ -244,6 +244,17 @@ class LoraConfig(_Strict):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = Field("all-linear", description="peft target_modules")
+    quantize: Literal["none", "nf4"] = Field(
+        "none", description="QLoRA (Dettmers et al., 2023): the frozen base's linear layers in 4-bit NF4 with double "
+        "quantisation while the adapters train (bitsandbytes: pip install 'accord[qlora]'; needs r > 0); the trained "
+        "model is saved in full precision, the adapter merged into the float base")
+
+    @model_validator(mode="after")
+    def _quantize_needs_lora(self) -> LoraConfig:
+        if self.quantize != "none" and not self.r:
+            raise ValueError(f"train.lora.quantize: {self.quantize} quantizes the frozen base of a LoRA run; set "
+                             "train.lora.r (e.g. 32, QR-Distill's rank) or quantize: none")
+        return self
 
 
 class ReplayConfig(_Strict):

@@ -72,6 +72,7 @@ class TrainArgs:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: str | list[str] = "all-linear"
+    lora_quantize: str = "none"  # nf4: QLoRA, the frozen base in 4-bit while the adapters train (train/qlora.py)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow
     log_every: int = 1
     lrs: dict[str, float] = field(default_factory=dict)  # several models: peak lr per model name (default lr)
@@ -596,7 +597,10 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     examples = examples if examples is not None else [encode_example(tok, r, args.max_len) for r in rows]
     if not examples:
         raise ValueError("no training examples")
-    models = {n: (_prepare_model(m, args) if _is_lm(m) and _trainable(m) else m) for n, m in models.items()}
+    float_base = {}  # QLoRA: the float layers that 4-bit ones replace while training, by model name
+    for n, m in list(models.items()):
+        if _is_lm(m) and _trainable(m):
+            models[n], float_base[n] = _prepare_model(m, args, acc)
     opt = make_optimizer(models, args)
     out = Path(out_dir) if out_dir else None
     start, history = _resume(out, models, opt) if out else (0, [])
@@ -630,9 +634,11 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         from accord.models import runtime
 
         lm = next((m for m in models.values() if _is_lm(m)), None)
+        lora = (f"LoRA r={args.lora_r}{' on a 4-bit NF4 base (QLoRA)' if any(float_base.values()) else ''}; "
+                if args.lora_r else "")
         say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
                  f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; "
-                 f"{'padding-free packing' if packed else 'no packing'}; loss: "
+                 f"{'padding-free packing' if packed else 'no packing'}; {lora}loss: "
                  + ("the recipe's (its own head: see its first line)" if loss_fn and not chunked else
                     "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"
                                              if chunked else " over full-vocabulary logits")))
@@ -683,7 +689,11 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
         _give_back(acc)
     for n, m in models.items():
         m.eval()
-        if args.lora_r and hasattr(m, "merge_and_unload"):
+        if float_base.get(n):
+            from accord.train.qlora import merge_into_base
+
+            models[n] = merge_into_base(m, float_base[n])
+        elif args.lora_r and hasattr(m, "merge_and_unload"):
             models[n] = m.merge_and_unload()
     return TrainResult(models[""] if single else models, history, start, out)
 
@@ -762,17 +772,27 @@ def _check_finite(models: dict, step: int, last_ckpt: Path | None) -> None:
     raise TrainingDiverged(f"weights became non-finite by step {step + 1}; {where}. Lower train.lr.")
 
 
-def _prepare_model(model, args: TrainArgs):
+def _prepare_model(model, args: TrainArgs, acc) -> tuple[object, dict]:
+    """Gradient checkpointing, then LoRA adapters (on a 4-bit base with ``lora_quantize``); returns the model to
+    train and the float layers a 4-bit base replaced (empty otherwise)."""
     if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    kept = {}
     if args.lora_r:
         from peft import LoraConfig, get_peft_model
 
+        if args.lora_quantize != "none":
+            from accord.train.qlora import quantize_base
+
+            dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
+            kept = quantize_base(model, args.lora_quantize, dtype, acc.device)
+            if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()  # peft leaves this to the caller on a 4-bit base
         cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                          target_modules=args.lora_targets, task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
-    return model
+    return model, kept
 
 
 def _global_count(acc, n: int, distributed: bool) -> int:
