@@ -322,6 +322,14 @@ def test_accord_train_compact_end_to_end(tmp_path, micro):
     assert variant["name"] == "compact-no-mi" and variant["trained_with"]["compact"]["scores"] == ["ppl", "cons"]
     html = write_report(load_config(p), [res, variant], []).read_text()
     assert "(COMPACT Fig. 3) — compact-no-mi</h2>" in html and (run / "report" / "compact-no-mi-alpha.png").exists()
+    # QLoRA (4-bit base): the scores read the adapted 4-bit projections; the model comes back in float
+    code, out = run_cli("train", str(p), "train.lora.r=2", "train.lora.quantize=nf4", "train.tag=qlora")
+    assert code == 0, out
+    assert "on a 4-bit NF4 base (QLoRA)" in out
+    steps = [json.loads(x) for x in (run / "train" / "compact-qlora" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and all("s_cons/a" in ev and math.isfinite(ev["loss"]) for ev in steps)
+    assert "quantization_config" not in json.loads((run / "train" / "compact-qlora" / "final" / "config.json")
+                                                   .read_text())
 
 
 def test_compact_resumes_to_the_uninterrupted_weights(tmp_path, micro):

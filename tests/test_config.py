@@ -86,6 +86,13 @@ def test_shipped_configs_validate(name):
         assert "mot_schedule: per-round" in out and "steps_per_round: 50" in out and "k: 16" in out
 
 
+def test_qlora_needs_a_lora_rank(cfg_file):
+    with pytest.raises(ConfigError, match=r"train.lora.quantize: nf4 quantizes the frozen base of a LoRA run; set "
+                                          r"train.lora.r"):
+        load_config(cfg_file, ["train.lora.quantize=nf4"])
+    assert load_config(cfg_file, ["train.lora.quantize=nf4", "train.lora.r=8"]).train.lora.quantize == "nf4"
+
+
 def test_override_typos_say_command_line_and_suggest(cfg_file, tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(cfg_file, ["colect.samples=2", "train.stesp_per_round=3"])

@@ -175,6 +175,17 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_the_float_one(micro, tmp_pa
         assert torch.equal(got[k], after[k]), k
 
 
+def test_qlora_without_bitsandbytes_says_what_to_install(micro, monkeypatch):
+    import sys
+
+    from accord.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    model, tok = load(micro)
+    with pytest.raises(UsageError, match=r"pip install 'accord\[qlora\]'"):
+        train(model, tok, rows(4), TrainArgs(steps=1, batch_size=2, lora_r=2, lora_quantize="nf4"))
+
+
 def test_on_step_returning_true_stops_training(micro):
     model, tok = load(micro)
     seen = []

@@ -213,6 +213,36 @@ def test_mot_resumes_from_the_last_merged_round(tmp_path, micro, merge):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_qlora_trains_mtd_and_mot_into_ordinary_float_checkpoints(tmp_path, micro):
+    """``train.lora.quantize: nf4`` through the CLI: MTD's and MoT's checkpoints are ordinary float models (no
+    quantization config, float32 safetensors); MTD's projections moved by a rank-r delta (nothing requantized);
+    MoT quantizes its merged student again for every branch of round 2."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    rows = {t: [{"messages": [{"role": "user", "content": f"{t} {i}"}, {"role": "assistant", "content": f"{i}"}]}
+                for i in range(6)] for t in ("a", "b")}
+    for t, r in [*rows.items(), ("all", rows["a"] + rows["b"])]:
+        write_jsonl(run / "corpora" / f"{t}.jsonl", r)
+    teachers = [{"name": t, "backend": "column", "column": t} for t in ("a", "b")]
+    cfg = pipeline_cfg(tmp_path, "unused.jsonl", teachers, micro, method=["mtd", "mot"], rounds=2, steps_per_round=2,
+                       lr=5e-2, lora={"r": 2, "alpha": 4, "quantize": "nf4"})
+    code, out = run_cli("train", str(cfg))
+    assert code == 0, out
+    assert "LoRA r=2 on a 4-bit NF4 base (QLoRA)" in out
+    base = load_file(Path(micro) / "model.safetensors")
+    for d in (run / "train" / "mtd" / "final", run / "train" / "mot" / "round-2" / "merged"):
+        assert "quantization_config" not in json.loads((d / "config.json").read_text())
+        w = load_file(d / "model.safetensors")
+        assert set(w) == set(base) and all(v.dtype == torch.float32 for v in w.values())
+        moved = {k for k in w if not torch.equal(w[k], base[k])}
+        assert moved and all("proj" in k for k in moved), d
+        if d.parent.name == "mtd":
+            assert all(torch.linalg.matrix_rank(w[k] - base[k]) <= 2 for k in moved)
+
+
 def test_validation_selection_on_a_lab_source_for_mot_std_and_mtd(tmp_path, micro):
     """A source that names its own split (lab:arith:train) still holds out its id-hash validation share,
     and STD/MTD record their best checkpoint beside the last one (issue 12, bug 5)."""

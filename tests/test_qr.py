@@ -404,8 +404,9 @@ def test_packed_student_pass_equals_the_padded_one(micro, micro_b):
     {"qr": {"competence": "uniform", "entropy": "pooled", "router_baseline": "question"}},
     {"qr": {"router_baseline": "none", "paths_per_question": 2, "tau_end": 0.5, "schedule": "cosine"}},
     {"qr": {"freeze": ["qwen"], "mutual_weight": 0.0}}, {"train": {"lora": {"r": 4}}},
+    {"train": {"lora": {"r": 4, "quantize": "nf4"}}},
 ], ids=["frozen-router", "no-routing", "routed-random-proj", "uniform-pooled-question", "paper-literal",
-        "frozen-peer-no-collab", "lora"])
+        "frozen-peer-no-collab", "lora", "qlora"])
 def test_every_ablation_trains_end_to_end(tmp_path, micro, micro_b, over):
     """Table 2 / Table 5 ablations and the reading options run through `accord train` and write both students."""
     run, p = _qr_run(tmp_path, micro, micro_b)
@@ -421,6 +422,11 @@ def test_every_ablation_trains_end_to_end(tmp_path, micro, micro_b, over):
     assert len(steps) == 4 and all(np_finite(ev["loss"]) for ev in steps)
     if over.get("qr", {}).get("route") == "all":
         assert all(ev["sel/llama"] == 1.0 for ev in steps)
+    if over.get("train", {}).get("lora", {}).get("quantize"):  # QR-Distill's QLoRA: both students, saved in float
+        assert out.count("on a 4-bit NF4 base (QLoRA)") == 1  # one joint run
+        for n in ("llama", "qwen"):
+            assert "quantization_config" not in json.loads((run / "train" / f"qr-{n}" / "final" / "config.json")
+                                                           .read_text())
 
 
 def np_finite(x: float) -> bool:

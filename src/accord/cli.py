@@ -9,6 +9,7 @@ by index (``teachers.0.model=...``) or by name (``teachers.alpha.model=...``).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -40,6 +41,8 @@ EPILOG = """examples:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes (imported by peft whenever installed) warns on AVX-512 CPUs that a hub kernel is absent
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as tlog
 

@@ -20,23 +20,18 @@ instead of 28 GB in float32.  Choices:
 
 from __future__ import annotations
 
-import logging
-
 import torch
+
+from accord.errors import UsageError
 
 
 def bitsandbytes():
-    """bitsandbytes, imported quietly (on CPUs with AVX-512 BF16 it logs that an optional hub kernel is absent)."""
-    log = logging.getLogger("bitsandbytes")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    """bitsandbytes, or an error that says how to install it."""
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ImportError("train.lora.quantize needs bitsandbytes: pip install 'accord[qlora]' "
+        raise UsageError("train.lora.quantize needs bitsandbytes: pip install 'accord[qlora]' "
                           "(or set train.lora.quantize: none)") from None
-    finally:
-        log.setLevel(level)
     return bnb
 
 
@@ -60,6 +55,9 @@ def quantize_base(model, kind: str, compute_dtype: torch.dtype, device) -> dict[
                               compute_dtype=compute_dtype, compress_statistics=True, quant_type=kind, device="meta")
         q.weight = bnb.nn.Params4bit(child.weight.data.detach().cpu(), requires_grad=False, quant_type=kind,
                                      compress_statistics=True, module=q).to(device)
+        # bitsandbytes repacks a layer's weight for a CPU inference kernel the first time it runs in eval mode without
+        # grad (COMPACT's scores do), which fails below 64 input features and leaves a format made for inference
+        q.support_avx512bf16_for_cpu = False
         if child.bias is not None:
             q.bias = torch.nn.Parameter(child.bias.data.detach().to(device), requires_grad=False)
         setattr(parent, attr, q)
