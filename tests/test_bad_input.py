@@ -184,7 +184,7 @@ CASES = [
     ("teacher model path that does not exist", ["./no/such/model", "does not exist"], c_model_path),
     ("two teachers with one name", ["duplicate names", "'a'"], c_dup_teachers),
     ("teacher name `<script>`", ["'<script>'", "not a valid name"], c_script_name),
-    ("judge that is not a teacher", ["collect.judge.teacher 'gpt'"], c_judge),
+    ("judge teacher name that names no teacher", ["collect.judge.teacher 'gpt'", "collect.judge.model"], c_judge),
     ("unknown training method", ["unknown train method 'dpo'", "compact"], c_method),
     ("`std:<name>` for no teacher", ["'std:b'", "not one of the teachers"], c_std_teacher),
     ("unknown merge operator", ["unknown merge method 'slerp'", "ties"], c_merge),

@@ -135,6 +135,22 @@ def test_judge_filter_stores_verdict_beside_answer_check(tmp_path, problems_file
     assert read_jsonl(tmp_path / "run" / "corpora" / "seven.jsonl") == []
 
 
+def test_a_judge_that_is_not_a_teacher_only_judges(tmp_path, problems_file, parrot7, parrot8):
+    """``collect.judge.model``: its own model entry grades the teachers' traces and is never sampled itself —
+    no traces, no corpus, no row in the collection table."""
+    cfg = write_cfg(tmp_path, problems_file, [{"name": "seven", "model": str(parrot7)}],
+                    judge={"model": {"name": "grader", "model": str(parrot8)}, "max_new_tokens": 30}, samples=2)
+    code, out = run_cli("collect", str(cfg), "--plan")
+    assert code == 0 and "judge: grader (judges only)" in out, out
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0, out
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    assert {t for (t,) in db.execute("select distinct teacher from traces")} == {"seven"}
+    judged = list(db.execute("select judge from traces where verdict='correct'"))
+    assert judged and all(j == "unclear" for (j,) in judged)  # graded by parrot8, which never says VALID
+    assert not (tmp_path / "run" / "corpora" / "grader.jsonl").exists()
+
+
 def test_confidence_scores_stored_and_filter(tmp_path, problems_file, parrot7):
     cfg = write_cfg(tmp_path, problems_file, [{"name": "seven", "model": str(parrot7)}], samples=2,
                     confidence={"enabled": True, "window": 4})

@@ -75,7 +75,8 @@ def test_override_errors(cfg_file):
         load_config(cfg_file, ["collect.samples"])
 
 
-@pytest.mark.parametrize("name", ["mot-paper.yaml", "cord-paper.yaml", "lab-quickstart.yaml", "lab-quick.yaml"])
+@pytest.mark.parametrize("name", ["mot-paper.yaml", "cord-paper.yaml", "compact-paper.yaml", "qr-paper.yaml",
+                                  "lab-quickstart.yaml", "lab-quick.yaml"])
 def test_shipped_configs_validate(name):
     """The paper-scale configs validate offline (`accord config`; nothing downloads)."""
     from conftest import run_cli
@@ -84,6 +85,24 @@ def test_shipped_configs_validate(name):
     assert code == 0, out
     if name == "mot-paper.yaml":
         assert "mot_schedule: per-round" in out and "steps_per_round: 50" in out and "k: 16" in out
+    if name == "compact-paper.yaml":  # Table 8: 8 epochs of 497 × 4 traces at 32 per step, lr 5e-5
+        cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+        t = cfg.train
+        assert t.rounds * t.steps_per_round * t.batch_size / (497 * 4) == pytest.approx(8, abs=0.05)
+        assert (t.lr, t.lora.target_modules, cfg.compact.scores) == (5e-5, "all-linear", ["mi", "cons", "ppl"])
+    if name == "qr-paper.yaml":  # §3.2: QLoRA rank 32, batch 8, lr 5e-6 / 2e-4
+        cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+        assert (cfg.train.lora.r, cfg.train.lora.quantize, cfg.train.batch_size) == (32, "nf4", 8)
+        assert [(s.label(), s.lr) for s in cfg.qr.students] == [("mistral", 5e-6), ("gemma", 2e-4)]
+        assert cfg.collect.style == ["cot", "tot", "program", "fact", "backward"] and cfg.collect.judge.teacher
+
+
+def test_a_judge_is_a_teacher_or_its_own_model_entry(cfg_file):
+    with pytest.raises(ConfigError, match=r"give either teacher .* or model"):
+        load_config(cfg_file, ["collect.judge={max_new_tokens: 30}"])
+    cfg = load_config(cfg_file, ["collect.judge={model: {name: grader, backend: openai, model: m, "
+                                 "base_url: 'http://127.0.0.1:9/v1'}}"])
+    assert cfg.collect.judge.name == "grader" and cfg.collect.judge.teacher is None
 
 
 def test_qlora_needs_a_lora_rank(cfg_file):

@@ -343,11 +343,11 @@ def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], 
     todo = [r for r in store.traces(where=f"judge IS NULL AND {verdicts}") if r["problem_id"] in by_id]
     if not todo:
         return 0
-    judge = load_generator(cfg.teacher(j.teacher))
+    judge = load_generator(j.model or cfg.teacher(j.teacher))
     params = SamplingParams(temperature=0.0, max_new_tokens=j.max_new_tokens)
     try:
         with progress(console) as bar:
-            task = bar.add_task(f"judge ({j.teacher})", total=len(todo))
+            task = bar.add_task(f"judge ({j.name})", total=len(todo))
             for part in _chunks(todo, 32):
                 reqs = [Request(judge_prompt(by_id[r["problem_id"]].question, by_id[r["problem_id"]].answer,
                                              r["text"])) for r in part]
@@ -508,7 +508,7 @@ def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
                 result.failures[t.name] = str(e)
                 console.print(f"[red]error[/]: {e}\n  everything collected so far is kept in {store.path}; "
                               f"re-run to resume")
-        if cfg.collect.judge is not None and cfg.collect.judge.teacher not in result.failures:
+        if cfg.collect.judge is not None and cfg.collect.judge.name not in result.failures:
             judge_traces(cfg, store, usable, console)
         sizes = build_corpora(cfg, store, usable)
         result.summary = summarize(cfg, store, usable, sizes)

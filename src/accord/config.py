@@ -159,9 +159,23 @@ class TeacherConfig(GeneratorConfig):
 
 
 class JudgeConfig(_Strict):
-    teacher: str = Field(description="name of a configured teacher that acts as judge")
+    teacher: str | None = Field(None, description="name of a configured teacher that also judges (it is sampled too)")
+    model: GeneratorConfig | None = Field(
+        None, description="or a judge that is not a teacher, as its own model entry ({name, backend, model, ...}; "
+        "never sampled, no corpus): e.g. the public QR-Distill code's Mistral-7B-Instruct judge")
     max_new_tokens: int = Field(512, ge=1)
     apply_to: Literal["correct", "all"] = Field("correct", description="judge only answer-correct traces, or all")
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> JudgeConfig:
+        if (self.teacher is None) == (self.model is None):
+            raise ValueError("collect.judge: give either teacher (a teacher's name) or model (a model entry "
+                             "{name, backend, model, ...} that only judges), not both or neither")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.teacher or self.model.name
 
 
 class ConfidenceConfig(_Strict):
@@ -498,8 +512,10 @@ class AccordConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"teachers: duplicate names {dupes}")
-        if self.collect.judge and self.collect.judge.teacher not in names:
-            raise ValueError(f"collect.judge.teacher {self.collect.judge.teacher!r} is not one of the teachers {names}")
+        judge = self.collect.judge.teacher if self.collect.judge else None
+        if judge is not None and judge not in names:
+            raise ValueError(f"collect.judge.teacher {judge!r} is not one of the teachers {names}; a judge that "
+                             "is not a teacher goes in collect.judge.model as its own model entry")
         for m in self.train.methods:
             if m.startswith("std:") and m[4:] not in names + ["cord", "cord-curation", "cord-integration"]:
                 raise ValueError(f"train.method {m!r}: {m[4:]!r} is not one of the teachers {names}")

@@ -100,7 +100,8 @@ def _collect(cfg: AccordConfig) -> list[str]:
     if unreadable:
         out.append(f"{unreadable} problem(s) left out: the {c.verifier!r} verifier cannot read their answer")
     if c.judge is not None:
-        out.append(f"judge: {c.judge.teacher} grades each verified trace it has not graded yet")
+        out.append(f"judge: {c.judge.name}{'' if c.judge.teacher else ' (judges only)'} grades each verified trace "
+                   "it has not graded yet")
     out.append(f"in all: {to_make:,} generations to make; then corpora/ ({c.select}) and collect_summary.json")
     return _rows("collect", out)
 
