@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -241,6 +242,32 @@ def test_qlora_trains_mtd_and_mot_into_ordinary_float_checkpoints(tmp_path, micr
         assert moved and all("proj" in k for k in moved), d
         if d.parent.name == "mtd":
             assert all(torch.linalg.matrix_rank(w[k] - base[k]) <= 2 for k in moved)
+
+
+def test_epochs_set_every_methods_steps_from_the_union_corpus(tmp_path, micro):
+    """``train.epochs``: S = ⌈epochs × union rows / (batch × rounds)⌉ for every method (matched budgets), said by
+    the plan and the run; a later change of epochs is a changed setting, not a finished result."""
+    run = tmp_path / "run"
+    (run / "corpora").mkdir(parents=True)
+    rows = {t: [{"messages": [{"role": "user", "content": f"{t} {i}"}, {"role": "assistant", "content": f"{i}"}]}
+                for i in range(7)] for t in ("a", "b")}
+    for t, r in [*rows.items(), ("all", rows["a"] + rows["b"])]:
+        write_jsonl(run / "corpora" / f"{t}.jsonl", r)
+    teachers = [{"name": t, "backend": "column", "column": t} for t in ("a", "b")]
+    cfg = pipeline_cfg(tmp_path, "unused.jsonl", teachers, micro, method=["std:a", "mtd"], rounds=2, batch_size=4,
+                       epochs=1.5)
+    want = math.ceil(1.5 * 14 / (4 * 2))  # 3 steps per round, 6 in all: 1.7 epochs of the 14 union rows
+    code, out = run_cli("train", str(cfg), "--plan")
+    assert code == 0 and f"train.epochs 1.5: 2 round(s) × {want} steps" in out and f"mtd: to train — {2 * want} steps" \
+        in out, out
+    code, out = run_cli("train", str(cfg))
+    assert code == 0, out
+    assert f"2 round(s) × {want} steps for every method" in out
+    for name in ("std-a", "mtd"):
+        res = json.loads((run / "train" / name / "result.json").read_text())
+        assert res["branch_steps"] == 2 * want and res["trained_with"]["train"]["epochs"] == 1.5
+    code, out = run_cli("train", str(cfg), "train.epochs=3")
+    assert code == 2 and "train.epochs: 1.5 → 3" in out, out
 
 
 def test_validation_selection_on_a_lab_source_for_mot_std_and_mtd(tmp_path, micro):

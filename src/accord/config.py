@@ -258,16 +258,16 @@ class LoraConfig(_Strict):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = Field("all-linear", description="peft target_modules")
-    quantize: Literal["none", "nf4"] = Field(
-        "none", description="QLoRA (Dettmers et al., 2023): the frozen base's linear layers in 4-bit NF4 with double "
+    quantize: Literal["nf4"] | None = Field(
+        None, description="QLoRA (Dettmers et al., 2023): the frozen base's linear layers in 4-bit NF4 with double "
         "quantisation while the adapters train (bitsandbytes: pip install 'accord[qlora]'; needs r > 0); the trained "
         "model is saved in full precision, the adapter merged into the float base")
 
     @model_validator(mode="after")
     def _quantize_needs_lora(self) -> LoraConfig:
-        if self.quantize != "none" and not self.r:
+        if self.quantize and not self.r:
             raise ValueError(f"train.lora.quantize: {self.quantize} quantizes the frozen base of a LoRA run; set "
-                             "train.lora.r (e.g. 32, QR-Distill's rank) or quantize: none")
+                             "train.lora.r (e.g. 32, QR-Distill's rank) or quantize: null")
         return self
 
 
@@ -286,6 +286,10 @@ class TrainConfig(_Strict):
         "compares them")
     rounds: int = Field(3, ge=1, description="MoT rounds T; std/mtd train T×S steps with a checkpoint every S")
     steps_per_round: int = Field(50, ge=1, description="S: optimizer steps per branch per round (MoT §4.2)")
+    epochs: float | None = Field(
+        None, gt=0, description="set S from the data instead: S = ⌈epochs × rows of the union corpus "
+        "(corpora/all.jsonl: what MTD and COMPACT train on) / (batch_size × rounds)⌉, the same S for every method "
+        "(matched budgets); the papers give epochs (COMPACT Table 8, QR-Distill §3.2)")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (MoT App. G.1: 1e-5)")

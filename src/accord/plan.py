@@ -27,7 +27,7 @@ from accord.run import finished_results, model_specs
 from accord.sources import missing, plugin
 from accord.store import TraceStore
 from accord.teachers.base import served
-from accord.train.common import settings_change, tagged, train_dir
+from accord.train.common import TrainSetupError, resolve_budget, settings_change, tagged, train_dir
 from accord.train.engine import latest_checkpoint
 
 STAGES = ("collect", "train", "eval", "report")
@@ -42,9 +42,18 @@ def plan(cfg: AccordConfig, stages: tuple[str, ...] = STAGES) -> list[str]:
              *_rows("models", said or ["every model loaded here is on this machine"])]
     if "collect" in stages:
         lines += _collect(cfg)
+    budget_note = []
+    if cfg.train.epochs is not None and {"train", "eval"} & set(stages):
+        try:
+            cfg = resolve_budget(cfg)
+            budget_note = [f"train.epochs {cfg.train.epochs:g}: {cfg.train.rounds} round(s) × "
+                           f"{cfg.train.steps_per_round} steps (from the union corpus)"]
+        except TrainSetupError:
+            budget_note = [f"train.epochs {cfg.train.epochs:g}: steps per round set from the union corpus once "
+                           "collected (shown below: train.steps_per_round)"]
     states = method_states(cfg) if {"train", "eval"} & set(stages) else []  # read once, said by both stages
     if "train" in stages:
-        lines += _rows("train", [f"{r}: {state} — {budget}" for r, state, budget in states])
+        lines += _rows("train", budget_note + [f"{r}: {state} — {budget}" for r, state, budget in states])
     if "eval" in stages:
         lines += _eval(cfg, bool(todo), sum(state != "finished, skipped" for _, state, _ in states))
     if "report" in stages:

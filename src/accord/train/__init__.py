@@ -16,9 +16,10 @@ def train_methods(cfg, console) -> list[dict]:
     The student is resolved to a local checkpoint first (a hub id → its cached snapshot), so a base that
     merging (post-hoc, MoT's TIES/DARE) cannot read fails here, before any training."""
     from accord.models import local_model_dir
+    from accord.train.common import resolve_budget
 
     local = str(local_model_dir(cfg.student.model, "student"))
-    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"model": local})})
+    cfg = resolve_budget(cfg.model_copy(update={"student": cfg.student.model_copy(update={"model": local})}), console)
     results = []
     for m in cfg.train.methods:
         name, _, arg = m.partition(":")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -113,6 +114,22 @@ def load_corpus(cfg: AccordConfig, teacher: str, replay: bool = True) -> list[di
         n = round(cfg.train.replay.share * len(rows))
         rows += [pool[i % len(pool)] for i in range(n)] if pool else []
     return rows
+
+
+def resolve_budget(cfg: AccordConfig, console=None) -> AccordConfig:
+    """``train.epochs`` → ``train.steps_per_round``: S = ⌈epochs × rows of the union corpus (with its replay share)
+    / (batch_size × rounds)⌉, one S for every method so budgets stay matched.  Unchanged without ``epochs``;
+    a missing corpus raises :class:`TrainSetupError` (as training would)."""
+    t = cfg.train
+    if t.epochs is None:
+        return cfg
+    n = len(load_corpus(cfg, "all", replay=False))
+    n += round(t.replay.share * n) if t.replay else 0
+    S = max(1, math.ceil(t.epochs * n / (t.batch_size * t.rounds)))
+    if console is not None:
+        console.print(f"train.epochs {t.epochs:g} over the union corpus ({n} rows, {t.batch_size} per step): "
+                      f"{t.rounds} round(s) × {S} steps for every method")
+    return cfg.model_copy(update={"train": t.model_copy(update={"steps_per_round": S})})
 
 
 def check_corpora(cfg: AccordConfig) -> None:

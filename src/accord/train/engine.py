@@ -72,7 +72,7 @@ class TrainArgs:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: str | list[str] = "all-linear"
-    lora_quantize: str = "none"  # nf4: QLoRA, the frozen base in 4-bit while the adapters train (train/qlora.py)
+    lora_quantize: str | None = None  # nf4: QLoRA, the frozen base in 4-bit while the adapters train (train/qlora.py)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow
     log_every: int = 1
     lrs: dict[str, float] = field(default_factory=dict)  # several models: peak lr per model name (default lr)
@@ -782,7 +782,7 @@ def _prepare_model(model, args: TrainArgs, acc) -> tuple[object, dict]:
     if args.lora_r:
         from peft import LoraConfig, get_peft_model
 
-        if args.lora_quantize != "none":
+        if args.lora_quantize:
             from accord.train.qlora import quantize_base
 
             dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32

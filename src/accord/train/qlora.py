@@ -31,7 +31,7 @@ def bitsandbytes():
         import bitsandbytes as bnb
     except ImportError:
         raise UsageError("train.lora.quantize needs bitsandbytes: pip install 'accord[qlora]' "
-                          "(or set train.lora.quantize: none)") from None
+                          "(or set train.lora.quantize: null)") from None
     return bnb
 
 
