@@ -21,6 +21,8 @@ Used by every recipe (STD, MTD, MoT branches) and by the lab to train its zoo.
 - Loss normalisation: the sum of token losses over an optimizer step divided by
   the number of target tokens in that step, whatever the gradient accumulation.
 - AdamW (0.9, 0.95), weight decay 0.1, warmup + cosine, clip 1.0 (MoT App. G.1).
+- LoRA (peft) when ``lora_r`` > 0, merged into the returned model; ``lora_quantize: nf4`` holds the frozen
+  base in 4-bit meanwhile and merges into the float one (QLoRA, :mod:`accord.train.qlora`).
 """
 
 from __future__ import annotations
