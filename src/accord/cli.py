@@ -27,6 +27,7 @@ EPILOG = """examples:
   accord run my.yaml train.method=[std,mtd,mot]
   accord run my.yaml --plan                    # what would be built, generated, trained, evaluated; does none
   accord train my.yaml train.method=mot train.rounds=5
+  accord train my.yaml train.epochs=3 train.lora.r=32 train.lora.quantize=nf4   # QLoRA, steps from the data
   accord eval my.yaml
   accord cord my.yaml cord.beam=4 cord.segmentation=prompt
   accord merge --method ties --base B --models M1 M2 --out DIR --density 0.5
