@@ -244,6 +244,26 @@ def test_qlora_trains_mtd_and_mot_into_ordinary_float_checkpoints(tmp_path, micr
             assert all(torch.linalg.matrix_rank(w[k] - base[k]) <= 2 for k in moved)
 
 
+def test_lora_step_checkpoints_are_evaluated_through_a_merged_copy(tmp_path, problems_file, two_parrots, micro):
+    """A LoRA run's step checkpoints hold only the adapter; evaluation (every checkpoint) reads each through its base
+    with the adapter merged, written once beside it, and `accord eval --models` takes an adapter directory too."""
+    cfg = pipeline_cfg(tmp_path, problems_file, two_parrots, micro, method="mtd", lora={"r": 2, "alpha": 4})
+    code, out = run_cli("run", str(cfg))
+    assert code == 0, out
+    run = tmp_path / "run"
+    ckpt = run / "train" / "mtd" / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "config.json").exists()
+    assert (ckpt / "merged" / "config.json").exists()
+    assert json.loads((run / "eval" / "mtd" / "step-2" / "target.json").read_text())["n"] == 10
+    from safetensors.torch import load_file
+
+    merged, final = load_file(ckpt / "merged" / "model.safetensors"), load_file(run / "train" / "mtd" / "final" /
+                                                                               "model.safetensors")
+    assert set(merged) == set(final) and any(not torch.equal(merged[k], final[k]) for k in merged)  # step 2 ≠ step 4
+    code, out = run_cli("eval", str(cfg), "--models", f"adapter={ckpt}")
+    assert code == 0, out
+
+
 def test_epochs_set_every_methods_steps_from_the_union_corpus(tmp_path, micro):
     """``train.epochs``: S = ⌈epochs × union rows / (batch × rounds)⌉ for every method (matched budgets), said by
     the plan and the run; a later change of epochs is a changed setting, not a finished result."""

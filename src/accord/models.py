@@ -65,11 +65,43 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def merged_adapter(path: str | Path, who: str = "model") -> str:
+    """``path`` itself, or — a LoRA checkpoint (``adapter_config.json``, no ``config.json``: a step checkpoint of a
+    LoRA or QLoRA run, or any peft adapter) — its base with the adapter merged in float, written once beside it
+    (``<path>/merged/``), so every backend (hf, vLLM) and merge reads an ordinary checkpoint.  The base is the
+    one the adapter config names (for accord's runs: the student the run trained)."""
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").exists() or not (p / "adapter_config.json").exists():
+        return str(path)
+    out = p / "merged"
+    if (out / "config.json").exists():
+        return str(out)
+    import json
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise TeacherConfigError(f"{who}: {str(path)!r} is a LoRA adapter whose adapter_config.json names no base")
+    with no_hf_bars():
+        model = AutoModelForCausalLM.from_pretrained(local_model_dir(base, who), dtype=torch.float32,
+                                                     use_safetensors=True)
+        model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+        tmp = p / "merged.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(p if (p / "tokenizer_config.json").exists() else base).save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
+
+
 def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                              who: str = "model"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model(spec, who)
+    path = merged_adapter(resolve_model(spec, who), who)
     dev = pick_device(device)
     if Path(path).is_dir() and not (Path(path) / "config.json").exists():
         raise TeacherConfigError(f"{who}: {spec!r} is not a Hugging Face checkpoint (no config.json)")

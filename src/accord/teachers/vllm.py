@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from accord.models import resolve_model
+from accord.models import merged_adapter, resolve_model
 from accord.teachers.base import (
     Generation,
     Request,
@@ -30,7 +30,7 @@ class VLLMGenerator:
         from transformers import AutoTokenizer
 
         self.name, self.cfg, self._vllm = cfg.name, cfg, vllm
-        path = resolve_model(cfg.model, f"teacher {cfg.name!r}")
+        path = merged_adapter(resolve_model(cfg.model, f"teacher {cfg.name!r}"), f"teacher {cfg.name!r}")
         args = {"enable_prefix_caching": True, "trust_remote_code": cfg.trust_remote_code,
                 "dtype": "auto" if cfg.dtype == "auto" else cfg.dtype, **cfg.vllm_args}
         self.llm = vllm.LLM(model=path, **args)

@@ -39,7 +39,7 @@ def fit(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, te
         return done
     T, S = cfg.train.rounds, cfg.train.steps_per_round
     steps, out = T * S, work_dir(cfg, name, method)
-    _warn_epochs(console, name, len(rows), steps, cfg.train.batch_size)
+    _warn_epochs(console, name, len(rows), steps, cfg.train.batch_size, cfg.train.epochs)
     model, tok = load_student(cfg)
     args = engine_args(cfg, steps, checkpoint_every=S)
     with progress(console) as bar:
@@ -58,8 +58,10 @@ def fit(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, te
                         teachers=teachers, examples=len(rows), resumed_from=res.resumed_from)
 
 
-def _warn_epochs(console, name: str, n: int, steps: int, batch: int) -> None:
-    if steps * batch > n:
+def _warn_epochs(console, name: str, n: int, steps: int, batch: int, epochs: float | None = None) -> None:
+    """Say when the data repeats beyond what was asked (``train.epochs``: past those epochs and one batch of
+    rounding)."""
+    if steps * batch > n * max(1.0, epochs or 1.0) + (batch if epochs else 0):
         console.print(f"[yellow]note[/]: {name} asks for {epochs_note(n, steps, batch)}; the data repeats")
 
 
