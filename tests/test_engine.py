@@ -175,6 +175,32 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_the_float_one(micro, tmp_pa
         assert torch.equal(got[k], after[k]), k
 
 
+def test_in_memory_quantization_equals_transformers_loader(micro):
+    """``quantize_base`` (from a model in memory, as MoT's merged students need) gives bit for bit the 4-bit weights
+    and logits of transformers' own bitsandbytes loader (NF4, double quantisation), the head left in float."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from accord.train.qlora import quantize_base
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(micro, quantization_config=q, device_map="cpu", dtype=torch.float32)
+    ours, _tok = load(micro)
+    kept = quantize_base(ours, "nf4", torch.float32, torch.device("cpu"))
+    layers = [n for n, m in ref.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert sorted(kept) == sorted(layers) and "lm_head" not in kept
+    for n in layers:
+        a, b = ref.get_submodule(n), ours.get_submodule(n)
+        a.support_avx512bf16_for_cpu = False  # compare the training path, not bitsandbytes' CPU inference repack
+        assert torch.equal(F.dequantize_4bit(a.weight.data, a.weight.quant_state),
+                           F.dequantize_4bit(b.weight.data, b.weight.quant_state)), n
+    ids = torch.randint(3, 60, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(ref(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
 def test_qlora_without_bitsandbytes_says_what_to_install(micro, monkeypatch):
     import sys
 
