@@ -283,6 +283,7 @@ def test_epochs_set_every_methods_steps_from_the_union_corpus(tmp_path, micro):
     code, out = run_cli("train", str(cfg))
     assert code == 0, out
     assert f"2 round(s) × {want} steps for every method" in out
+    assert "note: std-a asks for" in out and "note: mtd asks" not in out  # only a corpus smaller than the union repeats
     for name in ("std-a", "mtd"):
         res = json.loads((run / "train" / name / "result.json").read_text())
         assert res["branch_steps"] == 2 * want and res["trained_with"]["train"]["epochs"] == 1.5

@@ -14,6 +14,8 @@ best on the held-out validation split, as the paper reports STD/MTD (§6.1);
 
 from __future__ import annotations
 
+import math
+
 from accord.config import AccordConfig
 from accord.train.common import (
     barrier,
@@ -39,7 +41,7 @@ def fit(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, te
         return done
     T, S = cfg.train.rounds, cfg.train.steps_per_round
     steps, out = T * S, work_dir(cfg, name, method)
-    _warn_epochs(console, name, len(rows), steps, cfg.train.batch_size, cfg.train.epochs)
+    _warn_epochs(console, name, len(rows), steps, cfg.train.batch_size, cfg.train.epochs, T)
     model, tok = load_student(cfg)
     args = engine_args(cfg, steps, checkpoint_every=S)
     with progress(console) as bar:
@@ -58,10 +60,12 @@ def fit(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, te
                         teachers=teachers, examples=len(rows), resumed_from=res.resumed_from)
 
 
-def _warn_epochs(console, name: str, n: int, steps: int, batch: int, epochs: float | None = None) -> None:
-    """Say when the data repeats beyond what was asked (``train.epochs``: past those epochs and one batch of
-    rounding)."""
-    if steps * batch > n * max(1.0, epochs or 1.0) + (batch if epochs else 0):
+def _warn_epochs(console, name: str, n: int, steps: int, batch: int, epochs: float | None = None,
+                 rounds: int = 1) -> None:
+    """Say when the data repeats beyond what was asked: past one epoch, or — with ``train.epochs`` — past the steps
+    those epochs give this corpus (:func:`resolve_budget`'s rounding: the union corpus itself never warns)."""
+    asked = math.ceil(epochs * n / (batch * rounds)) * rounds * batch if epochs else n
+    if steps * batch > max(n, asked):
         console.print(f"[yellow]note[/]: {name} asks for {epochs_note(n, steps, batch)}; the data repeats")
 
 
