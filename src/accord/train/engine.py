@@ -485,11 +485,12 @@ def chunkable_head(model) -> bool:
 
 
 def to_device(obj, device):
-    """Tensors inside dicts and lists moved to ``device`` (a multi-model batch nests one batch per model)."""
+    """Tensors inside dicts and lists moved to ``device`` (a multi-model batch nests one batch per model); a batch's
+    ``meta`` (per-example fields, never tensors) passes as it is."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: v if k == "meta" else to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, list) and obj and isinstance(obj[0], (torch.Tensor, dict)):
         return [to_device(v, device) for v in obj]
     return obj
