@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# CPU runs keep freed memory in the process instead of handing it back to the OS and faulting it in again on the
+# next step (glibc's allocator; others ignore these): `accord run --profile quick` 6–9% faster, peak memory +3%.
+export MALLOC_MMAP_THRESHOLD_ ?= 2000000000
+export MALLOC_TRIM_THRESHOLD_ ?= 2000000000
 
 .PHONY: install demo test test-all lint bench clean
 
