@@ -289,6 +289,10 @@ def test_epochs_set_every_methods_steps_from_the_union_corpus(tmp_path, micro):
         assert res["branch_steps"] == 2 * want and res["trained_with"]["train"]["epochs"] == 1.5
     code, out = run_cli("train", str(cfg), "train.epochs=3")
     assert code == 2 and "train.epochs: 1.5 → 3" in out, out
+    (tmp_path / "empty").mkdir()
+    empty = pipeline_cfg(tmp_path / "empty", "unused.jsonl", teachers, micro, method="mtd", epochs=2)
+    code, out = run_cli("train", str(empty), "--plan")  # nothing collected yet: the plan says when S is set
+    assert code == 0 and "set from the union corpus once it is collected" in out, out
 
 
 def test_validation_selection_on_a_lab_source_for_mot_std_and_mtd(tmp_path, micro):

@@ -49,8 +49,8 @@ def plan(cfg: AccordConfig, stages: tuple[str, ...] = STAGES) -> list[str]:
             budget_note = [f"train.epochs {cfg.train.epochs:g}: {cfg.train.rounds} round(s) × "
                            f"{cfg.train.steps_per_round} steps (from the union corpus)"]
         except TrainSetupError:
-            budget_note = [f"train.epochs {cfg.train.epochs:g}: steps per round set from the union corpus once "
-                           "collected (shown below: train.steps_per_round)"]
+            budget_note = [f"train.epochs {cfg.train.epochs:g}: steps per round set from the union corpus once it is "
+                           "collected (the budgets below use train.steps_per_round until then)"]
     states = method_states(cfg) if {"train", "eval"} & set(stages) else []  # read once, said by both stages
     if "train" in stages:
         lines += _rows("train", budget_note + [f"{r}: {state} — {budget}" for r, state, budget in states])

@@ -69,11 +69,13 @@ def quantize_base(model, kind: str, compute_dtype: torch.dtype, device) -> dict[
 @torch.no_grad()
 def merge_into_base(peft_model, kept: dict[str, torch.nn.Linear]):
     """The trained model in float on the CPU: each quantized layer's float original plus its LoRA delta."""
+    from peft.tuners.lora import LoraLayer
+
     deltas = {}
     for mod in peft_model.modules():
-        if hasattr(mod, "get_delta_weight") and hasattr(mod, "get_base_layer"):
-            d = sum(mod.get_delta_weight(a).float() for a in mod.active_adapters if a in mod.lora_A)
-            deltas[id(mod.get_base_layer())] = d
+        names = [a for a in mod.active_adapters if a in mod.lora_A] if isinstance(mod, LoraLayer) else []
+        if names:
+            deltas[id(mod.get_base_layer())] = sum(mod.get_delta_weight(a).float() for a in names)
     base = peft_model.unload()  # the LoRA layers replaced by their (4-bit) base layers
     for parent, attr, name, child in _linears(base):
         if name in kept:
