@@ -214,6 +214,16 @@ def test_mot_resumes_from_the_last_merged_round(tmp_path, micro, merge):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def _two_column_teachers(run: Path, n: int) -> list[dict]:
+    """Corpora a, b (``n`` rows each) and their union already collected in ``run``; the two teachers' entries."""
+    (run / "corpora").mkdir(parents=True)
+    rows = {t: [{"messages": [{"role": "user", "content": f"{t} {i}"}, {"role": "assistant", "content": f"{i}"}]}
+                for i in range(n)] for t in ("a", "b")}
+    for t, r in [*rows.items(), ("all", rows["a"] + rows["b"])]:
+        write_jsonl(run / "corpora" / f"{t}.jsonl", r)
+    return [{"name": t, "backend": "column", "column": t} for t in ("a", "b")]
+
+
 def test_qlora_trains_mtd_and_mot_into_ordinary_float_checkpoints(tmp_path, micro):
     """``train.lora.quantize: nf4`` through the CLI: MTD's and MoT's checkpoints are ordinary float models (no
     quantization config, float32 safetensors); MTD's projections moved by a rank-r delta (nothing requantized);
@@ -221,13 +231,7 @@ def test_qlora_trains_mtd_and_mot_into_ordinary_float_checkpoints(tmp_path, micr
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
 
-    run = tmp_path / "run"
-    (run / "corpora").mkdir(parents=True)
-    rows = {t: [{"messages": [{"role": "user", "content": f"{t} {i}"}, {"role": "assistant", "content": f"{i}"}]}
-                for i in range(6)] for t in ("a", "b")}
-    for t, r in [*rows.items(), ("all", rows["a"] + rows["b"])]:
-        write_jsonl(run / "corpora" / f"{t}.jsonl", r)
-    teachers = [{"name": t, "backend": "column", "column": t} for t in ("a", "b")]
+    run, teachers = tmp_path / "run", _two_column_teachers(tmp_path / "run", 6)
     cfg = pipeline_cfg(tmp_path, "unused.jsonl", teachers, micro, method=["mtd", "mot"], rounds=2, steps_per_round=2,
                        lr=5e-2, lora={"r": 2, "alpha": 4, "quantize": "nf4"})
     code, out = run_cli("train", str(cfg))
@@ -267,13 +271,7 @@ def test_lora_step_checkpoints_are_evaluated_through_a_merged_copy(tmp_path, pro
 def test_epochs_set_every_methods_steps_from_the_union_corpus(tmp_path, micro):
     """``train.epochs``: S = ⌈epochs × union rows / (batch × rounds)⌉ for every method (matched budgets), said by
     the plan and the run; a later change of epochs is a changed setting, not a finished result."""
-    run = tmp_path / "run"
-    (run / "corpora").mkdir(parents=True)
-    rows = {t: [{"messages": [{"role": "user", "content": f"{t} {i}"}, {"role": "assistant", "content": f"{i}"}]}
-                for i in range(7)] for t in ("a", "b")}
-    for t, r in [*rows.items(), ("all", rows["a"] + rows["b"])]:
-        write_jsonl(run / "corpora" / f"{t}.jsonl", r)
-    teachers = [{"name": t, "backend": "column", "column": t} for t in ("a", "b")]
+    run, teachers = tmp_path / "run", _two_column_teachers(tmp_path / "run", 7)
     cfg = pipeline_cfg(tmp_path, "unused.jsonl", teachers, micro, method=["std:a", "mtd"], rounds=2, batch_size=4,
                        epochs=1.5)
     want = math.ceil(1.5 * 14 / (4 * 2))  # 3 steps per round, 6 in all: 1.7 epochs of the 14 union rows
