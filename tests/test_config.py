@@ -103,6 +103,8 @@ def test_a_judge_is_a_teacher_or_its_own_model_entry(cfg_file):
     cfg = load_config(cfg_file, ["collect.judge={model: {name: grader, backend: openai, model: m, "
                                  "base_url: 'http://127.0.0.1:9/v1'}}"])
     assert cfg.collect.judge.name == "grader" and cfg.collect.judge.teacher is None
+    with pytest.raises(ConfigError, match="backend 'column' only reads stored text"):
+        load_config(cfg_file, ["collect.judge={model: {name: g, backend: column}}"])
 
 
 def test_results_recorded_before_a_new_option_are_still_finished(cfg_file):

@@ -173,6 +173,14 @@ class JudgeConfig(_Strict):
                              "{name, backend, model, ...} that only judges), not both or neither")
         return self
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _generates(cls, v):
+        if isinstance(v, dict) and v.get("backend") == "column":
+            raise ValueError("a judge generates its verdicts; backend 'column' only reads stored text (use hf, vllm "
+                             "or openai)")
+        return v
+
     @property
     def name(self) -> str:
         return self.teacher or self.model.name
