@@ -149,6 +149,8 @@ def test_a_judge_that_is_not_a_teacher_only_judges(tmp_path, problems_file, parr
     judged = list(db.execute("select judge from traces where verdict='correct'"))
     assert judged and all(j == "unclear" for (j,) in judged)  # graded by parrot8, which never says VALID
     assert not (tmp_path / "run" / "corpora" / "grader.jsonl").exists()
+    summary = json.loads((tmp_path / "run" / "collect_summary.json").read_text())
+    assert [s["teacher"] for s in summary] == ["seven"]
 
 
 def test_confidence_scores_stored_and_filter(tmp_path, problems_file, parrot7):
