@@ -212,6 +212,30 @@ def test_qlora_without_bitsandbytes_says_what_to_install(micro, monkeypatch):
         train(model, tok, rows(4), TrainArgs(steps=1, batch_size=2, lora_r=2, lora_quantize="nf4"))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_length_buckets_are_the_cheapest_cut(seed):
+    """``split_by_length`` against a slow reference: every assignment of the examples to ≤ 4 buckets (not only
+    contiguous runs of the sorted lengths), cost Σ rows × longest + 50 per bucket — the DP finds the minimum, covers
+    every index once, and keeps a batch of equal lengths whole."""
+    import itertools
+    import random
+
+    from accord.train.engine import split_by_length
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([20, 21, 40, 41, 90, 130, rng.randint(10, 150)]) for _ in range(7)]
+
+    def cost(parts):
+        return sum(len(p) * max(lengths[i] for i in p) + 50 for p in parts if p)
+
+    ref = min(cost([[i for i in range(7) if a[i] == b] for b in range(4)]) for a in itertools.product(range(4),
+                                                                                                     repeat=7))
+    parts = split_by_length(lengths)
+    assert sorted(i for p in parts for i in p) == list(range(7)) and all(parts)
+    assert cost(parts) == ref
+    assert split_by_length([64] * 9) == [list(range(9))]
+
+
 def test_on_step_returning_true_stops_training(micro):
     model, tok = load(micro)
     seen = []

@@ -436,8 +436,8 @@ def np_finite(x: float) -> bool:
 
 
 def test_length_buckets_give_the_whole_batch_values_and_gradients(micro):
-    """Short and long paths of a question share a batch: ``split_pass`` cuts it into two length buckets (two
-    forwards) and returns what one padded forward gives — per-path CE, competence, pooled states, gradients."""
+    """Short and long paths of a question share a batch: ``split_pass`` cuts it into length buckets (a forward
+    each) and returns what one padded forward gives — per-path CE, competence, pooled states, gradients."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from accord.train.engine import split_by_length
@@ -448,7 +448,7 @@ def test_length_buckets_give_the_whole_batch_values_and_gradients(micro):
     ex = qr._encode(rows, ["s"], {"s": tok}, 256, True)
     batch = qr.collate_paths(["s"], [tok.pad_token_id], torch.zeros(len(rows), 1))(ex)
     b, n = batch["per"]["s"], batch["n_units"]
-    assert len(split_by_length(b["attention_mask"].sum(1).tolist())) == 2  # really two buckets
+    assert len(split_by_length(b["attention_mask"].sum(1).tolist())) >= 2  # really cut into buckets
     runs = []
     for fn in (lambda: qr.student_pass(model, b, n, True), lambda: qr.split_pass(model, b, n, None)):
         model.zero_grad()

@@ -180,17 +180,35 @@ def collate_packed(examples: list, pad_id: int, one_row: bool = False) -> dict:
     return out
 
 
-def split_by_length(lengths: Sequence[int], min_saving: float = 0.1) -> list[list[int]]:
-    """A micro-batch's indices as one part, or two length buckets (short, long) when two forwards would fill at
-    least ``min_saving`` fewer padded cells than one.  For problem-grouped batches, whose traces cannot be
-    length-sorted across problems (a terse and a verbose trace of one problem share a micro-batch)."""
+def split_by_length(lengths: Sequence[int], max_parts: int = 4, part_cost: int = 50) -> list[list[int]]:
+    """A micro-batch's indices cut into at most ``max_parts`` length buckets, one forward each, with the fewest
+    padded cells Σ rows × longest plus ``part_cost`` cells per forward (its fixed cost: masks, kernel launches,
+    Python).  For problem-grouped batches, whose traces cannot be length-sorted across problems (a terse and a
+    verbose trace of one problem share a micro-batch).  An optimal cut is a set of contiguous runs of the sorted
+    lengths (exchange argument), found by dynamic programming over the runs' ends — O(parts · n²), ~0.1 ms at 16
+    traces.  Measured on the lab student (loss + backward, process time): up to 4 buckets at 50 cells per forward
+    bring COMPACT's grouped layout from 1.10× to 1.04–1.05× MTD's (two buckets, the earlier rule: 1.10×)."""
     idx = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    L = [lengths[i] for i in idx]
-    one = len(L) * L[-1] if L else 0
-    best = min(range(1, len(L)), key=lambda s: s * L[s - 1] + (len(L) - s) * L[-1], default=None)
-    if best is None or best * L[best - 1] + (len(L) - best) * L[-1] > (1 - min_saving) * one:
-        return [list(range(len(lengths)))]
-    return [sorted(idx[:best]), sorted(idx[best:])]
+    L, n = [lengths[i] for i in idx], len(lengths)
+    if n < 2:
+        return [list(range(n))]
+    # best[k][j]: the fewest cells cutting L[:j] into k buckets, the last one L[i:j] costing (j − i)·L[j−1] + part_cost
+    best = [[math.inf] * (n + 1) for _ in range(max_parts + 1)]
+    start = [[0] * (n + 1) for _ in range(max_parts + 1)]
+    best[0][0] = 0
+    for k in range(1, max_parts + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                v = best[k - 1][i] + (j - i) * L[j - 1] + part_cost
+                if v < best[k][j]:
+                    best[k][j], start[k][j] = v, i
+    k = min(range(1, max_parts + 1), key=lambda k: best[k][n])  # the fewest buckets among equal costs
+    parts, j = [], n
+    while k:
+        i = start[k][j]
+        parts.append(sorted(idx[i:j]))
+        j, k = i, k - 1
+    return parts[::-1]
 
 
 def collate_grouped(examples: list, collate_one: Callable[[list], dict]) -> dict:
