@@ -165,7 +165,7 @@ def _logits(model, b):
     from accord.train.engine import flat_positions, model_inputs, unpack
 
     rows = model(**model_inputs(b)).logits
-    return rows, _Head(logits=rows), flat_positions(b), unpack(rows, b)
+    return rows, _Head(logits=rows.reshape(-1, rows.shape[-1])), flat_positions(b), unpack(rows, b)
 
 
 TRACES = ["<think>\n(1) 3 + 4 = 7\n(2) 7 * 2 = 4\n</think>\n\n\\boxed{4}",
@@ -239,6 +239,35 @@ def test_packed_and_padded_batches_give_the_same_loss_scores_and_gradients(micro
     assert float(l1) == pytest.approx(float(l0), rel=1e-5)
     assert m0.keys() == m1.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6) for k in m0)
     assert m0["s_cons/t0"] != 0.0 and m0["mcon"] > 0.0  # the scores were computed, not skipped
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_length_buckets_give_the_whole_batch_loss_scores_and_gradients(micro, packed):
+    """A problem-grouped micro-batch cut into length buckets (a forward each, the terms computed once over every
+    bucket's rows, in micro-batch order) gives the loss, every score, MCon and the gradients of one batch."""
+    from accord.config import CompactConfig
+    from accord.train.engine import collate, collate_grouped, collate_packed
+
+    long = "<think>\n" + "(1) 3 + 4 = 7\n" * 12 + "</think>\n\n\\boxed{4}"
+    traces = [(0, TRACES[0]), (0, long), (0, TRACES[1]), (1, TRACES[2]), (1, long), (1, TRACES[0])]
+    fn = make_loss_fn(CompactConfig(epsilon=1.0))
+    got = []
+    for cut in (False, True):
+        model, tok, ex, b = _batch(micro, traces, words=("plus",), packed=packed)
+        if cut:
+            pad = tok.pad_token_id
+            b = collate_grouped(ex, (lambda c, pad=pad: collate_packed(c, pad)) if packed else
+                                (lambda c, pad=pad: collate(c, pad)))
+            assert len(b["parts"]) >= 2 and b["index"] != [list(range(len(ex)))]  # really cut, out of order
+        loss, metrics = fn(model, b, 2)
+        loss.backward()
+        got.append((loss, metrics, {n: p.grad for n, p in model.named_parameters()}))
+    (l0, m0, g0), (l1, m1, g1) = got
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    assert m0.keys() == m1.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6) for k in m0)
+    assert m0["s_cons/t0"] != 0.0 and m0["mcon"] > 0.0
     for n in g0:
         assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
 

@@ -79,9 +79,7 @@ from accord.train.engine import (
     grouped_batches,
     model_inputs,
     output_states,
-    token_nll,
     train,
-    unpack,
 )
 from accord.ui import progress
 
@@ -227,16 +225,8 @@ def make_loss_fn(c, chunked: bool | None = False):
         layer = last_decoder_layer(model) if "cons" in use else None
         parts, index = (b["parts"], b["index"]) if "parts" in b else ([b], [list(range(len(meta)))])
         chunk = (parts[0]["input_ids"].device.type == "cuda" if chunked is None else chunked) and chunkable_head(model)
-        terms = [_trace_terms(model, part, layer, c, "mi" in use, chunk) for part in parts]
-        order = torch.tensor([i for ix in index for i in ix])
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(len(order))  # back to the micro-batch's example order
-
-        def gather(key):
-            return torch.cat([t[key] for t in terms])[inv.to(terms[0][key].device)]
-
-        per, s_ppl, s_mi = gather("per"), gather("s_ppl"), gather("s_mi")
-        spans = join_spans([t["spans"] for t in terms], index)
+        t = _trace_terms(model, parts, index, meta, layer, c, "mi" in use, chunk)
+        per, s_ppl, s_mi = t["per"], t["s_ppl"], t["s_mi"]
         groups: dict = {}
         for i, m in enumerate(meta):
             groups.setdefault(m["group"], []).append(i)
@@ -246,7 +236,7 @@ def make_loss_fn(c, chunked: bool | None = False):
         s_cons = torch.zeros(len(meta))
         if layer is not None and any(len(g) > 1 for g in groups.values()):
             with torch.no_grad():
-                q, k = _qk(layer, gather("eos_state"))
+                q, k = _qk(layer, t["eos_state"])
                 s_cons = consensus(q, k, c.consensus_self == "include", gid.to(q.device)).cpu()
         a, score = group_alphas(gid, s_mi, s_cons, s_ppl, beta, c.tau)
         a_dev = a.to(per.device)
@@ -254,33 +244,27 @@ def make_loss_fn(c, chunked: bool | None = False):
         stats = {"pairs": 0, "skipped": 0, "mcon": 0.0}
         if c.mcon_weight:
             stats["pairs"] = sum(len(g) * (len(g) - 1) for g in groups.values())
-            total = total + c.mcon_weight * (a_dev * mcon(spans, meta, gid, a_dev, stats)).sum()
+            total = total + c.mcon_weight * (a_dev * mcon(t["spans"], meta, gid, a_dev, stats)).sum()
         return total / n_units, _metrics(meta, a, score, s_mi, s_cons, s_ppl, stats, groups)
 
     return loss_fn
 
 
 class _Head:
-    """The LM head at the positions COMPACT reads: from the full logits, or — ``chunked`` (issue 13: no
-    [tokens, V] tensor) — formed from the final hidden states and the head's weight, only for the rows asked for,
-    the per-token NLL through :class:`LinearTokenNLL`."""
+    """The LM head at the flat rows COMPACT reads (every bucket's rows end to end): from the full logits, or —
+    ``chunked`` (issue 13: no [tokens, V] tensor) — formed from the final hidden states and the head's weight,
+    only for the rows asked for, the per-token NLL through :class:`LinearTokenNLL`."""
 
     def __init__(self, logits=None, h=None, weight=None):
-        x = logits if logits is not None else h
-        self.shape = x.shape[:2]
-        self.flat = logits.reshape(-1, logits.shape[-1]) if logits is not None else None
-        self.h, self.w = (h.reshape(-1, h.shape[-1]), weight) if h is not None else (None, None)
+        self.flat, self.h, self.w = logits, h, weight  # [N, V], or [N, d] and [V, d]
 
-    def token_nll(self, labels: torch.Tensor) -> torch.Tensor:
-        """[R, W] NLL of each target token (as :func:`token_nll`)."""
+    def token_nll(self, targets: torch.Tensor) -> torch.Tensor:
+        """[N] float32 NLL of ``targets[q]`` (the token each flat row predicts; IGNORE: none, NLL 0)."""
         if self.flat is not None:
-            return token_nll(self.flat.view(*self.shape, -1), labels)
-        R, W = self.shape
-        tgt = labels[:, 1:]
-        keep = tgt != IGNORE
-        vals = LinearTokenNLL.apply(self.h.view(R, W, -1)[:, :-1][keep], self.w, tgt[keep])
-        nll = torch.zeros(R, W - 1, device=vals.device, dtype=torch.float32).masked_scatter(keep, vals)
-        return torch.nn.functional.pad(nll, (1, 0))
+            return torch.nn.functional.cross_entropy(self.flat.float(), targets, ignore_index=IGNORE, reduction="none")
+        keep = targets != IGNORE
+        vals = LinearTokenNLL.apply(self.h[keep], self.w, targets[keep])
+        return torch.zeros(targets.shape[0], device=vals.device, dtype=torch.float32).masked_scatter(keep, vals)
 
     def pair(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Logit of token ``ids[i]`` at flat row ``rows[i]`` (same shapes)."""
@@ -301,31 +285,60 @@ class _Head:
         return self.h[rows] @ self.w.to(self.h.dtype).T
 
 
-def _trace_terms(model, b: dict, layer, c, want_mi: bool, chunked: bool) -> dict:
-    """One forward over a (padded or packed) batch of traces and what COMPACT needs of each trace: its SFT term
-    ``per`` (with gradient), S_PPL and S_MI (no gradient), the answer-span log-probabilities (with gradient, for
-    MCon) and the last layer's input at EOS (for S_cons)."""
-    meta = b["meta"]
-    with capture_input(layer) if layer is not None else contextlib.nullcontext({}) as cap:
-        if chunked:  # the final hidden states; the model's own head runs on the last position only
-            out = model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1)
-            head = _Head(h=out.hidden_states[-1], weight=output_states(model).weight)
-        else:
-            head = _Head(logits=model(**model_inputs(b)).logits)  # [R, W, V]: padded rows, or packed ones
-    where = flat_positions(b)  # [B, L]: example i's token t in the flattened rows (−1 past its end)
-    ids, labels = unpack(b["input_ids"], b, 0), unpack(b["labels"], b, IGNORE)
-    nll = unpack(head.token_nll(b["labels"]), b)  # [B, L]
-    tgt = labels != IGNORE
-    tgt[:, 0] = False
-    per = nll.sum(1) if c.sft_norm == "token-sum" else nll.sum(1) / tgt.sum(1).clamp(min=1)
-    with torch.no_grad():
-        s_ppl, s_mi = _ppl_mi(head, where, nll.detach(), ids, meta, c.mi_reduce, want_mi)
-        eos = None
+def _trace_terms(model, parts: list[dict], index: list[list[int]], meta: list[dict], layer, c, want_mi: bool,
+                 chunked: bool) -> dict:
+    """One forward per length bucket (padded or packed; ``index[k]``: bucket k's examples in the micro-batch), then
+    what COMPACT needs of each trace, computed once over every bucket's rows laid end to end (``where`` [B, L]:
+    example i's token t among them, in micro-batch order, as ``meta``): its SFT term ``per`` (with gradient),
+    S_PPL and S_MI (no gradient), the answer-span log-probabilities (with gradient, for MCon) and the last
+    layer's input at EOS (for S_cons)."""
+    B = len(meta)
+    rows, eos_rows, ids, targets, wheres, off = [], [], [], [], [], 0
+    for b in parts:
+        with capture_input(layer) if layer is not None else contextlib.nullcontext({}) as cap:
+            if chunked:  # the final hidden states; the model's own head runs on the last position only
+                out = model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1)
+                x = out.hidden_states[-1]
+            else:
+                x = model(**model_inputs(b)).logits  # [R, W, V]: padded rows, or packed ones
+        rows.append(x.reshape(-1, x.shape[-1]))
         if layer is not None:
-            x = cap["x"]
-            eos = x.reshape(-1, x.shape[-1])[where[torch.arange(len(meta)), torch.tensor([m["eos"] for m in meta])]]
+            eos_rows.append(cap["x"].reshape(-1, cap["x"].shape[-1]))
+        ids.append(b["input_ids"].reshape(-1))
+        # the token each row predicts: the next label of its row (a packed example's first label is ignored)
+        targets.append(torch.nn.functional.pad(b["labels"][:, 1:], (0, 1), value=IGNORE).reshape(-1))
+        w = flat_positions(b)
+        wheres.append(torch.where(w >= 0, w + off, w))
+        off += rows[-1].shape[0]
+    flat, targets = _cat(rows), _cat(targets)
+    head = _Head(h=flat, weight=output_states(model).weight) if chunked else _Head(logits=flat)
+    where = _in_batch_order(wheres, index, B)  # [B, L]: example i's token t among the flat rows; −1 past its end
+    at, inside = where.clamp(min=0), where >= 0
+    prev = at[:, :-1]  # the row that predicts token t = 1..L−1
+    nll_at = head.token_nll(targets)
+    nll = torch.nn.functional.pad(nll_at[prev] * inside[:, :-1], (1, 0))  # [B, L]: NLL of token t, 0 at t = 0
+    n_tgt = ((targets[prev] != IGNORE) & inside[:, :-1]).sum(1)
+    per = nll.sum(1) if c.sft_norm == "token-sum" else nll.sum(1) / n_tgt.clamp(min=1)
+    with torch.no_grad():
+        s_ppl, s_mi = _ppl_mi(head, where, nll.detach(), _cat(ids)[at] * inside, meta, c.mi_reduce, want_mi)
+        eos = _cat(eos_rows)[at[torch.arange(B), torch.tensor([m["eos"] for m in meta])]] if layer is not None \
+            else None
     return {"per": per, "s_ppl": s_ppl, "s_mi": s_mi, "eos_state": eos,
             "spans": span_logprobs(head, where, meta) if c.mcon_weight else None}
+
+
+def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs)
+
+
+def _in_batch_order(wheres: list[torch.Tensor], index: list[list[int]], B: int) -> torch.Tensor:
+    """Each bucket's [B_k, L_k] flat positions as [B, L_max] in micro-batch order (−1 past each example's end)."""
+    if len(wheres) == 1:
+        return wheres[0]
+    out = torch.full((B, max(w.shape[1] for w in wheres)), -1, dtype=torch.long, device=wheres[0].device)
+    for w, ix in zip(wheres, index):
+        out[torch.tensor(ix, device=w.device), :w.shape[1]] = w
+    return out
 
 
 def _ppl_mi(head: _Head, where, nll, ids, meta, reduce: str, want_mi: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,17 +426,6 @@ def span_logprobs(head: _Head, where, meta) -> SpanLogprobs | None:
         if m["span"]:
             starts[i], o = (o, len(m["span"])), o + len(m["span"])
     return SpanLogprobs(torch.log_softmax(head.rows(at).float(), -1), starts)
-
-
-def join_spans(parts: list[SpanLogprobs | None], index: list[list[int]]) -> SpanLogprobs | None:
-    """The spans of a micro-batch's length buckets as one (``index[k]``: bucket k's examples in the micro-batch)."""
-    lps, at, off = [], {}, 0
-    for sp, ix in zip(parts, index):
-        if sp is not None:
-            lps.append(sp.lp)
-            at.update({ix[j]: (s + off, m) for j, (s, m) in sp.at.items()})
-            off += sp.lp.shape[0]
-    return SpanLogprobs(torch.cat(lps) if len(lps) > 1 else lps[0], at) if lps else None
 
 
 def mcon(spans: SpanLogprobs | None, meta, gid: torch.Tensor, a: torch.Tensor, stats: dict) -> torch.Tensor:
