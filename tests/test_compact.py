@@ -165,7 +165,7 @@ def _logits(model, b):
     from accord.train.engine import flat_positions, model_inputs, unpack
 
     rows = model(**model_inputs(b)).logits
-    return rows, _Head(logits=rows.reshape(-1, rows.shape[-1])), flat_positions(b), unpack(rows, b)
+    return rows, _Head(logits=[rows.reshape(-1, rows.shape[-1])]), flat_positions(b), unpack(rows, b)
 
 
 TRACES = ["<think>\n(1) 3 + 4 = 7\n(2) 7 * 2 = 4\n</think>\n\n\\boxed{4}",

@@ -39,7 +39,7 @@ Readings where the paper is silent (``../shared/specs/compact.md``, its correcti
    rank 0's.
 9. The paper's 497 vs 200 problems and Table 1's OOD training sets do not affect the method.
 10. Speed (issue 13): batches may be packed (``batch["where"]`` maps each trace's tokens) and a problem-grouped
-    micro-batch is cut into length buckets, one forward each, the per-trace terms reassembled before the weights;
+    micro-batch is cut into length buckets, one forward each, the per-trace terms computed once over every bucket;
     with ``train.chunked_loss`` (default on CUDA) the head is read from the final hidden states — per-token NLL
     through ``LinearTokenNLL``, the gold and next-token logits as dot products, full rows only at answer spans —
     so no [tokens, V] tensor exists.  Every path gives the same loss, scores and gradients (tests).
@@ -48,6 +48,7 @@ Readings where the paper is silent (``../shared/specs/compact.md``, its correcti
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
 from collections import Counter
@@ -251,38 +252,60 @@ def make_loss_fn(c, chunked: bool | None = False):
 
 
 class _Head:
-    """The LM head at the flat rows COMPACT reads (every bucket's rows end to end): from the full logits, or —
-    ``chunked`` (issue 13: no [tokens, V] tensor) — formed from the final hidden states and the head's weight,
-    only for the rows asked for, the per-token NLL through :class:`LinearTokenNLL`."""
+    """The LM head at the flat rows COMPACT reads (every bucket's rows end to end): from the buckets' full logits
+    (kept apart — joining them would copy every logit and its gradient), or — ``chunked`` (issue 13: no
+    [tokens, V] tensor) — formed from the final hidden states and the head's weight, only for the rows asked
+    for, the per-token NLL through :class:`LinearTokenNLL`."""
 
-    def __init__(self, logits=None, h=None, weight=None):
-        self.flat, self.h, self.w = logits, h, weight  # [N, V], or [N, d] and [V, d]
+    def __init__(self, logits: list[torch.Tensor] | None = None, h=None, weight=None):
+        self.parts, self.h, self.w = logits, h, weight  # [[N_k, V], …], or [N, d] and [V, d]
+        self.starts = [0] if logits is None else [0, *itertools.accumulate(x.shape[0] for x in logits)][:-1]
+
+    def _split(self, rows: torch.Tensor):
+        """Per bucket: its logits, which of ``rows`` fall in it, and their rows inside it."""
+        for x, o in zip(self.parts, self.starts):
+            m = (rows >= o) & (rows < o + x.shape[0])
+            yield x, m, rows[m] - o
 
     def token_nll(self, targets: torch.Tensor) -> torch.Tensor:
         """[N] float32 NLL of ``targets[q]`` (the token each flat row predicts; IGNORE: none, NLL 0)."""
-        if self.flat is not None:
-            return torch.nn.functional.cross_entropy(self.flat.float(), targets, ignore_index=IGNORE, reduction="none")
+        if self.parts is not None:
+            out = [torch.nn.functional.cross_entropy(x.float(), targets[o:o + x.shape[0]], ignore_index=IGNORE,
+                                                     reduction="none") for x, o in zip(self.parts, self.starts)]
+            return out[0] if len(out) == 1 else torch.cat(out)
         keep = targets != IGNORE
         vals = LinearTokenNLL.apply(self.h[keep], self.w, targets[keep])
         return torch.zeros(targets.shape[0], device=vals.device, dtype=torch.float32).masked_scatter(keep, vals)
 
+    @torch.no_grad()
     def pair(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Logit of token ``ids[i]`` at flat row ``rows[i]`` (same shapes)."""
-        if self.flat is not None:
-            return self.flat[rows, ids].float()
-        return (self.h[rows].float() * self.w[ids].float()).sum(-1)
+        if self.parts is None:
+            return (self.h[rows].float() * self.w[ids].float()).sum(-1)
+        out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+        for x, m, r in self._split(rows):
+            out[m] = x[r, ids[m]].float()
+        return out
 
+    @torch.no_grad()
     def gold(self, rows: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         """[B, L, G]: the logits of example b's gold ids at each of its rows ``rows`` [B, L]."""
-        if self.flat is not None:
-            return self.flat[rows[..., None], gold[:, None, :]].float()
-        return torch.einsum("bld,bgd->blg", self.h[rows].float(), self.w[gold].float())
+        if self.parts is None:
+            return torch.einsum("bld,bgd->blg", self.h[rows].float(), self.w[gold].float())
+        out = torch.empty(*rows.shape, gold.shape[1], dtype=torch.float32, device=rows.device)
+        g = gold[:, None, :].expand(*rows.shape, gold.shape[1])
+        for x, m, r in self._split(rows):
+            out[m] = x[r[:, None], g[m]].float()
+        return out
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits of a few flat rows (with gradient)."""
-        if self.flat is not None:
-            return self.flat[rows]
-        return self.h[rows] @ self.w.to(self.h.dtype).T
+        """Full-vocabulary logits of a few flat rows (1-D, with gradient)."""
+        if self.parts is None:
+            return self.h[rows] @ self.w.to(self.h.dtype).T
+        if len(self.parts) == 1:
+            return self.parts[0][rows]
+        pieces, at = zip(*((x[r], m.nonzero().squeeze(1)) for x, m, r in self._split(rows)))
+        return torch.cat(pieces)[torch.argsort(torch.cat(at))]
 
 
 def _trace_terms(model, parts: list[dict], index: list[list[int]], meta: list[dict], layer, c, want_mi: bool,
@@ -310,8 +333,8 @@ def _trace_terms(model, parts: list[dict], index: list[list[int]], meta: list[di
         w = flat_positions(b)
         wheres.append(torch.where(w >= 0, w + off, w))
         off += rows[-1].shape[0]
-    flat, targets = _cat(rows), _cat(targets)
-    head = _Head(h=flat, weight=output_states(model).weight) if chunked else _Head(logits=flat)
+    targets = _cat(targets)
+    head = _Head(h=_cat(rows), weight=output_states(model).weight) if chunked else _Head(logits=rows)
     where = _in_batch_order(wheres, index, B)  # [B, L]: example i's token t among the flat rows; −1 past its end
     at, inside = where.clamp(min=0), where >= 0
     prev = at[:, :-1]  # the row that predicts token t = 1..L−1

@@ -306,8 +306,8 @@ def split_pass(model, b: dict, n_units: int, routed: torch.Tensor | None, pad_id
     """:func:`student_pass` over parts of the batch, reassembled in row order.  ``routed`` given
     (``mutual_paths: routed``): gradient on the paths routed to the student, none on the others (an unrouted
     path's CE and states are only values — the router's signal and the ensemble target — so their backward is
-    never paid for); else every row with ``grad``.  Each part is cut into two length buckets when that fills
-    ≥ 10% fewer padded cells (``engine.split_by_length``: a question's paths, terse to verbose, share a batch)."""
+    never paid for); else every row with ``grad``.  Each part is cut into length buckets where that saves padded
+    cells (``engine.split_by_length``: a question's paths, terse to verbose, share a batch)."""
     B = b["attention_mask"].shape[0]
     groups = ([(routed.nonzero()[:, 0], True), ((~routed).nonzero()[:, 0], False)] if routed is not None
               else [(torch.arange(B), grad)])
