@@ -306,15 +306,16 @@ def split_pass(model, b: dict, n_units: int, routed: torch.Tensor | None, pad_id
     """:func:`student_pass` over parts of the batch, reassembled in row order.  ``routed`` given
     (``mutual_paths: routed``): gradient on the paths routed to the student, none on the others (an unrouted
     path's CE and states are only values — the router's signal and the ensemble target — so their backward is
-    never paid for); else every row with ``grad``.  Each part is cut into length buckets where that saves padded
-    cells (``engine.split_by_length``: a question's paths, terse to verbose, share a batch)."""
+    never paid for); else every row with ``grad``.  Each part is cut into at most two length buckets where that
+    saves padded cells (``engine.split_by_length``: a question's paths, terse to verbose, share a batch; more
+    buckets measured no faster here, where every student's forward pays its fixed cost)."""
     B = b["attention_mask"].shape[0]
     groups = ([(routed.nonzero()[:, 0], True), ((~routed).nonzero()[:, 0], False)] if routed is not None
               else [(torch.arange(B), grad)])
     lengths = b["attention_mask"].sum(1).tolist()
     parts = [(idx[bucket], student_pass(model, _rows(b, idx[bucket]), n_units, g, pad_id))
              for idx, g in groups if len(idx)
-             for bucket in map(torch.tensor, split_by_length([lengths[i] for i in idx.tolist()]))]
+             for bucket in map(torch.tensor, split_by_length([lengths[i] for i in idx.tolist()], max_parts=2))]
     if len(parts) == 1 and len(parts[0][0]) == B and bool((parts[0][0] == torch.arange(B)).all()):
         return parts[0][1]
     merged = []
