@@ -223,6 +223,16 @@ def test_one_compact_step_is_the_weighted_sum_of_single_trace_steps(micro, monke
         assert torch.allclose(got[name], want[name], atol=1e-6), name
 
 
+def _same_loss_scores_and_gradients(a, b):
+    """Two (loss, metrics, gradients) of one COMPACT step: equal to float tolerance, the scores really computed."""
+    (l0, m0, g0), (l1, m1, g1) = a, b
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    assert m0.keys() == m1.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6) for k in m0)
+    assert m0["s_cons/t0"] != 0.0 and m0["mcon"] > 0.0  # the scores were computed, not skipped
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+
+
 def test_packed_and_padded_batches_give_the_same_loss_scores_and_gradients(micro):
     """The whole COMPACT loss (every score, MCon) from one packed row equals the padded batch's."""
     from accord.config import CompactConfig
@@ -235,12 +245,7 @@ def test_packed_and_padded_batches_give_the_same_loss_scores_and_gradients(micro
         loss, metrics = fn(model, b, 2)
         loss.backward()
         got.append((loss, metrics, {n: p.grad for n, p in model.named_parameters()}))
-    (l0, m0, g0), (l1, m1, g1) = got
-    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
-    assert m0.keys() == m1.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6) for k in m0)
-    assert m0["s_cons/t0"] != 0.0 and m0["mcon"] > 0.0  # the scores were computed, not skipped
-    for n in g0:
-        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+    _same_loss_scores_and_gradients(*got)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -264,12 +269,7 @@ def test_length_buckets_give_the_whole_batch_loss_scores_and_gradients(micro, pa
         loss, metrics = fn(model, b, 2)
         loss.backward()
         got.append((loss, metrics, {n: p.grad for n, p in model.named_parameters()}))
-    (l0, m0, g0), (l1, m1, g1) = got
-    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
-    assert m0.keys() == m1.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6) for k in m0)
-    assert m0["s_cons/t0"] != 0.0 and m0["mcon"] > 0.0
-    for n in g0:
-        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+    _same_loss_scores_and_gradients(*got)
 
 
 def test_chunked_head_gives_the_full_logits_loss_scores_and_gradients(micro):
