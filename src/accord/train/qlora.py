@@ -1,8 +1,8 @@
 """QLoRA (Dettmers et al., 2023) for the engine: ``train.lora.quantize: nf4``.
 
 While the LoRA adapters train, the frozen base's linear layers are held in 4-bit NF4 with double
-quantisation (bitsandbytes ``Linear4bit``), so a 7B student's base takes ~4 GB of accelerator memory
-instead of 28 GB in float32.  Choices:
+quantisation (bitsandbytes ``Linear4bit``), so a 7B student's base takes ≈ 3.5 GB of accelerator memory
+(plus quantisation statistics) instead of 28 GB in float32.  Choices:
 
 - The quantisation is made here, from the model in memory, not by transformers' loader (which quantizes
   only while reading from disk): MoT's branches start from a merged student that exists only in memory,
