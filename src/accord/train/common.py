@@ -116,6 +116,11 @@ def load_corpus(cfg: AccordConfig, teacher: str, replay: bool = True) -> list[di
     return rows
 
 
+def steps_per_round(epochs: float, n: int, batch: int, rounds: int) -> int:
+    """S such that ``rounds`` × S steps of ``batch`` rows cover ``epochs`` passes over ``n`` rows (rounded up)."""
+    return max(1, math.ceil(epochs * n / (batch * rounds)))
+
+
 def resolve_budget(cfg: AccordConfig, console=None) -> AccordConfig:
     """``train.epochs`` → ``train.steps_per_round``: S = ⌈epochs × rows of the union corpus (with its replay share)
     / (batch_size × rounds)⌉, one S for every method so budgets stay matched.  Unchanged without ``epochs``;
@@ -125,7 +130,7 @@ def resolve_budget(cfg: AccordConfig, console=None) -> AccordConfig:
         return cfg
     n = len(load_corpus(cfg, "all", replay=False))
     n += round(t.replay.share * n) if t.replay else 0
-    S = max(1, math.ceil(t.epochs * n / (t.batch_size * t.rounds)))
+    S = steps_per_round(t.epochs, n, t.batch_size, t.rounds)
     if console is not None:
         console.print(f"train.epochs {t.epochs:g} over the union corpus ({n} rows, {t.batch_size} per step): "
                       f"{t.rounds} round(s) × {S} steps for every method")

@@ -14,8 +14,6 @@ best on the held-out validation split, as the paper reports STD/MTD (§6.1);
 
 from __future__ import annotations
 
-import math
-
 from accord.config import AccordConfig
 from accord.train.common import (
     barrier,
@@ -28,6 +26,7 @@ from accord.train.common import (
     save_model,
     select_checkpoint,
     step_checkpoints,
+    steps_per_round,
     work_dir,
     write_result,
 )
@@ -64,7 +63,7 @@ def _warn_epochs(console, name: str, n: int, steps: int, batch: int, epochs: flo
                  rounds: int = 1) -> None:
     """Say when the data repeats beyond what was asked: past one epoch, or — with ``train.epochs`` — past the steps
     those epochs give this corpus (:func:`resolve_budget`'s rounding: the union corpus itself never warns)."""
-    asked = math.ceil(epochs * n / (batch * rounds)) * rounds * batch if epochs else n
+    asked = steps_per_round(epochs, n, batch, rounds) * rounds * batch if epochs else n
     if steps * batch > max(n, asked):
         console.print(f"[yellow]note[/]: {name} asks for {epochs_note(n, steps, batch)}; the data repeats")
 
