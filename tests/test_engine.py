@@ -432,3 +432,41 @@ def test_per_token_linear_nll_matches_the_plain_one(dtype):
     assert torch.allclose(got, ref.detach(), rtol=tol, atol=tol)
     assert torch.allclose(h.grad.float(), rh.float(), rtol=tol, atol=tol)
     assert torch.allclose(w.grad, rw, rtol=tol, atol=tol * 10)
+
+
+def test_pad_rows_and_the_collates_match_a_row_by_row_reference():
+    """``pad_rows`` (one tensor scattered by a mask) against filling a padded tensor row by row; ``collate`` and
+    ``collate_packed`` built on it hold every example's tokens, labels, positions and flat index where a slow
+    per-example reading finds them."""
+    import random
+
+    from accord.train.engine import collate_packed, pad_rows
+
+    rng = random.Random(0)
+    rows_ = [[rng.randrange(100) for _ in range(rng.randrange(0, 9))] for _ in range(7)]
+    ref = torch.full((7, 12), -5, dtype=torch.long)
+    for r, x in enumerate(rows_):
+        ref[r, :len(x)] = torch.tensor(x, dtype=torch.long)
+    assert torch.equal(pad_rows(rows_, -5, 12), ref)
+    assert torch.equal(pad_rows(rows_, -5), ref[:, :max(map(len, rows_))])
+    assert pad_rows([], 0).shape == (0, 0)
+
+    ex = [([rng.randrange(1, 50) for _ in range(n)], [IGNORE] * 2 + [rng.randrange(1, 50) for _ in range(n - 2)])
+          for n in (3, 9, 5, 2, 9, 4)]
+    b = collate(ex, 0)
+    for r, (x, y) in enumerate(ex):
+        assert b["input_ids"][r, :len(x)].tolist() == x and b["labels"][r, :len(y)].tolist() == y
+        assert b["attention_mask"][r].tolist() == [1] * len(x) + [0] * (9 - len(x))
+        assert set(b["labels"][r, len(y):].tolist()) <= {IGNORE} and set(b["input_ids"][r, len(x):].tolist()) <= {0}
+    p = collate_packed(ex, 0)
+    flat_ids, flat_lab, flat_pos = p["input_ids"].view(-1), p["labels"].view(-1), p["position_ids"].view(-1)
+    seen = set()
+    for i, (x, y) in enumerate(ex):
+        w = p["where"][i]
+        idx = w[w >= 0]
+        assert (w[len(x):] == -1).all() and len(idx) == len(x)
+        assert flat_ids[idx].tolist() == x and flat_pos[idx].tolist() == list(range(len(x)))
+        assert flat_lab[idx].tolist() == [IGNORE] + y[1:]
+        assert not seen & set(idx.tolist())
+        seen |= set(idx.tolist())
+    assert p["input_ids"].shape[1] == 9 and p["input_ids"].shape[0] < len(ex)  # rows as wide as the longest

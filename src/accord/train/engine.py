@@ -28,6 +28,7 @@ Used by every recipe (STD, MTD, MoT branches) and by the lab to train its zoo.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -126,17 +127,30 @@ def example_meta(examples: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k not in ("ids", "labels")} for e in examples]
 
 
+def pad_rows(rows: Sequence[Sequence[int]], fill: int, width: int | None = None) -> torch.Tensor:
+    """[len(rows), width] long tensor of the rows left-aligned, ``fill`` past each row's end.  One tensor is made
+    from all the rows' values and scattered in place (a boolean mask fills row-major): a tensor per row, sliced
+    in, cost QR's collate 3.7 ms a step of 32 paths."""
+    n = [len(r) for r in rows]
+    lens = torch.tensor(n, dtype=torch.long)
+    out = torch.full((len(rows), width if width is not None else max(n, default=0)), fill, dtype=torch.long)
+    out[torch.arange(out.shape[1]) < lens[:, None]] = torch.tensor(list(itertools.chain.from_iterable(rows)),
+                                                                   dtype=torch.long)
+    return out
+
+
+def length_mask(lengths: Sequence[int], width: int) -> torch.Tensor:
+    """[len(lengths), width] long tensor, 1 over each row's first ``lengths[i]`` positions (an attention mask)."""
+    return (torch.arange(width) < torch.tensor(lengths, dtype=torch.long)[:, None]).long()
+
+
 def collate(examples: list, pad_id: int) -> dict:
     """Right-padded batch (training needs no left padding); dict examples pass their other fields through
     as ``batch["meta"]`` (one dict per row) for a recipe's ``loss_fn``."""
-    width = max(len(ex_ids(e)) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, e in enumerate(examples):
-        x, y = ex_ids(e), ex_labels(e)
-        ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    x = [ex_ids(e) for e in examples]
+    ids = pad_rows(x, pad_id)
+    out = {"input_ids": ids, "attention_mask": length_mask([len(r) for r in x], ids.shape[1]),
+           "labels": pad_rows([ex_labels(e) for e in examples], IGNORE, ids.shape[1])}
     if examples and isinstance(examples[0], dict):
         out["meta"] = example_meta(examples)
     return out
@@ -161,19 +175,21 @@ def collate_packed(examples: list, pad_id: int, one_row: bool = False) -> dict:
         rows[r].append(i)
         fill[r] += lens[i]
     width = max(fill)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    where = torch.full((len(examples), max(lens)), -1, dtype=torch.long)
+    row_ids, row_labels, row_pos, where = [], [], [], [range(0)] * len(examples)
     for r, members in enumerate(rows):
-        o = 0
+        x_r, y_r, p_r, o = [], [], [], 0
         for i in members:
-            x, y, n = ex_ids(examples[i]), list(ex_labels(examples[i])), lens[i]
-            ids[r, o:o + n], labels[r, o:o + n] = torch.tensor(x), torch.tensor([IGNORE] + y[1:n])
-            pos[r, o:o + n] = torch.arange(n)
-            where[i, :n] = torch.arange(r * width + o, r * width + o + n)
+            n = lens[i]
+            x_r += ex_ids(examples[i])
+            y_r += [IGNORE, *ex_labels(examples[i])[1:n]]
+            p_r += range(n)
+            where[i] = range(r * width + o, r * width + o + n)
             o += n
-        pos[r, o:] = torch.arange(width - o)  # the tail is a segment of its own (ignored labels)
+        row_ids.append(x_r)
+        row_labels.append(y_r)
+        row_pos.append([*p_r, *range(width - o)])  # the tail is a segment of its own (ignored labels)
+    ids, labels = pad_rows(row_ids, pad_id, width), pad_rows(row_labels, IGNORE, width)
+    pos, where = pad_rows(row_pos, 0, width), pad_rows(where, -1, max(lens))
     out = {"input_ids": ids, "position_ids": pos, "labels": labels, "where": where}
     if examples and isinstance(examples[0], dict):
         out["meta"] = example_meta(examples)

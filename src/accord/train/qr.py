@@ -103,8 +103,10 @@ from accord.train.engine import (
     capture_input,
     chat_head,
     grouped_batches,
+    length_mask,
     model_inputs,
     output_states,
+    pad_rows,
     repack,
     split_by_length,
     token_nll,
@@ -268,16 +270,11 @@ def collate_paths(names: list[str], pads: list[int], feats: torch.Tensor):
         per = {}
         for k, (name, pad) in enumerate(zip(names, pads)):
             enc = [e["enc"][k] for e in examples]
-            width = max(len(x["ids"]) for x in enc)
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            labels = torch.full((len(enc), width), IGNORE, dtype=torch.long)
-            unit = torch.full((len(enc), width), -1, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for r, x in enumerate(enc):
-                n = len(x["ids"])
-                ids[r, :n], labels[r, :n], unit[r, :n], mask[r, :n] = (
-                    torch.tensor(x["ids"]), torch.tensor(x["labels"]), torch.tensor(x["unit"]), 1)
-            per[name] = {"input_ids": ids, "attention_mask": mask, "labels": labels, "unit": unit,
+            ids = pad_rows([x["ids"] for x in enc], pad)
+            width = ids.shape[1]
+            per[name] = {"input_ids": ids, "attention_mask": length_mask([len(x["ids"]) for x in enc], width),
+                         "labels": pad_rows([x["labels"] for x in enc], IGNORE, width),
+                         "unit": pad_rows([x["unit"] for x in enc], -1, width),
                          "chars": torch.tensor([x["chars"] for x in enc], dtype=torch.float32)}
         return {"per": per, "feat": feats[torch.tensor([e["path"] for e in examples])],
                 "n_units": max(e["n_units"] for e in examples),
