@@ -15,12 +15,12 @@ epoch times (best of ``--repeats``, interleaved).  A second ratio takes each stu
 (the paper's Table 3: the students trained apart).
 
 A third figure is the floor any QR step pays over that reference: each student's plain SFT on QR's own
-question-grouped batches (Eq. 3's entropy is per question, so a question's paths share a batch), a random
-share r_s of each batch's paths with gradient and a no-grad forward over the rest, both padded and cut into
-length buckets as QR's own forwards are (the router's signal needs
-every (path, student) CE as a value, spec Q7).  floor/routed-SFT is what those two requirements cost on this
-machine; qr/floor is what accord's step adds on top (routing, the mutual loss, the router, two models in one
-step).
+question-grouped batches (Eq. 3's entropy is per question, so a question's paths share a batch), padded
+and cut into length buckets as QR's own forwards are — with ``mutual_paths: routed`` a random share r_s of
+each batch's paths with gradient and a no-grad forward over the rest (the router's signal needs every
+(path, student) CE as a value, spec Q7), with ``all`` every path with gradient (Eq. 8's mutual loss covers
+every path).  floor/routed-SFT is what those requirements cost on this machine; qr/floor is what accord's
+step adds on top (routing, the mutual loss, the router, two models in one step).
 
     python bench/qr.py [--epochs 2] [--batch 32] [--repeats 2] [--mutual-paths all|routed] [--pack]
         [--shape lab|small] [--rate R]
@@ -182,16 +182,18 @@ def main() -> None:
                "routed": sum(run_sft(toks[n], rows, new[n], rates[n], round(rates[n] * args.batch), args)
                              for n in toks),
                "all": sum(run_sft(toks[n], rows, new[n], 1.0, args.batch, args) for n in toks),
-               "floor": sum(run_floor(toks[n], rows, new[n], rates[n], args) for n in toks)}
+               "floor": sum(run_floor(toks[n], rows, new[n], 1.0 if args.mutual_paths == "all" else rates[n], args)
+                            for n in toks)}
         best = {k: min(v, now[k]) for k, v in best.items()}
     print("selection rates: " + ", ".join(f"{n} {r:.2f}" for n, r in rates.items()))
     print(f"one epoch of {len(rows)} paths: qr {best['qr']:.2f} s; SFT summed over the students on their routed "
           f"paths {best['routed']:.2f} s, on every path {best['all']:.2f} s; the floor {best['floor']:.2f} s")
     print(f"qr/routed-SFT time ratio: {best['qr'] / best['routed']:.2f}  (mutual_paths={args.mutual_paths}; "
           "goal ≤ 1.3)")
+    what = ("every path with gradient (Eq. 8's mutual loss on every path)" if args.mutual_paths == "all" else
+            "the routed share with gradient and a no-grad forward over the rest")
     print(f"floor/routed-SFT time ratio: {best['floor'] / best['routed']:.2f}  (SFT on QR's question-grouped "
-          f"batches, the routed share with gradient and a no-grad forward over the rest); qr/floor: "
-          f"{best['qr'] / best['floor']:.2f}")
+          f"batches, {what}); qr/floor: {best['qr'] / best['floor']:.2f}")
     print(f"qr/every-path-SFT time ratio: {best['qr'] / best['all']:.2f}  (the paper's Table 3 comparison: "
           "students trained apart on all paths)")
 
