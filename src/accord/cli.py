@@ -32,6 +32,7 @@ EPILOG = """examples:
   accord cord my.yaml cord.beam=4 cord.segmentation=prompt
   accord merge --method ties --base B --models M1 M2 --out DIR --density 0.5
   accord interpolate my.yaml --models mtd mot --points 11   # MoT Fig. 6
+  accord diagnose my.yaml --problems 200       # before training: which teacher's traces fit the student
   accord collect configs/lab-quickstart.yaml collect.samples=4
   accord collect my.yaml teachers.beta.base_url=http://127.0.0.1:8000/v1 --force
   accord export my.yaml --out traces.jsonl
@@ -129,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "mot, where trained)")
     p.add_argument("--points", type=int, default=11, help="λ grid points from 0 to 1 (default 11: 0, 0.1, …, 1)")
     p.add_argument("--split", help="evaluation split (default: the first in eval.splits)")
+
+    p = sub.add_parser("diagnose", help="before training: how the student sees each teacher's traces",
+                       description="Teacher diagnostics (specs/diagnostics.md §6): the student before training "
+                       "scores every teacher's verified traces on the problems they share — NLL (median, IQR, "
+                       "mean ± SE, paired differences on the same problems), surprise rate (tokens above 5 nats), "
+                       "mean rank (clipped at 100) and the Rank-Surprisal Ratio — and the teachers' style (length, "
+                       "lines, thinking words, hedges, checks per 100 words; length against difficulty where rows "
+                       "carry a level). Ranks the teachers by compatibility and flags one more than 2 SD less "
+                       "compatible than the rest. Reads <run_dir>/corpora (run `accord collect` first); writes "
+                       "<run_dir>/analysis/teachers.json; the report shows it.")
+    _add_config_args(p)
+    p.add_argument("--problems", type=int, default=200, help="how many shared problems to score (default 200; "
+                   "the first by id)")
 
     p = sub.add_parser("merge", help="merge HF checkpoints (mergekit conventions)",
                        description=f"Merge models onto a base: {', '.join(MERGE_METHODS)}. Task vectors are "
@@ -388,6 +402,16 @@ def cmd_interpolate(args, console: Console) -> int:
     return 0
 
 
+def cmd_diagnose(args, console: Console) -> int:
+    from accord.analysis import diagnose
+    from accord.run import prepare_models
+
+    cfg = _load(args)
+    prepare_models(cfg, console)  # a lab student is built if missing
+    diagnose.run(cfg, console, args.problems)
+    return 0
+
+
 def cmd_cord(args, console: Console) -> int:
     from accord.cord import stage
     from accord.run import prepare_models
@@ -414,6 +438,7 @@ def cmd_demo(args, console: Console) -> int:
 COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_eval, "report": cmd_report,
             "merge": cmd_merge,
             "interpolate": cmd_interpolate,
+            "diagnose": cmd_diagnose,
             "collect": cmd_collect, "export": cmd_export, "config": cmd_config, "lab": cmd_lab, "demo": cmd_demo}
 
 

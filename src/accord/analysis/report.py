@@ -549,6 +549,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     if collect:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
     page += _interpolation_section(run_dir / "analysis" / "interpolation.json", out)
+    page += _diagnose_section(run_dir / "analysis" / "teachers.json")
     for qr_dir in sorted((run_dir / "train").glob("qr*/routing.jsonl")):  # QR's working dir(s): qr, qr-<tag>
         page += _qr_section(qr_dir.parent, out)
     page += _cord_section(run_dir, out)
@@ -673,6 +674,23 @@ def _interpolation_section(data_file: Path, out: Path) -> list[str]:
             "noise. From <code>accord interpolate CONFIG</code>.</p>",
             "<img src='interpolation.png' alt='interpolation'>",
             _html_table(["model", "mean pass@1 over λ", "largest dip base → checkpoint"], body)]
+
+
+def _diagnose_section(data_file: Path) -> list[str]:
+    """``accord diagnose``'s teacher table, when it has been run."""
+    if not data_file.exists():
+        return []
+    from accord.analysis.diagnose import notes, table
+
+    data = json.loads(data_file.read_text())
+    head, body = table(data)
+    return ["<h2>Teachers as the student saw them before training (diagnostics)</h2>",
+            f"<p>The base student's view of each teacher's verified traces on {data['problems']} "
+            f"{'shared ' if data['shared'] else ''}problems: NLL per token (mean ± SE over problems, median and "
+            f"IQR over traces), tokens more than {data['kappa']:g} nats surprising, mean rank clipped at "
+            f"{data['rank_clip']} and the Rank-Surprisal Ratio (lower: informative yet aligned), then the "
+            "teachers' style. From <code>accord diagnose CONFIG</code>.</p>",
+            _html_table(head, body)] + [f"<p>{html.escape(n)}</p>" for n in notes(data)]
 
 
 def _collect_table(run_dir: Path) -> str:

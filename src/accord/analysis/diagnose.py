@@ -1,0 +1,296 @@
+"""Teacher diagnostics before training: which teacher's traces fit the student (``specs/diagnostics.md`` §6).
+
+``accord diagnose CONFIG`` reads every teacher's verified corpus (``<run_dir>/corpora/<teacher>.jsonl``, as
+collected) and the student *before* training (θ0), and says per teacher — before a single step is paid for —
+how the student sees its traces and how the teachers write.  Nobody else offers this: the multi-teacher
+trainers weight teachers by fixed ratios or metadata keys, never by the student (the spec's §5).
+
+What is computed (the spec's items; 4, 5 and 7 are left for later):
+
+1. **Compatibility** (item 1; COMPACT's S_PPL; the Rank-Surprisal Ratio of Yang et al. 2026, arXiv 2601.14249).
+   For every completion token y_t of a trace, ℓ_t = log p_θ0(y_t | x, y_<t) and its rank
+   1 + #{v : logit_v > logit_{y_t}}.  Per trace: NLL = −mean ℓ_t; the surprise rate, the share of tokens with
+   −ℓ_t > κ (κ = 5 nats); the mean rank clipped at 100 (the public RSR code's clip, which keeps one
+   astronomically unlikely token from dominating); RSR = Σ clip(rank_t) / Σ −ℓ_t (lower: informative yet
+   aligned).  Per teacher: median and interquartile range of the trace NLLs, mean ± SE of each score over its
+   problems, and the dataset RSR as the paper aggregates it (mean of the traces' mean ranks over the mean of
+   their mean surprisals).  **Paired** differences of NLL on the problems two teachers share,
+   Δ_{k,k'} = mean_i (NLL_{k,i} − NLL_{k',i}) ± SE, which cancel the problems' difficulty.
+2. **Style signatures** (item 2): completion length in student tokens (mean, p50, p90), lines, and per 100
+   words the rates of thinking words (COMPACT's list, ``config.THINKING_WORDS``), hedges (maybe, perhaps,
+   probably, I think, not sure) and verification (check, verify, double-check, substitute back).
+3. **Length vs difficulty** (item 3, reading (b)): where the corpus rows carry a ``level`` (the lab's hop
+   count), the Spearman correlation of trace length with it per teacher.
+6. **Ordering hint** (item 6): teachers ranked by mean NLL (most compatible first); a teacher whose mean NLL
+   is more than 2 standard deviations above the *other* teachers' means is flagged (needs ≥ 3 teachers).  The
+   z is leave-one-out: over all K means, including the outlier's own, no z can exceed (K − 1)/√K — 1.5 for
+   four teachers — so the spec's "z > 2" could never fire.  On the lab it is ``verbose`` (its wordier steps
+   cost the base student +0.77 ± 0.05 nats a token over ``terse``), not ``shifted``, that stands out.
+
+Choices where the spec is silent:
+
+- Which traces: the problems every teacher has (so the paired differences and the per-teacher means are over
+  the same problems), the first ``--problems`` of them by id (default 200); a teacher's several samples of one
+  problem are averaged into one value per problem (problems are the unit, as in ``analysis.stats``).  When the
+  teachers share no problem, each teacher's first problems are used and the paired table is empty.
+- Tokens scored: the training labels (:func:`engine.encode_example`: the completion and EOS, never the
+  prompt), so the NLL is exactly the one SFT would start from.  The forward runs under ``no_grad`` in batches of
+  16 padded rows; ranks are counted against the full-vocabulary logits of the scored positions only.
+- Written to ``<run_dir>/analysis/teachers.json``; the report shows its table when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from accord.analysis.stats import mean_se
+from accord.config import THINKING_WORDS
+from accord.errors import UsageError
+from accord.models import pick_device
+from accord.train.engine import IGNORE, collate, encode_example, model_inputs
+from accord.ui import progress
+
+KAPPA = 5.0  # nats: a token the student finds this surprising counts as a surprise (spec item 1)
+RANK_CLIP = 100
+HEDGES = ("maybe", "perhaps", "probably", "i think", "not sure")
+CHECKS = ("check", "verify", "double-check", "substitute back")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(−ℓ_t, rank_t) of each target under ``logits`` [N, V] (float32; rank 1 = the most probable token,
+    ties with the target not counted, unclipped)."""
+    lg = logits.float()
+    tgt = lg.gather(1, targets[:, None])
+    nll = torch.logsumexp(lg, -1) - tgt[:, 0]
+    return nll, 1 + (lg > tgt).sum(-1)
+
+
+def trace_scores(nll: torch.Tensor, rank: torch.Tensor, kappa: float = KAPPA, clip: int = RANK_CLIP) -> dict:
+    """One trace's NLL (mean −ℓ_t), surprise rate, mean clipped rank and RSR from its tokens' −ℓ_t and ranks."""
+    r = rank.clamp(max=clip).float()
+    return {"nll": float(nll.mean()), "surprise": float((nll > kappa).float().mean()), "rank": float(r.mean()),
+            "rsr": float(r.sum() / nll.sum().clamp(min=1e-12))}
+
+
+@torch.no_grad()
+def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on_batch=None) -> list[dict]:
+    """:func:`trace_scores` of every row's completion under ``model`` (the student at θ0), plus its token count."""
+    model.eval()
+    out = []
+    dev = next(model.parameters()).device
+    for s in range(0, len(rows), batch):
+        ex = [encode_example(tok, r, max_len) for r in rows[s:s + batch]]
+        b = collate(ex, tok.pad_token_id)
+        logits = model(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in model_inputs(b).items()}).logits
+        tgt = b["labels"][:, 1:].to(dev)
+        for i in range(len(ex)):
+            keep = tgt[i] != IGNORE
+            nll, rank = token_scores(logits[i, :-1][keep], tgt[i][keep])
+            out.append({**trace_scores(nll, rank), "tokens": int(keep.sum())} if keep.any() else
+                       {"nll": math.nan, "surprise": math.nan, "rank": math.nan, "rsr": math.nan, "tokens": 0})
+        if on_batch:
+            on_batch(len(ex))
+    return out
+
+
+def style(text: str) -> dict:
+    """Lines and, per 100 words, thinking words (case-sensitive, as COMPACT counts them), hedges and checks."""
+    words = _WORD.findall(text)
+    low = text.lower()
+    per = 100 / max(1, len(words))
+    count = lambda phrases: sum(len(re.findall(r"(?<![a-z])" + re.escape(p) + r"(?![a-z])", low)) for p in phrases)
+    return {"lines": sum(1 for ln in text.splitlines() if ln.strip()),
+            "thinking": per * sum(1 for w in words if w in THINKING_WORDS),
+            "hedging": per * count(HEDGES), "checks": per * count(CHECKS)}
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's ρ (average ranks for ties); None below 3 points or for a constant series."""
+    if len(x) < 3:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else None
+
+
+def paired(per_problem: dict[str, dict[str, float]]) -> dict[str, dict[str, dict]]:
+    """Δ[k][k'] = mean over the problems both have of (value_k − value_k') with its SE and n."""
+    out: dict = {}
+    for k, a in per_problem.items():
+        for k2, b in per_problem.items():
+            if k == k2:
+                continue
+            shared = sorted(set(a) & set(b))
+            m, se = mean_se([a[p] - b[p] for p in shared])
+            out.setdefault(k, {})[k2] = {"mean": m, "se": se, "n": len(shared)}
+    return out
+
+
+def pick_problems(corpora: dict[str, list[dict]], n: int) -> tuple[dict[str, list[dict]], bool]:
+    """Each teacher's rows on the first ``n`` problems (by id) that every teacher has; else each teacher's own
+    first ``n``.  Returns (rows per teacher, shared)."""
+    ids = [{r.get("problem_id") for r in rows} for rows in corpora.values()]
+    common = sorted(set.intersection(*ids) - {None}, key=str)[:n] if ids else []
+    if common:
+        keep = set(common)
+        return {t: [r for r in rows if r.get("problem_id") in keep] for t, rows in corpora.items()}, True
+    out = {}
+    for t, rows in corpora.items():
+        first = set(sorted({r.get("problem_id") for r in rows}, key=str)[:n])
+        out[t] = [r for r in rows if r.get("problem_id") in first]
+    return out, False
+
+
+def _q(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+
+def summarise(rows: dict[str, list[dict]], scores: dict[str, list[dict]]) -> dict:
+    """The per-teacher table, the paired NLL differences, the ordering and the flags from traces and scores."""
+    teachers: dict[str, dict] = {}
+    per_problem: dict[str, dict[str, float]] = {}
+    for t, rs in rows.items():
+        sc = [s for s in scores[t] if not math.isnan(s["nll"])]
+        by: dict = {}
+        for r, s in zip(rs, scores[t]):
+            if not math.isnan(s["nll"]):
+                by.setdefault(r.get("problem_id"), []).append((r, s))
+        prob = {p: {k: sum(s[k] for _, s in v) / len(v) for k in ("nll", "surprise", "rank", "rsr", "tokens")}
+                for p, v in by.items()}
+        per_problem[t] = {p: v["nll"] for p, v in prob.items()}
+        st = [style(r["messages"][-1]["content"]) for r in rs]
+        nlls = [s["nll"] for s in sc]
+        lengths = [s["tokens"] for s in sc]
+        levels = [(r.get("level"), s["tokens"]) for r, s in zip(rs, scores[t]) if isinstance(r.get("level"), int)]
+        row = {"traces": len(sc), "problems": len(prob),
+               "nll_median": _q(nlls, 0.5) if nlls else None,
+               "nll_iqr": [_q(nlls, 0.25), _q(nlls, 0.75)] if nlls else None,
+               "rsr": (sum(v["rank"] for v in prob.values()) / max(1e-12, sum(v["nll"] for v in prob.values())))
+               if prob else None,
+               "tokens_mean": sum(lengths) / len(lengths) if lengths else None,
+               "tokens_p50": _q(lengths, 0.5) if lengths else None, "tokens_p90": _q(lengths, 0.9) if lengths else None,
+               "length_vs_level": spearman([lv for lv, _ in levels], [n for _, n in levels]) if levels else None}
+        for k in ("nll", "surprise", "rank"):
+            row[k], row[f"{k}_se"] = mean_se([v[k] for v in prob.values()])
+        for k in ("lines", "thinking", "hedging", "checks"):
+            row[k] = sum(x[k] for x in st) / len(st) if st else None
+        teachers[t] = row
+    means = {t: r["nll"] for t, r in teachers.items() if r["nll"] is not None}
+    order = sorted(means, key=means.get)
+    flags = []
+    if len(means) >= 3:
+        for t, m in means.items():  # z of each teacher's mean against the others' (leave-one-out)
+            rest = [v for u, v in means.items() if u != t]
+            mu = sum(rest) / len(rest)
+            sd = math.sqrt(sum((v - mu) ** 2 for v in rest) / max(1, len(rest) - 1))
+            z = (m - mu) / sd if sd > 1e-12 else (math.inf if m - mu > 1e-6 else 0.0)
+            teachers[t]["z"] = z
+            if z > 2:
+                flags.append(t)
+    return {"teachers": teachers, "paired_nll": paired(per_problem), "order": order, "flagged": flags}
+
+
+def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
+    """Diagnose every teacher's corpus against the student at θ0; writes ``<run_dir>/analysis/teachers.json``."""
+    from accord.train.common import load_corpus, load_student
+
+    if problems < 1:
+        raise UsageError("--problems must be at least 1")
+    corpora = {}
+    for t in cfg.teachers:
+        rows = load_corpus(cfg, t.name, replay=False)
+        if rows:
+            corpora[t.name] = rows
+        else:
+            console.print(f"[yellow]warning[/]: teacher {t.name!r} has an empty corpus; left out")
+    if not corpora:
+        raise UsageError("every teacher corpus is empty: nothing to diagnose (check `accord collect`'s table)")
+    picked, shared = pick_problems(corpora, problems)
+    model, tok = load_student(cfg)
+    model.to(pick_device("auto"))
+    total = sum(len(r) for r in picked.values())
+    n_prob = len({r.get("problem_id") for rows in picked.values() for r in rows})
+    console.print(f"diagnose: {total} traces of {len(picked)} teacher(s) on {n_prob} "
+                  f"{'shared' if shared else 'unshared'} problem(s), scored by the student before training "
+                  f"({cfg.student.model})")
+    scores = {}
+    with progress(console) as bar:
+        task = bar.add_task("diagnose", total=total)
+        for t, rows in picked.items():
+            scores[t] = score_traces(model, tok, rows, cfg.train.max_len, batch,
+                                     on_batch=lambda n: bar.advance(task, n))
+    out = {"student": cfg.student.model, "problems": problems, "shared": shared, "kappa": KAPPA,
+           "rank_clip": RANK_CLIP, **summarise(picked, scores)}
+    path = Path(cfg.run_dir) / "analysis" / "teachers.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    console.print(text(out))
+    console.print(f"diagnose: {path} (and in the report: accord report CONFIG)")
+    return out
+
+
+HEAD = ["teacher", "traces", "NLL ± SE", "NLL median [IQR]", "surprise %", "rank@100", "RSR", "tokens mean / p90",
+        "lines", "thinking /100w", "hedges /100w", "checks /100w", "ρ(length, level)"]
+
+
+def table(out: dict) -> tuple[list[str], list[list[str]]]:
+    """The per-teacher table (most compatible first), as strings."""
+    f = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"
+    body = []
+    for t in out["order"] + [t for t in out["teachers"] if t not in out["order"]]:
+        r = out["teachers"][t]
+        body.append([t + (" ⚑" if t in out["flagged"] else ""), str(r["traces"]),
+                     f"{f(r['nll'])} ± {f(r['nll_se'])}",
+                     f"{f(r['nll_median'])} [{f(r['nll_iqr'][0])}, {f(r['nll_iqr'][1])}]" if r["nll_iqr"] else "–",
+                     f(None if r["surprise"] is None else 100 * r["surprise"], 1), f(r["rank"], 2), f(r["rsr"], 2),
+                     f"{f(r['tokens_mean'], 0)} / {f(r['tokens_p90'], 0)}", f(r["lines"], 1), f(r["thinking"], 1),
+                     f(r["hedging"], 2), f(r["checks"], 2), f(r["length_vs_level"], 2)])
+    return HEAD, body
+
+
+def notes(out: dict) -> list[str]:
+    """The lines under the table: paired differences against the most compatible teacher, the order, flags."""
+    lines = []
+    if out["order"]:
+        best = out["order"][0]
+        diffs = [(t, out["paired_nll"].get(t, {}).get(best)) for t in out["order"][1:]]
+        parts = [f"{t} {d['mean']:+.3f} ± {d['se']:.3f}" for t, d in diffs if d and d["mean"] is not None
+                 and d["se"] is not None]
+        if parts:
+            lines.append(f"paired NLL against {best} (same problems): " + ", ".join(parts))
+        lines.append("most compatible first: " + " < ".join(out["order"]))
+    for t in out["flagged"]:
+        lines.append(f"⚑ {t}: its mean NLL is {out['teachers'][t]['z']:.1f} SD above the other teachers' — the "
+                     "student finds its traces far less likely (COMPACT's S_PPL weighs against them; MTD mixes "
+                     "them in as they are)")
+    return lines
+
+
+def text(out: dict) -> str:
+    """What the CLI prints: the table and its notes."""
+    from accord.analysis.report import text_table
+
+    return "\n".join([text_table(*table(out)), *notes(out)])
