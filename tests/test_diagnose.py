@@ -1,0 +1,132 @@
+"""Teacher diagnostics (`accord diagnose`): every score against a slow reference, the summary, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import pipeline_cfg, run_cli, write_jsonl
+
+from accord.analysis.diagnose import (
+    paired,
+    score_traces,
+    spearman,
+    style,
+    summarise,
+    token_scores,
+    trace_scores,
+)
+
+
+def test_token_scores_match_a_loop_over_the_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 13, generator=g)
+    logits[2, 5] = logits[2, 7]  # a tie with the target is not counted as above it
+    targets = torch.tensor([0, 3, 7, 12, 5, 5, 1, 9, 2])
+    nll, rank = token_scores(logits, targets)
+    for i in range(9):
+        z = sum(math.exp(float(v)) for v in logits[i])
+        assert float(nll[i]) == pytest.approx(math.log(z) - float(logits[i, targets[i]]), rel=1e-5)
+        assert int(rank[i]) == 1 + sum(1 for v in logits[i] if float(v) > float(logits[i, targets[i]]))
+
+
+def test_trace_scores_surprise_clip_and_rsr():
+    nll = torch.tensor([0.5, 6.0, 2.0, 7.5])
+    rank = torch.tensor([1, 250, 3, 100])
+    s = trace_scores(nll, rank, kappa=5.0, clip=100)
+    assert s["nll"] == pytest.approx(4.0)
+    assert s["surprise"] == pytest.approx(0.5)  # 6.0 and 7.5 exceed 5 nats
+    assert s["rank"] == pytest.approx((1 + 100 + 3 + 100) / 4)  # 250 clipped to 100
+    assert s["rsr"] == pytest.approx(204 / 16.0)
+
+
+def test_spearman_and_paired_differences():
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert spearman([1, 1, 2, 3], [5, 6, 7, 8]) == pytest.approx(0.9486833, rel=1e-6)  # a tie: average ranks
+    assert spearman([1, 2], [2, 1]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+    d = paired({"a": {"p1": 1.0, "p2": 2.0, "p3": 4.0}, "b": {"p1": 0.5, "p2": 1.0, "p9": 9.0}})
+    assert d["a"]["b"]["n"] == 2 and d["a"]["b"]["mean"] == pytest.approx(0.75)  # p9 and p3 are not shared
+    assert d["a"]["b"]["se"] == pytest.approx(0.25)  # sd of (0.5, 1.0) over √2
+    assert d["b"]["a"]["mean"] == pytest.approx(-0.75)
+
+
+def test_style_counts_words_per_hundred():
+    s = style("Wait, maybe I should check.\nSo the answer is 4.\n\nI think we verify it, not sure.")
+    words = 16
+    assert s["lines"] == 3
+    assert s["thinking"] == pytest.approx(100 * 2 / words)  # Wait, So
+    assert s["hedging"] == pytest.approx(100 * 3 / words)  # maybe, I think, not sure
+    assert s["checks"] == pytest.approx(100 * 2 / words)  # check, verify
+
+
+def _row(pid, text, level=None):
+    return {"problem_id": pid, "level": level, "answer": "7",
+            "messages": [{"role": "user", "content": f"Question {pid}?"}, {"role": "assistant", "content": text}]}
+
+
+def test_summary_orders_teachers_and_flags_the_outlier_leave_one_out():
+    rows, scores = {}, {}
+    means = {"a": 1.0, "b": 1.1, "c": 0.95, "odd": 3.0}
+    for t, m in means.items():
+        rows[t] = [_row(f"p{i}", "x " * (i + 1), level=i) for i in range(6)]
+        scores[t] = [{"nll": m + 0.01 * i, "surprise": 0.1, "rank": 2.0, "rsr": 2.0 / m, "tokens": 3 + i}
+                     for i in range(6)]
+    out = summarise(rows, scores)
+    assert out["order"] == ["c", "a", "b", "odd"] and out["flagged"] == ["odd"]
+    # four teachers: a z over all four means could not exceed (4 − 1)/√4 = 1.5
+    assert out["teachers"]["odd"]["z"] > 2 and all(out["teachers"][t]["z"] < 2 for t in "abc")
+    assert out["teachers"]["a"]["length_vs_level"] == pytest.approx(1.0)
+    assert out["paired_nll"]["odd"]["a"]["mean"] == pytest.approx(2.0)
+    assert out["teachers"]["a"]["nll"] == pytest.approx(1.025)
+
+
+def test_scored_nll_is_the_sft_loss_the_student_starts_from(micro):
+    """A trace's NLL × its tokens is the engine's summed token cross-entropy of that example at θ0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accord.train.engine import collate, encode_example, sft_loss
+
+    model, tok = AutoModelForCausalLM.from_pretrained(micro), AutoTokenizer.from_pretrained(micro)
+    rows = [_row(f"p{i}", f"<think>\n(1) {i} + 1 = {i + 1}\n</think>\n\n\\boxed{{{i + 1}}}") for i in range(5)]
+    got = score_traces(model, tok, rows, 128, batch=2)
+    for r, s in zip(rows, got):
+        ex = encode_example(tok, r, 128)
+        with torch.no_grad():
+            loss, _ = sft_loss(model, collate([ex], tok.pad_token_id), 1)
+        assert s["nll"] * s["tokens"] == pytest.approx(float(loss), rel=1e-4)
+        assert s["tokens"] == sum(1 for y in ex[1][1:] if y != -100)
+
+
+def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
+    """The student is parrot7 (it writes PARROT_7 whatever the question): three teachers write like it, one
+    writes noise, which the student finds far less likely — flagged, last in the order, in the report."""
+    teachers = [{"name": n, "model": str(parrot7)} for n in ("terse", "steady", "plain", "noisy")]
+    cfg = pipeline_cfg(tmp_path, problems_file, teachers, parrot7, method=["mtd"])
+    corpora = tmp_path / "run" / "corpora"
+    corpora.mkdir(parents=True)
+    rng = random.Random(0)
+    for t, think in (("terse", "add the numbers"), ("steady", "add the numbers up"), ("plain", "add numbers")):
+        write_jsonl(corpora / f"{t}.jsonl", [_row(f"p{i}", f"<think>\n{think}\n</think>\n\n\\boxed{{7}}",
+                                                  level=2 + i % 3) for i in range(12)])
+    write_jsonl(corpora / "noisy.jsonl", [_row(f"p{i}", "".join(rng.choice("qzxj#@~{}|^") for _ in range(60)))
+                                          for i in range(12)])
+    code, out = run_cli("diagnose", str(cfg), "--problems", "10")
+    assert code == 0, out
+    data = json.loads((tmp_path / "run" / "analysis" / "teachers.json").read_text())
+    assert set(data["teachers"]) == {"terse", "steady", "plain", "noisy"} and data["shared"]
+    assert all(r["problems"] == 10 for r in data["teachers"].values())  # --problems, shared across teachers
+    assert data["order"][-1] == "noisy" and data["flagged"] == ["noisy"]
+    assert "most compatible first" in out and "⚑ noisy" in out
+    code, out = run_cli("report", str(cfg))
+    assert code == 0, out
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "Teachers as the student saw them before training" in page and "noisy ⚑" in page
+
+
+def test_accord_diagnose_without_corpora_says_what_to_run(tmp_path, problems_file, two_parrots, micro):
+    cfg = pipeline_cfg(tmp_path, problems_file, two_parrots, micro)
+    code, out = run_cli("diagnose", str(cfg))
+    assert code != 0 and "accord collect" in out
