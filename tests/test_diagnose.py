@@ -120,6 +120,10 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert all(r["problems"] == 10 for r in data["teachers"].values())  # --problems, shared across teachers
     assert data["order"][-1] == "noisy" and data["flagged"] == ["noisy"]
     assert "most compatible first" in out and "⚑ noisy" in out
+    from accord import api
+
+    again = api.diagnose(api.load_config(str(cfg)), problems=10)  # the same from Python
+    assert again["order"] == data["order"] and again["teachers"]["noisy"]["nll"] == data["teachers"]["noisy"]["nll"]
     code, out = run_cli("report", str(cfg))
     assert code == 0, out
     page = (tmp_path / "run" / "report" / "index.html").read_text()

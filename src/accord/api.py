@@ -9,6 +9,7 @@
     rows = evaluate(cfg)              # → evaluation rows (eval/results.json), every checkpoint and split
     page = report(cfg)                # → path of report/index.html
     curves = interpolate(cfg)         # → MoT Fig. 6: pass@1 from the base to each trained model (analysis/)
+    teachers = diagnose(cfg)          # → before training: how the student sees each teacher's traces
 
 ``train(cfg, method="compact")`` runs one method without editing the config.  Each function is the stage
 of ``accord run`` (``run(cfg)`` does all four): finished work in ``run_dir`` is skipped, lab models the
@@ -74,3 +75,11 @@ def interpolate(cfg, models: list[str] | None = None, points: int = 11, split: s
 
     prepare_models(cfg, _console(console))
     return _interpolate.run(cfg, _console(console), models, points, split)
+
+
+def diagnose(cfg, problems: int = 200, console=None) -> dict:
+    """``accord diagnose``: the student before training scores each teacher's traces (analysis/teachers.json)."""
+    from accord.analysis import diagnose as _diagnose
+
+    prepare_models(cfg, _console(console))
+    return _diagnose.run(cfg, _console(console), problems)
