@@ -120,6 +120,9 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert all(r["problems"] == 10 for r in data["teachers"].values())  # --problems, shared across teachers
     assert data["order"][-1] == "noisy" and data["flagged"] == ["noisy"]
     assert "most compatible first" in out and "⚑ noisy" in out
+    alpha = {t: r["compact"]["alpha"] for t, r in data["teachers"].items()}  # COMPACT's weights at θ0
+    assert sum(alpha.values()) == pytest.approx(1.0) and min(alpha, key=alpha.get) == "noisy"
+    assert all({"s_mi", "s_cons", "s_ppl"} <= set(r["compact"]) for r in data["teachers"].values())
     from accord import api
 
     again = api.diagnose(api.load_config(str(cfg)), problems=10)  # the same from Python

@@ -16,6 +16,11 @@ What is computed (the spec's items; 4, 5 and 7 are left for later):
    problems, and the dataset RSR as the paper aggregates it (mean of the traces' mean ranks over the mean of
    their mean surprisals).  **Paired** differences of NLL on the problems two teachers share,
    Δ_{k,k'} = mean_i (NLL_{k,i} − NLL_{k',i}) ± SE, which cancel the problems' difficulty.
+   And COMPACT's own view at θ0 (the spec's "which teacher COMPACT would favour on day one"): its loss function,
+   with the run's ``compact:`` settings, over the shared problems four at a time, no step taken — each
+   teacher's share of α and its mean S_MI, S_cons, S_PPL (:func:`compact_view`).  On the lab COMPACT gives
+   ``verbose`` 0.60 of the weight although the student finds it the least likely: S_MI and S_cons outvote
+   S_PPL.
 2. **Style signatures** (item 2): completion length in student tokens (mean, p50, p90), lines, and per 100
    words the rates of thinking words (COMPACT's list, ``config.THINKING_WORDS``), hedges (maybe, perhaps,
    probably, I think, not sure) and verification (check, verify, double-check, substitute back).
@@ -52,7 +57,7 @@ from accord.analysis.stats import mean_se
 from accord.config import THINKING_WORDS
 from accord.errors import UsageError
 from accord.models import pick_device
-from accord.train.engine import IGNORE, collate, encode_example, model_inputs
+from accord.train.engine import IGNORE, collate, collate_grouped, encode_example, model_inputs, to_device
 from accord.ui import progress
 
 KAPPA = 5.0  # nats: a token the student finds this surprising counts as a surprise (spec item 1)
@@ -96,6 +101,42 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
                        {"nll": math.nan, "surprise": math.nan, "rank": math.nan, "rsr": math.nan, "tokens": 0})
         if on_batch:
             on_batch(len(ex))
+    return out
+
+
+@torch.no_grad()
+def compact_view(cfg, model, tok, rows: dict[str, list[dict]], problems_per_batch: int = 4) -> dict[str, dict]:
+    """COMPACT's weights and scores at θ0 (spec item 1: which teacher COMPACT would favour on day one): its own
+    loss function (``cfg.compact``'s settings) over the problems every teacher answered, ``problems_per_batch``
+    problems a micro-batch, no step taken.  Per teacher: its share of α (the shares sum to 1) and mean S_MI,
+    S_cons, S_PPL, each averaged over problems."""
+    from accord.train.compact import encode_trace, make_loss_fn
+
+    c = cfg.compact
+    by: dict = {}
+    for t, rs in rows.items():
+        for r in rs:
+            if r.get("problem_id") is not None:
+                by.setdefault(r["problem_id"], []).append(encode_trace(
+                    tok, r, cfg.train.max_len, group=r["problem_id"], teacher=t, words=c.thinking_words,
+                    epsilon=c.epsilon))
+    groups = [g for g in by.values() if len({e["teacher"] for e in g}) > 1]
+    loss_fn = make_loss_fn(c, cfg.train.chunked_loss)
+    dev = next(model.parameters()).device
+    sums: dict = {}
+    n = 0
+    for s in range(0, len(groups), problems_per_batch):
+        part = groups[s:s + problems_per_batch]
+        b = collate_grouped([e for g in part for e in g], lambda x: collate(x, tok.pad_token_id))
+        _, m = loss_fn(model, to_device(b, dev), len(part))
+        for k, v in m.items():
+            if k.split("/")[0] in ("alpha", "s_mi", "s_cons", "s_ppl"):
+                sums[k] = sums.get(k, 0.0) + v * len(part)
+        n += len(part)
+    out: dict = {}
+    for k, v in sums.items():
+        name, t = k.split("/", 1)
+        out.setdefault(t, {})[name] = v / max(1, n)
     return out
 
 
@@ -244,6 +285,10 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
                                      on_batch=lambda n: bar.advance(task, n))
     out = {"student": cfg.student.model, "problems": problems, "shared": shared, "kappa": KAPPA,
            "rank_clip": RANK_CLIP, **summarise(picked, scores)}
+    if shared and len(picked) > 1:
+        for t, v in compact_view(cfg, model, tok, picked).items():
+            if t in out["teachers"]:
+                out["teachers"][t]["compact"] = v
     path = Path(cfg.run_dir) / "analysis" / "teachers.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
@@ -252,8 +297,8 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
     return out
 
 
-HEAD = ["teacher", "traces", "NLL ± SE", "NLL median [IQR]", "surprise %", "rank@100", "RSR", "tokens mean / p90",
-        "lines", "thinking /100w", "hedges /100w", "checks /100w", "ρ(length, level)"]
+HEAD = ["teacher", "traces", "NLL ± SE", "NLL median [IQR]", "surprise %", "rank@100", "RSR", "COMPACT α",
+        "tokens mean / p90", "lines", "thinking /100w", "hedges /100w", "checks /100w", "ρ(length, level)"]
 
 
 def table(out: dict) -> tuple[list[str], list[list[str]]]:
@@ -266,6 +311,7 @@ def table(out: dict) -> tuple[list[str], list[list[str]]]:
                      f"{f(r['nll'])} ± {f(r['nll_se'])}",
                      f"{f(r['nll_median'])} [{f(r['nll_iqr'][0])}, {f(r['nll_iqr'][1])}]" if r["nll_iqr"] else "–",
                      f(None if r["surprise"] is None else 100 * r["surprise"], 1), f(r["rank"], 2), f(r["rsr"], 2),
+                     f(r.get("compact", {}).get("alpha"), 3),
                      f"{f(r['tokens_mean'], 0)} / {f(r['tokens_p90'], 0)}", f(r["lines"], 1), f(r["thinking"], 1),
                      f(r["hedging"], 2), f(r["checks"], 2), f(r["length_vs_level"], 2)])
     return HEAD, body
@@ -284,8 +330,8 @@ def notes(out: dict) -> list[str]:
         lines.append("most compatible first: " + " < ".join(out["order"]))
     for t in out["flagged"]:
         lines.append(f"⚑ {t}: its mean NLL is {out['teachers'][t]['z']:.1f} SD above the other teachers' — the "
-                     "student finds its traces far less likely (COMPACT's S_PPL weighs against them; MTD mixes "
-                     "them in as they are)")
+                     "student finds its traces far less likely (COMPACT's S_PPL term weighs against them — its α "
+                     "column is the whole score's verdict; MTD mixes them in as they are)")
     return lines
 
 
