@@ -62,6 +62,17 @@ def test_style_counts_words_per_hundred():
     assert s["checks"] == pytest.approx(100 * 2 / words)  # check, verify
 
 
+def test_problems_are_the_shared_ones_else_each_teachers_own_first():
+    from accord.analysis.diagnose import pick_problems
+
+    a = [{"problem_id": f"p{i}"} for i in (3, 1, 2, 1)]
+    b = [{"problem_id": f"p{i}"} for i in (2, 1, 9)]
+    got, shared = pick_problems({"a": a, "b": b}, 5)
+    assert shared and [r["problem_id"] for r in got["a"]] == ["p1", "p2", "p1"] and len(got["b"]) == 2
+    got, shared = pick_problems({"a": a, "b": [{"problem_id": None}] * 7}, 2)  # nothing shared; no ids in b
+    assert not shared and [r["problem_id"] for r in got["a"]] == ["p1", "p2", "p1"] and len(got["b"]) == 2
+
+
 def _row(pid, text, level=None):
     return {"problem_id": pid, "level": level, "answer": "7",
             "messages": [{"role": "user", "content": f"Question {pid}?"}, {"role": "assistant", "content": text}]}

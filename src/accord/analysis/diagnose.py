@@ -198,9 +198,10 @@ def pick_problems(corpora: dict[str, list[dict]], n: int) -> tuple[dict[str, lis
         keep = set(common)
         return {t: [r for r in rows if r.get("problem_id") in keep] for t, rows in corpora.items()}, True
     out = {}
-    for t, rows in corpora.items():
-        first = set(sorted({r.get("problem_id") for r in rows}, key=str)[:n])
+    for t, rows in corpora.items():  # rows without a problem id count one each
+        first = set(sorted({r.get("problem_id") for r in rows} - {None}, key=str)[:n])
         out[t] = [r for r in rows if r.get("problem_id") in first]
+        out[t] += [r for r in rows if r.get("problem_id") is None][:max(0, n - len(first))]
     return out, False
 
 
@@ -216,9 +217,10 @@ def summarise(rows: dict[str, list[dict]], scores: dict[str, list[dict]]) -> dic
     for t, rs in rows.items():
         sc = [s for s in scores[t] if not math.isnan(s["nll"])]
         by: dict = {}
-        for r, s in zip(rs, scores[t]):
+        for i, (r, s) in enumerate(zip(rs, scores[t])):  # a row without a problem id is a problem of its own
             if not math.isnan(s["nll"]):
-                by.setdefault(r.get("problem_id"), []).append((r, s))
+                pid = r.get("problem_id")
+                by.setdefault((t, i) if pid is None else pid, []).append((r, s))
         prob = {p: {k: sum(s[k] for _, s in v) / len(v) for k in ("nll", "surprise", "rank", "rsr", "tokens")}
                 for p, v in by.items()}
         per_problem[t] = {p: v["nll"] for p, v in prob.items()}
