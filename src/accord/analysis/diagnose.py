@@ -291,6 +291,8 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
         for t, v in compact_view(cfg, model, tok, picked).items():
             if t in out["teachers"]:
                 out["teachers"][t]["compact"] = v
+    head, body = table(out)
+    out["table"] = {"head": head, "body": body, "notes": notes(out)}  # what the report shows, as printed here
     path = Path(cfg.run_dir) / "analysis" / "teachers.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

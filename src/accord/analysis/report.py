@@ -680,17 +680,17 @@ def _diagnose_section(data_file: Path) -> list[str]:
     """``accord diagnose``'s teacher table, when it has been run."""
     if not data_file.exists():
         return []
-    from accord.analysis.diagnose import notes, table
-
     data = json.loads(data_file.read_text())
-    head, body = table(data)
+    if "table" not in data:
+        return []
     return ["<h2>Teachers as the student saw them before training (diagnostics)</h2>",
             f"<p>The base student's view of each teacher's verified traces on {data['problems']} "
             f"{'shared ' if data['shared'] else ''}problems: NLL per token (mean ± SE over problems, median and "
             f"IQR over traces), tokens more than {data['kappa']:g} nats surprising, mean rank clipped at "
             f"{data['rank_clip']} and the Rank-Surprisal Ratio (lower: informative yet aligned), then the "
             "teachers' style. From <code>accord diagnose CONFIG</code>.</p>",
-            _html_table(head, body)] + [f"<p>{html.escape(n)}</p>" for n in notes(data)]
+            _html_table(data["table"]["head"], data["table"]["body"])] + [f"<p>{html.escape(n)}</p>"
+                                                                           for n in data["table"]["notes"]]
 
 
 def _collect_table(run_dir: Path) -> str:
