@@ -53,6 +53,15 @@ def test_spearman_and_paired_differences():
     assert d["b"]["a"]["mean"] == pytest.approx(-0.75)
 
 
+def test_novelty_against_counting_by_hand():
+    from accord.analysis.diagnose import novelty
+
+    got = novelty({"a": [[1, 2, 3, 4], [9, 9]], "b": [[2, 3, 4, 5]], "c": [[7, 7, 7, 7]]})
+    # a: (1,2,3) only its own, (2,3,4) shared with b → 1 of 2; b: (2,3,4) shared, (3,4,5) own → 1 of 2;
+    # c: (7,7,7) twice, nobody else's → 2 of 2
+    assert got == {"a": 0.5, "b": 0.5, "c": 1.0}
+
+
 def test_style_counts_words_per_hundred():
     s = style("Wait, maybe I should check.\nSo the answer is 4.\n\nI think we verify it, not sure.")
     words = 16
@@ -134,6 +143,7 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     alpha = {t: r["compact"]["alpha"] for t, r in data["teachers"].items()}  # COMPACT's weights at θ0
     assert sum(alpha.values()) == pytest.approx(1.0) and min(alpha, key=alpha.get) == "noisy"
     assert all({"s_mi", "s_cons", "s_ppl"} <= set(r["compact"]) for r in data["teachers"].values())
+    assert data["teachers"]["noisy"]["novelty"] > 0.9 > data["teachers"]["terse"]["novelty"]
     from accord import api
 
     again = api.diagnose(api.load_config(str(cfg)), problems=10)  # the same from Python

@@ -5,7 +5,7 @@ collected) and the student *before* training (θ0), and says per teacher — bef
 how the student sees its traces and how the teachers write.  Nobody else offers this: the multi-teacher
 trainers weight teachers by fixed ratios or metadata keys, never by the student (the spec's §5).
 
-What is computed (the spec's items; 4, 5 and 7 are left for later):
+What is computed (the spec's items; 4 and 7 are left for later):
 
 1. **Compatibility** (item 1; COMPACT's S_PPL; the Rank-Surprisal Ratio of Yang et al. 2026, arXiv 2601.14249).
    For every completion token y_t of a trace, ℓ_t = log p_θ0(y_t | x, y_<t) and its rank
@@ -26,6 +26,8 @@ What is computed (the spec's items; 4, 5 and 7 are left for later):
    probably, I think, not sure) and verification (check, verify, double-check, substitute back).
 3. **Length vs difficulty** (item 3, reading (b)): where the corpus rows carry a ``level`` (the lab's hop
    count), the Spearman correlation of trace length with it per teacher.
+5. **Local-pattern seams** (item 5): the share of a teacher's token-trigram occurrences (student tokens of its
+   completions) whose trigram no other teacher writes (:func:`novelty`).
 6. **Ordering hint** (item 6): teachers ranked by mean NLL (most compatible first); a teacher whose mean NLL
    is more than 2 standard deviations above the *other* teachers' means is flagged (needs ≥ 3 teachers).  The
    z is leave-one-out: over all K means, including the outlier's own, no z can exceed (K − 1)/√K — 1.5 for
@@ -149,6 +151,18 @@ def style(text: str) -> dict:
     return {"lines": sum(1 for ln in text.splitlines() if ln.strip()),
             "thinking": per * sum(1 for w in words if w in THINKING_WORDS),
             "hedging": per * count(HEDGES), "checks": per * count(CHECKS)}
+
+
+def novelty(ids: dict[str, list[list[int]]]) -> dict[str, float]:
+    """Item 5: per teacher, the share of its token-trigram occurrences (student tokens) whose trigram appears in
+    no other teacher's traces — high novelty marks a teacher whose local patterns make seams when mixed."""
+    grams = {t: [tuple(x[i:i + 3]) for x in seqs for i in range(len(x) - 2)] for t, seqs in ids.items()}
+    sets = {t: set(g) for t, g in grams.items()}
+    out = {}
+    for t, g in grams.items():
+        others = set().union(*(v for u, v in sets.items() if u != t))
+        out[t] = sum(1 for x in g if x not in others) / len(g) if g else 0.0
+    return out
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
@@ -287,6 +301,10 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
                                      on_batch=lambda n: bar.advance(task, n))
     out = {"student": cfg.student.model, "problems": problems, "shared": shared, "kappa": KAPPA,
            "rank_clip": RANK_CLIP, **summarise(picked, scores)}
+    ids = {t: [tok(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"] for r in rows]
+           for t, rows in picked.items()}
+    for t, v in novelty(ids).items():
+        out["teachers"][t]["novelty"] = v
     if shared and len(picked) > 1:
         for t, v in compact_view(cfg, model, tok, picked).items():
             if t in out["teachers"]:
@@ -302,7 +320,8 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
 
 
 HEAD = ["teacher", "traces", "NLL ± SE", "NLL median [IQR]", "surprise %", "rank@100", "RSR", "COMPACT α",
-        "tokens mean / p90", "lines", "thinking /100w", "hedges /100w", "checks /100w", "ρ(length, level)"]
+        "novel 3-grams %", "tokens mean / p90", "lines", "thinking /100w", "hedges /100w", "checks /100w",
+        "ρ(length, level)"]
 
 
 def table(out: dict) -> tuple[list[str], list[list[str]]]:
@@ -316,6 +335,7 @@ def table(out: dict) -> tuple[list[str], list[list[str]]]:
                      f"{f(r['nll_median'])} [{f(r['nll_iqr'][0])}, {f(r['nll_iqr'][1])}]" if r["nll_iqr"] else "–",
                      f(None if r["surprise"] is None else 100 * r["surprise"], 1), f(r["rank"], 2), f(r["rsr"], 2),
                      f(r.get("compact", {}).get("alpha"), 3),
+                     f(None if r.get("novelty") is None else 100 * r["novelty"], 1),
                      f"{f(r['tokens_mean'], 0)} / {f(r['tokens_p90'], 0)}", f(r["lines"], 1), f(r["thinking"], 1),
                      f(r["hedging"], 2), f(r["checks"], 2), f(r["length_vs_level"], 2)])
     return HEAD, body
