@@ -94,7 +94,7 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
     for s in range(0, len(rows), batch):
         ex = [encode_example(tok, r, max_len) for r in rows[s:s + batch]]
         b = collate(ex, tok.pad_token_id)
-        logits = model(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in model_inputs(b).items()}).logits
+        logits = model(**model_inputs(to_device(b, dev))).logits
         tgt = b["labels"][:, 1:].to(dev)
         for i in range(len(ex)):
             keep = tgt[i] != IGNORE
@@ -166,7 +166,8 @@ def novelty(ids: dict[str, list[list[int]]]) -> dict[str, float]:
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's ρ (average ranks for ties); None below 3 points or for a constant series."""
+    """Spearman's ρ (average ranks for ties); None below 3 points or for a constant series.  By hand: scipy is
+    not among accord's dependencies, and one rank correlation does not justify adding it."""
     if len(x) < 3:
         return None
 
@@ -299,7 +300,7 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
         for t, rows in picked.items():
             scores[t] = score_traces(model, tok, rows, cfg.train.max_len, batch,
                                      on_batch=lambda n: bar.advance(task, n))
-    out = {"student": cfg.student.model, "problems": problems, "shared": shared, "kappa": KAPPA,
+    out = {"student": cfg.student.model, "problems": n_prob, "shared": shared, "kappa": KAPPA,
            "rank_clip": RANK_CLIP, **summarise(picked, scores)}
     ids = {t: [tok(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"] for r in rows]
            for t, rows in picked.items()}
