@@ -62,6 +62,18 @@ def test_novelty_against_counting_by_hand():
     assert got == {"a": 0.5, "b": 0.5, "c": 1.0}
 
 
+def test_auroc_against_every_pair():
+    from accord.analysis.diagnose import auroc
+
+    rng = random.Random(1)
+    scores = [rng.choice([0.1, 0.2, 0.3, 0.5, 0.9]) for _ in range(40)]  # many ties
+    pos = [rng.random() < 0.4 for _ in range(40)]
+    pairs = [(a, b) for a, pa in zip(scores, pos) if pa for b, pb in zip(scores, pos) if not pb]
+    ref = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert auroc(scores, pos) == pytest.approx(ref)
+    assert auroc([1, 2], [True, True]) is None and auroc([3, 1], [True, False]) == 1.0
+
+
 def test_style_counts_words_per_hundred():
     s = style("Wait, maybe I should check.\nSo the answer is 4.\n\nI think we verify it, not sure.")
     words = 16
@@ -131,8 +143,24 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     for t, think in (("terse", "add the numbers"), ("steady", "add the numbers up"), ("plain", "add numbers")):
         write_jsonl(corpora / f"{t}.jsonl", [_row(f"p{i}", f"<think>\n{think}\n</think>\n\n\\boxed{{7}}",
                                                   level=2 + i % 3) for i in range(12)])
-    write_jsonl(corpora / "noisy.jsonl", [_row(f"p{i}", "".join(rng.choice("qzxj#@~{}|^") for _ in range(60)))
-                                          for i in range(12)])
+    noise = ["".join(rng.choice("qzxj#@~{}|^") for _ in range(60)) for _ in range(12)]
+    write_jsonl(corpora / "noisy.jsonl", [_row(f"p{i}", noise[i]) for i in range(12)])
+    # the store behind the corpora: terse is right on even problems (parrot-like text, its own log-prob −0.1)
+    # and wrong on odd ones (noise, −2.0) — items 4 and 3 (a) read every sample, right or wrong
+    from accord.problems import Problem
+    from accord.store import TraceStore
+
+    store = TraceStore(tmp_path / "run" / "traces.sqlite")
+    store.put_problems([Problem(f"p{i}", f"Question p{i}?", "7", {"steps": 2}) for i in range(12)])
+    base = {"style": "default", "sample_idx": 0, "params": "{}", "prompt": "", "reasoning": None,
+            "answer_text": None, "parsed_answer": "7", "token_count": 5, "char_count": 20, "finish_reason": "stop",
+            "min_window_logprob": None, "elapsed_s": 0.0, "error": None}
+    good = "<think>\nadd the numbers\n</think>\n\n\\boxed{7}"
+    store.put_traces([{**base, "problem_id": f"p{i}", "teacher": t, "text": good if i % 2 == 0 else noise[i],
+                       "verdict": "correct" if i % 2 == 0 else "incorrect",
+                       "mean_logprob": (-0.1 if i % 2 == 0 else -2.0) if t == "terse" else None}
+                      for t in ("terse", "steady", "plain", "noisy") for i in range(12)])
+    store.close()
     code, out = run_cli("diagnose", str(cfg), "--problems", "10")
     assert code == 0, out
     data = json.loads((tmp_path / "run" / "analysis" / "teachers.json").read_text())
@@ -144,6 +172,10 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert sum(alpha.values()) == pytest.approx(1.0) and min(alpha, key=alpha.get) == "noisy"
     assert all({"s_mi", "s_cons", "s_ppl"} <= set(r["compact"]) for r in data["teachers"].values())
     assert data["teachers"]["noisy"]["novelty"] > 0.9 > data["teachers"]["terse"]["novelty"]
+    v = data["verdicts"]["teachers"]["terse"]
+    assert data["verdicts"]["problems"] == 10 and v["samples"] == 10 and v["accuracy"] == pytest.approx(0.5)
+    assert v["auroc_student_global"] == 1.0 and v["auroc_teacher_global"] == 1.0  # parrot-like text is the right one
+    assert v["auroc_teacher_window"] is None and "AUROC student global" in out
     from accord import api
 
     again = api.diagnose(api.load_config(str(cfg)), problems=10)  # the same from Python
@@ -152,6 +184,7 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert code == 0, out
     page = (tmp_path / "run" / "report" / "index.html").read_text()
     assert "Teachers as the student saw them before training" in page and "noisy ⚑" in page
+    assert "Every sample, right or wrong" in page
 
 
 def test_accord_diagnose_without_corpora_says_what_to_run(tmp_path, problems_file, two_parrots, micro):

@@ -5,7 +5,7 @@ collected) and the student *before* training (θ0), and says per teacher — bef
 how the student sees its traces and how the teachers write.  Nobody else offers this: the multi-teacher
 trainers weight teachers by fixed ratios or metadata keys, never by the student (the spec's §5).
 
-What is computed (the spec's items; 4 and 7 are left for later):
+What is computed (the spec's items; 7, post-training drift, is left for later):
 
 1. **Compatibility** (item 1; COMPACT's S_PPL; the Rank-Surprisal Ratio of Yang et al. 2026, arXiv 2601.14249).
    For every completion token y_t of a trace, ℓ_t = log p_θ0(y_t | x, y_<t) and its rank
@@ -24,8 +24,16 @@ What is computed (the spec's items; 4 and 7 are left for later):
 2. **Style signatures** (item 2): completion length in student tokens (mean, p50, p90), lines, and per 100
    words the rates of thinking words (COMPACT's list, ``config.THINKING_WORDS``), hedges (maybe, perhaps,
    probably, I think, not sure) and verification (check, verify, double-check, substitute back).
-3. **Length vs difficulty** (item 3, reading (b)): where the corpus rows carry a ``level`` (the lab's hop
-   count), the Spearman correlation of trace length with it per teacher.
+3. **Length vs difficulty** (item 3): where the corpus rows carry a ``level`` (the lab's hop count; reading
+   (b)), the Spearman correlation of trace length with it per teacher; and, from the trace store, with reading
+   (a), the failure rate over every teacher's samples of the problem (:func:`verdict_view`), beside the mean
+   length of each teacher's right and wrong traces.
+4. **Step-level vs global confidence** (item 4), from the trace store — every sample, right or wrong, on the
+   first problems every teacher attempted (the corpora hold only verified traces, and problems every teacher
+   got right hold no wrong ones): the AUROC at telling right from wrong of the student's global mean ℓ_t and
+   its lowest 64-token window mean (:func:`analysis.confidence.window_confidence`, item 1's w = 64), and of the
+   teacher's own ``mean_logprob`` / ``min_window_logprob`` where its backend returned log-probs.  AUROC is the
+   Mann–Whitney probability, ties ½.
 5. **Local-pattern seams** (item 5): the share of a teacher's token-trigram occurrences (student tokens of its
    completions) whose trigram no other teacher writes (:func:`novelty`).
 6. **Ordering hint** (item 6): teachers ranked by mean NLL (most compatible first); a teacher whose mean NLL
@@ -48,6 +56,7 @@ Choices where the spec is silent:
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -55,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from accord.analysis.confidence import window_confidence
 from accord.analysis.stats import mean_se
 from accord.config import THINKING_WORDS
 from accord.errors import UsageError
@@ -64,6 +74,7 @@ from accord.ui import progress
 
 KAPPA = 5.0  # nats: a token the student finds this surprising counts as a surprise (spec item 1)
 RANK_CLIP = 100
+WINDOW = 64  # tokens: the step-level window of the spec's item 1 (the student's window-mean ℓ)
 HEDGES = ("maybe", "perhaps", "probably", "i think", "not sure")
 CHECKS = ("check", "verify", "double-check", "substitute back")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
@@ -86,8 +97,11 @@ def trace_scores(nll: torch.Tensor, rank: torch.Tensor, kappa: float = KAPPA, cl
 
 
 @torch.no_grad()
-def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on_batch=None) -> list[dict]:
-    """:func:`trace_scores` of every row's completion under ``model`` (the student at θ0), plus its token count."""
+def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on_batch=None,
+                 window: int = WINDOW) -> list[dict]:
+    """:func:`trace_scores` of every row's completion under ``model`` (the student at θ0), its token count and
+    the student's confidence in it: the global mean ℓ_t and the lowest ``window``-token mean
+    (:func:`analysis.confidence.window_confidence`)."""
     model.eval()
     out = []
     dev = next(model.parameters()).device
@@ -98,9 +112,13 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
         tgt = b["labels"][:, 1:].to(dev)
         for i in range(len(ex)):
             keep = tgt[i] != IGNORE
+            if not keep.any():
+                out.append({"nll": math.nan, "surprise": math.nan, "rank": math.nan, "rsr": math.nan, "tokens": 0,
+                            "global": None, "window": None})
+                continue
             nll, rank = token_scores(logits[i, :-1][keep], tgt[i][keep])
-            out.append({**trace_scores(nll, rank), "tokens": int(keep.sum())} if keep.any() else
-                       {"nll": math.nan, "surprise": math.nan, "rank": math.nan, "rsr": math.nan, "tokens": 0})
+            g, w = window_confidence((-nll).tolist(), window)
+            out.append({**trace_scores(nll, rank), "tokens": int(keep.sum()), "global": g, "window": w})
         if on_batch:
             on_batch(len(ex))
     return out
@@ -140,6 +158,70 @@ def compact_view(cfg, model, tok, rows: dict[str, list[dict]], problems_per_batc
         name, t = k.split("/", 1)
         out.setdefault(t, {})[name] = v / max(1, n)
     return out
+
+
+def auroc(scores: list[float], positive: list[bool]) -> float | None:
+    """P(a positive's score > a negative's), ties counted ½ (the Mann–Whitney reading); None without both."""
+    pos = sorted(x for x, y in zip(scores, positive) if y)
+    neg = sorted(x for x, y in zip(scores, positive) if not y)
+    if not pos or not neg:
+        return None
+    wins = sum(bisect.bisect_left(neg, x) + 0.5 * (bisect.bisect_right(neg, x) - bisect.bisect_left(neg, x))
+               for x in pos)
+    return wins / (len(pos) * len(neg))
+
+
+def verdict_view(cfg, model, tok, n: int, batch: int = 16, on_batch=None) -> tuple[dict[str, dict], int]:
+    """Items 4 and 3 (a) from the trace store — every sample, right or wrong, on the first ``n`` problems (by id)
+    that every teacher attempted: per teacher its accuracy, the mean length (student tokens) of its correct and
+    wrong traces, the AUROC at telling them apart of the student's global and window confidence and, where the
+    backend stored them, of the teacher's own (``mean_logprob``, ``min_window_logprob``); and ρ(length,
+    difficulty) with difficulty the failure rate over every teacher's samples of the problem.  Returns
+    ({teacher: {…}}, problems); nothing when there is no store (an imported corpus without one)."""
+    from accord.collect import corpus_row
+    from accord.problems import Problem
+    from accord.store import TraceStore
+    from accord.verify import CORRECT, FAILED
+
+    store = TraceStore.reader(Path(cfg.run_dir) / "traces.sqlite")
+    if store is None:
+        return {}, 0
+    try:
+        names = [t.name for t in cfg.teachers]
+        rows = {t: [r for r in store.traces(t) if r["verdict"] != FAILED] for t in names}
+        probs = {r["id"]: r for r in store.db.execute("SELECT id, question, answer, meta FROM problems")}
+    finally:
+        store.close()
+    ids = [{r["problem_id"] for r in rs} for rs in rows.values() if rs]
+    keep = set(sorted(set.intersection(*ids), key=str)[:n]) if ids else set()
+    rows = {t: [r for r in rs if r["problem_id"] in keep] for t, rs in rows.items()}
+    if not keep:
+        return {}, 0
+    problem = {pid: Problem(pid, probs[pid]["question"], probs[pid]["answer"], json.loads(probs[pid]["meta"] or "{}"))
+               for pid in keep}
+    right: dict = {}
+    for rs in rows.values():
+        for r in rs:
+            right.setdefault(r["problem_id"], []).append(r["verdict"] == CORRECT)
+    difficulty = {p: 1 - sum(v) / len(v) for p, v in right.items()}
+    out = {}
+    for t, rs in rows.items():
+        sc = score_traces(model, tok, [corpus_row(r, problem[r["problem_id"]]) for r in rs], cfg.train.max_len,
+                          batch, on_batch)
+        ok = [r["verdict"] == CORRECT for r in rs]
+        v = {"samples": len(rs), "accuracy": sum(ok) / len(ok) if ok else None}
+        for name, vals in (("student_global", [s["global"] for s in sc]), ("student_window", [s["window"] for s in sc]),
+                           ("teacher_global", [r["mean_logprob"] for r in rs]),
+                           ("teacher_window", [r["min_window_logprob"] for r in rs])):
+            have = [(x, y) for x, y in zip(vals, ok) if x is not None]
+            v[f"auroc_{name}"] = auroc([x for x, _ in have], [y for _, y in have]) if have else None
+        for label, want in (("tokens_correct", True), ("tokens_wrong", False)):
+            xs = [s["tokens"] for s, y in zip(sc, ok) if y == want]
+            v[label] = sum(xs) / len(xs) if xs else None
+        right_rows = [(difficulty[r["problem_id"]], s["tokens"]) for r, s, y in zip(rs, sc, ok) if y]
+        v["length_vs_difficulty"] = spearman([d for d, _ in right_rows], [x for _, x in right_rows])
+        out[t] = v
+    return out, len(keep)
 
 
 def style(text: str) -> dict:
@@ -310,8 +392,14 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
         for t, v in compact_view(cfg, model, tok, picked).items():
             if t in out["teachers"]:
                 out["teachers"][t]["compact"] = v
+    with progress(console) as bar:
+        task = bar.add_task("diagnose: every sample, right or wrong", total=None)
+        view, n_v = verdict_view(cfg, model, tok, problems, batch, on_batch=lambda n: bar.advance(task, n))
+    out["verdicts"] = {"problems": n_v, "window": WINDOW, "teachers": view}
     head, body = table(out)
-    out["table"] = {"head": head, "body": body, "notes": notes(out)}  # what the report shows, as printed here
+    v_head, v_body = verdict_table(out)
+    out["table"] = {"head": head, "body": body, "notes": notes(out),  # what the report shows, as printed here
+                    "verdicts": {"head": v_head, "body": v_body}}
     path = Path(cfg.run_dir) / "analysis" / "teachers.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
@@ -342,6 +430,22 @@ def table(out: dict) -> tuple[list[str], list[list[str]]]:
     return HEAD, body
 
 
+V_HEAD = ["teacher", "samples", "accuracy", "tokens right / wrong", "AUROC student global", "AUROC student window",
+          "AUROC teacher global", "AUROC teacher window", "ρ(length, difficulty)"]
+
+
+def verdict_table(out: dict) -> tuple[list[str], list[list[str]]]:
+    """Items 4 and 3 (a): every sample on the store's first problems, right or wrong (:func:`verdict_view`)."""
+    f = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"
+    body = []
+    for t, v in out.get("verdicts", {}).get("teachers", {}).items():
+        body.append([t, str(v["samples"]), f(v["accuracy"]),
+                     f"{f(v['tokens_correct'], 0)} / {f(v['tokens_wrong'], 0)}",
+                     f(v["auroc_student_global"]), f(v["auroc_student_window"]), f(v["auroc_teacher_global"]),
+                     f(v["auroc_teacher_window"]), f(v["length_vs_difficulty"], 2)])
+    return V_HEAD, body
+
+
 def notes(out: dict) -> list[str]:
     """The lines under the table: paired differences against the most compatible teacher, the order, flags."""
     lines = []
@@ -364,4 +468,11 @@ def text(out: dict) -> str:
     """What the CLI prints: the table and its notes."""
     from accord.analysis.report import text_table
 
-    return "\n".join([text_table(*table(out)), *notes(out)])
+    parts = [text_table(*table(out)), *notes(out)]
+    head, body = verdict_table(out)
+    if body:
+        v = out["verdicts"]
+        parts += ["", f"every sample, right or wrong, on {v['problems']} problems every teacher attempted (AUROC: how "
+                  f"well a confidence tells right from wrong; window = lowest {v['window']}-token mean ℓ; "
+                  "difficulty = the failure rate over every teacher's samples):", text_table(head, body)]
+    return "\n".join(parts)

@@ -690,7 +690,19 @@ def _diagnose_section(data_file: Path) -> list[str]:
             f"{data['rank_clip']} and the Rank-Surprisal Ratio (lower: informative yet aligned), then the "
             "teachers' style. From <code>accord diagnose CONFIG</code>.</p>",
             _html_table(data["table"]["head"], data["table"]["body"])] + [f"<p>{html.escape(n)}</p>"
-                                                                           for n in data["table"]["notes"]]
+                                                                           for n in data["table"]["notes"]] \
+        + _diagnose_verdicts(data)
+
+
+def _diagnose_verdicts(data: dict) -> list[str]:
+    v, t = data.get("verdicts") or {}, data["table"].get("verdicts") or {}
+    if not t.get("body"):
+        return []
+    return [f"<p>Every sample, right or wrong, on {v['problems']} problems every teacher attempted: how well a "
+            "confidence tells right from wrong (AUROC; 0.5 is chance) — the student's global mean log-prob and its "
+            f"lowest {v['window']}-token window, the teacher's own where its backend returned log-probs — and "
+            "length against difficulty (the failure rate over every teacher's samples).</p>",
+            _html_table(t["head"], t["body"])]
 
 
 def _collect_table(run_dir: Path) -> str:
