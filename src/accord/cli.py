@@ -137,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "mean ± SE, paired differences on the same problems), surprise rate (tokens above 5 nats), "
                        "mean rank (clipped at 100) and the Rank-Surprisal Ratio — and the teachers' style (length, "
                        "lines, thinking words, hedges, checks per 100 words; length against difficulty where rows "
-                       "carry a level). Ranks the teachers by compatibility and flags one more than 2 SD less "
-                       "compatible than the rest. Reads <run_dir>/corpora (run `accord collect` first); writes "
+                       "carry a level), the share of trigrams no other teacher writes, COMPACT's weights at θ0; "
+                       "from the trace store, every sample right or wrong: how well the student's and the teacher's "
+                       "confidence tell them apart (AUROC) and length against difficulty. Ranks the teachers by "
+                       "compatibility and flags one more than 2 SD less compatible than the rest. Reads "
+                       "<run_dir>/corpora (run `accord collect` first) and traces.sqlite; writes "
                        "<run_dir>/analysis/teachers.json; the report shows it.")
     _add_config_args(p)
     p.add_argument("--problems", type=int, default=200, help="how many shared problems to score (default 200; "
