@@ -33,6 +33,7 @@ EPILOG = """examples:
   accord merge --method ties --base B --models M1 M2 --out DIR --density 0.5
   accord interpolate my.yaml --models mtd mot --points 11   # MoT Fig. 6
   accord diagnose my.yaml --problems 200       # before training: which teacher's traces fit the student
+  accord drift my.yaml --models mtd compact    # after: how far each model's states moved (COMPACT Fig. 4)
   accord collect configs/lab-quickstart.yaml collect.samples=4
   accord collect my.yaml teachers.beta.base_url=http://127.0.0.1:8000/v1 --force
   accord export my.yaml --out traces.jsonl
@@ -146,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--problems", type=int, default=200, help="how many shared problems to score (default 200; "
                    "the first by id)")
+
+    p = sub.add_parser("drift", help="after training: how far each model's hidden states moved from the base "
+                       "(COMPACT Fig. 4)", description="Post-training drift (specs/diagnostics.md §6 item 7; "
+                       "COMPACT §4.3): on the first --problems prompts of every eval split, the last prompt token's "
+                       "hidden state at every layer; a PCA of the base student's states per layer and split; each "
+                       "trained model's shift of the mean along PC1 … PC<rank> (QR students against their own "
+                       "base). Writes <run_dir>/analysis/drift.json and drift.png; the report shows them.")
+    _add_config_args(p)
+    p.add_argument("--models", nargs="+", metavar="NAME", help="trained models (default: every finished one)")
+    p.add_argument("--problems", type=int, default=100, help="prompts per eval split (default 100)")
+    p.add_argument("--rank", type=int, default=2, help="principal components (default 2: PC1 and PC2)")
 
     p = sub.add_parser("merge", help="merge HF checkpoints (mergekit conventions)",
                        description=f"Merge models onto a base: {', '.join(MERGE_METHODS)}. Task vectors are "
@@ -415,6 +427,16 @@ def cmd_diagnose(args, console: Console) -> int:
     return 0
 
 
+def cmd_drift(args, console: Console) -> int:
+    from accord.analysis import drift
+    from accord.run import prepare_models
+
+    cfg = _load(args)
+    prepare_models(cfg, console)  # a lab student's base is built if missing
+    drift.run(cfg, console, args.models, args.problems, args.rank)
+    return 0
+
+
 def cmd_cord(args, console: Console) -> int:
     from accord.cord import stage
     from accord.run import prepare_models
@@ -442,6 +464,7 @@ COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_ev
             "merge": cmd_merge,
             "interpolate": cmd_interpolate,
             "diagnose": cmd_diagnose,
+            "drift": cmd_drift,
             "collect": cmd_collect, "export": cmd_export, "config": cmd_config, "lab": cmd_lab, "demo": cmd_demo}
 
 

@@ -550,6 +550,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
     page += _interpolation_section(run_dir / "analysis" / "interpolation.json", out)
     page += _diagnose_section(run_dir / "analysis" / "teachers.json")
+    page += _drift_section(run_dir / "analysis" / "drift.json", out)
     for qr_dir in sorted((run_dir / "train").glob("qr*/routing.jsonl")):  # QR's working dir(s): qr, qr-<tag>
         page += _qr_section(qr_dir.parent, out)
     page += _cord_section(run_dir, out)
@@ -703,6 +704,26 @@ def _diagnose_verdicts(data: dict) -> list[str]:
             f"lowest {v['window']}-token window, the teacher's own where its backend returned log-probs — and "
             "length against difficulty (the failure rate over every teacher's samples).</p>",
             _html_table(t["head"], t["body"])]
+
+
+def _drift_section(data_file: Path, out: Path) -> list[str]:
+    """``accord drift``'s figure and its last-layer shifts, when it has been run."""
+    if not data_file.exists():
+        return []
+    from accord.analysis.drift import norm, plot
+
+    data = json.loads(data_file.read_text())
+    if plot(data, out / "drift.png") is None:
+        return []
+    splits = list(data["problems"])
+    body = [[name] + [norm(by[s][-1]) if by.get(s) else None for s in splits] for name, by in data["models"].items()]
+    # (value, se) tuples print as "v ± se" in the report's tables
+    return ["<h2>How far training moved the student's states (COMPACT §4.3, Fig. 4)</h2>",
+            f"<p>The last prompt token's hidden state at every layer, on each split's first prompts; the shift of "
+            f"each model's mean along the base student's top {data['rank']} principal directions. COMPACT reads a "
+            "small shift on general data as less forgetting. From <code>accord drift CONFIG</code>.</p>",
+            "<img src='drift.png' alt='drift'>",
+            _html_table(["model"] + [f"{s}: last-layer shift" for s in splits], body)]
 
 
 def _collect_table(run_dir: Path) -> str:
