@@ -106,6 +106,10 @@ def run(cfg, console, models: list[str] | None = None, problems: int = 100, rank
                                                                            bases[base][s][1])]
                                    for s in questions}
             bar.update(task, advance=1, description=f"drift {name}")
+    splits = list(questions)
+    out["table"] = {"head": ["model"] + [f"{s}: last-layer shift" for s in splits],  # for the report, as printed
+                    "body": [[name] + ["{:.3f} ± {:.3f}".format(*norm(by[s][-1])) if by[s] else "–" for s in splits]
+                             for name, by in out["models"].items()]}
     path = Path(cfg.run_dir) / "analysis" / "drift.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
