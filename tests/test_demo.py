@@ -1,4 +1,5 @@
-"""`accord demo` on the quick lab profile: lab → collect → STD×4, MTD, post-hoc, MoT → eval → report (slow)."""
+"""`accord demo` on the quick lab profile: lab → collect → diagnose → STD×4, MTD, post-hoc, MoT, COMPACT → drift →
+eval → report (slow)."""
 
 import json
 from pathlib import Path
@@ -20,7 +21,9 @@ def test_demo_quick_profile_end_to_end(tmp_path, monkeypatch):
     assert all(s["samples"] == 800 for s in summary)  # 400 problems × 2 samples (configs/lab-quick.yaml)
     for name in ("std-terse", "std-shifted", "mtd", "posthoc", "mot", "compact"):
         assert (tmp_path / "run" / "train" / name / "result.json").exists(), name
-    assert "<table>" in (tmp_path / "run" / "report" / "index.html").read_text()
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "<table>" in page
+    assert "Teachers as the student saw them before training" in page and "COMPACT §4.3, Fig. 4" in page
     assert "mot" in out and "target pass@1" in out
     # the quick lab's student has the primitive (one step answered directly) but not the chain, and the
     # quick profile's own bands held (a miss would be a warning in the output and `weak` in the manifest)
