@@ -6,7 +6,7 @@ evaluation does (``render_prompt`` and the model's chat template with the genera
 decoder layer, the hidden state of the last prompt token — the state the answer is generated from.  Per layer
 and split a PCA of the base student's states (centred, top ``r`` components by SVD) gives U_r; a trained
 model's drift there is U_rᵀ(mean H^θ − mean H⁰): its shift along PC1 and PC2, reported separately as the spec
-asks, and their norm, each with a standard error (the projected means' sample variances over the prompts).
+asks, and their norm, each with a standard error (paired over the prompts, which both models read).
 COMPACT reads a small shift on general data as less forgetting.
 
 Choices where the paper is silent:
@@ -66,12 +66,11 @@ def components(h0: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def shift(h0: torch.Tensor, h: torch.Tensor, u: torch.Tensor) -> dict[str, list[float]]:
-    """|U_rᵀ(mean H − mean H⁰)| per component, with its standard error (the two means' projected sample
-    variances over their prompts: the same prompts, but the shift is reported, not paired, so this is
-    conservative)."""
-    a, b = h0 @ u, h @ u  # [N, r] projections
-    se = (a.var(0) / a.shape[0] + b.var(0) / b.shape[0]).sqrt()
-    return {"shift": (b.mean(0) - a.mean(0)).abs().tolist(), "se": se.tolist()}
+    """|U_rᵀ(mean H − mean H⁰)| per component, with its standard error — paired, as the two models read the
+    same prompts: the sample standard deviation of the per-prompt projected differences over √N."""
+    d = (h - h0) @ u  # [N, r]: each prompt's shift along each component
+    se = d.std(0) / d.shape[0] ** 0.5 if d.shape[0] > 1 else torch.zeros(d.shape[1])
+    return {"shift": d.mean(0).abs().tolist(), "se": se.tolist()}
 
 
 def run(cfg, console, models: list[str] | None = None, problems: int = 100, rank: int = 2) -> dict:
