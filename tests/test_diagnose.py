@@ -104,8 +104,8 @@ def test_summary_orders_teachers_and_flags_the_outlier_leave_one_out():
     means = {"a": 1.0, "b": 1.1, "c": 0.95, "odd": 3.0}
     for t, m in means.items():
         rows[t] = [_row(f"p{i}", "x " * (i + 1), level=i) for i in range(6)]
-        scores[t] = [{"nll": m + 0.01 * i, "surprise": 0.1, "rank": 2.0, "rsr": 2.0 / m, "tokens": 3 + i}
-                     for i in range(6)]
+        scores[t] = [{"nll": m + 0.01 * i, "surprise": 0.1, "rank": 2.0, "rsr": 2.0 / m, "tokens": 3 + i,
+                      "window": -(m + 1.0)} for i in range(6)]
     out = summarise(rows, scores)
     assert out["order"] == ["c", "a", "b", "odd"] and out["flagged"] == ["odd"]
     # four teachers: a z over all four means could not exceed (4 − 1)/√4 = 1.5
@@ -113,6 +113,7 @@ def test_summary_orders_teachers_and_flags_the_outlier_leave_one_out():
     assert out["teachers"]["a"]["length_vs_level"] == pytest.approx(1.0)
     assert out["paired_nll"]["odd"]["a"]["mean"] == pytest.approx(2.0)
     assert out["teachers"]["a"]["nll"] == pytest.approx(1.025)
+    assert out["teachers"]["odd"]["worst"] == pytest.approx(4.0)  # the worst window's NLL: −(lowest window ℓ)
 
 
 def test_scored_nll_is_the_sft_loss_the_student_starts_from(micro):

@@ -15,7 +15,8 @@ What is computed (the spec's items; 7, post-training drift, is left for later):
    aligned).  Per teacher: median and interquartile range of the trace NLLs, mean ± SE of each score over its
    problems, and the dataset RSR as the paper aggregates it (mean of the traces' mean ranks over the mean of
    their mean surprisals).  **Paired** differences of NLL on the problems two teachers share,
-   Δ_{k,k'} = mean_i (NLL_{k,i} − NLL_{k',i}) ± SE, which cancel the problems' difficulty.
+   Δ_{k,k'} = mean_i (NLL_{k,i} − NLL_{k',i}) ± SE, which cancel the problems' difficulty.  Step-level
+   incompatibility: the highest 64-token window-mean NLL of a trace (the whole trace when shorter), mean ± SE.
    And COMPACT's own view at θ0 (the spec's "which teacher COMPACT would favour on day one"): its loss function,
    with the run's ``compact:`` settings, over the shared problems four at a time, no step taken — each
    teacher's share of α and its mean S_MI, S_cons, S_PPL (:func:`compact_view`).  On the lab COMPACT gives
@@ -319,6 +320,7 @@ def summarise(rows: dict[str, list[dict]], scores: dict[str, list[dict]]) -> dic
                 pid = r.get("problem_id")
                 by.setdefault((t, i) if pid is None else pid, []).append((r, s))
         prob = {p: {k: sum(s[k] for _, s in v) / len(v) for k in ("nll", "surprise", "rank", "rsr", "tokens")}
+                | {"worst": sum(-s["window"] for _, s in v) / len(v)}  # the highest 64-token window-mean NLL
                 for p, v in by.items()}
         per_problem[t] = {p: v["nll"] for p, v in prob.items()}
         st = [style(r["messages"][-1]["content"]) for r in rs]
@@ -333,7 +335,7 @@ def summarise(rows: dict[str, list[dict]], scores: dict[str, list[dict]]) -> dic
                "tokens_mean": sum(lengths) / len(lengths) if lengths else None,
                "tokens_p50": _q(lengths, 0.5) if lengths else None, "tokens_p90": _q(lengths, 0.9) if lengths else None,
                "length_vs_level": spearman([lv for lv, _ in levels], [n for _, n in levels]) if levels else None}
-        for k in ("nll", "surprise", "rank"):
+        for k in ("nll", "surprise", "rank", "worst"):
             row[k], row[f"{k}_se"] = mean_se([v[k] for v in prob.values()])
         for k in ("lines", "thinking", "hedging", "checks"):
             row[k] = sum(x[k] for x in st) / len(st) if st else None
@@ -408,7 +410,8 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
     return out
 
 
-HEAD = ["teacher", "traces", "NLL ± SE", "NLL median [IQR]", "surprise %", "rank@100", "RSR", "COMPACT α",
+HEAD = ["teacher", "traces", "NLL ± SE", "NLL median [IQR]", "worst window NLL", "surprise %", "rank@100", "RSR",
+        "COMPACT α",
         "novel 3-grams %", "tokens mean / p90", "lines", "thinking /100w", "hedges /100w", "checks /100w",
         "ρ(length, level)"]
 
@@ -422,6 +425,7 @@ def table(out: dict) -> tuple[list[str], list[list[str]]]:
         body.append([t + (" ⚑" if t in out["flagged"] else ""), str(r["traces"]),
                      f"{f(r['nll'])} ± {f(r['nll_se'])}",
                      f"{f(r['nll_median'])} [{f(r['nll_iqr'][0])}, {f(r['nll_iqr'][1])}]" if r["nll_iqr"] else "–",
+                     f(r.get("worst")),
                      f(None if r["surprise"] is None else 100 * r["surprise"], 1), f(r["rank"], 2), f(r["rsr"], 2),
                      f(r.get("compact", {}).get("alpha"), 3),
                      f(None if r.get("novelty") is None else 100 * r["novelty"], 1),
