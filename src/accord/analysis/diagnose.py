@@ -35,8 +35,8 @@ What is computed (the spec's items; 7, post-training drift, is left for later):
    its lowest 64-token window mean (:func:`analysis.confidence.window_confidence`, item 1's w = 64), and of the
    teacher's own ``mean_logprob`` / ``min_window_logprob`` where its backend returned log-probs.  AUROC is the
    Mann–Whitney probability, ties ½.
-5. **Local-pattern seams** (item 5): the share of a teacher's token-trigram occurrences (student tokens of its
-   completions) whose trigram no other teacher writes (:func:`novelty`).
+5. **Local-pattern seams** (item 5): the share of a teacher's token-trigram occurrences (the student tokens
+   item 1 scores: completion and EOS) whose trigram no other teacher writes (:func:`novelty`).
 6. **Ordering hint** (item 6): teachers ranked by mean NLL (most compatible first); a teacher whose mean NLL
    is more than 2 standard deviations above the *other* teachers' means is flagged (needs ≥ 3 teachers).  The
    z is leave-one-out: over all K means, including the outlier's own, no z can exceed (K − 1)/√K — 1.5 for
@@ -115,11 +115,12 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
             keep = tgt[i] != IGNORE
             if not keep.any():
                 out.append({"nll": math.nan, "surprise": math.nan, "rank": math.nan, "rsr": math.nan, "tokens": 0,
-                            "global": None, "window": None})
+                            "global": None, "window": None, "ids": []})
                 continue
             nll, rank = token_scores(logits[i, :-1][keep], tgt[i][keep])
             g, w = window_confidence((-nll).tolist(), window)
-            out.append({**trace_scores(nll, rank), "tokens": int(keep.sum()), "global": g, "window": w})
+            out.append({**trace_scores(nll, rank), "tokens": int(keep.sum()), "global": g, "window": w,
+                        "ids": tgt[i][keep].tolist()})
         if on_batch:
             on_batch(len(ex))
     return out
@@ -386,9 +387,7 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
                                      on_batch=lambda n: bar.advance(task, n))
     out = {"student": cfg.student.model, "problems": n_prob, "shared": shared, "kappa": KAPPA,
            "rank_clip": RANK_CLIP, **summarise(picked, scores)}
-    ids = {t: [tok(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"] for r in rows]
-           for t, rows in picked.items()}
-    for t, v in novelty(ids).items():
+    for t, v in novelty({t: [s["ids"] for s in sc] for t, sc in scores.items()}).items():  # the scored tokens
         out["teachers"][t]["novelty"] = v
     if shared and len(picked) > 1:
         for t, v in compact_view(cfg, model, tok, picked).items():
