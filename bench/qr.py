@@ -15,25 +15,29 @@ epoch times (best of ``--repeats``, interleaved).  A second ratio takes each stu
 (the paper's Table 3: the students trained apart).
 
 A third figure is the floor any QR step pays over that reference: each student's plain SFT on QR's own
-question-grouped batches (Eq. 3's entropy is per question, so a question's paths share a batch), padded
-and cut into length buckets as QR's own forwards are — with ``mutual_paths: routed`` a random share r_s of
+question-grouped batches (Eq. 3's entropy is per question, so a question's paths share a batch), laid
+out as QR's own forwards are (packed in one row under accord's varlen SDPA; padded and cut into length buckets
+with ``--pack off``) — with ``mutual_paths: routed`` a random share r_s of
 each batch's paths with gradient and a no-grad forward over the rest (the router's signal needs every
 (path, student) CE as a value, spec Q7), with ``all`` every path with gradient (Eq. 8's mutual loss covers
 every path).  floor/routed-SFT is what those requirements cost on this machine; qr/floor is what accord's
 step adds on top (routing, the mutual loss, the router, two models in one step).
 
-    python bench/qr.py [--epochs 2] [--batch 32] [--repeats 2] [--mutual-paths all|routed] [--pack]
+    python bench/qr.py [--epochs 2] [--batch 32] [--repeats 2] [--mutual-paths all|routed]
+        [--pack auto|on|off]
         [--shape lab|small] [--rate R]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 
 import torch
 
+PACKING = {"auto": None, "on": True, "off": False}  # --pack → train.packing
 SHAPES = {"lab": (None, None), "small": (256, 4)}  # (student a's hidden size, layers); student b is 0.75 × as wide
 
 
@@ -65,7 +69,7 @@ def setup(n_problems: int = 300, shape: str = "lab"):
 def run_qr(toks, rows, new, args) -> tuple[float, dict]:
     from accord.config import QrConfig
     from accord.train import qr
-    from accord.train.engine import TrainArgs, train, use_packing, varlen_attention
+    from accord.train.engine import TrainArgs, train
 
     names = list(toks)
     students = {n: new[n]() for n in names}
@@ -79,13 +83,14 @@ def run_qr(toks, rows, new, args) -> tuple[float, dict]:
     batcher = qr.capped_batcher(None)
     first, last = epoch_steps([(e["group"], len(e["ids"])) for e in ex], args.batch, batcher, args.epochs)
     targs = TrainArgs(steps=first + last, batch_size=args.batch, lr=1e-3, max_len=256, seed=0, bf16=False)
-    pack = {n: toks[n].pad_token_id for n in names  # as the recipe: packed under varlen kernels (or --pack)
-            if (args.pack or varlen_attention(students[n])) and use_packing(students[n], targs, "cpu")}
+    targs.packing = PACKING[args.pack]
     events = []
-    train({**students, "heads": router}, {**toks, "heads": None}, [],
-          targs, examples=ex, batcher=batcher, units_fn=len,
-          loss_fn=qr.make_loss_fn(q, names, set(), pack=pack),
-          collate_fn=qr.collate_paths(names, [t.pad_token_id for t in toks.values()], feat), log=events.append)
+    with contextlib.ExitStack() as stack:  # as the recipe: varlen SDPA, paths packed
+        pack = qr.packed_students(students, toks, targs, stack)
+        train({**students, "heads": router}, {**toks, "heads": None}, [],
+              targs, examples=ex, batcher=batcher, units_fn=len,
+              loss_fn=qr.make_loss_fn(q, names, set(), pack=pack),
+              collate_fn=qr.collate_paths(names, [t.pad_token_id for t in toks.values()], feat), log=events.append)
     return last_epoch(events, last), {n: sum(e[f"sel/{n}"] for e in events) / len(events) for n in names}
 
 
@@ -112,17 +117,19 @@ def run_sft(tok, rows, new_model, share: float, batch: int, args) -> float:
     first, last = epoch_steps([len(x) for x, _ in ex], batch, length_grouped_batches, args.epochs)
     events = []
     train(model, tok, picked, TrainArgs(steps=first + last, batch_size=batch, lr=1e-3, max_len=256, seed=0,
-                                        bf16=False), examples=ex, log=events.append)
+                                        bf16=False, packing=PACKING[args.pack]), examples=ex, log=events.append)
     return last_epoch(events, last)
 
 
 def run_floor(tok, rows, new_model, rate: float, args) -> float:
     """One epoch of plain SFT on question-grouped batches of ``args.batch`` paths: a random share ``rate`` of
     each batch with gradient, a no-grad forward over the rest (the engine's own collate and loss for both)."""
+    from accord.train import qr
     from accord.train.engine import (
         TrainArgs,
         collate,
         collate_grouped,
+        collate_packed,
         encode_example,
         grouped_batches,
         model_inputs,
@@ -134,10 +141,16 @@ def run_floor(tok, rows, new_model, rate: float, args) -> float:
     ids = [encode_example(tok, r, 256) for r in rows]
     ex = [{"ids": x, "labels": y, "group": r["problem_id"]} for (x, y), r in zip(ids, rows)]
     first, last = epoch_steps([(e["group"], len(e["ids"])) for e in ex], args.batch, grouped_batches, args.epochs)
-    targs = TrainArgs(steps=first + last, batch_size=args.batch, lr=1e-3, max_len=256, seed=0, bf16=False)
+    targs = TrainArgs(steps=first + last, batch_size=args.batch, lr=1e-3, max_len=256, seed=0, bf16=False,
+                      packing=PACKING[args.pack])
     rng = random.Random(1)
 
-    def one(c):  # padded, cut into length buckets (engine.split_by_length), as QR's own forwards
+    stack = contextlib.ExitStack()
+    packed = bool(qr.packed_students({"s": model}, {"s": tok}, targs, stack))
+
+    def one(c):  # as QR's own forwards: packed in one row, or padded and cut into length buckets
+        if packed:
+            return collate_packed(c, tok.pad_token_id, one_row=True)
         return collate_grouped(c, lambda part: collate(part, tok.pad_token_id))
 
     def split(c):
@@ -153,8 +166,9 @@ def run_floor(tok, rows, new_model, rate: float, args) -> float:
         return sft_loss(m, b["routed"], n_units)
 
     events = []
-    train(model, tok, [], targs, examples=ex, batcher=grouped_batches, loss_fn=loss_fn, collate_fn=split,
-          log=events.append)
+    with stack:
+        train(model, tok, [], targs, examples=ex, batcher=grouped_batches, loss_fn=loss_fn, collate_fn=split,
+              log=events.append)
     return last_epoch(events, last)
 
 
@@ -169,7 +183,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=None,
                     help="start the router at this selection rate (its output bias at logit(r)); a fresh router "
                          "sits near ½, the lab's (configs/lab-qr.yaml) averages 0.64 over its 400 steps")
-    ap.add_argument("--pack", action="store_true", help="pack each student's paths (one row per forward)")
+    ap.add_argument("--pack", choices=["auto", "on", "off"], default="auto",
+                    help="train.packing for every run: auto (the default: packed under varlen SDPA), on, off")
     args = ap.parse_args()
     args.epochs = max(2, args.epochs)
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -220,7 +221,7 @@ def test_length_buckets_are_the_cheapest_cut(seed):
     import itertools
     import random
 
-    from accord.train.engine import split_by_length
+    from accord.train.varlen import split_by_length
 
     rng = random.Random(seed)
     lengths = [rng.choice([20, 21, 40, 41, 90, 130, rng.randint(10, 150)]) for _ in range(7)]
@@ -282,7 +283,8 @@ def test_the_first_line_says_what_runs(micro, capsys):
     model, tok = load(micro)
     train(model, tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     err = capsys.readouterr().err
-    assert ("train: cpu, weights float32, attention sdpa; 1 process(es); autocast no; padding-free packing; "
+    assert ("train: cpu, weights float32, attention sdpa, packed examples attended apart (varlen); 1 process(es); "
+            "autocast no; padding-free packing; "
             "loss: token cross-entropy over full-vocabulary logits") in err
     train(load(micro)[0], tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     assert "train:" not in capsys.readouterr().err  # said once per process
@@ -332,13 +334,17 @@ def _varied_rows(n: int) -> list[dict]:
                            + f"</think>\n\n\\boxed{{{i % 10}}}"}]} for i in range(n)]
 
 
-@pytest.mark.parametrize("one_row", [False, True])
-def test_packed_step_equals_the_padded_step(micro, one_row):
+@pytest.mark.parametrize(("one_row", "kernel"), [(False, "sdpa"), (True, "sdpa"), (True, "varlen"), (False, "varlen")])
+def test_packed_step_equals_the_padded_step(micro, one_row, kernel):
     """Issue 13 item 3: the same micro-batch packed (rows as wide as the longest example, or one row) and
-    padded gives the same loss and gradients; examples really share rows."""
+    padded gives the same loss and gradients; examples really share rows.  Under SDPA's block mask and under
+    accord's varlen SDPA (accord.train.varlen), which the padded batch also runs through."""
     from accord.train.engine import collate_packed
+    from accord.train.varlen import segmented
 
     model, tok = load(micro)
+    stack = contextlib.ExitStack()
+    stack.enter_context(segmented(model, kernel == "varlen"))
     ex = [encode_example(tok, r, 128) for r in _varied_rows(8)]
     n_tok = sum(sum(1 for y in e[1][1:] if y != IGNORE) for e in ex)
     packed = collate_packed(ex, tok.pad_token_id, one_row)
@@ -349,20 +355,24 @@ def test_packed_step_equals_the_padded_step(micro, one_row):
         model.zero_grad()
         loss, _ = sft_step(model, [b], "cpu", n_tok)
         got.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+    stack.close()
     assert got[1][0] == pytest.approx(got[0][0], rel=1e-6)
     for a, b in zip(got[0][1], got[1][1]):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_no_token_attends_across_a_packed_boundary(micro):
+@pytest.mark.parametrize("kernel", ["sdpa", "varlen"])
+def test_no_token_attends_across_a_packed_boundary(micro, kernel):
     """Changing one example's tokens changes nothing in the other examples of its packed row, and each
     example's logits equal the example run alone."""
     from accord.train.engine import collate_packed, model_inputs, unpack
+    from accord.train.varlen import segmented
 
     model, tok = load(micro)
     ex = [encode_example(tok, r, 128) for r in _varied_rows(4)]
     b = collate_packed(ex, tok.pad_token_id, one_row=True)
-    with torch.no_grad():
+    with torch.no_grad(), segmented(model, kernel == "varlen") as on:
+        assert on == (kernel == "varlen")
         logits = unpack(model(**model_inputs(b)).logits, b)
         for i, e in enumerate(ex):
             alone = model(input_ids=torch.tensor([e[0]])).logits[0]
@@ -382,6 +392,7 @@ def test_packing_trains_the_same_model_and_a_model_that_cannot_pack_is_caught(mi
     plain = train(model, tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2, packing=False))
     packed = train(load(micro)[0], tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2, packing=True))
     assert packed.history == pytest.approx(plain.history, rel=1e-5)
+    assert packed.model.config._attn_implementation == "sdpa"  # varlen SDPA while training only
     a, b = _weights(plain.model), _weights(packed.model)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 

@@ -440,7 +440,7 @@ def test_length_buckets_give_the_whole_batch_values_and_gradients(micro):
     each) and returns what one padded forward gives — per-path CE, competence, pooled states, gradients."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from accord.train.engine import split_by_length
+    from accord.train.varlen import split_by_length
 
     model, tok = AutoModelForCausalLM.from_pretrained(micro), AutoTokenizer.from_pretrained(micro)
     long = "<think>\n" + "Start 3 , add 4 : 7 .\n" * 8 + "</think>\n\n\\boxed{7}"

@@ -141,6 +141,8 @@ def runtime(model) -> str:
     m = getattr(model, "module", model)
     p = next(m.parameters())
     attn = getattr(getattr(m, "config", None), "_attn_implementation", None) or "n/a"
+    if attn == "accord_sdpa_varlen":  # accord.train.varlen (not imported here: this runs before any training)
+        attn = "sdpa, packed examples attended apart (varlen)"
     return f"{p.device.type}, weights {str(p.dtype).removeprefix('torch.')}, attention {attn}"
 
 

@@ -43,6 +43,8 @@ import torch
 
 from accord.errors import RunFailure
 from accord.prompts import training_target
+from accord.train.varlen import NAME as VARLEN
+from accord.train.varlen import segmented, split_by_length
 from accord.ui import no_hf_bars, say_once
 
 IGNORE = -100
@@ -193,37 +195,6 @@ def collate_packed(examples: list, pad_id: int, one_row: bool = False) -> dict:
     if examples and isinstance(examples[0], dict):
         out["meta"] = example_meta(examples)
     return out
-
-
-def split_by_length(lengths: Sequence[int], max_parts: int = 4, part_cost: int = 50) -> list[list[int]]:
-    """A micro-batch's indices cut into at most ``max_parts`` length buckets, one forward each, with the fewest
-    padded cells Σ rows × longest plus ``part_cost`` cells per forward (its fixed cost: masks, kernel launches,
-    Python).  For problem-grouped batches, whose traces cannot be length-sorted across problems (a terse and a
-    verbose trace of one problem share a micro-batch).  An optimal cut is a set of contiguous runs of the sorted
-    lengths (exchange argument), found by dynamic programming over the runs' ends — O(parts · n²), ~0.1 ms at 16
-    traces.  Measured on the lab student (loss + backward, process time): up to 4 buckets at 50 cells per forward
-    bring COMPACT's grouped layout from 1.10× to 1.04–1.05× MTD's (two buckets, the earlier rule: 1.10×)."""
-    idx = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    L, n = [lengths[i] for i in idx], len(lengths)
-    if n < 2:
-        return [list(range(n))]
-    # best[k][j]: the fewest cells cutting L[:j] into k buckets, the last one L[i:j] costing (j − i)·L[j−1] + part_cost
-    best = [[math.inf] * (n + 1) for _ in range(max_parts + 1)]
-    start = [[0] * (n + 1) for _ in range(max_parts + 1)]
-    best[0][0] = 0
-    for k in range(1, max_parts + 1):
-        for j in range(k, n + 1):
-            for i in range(k - 1, j):
-                v = best[k - 1][i] + (j - i) * L[j - 1] + part_cost
-                if v < best[k][j]:
-                    best[k][j], start[k][j] = v, i
-    k = min(range(1, max_parts + 1), key=lambda k: best[k][n])  # the fewest buckets among equal costs
-    parts, j = [], n
-    while k:
-        i = start[k][j]
-        parts.append(sorted(idx[i:j]))
-        j, k = i, k - 1
-    return parts[::-1]
 
 
 def collate_grouped(examples: list, collate_one: Callable[[list], dict]) -> dict:
@@ -595,12 +566,7 @@ def _n_targets(part: list) -> int:
     return sum(sum(1 for y in ex_labels(e)[1:] if y != IGNORE) for e in part)
 
 
-def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path | None = None,
-          shard: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
-          log: Callable[[dict], None] | None = None, examples: list | None = None,
-          batcher: Callable | None = None, loss_fn: Callable | None = None,
-          units_fn: Callable[[list], int] | None = None, collate_fn: Callable[[list], dict] | None = None
-          ) -> TrainResult:
+def train(model, tok, rows: list[dict], args: TrainArgs, **kw) -> TrainResult:
     """Train ``model`` for ``args.steps`` optimizer steps on chat ``rows``.
 
     With ``out_dir``: checkpoints every ``checkpoint_every`` steps under
@@ -624,6 +590,18 @@ def train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path 
     per model; a model with no trainable parameter is frozen (never wrapped, never stepped); the result's
     ``model`` is the dict.
     """
+    # packed SDPA models attend example by example in one row (accord.train.varlen); back to sdpa afterwards
+    with segmented(model, not isinstance(model, dict) and kw.get("collate_fn") is None and args.packing is not False):
+        return _train(model, tok, rows, args, **kw)
+
+
+def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path | None = None,
+          shard: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
+          log: Callable[[dict], None] | None = None, examples: list | None = None,
+          batcher: Callable | None = None, loss_fn: Callable | None = None,
+          units_fn: Callable[[list], int] | None = None, collate_fn: Callable[[list], dict] | None = None
+          ) -> TrainResult:
+    """:func:`train` under the attention kernel it picked."""
     acc = get_accelerator(args)
     world, rank = (acc.num_processes, acc.process_index) if shard else (1, 0)
     torch.manual_seed(args.seed)
@@ -749,8 +727,8 @@ def _give_back(acc) -> None:
 def varlen_attention(model) -> bool:
     """FlashAttention-style kernels (``flash_attention_2/3``…), whose cost on one packed row is Σ Lᵢ²: packing is
     free there, while SDPA/eager pay a block mask over the whole row."""
-    inner = getattr(model, "module", model)
-    return "flash" in str(getattr(getattr(inner, "config", None), "_attn_implementation", ""))
+    impl = str(getattr(getattr(getattr(model, "module", model), "config", None), "_attn_implementation", ""))
+    return "flash" in impl or impl == VARLEN
 
 
 def use_packing(model, args: TrainArgs, device) -> bool:

@@ -75,6 +75,7 @@ CE per student) and ``routing.jsonl`` (the trained router's decision for every p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from bisect import bisect_right
@@ -108,13 +109,13 @@ from accord.train.engine import (
     output_states,
     pad_rows,
     repack,
-    split_by_length,
     token_nll,
     train,
     unpack,
     use_packing,
     varlen_attention,
 )
+from accord.train.varlen import segmented, split_by_length
 from accord.ui import no_hf_bars, progress
 
 _WORD = re.compile(r"\S+")
@@ -303,16 +304,17 @@ def split_pass(model, b: dict, n_units: int, routed: torch.Tensor | None, pad_id
     """:func:`student_pass` over parts of the batch, reassembled in row order.  ``routed`` given
     (``mutual_paths: routed``): gradient on the paths routed to the student, none on the others (an unrouted
     path's CE and states are only values — the router's signal and the ensemble target — so their backward is
-    never paid for); else every row with ``grad``.  Each part is cut into at most two length buckets where that
-    saves padded cells (``engine.split_by_length``: a question's paths, terse to verbose, share a batch; more
-    buckets measured no faster here, where every student's forward pays its fixed cost)."""
+    never paid for); else every row with ``grad``.  Padded, each part is cut into at most two length buckets where
+    that saves padded cells (``varlen.split_by_length``: a question's paths, terse to verbose, share a batch; more
+    buckets measured no faster here, where every student's forward pays its fixed cost); packed, it is one row."""
     B = b["attention_mask"].shape[0]
     groups = ([(routed.nonzero()[:, 0], True), ((~routed).nonzero()[:, 0], False)] if routed is not None
               else [(torch.arange(B), grad)])
     lengths = b["attention_mask"].sum(1).tolist()
     parts = [(idx[bucket], student_pass(model, _rows(b, idx[bucket]), n_units, g, pad_id))
              for idx, g in groups if len(idx)
-             for bucket in map(torch.tensor, split_by_length([lengths[i] for i in idx.tolist()], max_parts=2))]
+             for bucket in map(torch.tensor, split_by_length([lengths[i] for i in idx.tolist()], max_parts=2)
+                               if pad_id is None else [range(len(idx))])]
     if len(parts) == 1 and len(parts[0][0]) == B and bool((parts[0][0] == torch.arange(B)).all()):
         return parts[0][1]
     merged = []
@@ -590,34 +592,32 @@ def run(cfg: AccordConfig, console) -> list[dict]:
         router.requires_grad_(False)
     T, S = cfg.train.rounds, cfg.train.steps_per_round
     args = engine_args(cfg, T * S, checkpoint_every=S)
-    # paths are routed inside the loss, so they are packed there (engine.repack), one row per forward: only
-    # under a varlen kernel does that pay — on a CPU with SDPA `bench/qr.py --pack` ran 1.09× slower with rows
-    # as wide as the longest path and 2.1× with one row (a block mask over the whole row) — or on request
-    pack = {n: toks[n].pad_token_id for n, m in students.items()
-            if (args.packing or varlen_attention(m)) and use_packing(m, args, "cpu")}
     args.lrs = {**{n: s.lr or cfg.train.lr for n, s in zip(names, q.students)}, HEADS: q.heads_lr}
     if q.schedule == "constant":
         args.min_lr_ratio = 1.0
-    n_types = len({r["type"] for r in rows})
-    console.print(f"qr: {len(rows)} paths of {len({r['problem_id'] for r in rows})} questions, {n_types} path "
-                  f"type(s); students {', '.join(names)}" + (f" (frozen: {', '.join(q.freeze)})" if q.freeze else "")
-                  + f"; paths packed for {', '.join(pack) or 'no student'}")
     step_box = [0]
     tau_at = None
     if q.tau_end:
         tau_at = lambda: q.tau * (q.tau_end / q.tau) ** (step_box[0] / max(1, T * S - 1))
     models = {**students, HEADS: router}
-    with progress(console) as bar:
-        task = bar.add_task("qr", total=T * S)
+    n_types = len({r["type"] for r in rows})
+    with contextlib.ExitStack() as stack:  # students on varlen SDPA while they train
+        pack = packed_students(students, toks, args, stack)
+        console.print(f"qr: {len(rows)} paths of {len({r['problem_id'] for r in rows})} questions, {n_types} path "
+                      f"type(s); students {', '.join(names)}"
+                      + (f" (frozen: {', '.join(q.freeze)})" if q.freeze else "")
+                      + f"; paths packed for {', '.join(pack) or 'no student'}")
+        with progress(console) as bar:
+            task = bar.add_task("qr", total=T * S)
 
-        def on_step(s, loss):
-            step_box[0] = s + 1
-            bar.update(task, completed=s + 1, description=f"qr loss {loss:.3f}")
+            def on_step(s, loss):
+                step_box[0] = s + 1
+                bar.update(task, completed=s + 1, description=f"qr loss {loss:.3f}")
 
-        res = train(models, {**toks, HEADS: None}, [], args, out_dir=out, examples=examples,
-                    batcher=capped_batcher(q.paths_per_question), units_fn=len,
-                    loss_fn=make_loss_fn(q, names, set(q.freeze), tau_at, pack),
-                    collate_fn=collate_paths(names, [t.pad_token_id for t in toks.values()], feat), on_step=on_step)
+            res = train(models, {**toks, HEADS: None}, [], args, out_dir=out, examples=examples,
+                        batcher=capped_batcher(q.paths_per_question), units_fn=len,
+                        loss_fn=make_loss_fn(q, names, set(q.freeze), tau_at, pack),
+                        collate_fn=collate_paths(names, [t.pad_token_id for t in toks.values()], feat), on_step=on_step)
     trained = res.model
     if is_main():
         from safetensors.torch import save_model as save_safetensors
@@ -639,6 +639,17 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                                     base_model=paths[name], student=name, frozen=name in q.freeze,
                                     settings=q.model_dump(mode="json"), resumed_from=res.resumed_from))
     return results
+
+
+def packed_students(students: dict, toks: dict, args, stack: contextlib.ExitStack) -> dict[str, int]:
+    """Student name → pad id for the students whose paths are packed, one row per forward (:func:`engine.repack`;
+    paths are routed inside the loss, so they are packed there).  Students on plain SDPA switch to accord's varlen
+    SDPA (:mod:`accord.train.varlen`) until ``stack`` closes; they and FlashAttention students are packed, others
+    only on request (``train.packing: true``): SDPA's block mask over a whole row ran 2.1× slower here."""
+    for m in students.values():
+        stack.enter_context(segmented(m, args.packing is not False))
+    return {n: toks[n].pad_token_id for n, m in students.items()
+            if (args.packing or varlen_attention(m)) and use_packing(m, args, "cpu")}
 
 
 def _encode(rows: list[dict], names: list[str], toks: dict, max_len: int, offsets: bool) -> list[dict]:

@@ -1,0 +1,92 @@
+"""accord.train.varlen: packed rows attended example by example with SDPA."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from accord.train import varlen
+
+
+class _Attn(torch.nn.Module):
+    """What transformers hands an attention function as ``module``."""
+
+    is_causal = True
+
+
+def _reference(q, k, v, pos, scale):
+    """Slow and obvious: per row, per example (a run of positions from 0), per head, softmax(q·kᵀ·scale) over the
+    example's keys up to the query."""
+    B, H, N, d = q.shape
+    rep = H // k.shape[1]
+    out = torch.zeros(B, N, H, d, dtype=q.dtype)
+    for b in range(B):
+        starts = [t for t in range(N) if t == 0 or pos[b, t] == 0] + [N]
+        for s, e in itertools.pairwise(starts):
+            for h in range(H):
+                for t in range(s, e):
+                    w = torch.softmax(torch.stack([q[b, h, t] @ k[b, h // rep, u] * scale for u in range(s, t + 1)]), 0)
+                    out[b, t, h] = sum(w[u - s] * v[b, h // rep, u] for u in range(s, t + 1))
+    return out
+
+
+@pytest.mark.parametrize("lens_rows", [[[5, 1, 9, 3, 7]], [[4, 4], [2, 6]], [[8]]])
+def test_attention_matches_a_loop_over_examples_and_heads(lens_rows, monkeypatch):
+    """Random q/k/v with GQA (4 query heads, 2 kv heads): one packed row, two packed rows, one unpacked example;
+    and for every bucket count the kernel may choose."""
+    g = torch.Generator().manual_seed(0)
+    N = sum(lens_rows[0])
+    pos = torch.tensor([[t for n in row for t in range(n)] for row in lens_rows])
+    B = len(lens_rows)
+    q = torch.randn(B, 4, N, 8, generator=g, requires_grad=True)
+    k = torch.randn(B, 2, N, 8, generator=g, requires_grad=True)
+    v = torch.randn(B, 2, N, 8, generator=g, requires_grad=True)
+    ref = _reference(q, k, v, pos, 0.3)
+    w = torch.randn(ref.shape, generator=g)
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for parts in (1, 2, 4):
+        monkeypatch.setattr(varlen, "PARTS", parts)
+        varlen._layout_cache[:] = [None, None]
+        out, _ = varlen.attention(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos)
+        assert out.shape == (B, N, 4, 8)
+        assert torch.allclose(out, ref, atol=1e-5)
+        got = torch.autograd.grad((out * w).sum(), (q, k, v))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+
+
+def test_a_padded_batch_or_a_cache_goes_to_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[1, :, :, 3:] = False
+    a, _ = varlen.attention(_Attn(), q, k, v, mask, scaling=0.5)
+    b, _ = sdpa_attention_forward(_Attn(), q, k, v, mask, scaling=0.5)
+    assert torch.equal(a, b)
+    a, _ = varlen.attention(_Attn(), q[:, :, -1:], k, v, None, scaling=0.5)  # one new token over a cache
+    b, _ = sdpa_attention_forward(_Attn(), q[:, :, -1:], k, v, None, scaling=0.5)
+    assert torch.equal(a, b)
+
+
+def test_the_switch_is_scoped_unsaved_and_only_for_plain_sdpa(micro, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(micro)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(KeyError), varlen.segmented(model) as on:
+        assert on and model.config._attn_implementation == varlen.NAME
+        model.save_pretrained(tmp_path / "saved")
+        raise KeyError  # restored on the way out of an error too
+    assert model.config._attn_implementation == "sdpa"
+    assert varlen.NAME not in json.dumps(json.loads((tmp_path / "saved" / "config.json").read_text()))
+    with varlen.segmented(model, on=False) as on:
+        assert not on and model.config._attn_implementation == "sdpa"
+    eager = AutoModelForCausalLM.from_pretrained(micro, attn_implementation="eager")
+    with varlen.segmented(eager) as on:  # eager is asked for on purpose: left alone
+        assert not on and eager.config._attn_implementation == "eager"
+    model.config.use_sliding_window = True
+    assert not varlen.supported(model)
