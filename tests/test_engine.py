@@ -334,7 +334,8 @@ def _varied_rows(n: int) -> list[dict]:
                            + f"</think>\n\n\\boxed{{{i % 10}}}"}]} for i in range(n)]
 
 
-@pytest.mark.parametrize(("one_row", "kernel"), [(False, "sdpa"), (True, "sdpa"), (True, "varlen"), (False, "varlen")])
+@pytest.mark.parametrize(("one_row", "kernel"), [(False, "sdpa"), (True, "sdpa"), (True, "varlen"), (False, "varlen"),
+                                                  ("buckets", "varlen")])
 def test_packed_step_equals_the_padded_step(micro, one_row, kernel):
     """Issue 13 item 3: the same micro-batch packed (rows as wide as the longest example, or one row) and
     padded gives the same loss and gradients; examples really share rows.  Under SDPA's block mask and under
@@ -347,7 +348,10 @@ def test_packed_step_equals_the_padded_step(micro, one_row, kernel):
     stack.enter_context(segmented(model, kernel == "varlen"))
     ex = [encode_example(tok, r, 128) for r in _varied_rows(8)]
     n_tok = sum(sum(1 for y in e[1][1:] if y != IGNORE) for e in ex)
-    packed = collate_packed(ex, tok.pad_token_id, one_row)
+    from accord.train.engine import collate_bucketed
+
+    packed = (collate_bucketed(ex, tok.pad_token_id) if one_row == "buckets"
+              else collate_packed(ex, tok.pad_token_id, one_row))
     assert packed["input_ids"].shape[0] == (1 if one_row else 6)  # 8 examples in fewer rows
     assert "attention_mask" not in packed
     got = []
@@ -481,3 +485,16 @@ def test_pad_rows_and_the_collates_match_a_row_by_row_reference():
         assert not seen & set(idx.tolist())
         seen |= set(idx.tolist())
     assert p["input_ids"].shape[1] == 9 and p["input_ids"].shape[0] < len(ex)  # rows as wide as the longest
+
+    from accord.train.engine import collate_bucketed
+
+    p = collate_bucketed(ex, 0)  # one row, bucket by bucket, each example padded to its bucket's longest
+    flat_ids, flat_lab, flat_pos = p["input_ids"].view(-1), p["labels"].view(-1), p["position_ids"].view(-1)
+    assert p["input_ids"].shape[0] == 1 and "attention_mask" not in p
+    for i, (x, y) in enumerate(ex):
+        idx = p["where"][i][p["where"][i] >= 0]
+        assert flat_ids[idx].tolist() == x and flat_lab[idx].tolist() == [IGNORE] + y[1:]
+        assert flat_pos[idx].tolist() == list(range(len(x)))
+    starts = (flat_pos == 0).nonzero().squeeze(1).tolist()
+    assert len(starts) == len(ex)  # a bucket's padding continues its example's positions
+    assert int((flat_lab != IGNORE).sum()) == sum(sum(1 for t in y[1:] if t != IGNORE) for _, y in ex)

@@ -33,10 +33,10 @@ def _reference(q, k, v, pos, scale):
     return out
 
 
-@pytest.mark.parametrize("lens_rows", [[[5, 1, 9, 3, 7]], [[4, 4], [2, 6]], [[8]]])
+@pytest.mark.parametrize("lens_rows", [[[5, 1, 9, 3, 7]], [[4, 4], [2, 6]], [[8]], [[8], [8]], [[3, 3, 3, 5, 5, 2]]])
 def test_attention_matches_a_loop_over_examples_and_heads(lens_rows, monkeypatch):
-    """Random q/k/v with GQA (4 query heads, 2 kv heads): one packed row, two packed rows, one unpacked example;
-    and for every bucket count the kernel may choose."""
+    """Random q/k/v with GQA (4 query heads, 2 kv heads): one packed row, two packed rows, one unpacked example,
+    runs of equal lengths; gathered in every bucket count the kernel may choose, and as views of the row."""
     g = torch.Generator().manual_seed(0)
     N = sum(lens_rows[0])
     pos = torch.tensor([[t for n in row for t in range(n)] for row in lens_rows])
@@ -47,8 +47,9 @@ def test_attention_matches_a_loop_over_examples_and_heads(lens_rows, monkeypatch
     ref = _reference(q, k, v, pos, 0.3)
     w = torch.randn(ref.shape, generator=g)
     want = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    for parts in (1, 2, 4):
+    for parts, runs in ((1, 0), (2, 0), (4, 0), (4, 8)):  # gathered in 1, 2 or 4 buckets; runs of views
         monkeypatch.setattr(varlen, "PARTS", parts)
+        monkeypatch.setattr(varlen, "MAX_RUNS", runs)
         varlen._layout_cache[:] = [None, None]
         out, _ = varlen.attention(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos)
         assert out.shape == (B, N, 4, 8)

@@ -44,6 +44,7 @@ import torch
 from accord.errors import RunFailure
 from accord.prompts import training_target
 from accord.train.varlen import NAME as VARLEN
+from accord.train.varlen import active as varlen_active
 from accord.train.varlen import segmented, split_by_length
 from accord.ui import no_hf_bars, say_once
 
@@ -157,6 +158,9 @@ def collate(examples: list, pad_id: int) -> dict:
     return out
 
 
+BUCKET_COST = 50  # split_by_length's cost of one more bucket in collate_bucketed, in cells (one more SDPA call)
+
+
 def collate_packed(examples: list, pad_id: int, one_row: bool = False) -> dict:
     """Padding-free batch: the examples end to end in rows, ``position_ids`` restarting at every example, no
     ``attention_mask`` (transformers then keeps the examples apart).  ``one_row``: a single row (FlashAttention's
@@ -188,10 +192,34 @@ def collate_packed(examples: list, pad_id: int, one_row: bool = False) -> dict:
             o += n
         row_ids.append(x_r)
         row_labels.append(y_r)
-        row_pos.append([*p_r, *range(width - o)])  # the tail is a segment of its own (ignored labels)
+        row_pos.append([*p_r, *range(n, n + width - o)])  # the tail pads the row's last example (ignored labels)
     ids, labels = pad_rows(row_ids, pad_id, width), pad_rows(row_labels, IGNORE, width)
     pos, where = pad_rows(row_pos, 0, width), pad_rows(where, -1, max(lens))
     out = {"input_ids": ids, "position_ids": pos, "labels": labels, "where": where}
+    if examples and isinstance(examples[0], dict):
+        out["meta"] = example_meta(examples)
+    return out
+
+
+def collate_bucketed(examples: list, pad_id: int) -> dict:
+    """One packed row for accord's varlen SDPA (:mod:`accord.train.varlen`): the examples cut into length buckets
+    (:func:`split_by_length`), laid end to end bucket by bucket, each one right-padded to its bucket's longest
+    (the padding continues its positions; ignored labels), so each bucket's attention is a view of the row, not a
+    gather.  The padded cells are the buckets' (a few %); the forward is one.  ``batch["where"]`` as
+    :func:`collate_packed`'s."""
+    lens = [len(ex_ids(e)) for e in examples]
+    x, y, pos, where, o = [], [], [], [range(0)] * len(examples), 0
+    for part in split_by_length(lens, part_cost=BUCKET_COST):
+        width = max(lens[i] for i in part)
+        for i in part:
+            n = lens[i]
+            x += ex_ids(examples[i]) + [pad_id] * (width - n)
+            y += [IGNORE, *ex_labels(examples[i])[1:n]] + [IGNORE] * (width - n)
+            pos += range(width)
+            where[i] = range(o, o + n)
+            o += width
+    out = {"input_ids": torch.tensor([x]), "position_ids": torch.tensor([pos]), "labels": torch.tensor([y]),
+           "where": pad_rows(where, -1, max(lens))}
     if examples and isinstance(examples[0], dict):
         out["meta"] = example_meta(examples)
     return out
@@ -208,12 +236,14 @@ def collate_grouped(examples: list, collate_one: Callable[[list], dict]) -> dict
             "meta": example_meta(examples)}
 
 
-def repack(b: dict, pad_id: int, one_row: bool = True) -> dict:
-    """A right-padded batch (``input_ids``, ``attention_mask``, ``labels``) as :func:`collate_packed`'s rows, for a
-    recipe that decides which rows go together only inside its ``loss_fn`` (QR's routed subsets)."""
+def repack(b: dict, pad_id: int, one_row: bool = True, bucketed: bool = False) -> dict:
+    """A right-padded batch (``input_ids``, ``attention_mask``, ``labels``) as :func:`collate_packed`'s rows (or
+    :func:`collate_bucketed`'s row), for a recipe that decides which rows go together only inside its ``loss_fn``
+    (QR's routed subsets)."""
     n = b["attention_mask"].sum(1).tolist()
     ids, labels = b["input_ids"].tolist(), b["labels"].tolist()
-    out = collate_packed([(x[:k], y[:k]) for x, y, k in zip(ids, labels, n)], pad_id, one_row)
+    ex = [(x[:k], y[:k]) for x, y, k in zip(ids, labels, n)]
+    out = collate_bucketed(ex, pad_id) if bucketed else collate_packed(ex, pad_id, one_row)
     return {k: v.to(b["input_ids"].device) for k, v in out.items()}
 
 
@@ -632,10 +662,11 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
     call = models[""] if single else models
     packed = collate_fn is None and use_packing(call, args, acc.device) if single else False
     if collate_fn is None:
-        one_row = varlen_attention(call)
-        one = ((lambda c: collate_packed(c, tok.pad_token_id, one_row)) if packed
-               else (lambda c: collate(c, tok.pad_token_id)))
-        grouped = isinstance(examples[0], dict) and "group" in examples[0] and not one_row
+        varlen = varlen_attention(call)  # FlashAttention: one row; accord's varlen SDPA: one row in buckets
+        one = ((lambda c: collate_bucketed(c, tok.pad_token_id)) if packed and varlen_active(call) else
+               (lambda c: collate_packed(c, tok.pad_token_id, varlen)) if packed else
+               (lambda c: collate(c, tok.pad_token_id)))
+        grouped = isinstance(examples[0], dict) and "group" in examples[0] and not varlen
         collate_fn = (lambda c: collate_grouped(c, one)) if grouped else one
     trained = [m for m in models.values() if _trainable(m)]
     chunked = bool(args.chunked_loss if args.chunked_loss is not None else acc.device.type == "cuda") and single \
@@ -725,8 +756,8 @@ def _give_back(acc) -> None:
 
 
 def varlen_attention(model) -> bool:
-    """FlashAttention-style kernels (``flash_attention_2/3``…), whose cost on one packed row is Σ Lᵢ²: packing is
-    free there, while SDPA/eager pay a block mask over the whole row."""
+    """FlashAttention-style kernels (``flash_attention_2/3``…) and accord's varlen SDPA (:mod:`accord.train.varlen`),
+    whose cost on one packed row is Σ Lᵢ²: packing is free there, while SDPA/eager pay a block mask over the row."""
     impl = str(getattr(getattr(getattr(model, "module", model), "config", None), "_attn_implementation", ""))
     return "flash" in impl or impl == VARLEN
 

@@ -115,6 +115,7 @@ from accord.train.engine import (
     use_packing,
     varlen_attention,
 )
+from accord.train.varlen import active as varlen_active
 from accord.train.varlen import segmented, split_by_length
 from accord.ui import no_hf_bars, progress
 
@@ -289,7 +290,7 @@ def student_pass(model, b: dict, n_units: int, grad: bool, pad_id: int | None = 
     """One student's forward over the paths: (per-path mean CE [B], NLL per character [B], pooled layer-normed
     word states [B, U, d], unit present [B, U]).  ``pad_id`` given: the paths are packed for the forward
     (:func:`engine.repack`; the student passed the packing probe) and read back per path."""
-    run = repack(b, pad_id) if pad_id is not None else b
+    run = repack(b, pad_id, bucketed=varlen_active(model)) if pad_id is not None else b
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()), capture_input(output_states(model)) as cap:
         logits = model(**model_inputs(run)).logits
     nll = unpack(token_nll(logits, run["labels"]), run)

@@ -37,8 +37,9 @@ from collections.abc import Sequence
 import torch
 
 NAME = "accord_sdpa_varlen"
-PARTS = 4  # length buckets per forward; measured on the lab student: 1 → 38 ms, 2–3 → 32–34 ms per grouped batch
+PARTS = 4  # length buckets of a gathered row; measured on the lab student: 1 → 38 ms, 2–3 → 32–34 ms per batch
 
+MAX_RUNS = 8  # at most this many runs of equal-length examples: attended as views of the row, no gather
 _layout_cache: list = [None, None]  # (position_ids tensor, its layout): one forward's layers share it
 
 
@@ -87,18 +88,29 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, mask)
 
 
-def layout(position_ids: torch.Tensor | None, batch: int, length: int, device) -> tuple[list, torch.Tensor]:
-    """For a ``[B, N]`` batch flattened to ``B·N`` tokens: per length bucket the ``[n, L]`` flat index of token t of
-    each of its examples (clamped to the example's last token past its end), and the permutation that puts the
-    buckets' real tokens, laid end to end, back in flat order."""
+def plan(position_ids: torch.Tensor | None, batch: int, length: int, device) -> tuple[str, object]:
+    """How to attend a ``[B, N]`` batch (flattened to ``B·N`` tokens; an example starts where a position id is 0
+    and at every row): ``("rows", None)`` one example per row; ``("runs", [(start, n, L), …])`` at most
+    :data:`MAX_RUNS` runs of n consecutive examples of equal length L (:func:`engine.collate_bucketed`'s row);
+    else ``("gather", (parts, back))``: per length bucket the ``[n, L]`` flat index of token t of each of its
+    examples (clamped to the example's last token past its end), and the permutation that puts the buckets' real
+    tokens, laid end to end, back in flat order."""
+    if position_ids is None or not bool((position_ids.expand(batch, length)[:, 1:] == 0).any()):
+        return "rows", None
     n_tok = batch * length
-    start = torch.zeros(n_tok, dtype=torch.bool, device=device)
-    if position_ids is not None:
-        start |= (position_ids.expand(batch, length).reshape(-1) == 0)
+    start = position_ids.expand(batch, length).reshape(-1) == 0
     start[::length] = True
     starts = start.nonzero().squeeze(1)
     lens = torch.diff(starts, append=torch.tensor([n_tok], device=device))
-    lens_l = lens.tolist()
+    lens_l, starts_l = lens.tolist(), starts.tolist()
+    runs: list[list[int]] = []
+    for s0, n in zip(starts_l, lens_l):
+        if runs and runs[-1][2] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([s0, 1, n])
+    if len(runs) <= MAX_RUNS:
+        return "runs", runs
     parts, order = [], []
     for part in split_by_length(lens_l, max_parts=PARTS):
         p = torch.tensor(part, device=device)
@@ -108,7 +120,7 @@ def layout(position_ids: torch.Tensor | None, batch: int, length: int, device) -
         keep = (t < lens[p, None]).reshape(-1)
         parts.append((idx, keep.nonzero().squeeze(1)))
         order.append(idx.reshape(-1)[keep])
-    return parts, torch.argsort(torch.cat(order))
+    return "gather", (parts, torch.argsort(torch.cat(order)))
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -125,17 +137,34 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                            f"({type(module).__name__}); train this model with train.packing: false")
     B, H, N, _ = query.shape
     if _layout_cache[0] is not position_ids or position_ids is None:
-        _layout_cache[:] = [position_ids, layout(position_ids, B, N, query.device)]
-    parts, back = _layout_cache[1]
-    flat = [x.transpose(0, 1).reshape(x.shape[1], B * N, x.shape[-1]) for x in (query, key, value)]
-    outs = []
-    for idx, keep in parts:
-        q, k, v = (x[:, idx].transpose(0, 1) for x in flat)  # [n, heads, L, d]
-        o = torch.nn.functional.scaled_dot_product_attention(
+        _layout_cache[:] = [position_ids, plan(position_ids, B, N, query.device)]
+    kind, how = _layout_cache[1]
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0,
             enable_gqa=k.shape[1] != q.shape[1])
-        outs.append(o.transpose(1, 2).reshape(-1, H, v.shape[-1])[keep])
-    return torch.cat(outs)[back].view(B, N, H, -1), None
+
+    if kind == "rows":  # one example per row (right-padded): SDPA as it is, causal, no mask
+        return sdpa(query, key, value).transpose(1, 2).contiguous(), None
+    flat = [x.transpose(0, 1).reshape(x.shape[1], B * N, x.shape[-1]) for x in (query, key, value)]  # [h, B·N, d]
+    outs = []
+    if kind == "runs":  # each run a view [n, h, L, d] of the row
+        for s0, n, L in how:
+            q, k, v = (x[:, s0:s0 + n * L].view(x.shape[0], n, L, -1).transpose(0, 1) for x in flat)
+            outs.append(sdpa(q, k, v).transpose(1, 2).reshape(n * L, H, -1))
+        return torch.cat(outs).view(B, N, H, -1), None
+    parts, back = how
+    for idx, keep in parts:
+        # index_select (backward: index_add) rather than x[:, idx] (backward: a sorting index_put)
+        q, k, v = (x.index_select(1, idx.view(-1)).view(x.shape[0], *idx.shape, -1).transpose(0, 1) for x in flat)
+        outs.append(sdpa(q, k, v).transpose(1, 2).reshape(-1, H, v.shape[-1]).index_select(0, keep))
+    return torch.cat(outs).index_select(0, back).view(B, N, H, -1), None
+
+
+def active(model) -> bool:
+    """Whether ``model`` attends with :data:`NAME` now (inside :func:`segmented`)."""
+    return getattr(getattr(getattr(model, "module", model), "config", None), "_attn_implementation", "") == NAME
 
 
 def supported(model) -> bool:
