@@ -16,8 +16,8 @@ epoch times (best of ``--repeats``, interleaved).  A second ratio takes each stu
 
 A third figure is the floor any QR step pays over that reference: each student's plain SFT on QR's own
 question-grouped batches (Eq. 3's entropy is per question, so a question's paths share a batch), laid
-out as QR's own forwards are (packed in one row under accord's varlen SDPA; padded and cut into length buckets
-with ``--pack off``) — with ``mutual_paths: routed`` a random share r_s of
+out as QR's own forwards are (one packed row in length buckets under accord's varlen SDPA; padded and cut into
+length buckets with ``--pack off``) — with ``mutual_paths: routed`` a random share r_s of
 each batch's paths with gradient and a no-grad forward over the rest (the router's signal needs every
 (path, student) CE as a value, spec Q7), with ``all`` every path with gradient (Eq. 8's mutual loss covers
 every path).  floor/routed-SFT is what those requirements cost on this machine; qr/floor is what accord's
@@ -128,8 +128,8 @@ def run_floor(tok, rows, new_model, rate: float, args) -> float:
     from accord.train.engine import (
         TrainArgs,
         collate,
+        collate_bucketed,
         collate_grouped,
-        collate_packed,
         encode_example,
         grouped_batches,
         model_inputs,
@@ -148,9 +148,9 @@ def run_floor(tok, rows, new_model, rate: float, args) -> float:
     stack = contextlib.ExitStack()
     packed = bool(qr.packed_students({"s": model}, {"s": tok}, targs, stack))
 
-    def one(c):  # as QR's own forwards: packed in one row, or padded and cut into length buckets
+    def one(c):  # as QR's own forwards: packed in one row by length bucket, or padded and cut into buckets
         if packed:
-            return collate_packed(c, tok.pad_token_id, one_row=True)
+            return collate_bucketed(c, tok.pad_token_id)
         return collate_grouped(c, lambda part: collate(part, tok.pad_token_id))
 
     def split(c):

@@ -339,7 +339,8 @@ def _trace_terms(model, parts: list[dict], index: list[list[int]], meta: list[di
     at, inside = where.clamp(min=0), where >= 0
     prev = at[:, :-1]  # the row that predicts token t = 1..L−1
     nll_at = head.token_nll(targets)
-    nll = torch.nn.functional.pad(nll_at[prev] * inside[:, :-1], (1, 0))  # [B, L]: NLL of token t, 0 at t = 0
+    # [B, L]: NLL of token t, 0 at t = 0 (index_select: its backward adds, where x[idx]'s sorts to accumulate)
+    nll = torch.nn.functional.pad(nll_at.index_select(0, prev.reshape(-1)).view(prev.shape) * inside[:, :-1], (1, 0))
     n_tgt = ((targets[prev] != IGNORE) & inside[:, :-1]).sum(1)
     per = nll.sum(1) if c.sft_norm == "token-sum" else nll.sum(1) / n_tgt.clamp(min=1)
     with torch.no_grad():
