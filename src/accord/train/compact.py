@@ -303,7 +303,7 @@ class _Head:
         if self.parts is None:
             return self.h[rows] @ self.w.to(self.h.dtype).T
         if len(self.parts) == 1:
-            return self.parts[0][rows]
+            return self.parts[0].index_select(0, rows)
         pieces, at = zip(*((x[r], m.nonzero().squeeze(1)) for x, m, r in self._split(rows)))
         return torch.cat(pieces)[torch.argsort(torch.cat(at))]
 
@@ -473,7 +473,7 @@ def mcon(spans: SpanLogprobs | None, meta, gid: torch.Tensor, a: torch.Tensor, s
         rows_j += range(sj, sj + m)
         owner_row += [p] * m
     dev = spans.lp.device
-    lp_i, lp_j = spans.lp[torch.tensor(rows_i, device=dev)], spans.lp[torch.tensor(rows_j, device=dev)]
+    lp_i, lp_j = (spans.lp.index_select(0, torch.tensor(r, device=dev)) for r in (rows_i, rows_j))
     per_row = (lp_i.exp() * (lp_i - lp_j)).sum(-1)  # KL(k‖j) at each span position
     length = torch.tensor([spans.at[i][1] for i, _ in pairs], device=dev, dtype=per_row.dtype)
     kl = torch.zeros(len(pairs), device=dev).index_add(0, torch.tensor(owner_row, device=dev), per_row) / length
