@@ -626,11 +626,11 @@ def train(model, tok, rows: list[dict], args: TrainArgs, **kw) -> TrainResult:
 
 
 def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path | None = None,
-          shard: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
-          log: Callable[[dict], None] | None = None, examples: list | None = None,
-          batcher: Callable | None = None, loss_fn: Callable | None = None,
-          units_fn: Callable[[list], int] | None = None, collate_fn: Callable[[list], dict] | None = None
-          ) -> TrainResult:
+           shard: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
+           log: Callable[[dict], None] | None = None, examples: list | None = None,
+           batcher: Callable | None = None, loss_fn: Callable | None = None,
+           units_fn: Callable[[list], int] | None = None, collate_fn: Callable[[list], dict] | None = None
+           ) -> TrainResult:
     """:func:`train` under the attention kernel it picked."""
     acc = get_accelerator(args)
     world, rank = (acc.num_processes, acc.process_index) if shard else (1, 0)
