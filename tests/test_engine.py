@@ -498,3 +498,8 @@ def test_pad_rows_and_the_collates_match_a_row_by_row_reference():
     starts = (flat_pos == 0).nonzero().squeeze(1).tolist()
     assert len(starts) == len(ex)  # a bucket's padding continues its example's positions
     assert int((flat_lab != IGNORE).sum()) == sum(sum(1 for t in y[1:] if t != IGNORE) for _, y in ex)
+    from accord.train.engine import repack
+
+    cut = repack(collate(ex, 0), 0, bucketed=True)  # the same row cut from a padded batch by tensor slices
+    assert cut.keys() == {"input_ids", "position_ids", "labels", "where"}
+    assert all(torch.equal(cut[k], p[k]) for k in cut)

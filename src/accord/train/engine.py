@@ -240,11 +240,37 @@ def repack(b: dict, pad_id: int, one_row: bool = True, bucketed: bool = False) -
     """A right-padded batch (``input_ids``, ``attention_mask``, ``labels``) as :func:`collate_packed`'s rows (or
     :func:`collate_bucketed`'s row), for a recipe that decides which rows go together only inside its ``loss_fn``
     (QR's routed subsets)."""
+    if bucketed:
+        return _bucket_padded(b)
     n = b["attention_mask"].sum(1).tolist()
     ids, labels = b["input_ids"].tolist(), b["labels"].tolist()
     ex = [(x[:k], y[:k]) for x, y, k in zip(ids, labels, n)]
-    out = collate_bucketed(ex, pad_id) if bucketed else collate_packed(ex, pad_id, one_row)
+    out = collate_packed(ex, pad_id, one_row)
     return {k: v.to(b["input_ids"].device) for k, v in out.items()}
+
+
+def _bucket_padded(b: dict) -> dict:
+    """:func:`collate_bucketed`'s row cut straight from a right-padded batch (its rows are already padded with the
+    pad id and ignored labels, so a bucket is its rows cut to the bucket's width): tensor slices, no Python lists —
+    QR repacks four subsets a step, and building them from lists cost ≈ 4% of its step."""
+    dev = b["input_ids"].device
+    n = b["attention_mask"].sum(1)
+    lens = n.tolist()
+    where = torch.full((len(lens), max(lens)), -1, dtype=torch.long, device=dev)
+    ids, labels, pos, o = [], [], [], 0
+    for part in split_by_length(lens, part_cost=BUCKET_COST):
+        p, w = torch.tensor(part, device=dev), max(lens[i] for i in part)
+        t = torch.arange(w, device=dev)
+        ids.append(b["input_ids"][p, :w].reshape(-1))
+        y = b["labels"][p, :w].clone()
+        y[:, 0] = IGNORE  # an example's first label: the token before it belongs to another example
+        labels.append(y.reshape(-1))
+        pos.append(t.repeat(len(part)))
+        flat = o + torch.arange(len(part), device=dev)[:, None] * w + t
+        where[p, :w] = flat.masked_fill(t >= n[p, None], -1)
+        o += len(part) * w
+    return {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(pos)[None], "labels": torch.cat(labels)[None],
+            "where": where}
 
 
 def model_inputs(b: dict) -> dict:
@@ -270,7 +296,9 @@ def unpack(x: torch.Tensor, b: dict, fill=0) -> torch.Tensor:
     if "where" not in b:
         return x
     where = b["where"]
-    flat = x.reshape(-1, *x.shape[2:])[where.clamp(min=0)]
+    # index_select: its backward adds rows, where x[idx]'s sorts the indices to accumulate
+    flat = x.reshape(-1, *x.shape[2:]).index_select(0, where.clamp(min=0).reshape(-1)).view(*where.shape,
+                                                                                            *x.shape[2:])
     pad = (where < 0).view(*where.shape, *([1] * (x.dim() - 2)))
     return flat.masked_fill(pad, fill)
 
