@@ -206,23 +206,9 @@ def collate_bucketed(examples: list, pad_id: int) -> dict:
     (:func:`split_by_length`), laid end to end bucket by bucket, each one right-padded to its bucket's longest
     (the padding continues its positions; ignored labels), so each bucket's attention is a view of the row, not a
     gather.  The padded cells are the buckets' (a few %); the forward is one.  ``batch["where"]`` as
-    :func:`collate_packed`'s."""
-    lens = [len(ex_ids(e)) for e in examples]
-    x, y, pos, where, o = [], [], [], [range(0)] * len(examples), 0
-    for part in split_by_length(lens, part_cost=BUCKET_COST):
-        width = max(lens[i] for i in part)
-        for i in part:
-            n = lens[i]
-            x += ex_ids(examples[i]) + [pad_id] * (width - n)
-            y += [IGNORE, *ex_labels(examples[i])[1:n]] + [IGNORE] * (width - n)
-            pos += range(width)
-            where[i] = range(o, o + n)
-            o += width
-    out = {"input_ids": torch.tensor([x]), "position_ids": torch.tensor([pos]), "labels": torch.tensor([y]),
-           "where": pad_rows(where, -1, max(lens))}
-    if examples and isinstance(examples[0], dict):
-        out["meta"] = example_meta(examples)
-    return out
+    :func:`collate_packed`'s.  Cut from the padded batch (:func:`bucket_padded`), as QR's subsets are."""
+    b = collate(examples, pad_id)
+    return {**bucket_padded(b), **({"meta": b["meta"]} if "meta" in b else {})}
 
 
 def collate_grouped(examples: list, collate_one: Callable[[list], dict]) -> dict:
@@ -241,7 +227,7 @@ def repack(b: dict, pad_id: int, one_row: bool = True, bucketed: bool = False) -
     :func:`collate_bucketed`'s row), for a recipe that decides which rows go together only inside its ``loss_fn``
     (QR's routed subsets)."""
     if bucketed:
-        return _bucket_padded(b)
+        return bucket_padded(b)
     n = b["attention_mask"].sum(1).tolist()
     ids, labels = b["input_ids"].tolist(), b["labels"].tolist()
     ex = [(x[:k], y[:k]) for x, y, k in zip(ids, labels, n)]
@@ -249,10 +235,10 @@ def repack(b: dict, pad_id: int, one_row: bool = True, bucketed: bool = False) -
     return {k: v.to(b["input_ids"].device) for k, v in out.items()}
 
 
-def _bucket_padded(b: dict) -> dict:
-    """:func:`collate_bucketed`'s row cut straight from a right-padded batch (its rows are already padded with the
-    pad id and ignored labels, so a bucket is its rows cut to the bucket's width): tensor slices, no Python lists —
-    QR repacks four subsets a step, and building them from lists cost ≈ 4% of its step."""
+def bucket_padded(b: dict) -> dict:
+    """:func:`collate_bucketed`'s row cut from a right-padded batch (its rows are already padded with the pad id
+    and ignored labels, so a bucket is its rows cut to the bucket's width): tensor slices, no Python lists —
+    QR repacks four subsets a step, and rebuilding them from lists cost ≈ 4% of its step."""
     dev = b["input_ids"].device
     n = b["attention_mask"].sum(1)
     lens = n.tolist()
