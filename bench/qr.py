@@ -21,7 +21,9 @@ length buckets with ``--pack off``) — with ``mutual_paths: routed`` a random s
 each batch's paths with gradient and a no-grad forward over the rest (the router's signal needs every
 (path, student) CE as a value, spec Q7), with ``all`` every path with gradient (Eq. 8's mutual loss covers
 every path).  floor/routed-SFT is what those requirements cost on this machine; qr/floor is what accord's
-step adds on top (routing, the mutual loss, the router, two models in one step).
+step adds on top (routing, the mutual loss, the router, two models in one step).  With ``routed`` the bench
+also measures c, a no-grad forward's process time over a training step's on the same batches, and prints the
+floor's arithmetic bound 1 + c·(1 − r)/r: the issue's goal is below it wherever c·(1 − r)/r > 0.3.
 
     python bench/qr.py [--epochs 2] [--batch 32] [--repeats 2] [--mutual-paths all|routed]
         [--pack auto|on|off]
@@ -172,6 +174,43 @@ def run_floor(tok, rows, new_model, rate: float, args) -> float:
     return last_epoch(events, last)
 
 
+def forward_cost(tok, rows, new_model, batch: int, steps: int = 20, repeats: int = 3) -> float:
+    """c = process time of a no-grad forward / a training step (forward + backward + AdamW) over the same
+    question-grouped, packed batches (best of ``repeats``, interleaved): the routed floor is 1 + c·(1 − r)/r."""
+    import time
+
+    from accord.train import varlen
+    from accord.train.engine import collate_bucketed, encode_example, grouped_batches, model_inputs, sft_loss
+
+    model = new_model()
+    ids = [encode_example(tok, r, 256) for r in rows]
+    ex = [{"ids": x, "labels": y, "group": r["problem_id"]} for (x, y), r in zip(ids, rows)]
+    keys = [(e["group"], len(e["ids"])) for e in ex]
+    batches = grouped_batches(keys, batch, random.Random(0))[:steps]
+    cs = [collate_bucketed([ex[i] for i in b], tok.pad_token_id) for b in batches]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        for c in cs:
+            sft_loss(model, c, 1000)[0].backward()
+            opt.step()
+            opt.zero_grad()
+
+    def forward():
+        with torch.no_grad():
+            for c in cs:
+                model(**model_inputs(c))
+
+    best = {step: float("inf"), forward: float("inf")}
+    with varlen.segmented(model, True):
+        for _ in range(repeats):
+            for f in best:
+                t = time.process_time()
+                f()
+                best[f] = min(best[f], time.process_time() - t)
+    return best[forward] / best[step]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run (≥ 2); the last one is timed")
@@ -209,6 +248,12 @@ def main() -> None:
             "the routed share with gradient and a no-grad forward over the rest")
     print(f"floor/routed-SFT time ratio: {best['floor'] / best['routed']:.2f}  (SFT on QR's question-grouped "
           f"batches, {what}); qr/floor: {best['qr'] / best['floor']:.2f}")
+    if args.mutual_paths == "routed":
+        cost = {n: forward_cost(toks[n], rows, new[n], args.batch) for n in toks}
+        bound = 1 + sum(cost[n] * (1 - rates[n]) / rates[n] for n in toks) / len(toks)  # mean over the students
+        print("no-grad forward / training step (process time, QR's packed question-grouped batches): "
+              + ", ".join(f"{n} {c:.2f}" for n, c in cost.items())
+              + f"; the routed floor's arithmetic bound 1 + c·(1 − r)/r ≈ {bound:.2f} at these rates")
     print(f"qr/every-path-SFT time ratio: {best['qr'] / best['all']:.2f}  (the paper's Table 3 comparison: "
           "students trained apart on all paths)")
 

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -724,3 +725,106 @@ def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, t
     code, out = run_cli("eval", str(cfg), "eval.k=1")
     assert code == 0 and "evaluated earlier" not in out  # now they match
     assert settings_change(load_config(cfg), {"method": "compact", "settings": {"beta": [1, 1, 1]}}) == []
+
+
+def test_seed_replicas_are_pooled_against_a_by_hand_reference(tmp_path):
+    """seed_table against the slow definition: results with the same settings apart from train.seed pooled (an
+    ablation with other settings, a single run and a merge without a seed of its own are placed right), the rate
+    as the mean over problems of seed-averaged scores with SE² = SE²(problems) + sd²/S, and Δ vs mtd's own seed
+    group with both sides' seed spread; the findings and the printed summary say it."""
+    import random
+    import statistics
+
+    from accord.analysis.report import Z95, SeedRate, findings, seed_groups, seed_table, summary_text
+
+    rng = random.Random(7)
+    pids = [f"p{i}" for i in range(30)]
+    bias = {"mtd": 0.3, "mtd-seed1": 0.35, "mtd-seed2": 0.2, "compact": 0.7, "compact-seed1": 0.6,
+            "compact-no-mi": 0.5, "posthoc": 0.4, "posthoc-seed1": 0.45}
+    verdicts = {n: {(p, i, "sample"): rng.random() < b for p in pids for i in range(2)} for n, b in bias.items()}
+    rows = [_write_rows(tmp_path, f"{n}/final", "target", v) for n, v in verdicts.items()]
+
+    def res(name, seed, tag=None, **settings):
+        train = {"lr": 1e-3, **({"seed": seed} if seed is not None else {})}
+        return {"name": name, "method": name.split("-")[0], "seed": seed, "tag": tag,
+                "trained_with": {"train": train, **settings}}
+
+    results = [res("mtd", 0), res("mtd-seed1", 1, "seed1"), res("mtd-seed2", 2, "seed2"),
+               res("compact", 0, compact={"scores": "all"}),
+               res("compact-seed1", 1, "seed1", compact={"scores": "all"}),
+               res("compact-no-mi", 0, "no-mi", compact={"scores": "ppl"}),
+               res("posthoc", None), res("posthoc-seed1", None, "seed1"), res("std-a", 0)]
+    assert seed_groups(results) == {"mtd": ["mtd", "mtd-seed1", "mtd-seed2"], "posthoc": ["posthoc", "posthoc-seed1"],
+                                    "compact": ["compact", "compact-seed1"]}
+    head, body = seed_table(tmp_path, rows, results, ["target"])
+    assert head == ["model", "seeds", "target pass@1 over seeds", "target Δ vs mtd over seeds"]
+    by = {r[0]: r for r in body}
+    assert by["mtd"][1] == "0, 1, 2" and by["compact"][1] == "0, 1" and by["mtd"][3] is None
+
+    def score(n, p):
+        return (verdicts[n][(p, 0, "sample")] + verdicts[n][(p, 1, "sample")]) / 2
+
+    def pooled(names):
+        per = [statistics.mean(score(n, p) for n in names) for p in pids]
+        rates = [statistics.mean(score(n, p) for p in pids) for n in names]
+        return per, statistics.stdev(rates)
+
+    mtd_per, mtd_sd = pooled(["mtd", "mtd-seed1", "mtd-seed2"])
+    c_per, c_sd = pooled(["compact", "compact-seed1"])
+    rate = by["compact"][2]
+    assert isinstance(rate, SeedRate) and rate.n == 2
+    assert rate.mean == pytest.approx(statistics.mean(c_per)) and rate.sd == pytest.approx(c_sd)
+    assert rate.se == pytest.approx((statistics.variance(c_per) / 30 + c_sd ** 2 / 2) ** 0.5)
+    d = [a - b for a, b in zip(c_per, mtd_per)]
+    se = (statistics.variance(d) / 30 + c_sd ** 2 / 2 + mtd_sd ** 2 / 3) ** 0.5
+    diff = by["compact"][3]
+    assert diff.mean == pytest.approx(statistics.mean(d)) and diff.se == pytest.approx(se)
+    assert diff.significant == (abs(statistics.mean(d)) > Z95 * se)
+    said = dict(findings(tmp_path, rows, results, ["target"]))
+    key = next(k for k in said if k.startswith("Against mtd, pooled over training seeds"))
+    assert ("2 paired comparisons" in key) and (bool(said[key]) == any(r[3].significant for r in body if r[3]))
+    text = summary_text(tmp_path, rows, results, ["target"])
+    assert "over training seeds (" in text and "(sd " in text and "2 seeds)" in text
+    # no replicas: no table
+    assert seed_table(tmp_path, rows, [r for r in results if "seed" not in r["name"]], ["target"]) == ([], [])
+
+
+def test_replicas_name_each_seed():
+    from accord.config import AccordConfig
+    from accord.train.common import replicas, tagged
+
+    cfg = AccordConfig.model_validate({"problems": {"path": "p.jsonl"}, "teachers": [{"name": "t", "model": "t"}],
+                                       "student": {"model": "s"}, "train": {"seed": 3}})
+    assert replicas(cfg) == [cfg] and replicas(cfg, [3]) == [cfg]
+    reps = replicas(cfg, [3, 0, 5, 0])
+    assert [(c.train.seed, tagged(c, "mtd")) for c in reps] == [(3, "mtd"), (0, "mtd-seed0"), (5, "mtd-seed5")]
+    assert cfg.train.seed == 3 and cfg.train.tag is None  # the given config is left as it was
+    tagged_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"tag": "no-mi"})})
+    assert [tagged(c, "compact") for c in replicas(tagged_cfg, [3, 1])] == ["compact-no-mi", "compact-no-mi-seed1"]
+
+
+def test_run_with_seeds_trains_evaluates_and_pools_each_seed(tmp_path, problems_file, two_parrots, micro):
+    """`accord run --seeds`: every method once per seed, the config's own seed under the default names, the
+    others tagged; each evaluated; the printed table pools them; --plan says what each seed would do; a re-run
+    skips them all; bad seeds are a usage error."""
+    cfg = pipeline_cfg(tmp_path, problems_file, two_parrots, micro, method=["std:seven"])
+    code, out = run_cli("run", str(cfg), "--seeds", "0,1", "--plan")
+    assert code == 0 and "std-seven: to train" in out and "std-seven-seed1: to train" in out
+    code, out = run_cli("run", str(cfg), "--seeds", "0,1")
+    assert code == 0, out
+    train = tmp_path / "run" / "train"
+    recs = {n: json.loads((train / n / "result.json").read_text()) for n in ("std-seven", "std-seven-seed1")}
+    assert recs["std-seven"]["seed"] == 0 and recs["std-seven-seed1"]["seed"] == 1
+    assert recs["std-seven-seed1"]["trained_with"]["train"]["seed"] == 1
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(recs[n]["final"]) / "model.safetensors")) for n in recs)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    table = (tmp_path / "run" / "report" / "table.txt").read_text()
+    assert "\nstd-seven-seed1 " in table and "over training seeds (" in table and "\nstd-seven  0, 1  " in table
+    assert "Over training seeds" in (tmp_path / "run" / "report" / "index.html").read_text()
+    code, out = run_cli("train", str(cfg), "--seeds", "0,1")
+    assert code == 0 and "std-seven-seed1: finished earlier, skipped" in out
+    bad = subprocess.run([sys.executable, "-m", "accord.cli", "run", str(cfg), "--seeds", "0,x"],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "--seeds: '0,x': seeds are integers separated by commas" in bad.stderr

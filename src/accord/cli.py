@@ -26,6 +26,7 @@ EPILOG = """examples:
   accord run --profile quick run_dir=/tmp/q    # …with overrides (no config needed)
   accord run my.yaml train.method=[std,mtd,mot]
   accord run my.yaml --plan                    # what would be built, generated, trained, evaluated; does none
+  accord run my.yaml --seeds 0,1,2             # every method trained per seed; the report pools over seeds
   accord train my.yaml train.method=mot train.rounds=5
   accord train my.yaml train.epochs=3 train.lora.r=32 train.lora.quantize=nf4   # QLoRA, steps from the data
   accord eval my.yaml
@@ -65,10 +66,27 @@ def _add_plan_arg(p: argparse.ArgumentParser) -> None:
                    "teacher), trained (finished / resumes / to train) and evaluated, and do none of it")
 
 
-def _show_plan(cfg, stages: tuple[str, ...]) -> int:
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are integers separated by commas, e.g. 0,1,2") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("no seed given: e.g. --seeds 0,1,2")
+    return seeds
+
+
+def _add_seeds_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
+                   help="train every method once per training seed (e.g. 0,1,2): train.seed's own run keeps its "
+                   "names, the others are tagged seed<S> (train/<name>-seed<S>/); each is evaluated like any model "
+                   "and the report pools them: mean over seeds, ± over problems and seeds, the spread between seeds")
+
+
+def _show_plan(cfg, stages: tuple[str, ...], seeds: list[int] | None = None) -> int:
     from accord.plan import plan
 
-    print("\n".join(plan(cfg, stages)))
+    print("\n".join(plan(cfg, stages, seeds)))
     return 0
 
 
@@ -86,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "building the lab models on first use.")
     _add_config_args(p, optional=True)
     p.add_argument("--profile", choices=["full", "quick"], help="with no config: which lab config to run")
+    _add_seeds_arg(p)
     _add_plan_arg(p)
 
     p = sub.add_parser("train", help="train the student with every method in train.method",
@@ -93,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "several). Reads <run_dir>/corpora; writes <run_dir>/train/<name>/ (HF checkpoints, "
                        "metrics.jsonl, result.json). A killed run resumes from its last checkpoint.")
     _add_config_args(p)
+    _add_seeds_arg(p)
     _add_plan_arg(p)
 
     p = sub.add_parser("eval", help="evaluate the base student and every trained checkpoint",
@@ -343,8 +363,8 @@ def cmd_run(args, console: Console) -> int:
     from accord.run import run
 
     if args.plan:
-        return _show_plan(_run_config(args), ("collect", "train", "eval", "report"))
-    run(_run_config(args), console)
+        return _show_plan(_run_config(args), ("collect", "train", "eval", "report"), args.seeds)
+    run(_run_config(args), console, seeds=args.seeds)
     return 0
 
 
@@ -352,8 +372,8 @@ def cmd_train(args, console: Console) -> int:
     from accord.run import run
 
     if args.plan:
-        return _show_plan(_load(args), ("train",))
-    res = run(_load(args), console, stages=("train",))
+        return _show_plan(_load(args), ("train",), args.seeds)
+    res = run(_load(args), console, stages=("train",), seeds=args.seeds)
     for r in res["results"]:
         console.print(f"{r['name']}: {r['final']}")
     return 0

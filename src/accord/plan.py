@@ -27,13 +27,13 @@ from accord.run import finished_results, model_specs
 from accord.sources import missing, plugin
 from accord.store import TraceStore
 from accord.teachers.base import served
-from accord.train.common import TrainSetupError, resolve_budget, settings_change, tagged, train_dir
+from accord.train.common import TrainSetupError, replicas, resolve_budget, settings_change, tagged, train_dir
 from accord.train.engine import latest_checkpoint
 
 STAGES = ("collect", "train", "eval", "report")
 
 
-def plan(cfg: AccordConfig, stages: tuple[str, ...] = STAGES) -> list[str]:
+def plan(cfg: AccordConfig, stages: tuple[str, ...] = STAGES, seeds: list[int] | None = None) -> list[str]:
     todo = missing(model_specs(cfg))
     fetch = _not_here(cfg)
     said = ([f"{len(todo)} to build first: {', '.join(todo)}"] if todo else []) + \
@@ -51,7 +51,8 @@ def plan(cfg: AccordConfig, stages: tuple[str, ...] = STAGES) -> list[str]:
         except TrainSetupError:
             budget_note = [f"train.epochs {cfg.train.epochs:g}: steps per round set from the union corpus once it is "
                            "collected (the budgets below use train.steps_per_round until then)"]
-    states = method_states(cfg) if {"train", "eval"} & set(stages) else []  # read once, said by both stages
+    states = ([st for c in replicas(cfg, seeds) for st in method_states(c)]  # read once, said by both stages
+              if {"train", "eval"} & set(stages) else [])
     if "train" in stages:
         lines += _rows("train", budget_note + [f"{r}: {state} — {budget}" for r, state, budget in states])
     if "eval" in stages:

@@ -31,8 +31,11 @@ def prepare_models(cfg: AccordConfig, console, student: bool = True) -> None:
 
 
 def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train", "eval", "report"),
-        extra_results: list[dict] | None = None) -> dict:
+        extra_results: list[dict] | None = None, seeds: list[int] | None = None) -> dict:
+    """``seeds``: train every method once per training seed (:func:`accord.train.common.replicas`), each
+    evaluated like any model; the report pools them over seeds."""
     from accord.collect import collect
+    from accord.train.common import replicas
 
     if "train" in stages and "collect" not in stages:
         from accord.train.common import check_corpora
@@ -44,7 +47,11 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     if "collect" in stages:
         collect(cfg, console)
     if "train" in stages:
-        out["results"] = train_methods(cfg, console)
+        out["results"] = []
+        for i, c in enumerate(replicas(cfg, seeds)):
+            if seeds and len(seeds) > 1:
+                console.print(f"[bold]training seed {c.train.seed}[/] ({i + 1} of {len(set(seeds))})")
+            out["results"] += train_methods(c, console)
         if {"eval", "report"} & set(stages):  # evaluated and reported beside any other model in run_dir (a variant)
             names = {r["name"] for r in out["results"]}
             out["results"] += [r for r in finished_results(cfg) if r["name"] not in names]

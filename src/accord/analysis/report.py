@@ -141,6 +141,92 @@ def paired_table(run_dir: Path, eval_rows: list[dict], results: list[dict], spli
     return head, body
 
 
+class SeedRate(NamedTuple):
+    """A rate pooled over training seeds: the mean over seeds, its standard error over problems and seeds, the
+    standard deviation between the seeds' rates, and how many seeds."""
+    mean: float
+    se: float
+    sd: float
+    n: int
+
+
+def seed_groups(results: list[dict]) -> dict[str, list[str]]:
+    """label → names (≥ 2) of the results trained with the same settings apart from ``train.seed`` (``--seeds``
+    replicas: ``mtd``, ``mtd-seed1``, …; post-hoc merges record no seed and pool by their STD students'), keyed
+    by the shortest name."""
+    groups: dict[tuple, list[str]] = {}
+    for r in results:
+        if "trained_with" not in r:
+            continue
+        settings = json.loads(json.dumps(r["trained_with"]))
+        settings.get("train", {}).pop("seed", None)
+        key = (default_of(r["name"], results) or r["name"], r.get("student"), json.dumps(settings, sort_keys=True))
+        groups.setdefault(key, []).append(r["name"])
+    return {min(names, key=lambda n: (len(n), n)): sorted(names, key=_order_key)
+            for names in groups.values() if len(names) > 1}
+
+
+def _pooled(run_dir: Path, finals: dict, names: list[str], split: str) -> tuple[dict[str, float], float, int] | None:
+    """Per-problem scores averaged over ``names`` (on the problems all of them were evaluated on), the standard
+    deviation between their rates there, and how many; None when one of them has no rows on ``split``."""
+    scores = [_scores(run_dir, finals.get(n, {}).get(split)) for n in names]
+    common = set.intersection(*(set(x) for x in scores)) if scores else set()
+    if not common:
+        return None
+    rates = [sum(x[p] for p in common) / len(common) for x in scores]
+    m = sum(rates) / len(rates)
+    sd = (sum((r - m) ** 2 for r in rates) / (len(rates) - 1)) ** 0.5 if len(rates) > 1 else 0.0
+    return {p: sum(x[p] for x in scores) / len(scores) for p in common}, sd, len(names)
+
+
+def seed_table(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str], ref: str = "mtd"
+               ) -> tuple[list[str], list[list]]:
+    """Each :func:`seed_groups` group pooled over its seeds, and against ``ref`` (its own group when it has one).
+
+    Rate: the mean over problems of each problem's score averaged over the seeds; its SE² = SE²(over problems)
+    + sd²/S, sd the standard deviation between the S seeds' rates — the problems' and the seeds' variation both,
+    conservatively (the seed × problem part is counted twice).  Δ vs ``ref``: the mean over the shared problems
+    of the difference of seed-averaged scores, SE² = SE²(paired, over problems) + sd²/S of each side (a ``ref``
+    trained with one seed adds no seed term: its spread is unknown); * = the 95% interval excludes 0."""
+    groups = seed_groups(results)
+    if not groups:
+        return [], []
+    finals = final_rows(eval_rows)
+    ref_names = next((g for g in groups.values() if ref in g), [ref] if ref in finals else [])
+    head = ["model", "seeds"] + [f"{s} pass@1 over seeds" for s in splits]
+    head += [f"{s} Δ vs {ref} over seeds" for s in splits] if ref_names else []
+    body = []
+    for label, names in sorted(groups.items(), key=lambda kv: _order_key(kv[0])):
+        by = {r["name"]: r for r in results}
+        seeds = [str(by[n].get("seed", by[n].get("trained_with", {}).get("train", {}).get("seed", "?")))
+                 for n in names]
+        row: list = [label, ", ".join(seeds)]
+        deltas: list = []
+        for s in splits:
+            pooled = _pooled(run_dir, finals, names, s)
+            if pooled is None:
+                row.append(None)
+                deltas.append(None)
+                continue
+            per, sd, n = pooled
+            m, se = mean_se(list(per.values()))
+            row.append(SeedRate(m, ((se or 0.0) ** 2 + sd ** 2 / n) ** 0.5, sd, n))
+            other = _pooled(run_dir, finals, ref_names, s) if ref_names and label != ref else None
+            if other is None:
+                deltas.append(None)
+                continue
+            per_r, sd_r, n_r = other
+            common = sorted(set(per) & set(per_r))
+            dm, dse = mean_se([per[p] - per_r[p] for p in common])
+            if dm is None:
+                deltas.append(None)
+                continue
+            tot = ((dse or 0.0) ** 2 + sd ** 2 / n + (sd_r ** 2 / n_r if n_r > 1 else 0.0)) ** 0.5
+            deltas.append(Diff(dm, tot, bool(tot) and abs(dm) > Z95 * tot))
+        body.append(row + (deltas if ref_names else []))
+    return head, body
+
+
 def _scores(run_dir: Path, metrics: dict | None) -> dict[str, float]:
     path = _rows_file(run_dir, metrics["key"], metrics["split"]) if metrics else None
     if path is None or not path.exists():
@@ -192,6 +278,8 @@ def _fmt(c) -> str:
         return "–"
     if isinstance(c, Diff):
         return f"{c.mean:+.3f} ± {c.se:.3f}" + (" *" if c.significant else "")
+    if isinstance(c, SeedRate):
+        return f"{c.mean:.3f} ± {c.se:.3f} (sd {c.sd:.3f}, {c.n} seeds)"
     if isinstance(c, tuple):
         return f"{c[0]:.3f} ± {c[1]:.3f}" + (f" (sd {c[2]:.3f}, {c[3]} runs)" if len(c) > 2 else "")
     if isinstance(c, float):  # rates and changes to three decimals; counts and scores (tokens, S_MI) to one
@@ -527,6 +615,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             "Bold: the best pass@1 of each split.</p>",
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
     page += _paired_section(run_dir, eval_rows, results, splits)
+    page += _seed_section(run_dir, eval_rows, results, splits)
     if not results:
         page.append("<p><b>Only the base student is here</b>: no trained model was found in "
                     f"<code>{html.escape(str(run_dir / 'train'))}</code>. Run <code>accord train CONFIG</code> "
@@ -562,6 +651,8 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     return out / "index.html"
 
 
+SEED_NOTE = ("replicas trained with --seeds, pooled: the mean over seeds, ± over problems and seeds, sd = the "
+             "spread between the seeds' rates; Δ paired over problems, its ± including each side's seed spread")
 PAIRED_NOTE = ("mean over the same problems of (model − reference) per-problem pass@1, ± its standard error; "
                "* = the 95% interval excludes 0")
 
@@ -573,6 +664,8 @@ def summary_text(run_dir: Path, eval_rows: list[dict], results: list[dict], spli
     text = text_table(head, body)
     head, body = paired_table(run_dir, eval_rows, results, splits, "mtd")
     text += f"\n\npaired against mtd ({PAIRED_NOTE}):\n" + text_table(head, body) if body else ""
+    head, body = seed_table(run_dir, eval_rows, results, splits)
+    text += f"\n\nover training seeds ({SEED_NOTE}):\n" + text_table(head, body) if body else ""
     said = findings(run_dir, eval_rows, results, splits)
     return text + ("\n\n" + "\n".join(f"- {line}" + "".join(f"\n    {x}" for x in subs) for line, subs in said)
                    if said else "")
@@ -613,7 +706,10 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
         if d is not None:
             line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
         out.append((line + ".", []))
-    for ref, diffs in (("the base student", vs_base), ("mtd", vs_mtd), ("their defaults (train.tag)", vs_default)):
+    _, body = seed_table(run_dir, eval_rows, results, splits)
+    vs_seeds = {r[0]: {s: c for s, c in zip(splits, r[2 + len(splits):]) if isinstance(c, Diff)} for r in body}
+    for ref, diffs in (("the base student", vs_base), ("mtd", vs_mtd), ("their defaults (train.tag)", vs_default),
+                       ("mtd, pooled over training seeds (--seeds)", vs_seeds)):
         n = sum(len(v) for v in diffs.values())
         if not n:
             continue
@@ -639,6 +735,17 @@ def _findings_section(run_dir: Path, eval_rows: list[dict], results: list[dict],
                                                   + "</ul>" if subs else "") + "</li>" for line, subs in said)
     return [f"<h2>At a glance</h2><ul class='findings'>{items}</ul><p><small>From the paired differences below; a "
             "difference inside its 95% interval is not a finding.</small></p>"]
+
+
+def _seed_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:
+    head, body = seed_table(run_dir, eval_rows, results, splits)
+    if not body:
+        return []
+    return ["<h2>Over training seeds</h2>",
+            f"<p>{html.escape(SEED_NOTE)}. A method's rows above are single training runs; two seeds of one method "
+            "can differ by more than the ± over problems, which measures only the evaluation's sampling of problems "
+            "(the <i>paired against each variant's default</i> table shows each seed against the first).</p>",
+            _html_table(head, body, {2 + i for i in range(len(splits))})]
 
 
 def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:

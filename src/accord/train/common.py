@@ -91,6 +91,20 @@ def tagged(cfg: AccordConfig, name: str) -> str:
     return f"{name}-{cfg.train.tag}" if cfg.train.tag else name
 
 
+def replicas(cfg: AccordConfig, seeds: list[int] | None = None) -> list[AccordConfig]:
+    """One config per training seed (``accord run/train --seeds``): ``cfg`` itself for its own ``train.seed``
+    (its models keep their names), and for every other seed s a copy with ``train.seed = s`` whose models are
+    tagged ``seed<s>`` (after ``train.tag`` when one is set) — replicas the report pools over seeds."""
+    out = []
+    for s in dict.fromkeys(seeds or [cfg.train.seed]):
+        if s == cfg.train.seed:
+            out.append(cfg)
+            continue
+        tag = f"{cfg.train.tag}-seed{s}" if cfg.train.tag else f"seed{s}"
+        out.append(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": s, "tag": tag})}))
+    return out
+
+
 def train_dir(cfg: AccordConfig, name: str) -> Path:
     return Path(cfg.run_dir) / "train" / tagged(cfg, name)
 
@@ -279,7 +293,7 @@ def barrier() -> None:
 
 def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
     d = train_dir(cfg, name)
-    res = {"name": tagged(cfg, name), **fields, "provenance": provenance()}
+    res = {"name": tagged(cfg, name), **fields, "seed": cfg.train.seed, "provenance": provenance()}
     if cfg.train.tag:
         res["tag"] = cfg.train.tag
     if fields.get("method"):  # beside a recipe's own ``settings`` (its section alone, written before this existed)

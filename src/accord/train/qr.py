@@ -95,6 +95,7 @@ from accord.train.common import (
     read_result,
     save_model,
     step_checkpoints,
+    tagged,
     train_dir,
     work_dir,
     write_result,
@@ -567,7 +568,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     names = student_names(cfg)
     done = [read_result(cfg, f"qr-{n}") for n in names]
     if all(done):
-        console.print("qr: finished earlier, skipped")
+        console.print(f"{tagged(cfg, 'qr')}: finished earlier, skipped")
         return done
 
     rows = qr_paths(cfg)
