@@ -390,6 +390,7 @@ def test_python_api_runs_the_stages_end_to_end(tmp_path, micro):
                            f"eval.splits.mine.path={data}"])
     lines = api.plan(cfg)
     assert any("a: imported from column" in x for x in lines) and any("std-a: to train" in x for x in lines)
+    assert any("std-a-seed1: to train" in x for x in api.plan(cfg, ("train",), seeds=[0, 1]))
     summary = api.collect(cfg)
     assert [s["teacher"] for s in summary] == ["a", "b"] and all(s["kept"] > 0 for s in summary)
     results = api.train(cfg, method="std:a")

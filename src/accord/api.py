@@ -11,7 +11,8 @@
     curves = interpolate(cfg)         # → MoT Fig. 6: pass@1 from the base to each trained model (analysis/)
     teachers = diagnose(cfg)          # → before training: how the student sees each teacher's traces
 
-``train(cfg, method="compact")`` runs one method without editing the config.  Each function is the stage
+``train(cfg, method="compact")`` runs one method without editing the config; ``seeds=[0, 1, 2]`` (``run``,
+``train``, ``plan``) trains every method once per training seed, as ``accord run --seeds``.  Each function is the stage
 of ``accord run`` (``run(cfg)`` does all four): finished work in ``run_dir`` is skipped, lab models the
 config names are built first, and errors are the CLI's (:class:`accord.errors.AccordError`; ``exit_code``
 says whether the input or the run was at fault).  These are functions of a module rather than of the
@@ -39,13 +40,16 @@ def _console(console):
     return console or make_console()
 
 
-def plan(cfg, stages: tuple[str, ...] = ("collect", "train", "eval", "report")) -> list[str]:
+def plan(cfg, stages: tuple[str, ...] = ("collect", "train", "eval", "report"), seeds: list[int] | None = None
+         ) -> list[str]:
     """``accord run --plan``: the lines saying what each stage would build, generate, train and evaluate."""
-    return _plan(cfg, stages)
+    return _plan(cfg, stages, seeds)
 
 
-def run(cfg, console=None, stages: tuple[str, ...] = ("collect", "train", "eval", "report")) -> dict:
-    return _run(cfg, _console(console), stages=stages)
+def run(cfg, console=None, stages: tuple[str, ...] = ("collect", "train", "eval", "report"),
+        seeds: list[int] | None = None) -> dict:
+    """``accord run [--seeds]``: ``seeds`` trains every method once per training seed (the report pools them)."""
+    return _run(cfg, _console(console), stages=stages, seeds=seeds)
 
 
 def collect(cfg, console=None) -> list[dict]:
@@ -55,10 +59,10 @@ def collect(cfg, console=None) -> list[dict]:
     return _collect(cfg, _console(console)).summary
 
 
-def train(cfg, method: str | list[str] | None = None, console=None) -> list[dict]:
+def train(cfg, method: str | list[str] | None = None, console=None, seeds: list[int] | None = None) -> list[dict]:
     if method is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": method})})
-    return run(cfg, console, stages=("train",))["results"]
+    return run(cfg, console, stages=("train",), seeds=seeds)["results"]
 
 
 def evaluate(cfg, console=None) -> list[dict]:

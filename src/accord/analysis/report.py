@@ -10,6 +10,8 @@
 - the compute of each method in branch-steps (MoT Table 5);
 - paired differences against MTD and the base student (:func:`paired_table`: per-problem pass@1 differences on
   the shared problems, ± their SE, the 95% flag), read from the evaluation's per-sample rows;
+- replicas over training seeds (``accord run --seeds``, :func:`seed_table`): each method pooled over its seeds
+  — the mean, ± over problems and seeds, the spread between seeds — and against MTD's own seed group;
 - per-round / per-checkpoint curves (MoT Table 22, Fig. 3) as a PNG;
 - MoT's per-teacher branch losses across rounds (MoT Fig. 3/4), COMPACT's weights (its Fig. 3) and QR's
   selection rates as PNGs: per-step values faint under a debiased moving average (:func:`smooth`);
