@@ -58,6 +58,30 @@ def test_attention_matches_a_loop_over_examples_and_heads(lens_rows, monkeypatch
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_on_cuda_matches_the_loop(dtype):
+    """On a CUDA device (SDPA's flash / memory-efficient kernels on views of the row): outputs and q/k/v gradients
+    of a packed row equal the float32 loop over examples, to the dtype's tolerance."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(2)
+    lens = [16, 16, 16, 24, 24, 7, 32]
+    pos = torch.tensor([[t for n in lens for t in range(n)]])
+    q, k, v = (torch.randn(1, h, sum(lens), 64, generator=g, requires_grad=True) for h in (4, 2, 2))
+    ref = _reference(q, k, v, pos, 0.125)
+    w = torch.randn(ref.shape, generator=g)
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    ref = ref.detach()
+    dev = [t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+    varlen._layout_cache[:] = [None, None]
+    out, _ = varlen.attention(_Attn(), *dev, None, scaling=0.125, position_ids=pos.cuda())
+    got = torch.autograd.grad((out.float() * w.cuda()).sum(), dev)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert torch.allclose(out.float().cpu(), ref, atol=tol)
+    assert all(torch.allclose(a.float().cpu(), b, atol=tol * 5) for a, b in zip(got, want))
+
+
 def test_a_padded_batch_or_a_cache_goes_to_transformers_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
