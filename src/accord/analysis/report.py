@@ -198,8 +198,8 @@ def seed_table(run_dir: Path, eval_rows: list[dict], results: list[dict], splits
     head = ["model", "seeds"] + [f"{s} pass@1 over seeds" for s in splits]
     head += [f"{s} Δ vs {ref} over seeds" for s in splits] if ref_names else []
     body = []
+    by = {r["name"]: r for r in results}
     for label, names in sorted(groups.items(), key=lambda kv: _order_key(kv[0])):
-        by = {r["name"]: r for r in results}
         seeds = [str(by[n].get("seed", by[n].get("trained_with", {}).get("train", {}).get("seed", "?")))
                  for n in names]
         row: list = [label, ", ".join(seeds)]
@@ -744,8 +744,8 @@ def _seed_section(run_dir: Path, eval_rows: list[dict], results: list[dict], spl
     if not body:
         return []
     return ["<h2>Over training seeds</h2>",
-            f"<p>{html.escape(SEED_NOTE[:1].upper() + SEED_NOTE[1:])}. A method's rows above are single training runs; two seeds of one method "
-            "can differ by more than the ± over problems, which measures only the evaluation's sampling of problems "
+            f"<p>{html.escape(SEED_NOTE[:1].upper() + SEED_NOTE[1:])}. A method's rows above are single training "
+            "runs; two seeds of one method can differ by more than the ± over problems, which measures only the evaluation's sampling of problems "
             "(the <i>paired against each variant's default</i> table shows each seed against the first).</p>",
             _html_table(head, body, {2 + i for i in range(len(splits))})]
 
