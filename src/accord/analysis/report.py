@@ -746,7 +746,8 @@ def _seed_section(run_dir: Path, eval_rows: list[dict], results: list[dict], spl
     return ["<h2>Over training seeds</h2>",
             f"<p>{html.escape(SEED_NOTE[:1].upper() + SEED_NOTE[1:])}. A method's rows above are single training "
             "runs; two seeds of one method can differ by more than the ± over problems, which measures only the "
-            "evaluation's sampling of problems (the <i>paired against each variant's default</i> table shows each seed against the first).</p>",
+            "evaluation's sampling of problems (the <i>paired against each variant's default</i> table shows each "
+            "seed against the first).</p>",
             _html_table(head, body, {2 + i for i in range(len(splits))})]
 
 
