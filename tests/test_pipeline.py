@@ -782,6 +782,8 @@ def test_seed_replicas_are_pooled_against_a_by_hand_reference(tmp_path):
     assert diff.mean == pytest.approx(statistics.mean(d)) and diff.se == pytest.approx(se)
     assert diff.significant == (abs(statistics.mean(d)) > Z95 * se)
     said = dict(findings(tmp_path, rows, results, ["target"]))
+    assert f"Best on target pooled over training seeds: compact ({rate.mean:.3f} ± {rate.se:.3f} (sd " in \
+        next(k for k in said if k.startswith("Best on target pooled"))
     key = next(k for k in said if k.startswith("Against mtd, pooled over training seeds"))
     assert ("2 paired comparisons" in key) and (bool(said[key]) == any(r[3].significant for r in body if r[3]))
     text = summary_text(tmp_path, rows, results, ["target"])

@@ -710,6 +710,13 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
         out.append((line + ".", []))
     _, body = seed_table(run_dir, eval_rows, results, splits)
     vs_seeds = {r[0]: {s: c for s, c in zip(splits, r[2 + len(splits):]) if isinstance(c, Diff)} for r in body}
+    if pooled := [(r[2].mean, r[0], r[2]) for r in body if isinstance(r[2], SeedRate)]:
+        _, name, rate = max(pooled)
+        line = f"Best on {first} pooled over training seeds: {name} ({_fmt(rate)})"
+        d = vs_seeds.get(name, {}).get(first)
+        if d is not None:
+            line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
+        out.append((line + ".", []))
     for ref, diffs in (("the base student", vs_base), ("mtd", vs_mtd), ("their defaults (train.tag)", vs_default),
                        ("mtd, pooled over training seeds (--seeds)", vs_seeds)):
         n = sum(len(v) for v in diffs.values())
