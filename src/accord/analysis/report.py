@@ -614,7 +614,9 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
                "pass@1 between runs" if cfg.eval.repeats > 1 else "")
             + "; Δ general = change of general-family pass@1 from the base student (forgetting is negative); "
             "branch-steps = optimizer steps summed over branches (MoT Table 5). "
-            "Bold: the best pass@1 of each split.</p>",
+            "Bold: the best pass@1 of each split. Each row is one training run: the ± measure the problems' "
+            "sampling, not the training seed's, which can move a row by more (<code>accord run CONFIG --seeds "
+            "0,1,2</code> trains replicas; the report then pools them).</p>",
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
     page += _paired_section(run_dir, eval_rows, results, splits)
     page += _seed_section(run_dir, eval_rows, results, splits)
