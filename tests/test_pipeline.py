@@ -825,7 +825,10 @@ def test_run_with_seeds_trains_evaluates_and_pools_each_seed(tmp_path, problems_
     assert any(not torch.equal(a[k], b[k]) for k in a)
     table = (tmp_path / "run" / "report" / "table.txt").read_text()
     assert "\nstd-seven-seed1 " in table and "over training seeds (" in table and "\nstd-seven  0, 1  " in table
-    assert "Over training seeds" in (tmp_path / "run" / "report" / "index.html").read_text()
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "Over training seeds" in page
+    (png,) = (tmp_path / "run" / "report").glob("seeds-*.png")  # the first split's dots per seed
+    assert f"<img src='{png.name}'" in page and png.stat().st_size > 1000
     code, out = run_cli("train", str(cfg), "--seeds", "0,1")
     assert code == 0 and "std-seven-seed1: finished earlier, skipped" in out
     bad = subprocess.run([sys.executable, "-m", "accord.cli", "run", str(cfg), "--seeds", "0,x"],

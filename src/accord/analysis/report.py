@@ -11,7 +11,8 @@
 - paired differences against MTD and the base student (:func:`paired_table`: per-problem pass@1 differences on
   the shared problems, ± their SE, the 95% flag), read from the evaluation's per-sample rows;
 - replicas over training seeds (``accord run --seeds``, :func:`seed_table`): each method pooled over its seeds
-  — the mean, ± over problems and seeds, the spread between seeds — and against MTD's own seed group;
+  — the mean, ± over problems and seeds, the spread between seeds — and against MTD's own seed group, with a
+  figure of each seed's rate beside the pooled interval (:func:`plot_seeds`);
 - per-round / per-checkpoint curves (MoT Table 22, Fig. 3) as a PNG;
 - MoT's per-teacher branch losses across rounds (MoT Fig. 3/4), COMPACT's weights (its Fig. 3) and QR's
   selection rates as PNGs: per-step values faint under a debiased moving average (:func:`smooth`);
@@ -619,7 +620,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             "0,1,2</code> trains replicas; the report then pools them).</p>",
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
     page += _paired_section(run_dir, eval_rows, results, splits)
-    page += _seed_section(run_dir, eval_rows, results, splits)
+    page += _seed_section(run_dir, eval_rows, results, splits, out)
     if not results:
         page.append("<p><b>Only the base student is here</b>: no trained model was found in "
                     f"<code>{html.escape(str(run_dir / 'train'))}</code>. Run <code>accord train CONFIG</code> "
@@ -748,16 +749,19 @@ def _findings_section(run_dir: Path, eval_rows: list[dict], results: list[dict],
             "difference inside its 95% interval is not a finding.</small></p>"]
 
 
-def _seed_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:
+def _seed_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str], out: Path
+                  ) -> list[str]:
     head, body = seed_table(run_dir, eval_rows, results, splits)
     if not body:
         return []
+    pngs = [s for s in splits[:1] if plot_seeds(eval_rows, results, body, s, 2, out / f"seeds-{s}.png")]  # the headline
     return ["<h2>Over training seeds</h2>",
             f"<p>{html.escape(SEED_NOTE[:1].upper() + SEED_NOTE[1:])}. A method's rows above are single training "
             "runs; two seeds of one method can differ by more than the ± over problems, which measures only the "
             "evaluation's sampling of problems (the <i>paired against each variant's default</i> table shows each "
             "seed against the first).</p>",
-            _html_table(head, body, {2 + i for i in range(len(splits))})]
+            _html_table(head, body, {2 + i for i in range(len(splits))})] + [
+            f"<img src='seeds-{html.escape(s)}.png' alt='{html.escape(s)} pass@1 per seed'>" for s in pngs]
 
 
 def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str]) -> list[str]:
@@ -906,6 +910,38 @@ def plot_routing(head: list[str], body: list[list], path: Path, xlabel: str) -> 
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.2))  # never over a bar
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_seeds(eval_rows: list[dict], results: list[dict], body: list[list], split: str, col: int, path: Path
+               ) -> Path | None:
+    """One column per :func:`seed_table` row: each seed's rate on ``split`` as a dot, the pooled mean as a bar
+    with its 95% interval (± 1.96 · SE over problems and seeds) — the spread a single run hides."""
+    rows = [r for r in body if isinstance(r[col], SeedRate)]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finals, groups = final_rows(eval_rows), seed_groups(results)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.6), dpi=110)
+    for i, r in enumerate(rows):
+        m = [finals.get(n, {}).get(split, {}) for n in groups.get(r[0], [])]
+        ys = [x.get("pass1") if x.get("pass1") is not None else x.get("greedy") for x in m]
+        ys = [y for y in ys if y is not None]
+        ax.scatter([i + (k - (len(ys) - 1) / 2) * 0.08 for k in range(len(ys))], ys, s=18, color="tab:blue",
+                   alpha=0.7, zorder=3, label="one seed" if i == 0 else None)
+        ax.errorbar([i], [r[col].mean], yerr=[Z95 * r[col].se], fmt="_", color="black", markersize=18, capsize=4,
+                    zorder=2, label="pooled, 95% interval" if i == 0 else None)
+    ax.set_xticks(range(len(rows)), [r[0] for r in rows], rotation=20 if len(rows) > 5 else 0)
+    ax.set_ylabel(f"{split} pass@1")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
