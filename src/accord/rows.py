@@ -91,6 +91,7 @@ class TrainRecord(TypedDict, total=False):
     provenance: dict  # models.provenance(): versions and device that trained it
     trained_with: dict  # train.common.method_settings(): the settings a re-run must match to skip it
     tag: str  # train.tag: a variant of the result named without it
+    seed: int  # train.seed it was trained with (--seeds replicas are pooled by the report)
 
 
 class EvalPoint(TypedDict, total=False):
