@@ -317,6 +317,11 @@ def test_accord_train_qr_end_to_end(tmp_path, micro, micro_b):
     assert [r[0] for r in body] == ["a", "b", "c"] and head[-1] == "selected by qwen"
     html = write_report(load_config(p), res, []).read_text()
     assert "qr-routing-type.png" in html and "qr-routing-level.png" in html and "qr-selection.png" in html
+    assert "<h2>QR-Distill: selection rate per student over training</h2>" in html  # the default: no variant
+    import re
+
+    assert re.findall(r"<h2>QR-Distill: the trained router's selections by ([^<]*)</h2>", html) == [
+        "path type (teacher / style) (Fig. 4)", "difficulty level (Fig. 5)"]
     code, out = run_cli("train", str(p))
     assert code == 0 and "qr: finished earlier, skipped" in out
 

@@ -967,9 +967,9 @@ def _qr_section(qr_dir: Path, out: Path) -> list[str]:
     metrics = qr_dir / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.exists() else []:
         ev = json.loads(line)
-        for k, v in ev.items():
+        for k, rate in ev.items():
             if k.startswith("sel/"):
-                series.setdefault(k[4:], []).append((ev["step"], v))
+                series.setdefault(k[4:], []).append((ev["step"], rate))
     if _plot_smoothed(series, out / f"{tag}-selection.png", "step", "share of the batch's paths selected"):
         parts += [f"<h2>QR-Distill: selection rate per student over training{v}</h2>",
                   f"<img src='{html.escape(tag)}-selection.png' alt='QR selection rates'>"]
