@@ -825,6 +825,8 @@ def test_run_with_seeds_trains_evaluates_and_pools_each_seed(tmp_path, problems_
     assert any(not torch.equal(a[k], b[k]) for k in a)
     table = (tmp_path / "run" / "report" / "table.txt").read_text()
     assert "\nstd-seven-seed1 " in table and "over training seeds (" in table and "\nstd-seven  0, 1  " in table
+    assert "- Against the first seed of the same method (only train.seed differs)" in table
+    assert "Against their defaults" not in table  # a seed replica is not an ablation
     page = (tmp_path / "run" / "report" / "index.html").read_text()
     assert "Over training seeds" in page
     (png,) = (tmp_path / "run" / "report").glob("seeds-*.png")  # the first split's dots per seed

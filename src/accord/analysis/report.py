@@ -720,7 +720,12 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
         if d is not None:
             line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
         out.append((line + ".", []))
+    replica = {n for g in seed_groups(results).values() for n in g
+               if default_of(n, results) in g}  # a seed against its first seed: not an ablation, the seed's own noise
+    vs_first_seed = {n: d for n, d in vs_default.items() if n in replica}
+    vs_default = {n: d for n, d in vs_default.items() if n not in replica}
     for ref, diffs in (("the base student", vs_base), ("mtd", vs_mtd), ("their defaults (train.tag)", vs_default),
+                       ("the first seed of the same method (only train.seed differs)", vs_first_seed),
                        ("mtd, pooled over training seeds (--seeds)", vs_seeds)):
         n = sum(len(v) for v in diffs.values())
         if not n:
