@@ -48,9 +48,10 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
         collect(cfg, console)
     if "train" in stages:
         out["results"] = []
-        for i, c in enumerate(replicas(cfg, seeds)):
-            if seeds and len(seeds) > 1:
-                console.print(f"[bold]training seed {c.train.seed}[/] ({i + 1} of {len(set(seeds))})")
+        configs = replicas(cfg, seeds)
+        for i, c in enumerate(configs):
+            if len(configs) > 1:
+                console.print(f"[bold]training seed {c.train.seed}[/] ({i + 1} of {len(configs)})")
             out["results"] += train_methods(c, console)
         if {"eval", "report"} & set(stages):  # evaluated and reported beside any other model in run_dir (a variant)
             names = {r["name"] for r in out["results"]}
