@@ -788,6 +788,17 @@ def test_seed_replicas_are_pooled_against_a_by_hand_reference(tmp_path):
     assert ("2 paired comparisons" in key) and (bool(said[key]) == any(r[3].significant for r in body if r[3]))
     text = summary_text(tmp_path, rows, results, ["target"])
     assert "over training seeds (" in text and "(sd " in text and "2 seeds)" in text
+    # against the base student: its scores have no seed spread of their own
+    base = {(p, i, "sample"): rng.random() < 0.1 for p in pids for i in range(2)}
+    rows_b = rows + [_write_rows(tmp_path, "base", "target", base)]
+    head, body = seed_table(tmp_path, rows_b, results, ["target"])
+    assert head[2:] == ["target pass@1 over seeds", "target Δ vs mtd over seeds", "target Δ vs base over seeds"]
+    d = [a - (base[(p, 0, "sample")] + base[(p, 1, "sample")]) / 2 for a, p in zip(c_per, pids)]
+    diff = next(r for r in body if r[0] == "compact")[4]
+    assert diff.mean == pytest.approx(statistics.mean(d))
+    assert diff.se == pytest.approx((statistics.variance(d) / 30 + c_sd ** 2 / 2) ** 0.5)
+    said = dict(findings(tmp_path, rows_b, results, ["target"]))
+    assert any(k.startswith("Against the base student, pooled over training seeds (--seeds) (3 paired") for k in said)
     # no replicas: no table
     assert seed_table(tmp_path, rows, [r for r in results if "seed" not in r["name"]], ["target"]) == ([], [])
 

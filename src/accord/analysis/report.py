@@ -173,7 +173,7 @@ def _pooled(run_dir: Path, finals: dict, names: list[str], split: str) -> tuple[
     """Per-problem scores averaged over ``names`` (on the problems all of them were evaluated on), the standard
     deviation between their rates there, and how many; None when one of them has no rows on ``split``."""
     scores = [_scores(run_dir, finals.get(n, {}).get(split)) for n in names]
-    common = set.intersection(*(set(x) for x in scores)) if scores else set()
+    common = sorted(set.intersection(*(set(x) for x in scores))) if scores else []  # sorted: one order of sums
     if not common:
         return None
     rates = [sum(x[p] for p in common) / len(common) for x in scores]
@@ -182,52 +182,63 @@ def _pooled(run_dir: Path, finals: dict, names: list[str], split: str) -> tuple[
     return {p: sum(x[p] for x in scores) / len(scores) for p in common}, sd, len(names)
 
 
-def seed_table(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str], ref: str = "mtd"
-               ) -> tuple[list[str], list[list]]:
-    """Each :func:`seed_groups` group pooled over its seeds, and against ``ref`` (its own group when it has one).
+def seed_table(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: list[str],
+               refs: tuple[str, ...] = ("mtd", "base")) -> tuple[list[str], list[list]]:
+    """Each :func:`seed_groups` group pooled over its seeds, and against each of ``refs`` that was evaluated:
+    ``mtd`` (its own seed group when it has one) and ``base`` (each row's own base student, :func:`base_of`).
 
     Rate: the mean over problems of each problem's score averaged over the seeds; its SE² = SE²(over problems)
     + sd²/S, sd the standard deviation between the S seeds' rates — the problems' and the seeds' variation both,
-    conservatively (the seed × problem part is counted twice).  Δ vs ``ref``: the mean over the shared problems
-    of the difference of seed-averaged scores, SE² = SE²(paired, over problems) + sd²/S of each side (a ``ref``
-    trained with one seed adds no seed term: its spread is unknown); * = the 95% interval excludes 0."""
+    conservatively (the seed × problem part is counted twice).  Δ vs a reference: the mean over the shared
+    problems of the difference of seed-averaged scores, SE² = SE²(paired, over problems) + sd²/S of each side (a
+    reference with one seed — a base student, or an MTD trained once — adds no seed term); * = the 95% interval
+    excludes 0."""
     groups = seed_groups(results)
     if not groups:
         return [], []
     finals = final_rows(eval_rows)
-    ref_names = next((g for g in groups.values() if ref in g), [ref] if ref in finals else [])
+
+    def ref_of(ref: str, label: str) -> list[str]:
+        if ref == "base":
+            return [base_of(label, results, finals)] if "base" in finals else []
+        return next((g for g in groups.values() if ref in g), [ref] if ref in finals else [])
+
+    refs = tuple(r for r in refs if any(ref_of(r, label) for label in groups))
     head = ["model", "seeds"] + [f"{s} pass@1 over seeds" for s in splits]
-    head += [f"{s} Δ vs {ref} over seeds" for s in splits] if ref_names else []
+    head += [f"{s} Δ vs {ref} over seeds" for ref in refs for s in splits]
     body = []
     by = {r["name"]: r for r in results}
     for label, names in sorted(groups.items(), key=lambda kv: _order_key(kv[0])):
         seeds = [str(by[n].get("seed", by[n].get("trained_with", {}).get("train", {}).get("seed", "?")))
                  for n in names]
+        pooled = {s: _pooled(run_dir, finals, names, s) for s in splits}
         row: list = [label, ", ".join(seeds)]
-        deltas: list = []
         for s in splits:
-            pooled = _pooled(run_dir, finals, names, s)
-            if pooled is None:
+            if pooled[s] is None:
                 row.append(None)
-                deltas.append(None)
                 continue
-            per, sd, n = pooled
+            per, sd, n = pooled[s]
             m, se = mean_se(list(per.values()))
             row.append(SeedRate(m, ((se or 0.0) ** 2 + sd ** 2 / n) ** 0.5, sd, n))
-            other = _pooled(run_dir, finals, ref_names, s) if ref_names and label != ref else None
-            if other is None:
-                deltas.append(None)
-                continue
-            per_r, sd_r, n_r = other
-            common = sorted(set(per) & set(per_r))
-            dm, dse = mean_se([per[p] - per_r[p] for p in common])
-            if dm is None:
-                deltas.append(None)
-                continue
-            tot = ((dse or 0.0) ** 2 + sd ** 2 / n + (sd_r ** 2 / n_r if n_r > 1 else 0.0)) ** 0.5
-            deltas.append(Diff(dm, tot, bool(tot) and abs(dm) > Z95 * tot))
-        body.append(row + (deltas if ref_names else []))
+        for ref in refs:
+            other = ref_of(ref, label)
+            row += [None if pooled[s] is None or not other or label in other
+                    else _pooled_diff(pooled[s], _pooled(run_dir, finals, other, s)) for s in splits]
+        body.append(row)
     return head, body
+
+
+def _pooled_diff(a: tuple[dict[str, float], float, int], b: tuple[dict[str, float], float, int] | None
+                 ) -> Diff | None:
+    """:func:`seed_table`'s Δ between two :func:`_pooled` results (a − b)."""
+    if b is None:
+        return None
+    (per, sd, n), (per_r, sd_r, n_r) = a, b
+    dm, dse = mean_se([per[p] - per_r[p] for p in sorted(set(per) & set(per_r))])
+    if dm is None:
+        return None
+    tot = ((dse or 0.0) ** 2 + (sd ** 2 / n if n > 1 else 0.0) + (sd_r ** 2 / n_r if n_r > 1 else 0.0)) ** 0.5
+    return Diff(dm, tot, bool(tot) and abs(dm) > Z95 * tot)
 
 
 def _scores(run_dir: Path, metrics: dict | None) -> dict[str, float]:
@@ -711,8 +722,13 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
         if d is not None:
             line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
         out.append((line + ".", []))
-    _, body = seed_table(run_dir, eval_rows, results, splits)
-    vs_seeds = {r[0]: {s: c for s, c in zip(splits, r[2 + len(splits):]) if isinstance(c, Diff)} for r in body}
+    head, body = seed_table(run_dir, eval_rows, results, splits)
+
+    def pooled_vs(ref: str) -> dict[str, dict[str, Diff]]:
+        cols = [head.index(f"{s} Δ vs {ref} over seeds") for s in splits if f"{s} Δ vs {ref} over seeds" in head]
+        return {r[0]: {s: r[c] for s, c in zip(splits, cols) if isinstance(r[c], Diff)} for r in body}
+
+    vs_seeds, vs_base_seeds = pooled_vs("mtd"), pooled_vs("base")
     if pooled := [(r[2].mean, r[0], r[2]) for r in body if isinstance(r[2], SeedRate)]:
         _, name, rate = max(pooled)
         line = f"Best on {first} pooled over training seeds: {name} ({_fmt(rate)})"
@@ -726,6 +742,7 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
     vs_default = {n: d for n, d in vs_default.items() if n not in replica}
     for ref, diffs in (("the base student", vs_base), ("mtd", vs_mtd), ("their defaults (train.tag)", vs_default),
                        ("the first seed of the same method (only train.seed differs)", vs_first_seed),
+                       ("the base student, pooled over training seeds (--seeds)", vs_base_seeds),
                        ("mtd, pooled over training seeds (--seeds)", vs_seeds)):
         n = sum(len(v) for v in diffs.values())
         if not n:
