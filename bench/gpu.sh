@@ -39,10 +39,12 @@ step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
 step pytest-cuda-visible 180 python3 -m pytest -q -p no:cacheprovider --maxfail=10 -rfEs -m "not slow" \
   tests/test_engine.py tests/test_merge.py tests/test_teacher_hf.py tests/test_pipeline.py tests/test_cord.py
 step bench-engine 200 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12
+step bench-memory 120 python3 bench/memory.py --device cuda --shape qwen3-0.6b --calls 3 --steps 2 --batch 4 \
+  --max-len 1024
 step bench-qlora 150 python3 bench/qlora.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12 --max-len 2048
 step bench-eval 150 python3 bench/eval.py --device cuda --shape qwen3-0.6b --n 64 --batch 64 --k 1 \
   --max-new-tokens 256 --repeats 2
 
 echo "===== SUMMARY ====="
 cat "$SUM"
-grep -h "ratio\|utilisation\|peak\|equal" "$OUT"/bench-*.txt 2>/dev/null
+grep -h "ratio\|utilisation\|peak\|equal\|calls" "$OUT"/bench-*.txt 2>/dev/null
