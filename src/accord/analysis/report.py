@@ -702,7 +702,9 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
     """The report's first lines, in words and from the paired differences only, as (line, sub-lines): the best
     model on the first split and whether it is distinguishable from MTD, then every difference from the base
     student and from MTD whose 95% interval excludes 0, by direction and split (or that none does), with how many
-    comparisons were made — at 95%, about one in twenty crosses by chance."""
+    comparisons were made — at 95%, about one in twenty crosses by chance.  With seed replicas (``--seeds``) the
+    same lines pooled over seeds come first, and a replica against its first seed is said apart from the
+    ablations."""
     finals = final_rows(eval_rows)
     first = splits[0] if splits else None
     out: list[tuple[str, list[str]]] = []
@@ -715,13 +717,6 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
     vs_mtd = split_diffs(paired_table(run_dir, eval_rows, results, splits, "mtd")[1], splits)
     vs_base = split_diffs(paired_table(run_dir, eval_rows, results, splits, "base")[1], splits)
     vs_default = split_diffs(paired_table(run_dir, eval_rows, results, splits, "default")[1], splits)
-    if (top := best_model(finals, first)) is not None:
-        best, name = top
-        line = f"Best on {first}: {name} ({best:.3f}" + (", an untrained base" if name.startswith("base") else "") + ")"
-        d = vs_mtd.get(name, {}).get(first)
-        if d is not None:
-            line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
-        out.append((line + ".", []))
     head, body = seed_table(run_dir, eval_rows, results, splits)
 
     def pooled_vs(ref: str) -> dict[str, dict[str, Diff]]:
@@ -736,14 +731,21 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
         if d is not None:
             line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
         out.append((line + ".", []))
+    if (top := best_model(finals, first)) is not None:  # with seeds: the best single run, after the pooled best
+        best, name = top
+        line = f"Best on {first}: {name} ({best:.3f}" + (", an untrained base" if name.startswith("base") else "") + ")"
+        d = vs_mtd.get(name, {}).get(first)
+        if d is not None:
+            line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
+        out.append((line + ".", []))
     replica = {n for g in seed_groups(results).values() for n in g
                if default_of(n, results) in g}  # a seed against its first seed: not an ablation, the seed's own noise
     vs_first_seed = {n: d for n, d in vs_default.items() if n in replica}
     vs_default = {n: d for n, d in vs_default.items() if n not in replica}
-    for ref, diffs in (("the base student", vs_base), ("mtd", vs_mtd), ("their defaults (train.tag)", vs_default),
-                       ("the first seed of the same method (only train.seed differs)", vs_first_seed),
-                       ("the base student, pooled over training seeds (--seeds)", vs_base_seeds),
-                       ("mtd, pooled over training seeds (--seeds)", vs_seeds)):
+    for ref, diffs in (("the base student, pooled over training seeds (--seeds)", vs_base_seeds),  # seeds first
+                       ("mtd, pooled over training seeds (--seeds)", vs_seeds),
+                       ("the base student", vs_base), ("mtd", vs_mtd), ("their defaults (train.tag)", vs_default),
+                       ("the first seed of the same method (only train.seed differs)", vs_first_seed)):
         n = sum(len(v) for v in diffs.values())
         if not n:
             continue
