@@ -307,9 +307,9 @@ def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
     return res
 
 
-def read_result(cfg: AccordConfig, name: str) -> TrainRecord | None:
+def read_result(cfg: AccordConfig, name: str, console=None) -> TrainRecord | None:
     """A finished result, or None; a :class:`SettingsChanged` error when the config now asks for other settings
-    than it was trained with."""
+    than it was trained with.  ``console``: say that it is skipped, under its (tagged) name."""
     p = train_dir(cfg, name) / "result.json"
     if not p.exists():
         return None
@@ -319,6 +319,8 @@ def read_result(cfg: AccordConfig, name: str) -> TrainRecord | None:
                               "asks for: " + "; ".join(changed) + ". To train these settings beside it (same "
                               "corpora, one table), name them: train.tag=<word>; to replace it, delete "
                               f"{p.parent}.")
+    if console is not None:
+        console.print(f"{res['name']}: finished earlier, skipped")
     return res
 
 

@@ -66,7 +66,6 @@ from accord.train.common import (
     read_result,
     save_model,
     step_checkpoints,
-    tagged,
     teacher_corpora,
     work_dir,
     write_result,
@@ -496,8 +495,7 @@ def plan(cfg: AccordConfig, _arg: str = "") -> list[tuple[str, str, str]]:
 
 
 def run(cfg: AccordConfig, console) -> list[dict]:
-    if (done := read_result(cfg, "compact")) is not None:
-        console.print(f"{tagged(cfg, 'compact')}: finished earlier, skipped")
+    if (done := read_result(cfg, "compact", console)) is not None:
         return [done]
     c = cfg.compact
     if not set(c.scores):

@@ -49,7 +49,6 @@ from accord.train.common import (
     read_result,
     save_model,
     select_checkpoint,
-    tagged,
     teacher_corpora,
     train_dir,
     work_dir,
@@ -74,8 +73,7 @@ def plan(cfg: AccordConfig, _arg: str = "") -> list[tuple[str, str, str]]:
 
 
 def run(cfg: AccordConfig, console) -> list[dict]:
-    if (done := read_result(cfg, "mot")) is not None:
-        console.print(f"{tagged(cfg, 'mot')}: finished earlier, skipped")
+    if (done := read_result(cfg, "mot", console)) is not None:
         return [done]
     corpora = teacher_corpora(cfg, console)
     T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "mot", "mot")

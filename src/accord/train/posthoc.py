@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from accord.config import AccordConfig
 from accord.models import local_model_dir
-from accord.train.common import read_result, tagged, train_dir, write_result
+from accord.train.common import read_result, train_dir, write_result
 from accord.train.merge import merge_checkpoints, spec_from
 from accord.train.sft import std
 
 
 def run(cfg: AccordConfig, console) -> list[dict]:
-    if (done := read_result(cfg, "posthoc")) is not None:
-        console.print(f"{tagged(cfg, 'posthoc')}: finished earlier, skipped")
+    if (done := read_result(cfg, "posthoc", console)) is not None:
         return [done]
     stds = std(cfg, console)
     m = cfg.train.merge

@@ -27,7 +27,6 @@ from accord.train.common import (
     select_checkpoint,
     step_checkpoints,
     steps_per_round,
-    tagged,
     work_dir,
     write_result,
 )
@@ -36,8 +35,7 @@ from accord.ui import progress
 
 
 def fit(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, teachers: list[str]) -> dict:
-    if (done := read_result(cfg, name)) is not None:
-        console.print(f"{tagged(cfg, name)}: finished earlier, skipped")
+    if (done := read_result(cfg, name, console)) is not None:
         return done
     T, S = cfg.train.rounds, cfg.train.steps_per_round
     steps, out = T * S, work_dir(cfg, name, method)
