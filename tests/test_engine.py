@@ -326,6 +326,18 @@ def test_chunked_loss_trains_the_same_model(micro):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_a_head_with_an_adapter_is_not_chunked(micro):
+    """The chunked head reads only ``lm_head.weight``: a LoRA adapter on the head (``target_modules`` naming it)
+    would be skipped silently, so such a head keeps the full logits; PEFT's ``all-linear`` leaves the head alone."""
+    from peft import LoraConfig, get_peft_model
+
+    from accord.train.engine import chunkable_head
+
+    assert chunkable_head(load(micro)[0])
+    assert chunkable_head(get_peft_model(load(micro)[0], LoraConfig(r=2, target_modules="all-linear")))
+    assert not chunkable_head(get_peft_model(load(micro)[0], LoraConfig(r=2, target_modules=["q_proj", "lm_head"])))
+
+
 def _varied_rows(n: int) -> list[dict]:
     """Rows of very different lengths, so packed rows hold several examples."""
     return [{"messages": [{"role": "user", "content": f"Start at {i}."},

@@ -409,9 +409,9 @@ def test_packed_student_pass_equals_the_padded_one(micro, micro_b):
     {"qr": {"competence": "uniform", "entropy": "pooled", "router_baseline": "question"}},
     {"qr": {"router_baseline": "none", "paths_per_question": 2, "tau_end": 0.5, "schedule": "cosine"}},
     {"qr": {"freeze": ["qwen"], "mutual_weight": 0.0}}, {"train": {"lora": {"r": 4}}},
-    {"train": {"lora": {"r": 4, "quantize": "nf4"}}},
+    {"train": {"lora": {"r": 4, "quantize": "nf4"}}}, {"train": {"chunked_loss": True}},
 ], ids=["frozen-router", "no-routing", "routed-random-proj", "uniform-pooled-question", "paper-literal",
-        "frozen-peer-no-collab", "lora", "qlora"])
+        "frozen-peer-no-collab", "lora", "qlora", "chunked-head"])
 def test_every_ablation_trains_end_to_end(tmp_path, micro, micro_b, over):
     """Table 2 / Table 5 ablations and the reading options run through `accord train` and write both students."""
     run, p = _qr_run(tmp_path, micro, micro_b)
@@ -425,6 +425,9 @@ def test_every_ablation_trains_end_to_end(tmp_path, micro, micro_b, over):
         assert (run / "train" / f"qr-{n}" / "final" / "config.json").exists()
     steps = [json.loads(x) for x in (run / "train" / "qr" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 4 and all(np_finite(ev["loss"]) for ev in steps)
+    chunked = over.get("train", {}).get("chunked_loss")
+    assert ("qr: the head in chunks from the hidden states (no full-vocabulary logits) for llama, qwen" in out) == \
+        bool(chunked) and ("qr: the head over full-vocabulary logits" in out) != bool(chunked)
     if over.get("qr", {}).get("route") == "all":
         assert all(ev["sel/llama"] == 1.0 for ev in steps)
     if over.get("train", {}).get("lora", {}).get("quantize"):  # QR-Distill's QLoRA: both students, saved in float
@@ -464,3 +467,65 @@ def test_length_buckets_give_the_whole_batch_values_and_gradients(micro):
     for x, y in zip(a, c):
         assert torch.allclose(x.float(), y.float(), atol=1e-5)
     assert all(torch.allclose(u, v, atol=1e-6, rtol=1e-4) for u, v in zip(ga, gc))
+
+
+@pytest.mark.parametrize("mutual_paths", ["all", "routed"])
+def test_chunked_head_gives_the_full_logits_loss_metrics_and_gradients(micro, micro_b, mutual_paths):
+    """Issue 13 item 2: QR's per-path CE (both students, two tokenizers; one packed, one padded) read through the
+    chunked head from the final hidden states gives the full logits' loss, metrics and gradients — the students'
+    and the router's."""
+    from accord.train.engine import LinearTokenNLL
+
+    long = "<think>\n" + "Start 3 , add 4 : 7 .\n" * 8 + "</think>\n\n\\boxed{7}"
+    rows = [_row("Start at 3.", t, f"p{i // 2}", teacher="ab"[i % 2]) for i, t in enumerate(TRACES + [long, TRACES[0]])]
+    names, students, toks, ex, feat, router = _models([micro, micro_b], rows)
+    b = qr.collate_paths(names, [t.pad_token_id for t in toks.values()], feat)(ex)
+    models = {**students, qr.HEADS: router}
+    q = QrConfig(encoder="hashing", mutual_paths=mutual_paths)
+    got = []
+    for chunked in (False, True):
+        for m in models.values():
+            m.zero_grad()
+        torch.manual_seed(3)  # the same gates
+        LinearTokenNLL.CHUNK = 5  # several chunks
+        try:
+            loss, metrics = qr.make_loss_fn(q, names, set(), pack={"s0": toks["s0"].pad_token_id},
+                                            chunked=chunked)(models, b, len(rows))
+            loss.backward()
+        finally:
+            LinearTokenNLL.CHUNK = 4096
+        got.append((loss, metrics, {f"{k}.{n}": p.grad.clone() for k, m in models.items()
+                                    for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, m0, g0), (l1, m1, g1) = got
+    assert float(l1.detach()) == pytest.approx(float(l0.detach()), rel=1e-5)
+    assert m1.keys() == m0.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6) for k in m0)
+    assert g1.keys() == g0.keys() and any(k.startswith("s1.") for k in g0)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_state_token_nll_matches_token_nll_on_random_tensors():
+    """engine.state_token_nll (QR's chunked head): the [B, T] per-token NLL and its gradients of any weighting equal
+    token_nll over the full logits h W^T, ignored positions 0, over several chunks."""
+    from accord.train.engine import IGNORE, LinearTokenNLL, state_token_nll, token_nll
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 9, 8, requires_grad=True)
+    w = torch.randn(21, 8, requires_grad=True)
+    labels = torch.randint(0, 21, (3, 9))
+    labels[0, :4] = IGNORE
+    labels[2, 6:] = IGNORE
+    weights = torch.rand(3, 9)
+    ref = token_nll(h @ w.T, labels)
+    (ref * weights).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    LinearTokenNLL.CHUNK = 4
+    try:
+        got = state_token_nll(h, w, labels)
+        (got * weights).sum().backward()
+    finally:
+        LinearTokenNLL.CHUNK = 4096
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)
+    assert not got[0, :4].any() and not got[2, 6:].any() and got[1, 1:].all()
+    assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)

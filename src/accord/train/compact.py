@@ -72,11 +72,11 @@ from accord.train.common import (
 )
 from accord.train.engine import (
     IGNORE,
-    LinearTokenNLL,
     capture_input,
     chat_head,
     chunkable_head,
     flat_positions,
+    flat_token_nll,
     grouped_batches,
     model_inputs,
     output_states,
@@ -273,9 +273,7 @@ class _Head:
             out = [torch.nn.functional.cross_entropy(x.float(), targets[o:o + x.shape[0]], ignore_index=IGNORE,
                                                      reduction="none") for x, o in zip(self.parts, self.starts)]
             return out[0] if len(out) == 1 else torch.cat(out)
-        keep = targets != IGNORE
-        vals = LinearTokenNLL.apply(self.h[keep], self.w, targets[keep])
-        return torch.zeros(targets.shape[0], device=vals.device, dtype=torch.float32).masked_scatter(keep, vals)
+        return flat_token_nll(self.h, self.w, targets)
 
     @torch.no_grad()
     def pair(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -525,10 +525,12 @@ class LinearTokenNLL(torch.autograd.Function):
 
 
 def chunkable_head(model) -> bool:
-    """Whether the logits are exactly h W^T (no bias, no soft-capping), so the head may run in chunks."""
+    """Whether the logits are exactly h W^T (no bias, no soft-capping, no adapter on the head — a ``lm_head`` named
+    in ``train.lora.target_modules``), so the head may run in chunks."""
     m = getattr(model, "module", model)
     cfg = getattr(m, "config", None)
-    return (getattr(output_states(m), "bias", None) is None
+    head = output_states(m)
+    return (getattr(head, "bias", None) is None and not hasattr(head, "base_layer")
             and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
 
 
@@ -574,6 +576,20 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                             reduction="none").view(tgt.shape)
     nll = nll * (tgt != IGNORE)
     return torch.nn.functional.pad(nll, (1, 0))
+
+
+def flat_token_nll(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Float32 NLL of each of ``targets`` (any shape; IGNORE: 0) under ``h`` W^T (``h``: the targets' shape × d),
+    through :class:`LinearTokenNLL`: the head in chunks, ignored rows never through it."""
+    keep = targets != IGNORE
+    vals = LinearTokenNLL.apply(h[keep], weight, targets[keep])
+    return torch.zeros(targets.shape, device=vals.device, dtype=torch.float32).masked_scatter(keep, vals)
+
+
+def state_token_nll(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`token_nll` from the final hidden states ``h`` [B, T, d] and the head's ``weight`` instead of the
+    logits (``train.chunked_loss``): the same [B, T] layout, no [B, T, V] tensor."""
+    return torch.nn.functional.pad(flat_token_nll(h[:, :-1], weight, labels[:, 1:]), (1, 0))
 
 
 def sft_step(model, batches: list[dict], device, n_units: int, scale: float = 1.0, backward=None,

@@ -66,6 +66,9 @@ corrections win), numbered:
     trains); ``filter: off`` trains on every generated trace, wrong and judged-invalid ones included (w/o
     QF); ``mutual_weight: 0`` is w/o Collab.
 13. Multi-process runs shard whole questions; the logged metrics are rank 0's.
+14. ``train.chunked_loss`` (default on CUDA): a student whose head is h W^T reads its per-token NLL from the
+    final hidden states through the chunked head (``engine.state_token_nll``) — the same CE, competence and
+    gradients, never its [rows, T, V] logits; the run's first lines say which students do.
 
 Outputs: ``train/qr/`` holds the joint checkpoints (``checkpoint-N/<student>/``, ``checkpoint-N/heads/``),
 ``metrics.jsonl`` (selection rates per student, per path type and per difficulty level, ᾱ, γ, L_mutual,
@@ -104,12 +107,14 @@ from accord.train.engine import (
     IGNORE,
     capture_input,
     chat_head,
+    chunkable_head,
     grouped_batches,
     length_mask,
     model_inputs,
     output_states,
     pad_rows,
     repack,
+    state_token_nll,
     token_nll,
     train,
     unpack,
@@ -286,23 +291,31 @@ def collate_paths(names: list[str], pads: list[int], feats: torch.Tensor):
     return collate
 
 
-def student_pass(model, b: dict, n_units: int, grad: bool, pad_id: int | None = None
+def student_pass(model, b: dict, n_units: int, grad: bool, pad_id: int | None = None, chunked: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One student's forward over the paths: (per-path mean CE [B], NLL per character [B], pooled layer-normed
     word states [B, U, d], unit present [B, U]).  ``pad_id`` given: the paths are packed for the forward
-    (:func:`engine.repack`; the student passed the packing probe) and read back per path."""
+    (:func:`engine.repack`; the student passed the packing probe) and read back per path.  ``chunked``
+    (``train.chunked_loss``; the head is h W^T): the per-token NLL from the final hidden states through the
+    chunked head (:func:`engine.state_token_nll`), never the [rows, T, V] logits."""
     run = repack(b, pad_id, bucketed=varlen_active(model)) if pad_id is not None else b
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()), capture_input(output_states(model)) as cap:
-        logits = model(**model_inputs(run)).logits
-    nll = unpack(token_nll(logits, run["labels"]), run)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        if chunked:  # the model's own head runs on the last position only
+            x = model(**model_inputs(run), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            nll = state_token_nll(x, output_states(model).weight, run["labels"])
+        else:
+            with capture_input(output_states(model)) as cap:
+                nll = token_nll(model(**model_inputs(run)).logits, run["labels"])
+            x = cap["x"]
+    nll = unpack(nll, run)
     n_tok = (b["labels"][:, 1:] != IGNORE).sum(1).clamp(min=1)
     total = nll.sum(1)
-    z, present = pool_units(unpack(cap["x"], run).float(), b["unit"], n_units)
+    z, present = pool_units(unpack(x, run).float(), b["unit"], n_units)
     return total / n_tok, (total / b["chars"]).detach(), layer_norm(z), present
 
 
 def split_pass(model, b: dict, n_units: int, routed: torch.Tensor | None, pad_id: int | None = None,
-               grad: bool = True) -> tuple:
+               grad: bool = True, chunked: bool = False) -> tuple:
     """:func:`student_pass` over parts of the batch, reassembled in row order.  ``routed`` given
     (``mutual_paths: routed``): gradient on the paths routed to the student, none on the others (an unrouted
     path's CE and states are only values — the router's signal and the ensemble target — so their backward is
@@ -313,7 +326,7 @@ def split_pass(model, b: dict, n_units: int, routed: torch.Tensor | None, pad_id
     groups = ([(routed.nonzero()[:, 0], True), ((~routed).nonzero()[:, 0], False)] if routed is not None
               else [(torch.arange(B), grad)])
     lengths = b["attention_mask"].sum(1).tolist()
-    parts = [(idx[bucket], student_pass(model, _rows(b, idx[bucket]), n_units, g, pad_id))
+    parts = [(idx[bucket], student_pass(model, _rows(b, idx[bucket]), n_units, g, pad_id, chunked))
              for idx, g in groups if len(idx)
              for bucket in map(torch.tensor, split_by_length([lengths[i] for i in idx.tolist()], max_parts=2)
                                if pad_id is None else [range(len(idx))])]
@@ -335,9 +348,12 @@ def _rows(b: dict, idx: torch.Tensor) -> dict:
     return {k: (v[idx][:, :w] if v.dim() == 2 else v[idx]) for k, v in b.items()}
 
 
-def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None, pack: dict[str, int] | None = None):
+def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None, pack: dict[str, int] | None = None,
+                 chunked: bool | None = False):
     """The engine ``loss_fn`` for ``qr`` settings ``q`` and students ``names`` (the heads are ``HEADS``);
-    ``pack``: student name → its pad id, for the students whose paths are packed."""
+    ``pack``: student name → its pad id, for the students whose paths are packed; ``chunked``
+    (``train.chunked_loss``, None: on CUDA): each student whose head allows it reads its per-path CE through the
+    chunked head."""
     pack = pack or {}
 
     def loss_fn(models: dict, b: dict, n_units: int):
@@ -354,9 +370,10 @@ def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None, pack: dict[
             alpha = torch.ones_like(logits)
         expected = torch.sigmoid(logits / tau)
         routed = q.mutual_paths == "routed" and q.route != "all"
+        chunk = logits.device.type == "cuda" if chunked is None else chunked
         out = [split_pass(models[n], b["per"][n], b["n_units"],
                           alpha[:, k].detach() > 0.5 if routed and n not in frozen else None, pack.get(n),
-                          grad=n not in frozen)
+                          grad=n not in frozen, chunked=chunk and chunkable_head(models[n]))
                for k, n in enumerate(names)]
         ce = torch.stack([o[0] for o in out], 1)  # [B, S]
         share = B / max(1, n_units)  # this micro-batch's share of the step's paths
@@ -609,6 +626,12 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                       f"type(s); students {', '.join(names)}"
                       + (f" (frozen: {', '.join(q.freeze)})" if q.freeze else "")
                       + f"; paths packed for {', '.join(pack) or 'no student'}")
+        chunked = cfg.train.chunked_loss if cfg.train.chunked_loss is not None else torch.cuda.is_available()
+        heads = [n for n, m in students.items() if chunked and chunkable_head(m)]
+        console.print("qr: the head " + (f"in chunks from the hidden states (no full-vocabulary logits) for "
+                                         f"{', '.join(heads)}" if heads else "over full-vocabulary logits")
+                      + (f", over full-vocabulary logits for {', '.join(n for n in names if n not in heads)}"
+                         if heads and len(heads) < len(names) else ""))
         with progress(console) as bar:
             task = bar.add_task("qr", total=T * S)
 
@@ -618,7 +641,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
 
             res = train(models, {**toks, HEADS: None}, [], args, out_dir=out, examples=examples,
                         batcher=capped_batcher(q.paths_per_question), units_fn=len,
-                        loss_fn=make_loss_fn(q, names, set(q.freeze), tau_at, pack),
+                        loss_fn=make_loss_fn(q, names, set(q.freeze), tau_at, pack, cfg.train.chunked_loss),
                         collate_fn=collate_paths(names, [t.pad_token_id for t in toks.values()], feat), on_step=on_step)
     trained = res.model
     if is_main():
