@@ -142,14 +142,16 @@ def new_qwen3(shape: str, device: str):
 
 
 def synthetic(n: int, vocab: int, max_len: int, seed: int = 0, prompt: int = 64) -> list[tuple[list, list]]:
-    """Token sequences of uniform random length in [max_len / 8, max_len], the first ``prompt`` tokens masked."""
+    """Token sequences of uniform random length in [max_len / 8, max_len], the first ``prompt`` tokens (at most half
+    of a sequence) masked."""
     import random
 
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         ids = [rng.randrange(10, vocab) for _ in range(rng.randint(max_len // 8, max_len))]
-        out.append((ids, [-100] * prompt + ids[prompt:]))
+        p = min(prompt, len(ids) // 2)
+        out.append((ids, [-100] * p + ids[p:]))
     return out
 
 
@@ -215,12 +217,19 @@ def shape_bench(args) -> None:
     res["plain"] = (clock.rate(tokens), _peak(dev))
     del model
 
-    try:
-        res["trl-pf"] = _trl_synthetic(args, ex, batches, warm)
-    except ImportError:
-        pass
-    except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
-        print(f"TRL padding-free: not measured ({type(e).__name__}: {e})")
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    for use in [True, False] if liger else [False]:  # with Liger when it is there; without it if that fails
+        label = "TRL padding-free" + (" + Liger" if use else "")
+        try:
+            res["trl-pf"] = _trl_synthetic(args, ex, batches, warm, use)
+            trl_label = label
+            break
+        except ImportError as e:
+            print(f"{label}: not measured ({e})")
+            if not use:
+                break
+        except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
+            print(f"{label}: not measured ({type(e).__name__}: {e})")
 
     peak = args.peak_tflops * 1e12
     for name, (rate, mem) in res.items():
@@ -231,18 +240,19 @@ def shape_bench(args) -> None:
     if dev == "cuda":
         print(f"engine/plain peak memory ratio: {res['engine'][1] / res['plain'][1]:.2f}")
     if "trl-pf" in res:
-        print(f"engine/TRL padding-free throughput ratio: {res['engine'][0] / res['trl-pf'][0]:.2f}")
+        print(f"engine/{trl_label} throughput ratio: {res['engine'][0] / res['trl-pf'][0]:.2f}")
+        if dev == "cuda":
+            print(f"engine/{trl_label} peak memory ratio: {res['engine'][1] / res['trl-pf'][1]:.2f}")
 
 
-def _trl_synthetic(args, ex, batches, warm) -> tuple[float, float | None]:
-    """TRL ``padding_free=True`` (+ ``use_liger_kernel`` when installed) on the same sequences, pre-tokenised."""
+def _trl_synthetic(args, ex, batches, warm, liger: bool) -> tuple[float, float | None]:
+    """TRL ``padding_free=True`` (+ ``use_liger_kernel``) on the same sequences, pre-tokenised."""
     import tempfile
 
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    liger = importlib.util.find_spec("liger_kernel") is not None
     order = [i for b in batches for i in b]
     data = Dataset.from_dict({"input_ids": [ex[i][0] for i in order],
                               "completion_mask": [[int(y != -100) for y in ex[i][1]] for i in order]})
