@@ -6,12 +6,13 @@ clipping; throughput counts real (non-padding) tokens per second.  Each
 contender runs ``--repeats`` times, interleaved; the best run counts.
 
     python bench/engine.py [--steps 60] [--batch 32] [--repeats 2]
-    python bench/engine.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12 [--max-len 4096]
+    python bench/engine.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12 [--max-len 4096] [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import time
 
@@ -210,6 +211,14 @@ def shape_bench(args) -> None:
     res["engine"] = (clock.rate(tokens), _peak(dev))
     del model
 
+    if args.compile:  # train.compile (steady state: compiling happens in the warm steps)
+        _peak_reset(dev)
+        model = new_qwen3(args.shape, dev)
+        clock = _Clock(dev, warm)
+        train(model, tok, [], dataclasses.replace(targs, compile=True), examples=ex, on_step=clock.tick)
+        res["engine+compile"] = (clock.rate(tokens), _peak(dev))
+        del model
+
     _peak_reset(dev)
     model = new_qwen3(args.shape, dev)
     clock = _Clock(dev, warm)
@@ -234,11 +243,12 @@ def shape_bench(args) -> None:
     peak = args.peak_tflops * 1e12
     for name, (rate, mem) in res.items():
         mfu = f", MFU {6 * params * rate / peak:.1%}" if dev == "cuda" else ""
-        print(f"{name:7s} {rate:10.0f} tokens/s{mfu}" + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
+        print(f"{name:14s} {rate:10.0f} tokens/s{mfu}" + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
     print(f"shape {args.shape} ({params / 1e6:.2f}M parameters) on {dev}, batch {args.batch} × ≤ {args.max_len} tokens")
-    print(f"engine/plain throughput ratio: {res['engine'][0] / res['plain'][0]:.2f}")
-    if dev == "cuda":
-        print(f"engine/plain peak memory ratio: {res['engine'][1] / res['plain'][1]:.2f}")
+    for name in [n for n in ("engine", "engine+compile") if n in res]:
+        print(f"{name}/plain throughput ratio: {res[name][0] / res['plain'][0]:.2f}")
+        if dev == "cuda":
+            print(f"{name}/plain peak memory ratio: {res[name][1] / res['plain'][1]:.2f}")
     if "trl-pf" in res:
         print(f"engine/{trl_label} throughput ratio: {res['engine'][0] / res['trl-pf'][0]:.2f}")
         if dev == "cuda":
@@ -302,7 +312,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-len", type=int, default=4096, help="longest synthetic sequence (Qwen3 shapes)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H200: 989)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="Qwen3 shapes: also the engine with train.compile (default: on CUDA)")
     args = ap.parse_args()
+    if args.compile is None:
+        args.compile = args.device == "cuda"
     from transformers.utils import logging
 
     logging.set_verbosity_error()

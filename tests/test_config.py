@@ -151,9 +151,9 @@ def test_engine_args_carry_every_training_option():
     cfg = load_config("configs/lab-quickstart.yaml", [
         "train.packing=false", "train.chunked_loss=true", "train.grad_accum=2", "train.clip=0.5", "train.bf16=false",
         "train.lora.r=4", "train.lora.alpha=8", "train.lora.target_modules=[q_proj]", "train.keep_checkpoints=2",
-        "train.seed=7", "train.report_to=[tensorboard]"])
+        "train.seed=7", "train.report_to=[tensorboard]", "train.compile=true"])
     a = engine_args(cfg, 30, checkpoint_every=10, seed_offset=1)
-    assert (a.packing, a.chunked_loss, a.grad_accum, a.clip, a.bf16) == (False, True, 2, 0.5, False)
+    assert (a.packing, a.chunked_loss, a.grad_accum, a.clip, a.bf16, a.compile) == (False, True, 2, 0.5, False, True)
     assert (a.lora_r, a.lora_alpha, a.lora_targets, a.keep_checkpoints) == (4, 8, ["q_proj"], 2)
     assert (a.steps, a.checkpoint_every, a.seed, a.report_to) == (30, 10, 8, ["tensorboard"])
     shared = {f.name for f in dataclasses.fields(TrainArgs)} & set(type(cfg.train).model_fields)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -323,6 +324,36 @@ def test_chunked_loss_trains_the_same_model(micro):
     chunked = train(model2, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2, chunked_loss=True))
     assert chunked.history == pytest.approx(plain.history, rel=1e-5)
     a, b = _weights(plain.model), _weights(chunked.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_compile_targets_are_each_layers_mlp_and_norms(micro):
+    from accord.train.engine import compile_targets
+
+    model, _ = load(micro)
+    parts = compile_targets(model)
+    layers = model.model.layers
+    assert parts and {id(p) for p in parts} == {id(c) for layer in layers
+                                                 for c in (layer.mlp, layer.input_layernorm,
+                                                           layer.post_attention_layernorm)}
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="compiling on CPU needs C++")
+def test_compiled_training_gives_the_same_model_and_leaves_it_eager(micro, capsys):
+    """``train.compile``: the MLP and norms under torch.compile train the same weights as eager (3 steps of packed
+    rows), the first line says so, and the model is eager again afterwards."""
+    from accord.train.engine import n_compiled
+
+    model, tok = load(micro)
+    plain = train(model, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2))
+    model2, _ = load(micro)
+    seen = []
+    fast = train(model2, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2, compile=True),
+                 on_step=lambda s, _loss: seen.append(n_compiled(model2)))
+    assert seen == [3 * len(model2.model.layers)] * 3 and n_compiled(fast.model) == 0
+    assert "torch.compile: 6 MLP/norm module(s)" in capsys.readouterr().err
+    assert fast.history == pytest.approx(plain.history, rel=1e-5)
+    a, b = _weights(plain.model), _weights(fast.model)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 

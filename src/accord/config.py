@@ -316,6 +316,8 @@ class TrainConfig(_Strict):
     packing: bool | None = Field(None, description="padding-free batches: examples end to end in rows, position "
                                  "ids restarting per example, attention never crossing an example (null: on when a "
                                  "two-example probe shows the model keeps packed examples apart; true: required)")
+    compile: bool = Field(False, description="torch.compile each decoder layer's MLP and norms while training "
+                          "(attention stays eager; not under QLoRA); the first step pays for compiling")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     mot_schedule: Literal["per-round", "global"] = Field(

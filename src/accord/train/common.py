@@ -10,7 +10,7 @@ records it in ``<run_dir>/train/<name>/result.json``::
 A stage whose ``result.json`` exists is finished and is skipped on re-run — when the config still asks for what
 it was trained with: ``trained_with`` (:func:`method_settings`) is recorded beside it and a re-run with other values
 stops with the keys that changed (an ablation such as ``compact.scores=[ppl,cons]`` in the same ``run_dir`` would
-otherwise be "finished earlier" and never trained).  Knobs that give the same model (packing, the chunked loss,
+otherwise be "finished earlier" and never trained).  Knobs that give the same model (packing, the chunked loss, compile,
 gradient checkpointing, accumulation), trackers and checkpoint retention are not settings; nor is the student's
 path (recipes see it resolved).
 """
@@ -46,7 +46,7 @@ class SettingsChanged(UsageError):
 
 
 # train.* fields that do not change the trained model (tested equal) or only what is kept and logged
-NOT_SETTINGS = {"method", "report_to", "packing", "chunked_loss", "gradient_checkpointing", "grad_accum",
+NOT_SETTINGS = {"method", "report_to", "packing", "chunked_loss", "compile", "gradient_checkpointing", "grad_accum",
                 "keep_checkpoints", "tag"}
 MERGE_SETTINGS = {"merge", "mot_schedule"}  # only MoT and post-hoc merge read them
 

@@ -74,6 +74,7 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     chunked_loss: bool | None = None  # the head + CE in chunks (no [B, T, V] logits); None: on CUDA only
     packing: bool | None = None  # padding-free rows; None: on when the model passes the packing probe
+    compile: bool = False  # torch.compile each decoder layer's MLP and norms for the run (compile_targets)
     lora_r: int = 0  # >0: train LoRA adapters (peft) instead of all weights
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -651,8 +652,39 @@ def train(model, tok, rows: list[dict], args: TrainArgs, **kw) -> TrainResult:
     ``model`` is the dict.
     """
     # packed SDPA models attend example by example in one row (accord.train.varlen); back to sdpa afterwards
-    with segmented(model, not isinstance(model, dict) and kw.get("collate_fn") is None and args.packing is not False):
+    with segmented(model, not isinstance(model, dict) and kw.get("collate_fn") is None and args.packing is not False), \
+            compiled(model, args.compile and not args.lora_quantize):
         return _train(model, tok, rows, args, **kw)
+
+
+def compile_targets(model) -> list[torch.nn.Module]:
+    """What ``train.compile`` compiles: every part of each decoder layer but its attention — the MLP and the norms,
+    whose elementwise work (RMSNorm, SiLU · up) fusion saves.  Attention stays eager: SDPA is one fused kernel
+    already, and accord's varlen kernel lays each batch out in Python (``accord.train.varlen``)."""
+    m = getattr(model, "module", model)
+    return [c for layer in m.modules() if type(layer).__name__.endswith("DecoderLayer")
+            for c in layer.children() if "Attention" not in type(c).__name__]
+
+
+@contextlib.contextmanager
+def compiled(model, on: bool):
+    """``model`` (or each language model of a dict) with :func:`compile_targets` compiled inside the block
+    (``torch.compile``, dynamic shapes: packed rows change width every step; every layer shares one graph), eager
+    after it.  Not under QLoRA: bitsandbytes' 4-bit layers would break the graphs."""
+    parts = [c for m in (model.values() if isinstance(model, dict) else [model]) if _is_lm(m)
+             for c in compile_targets(m)] if on else []
+    for c in parts:
+        c.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        for c in parts:
+            c._compiled_call_impl = None  # what nn.Module.compile sets: eager again
+
+
+def n_compiled(model) -> int:
+    """How many modules of ``model`` run compiled now (:func:`compiled`)."""
+    return sum(getattr(c, "_compiled_call_impl", None) is not None for c in getattr(model, "module", model).modules())
 
 
 def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path | None = None,
@@ -713,7 +745,10 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                 if args.lora_r else "")
         say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
                  f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; "
-                 f"{'padding-free packing' if packed else 'no packing'}; {lora}loss: "
+                 f"{'padding-free packing' if packed else 'no packing'}; {lora}"
+                 + (f"torch.compile: {n} MLP/norm module(s); " if (n := sum(n_compiled(m) for m in models.values()
+                                                                            if _is_lm(m))) else "")
+                 + "loss: "
                  + ("the recipe's (its own head: see its first line)" if loss_fn and not chunked else
                     "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"
                                              if chunked else " over full-vocabulary logits")))
