@@ -799,6 +799,13 @@ def test_seed_replicas_are_pooled_against_a_by_hand_reference(tmp_path):
     assert diff.se == pytest.approx((statistics.variance(d) / 30 + c_sd ** 2 / 2) ** 0.5)
     said = dict(findings(tmp_path, rows_b, results, ["target"]))
     assert any(k.startswith("Against the base student, pooled over training seeds (--seeds) (3 paired") for k in said)
+    # run by run, only what was trained once (the tagged ablation); the seeded runs are pooled above
+    (per_run,) = [k for k in said if k.startswith("Against the base student") and "pooled" not in k]
+    assert per_run.startswith(("Against the base student (1 paired comparisons",
+                               "Against the base student: no model differs beyond its 95% interval (1 paired"))
+    assert not any("-seed" in x for k in said if "pooled" not in k and "first seed" not in k for x in said[k])
+    assert "The 7 single runs of methods trained over several seeds are compared one by one in the paired tables " \
+           "below, not here: the pooled lines speak for them." in said
     # no replicas: no table
     assert seed_table(tmp_path, rows, [r for r in results if "seed" not in r["name"]], ["target"]) == ([], [])
 

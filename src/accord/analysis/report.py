@@ -704,7 +704,7 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
     student and from MTD whose 95% interval excludes 0, by direction and split (or that none does), with how many
     comparisons were made — at 95%, about one in twenty crosses by chance.  With seed replicas (``--seeds``) the
     same lines pooled over seeds come first, and a replica against its first seed is said apart from the
-    ablations."""
+    ablations; the run-by-run lines against the base and MTD then leave the seeded methods' runs to the tables."""
     finals = final_rows(eval_rows)
     first = splits[0] if splits else None
     out: list[tuple[str, list[str]]] = []
@@ -738,10 +738,15 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
         if d is not None:
             line += f"; against mtd {said(d)}, " + ("outside" if d.significant else "within") + " its 95% interval"
         out.append((line + ".", []))
-    replica = {n for g in seed_groups(results).values() for n in g
+    groups = seed_groups(results)
+    replica = {n for g in groups.values() for n in g
                if default_of(n, results) in g}  # a seed against its first seed: not an ablation, the seed's own noise
     vs_first_seed = {n: d for n, d in vs_default.items() if n in replica}
     vs_default = {n: d for n, d in vs_default.items() if n not in replica}
+    seeded = {n for label, g in groups.items() if label in vs_base_seeds or label in vs_seeds for n in g}
+    if seeded:  # their pooled lines speak for them; one run at a time is the seed's noise again (paired tables below)
+        vs_base = {n: d for n, d in vs_base.items() if n not in seeded}
+        vs_mtd = {n: d for n, d in vs_mtd.items() if n not in seeded}
     for ref, diffs in (("the base student, pooled over training seeds (--seeds)", vs_base_seeds),  # seeds first
                        ("mtd, pooled over training seeds (--seeds)", vs_seeds),
                        ("the base student", vs_base), ("mtd", vs_mtd), ("their defaults (train.tag)", vs_default),
@@ -760,6 +765,9 @@ def findings(run_dir: Path, eval_rows: list[dict], results: list[dict], splits: 
                     subs.append(f"{word} on {s}{note}: " + ", ".join(hits))
         out.append((f"Against {ref} ({chance}):", subs) if subs
                    else (f"Against {ref}: no model differs beyond its 95% interval ({chance}).", []))
+    if seeded:
+        out.append((f"The {len(seeded)} single runs of methods trained over several seeds are compared one by one "
+                    "in the paired tables below, not here: the pooled lines speak for them.", []))
     return out
 
 
