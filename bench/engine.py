@@ -211,20 +211,22 @@ def shape_bench(args) -> None:
     res["engine"] = (clock.rate(tokens), _peak(dev))
     del model
 
-    if args.compile:  # train.compile (steady state: compiling happens in the warm steps)
-        _peak_reset(dev)
-        model = new_qwen3(args.shape, dev)
-        clock = _Clock(dev, warm)
-        train(model, tok, [], dataclasses.replace(targs, compile=True), examples=ex, on_step=clock.tick)
-        res["engine+compile"] = (clock.rate(tokens), _peak(dev))
-        del model
-
     _peak_reset(dev)
     model = new_qwen3(args.shape, dev)
     clock = _Clock(dev, warm)
     plain_loop(model, ex, batches, targs, 0, dev, clock.tick)
     res["plain"] = (clock.rate(tokens), _peak(dev))
     del model
+
+    if args.compile:  # train.compile (steady state: compiling happens in the warm steps)
+        try:
+            _peak_reset(dev)
+            clock = _Clock(dev, warm)
+            train(new_qwen3(args.shape, dev), tok, [], dataclasses.replace(targs, compile=True), examples=ex,
+                  on_step=clock.tick)
+            res["engine+compile"] = (clock.rate(tokens), _peak(dev))
+        except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
+            print(f"engine + compile: not measured ({type(e).__name__}: {e})")
 
     liger = importlib.util.find_spec("liger_kernel") is not None
     for use in [True, False] if liger else [False]:  # with Liger when it is there; without it if that fails
