@@ -52,7 +52,7 @@ step imports 60 python3 -c 'import accord.cli, accord.train.engine, accord.teach
 step bench-engine 180 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12
 step bench-memory 90 python3 bench/memory.py --device cuda --shape qwen3-0.6b --calls 3 --steps 2 --batch 4 \
   --max-len 1024
-step pytest-gpu 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
+step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
 step pytest-cuda-visible 150 python3 -m pytest -q -p no:cacheprovider --maxfail=10 -rfEs -m "not slow" \
   tests/test_engine.py tests/test_merge.py tests/test_teacher_hf.py tests/test_pipeline.py tests/test_cord.py
 step bench-qlora 150 python3 bench/qlora.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12 --max-len 2048

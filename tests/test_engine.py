@@ -277,6 +277,23 @@ def test_engine_trains_in_bf16_on_cuda(micro):
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
 
 
+@pytest.mark.gpu
+def test_chunked_head_and_compile_on_cuda_train_as_the_plain_step(micro):
+    """On a CUDA device in bf16: the chunked head (its products in bf16, as the plain head's backward) and
+    ``train.compile`` follow the plain step's losses to bf16 tolerance."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _, tok = load(micro)
+    runs = {}
+    for name, over in (("plain", {"chunked_loss": False}), ("chunked", {"chunked_loss": True}),
+                       ("compiled", {"chunked_loss": True, "compile": True})):
+        res = train(load(micro)[0], tok, rows(32), TrainArgs(steps=6, batch_size=8, lr=5e-3, bf16=True, **over))
+        runs[name] = res.history
+    assert runs["plain"][-1] < runs["plain"][0]
+    for name in ("chunked", "compiled"):
+        assert runs[name] == pytest.approx(runs["plain"], rel=3e-2), name
+
+
 def test_the_first_line_says_what_runs(micro, capsys):
     from accord import ui
 

@@ -476,8 +476,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             total += (lse - logits.gather(-1, tg[:, None])[:, 0]).sum()
             d = torch.softmax(logits, -1)
             d[torch.arange(len(tg), device=d.device), tg] -= 1.0  # d loss / d logits
-            grad_h[s:s + len(tg)] = (d.to(h.dtype) @ w).to(h.dtype)
-            grad_w += d.T @ hs.float()
+            d = d.to(h.dtype)  # both products in the autocast dtype, as the plain head's backward (no fp32 GEMM)
+            grad_h[s:s + len(tg)] = d @ w
+            grad_w += (d.T @ hs).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
 
@@ -519,9 +520,9 @@ class LinearTokenNLL(torch.autograd.Function):
             hs, tg = h[s:s + LinearTokenNLL.CHUNK], targets[s:s + LinearTokenNLL.CHUNK]
             d = torch.exp((hs @ w.T).float() - lse[s:s + len(tg), None])
             d[torch.arange(len(tg), device=d.device), tg] -= 1.0
-            d *= g[s:s + len(tg), None].float()
-            grad_h[s:s + len(tg)] = (d.to(h.dtype) @ w).to(h.dtype)
-            grad_w += d.T @ hs.float()
+            d = (d * g[s:s + len(tg), None].float()).to(h.dtype)  # the products in the autocast dtype, as above
+            grad_h[s:s + len(tg)] = d @ w
+            grad_w += (d.T @ hs).float()
         return grad_h, grad_w.to(weight.dtype), None
 
 
