@@ -73,6 +73,19 @@ def _weights(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # device-agnostic (CUDA too)
 
 
+def assert_same_run(x, y) -> None:
+    """Two paths to the same model (packed, chunked, compiled): the same losses and weights to float32 rounding.
+    With CUDA visible the process trains under bf16 autocast (its accelerator): the same losses to bf16 rounding,
+    and the weights are not compared — AdamW's normalised step turns a rounding-sized gradient difference into a
+    full-size one for a weight whose gradient is near zero."""
+    if torch.cuda.is_available():
+        assert x.history == pytest.approx(y.history, rel=3e-2)
+        return
+    assert x.history == pytest.approx(y.history, rel=1e-5)
+    a, b = _weights(x.model), _weights(y.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def test_killed_run_resumes_to_the_same_weights(micro, tmp_path):
     model, tok = load(micro)
     args = TrainArgs(steps=6, batch_size=4, lr=1e-2, checkpoint_every=2, seed=3, warmup_ratio=0.2)
@@ -339,9 +352,7 @@ def test_chunked_loss_trains_the_same_model(micro):
     plain = train(model, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2, chunked_loss=False))
     model2, _ = load(micro)
     chunked = train(model2, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2, chunked_loss=True))
-    assert chunked.history == pytest.approx(plain.history, rel=1e-5)
-    a, b = _weights(plain.model), _weights(chunked.model)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert_same_run(chunked, plain)
 
 
 def test_compile_targets_are_each_layers_mlp_and_norms(micro):
@@ -369,9 +380,7 @@ def test_compiled_training_gives_the_same_model_and_leaves_it_eager(micro, capsy
                  on_step=lambda s, _loss: seen.append(n_compiled(model2)))
     assert seen == [3 * len(model2.model.layers)] * 3 and n_compiled(fast.model) == 0
     assert "torch.compile: 6 MLP/norm module(s)" in capsys.readouterr().err
-    assert fast.history == pytest.approx(plain.history, rel=1e-5)
-    a, b = _weights(plain.model), _weights(fast.model)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert_same_run(fast, plain)
 
 
 def test_a_head_with_an_adapter_is_not_chunked(micro):
@@ -455,10 +464,8 @@ def test_packing_trains_the_same_model_and_a_model_that_cannot_pack_is_caught(mi
     model, tok = load(micro)
     plain = train(model, tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2, packing=False))
     packed = train(load(micro)[0], tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2, packing=True))
-    assert packed.history == pytest.approx(plain.history, rel=1e-5)
+    assert_same_run(packed, plain)
     assert packed.model.config._attn_implementation == "sdpa"  # varlen SDPA while training only
-    a, b = _weights(plain.model), _weights(packed.model)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
     class Blind(torch.nn.Module):  # drops position_ids: its packed rows would attend across examples
         def __init__(self, inner):
