@@ -40,7 +40,8 @@ def launch(cfg: Path, nproc: int, tmp_path: Path) -> None:
     worker = Path(__file__).with_name("dist_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(worker), str(cfg)] if nproc > 1 else [sys.executable, str(worker), str(cfg)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+           "TMPDIR": str(tmp_path)}  # torchrun's torchelastic_* directories: pytest's to clean, not /tmp's
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
 
