@@ -11,6 +11,7 @@ import torch
 from conftest import pipeline_cfg, run_cli, write_jsonl
 
 from accord.analysis.diagnose import (
+    head_scores,
     paired,
     score_traces,
     spearman,
@@ -31,6 +32,17 @@ def test_token_scores_match_a_loop_over_the_vocabulary():
         z = sum(math.exp(float(v)) for v in logits[i])
         assert float(nll[i]) == pytest.approx(math.log(z) - float(logits[i, targets[i]]), rel=1e-5)
         assert int(rank[i]) == 1 + sum(1 for v in logits[i] if float(v) > float(logits[i, targets[i]]))
+
+
+def test_head_scores_in_chunks_match_the_full_logits():
+    """From hidden states and the head's weight, a few rows at a time: the NLL and ranks of the full logits."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(11, 6, generator=g), torch.randn(40, 6, generator=g)
+    targets = torch.randint(0, 40, (11,), generator=g)
+    nll, rank = head_scores(h, w, targets, chunk=4)
+    ref_nll, ref_rank = token_scores(h @ w.T, targets)
+    assert torch.allclose(nll, ref_nll, atol=1e-5) and torch.equal(rank, ref_rank)
+    assert head_scores(h @ w.T, None, targets)[1].tolist() == ref_rank.tolist()  # a head that is not h W^T
 
 
 def test_trace_scores_surprise_clip_and_rsr():

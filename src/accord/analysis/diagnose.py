@@ -51,7 +51,10 @@ Choices where the spec is silent:
   teachers share no problem, each teacher's first problems are used and the paired table is empty.
 - Tokens scored: the training labels (:func:`engine.encode_example`: the completion and EOS, never the
   prompt), so the NLL is exactly the one SFT would start from.  The forward runs under ``no_grad`` in batches of
-  16 padded rows; ranks are counted against the full-vocabulary logits of the scored positions only.
+  16 padded rows; ranks are counted against the full-vocabulary logits of the scored positions only, formed from
+  the final hidden states ``CHUNK`` positions at a time where the head is h W^T (``engine.chunkable_head``), so a
+  batch of long traces never holds its [rows, length, vocabulary] logits (issue 13's rule, at a 152k vocabulary
+  16 × 4,096 positions would be 20 GB in bf16).
 - Written to ``<run_dir>/analysis/teachers.json``; the report shows its table when it exists.
 """
 
@@ -70,11 +73,21 @@ from accord.analysis.stats import mean_se
 from accord.config import THINKING_WORDS
 from accord.errors import UsageError
 from accord.models import pick_device
-from accord.train.engine import IGNORE, collate, collate_grouped, encode_example, model_inputs, to_device
+from accord.train.engine import (
+    IGNORE,
+    chunkable_head,
+    collate,
+    collate_grouped,
+    encode_example,
+    model_inputs,
+    output_states,
+    to_device,
+)
 from accord.ui import progress
 
 KAPPA = 5.0  # nats: a token the student finds this surprising counts as a surprise (spec item 1)
 RANK_CLIP = 100
+CHUNK = 4096  # scored positions whose logits exist at once (head_scores)
 WINDOW = 64  # tokens: the step-level window of the spec's item 1 (the student's window-mean ℓ)
 HEDGES = ("maybe", "perhaps", "probably", "i think", "not sure")
 CHECKS = ("check", "verify", "double-check", "substitute back")
@@ -88,6 +101,17 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     tgt = lg.gather(1, targets[:, None])
     nll = torch.logsumexp(lg, -1) - tgt[:, 0]
     return nll, 1 + (lg > tgt).sum(-1)
+
+
+def head_scores(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor, chunk: int = CHUNK
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_scores` of ``targets`` from ``x``: logits [N, V] (``weight`` None), or final hidden states
+    [N, d] with the head's ``weight`` [V, d], the logits formed ``chunk`` rows at a time."""
+    if weight is None:
+        return token_scores(x, targets)
+    w = weight.to(x.dtype)
+    parts = [token_scores(x[a:a + chunk] @ w.T, targets[a:a + chunk]) for a in range(0, x.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def trace_scores(nll: torch.Tensor, rank: torch.Tensor, kappa: float = KAPPA, clip: int = RANK_CLIP) -> dict:
@@ -106,10 +130,14 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
     model.eval()
     out = []
     dev = next(model.parameters()).device
+    weight = output_states(model).weight if chunkable_head(model) else None
     for s in range(0, len(rows), batch):
         ex = [encode_example(tok, r, max_len) for r in rows[s:s + batch]]
         b = collate(ex, tok.pad_token_id)
-        logits = model(**model_inputs(to_device(b, dev))).logits
+        if weight is not None:  # the final hidden states; the model's own head runs on the last position only
+            x = model(**model_inputs(to_device(b, dev)), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        else:
+            x = model(**model_inputs(to_device(b, dev))).logits
         tgt = b["labels"][:, 1:].to(dev)
         for i in range(len(ex)):
             keep = tgt[i] != IGNORE
@@ -117,7 +145,7 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
                 out.append({"nll": math.nan, "surprise": math.nan, "rank": math.nan, "rsr": math.nan, "tokens": 0,
                             "global": None, "window": None, "ids": []})
                 continue
-            nll, rank = token_scores(logits[i, :-1][keep], tgt[i][keep])
+            nll, rank = head_scores(x[i, :-1][keep], weight, tgt[i][keep])
             g, w = window_confidence((-nll).tolist(), window)
             out.append({**trace_scores(nll, rank), "tokens": int(keep.sum()), "global": g, "window": w,
                         "ids": tgt[i][keep].tolist()})
