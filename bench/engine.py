@@ -251,10 +251,10 @@ def shape_bench(args) -> None:
         print(f"{name}/plain throughput ratio: {res[name][0] / res['plain'][0]:.2f}")
         if dev == "cuda":
             print(f"{name}/plain peak memory ratio: {res[name][1] / res['plain'][1]:.2f}")
-    if "trl-pf" in res:
-        print(f"engine/{trl_label} throughput ratio: {res['engine'][0] / res['trl-pf'][0]:.2f}")
+    for name in [n for n in ("engine", "engine+compile") if n in res and "trl-pf" in res]:
+        print(f"{name}/{trl_label} throughput ratio: {res[name][0] / res['trl-pf'][0]:.2f}")
         if dev == "cuda":
-            print(f"engine/{trl_label} peak memory ratio: {res['engine'][1] / res['trl-pf'][1]:.2f}")
+            print(f"{name}/{trl_label} peak memory ratio: {res[name][1] / res['trl-pf'][1]:.2f}")
 
 
 def _trl_synthetic(args, ex, batches, warm, liger: bool) -> tuple[float, float | None]:

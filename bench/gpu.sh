@@ -62,3 +62,5 @@ step bench-eval 150 python3 bench/eval.py --device cuda --shape qwen3-0.6b --n 6
 echo "===== SUMMARY ====="
 cat "$SUM"
 grep -h "ratio\|utilisation\|peak\|equal\|calls" "$OUT"/bench-*.txt 2>/dev/null
+echo "===== ISSUE 13 GOALS ====="
+python3 bench/goals.py "$OUT" | tee "$OUT/goals.txt"

@@ -1,0 +1,74 @@
+"""Issue 13's GPU goals against what ``bench/gpu.sh`` measured: one line per goal, met / missed / not measured.
+
+    python bench/goals.py $OUT          # the directory bench/gpu.sh wrote (bench-engine.txt, bench-memory.txt)
+
+It only reads the benches' printed lines (no torch), so it runs anywhere, after the fact too.  With
+``train.compile`` measured beside the engine, the throughput, MFU and memory goals are read for both; a goal is met
+when either configuration meets it (the note says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+
+class Goal(NamedTuple):
+    what: str
+    file: str  # the bench's output under OUT
+    pattern: str  # a regex whose group 1 is the figure; {engine} is replaced by each engine configuration
+    bound: float
+    at_least: bool  # True: figure ≥ bound; False: figure ≤ bound
+
+
+ENGINES = ("engine", "engine+compile")
+GOALS = [
+    Goal("engine / plain autocast loop, tokens/s", "bench-engine.txt",
+         r"^{engine}/plain throughput ratio: ([\d.]+)", 1.5, True),
+    Goal("model-FLOPs utilisation", "bench-engine.txt", r"^{engine} +\d+ tokens/s, MFU ([\d.]+)%", 35.0, True),
+    Goal("peak memory / the plain loop's", "bench-engine.txt",
+         r"^{engine}/plain peak memory ratio: ([\d.]+)", 0.6, False),
+    Goal("engine / TRL padding-free (+ Liger where installed), tokens/s", "bench-engine.txt",
+         r"^{engine}/TRL padding-free(?: \+ Liger)? throughput ratio: ([\d.]+)", 1.0, True),
+    Goal("memory after N train() calls / after 1", "bench-memory.txt",
+         r"^memory after \d+ train\(\) calls / after 1: ([\d.]+)", 1.05, False),
+]
+
+
+def read(goal: Goal, out: Path) -> dict[str, float]:
+    """Configuration → figure, for each configuration the bench printed it for."""
+    path = out / goal.file
+    text = path.read_text(errors="replace") if path.exists() else ""
+    engines = ENGINES if "{engine}" in goal.pattern else ("",)
+    found = {}
+    for e in engines:
+        m = re.search(goal.pattern.replace("{engine}", re.escape(e)), text, re.MULTILINE)
+        if m:
+            found[e or "-"] = float(m.group(1))
+    return found
+
+
+def verdicts(out: Path) -> list[str]:
+    lines = []
+    for g in GOALS:
+        found = read(g, out)
+        sign = "≥" if g.at_least else "≤"
+        if not found:
+            lines.append(f"not measured  {g.what} (goal {sign} {g.bound:g}; nothing in {g.file})")
+            continue
+        ok = {k: (v >= g.bound if g.at_least else v <= g.bound) for k, v in found.items()}
+        figures = ", ".join(f"{k} {v:g}" if k != "-" else f"{v:g}" for k, v in found.items())
+        lines.append(f"{'met' if any(ok.values()) else 'missed':12s}  {g.what}: {figures} (goal {sign} {g.bound:g})")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="the directory bench/gpu.sh wrote")
+    print("\n".join(verdicts(ap.parse_args().out)))
+
+
+if __name__ == "__main__":
+    main()
