@@ -79,6 +79,7 @@ from accord.train.engine import (
     collate,
     collate_grouped,
     encode_example,
+    final_states,
     model_inputs,
     output_states,
     to_device,
@@ -134,11 +135,9 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
     for s in range(0, len(rows), batch):
         ex = [encode_example(tok, r, max_len) for r in rows[s:s + batch]]
         b = collate(ex, tok.pad_token_id)
-        if weight is not None:  # the final hidden states; the model's own head runs on the last position only
-            x = model(**model_inputs(to_device(b, dev)), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        else:
-            x = model(**model_inputs(to_device(b, dev))).logits
-        tgt = b["labels"][:, 1:].to(dev)
+        b = to_device(b, dev)
+        x = final_states(model, b) if weight is not None else model(**model_inputs(b)).logits
+        tgt = b["labels"][:, 1:]
         for i in range(len(ex)):
             keep = tgt[i] != IGNORE
             if not keep.any():

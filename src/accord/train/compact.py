@@ -74,13 +74,14 @@ from accord.train.engine import (
     IGNORE,
     capture_input,
     chat_head,
-    chunkable_head,
+    final_states,
     flat_positions,
     flat_token_nll,
     grouped_batches,
     model_inputs,
     output_states,
     train,
+    use_chunked,
 )
 from accord.ui import progress
 
@@ -225,7 +226,7 @@ def make_loss_fn(c, chunked: bool | None = False):
         meta = b["meta"]
         layer = last_decoder_layer(model) if "cons" in use else None
         parts, index = (b["parts"], b["index"]) if "parts" in b else ([b], [list(range(len(meta)))])
-        chunk = (parts[0]["input_ids"].device.type == "cuda" if chunked is None else chunked) and chunkable_head(model)
+        chunk = use_chunked(chunked, parts[0]["input_ids"].device, model)
         t = _trace_terms(model, parts, index, meta, layer, c, "mi" in use, chunk)
         per, s_ppl, s_mi = t["per"], t["s_ppl"], t["s_mi"]
         groups: dict = {}
@@ -317,9 +318,8 @@ def _trace_terms(model, parts: list[dict], index: list[list[int]], meta: list[di
     rows, eos_rows, ids, targets, wheres, off = [], [], [], [], [], 0
     for b in parts:
         with capture_input(layer) if layer is not None else contextlib.nullcontext({}) as cap:
-            if chunked:  # the final hidden states; the model's own head runs on the last position only
-                out = model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1)
-                x = out.hidden_states[-1]
+            if chunked:
+                x = final_states(model, b)
             else:
                 x = model(**model_inputs(b)).logits  # [R, W, V]: padded rows, or packed ones
         rows.append(x.reshape(-1, x.shape[-1]))
@@ -510,9 +510,9 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     sizes = dict(Counter(Counter(e["group"] for e in examples).values()))
     console.print("compact: problems by number of traces K′: "
                   + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
-    chunked = cfg.train.chunked_loss if cfg.train.chunked_loss is not None else torch.cuda.is_available()
+    chunked = use_chunked(cfg.train.chunked_loss, "cuda" if torch.cuda.is_available() else "cpu", model)
     console.print("compact: the head " + ("in chunks from the hidden states (no full-vocabulary logits)"
-                                          if chunked and chunkable_head(model) else "over full-vocabulary logits"))
+                                          if chunked else "over full-vocabulary logits"))
     T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "compact", "compact")
     args = engine_args(cfg, T * S, checkpoint_every=S)
     with progress(console) as bar:

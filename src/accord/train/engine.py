@@ -441,9 +441,7 @@ def sft_loss(model, b: dict, n_units: int, chunked: bool = False) -> tuple[torch
     if "parts" in b:
         return sum(sft_loss(model, part, n_units, chunked)[0] for part in b["parts"]), {}
     if chunked:
-        # only the last position's logits; the head runs in chunks below
-        out = model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1)
-        h, tgt = out.hidden_states[-1][:, :-1], b["labels"][:, 1:]
+        h, tgt = final_states(model, b)[:, :-1], b["labels"][:, 1:]  # the head runs in chunks below
         keep = tgt != IGNORE
         head = output_states(model)
         return LinearCrossEntropy.apply(h[keep], head.weight, tgt[keep]) / max(1, n_units), {}
@@ -524,6 +522,19 @@ class LinearTokenNLL(torch.autograd.Function):
             grad_h[s:s + len(tg)] = d @ w
             grad_w += (d.T @ hs).float()
         return grad_h, grad_w.to(weight.dtype), None
+
+
+def final_states(model, b: dict) -> torch.Tensor:
+    """The final hidden states [rows, T, d] of batch ``b`` (the LM head's input), with the model's own head run on
+    the last position only: what every chunked-head reader starts from (``train.chunked_loss``)."""
+    return model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+
+
+def use_chunked(setting: bool | None, device, model) -> bool:
+    """Whether ``model`` reads its head in chunks: ``train.chunked_loss`` (None: on CUDA) and a head that is
+    h W^T (:func:`chunkable_head`)."""
+    on = torch.device(device).type == "cuda" if setting is None else setting
+    return bool(on) and chunkable_head(model)
 
 
 def chunkable_head(model) -> bool:
@@ -732,8 +743,7 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
         grouped = isinstance(examples[0], dict) and "group" in examples[0] and not varlen
         collate_fn = (lambda c: collate_grouped(c, one)) if grouped else one
     trained = [m for m in models.values() if _trainable(m)]
-    chunked = bool(args.chunked_loss if args.chunked_loss is not None else acc.device.type == "cuda") and single \
-        and loss_fn is None and chunkable_head(call)
+    chunked = single and loss_fn is None and use_chunked(args.chunked_loss, acc.device, call)
     if loss_fn is None and chunked:
         import functools
 

@@ -107,7 +107,7 @@ from accord.train.engine import (
     IGNORE,
     capture_input,
     chat_head,
-    chunkable_head,
+    final_states,
     grouped_batches,
     length_mask,
     model_inputs,
@@ -118,6 +118,7 @@ from accord.train.engine import (
     token_nll,
     train,
     unpack,
+    use_chunked,
     use_packing,
     varlen_attention,
 )
@@ -300,8 +301,8 @@ def student_pass(model, b: dict, n_units: int, grad: bool, pad_id: int | None = 
     chunked head (:func:`engine.state_token_nll`), never the [rows, T, V] logits."""
     run = repack(b, pad_id, bucketed=varlen_active(model)) if pad_id is not None else b
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        if chunked:  # the model's own head runs on the last position only
-            x = model(**model_inputs(run), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        if chunked:
+            x = final_states(model, run)
             nll = state_token_nll(x, output_states(model).weight, run["labels"])
         else:
             with capture_input(output_states(model)) as cap:
@@ -370,10 +371,9 @@ def make_loss_fn(q, names: list[str], frozen: set[str], tau_at=None, pack: dict[
             alpha = torch.ones_like(logits)
         expected = torch.sigmoid(logits / tau)
         routed = q.mutual_paths == "routed" and q.route != "all"
-        chunk = logits.device.type == "cuda" if chunked is None else chunked
         out = [split_pass(models[n], b["per"][n], b["n_units"],
                           alpha[:, k].detach() > 0.5 if routed and n not in frozen else None, pack.get(n),
-                          grad=n not in frozen, chunked=chunk and chunkable_head(models[n]))
+                          grad=n not in frozen, chunked=use_chunked(chunked, logits.device, models[n]))
                for k, n in enumerate(names)]
         ce = torch.stack([o[0] for o in out], 1)  # [B, S]
         share = B / max(1, n_units)  # this micro-batch's share of the step's paths
@@ -626,8 +626,8 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                       f"type(s); students {', '.join(names)}"
                       + (f" (frozen: {', '.join(q.freeze)})" if q.freeze else "")
                       + f"; paths packed for {', '.join(pack) or 'no student'}")
-        chunked = cfg.train.chunked_loss if cfg.train.chunked_loss is not None else torch.cuda.is_available()
-        heads = [n for n, m in students.items() if chunked and chunkable_head(m)]
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        heads = [n for n, m in students.items() if use_chunked(cfg.train.chunked_loss, dev, m)]
         console.print("qr: the head " + (f"in chunks from the hidden states (no full-vocabulary logits) for "
                                          f"{', '.join(heads)}" if heads else "over full-vocabulary logits")
                       + (f", over full-vocabulary logits for {', '.join(n for n in names if n not in heads)}"
