@@ -187,7 +187,8 @@ def _peak(device: str) -> float | None:
 def shape_bench(args) -> None:
     """``--shape qwen3-0.6b --device cuda``: the engine (its defaults there: bf16 autocast, packing, chunked loss)
     against a plain bf16-autocast loop on identical batches — tokens/s, model-FLOPs utilisation (6·params·tokens
-    over ``--peak-tflops``), peak memory — and against TRL padding-free when TRL is installed."""
+    over ``--peak-tflops``), peak memory —, the engine with ``train.compile`` too (``--compile``, default on CUDA),
+    and TRL padding-free (+ Liger) when TRL is installed."""
     from types import SimpleNamespace
 
     from accord.train.engine import BatchStream, TrainArgs, train
