@@ -810,6 +810,17 @@ def test_seed_replicas_are_pooled_against_a_by_hand_reference(tmp_path):
     assert seed_table(tmp_path, rows, [r for r in results if "seed" not in r["name"]], ["target"]) == ([], [])
 
 
+def test_a_later_seeds_method_figure_folds_under_the_first_seeds_section():
+    from accord.analysis.report import _method_figure
+
+    later = {"compact-seed1": "compact"}
+    first = _method_figure("COMPACT: α", "compact", "<img src='compact-alpha.png'>", later)
+    assert first == ["<h2>COMPACT: α</h2>", "<img src='compact-alpha.png'>"]
+    (folded,) = _method_figure("COMPACT: α", "compact-seed1", "<img src='compact-seed1-alpha.png'>", later)
+    assert folded.startswith("<details><summary>compact-seed1: the same for this training seed</summary><img")
+    assert _method_figure("COMPACT: α", "compact-no-mi", "x", later)[0] == "<h2>COMPACT: α — compact-no-mi</h2>"
+
+
 def test_replicas_name_each_seed():
     from accord.config import AccordConfig
     from accord.train.common import replicas, tagged

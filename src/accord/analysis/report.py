@@ -640,17 +640,19 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     for s in curves:
         page.append(f"<h2>{html.escape(s)} pass@1 by round / checkpoint (MoT Table 22, Fig. 3)</h2>"
                     f"<img src='curve-{html.escape(s)}.png' alt='{html.escape(s)} curve'>")
+    later_seeds = {n: g[0] for g in seed_groups(results).values() for n in g[1:]}  # --seeds: collapsed below g[0]
     for name in _named(results, "compact"):  # the default and any tagged variant (train.tag)
         metrics, png = run_dir / "train" / name / "metrics.jsonl", f"{name}-alpha.png"
         if plot_alpha(metrics, out / png):
             head_c, body_c = compact_scores(metrics)
-            page += [f"<h2>COMPACT: each teacher's weight α over training (COMPACT Fig. 3){_variant(name)}</h2>",
-                     f"<img src='{html.escape(png)}' alt='COMPACT weights'>", _html_table(head_c, body_c)]
+            page += _method_figure("COMPACT: each teacher's weight α over training (COMPACT Fig. 3)", name,
+                                   f"<img src='{html.escape(png)}' alt='COMPACT weights'>"
+                                   + _html_table(head_c, body_c), later_seeds)
     for name in _named(results, "mot"):
         png = f"{name}-branch-loss.png"
         if plot_branch_losses(run_dir / "train" / name / "metrics.jsonl", out / png):
-            page.append(f"<h2>MoT branch losses by teacher across rounds (MoT Fig. 3/4){_variant(name)}</h2>"
-                        f"<img src='{html.escape(png)}' alt='MoT branch losses'>")
+            page += _method_figure("MoT branch losses by teacher across rounds (MoT Fig. 3/4)", name,
+                                   f"<img src='{html.escape(png)}' alt='MoT branch losses'>", later_seeds)
     if collect:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
     page += _interpolation_section(run_dir / "analysis" / "interpolation.json", out)
@@ -984,6 +986,14 @@ def _named(results: list[dict], method: str) -> list[str]:
     """The result names of one method, the default first (``compact``, then ``compact-<tag>`` variants)."""
     return sorted({r["name"] for r in results if r.get("method", r["name"]) == method or r["name"] == method},
                   key=lambda n: (n != method, n))
+
+
+def _method_figure(title: str, name: str, body: str, later_seeds: dict[str, str]) -> list[str]:
+    """A method's own figure under its heading; a later seed of a ``--seeds`` group (``later_seeds``: name → the
+    group's first) folded under the first seed's, so S seeds make one section, not S."""
+    if name in later_seeds:
+        return [f"<details><summary>{html.escape(name)}: the same for this training seed</summary>{body}</details>"]
+    return [f"<h2>{html.escape(title)}{_variant(name)}</h2>", body]
 
 
 def _variant(name: str) -> str:
