@@ -326,6 +326,24 @@ def test_accord_train_qr_end_to_end(tmp_path, micro, micro_b):
     assert code == 0 and "qr: finished earlier, skipped" in out
 
 
+def test_qr_over_two_training_seeds_reports_the_routing_once(tmp_path, micro, micro_b):
+    """`accord train --seeds 0,1` trains QR per seed (`train/qr-seed1/`, `qr-llama-seed1`, …); the report shows the
+    routing under one set of headings, the second seed's folded under them."""
+    from accord.analysis.report import write_report
+    from accord.config import load_config
+
+    run, p = _qr_run(tmp_path, micro, micro_b)
+    code, out = run_cli("train", str(p), "--seeds", "0,1")
+    assert code == 0, out
+    assert (run / "train" / "qr-seed1" / "routing.jsonl").exists()
+    res = [json.loads((run / "train" / n / "result.json").read_text())
+           for n in ("qr-llama", "qr-qwen", "qr-llama-seed1", "qr-qwen-seed1")]
+    html = write_report(load_config(p), res, []).read_text()
+    assert html.count("<h2>QR-Distill: selection rate per student over training") == 1
+    assert "<details><summary>qr-seed1: QR's routing for this training seed</summary><h3>QR-Distill: selection " \
+           "rate per student over training — qr-seed1</h3>" in html and "qr-seed1-routing-type.png" in html
+
+
 def test_qr_resumes_students_router_and_optimizer_exactly(tmp_path, micro, micro_b):
     from safetensors.torch import load_file
 

@@ -659,7 +659,11 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     page += _diagnose_section(run_dir / "analysis" / "teachers.json")
     page += _drift_section(run_dir / "analysis" / "drift.json", out)
     for qr_dir in sorted((run_dir / "train").glob("qr*/routing.jsonl")):  # QR's working dir(s): qr, qr-<tag>
-        page += _qr_section(qr_dir.parent, out)
+        parts, suffix = _qr_section(qr_dir.parent, out), qr_dir.parent.name[2:]  # qr-seed1 trains qr-<student>-seed1
+        if parts and suffix and any(n.startswith("qr-") and n.endswith(suffix) for n in later_seeds):
+            parts = [f"<details><summary>{html.escape(qr_dir.parent.name)}: QR's routing for this training seed"
+                     "</summary>" + "".join(parts).replace("<h2>", "<h3>").replace("</h2>", "</h3>") + "</details>"]
+        page += parts
     page += _cord_section(run_dir, out)
     page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows, cfg)]
     page += _where_they_differ(run_dir, eval_rows, splits, cfg) + [_provenance_footer(results, eval_rows),
