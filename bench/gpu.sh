@@ -31,8 +31,11 @@ step() {  # step NAME TIMEOUT CMD...
   return 0
 }
 
-nvidia-smi || true
-python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)'
+{ nvidia-smi || true
+  python3 --version
+  python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)'
+  python3 -c 'import importlib.util as u; print({m: u.find_spec(m) is not None for m in ("flash_attn", "liger_kernel", "trl", "triton")})'
+} 2>&1 | tee "$OUT/env.txt"  # what the figures were measured on (the machine's own packages, before .gpu/ wheels)
 if [ -d "$ROOT/.gpu/whl" ] && [ -z "${SKIP_WHL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.gpu/whl/*.whl
 fi
