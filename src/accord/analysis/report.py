@@ -661,8 +661,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     for qr_dir in sorted((run_dir / "train").glob("qr*/routing.jsonl")):  # QR's working dir(s): qr, qr-<tag>
         parts, suffix = _qr_section(qr_dir.parent, out), qr_dir.parent.name[2:]  # qr-seed1 trains qr-<student>-seed1
         if parts and suffix and any(n.startswith("qr-") and n.endswith(suffix) for n in later_seeds):
-            parts = [f"<details><summary>{html.escape(qr_dir.parent.name)}: QR's routing for this training seed"
-                     "</summary>" + "".join(parts).replace("<h2>", "<h3>").replace("</h2>", "</h3>") + "</details>"]
+            parts = _folded(qr_dir.parent.name, "QR's routing", parts)
         page += parts
     page += _cord_section(run_dir, out)
     page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows, cfg)]
@@ -996,8 +995,14 @@ def _method_figure(title: str, name: str, body: str, later_seeds: dict[str, str]
     """A method's own figure under its heading; a later seed of a ``--seeds`` group (``later_seeds``: name → the
     group's first) folded under the first seed's, so S seeds make one section, not S."""
     if name in later_seeds:
-        return [f"<details><summary>{html.escape(name)}: the same for this training seed</summary>{body}</details>"]
+        return _folded(name, "the same", [body])
     return [f"<h2>{html.escape(title)}{_variant(name)}</h2>", body]
+
+
+def _folded(name: str, what: str, parts: list[str]) -> list[str]:
+    """A later training seed's section folded under one summary line, its headings one level down."""
+    body = "".join(parts).replace("<h2>", "<h3>").replace("</h2>", "</h3>")
+    return [f"<details><summary>{html.escape(name)}: {what} for this training seed</summary>{body}</details>"]
 
 
 def _variant(name: str) -> str:

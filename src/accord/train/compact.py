@@ -510,7 +510,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     sizes = dict(Counter(Counter(e["group"] for e in examples).values()))
     console.print("compact: problems by number of traces K′: "
                   + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
-    chunked = use_chunked(cfg.train.chunked_loss, "cuda" if torch.cuda.is_available() else "cpu", model)
+    chunked = use_chunked(cfg.train.chunked_loss, None, model)
     console.print("compact: the head " + ("in chunks from the hidden states (no full-vocabulary logits)"
                                           if chunked else "over full-vocabulary logits"))
     T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "compact", "compact")

@@ -531,9 +531,10 @@ def final_states(model, b: dict) -> torch.Tensor:
 
 
 def use_chunked(setting: bool | None, device, model) -> bool:
-    """Whether ``model`` reads its head in chunks: ``train.chunked_loss`` (None: on CUDA) and a head that is
-    h W^T (:func:`chunkable_head`)."""
-    on = torch.device(device).type == "cuda" if setting is None else setting
+    """Whether ``model`` reads its head in chunks: ``train.chunked_loss`` (None: on CUDA — ``device``'s type, or
+    whether CUDA is there when ``device`` is None) and a head that is h W^T (:func:`chunkable_head`)."""
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    on = cuda if setting is None else setting
     return bool(on) and chunkable_head(model)
 
 

@@ -626,8 +626,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
                       f"type(s); students {', '.join(names)}"
                       + (f" (frozen: {', '.join(q.freeze)})" if q.freeze else "")
                       + f"; paths packed for {', '.join(pack) or 'no student'}")
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        heads = [n for n, m in students.items() if use_chunked(cfg.train.chunked_loss, dev, m)]
+        heads = [n for n, m in students.items() if use_chunked(cfg.train.chunked_loss, None, m)]
         console.print("qr: the head " + (f"in chunks from the hidden states (no full-vocabulary logits) for "
                                          f"{', '.join(heads)}" if heads else "over full-vocabulary logits")
                       + (f", over full-vocabulary logits for {', '.join(n for n in names if n not in heads)}"
