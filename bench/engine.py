@@ -132,14 +132,16 @@ SHAPES = {
 }
 
 
-def new_qwen3(shape: str, device: str):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def new_qwen3(shape: str, device: str, attention: str = "sdpa"):
+    """A randomly initialised Qwen3 of ``shape`` attending with ``attention`` (transformers' attn_implementation,
+    as ``student.attention`` sets it)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
 
     torch.manual_seed(0)
     cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=40960, tie_word_embeddings=True, eos_token_id=1,
                       pad_token_id=0, bos_token_id=None)
     with torch.device(device):
-        return Qwen3ForCausalLM(cfg)
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=attention)
 
 
 def synthetic(n: int, vocab: int, max_len: int, seed: int = 0, prompt: int = 64) -> list[tuple[list, list]]:
@@ -205,7 +207,7 @@ def shape_bench(args) -> None:
     res = {}
 
     _peak_reset(dev)
-    model = new_qwen3(args.shape, dev)
+    model = new_qwen3(args.shape, dev, args.attention)
     params = sum(p.numel() for p in model.parameters())
     clock = _Clock(dev, warm)
     train(model, tok, [], targs, examples=ex, on_step=clock.tick)
@@ -213,7 +215,7 @@ def shape_bench(args) -> None:
     del model
 
     _peak_reset(dev)
-    model = new_qwen3(args.shape, dev)
+    model = new_qwen3(args.shape, dev, args.attention)
     clock = _Clock(dev, warm)
     plain_loop(model, ex, batches, targs, 0, dev, clock.tick)
     res["plain"] = (clock.rate(tokens), _peak(dev))
@@ -223,8 +225,8 @@ def shape_bench(args) -> None:
         try:
             _peak_reset(dev)
             clock = _Clock(dev, warm)
-            train(new_qwen3(args.shape, dev), tok, [], dataclasses.replace(targs, compile=True), examples=ex,
-                  on_step=clock.tick)
+            train(new_qwen3(args.shape, dev, args.attention), tok, [], dataclasses.replace(targs, compile=True),
+                  examples=ex, on_step=clock.tick)
             res["engine+compile"] = (clock.rate(tokens), _peak(dev))
         except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
             print(f"engine + compile: not measured ({type(e).__name__}: {e})")
@@ -247,7 +249,8 @@ def shape_bench(args) -> None:
     for name, (rate, mem) in res.items():
         mfu = f", MFU {6 * params * rate / peak:.1%}" if dev == "cuda" else ""
         print(f"{name:14s} {rate:10.0f} tokens/s{mfu}" + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
-    print(f"shape {args.shape} ({params / 1e6:.2f}M parameters) on {dev}, batch {args.batch} × ≤ {args.max_len} tokens")
+    print(f"shape {args.shape} ({params / 1e6:.2f}M parameters) on {dev}, batch {args.batch} × ≤ {args.max_len} tokens,"
+          f" attention {args.attention}")
     for name in [n for n in ("engine", "engine+compile") if n in res]:
         print(f"{name}/plain throughput ratio: {res[name][0] / res['plain'][0]:.2f}")
         if dev == "cuda":
@@ -285,7 +288,7 @@ def _trl_synthetic(args, ex, batches, warm, liger: bool) -> tuple[float, float |
                         save_strategy="no", report_to=[], use_cpu=dev == "cpu", dataloader_num_workers=0,
                         disable_tqdm=True, seed=0, bf16=dev == "cuda", padding_free=True, use_liger_kernel=liger,
                         completion_only_loss=True, shuffle_dataset=False)
-        trainer = SFTTrainer(model=new_qwen3(args.shape, dev), args=cfg, train_dataset=data,
+        trainer = SFTTrainer(model=new_qwen3(args.shape, dev, args.attention), args=cfg, train_dataset=data,
                              processing_class=_stub_tokenizer(), callbacks=[Tick()])
         seen, orig = [], trainer.compute_loss
 
@@ -315,6 +318,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-len", type=int, default=4096, help="longest synthetic sequence (Qwen3 shapes)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H200: 989)")
+    ap.add_argument("--attention", default="sdpa",
+                    help="Qwen3 shapes: every contender's attn_implementation (e.g. flash_attention_2, which needs "
+                         "flash-attn; the engine then packs a micro-batch into one row)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="Qwen3 shapes: also the engine with train.compile (default: on CUDA)")
     args = ap.parse_args()

@@ -3,8 +3,9 @@
     python bench/goals.py $OUT          # the directory bench/gpu.sh wrote (bench-engine.txt, bench-memory.txt)
 
 It only reads the benches' printed lines (no torch), so it runs anywhere, after the fact too.  With
-``train.compile`` measured beside the engine, the throughput, MFU and memory goals are read for both; a goal is met
-when either configuration meets it (the note says which).
+``train.compile`` measured beside the engine (and the engine bench run again with ``--attention flash_attention_2``
+where flash-attn is installed: ``bench-engine-fa2.txt``), the throughput, MFU and memory goals are read for every
+configuration; a goal is met when one of them meets it (the line says which figure is whose).
 """
 
 from __future__ import annotations
@@ -37,16 +38,22 @@ GOALS = [
 ]
 
 
+# the same bench run again under another attention kernel (bench/gpu.sh, where flash-attn is installed): its
+# figures count as further configurations, labelled with the kernel
+ALSO = {"bench-engine.txt": {"bench-engine-fa2.txt": "flash_attention_2 "}}
+
+
 def read(goal: Goal, out: Path) -> dict[str, float]:
     """Configuration → figure, for each configuration the bench printed it for."""
-    path = out / goal.file
-    text = path.read_text(errors="replace") if path.exists() else ""
     engines = ENGINES if "{engine}" in goal.pattern else ("",)
     found = {}
-    for e in engines:
-        m = re.search(goal.pattern.replace("{engine}", re.escape(e)), text, re.MULTILINE)
-        if m:
-            found[e or "-"] = float(m.group(1))
+    for file, label in {goal.file: "", **ALSO.get(goal.file, {})}.items():
+        path = out / file
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for e in engines:
+            m = re.search(goal.pattern.replace("{engine}", re.escape(e)), text, re.MULTILINE)
+            if m:
+                found[(label + e) or "-"] = float(m.group(1))
     return found
 
 

@@ -55,6 +55,10 @@ step imports 60 python3 -c 'import accord.cli, accord.train.engine, accord.teach
 step bench-engine 180 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12
 step bench-memory 90 python3 bench/memory.py --device cuda --shape qwen3-0.6b --calls 3 --steps 2 --batch 4 \
   --max-len 1024
+if PYTHONPATH="$BENCH_PATH" python3 -c 'import flash_attn' 2>/dev/null; then  # student.attention=flash_attention_2
+  step bench-engine-fa2 120 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b \
+    --batch 8 --steps 12 --attention flash_attention_2 --no-compile
+fi
 step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
 step pytest-cuda-visible 150 python3 -m pytest -q -p no:cacheprovider --maxfail=10 -rfEs -m "not slow" \
   tests/test_engine.py tests/test_merge.py tests/test_teacher_hf.py tests/test_pipeline.py tests/test_cord.py

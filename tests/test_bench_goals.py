@@ -33,3 +33,10 @@ def test_goals_read_the_benches_lines_for_each_engine_configuration(tmp_path):
     assert lines[4].startswith("not measured") and "bench-memory.txt" in lines[4]
     (tmp_path / "bench-memory.txt").write_text("memory after 3 train() calls / after 1: 1.08  (goal ≤ 1.05)\n")
     assert _goals().verdicts(tmp_path)[4].startswith("missed")
+
+
+def test_a_flash_attention_run_counts_as_further_configurations(tmp_path):
+    (tmp_path / "bench-engine.txt").write_text("engine/plain throughput ratio: 1.37\n")
+    (tmp_path / "bench-engine-fa2.txt").write_text("engine/plain throughput ratio: 1.62\n")
+    line = _goals().verdicts(tmp_path)[0]
+    assert line.startswith("met") and "engine 1.37, flash_attention_2 engine 1.62 (goal ≥ 1.5)" in line

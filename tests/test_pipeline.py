@@ -865,3 +865,24 @@ def test_run_with_seeds_trains_evaluates_and_pools_each_seed(tmp_path, problems_
     bad = subprocess.run([sys.executable, "-m", "accord.cli", "run", str(cfg), "--seeds", "0,x"],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "--seeds: '0,x': seeds are integers separated by commas" in bad.stderr
+
+
+def test_attention_setting_reaches_every_model_the_run_loads(tmp_path, problems_file, two_parrots, micro):
+    """``student.attention`` / a teacher's ``attention`` is transformers' ``attn_implementation``: the teacher
+    collects with it, the student trains and is evaluated with it (each stage's first line says so); a kernel
+    that is not installed is a clear error naming the setting, exit 2."""
+    teachers = [{**two_parrots[0], "attention": "eager", "batch_size": 8}, two_parrots[1]]
+    cfg = pipeline_cfg(tmp_path, problems_file, teachers, micro, method="mtd", rounds=1)
+    code, out = run_cli("run", str(cfg), "student.attention=eager")
+    assert code == 0, out
+    assert "train: cpu, weights float32, attention eager;" in out
+    assert "hf backend: cpu, weights float32, attention eager; batch 8" in out  # teacher seven
+    assert "hf backend: cpu, weights float32, attention sdpa; batch 16" in out  # teacher eight
+    assert "hf backend: cpu, weights float32, attention eager; batch 16" in out  # the student's evaluations
+    res = json.loads((tmp_path / "run" / "train" / "mtd" / "result.json").read_text())
+    saved = json.loads((Path(res["final"]) / "config.json").read_text())
+    assert saved.get("_attn_implementation", saved.get("attn_implementation")) in (None, "eager")
+    code, out = run_cli("train", str(cfg), "student.attention=flash_attention_2", "train.method=std:seven")
+    assert code == 2 and "attention 'flash_attention_2' cannot be used here" in out and "attention: auto" in out
+    code, out = run_cli("train", str(cfg), "student.attention=flash2")
+    assert code == 2 and "student.attention" in out and "flash_attention_2" in out  # the names it takes

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -35,6 +36,22 @@ def one_of(v: str, choices, what: str) -> str:
     if v not in choices:
         raise ValueError(f"unknown {what} {v!r}; choose one of {', '.join(choices)}")
     return v
+
+
+# transformers' attn_implementation names (``auto``: transformers' own default, SDPA where the model supports it);
+# a Hub kernel ("org/repo") passes as it is: transformers fetches it where a hub is reachable
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTENTION_DOC = ("attention kernel when loaded with transformers (attn_implementation): auto (transformers' "
+                 "default, sdpa), sdpa, eager, flash_attention_2 / _3 (needs the flash-attn package and a CUDA "
+                 "GPU; packed training rows then go through its varlen kernel in one row), flex_attention, or a "
+                 "Hub kernel 'org/repo'")
+
+
+def _attention(v: str) -> str:
+    return v if "/" in v else one_of(v, ATTENTION, "attention implementation")
+
+
+Attention = Annotated[str, AfterValidator(_attention)]
 
 
 class ConfigError(UsageError):
@@ -92,6 +109,7 @@ class GeneratorConfig(_Strict):
                                  "that continue an assistant prefix, reused when a request continues one again "
                                  "(CoRD's steps, curation's answers); 0 = off")
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (off by default)")
+    attention: Attention = Field("auto", description="hf: " + ATTENTION_DOC)
     # openai-compatible
     base_url: str | list[str] | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1, or a list of "
                                              "replicas serving the same model (round-robin; a dead one is dropped)")
@@ -242,6 +260,7 @@ class StudentConfig(_Strict):
     device: str = Field("auto", description="cpu, cuda, cuda:1, mps or auto")
     dtype: str = Field("auto", description="weights dtype when loading (auto: the checkpoint's)")
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (off by default)")
+    attention: Attention = Field("auto", description=ATTENTION_DOC + "; used for training, evaluation and analysis")
 
 
 class MergeConfig(_Strict):
@@ -458,6 +477,7 @@ class QrStudent(_Strict):
     lr: float | None = Field(None, gt=0, description="peak learning rate (default train.lr; the paper: 5e-6 "
                              "Mistral, 2e-4 Gemma)")
     trust_remote_code: bool = Field(False)
+    attention: Attention = Field("auto", description=ATTENTION_DOC)
 
     @field_validator("name")
     @classmethod

@@ -215,10 +215,12 @@ def split_problems(cfg, name: str) -> list[Problem]:
     return load_problems(pc)
 
 
-def _generator(cfg, path: str, name: str):
+def student_generator(cfg, path: str, name: str):
+    """A checkpoint of the student behind ``eval.backend``, loaded as ``student:`` says (device, remote code,
+    attention)."""
     tc = GeneratorConfig(name=name.replace("/", "_"), backend=cfg.eval.backend, model=path,
-                       batch_size=cfg.eval.batch_size, device=cfg.student.device,
-                       trust_remote_code=cfg.student.trust_remote_code)
+                         batch_size=cfg.eval.batch_size, device=cfg.student.device,
+                         trust_remote_code=cfg.student.trust_remote_code, attention=cfg.student.attention)
     return load_generator(tc)
 
 
@@ -265,7 +267,7 @@ def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
                                   f"; evaluating again (the old files are kept as {kept.name}*)")
                     res = None
                 if res is None:
-                    gen = gen or _generator(cfg, pt["path"], pt["key"])
+                    gen = gen or student_generator(cfg, pt["path"], pt["key"])
                     summary.parent.mkdir(parents=True, exist_ok=True)
                     bar.update(task, description=f"eval {pt['key']} {split}")
                     r = evaluate(gen, probs, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,

@@ -98,7 +98,9 @@ def merged_adapter(path: str | Path, who: str = "model") -> str:
 
 
 def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-                             who: str = "model"):
+                             who: str = "model", attention: str = "auto"):
+    """A checkpoint (path, hub id or lab name; a LoRA adapter merged into its base) and its tokenizer, on ``device``
+    in eval mode; ``attention`` is transformers' ``attn_implementation`` (``auto``: its default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = merged_adapter(resolve_model(spec, who), who)
@@ -108,8 +110,12 @@ def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         with no_hf_bars(Path(path).is_dir()):  # a checkpoint on disk: no bar; downloads keep theirs
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=pick_dtype(dtype, dev), use_safetensors=True, trust_remote_code=trust_remote_code,
+                **({} if attention == "auto" else {"attn_implementation": attention}))
+    except ImportError as e:  # flash-attn / kernels missing: transformers names the package
+        raise TeacherConfigError(f"{who}: attention {attention!r} cannot be used here ({e}); install what it "
+                                 "names, or set attention: auto") from None
     except (OSError, ValueError) as e:
         raise TeacherConfigError(f"{who}: cannot load {spec!r} as a Hugging Face checkpoint "
                                  f"(safetensors weights + tokenizer): {e}") from None

@@ -120,7 +120,8 @@ def run(cfg, console, models: list[str] | None = None, problems: int = 100, rank
 
 
 def _states(cfg, path: str, who: str, questions: dict[str, list[str]]) -> dict[str, list[torch.Tensor]]:
-    model, tok = load_model_and_tokenizer(path, cfg.student.device, "float32", cfg.student.trust_remote_code, who=who)
+    model, tok = load_model_and_tokenizer(path, cfg.student.device, "float32", cfg.student.trust_remote_code, who=who,
+                                          attention=cfg.student.attention)
     try:
         return {s: prompt_states(model, tok, q) for s, q in questions.items()}
     finally:

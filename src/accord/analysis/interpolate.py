@@ -113,7 +113,7 @@ def _curve(cfg, name: str, rec: dict, lams: list[float], problems, split: str, w
     if todo:  # load only when something is left to generate
         base_path = rec.get("base_model") or str(local_model_dir(cfg.student.model, "student"))
         model, tok = load_model_and_tokenizer(rec["final"], cfg.student.device, "auto", cfg.student.trust_remote_code,
-                                              who=f"{name} checkpoint")
+                                              who=f"{name} checkpoint", attention=cfg.student.attention)
         base, ckpt = load_state(base_path), load_state(rec["final"])
         tc = GeneratorConfig(name=f"interpolate-{name}", backend="hf", model=rec["final"],
                              batch_size=cfg.eval.batch_size, device=cfg.student.device, prefix_cache_mb=0)

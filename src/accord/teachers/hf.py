@@ -76,7 +76,7 @@ class HFGenerator:
         self.name, self.cfg = cfg.name, cfg
         if model is None:
             model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
-                                                        who=f"teacher {cfg.name!r}")
+                                                        who=f"teacher {cfg.name!r}", attention=cfg.attention)
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self._stops: dict = {}

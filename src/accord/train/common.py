@@ -25,12 +25,12 @@ from pathlib import Path
 
 from accord.config import AccordConfig, GeneratorConfig, ProblemsConfig, diff_settings
 from accord.errors import UsageError
-from accord.evaluate import evaluate
+from accord.evaluate import evaluate, student_generator
 from accord.models import load_model_and_tokenizer, provenance
 from accord.problems import ProblemSourceError, load_problems, read_jsonl
 from accord.prompts import render_prompt
 from accord.rows import CurvePoint, TrainRecord
-from accord.teachers.base import Request, SamplingParams, load_generator
+from accord.teachers.base import Request, SamplingParams
 from accord.teachers.hf import HFGenerator
 from accord.train.engine import TrainArgs
 from accord.ui import no_hf_bars
@@ -180,7 +180,7 @@ def _make_replay(cfg: AccordConfig, path: Path) -> None:
     problems = load_problems(ProblemsConfig(path=r.path, limit=r.limit))
     s = cfg.student
     gen = HFGenerator(GeneratorConfig(name="student", model=s.model, dtype=s.dtype, batch_size=cfg.eval.batch_size,
-                                  trust_remote_code=s.trust_remote_code))
+                                      device=s.device, trust_remote_code=s.trust_remote_code, attention=s.attention))
     outs = gen.generate([Request(render_prompt("default", p.question)) for p in problems],
                         SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens))
     gen.close()
@@ -214,7 +214,7 @@ def load_student(cfg: AccordConfig):
     s = cfg.student
     dtype = "float32" if s.dtype == "auto" else s.dtype  # fp32 master weights; bf16 comes from autocast
     model, tok = load_model_and_tokenizer(s.model, device="cpu", dtype=dtype, trust_remote_code=s.trust_remote_code,
-                                          who="student")
+                                          who="student", attention=s.attention)
     tok.padding_side = "right"
     return model, tok
 
@@ -348,8 +348,7 @@ def select_checkpoint(cfg: AccordConfig, points: list[dict], name: str, console)
         return len(points) - 1
     scores = []
     for i, pt in enumerate(points):
-        gen = load_generator(GeneratorConfig(name=f"{name}-select-{i}", model=pt["path"],
-                                             batch_size=cfg.eval.batch_size, device=cfg.student.device))
+        gen = student_generator(cfg, pt["path"], f"{name}-select-{i}")
         res = evaluate(gen, probs, k=0, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
                        verifier=cfg.eval.verifier)
         gen.close()

@@ -594,7 +594,8 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     for s, name in zip(q.students, names):
         paths[name] = str(local_model_dir(s.model, f"qr student {name}"))
         m, tok = load_model_and_tokenizer(paths[name], device="cpu", dtype="float32",
-                                          trust_remote_code=s.trust_remote_code, who=f"qr student {name}")
+                                          trust_remote_code=s.trust_remote_code, who=f"qr student {name}",
+                                          attention=s.attention)
         tok.padding_side = "right"
         if name in q.freeze:
             m.requires_grad_(False)
