@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 
@@ -456,6 +457,49 @@ def test_no_token_attends_across_a_packed_boundary(micro, kernel):
         logits2 = unpack(model(**model_inputs(b2)).logits, b2)
     assert not torch.allclose(logits2[0], logits[0])
     assert torch.allclose(logits2[1:], logits[1:], atol=1e-6)
+
+
+def test_a_flash_style_kernel_gets_each_rows_boundaries_from_the_batch(micro):
+    """Under a FlashAttention-style kernel the engine packs a micro-batch into one row and hands the kernel
+    ``cu_seq_lens_q/k`` and ``max_length_q/k`` (as TRL's flattening collator does), so no layer derives them from
+    ``position_ids`` (two host syncs per layer in transformers).  A varlen reference kernel that reads only those
+    arguments trains to the padded run's losses and weights; the boundaries equal transformers' own reading of the
+    position ids."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from accord.train.engine import collate_packed, model_inputs
+
+    seen = []
+
+    def flash_like(module, q, k, v, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                   max_length_q=None, position_ids=None, **kw):
+        if cu_seq_lens_q is None:  # the packing probe's plain forward
+            (cu_seq_lens_q, _), (max_length_q, _) = prepare_fa_kwargs_from_position_ids(position_ids)
+        else:
+            seen.append((cu_seq_lens_q.tolist(), max_length_q))
+        cu = cu_seq_lens_q.tolist()
+        assert max_length_q == max(b - a for a, b in itertools.pairwise(cu))
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scaling, enable_gqa=True)
+            for a, b in itertools.pairwise(cu)], dim=2)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("flash_like_test", flash_like)
+    AttentionMaskInterface.register("flash_like_test", lambda *a, attention_mask=None, **k: None)
+    model, tok = load(micro)
+    model.config._attn_implementation = "flash_like_test"
+    ex = [encode_example(tok, r, 128) for r in _varied_rows(8)]
+    b = collate_packed(ex, tok.pad_token_id, one_row=True)
+    (cu, _), (n, _) = prepare_fa_kwargs_from_position_ids(b["position_ids"])
+    assert torch.equal(b["cu_seq_lens"], cu) and b["max_length"] == int(n) and isinstance(b["max_length"], int)
+    assert model_inputs(b)["cu_seq_lens_k"] is b["cu_seq_lens"] and model_inputs(b)["max_length_k"] == int(n)
+    packed = train(model, tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2))
+    n_layers = model.config.num_hidden_layers
+    assert len(seen) == 3 * n_layers and all(len(c) == 9 for c, _ in seen)  # every layer, every step: 8 examples
+    plain = train(load(micro)[0], tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2, packing=False))
+    assert_same_run(packed, plain)
 
 
 def test_packing_trains_the_same_model_and_a_model_that_cannot_pack_is_caught(micro):

@@ -867,10 +867,13 @@ def test_run_with_seeds_trains_evaluates_and_pools_each_seed(tmp_path, problems_
     assert bad.returncode == 2 and "--seeds: '0,x': seeds are integers separated by commas" in bad.stderr
 
 
-def test_attention_setting_reaches_every_model_the_run_loads(tmp_path, problems_file, two_parrots, micro):
+def test_attention_setting_reaches_every_model_the_run_loads(tmp_path, problems_file, two_parrots, micro, monkeypatch):
     """``student.attention`` / a teacher's ``attention`` is transformers' ``attn_implementation``: the teacher
     collects with it, the student trains and is evaluated with it (each stage's first line says so); a kernel
     that is not installed is a clear error naming the setting, exit 2."""
+    import accord.ui
+
+    monkeypatch.setattr(accord.ui, "_SAID", set())  # what runs where is said once per process: as if this were one
     teachers = [{**two_parrots[0], "attention": "eager", "batch_size": 8}, two_parrots[1]]
     cfg = pipeline_cfg(tmp_path, problems_file, teachers, micro, method="mtd", rounds=1)
     code, out = run_cli("run", str(cfg), "student.attention=eager")

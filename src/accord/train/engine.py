@@ -197,6 +197,10 @@ def collate_packed(examples: list, pad_id: int, one_row: bool = False) -> dict:
     ids, labels = pad_rows(row_ids, pad_id, width), pad_rows(row_labels, IGNORE, width)
     pos, where = pad_rows(row_pos, 0, width), pad_rows(where, -1, max(lens))
     out = {"input_ids": ids, "position_ids": pos, "labels": labels, "where": where}
+    if one_row:  # FlashAttention's varlen arguments, computed once here rather than from position_ids in each layer
+        order = [lens[i] for i in rows[0]]  # (two host syncs per layer there), as TRL's flattening collator does
+        out["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(order)], dtype=torch.int32)
+        out["max_length"] = max(order)
     if examples and isinstance(examples[0], dict):
         out["meta"] = example_meta(examples)
     return out
@@ -232,8 +236,7 @@ def repack(b: dict, pad_id: int, one_row: bool = True, bucketed: bool = False) -
     n = b["attention_mask"].sum(1).tolist()
     ids, labels = b["input_ids"].tolist(), b["labels"].tolist()
     ex = [(x[:k], y[:k]) for x, y, k in zip(ids, labels, n)]
-    out = collate_packed(ex, pad_id, one_row)
-    return {k: v.to(b["input_ids"].device) for k, v in out.items()}
+    return to_device(collate_packed(ex, pad_id, one_row), b["input_ids"].device)
 
 
 def bucket_padded(b: dict) -> dict:
@@ -262,9 +265,14 @@ def bucket_padded(b: dict) -> dict:
 
 def model_inputs(b: dict) -> dict:
     """The model's keyword arguments for a padded or a packed batch (never a KV cache in training: with one,
-    transformers would not detect packed rows)."""
+    transformers would not detect packed rows); a one-row batch also carries FlashAttention's ``cu_seq_lens_*`` and
+    ``max_length_*``, which other attention kernels ignore."""
     keys = ("input_ids", "position_ids") if "where" in b else ("input_ids", "attention_mask")
-    return {**{k: b[k] for k in keys}, "use_cache": False}
+    out = {**{k: b[k] for k in keys}, "use_cache": False}
+    if "cu_seq_lens" in b:
+        cu, n = b["cu_seq_lens"], b["max_length"]
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
+    return out
 
 
 def flat_positions(b: dict) -> torch.Tensor:
