@@ -191,7 +191,7 @@ def environment() -> dict[str, dict[str, str]]:
     defaults = {  # what the settings left at their defaults resolve to here
         "student.device: auto": str(pick_device("auto")),
         "train.bf16: null": "bf16 autocast" if bf16 else "off (float32)",
-        "train.chunked_loss: null": "on: the head in chunks from the hidden states" if cuda
+        "train.chunked_loss: null": "on: the head in chunks from the hidden states (a head that is h·Wᵀ)" if cuda
         else "off: full-vocabulary logits",
         "student.attention: auto": "sdpa (transformers' default); packed training rows attended apart by accord's "
                                    "varlen SDPA",
@@ -202,11 +202,12 @@ def environment() -> dict[str, dict[str, str]]:
 
 
 def _installed(module: str, dists) -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    """``installed <version>`` of the distribution that ships ``module`` (``dists``: import name → distributions)."""
+    import importlib.metadata
 
     try:
-        return "installed " + version((dists.get(module) or [module])[0])
-    except PackageNotFoundError:
+        return "installed " + importlib.metadata.version((dists.get(module) or [module])[0])
+    except importlib.metadata.PackageNotFoundError:
         return "installed"
 
 
