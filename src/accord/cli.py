@@ -40,6 +40,8 @@ EPILOG = """examples:
   accord export my.yaml --out traces.jsonl
   accord config my.yaml            # validate and print the resolved config
   accord config --schema           # every field with its description
+  accord train my.yaml student.attention=flash_attention_2   # FlashAttention-2 (flash-attn, CUDA): one packed row
+  accord env                       # versions, devices, optional packages: paste it into a bug report
 """
 
 
