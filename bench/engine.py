@@ -204,15 +204,35 @@ def shape_bench(args) -> None:
     batches = [stream.next() for _ in range(steps)]
     tokens = [sum(len(ex[i][0]) for i in b) for b in batches]
     targs = TrainArgs(steps=steps, batch_size=args.batch, lr=1e-5, max_len=args.max_len, seed=0, warmup_ratio=0.1)
-    res = {}
+
+    res, said = {}, set()
+    peak = args.peak_tflops * 1e12
+    print(f"shape {args.shape} on {dev}, batch {args.batch} × ≤ {args.max_len} tokens, attention {args.attention}",
+          flush=True)
+
+    def report() -> None:  # each figure as soon as it exists: a step killed at its timeout keeps what it measured
+        for name, (rate, mem) in res.items():
+            mfu = f", MFU {6 * params * rate / peak:.1%}" if dev == "cuda" else ""
+            line = f"{name:14s} {rate:10.0f} tokens/s{mfu}"
+            _say(said, line + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
+        for name in [n for n in ("engine", "engine+compile") if n in res and "plain" in res]:
+            _say(said, f"{name}/plain throughput ratio: {res[name][0] / res['plain'][0]:.2f}")
+            if dev == "cuda":
+                _say(said, f"{name}/plain peak memory ratio: {res[name][1] / res['plain'][1]:.2f}")
+        for name in [n for n in ("engine", "engine+compile") if n in res and "trl-pf" in res]:
+            _say(said, f"{name}/{trl_label} throughput ratio: {res[name][0] / res['trl-pf'][0]:.2f}")
+            if dev == "cuda":
+                _say(said, f"{name}/{trl_label} peak memory ratio: {res[name][1] / res['trl-pf'][1]:.2f}")
 
     _peak_reset(dev)
     model = new_qwen3(args.shape, dev, args.attention)
     params = sum(p.numel() for p in model.parameters())
+    print(f"{params / 1e6:.2f}M parameters", flush=True)
     clock = _Clock(dev, warm)
     train(model, tok, [], targs, examples=ex, on_step=clock.tick)
     res["engine"] = (clock.rate(tokens), _peak(dev))
     del model
+    report()
 
     _peak_reset(dev)
     model = new_qwen3(args.shape, dev, args.attention)
@@ -220,17 +240,9 @@ def shape_bench(args) -> None:
     plain_loop(model, ex, batches, targs, 0, dev, clock.tick)
     res["plain"] = (clock.rate(tokens), _peak(dev))
     del model
+    report()
 
-    if args.compile:  # train.compile (steady state: compiling happens in the warm steps)
-        try:
-            _peak_reset(dev)
-            clock = _Clock(dev, warm)
-            train(new_qwen3(args.shape, dev, args.attention), tok, [], dataclasses.replace(targs, compile=True),
-                  examples=ex, on_step=clock.tick)
-            res["engine+compile"] = (clock.rate(tokens), _peak(dev))
-        except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
-            print(f"engine + compile: not measured ({type(e).__name__}: {e})")
-
+    trl_label = ""
     liger = importlib.util.find_spec("liger_kernel") is not None
     for use in [True, False] if liger else [False]:  # with Liger when it is there; without it if that fails
         label = "TRL padding-free" + (" + Liger" if use else "")
@@ -239,26 +251,29 @@ def shape_bench(args) -> None:
             trl_label = label
             break
         except ImportError as e:
-            print(f"{label}: not measured ({e})")
+            print(f"{label}: not measured ({e})", flush=True)
             if not use:
                 break
         except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
-            print(f"{label}: not measured ({type(e).__name__}: {e})")
+            print(f"{label}: not measured ({type(e).__name__}: {e})", flush=True)
+    report()
 
-    peak = args.peak_tflops * 1e12
-    for name, (rate, mem) in res.items():
-        mfu = f", MFU {6 * params * rate / peak:.1%}" if dev == "cuda" else ""
-        print(f"{name:14s} {rate:10.0f} tokens/s{mfu}" + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
-    print(f"shape {args.shape} ({params / 1e6:.2f}M parameters) on {dev}, batch {args.batch} × ≤ {args.max_len} tokens,"
-          f" attention {args.attention}")
-    for name in [n for n in ("engine", "engine+compile") if n in res]:
-        print(f"{name}/plain throughput ratio: {res[name][0] / res['plain'][0]:.2f}")
-        if dev == "cuda":
-            print(f"{name}/plain peak memory ratio: {res[name][1] / res['plain'][1]:.2f}")
-    for name in [n for n in ("engine", "engine+compile") if n in res and "trl-pf" in res]:
-        print(f"{name}/{trl_label} throughput ratio: {res[name][0] / res['trl-pf'][0]:.2f}")
-        if dev == "cuda":
-            print(f"{name}/{trl_label} peak memory ratio: {res[name][1] / res['trl-pf'][1]:.2f}")
+    if args.compile:  # train.compile last: compiling (in the warm steps) may take the rest of a step's time
+        try:
+            _peak_reset(dev)
+            clock = _Clock(dev, warm)
+            train(new_qwen3(args.shape, dev, args.attention), tok, [], dataclasses.replace(targs, compile=True),
+                  examples=ex, on_step=clock.tick)
+            res["engine+compile"] = (clock.rate(tokens), _peak(dev))
+        except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
+            print(f"engine + compile: not measured ({type(e).__name__}: {e})", flush=True)
+        report()
+
+
+def _say(said: set, line: str) -> None:
+    if line not in said:
+        said.add(line)
+        print(line, flush=True)
 
 
 def _trl_synthetic(args, ex, batches, warm, liger: bool) -> tuple[float, float | None]:
