@@ -79,3 +79,11 @@ def test_env_says_what_runs_here_and_never_a_secret(monkeypatch):
     code, text = run_cli("env")
     assert code == 0 and "train.report_to: [tensorboard]" in text and "HF_HUB_OFFLINE" in text
     assert "sk-not-for-your-eyes" not in out + text and "OPENAI_API_KEY" not in out + text
+    import importlib.metadata  # a broken install (on the H200: `datasets` missing) is reported, not a traceback
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: real(name) if name != "datasets" else
+                        (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
+    code, out = run_cli("env", "--json")
+    assert code == 0 and json.loads(out)["versions"]["datasets"].startswith("MISSING")

@@ -58,11 +58,54 @@ def test_attention_matches_a_loop_over_examples_and_heads(lens_rows, monkeypatch
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
 
 
+@pytest.mark.parametrize("has_gqa", [True, False])
+def test_pytorch_varlen_kernel_gets_each_examples_boundaries_once_per_call(has_gqa, monkeypatch):
+    """The CUDA path (PyTorch's ``varlen_attn``, which cannot run here) with a reference kernel in its place that
+    sees only ``cu_seqlens``: one call per layer, the boundaries as int32 offsets, the longest example, causal
+    ``window_size=(-1, 0)``; key/value heads repeated where the installed PyTorch takes no ``enable_gqa``.
+    Outputs and gradients equal the loop over examples, so a wrong boundary or a non-causal window fails."""
+    calls = []
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        calls.append((cu_q.tolist(), max_q, window_size, enable_gqa, k.shape[1]))
+        assert cu_q is cu_k and cu_q.dtype == torch.int32 and max_q == max_k
+        outs = []
+        for s, e in itertools.pairwise(cu_q.tolist()):
+            x = [t[s:e].transpose(0, 1)[None] for t in (q, k, v)]
+            causal = window_size == (-1, 0)
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                *x, is_causal=causal, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    monkeypatch.setattr(varlen, "_varlen_attn", lambda: (fake, has_gqa))
+    monkeypatch.setattr(varlen, "native", lambda module, query, dropout: True)
+    g = torch.Generator().manual_seed(3)
+    lens_rows = [[5, 1, 9, 3], [4, 4, 2, 8]]
+    N = sum(lens_rows[0])
+    pos = torch.tensor([[t for n in row for t in range(n)] for row in lens_rows])
+    q = torch.randn(2, 4, N, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, N, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, N, 8, generator=g, requires_grad=True)
+    ref = _reference(q, k, v, pos, 0.3)
+    w = torch.randn(ref.shape, generator=g)
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    varlen._layout_cache[:] = [None, None]
+    for _layer in range(2):  # a forward's layers share the boundaries (computed once)
+        out, _ = varlen.attention(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos)
+    assert out.shape == (2, N, 4, 8) and torch.allclose(out, ref, atol=1e-5)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+    cu = [0, 5, 6, 15, 18, 22, 26, 28, 36]
+    assert calls == [(cu, 9, (-1, 0), has_gqa, 2 if has_gqa else 4)] * 2
+    assert varlen.boundaries(None, 2, 3, "cpu")[0].tolist() == [0, 3, 6]  # no position ids: one example per row
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_on_cuda_matches_the_loop(dtype):
-    """On a CUDA device (SDPA's flash / memory-efficient kernels on views of the row): outputs and q/k/v gradients
-    of a packed row equal the float32 loop over examples, to the dtype's tolerance."""
+    """On a CUDA device (bfloat16: PyTorch's varlen FlashAttention where installed; float32: SDPA on views of the
+    row): outputs and q/k/v gradients of a packed row equal the float32 loop over examples, to the dtype's
+    tolerance."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     g = torch.Generator().manual_seed(2)

@@ -171,7 +171,10 @@ def environment() -> dict[str, dict[str, str]]:
 
     versions = {k: v for k, v in provenance().items() if k != "device"}
     for pkg in ("tokenizers", "safetensors", "datasets", "math-verify", "pydantic", "openai"):
-        versions[pkg] = importlib.metadata.version(pkg)  # dependencies: always there
+        try:  # dependencies, but a broken install is what this command is run to report
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = "MISSING (a dependency of accord: pip install accord, or install it)"
     versions["platform"] = f"{platform.system()} {platform.release()} ({platform.machine()})"
     devices = {"cpu": f"{os.cpu_count()} core(s), torch threads {torch.get_num_threads()}"}
     cuda = torch.cuda.is_available()
@@ -193,8 +196,9 @@ def environment() -> dict[str, dict[str, str]]:
         "train.bf16: null": "bf16 autocast" if bf16 else "off (float32)",
         "train.chunked_loss: null": "on: the head in chunks from the hidden states (a head that is h·Wᵀ)" if cuda
         else "off: full-vocabulary logits",
-        "student.attention: auto": "sdpa (transformers' default); packed training rows attended apart by accord's "
-                                   "varlen SDPA",
+        "student.attention: auto": "sdpa (transformers' default); packed training rows attended apart by "
+                                   + ("PyTorch's varlen FlashAttention (bf16/fp16)" if cuda and _torch_varlen() else
+                                      "accord's varlen SDPA"),
     }
     env = {k: os.environ[k] for k in SHOWN_ENV if k in os.environ}
     return {"versions": versions, "devices": devices, "optional": optional, "defaults": defaults,
@@ -211,13 +215,22 @@ def _installed(module: str, dists) -> str:
         return "installed"
 
 
+def _torch_varlen() -> bool:
+    """PyTorch ≥ 2.10's varlen FlashAttention is there (what accord.train.varlen uses on CUDA)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
 def runtime(model) -> str:
     """Where and how a model runs: device, weight dtype, attention kernel (for the first line of a stage)."""
     m = getattr(model, "module", model)
     p = next(m.parameters())
     attn = getattr(getattr(m, "config", None), "_attn_implementation", None) or "n/a"
     if attn == "accord_sdpa_varlen":  # accord.train.varlen (not imported here: this runs before any training)
-        attn = "sdpa, packed examples attended apart (varlen)"
+        attn = "sdpa, packed examples attended apart (" + (
+            "PyTorch's varlen FlashAttention in bf16/fp16" if p.device.type == "cuda" and _torch_varlen() else
+            "varlen") + ")"
     return f"{p.device.type}, weights {str(p.dtype).removeprefix('torch.')}, attention {attn}"
 
 

@@ -22,6 +22,14 @@ Here a packed micro-batch is one forward in one row, and only attention is done 
 - Any other packed row (more than ``MAX_RUNS`` runs: FlashAttention's one-row layout, say) is gathered per length
   bucket (``index_select``) and scattered back; a batch of one example per row is SDPA as it is.  A first version
   that gathered every micro-batch cost plain length-grouped batches 5–12% on 2 threads; views cost nothing.
+- On CUDA, in bf16/fp16, with PyTorch's own varlen FlashAttention (``torch.nn.attention.varlen.varlen_attn``,
+  PyTorch ≥ 2.10), a forward attends every example of the row in **one call per layer** from the examples'
+  boundaries (:func:`boundaries`; the bucket padding of ``collate_bucketed`` stays with its example, causal, so
+  no real token sees it).  Measured on an H200 (session 18, ``bench/engine.py --device cuda``): SDPA on the
+  bucket views picks cuDNN's attention there, which builds a plan for every new shape — 1.7–2.7 ms of CPU per
+  call, 485 ms per step at Qwen3-0.6B × 4 examples of ≤ 4,096 tokens, more than the step's GPU time.  Causal
+  masking is ``window_size=(-1, 0)`` (no ``is_causal`` from 2.13 on); GQA repeats the key/value heads where the
+  installed PyTorch has no ``enable_gqa`` (2.10–2.12).  No dropout there: attention dropout in training keeps SDPA.
 - Anything else goes to transformers' own SDPA function unchanged: a padded batch (an attention mask), decoding
   with a KV cache (fewer queries than keys).
 - :func:`segmented` switches a model from ``sdpa`` to this kernel for the length of a training run and back; the
@@ -36,6 +44,8 @@ kernel its attention buckets.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -46,6 +56,7 @@ PARTS = 4  # length buckets of a gathered row; measured on the lab student: 1 �
 
 MAX_RUNS = 8  # at most this many runs of equal-length examples: attended as views of the row, no gather
 _layout_cache: list = [None, None]  # (position_ids tensor, its layout): one forward's layers share it
+NATIVE = True  # use PyTorch's varlen_attn where :func:`native` allows (bench/engine.py switches it off to compare)
 
 
 def split_by_length(lengths: Sequence[int], max_parts: int = 4, part_cost: int = 50) -> list[list[int]]:
@@ -128,6 +139,50 @@ def plan(position_ids: torch.Tensor | None, batch: int, length: int, device) -> 
     return "gather", (parts, torch.argsort(torch.cat(order)))
 
 
+def boundaries(position_ids: torch.Tensor | None, batch: int, length: int, device) -> tuple[torch.Tensor, int]:
+    """FlashAttention's varlen arguments for a ``[B, N]`` batch flattened to ``B·N`` tokens: the examples' start
+    offsets and the end (``cu_seqlens``, int32) and the longest example (an example starts where a position id is
+    0 and at every row)."""
+    n_tok = batch * length
+    start = (position_ids.expand(batch, length).reshape(-1) == 0) if position_ids is not None else \
+        torch.zeros(n_tok, dtype=torch.bool, device=device)
+    start[::length] = True
+    cu = torch.cat([start.nonzero().squeeze(1), torch.tensor([n_tok], device=device)]).to(torch.int32)
+    return cu, int(torch.diff(cu).max())
+
+
+@functools.cache
+def _varlen_attn():
+    """PyTorch's varlen FlashAttention and whether it takes ``enable_gqa`` (None before PyTorch 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def native(module, query: torch.Tensor, dropout: float) -> bool:
+    """Whether this call attends with PyTorch's varlen FlashAttention: CUDA, bf16/fp16, no dropout, PyTorch ≥ 2.10."""
+    return (NATIVE and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and not (dropout and module.training) and _varlen_attn() is not None)
+
+
+def attend_native(query, key, value, cu: torch.Tensor, longest: int, scaling: float | None) -> torch.Tensor:
+    """``[B, H, N, d]`` query (``[B, H_kv, N, d]`` key/value) attended example by example from ``cu``: one call;
+    returns ``[B, N, H, d]``."""
+    fn, gqa = _varlen_attn()
+    B, H, N, d = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(B * N, x.shape[1], d) for x in (query, key, value))
+    extra = {}
+    if k.shape[1] != H:
+        if gqa:
+            extra["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v))
+    out = fn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0), **extra)
+    return out.view(B, N, H, -1)
+
+
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
               position_ids=None, **kwargs):
     """transformers' attention-function signature: ``query`` ``[B, H, N, d]``, ``key``/``value`` ``[B, H_kv, N, d]``;
@@ -141,7 +196,11 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         raise RuntimeError(f"{NAME} does not support sliding windows, attention sinks or soft-capping "
                            f"({type(module).__name__}); train this model with train.packing: false")
     B, H, N, _ = query.shape
-    if _layout_cache[0] is not position_ids or position_ids is None:
+    if native(module, query, dropout):
+        if _layout_cache[0] is not position_ids or position_ids is None or _layout_cache[1][0] != "native":
+            _layout_cache[:] = [position_ids, ("native", boundaries(position_ids, B, N, query.device))]
+        return attend_native(query, key, value, *_layout_cache[1][1], scaling), None
+    if _layout_cache[0] is not position_ids or position_ids is None or _layout_cache[1][0] == "native":
         _layout_cache[:] = [position_ids, plan(position_ids, B, N, query.device)]
     kind, how = _layout_cache[1]
 
