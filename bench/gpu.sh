@@ -10,7 +10,7 @@
 # ends within GPU_BUDGET_S seconds (default 450, so a device call of 480 s returns it all): a step gets what is
 # left of it, and one with under 20 s left is skipped and says so. Issue 13's figures come first (the engine and
 # memory benches), then the tests with CUDA visible, then the other benches. The figures land in $OUT/summary.txt
-# and $OUT/*.txt.
+# and $OUT/*.txt; at the end every log goes into $OUT/logs.tar.gz (a device call brings back 8 files at most).
 set -x
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/accord-gpu}
@@ -53,15 +53,15 @@ cd "$ROOT"
 
 step imports 60 python3 -c 'import accord.cli, accord.train.engine, accord.teachers.sampling, math_verify, pydantic; print("ok")'
 step accord-env 30 python3 -m accord.cli env  # versions, devices, optional packages, the defaults resolved there
-step bench-engine 180 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12
+step bench-engine 180 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --steps 10
 step bench-memory 90 python3 bench/memory.py --device cuda --shape qwen3-0.6b --calls 3 --steps 2 --batch 4 \
   --max-len 1024
 if PYTHONPATH="$BENCH_PATH" python3 -c 'import flash_attn' 2>/dev/null; then  # student.attention=flash_attention_2
   step bench-engine-fa2 120 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b \
-    --batch 8 --steps 12 --attention flash_attention_2 --no-compile
+    --batch 4 --steps 10 --attention flash_attention_2 --no-compile
 fi
 step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
-step pytest-cuda-visible 150 python3 -m pytest -q -p no:cacheprovider --maxfail=10 -rfEs -m "not slow" \
+step pytest-cuda-visible 150 env ACCORD_TESTS_SEE_CUDA=1 python3 -m pytest -q -p no:cacheprovider --maxfail=10 -rfEs -m "not slow" \
   tests/test_engine.py tests/test_merge.py tests/test_teacher_hf.py tests/test_pipeline.py tests/test_cord.py
 step bench-qlora 150 python3 bench/qlora.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12 --max-len 2048
 step bench-eval 150 python3 bench/eval.py --device cuda --shape qwen3-0.6b --n 64 --batch 64 --k 1 \
@@ -72,3 +72,7 @@ cat "$SUM"
 grep -h "ratio\|utilisation\|peak\|equal\|calls" "$OUT"/bench-*.txt 2>/dev/null
 echo "===== ISSUE 13 GOALS ====="
 python3 bench/goals.py "$OUT" | tee "$OUT/goals.txt"
+# a device call brings back at most 8 files: every log in one archive, the figures that matter beside it
+(cd "$OUT" && tar czf logs.tar.gz --exclude=logs.tar.gz -- *.txt \
+  && for f in *.txt; do case $f in goals.txt|summary.txt|bench-engine.txt|bench-memory.txt|bench-eval.txt|\
+pytest-cuda-visible.txt) ;; *) rm -f -- "$f" ;; esac; done; ls)

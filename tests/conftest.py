@@ -14,6 +14,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+
+def pytest_configure(config):
+    """A run that deselects the ``gpu`` tests (``make test``: ``-m "not slow and not gpu"``) is the CPU suite:
+    CUDA is hidden from it (before torch first asks), so on a GPU machine it trains, generates and compares on the
+    CPU exactly as CI does — with CUDA visible, ``student.device: auto`` and the engine put every micro model on
+    the GPU in bf16, and tests written against CPU float32 references fail there for that reason alone (10 did on
+    the H200 in session 18).  ``ACCORD_TESTS_SEE_CUDA=1`` keeps CUDA visible, to look for device bugs on purpose
+    (``bench/gpu.sh`` runs the CPU suite's engine, teacher, merge, pipeline and CoRD tests that way)."""
+    if "not gpu" in (config.getoption("markexpr") or "") and os.environ.get("ACCORD_TESTS_SEE_CUDA") != "1":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 PARROT_7 = "<think>\nadd the numbers\n</think>\n\n\\boxed{7}"
 PARROT_8 = "<think>\n### Step 1\nadd them up\n</think>\n\nThe answer is \\boxed{8}"
 

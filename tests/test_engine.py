@@ -308,6 +308,15 @@ def test_chunked_head_and_compile_on_cuda_train_as_the_plain_step(micro):
         assert runs[name] == pytest.approx(runs["plain"], rel=3e-2), name
 
 
+def test_the_cpu_suite_hides_cuda(request):
+    """``make test`` deselects the gpu tests, so conftest hides CUDA from it: on a GPU machine it runs as CI does."""
+    import os
+
+    if "not gpu" not in (request.config.getoption("markexpr") or "") or os.environ.get("ACCORD_TESTS_SEE_CUDA"):
+        pytest.skip("only the CPU suite (-m 'not gpu') hides CUDA")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+
+
 def test_the_first_line_says_what_runs(micro, capsys):
     from accord import ui
 
@@ -315,9 +324,14 @@ def test_the_first_line_says_what_runs(micro, capsys):
     model, tok = load(micro)
     train(model, tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     err = capsys.readouterr().err
-    assert ("train: cpu, weights float32, attention sdpa, packed examples attended apart (varlen); 1 process(es); "
-            "autocast no; padding-free packing; "
-            "loss: token cross-entropy over full-vocabulary logits") in err
+    if torch.cuda.is_available():  # ACCORD_TESTS_SEE_CUDA=1 on a GPU machine: the engine's CUDA defaults
+        assert ("train: cuda, weights float32, attention sdpa, packed examples attended apart (" in err
+                and "1 process(es); autocast bf16; padding-free packing; loss: token cross-entropy from the hidden "
+                "states in chunks (no full-vocabulary logits)" in err), err
+    else:
+        assert ("train: cpu, weights float32, attention sdpa, packed examples attended apart (varlen); 1 process(es); "
+                "autocast no; padding-free packing; "
+                "loss: token cross-entropy over full-vocabulary logits") in err
     train(load(micro)[0], tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     assert "train:" not in capsys.readouterr().err  # said once per process
 

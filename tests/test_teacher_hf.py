@@ -22,7 +22,7 @@ def direct_logprobs(model, tok, head: str, cont: str) -> list[float]:
     h = tok(head, add_special_tokens=False)["input_ids"]
     c = tok(cont, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        logits = model(torch.tensor([h + c])).logits[0]
+        logits = model(torch.tensor([h + c], device=model.device)).logits[0]
     lp = torch.log_softmax(logits.float(), -1)
     return [lp[len(h) + i - 1, t].item() for i, t in enumerate(c)]
 
@@ -34,7 +34,8 @@ def test_score_equals_direct_transformers_logits(teacher):
     got = teacher.score(reqs, conts)
     for r, c, g in zip(reqs, conts, got):
         ref = direct_logprobs(teacher.model, teacher.tok, render_chat(teacher.tok, r.prompt, r.prefix), c)
-        assert len(g) == len(ref) and torch.allclose(torch.tensor(g), torch.tensor(ref), atol=1e-4)
+        tol = 1e-4 if teacher.model.dtype == torch.float32 else 3e-2  # bf16 on a GPU: padded vs unpadded rounding
+        assert len(g) == len(ref) and torch.allclose(torch.tensor(g), torch.tensor(ref), atol=tol)
 
 
 def test_batched_greedy_equals_one_at_a_time(teacher):
@@ -136,7 +137,7 @@ def test_decoding_loop_equals_transformers_generate(teacher, temperature, top_p)
 
     assert teacher._fast and supports(teacher.model, teacher._cache_kw)
     texts = [render_chat(teacher.tok, q, "<think>\n") for q in ("Start at 3. Add 4.", "q", "a longer one: 5 * 3 + 2?")]
-    enc = teacher.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = teacher.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(teacher.model.device)
     stop = teacher._stop_criteria(("\n", "3"))
     for n, every in ((1, 1), (5, 1), (30, 1), (30, 4), (30, 7)):  # every > 1: the accelerator's deferred check
         _seed(teacher.device, 11)
