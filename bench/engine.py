@@ -7,6 +7,7 @@ contender runs ``--repeats`` times, interleaved; the best run counts.
 
     python bench/engine.py [--steps 60] [--batch 32] [--repeats 2]
     python bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --steps 10 [--max-len 4096] [--no-compile]
+    python bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile     # where one step's time goes
 """
 
 from __future__ import annotations
@@ -205,6 +206,8 @@ def shape_bench(args) -> None:
     tokens = [sum(len(ex[i][0]) for i in b) for b in batches]
     targs = TrainArgs(steps=steps, batch_size=args.batch, lr=1e-5, max_len=args.max_len, seed=0, warmup_ratio=0.1)
 
+    if args.profile:
+        return profile_step(args, tok, ex, targs)
     res, said = {}, set()
     peak = args.peak_tflops * 1e12
     print(f"shape {args.shape} on {dev}, batch {args.batch} × ≤ {args.max_len} tokens, attention {args.attention}",
@@ -291,6 +294,41 @@ def shape_bench(args) -> None:
     report()
 
 
+def profile_step(args, tok, ex, targs, rows: int = 25) -> None:
+    """``--profile``: where one engine step's time goes — the third step of a run (torch.profiler), its operators
+    and kernels by GPU time (by CPU time on a CPU), and the share of the GPU time in matrix products."""
+    from accord.train.engine import train
+
+    dev = args.device
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+    prof, n = torch.profiler.profile(activities=acts), [0]
+
+    def on_step(*_):
+        n[0] += 1
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        if n[0] == 2:
+            prof.start()
+        elif n[0] == 3:
+            prof.stop()
+
+    train(new_qwen3(args.shape, dev, args.attention), tok, [], dataclasses.replace(targs, steps=3), examples=ex,
+          on_step=on_step)
+    from torch.autograd import DeviceType
+
+    key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+    # the table lists each operator *and* the kernels it launched, both with that GPU time (its "%" column adds up
+    # to about 200%): count the operators' rows alone
+    ops = [e for e in events if e.device_type == DeviceType.CPU]
+    total = sum(getattr(e, key) for e in ops)
+    mm = sum(getattr(e, key) for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    where = "GPU" if dev == "cuda" else "CPU"
+    print(f"profiled step: {total / 1e3:.1f} ms of {where} time (the operators' own); matrix products "
+          f"(aten::mm/addmm/bmm) {mm / max(total, 1):.0%} of it", flush=True)
+
+
 def _say(said: set, line: str) -> None:
     if line not in said:
         said.add(line)
@@ -357,6 +395,9 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa",
                     help="Qwen3 shapes: every contender's attn_implementation (e.g. flash_attention_2, which needs "
                          "flash-attn; the engine then packs a micro-batch into one row)")
+    ap.add_argument("--profile", action="store_true",
+                    help="Qwen3 shapes: instead of the contenders, profile one engine step (torch.profiler) and print "
+                         "its operators by GPU time (CPU time on a CPU)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="Qwen3 shapes: also the engine with train.compile (default: on CUDA)")
     args = ap.parse_args()
