@@ -152,6 +152,11 @@ def c_corpus_line(t):
     return ["train", _write(t, _cfg(t, train={"method": "std:a"}))]
 
 
+def c_device(t):
+    return ["train", _write(t, _cfg(t, train={"method": "std:a"}, student={"model": "lab:student",
+                                                                        "device": "cuda:7"}))]
+
+
 def c_lab_model(t):
     _problems(t, _lines(GOOD))
     return ["collect", _write(t, _cfg(t, teachers=[{"name": "a", "model": "lab:micro/nobody"}]))]
@@ -192,6 +197,8 @@ CASES = [
     ("QR-Distill with one student", ["at least two students", "train.method=std"], c_qr_one),
     ("`train` before `collect`", ["corpora/a.jsonl", "run `accord collect` first"], c_no_corpus),
     ("corpus line without `messages`", ["a.jsonl:1", "field 'messages'"], c_corpus_line),
+    ("`student.device` that is not visible here", ["student.device: cuda:7", "no such CUDA device is visible"],
+     c_device),
     ("lab model that does not exist", ["lab:micro/nobody", "unknown lab model"], c_lab_model),
     ("lab task that does not exist", ["lab:nope", "unknown lab task"], c_lab_task),
     ("problem split that does not exist", ["problems.split", "'validation'", "got 'dev'"], c_split),

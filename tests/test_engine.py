@@ -278,6 +278,56 @@ def test_train_gives_its_model_and_optimizer_back(micro):
     assert not get_accelerator()._models and not get_accelerator()._optimizers
 
 
+def test_student_device_is_where_the_process_trains(micro, monkeypatch):
+    """``student.device`` reaches the engine (``engine_args``) and makes the process's accelerator: ``cpu`` trains
+    on the CPU with no bf16 even where a GPU is visible; a CUDA device that is not visible, a set device under a
+    multi-process launch, and a device other than the one this process already trains on are errors naming the
+    setting — raised before any model moves."""
+    from accord.config import load_config
+    from accord.errors import UsageError
+    from accord.train import engine
+    from accord.train.common import engine_args
+    from accord.train.engine import TrainArgs, get_accelerator, train
+
+    base = {"problems": {"path": "p.jsonl"}, "teachers": [{"name": "t", "model": "m"}]}
+    assert engine_args(load_config(None, base={**base, "student": {"device": "cpu"}}), 3).device == "cpu"
+    assert engine_args(load_config(None, base=base), 3).device == "auto"
+
+    made = {}
+
+    class Spy:  # what the engine asks accelerate for, without touching accelerate's process-wide state
+        def __init__(self, **kw):
+            made.update(kw)
+            self.device = torch.device("cpu")
+
+    monkeypatch.setattr("accelerate.Accelerator", Spy)
+    monkeypatch.setattr(engine, "_ACCELERATOR", None)
+    monkeypatch.setattr(engine, "_bf16_supported", lambda: True)  # as on a GPU machine
+    get_accelerator(TrainArgs(device="cpu"))
+    assert made == {"mixed_precision": "no", "cpu": True}
+
+    monkeypatch.setattr(engine, "_ACCELERATOR", None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"student\.device: cpu is set, but this run is launched on 2 processes"):
+        get_accelerator(TrainArgs(device="cpu"))
+    monkeypatch.delenv("WORLD_SIZE")
+    assert engine._ACCELERATOR is None
+
+    model, tok = load(micro)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    missing = "cuda:7" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    for accel in (None, Spy()):  # no accelerator yet, and one already made on the CPU
+        monkeypatch.setattr(engine, "_ACCELERATOR", accel)
+        with pytest.raises(UsageError, match=rf"student\.device: {missing}, but no such CUDA device is visible"):
+            train(model, tok, rows(4), TrainArgs(steps=1, batch_size=2, lr=1e-3, max_len=128, device=missing))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    monkeypatch.setattr(engine, "_ACCELERATOR", Spy())
+    assert get_accelerator(TrainArgs(device="cpu")).device.type == "cpu"  # the same device: fine
+    if torch.cuda.is_available():
+        with pytest.raises(UsageError, match="but this process already trains on cpu"):
+            get_accelerator(TrainArgs(device="cuda"))
+
+
 @pytest.mark.gpu
 def test_engine_trains_in_bf16_on_cuda(micro):
     """On a CUDA device: bf16 autocast, the loss falls, the weights stay finite and fp32 (issue 13, item 4)."""

@@ -37,6 +37,10 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     from accord.collect import collect
     from accord.train.common import replicas
 
+    if "train" in stages:
+        from accord.train.engine import check_device
+
+        check_device(cfg.student.device)  # said before any model is built, loaded or collected from
     if "train" in stages and "collect" not in stages:
         from accord.train.common import check_corpora
 

@@ -222,11 +222,13 @@ def load_student(cfg: AccordConfig):
 def engine_args(cfg: AccordConfig, steps: int, *, checkpoint_every: int | None = None,
                 schedule_steps: int | None = None, schedule_offset: int = 0, seed_offset: int = 0) -> TrainArgs:
     """The engine's arguments from ``train:`` — every field the two share by name is carried over (so a new
-    option reaches the engine by being declared in both), ``lora.*`` as ``lora_*``, plus this run's schedule."""
+    option reaches the engine by being declared in both), ``lora.*`` as ``lora_*``, ``student.device``, plus this
+    run's schedule."""
     t = cfg.train
     shared = {f.name: getattr(t, f.name) for f in dataclasses.fields(TrainArgs) if f.name in type(t).model_fields}
     lora = {f"lora_{k}": getattr(t.lora, k) for k in ("r", "alpha", "dropout", "quantize")}
     return TrainArgs(**{**shared, **lora, "betas": tuple(t.betas), "report_to": list(t.report_to),
+                        "device": cfg.student.device,
                         "lora_targets": t.lora.target_modules, "steps": steps, "seed": t.seed + seed_offset,
                         "schedule_steps": schedule_steps, "schedule_offset": schedule_offset,
                         "checkpoint_every": checkpoint_every})

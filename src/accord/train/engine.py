@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from accord.errors import RunFailure
+from accord.errors import RunFailure, UsageError
 from accord.prompts import training_target
 from accord.train.varlen import NAME as VARLEN
 from accord.train.varlen import active as varlen_active
@@ -71,6 +71,7 @@ class TrainArgs:
     checkpoint_every: int | None = None  # save an HF checkpoint every N steps (None: only the final one)
     keep_checkpoints: int | None = None  # keep only the newest N step checkpoints (None: all)
     bf16: bool | None = None  # None: bf16 when the device supports it
+    device: str = "auto"  # student.device: where this process trains (auto: accelerate's choice; one per process)
     gradient_checkpointing: bool = False
     chunked_loss: bool | None = None  # the head + CE in chunks (no [B, T, V] logits); None: on CUDA only
     packing: bool | None = None  # padding-free rows; None: on when the model passes the packing probe
@@ -427,16 +428,61 @@ _ACCELERATOR = None
 
 
 def get_accelerator(args: TrainArgs | None = None):
-    """One ``accelerate.Accelerator`` per process (accelerate keeps global state anyway)."""
+    """One ``accelerate.Accelerator`` per process (accelerate keeps global state anyway), on ``args.device``
+    (``student.device``) when that is not ``auto``: ``cpu`` even where a GPU is visible, ``cuda:N`` as the current
+    CUDA device.  Under ``accelerate launch``/``torchrun`` accelerate gives each process its device, so a set
+    ``student.device`` is an error there; so is a device this process cannot have (not visible here, or not the
+    one an earlier ``train()`` of this process already trains on)."""
     global _ACCELERATOR  # noqa: PLW0603 — one per process, created on first use
+    device = args.device if args else "auto"
     if _ACCELERATOR is None:
         from accelerate import Accelerator
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")  # torchrun on CPU: gloo, as `accelerate launch --cpu`
-        bf16 = args.bf16 if args and args.bf16 is not None else _bf16_supported()
-        _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no")
+        want = check_device(device, select=True)
+        bf16 = args.bf16 if args and args.bf16 is not None else _bf16_supported() and want.type != "cpu"
+        _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=want.type == "cpu")
+    elif device != "auto" and not _same_device(check_device(device, select=True), _ACCELERATOR.device):
+        raise UsageError(f"student.device: {device}, but this process already trains on "
+                              f"{_ACCELERATOR.device} (one device per process); run it in a process of its own")
     return _ACCELERATOR
+
+
+def check_device(device: str, select: bool = False) -> torch.device:
+    """``student.device`` as a device this process can train on (``auto``: what accelerate would pick), or a
+    :class:`UsageError` naming the setting; ``select``: a CUDA index becomes the current device.  ``accord
+    run``/``train`` call it before building or loading any model."""
+    from accord.models import pick_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device != "auto" and world > 1:
+        raise UsageError(f"student.device: {device} is set, but this run is launched on {world} processes, "
+                         "and accelerate gives each its own device; set student.device: auto")
+    try:
+        want = pick_device(device)
+    except RuntimeError as e:
+        raise UsageError(f"student.device: {device} is not a device ({e})") from None
+    if want.type == "cuda" and device != "auto":
+        if not torch.cuda.is_available() or (want.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"student.device: {device}, but no such CUDA device is visible here "
+                                  f"({torch.cuda.device_count()} visible); set student.device: auto or cpu")
+        if want.index is not None and select:
+            torch.cuda.set_device(want.index)
+    if want.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"student.device: {device}, but MPS is not available here; set student.device: auto")
+    return want
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same type, and the same CUDA index where either names one (an index-less ``cuda`` is the current one)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    return (a.index if a.index is not None else torch.cuda.current_device()) == \
+        (b.index if b.index is not None else torch.cuda.current_device())
 
 
 def _bf16_supported() -> bool:
