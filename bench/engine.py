@@ -244,19 +244,17 @@ def shape_bench(args) -> None:
     del model
     report()
 
-    from accord.train import varlen
-
-    if dev == "cuda" and varlen.NATIVE:  # the engine's varlen kernel before PyTorch's varlen_attn: SDPA per run
-        varlen.NATIVE = False
-        try:
-            _peak_reset(dev)
-            clock = _Clock(dev, warm)
-            train(new_qwen3(args.shape, dev, args.attention), tok, [], targs, examples=ex, on_step=clock.tick)
-            res["engine[sdpa-runs]"] = old = (clock.rate(tokens), _peak(dev))
-            _say(said, f"engine/engine[sdpa-runs] throughput ratio: {res['engine'][0] / old[0]:.2f}")
-        finally:
-            varlen.NATIVE = True
-        report()
+    # the engine with the other train.lean_layers (its default: on CUDA only), to see what lean layers change
+    other = "engine[no-lean]" if dev == "cuda" else "engine[lean]"
+    _peak_reset(dev)
+    clock = _Clock(dev, warm)
+    train(new_qwen3(args.shape, dev, args.attention), tok, [], dataclasses.replace(targs, lean_layers=dev != "cuda"),
+          examples=ex, on_step=clock.tick)
+    res[other] = (clock.rate(tokens), _peak(dev))
+    report()
+    _say(said, f"engine/{other} throughput ratio: {res['engine'][0] / res[other][0]:.2f}")
+    if dev == "cuda":
+        _say(said, f"engine/{other} peak memory ratio: {res['engine'][1] / res[other][1]:.2f}")
 
     _peak_reset(dev)
     model = new_qwen3(args.shape, dev, args.attention)

@@ -332,6 +332,9 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(False)
     chunked_loss: bool | None = Field(None, description="the LM head and cross-entropy in chunks from the hidden "
                                       "states, never the full [batch, length, vocabulary] logits (null: on CUDA)")
+    lean_layers: bool | None = Field(None, description="RMSNorm and SwiGLU as autograd functions that keep only "
+                                     "their inputs for the backward (same outputs, less activation memory; "
+                                     "null: on CUDA; not with compile)")
     packing: bool | None = Field(None, description="padding-free batches: examples end to end in rows, position "
                                  "ids restarting per example, attention never crossing an example (null: on when a "
                                  "two-example probe shows the model keeps packed examples apart; true: required)")

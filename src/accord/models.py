@@ -196,6 +196,7 @@ def environment() -> dict[str, dict[str, str]]:
         "train.bf16: null": "bf16 autocast" if bf16 else "off (float32)",
         "train.chunked_loss: null": "on: the head in chunks from the hidden states (a head that is h·Wᵀ)" if cuda
         else "off: full-vocabulary logits",
+        "train.lean_layers: null": "on: RMSNorm/SwiGLU keep only their inputs for the backward" if cuda else "off",
         "student.attention: auto": "sdpa (transformers' default); packed training rows attended apart by "
                                    + ("PyTorch's varlen FlashAttention (bf16/fp16)" if cuda and _torch_varlen() else
                                       "accord's varlen SDPA"),

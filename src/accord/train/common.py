@@ -46,8 +46,8 @@ class SettingsChanged(UsageError):
 
 
 # train.* fields that do not change the trained model (tested equal) or only what is kept and logged
-NOT_SETTINGS = {"method", "report_to", "packing", "chunked_loss", "compile", "gradient_checkpointing", "grad_accum",
-                "keep_checkpoints", "tag"}
+NOT_SETTINGS = {"method", "report_to", "packing", "chunked_loss", "lean_layers", "compile", "gradient_checkpointing",
+                "grad_accum", "keep_checkpoints", "tag"}
 MERGE_SETTINGS = {"merge", "mot_schedule"}  # only MoT and post-hoc merge read them
 
 

@@ -43,6 +43,7 @@ import torch
 
 from accord.errors import RunFailure, UsageError
 from accord.prompts import training_target
+from accord.train.lean import lean_layers, n_lean, use_lean
 from accord.train.varlen import NAME as VARLEN
 from accord.train.varlen import active as varlen_active
 from accord.train.varlen import segmented, split_by_length
@@ -74,6 +75,7 @@ class TrainArgs:
     device: str = "auto"  # student.device: where this process trains (auto: accelerate's choice; one per process)
     gradient_checkpointing: bool = False
     chunked_loss: bool | None = None  # the head + CE in chunks (no [B, T, V] logits); None: on CUDA only
+    lean_layers: bool | None = None  # RMSNorm/SwiGLU keeping only their inputs for backward (train/lean.py); None: CUDA
     packing: bool | None = None  # padding-free rows; None: on when the model passes the packing probe
     compile: bool = False  # torch.compile each decoder layer's MLP and norms for the run (compile_targets)
     lora_r: int = 0  # >0: train LoRA adapters (peft) instead of all weights
@@ -719,8 +721,9 @@ def train(model, tok, rows: list[dict], args: TrainArgs, **kw) -> TrainResult:
     ``model`` is the dict.
     """
     # packed SDPA models attend example by example in one row (accord.train.varlen); back to sdpa afterwards
+    lean = use_lean(args.lean_layers, get_accelerator(args).device) and not args.compile
     with segmented(model, not isinstance(model, dict) and kw.get("collate_fn") is None and args.packing is not False), \
-            compiled(model, args.compile and not args.lora_quantize):
+            compiled(model, args.compile and not args.lora_quantize), lean_layers(model, lean):
         return _train(model, tok, rows, args, **kw)
 
 
@@ -814,6 +817,8 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                  f"{'padding-free packing' if packed else 'no packing'}; {lora}"
                  + (f"torch.compile: {n} MLP/norm module(s); " if (n := sum(n_compiled(m) for m in models.values()
                                                                             if _is_lm(m))) else "")
+                 + (f"lean RMSNorm/SwiGLU: {n} module(s); " if (n := sum(n_lean(m) for m in models.values()
+                                                                          if _is_lm(m))) else "")
                  + "loss: "
                  + ("the recipe's (its own head: see its first line)" if loss_fn and not chunked else
                     "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"

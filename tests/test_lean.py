@@ -1,0 +1,143 @@
+"""accord.train.lean: RMSNorm and SwiGLU that keep only their inputs for the backward (train.lean_layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accord.train import lean
+
+
+def _qwen3(layers: int = 2):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=256, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16)])
+def test_rmsnorm_fn_equals_transformers_rmsnorm(x_dtype, w_dtype):
+    """Reference: transformers' Qwen3RMSNorm under autograd, on random inputs and a random weight — the residual
+    stream (float32 in, float32 weight), a q/k norm under autocast (bf16 in, float32 weight), pure bf16. The
+    forward is the same ops (bit-identical); the gradients of x and weight agree to the dtype's rounding."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    ref = Qwen3RMSNorm(24, eps=1e-6).to(w_dtype)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(24, generator=g))
+    x = (3 * torch.randn(2, 5, 24, generator=g)).to(x_dtype).requires_grad_()
+    w = torch.randn(2, 5, 24, generator=g)
+    want = ref(x)
+    got = lean.RMSNormFn.apply(x, ref.weight, ref.variance_epsilon)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    gx_want, gw_want = torch.autograd.grad((want.float() * w).sum(), (x, ref.weight))
+    gx, gw = torch.autograd.grad((got.float() * w).sum(), (x, ref.weight))
+    assert gx.dtype == x_dtype and gw.dtype == w_dtype
+    tol = 1e-5 if x_dtype == torch.float32 else 2e-2
+    assert torch.allclose(gx.float(), gx_want.float(), rtol=tol, atol=tol)
+    assert torch.allclose(gw.float(), gw_want.float(), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_fn_equals_silu_times_up(dtype):
+    g = torch.Generator().manual_seed(1)
+    gate, up = ((2 * torch.randn(3, 7, 16, generator=g)).to(dtype).requires_grad_() for _ in range(2))
+    w = torch.randn(3, 7, 16, generator=g).to(dtype)
+    want = torch.nn.functional.silu(gate) * up
+    got = lean.SwiGLUFn.apply(gate, up)
+    assert torch.equal(got, want)
+    want_g = torch.autograd.grad((want * w).sum(), (gate, up))
+    got_g = torch.autograd.grad((got * w).sum(), (gate, up))
+    assert all(torch.equal(a, b) for a, b in zip(got_g, want_g))  # the same ops as autograd's, in the same order
+
+
+def _saved_bytes(model, ids) -> tuple[int, torch.Tensor]:
+    """Bytes autograd keeps for the backward of one forward (unique storages, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    return sum(seen.values()), loss
+
+
+def test_lean_layers_keep_less_for_the_backward_and_train_the_same():
+    """A Qwen3 micro model under bf16 autocast (as on a GPU): every RMSNorm (input/post-attention, q/k, final) and
+    MLP switched; the same loss bit for bit; at least a fifth fewer bytes kept for the backward; the same
+    gradients (float32, no autocast) to rounding; the modules' own forwards again after the block."""
+    model = _qwen3()
+    ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(2))
+    plain_bytes, plain_loss = _saved_bytes(model, ids)
+    with lean.lean_layers(model, True) as n:
+        assert n == 2 * 4 + 1 + 2 == lean.n_lean(model)  # per layer: 4 norms + the MLP, … ; the final norm
+        lean_bytes, lean_loss = _saved_bytes(model, ids)
+        assert torch.equal(lean_loss, plain_loss)
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert lean.n_lean(model) == 0 and not any("forward" in vars(m) for m in model.modules())
+    assert lean_bytes < 0.8 * plain_bytes, (lean_bytes, plain_bytes)
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for k, p in model.named_parameters():
+        assert torch.allclose(got[k], p.grad, rtol=1e-4, atol=1e-6), k
+
+
+def test_a_norm_or_mlp_of_another_kind_is_left_alone():
+    """A Gemma-style norm (``1 + weight``) and a GELU MLP have the attributes but not the arithmetic: the check
+    on a random input leaves them alone."""
+
+    class GemmaLikeRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.randn(8)), 1e-6
+
+        def forward(self, x):
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)) * (1 + self.weight)
+
+    class GeluMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(8, 8) for _ in range(3))
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, x):  # says SiLU, computes GELU
+            return self.down_proj(torch.nn.functional.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+    box = torch.nn.ModuleList([GemmaLikeRMSNorm(), GeluMLP()])
+    assert lean.targets(box) == []
+    assert len(lean.targets(_qwen3(1))) == 4 + 1 + 1
+
+
+def test_the_engine_trains_lean_to_the_same_weights(micro, capsys):
+    """``train.lean_layers: true`` on the engine (CPU, float32): the first line says how many modules, and three
+    steps give the weights the plain modules give."""
+    from test_engine import rows
+
+    from accord import ui
+    from accord.models import load_model_and_tokenizer
+    from accord.train.engine import TrainArgs, train
+
+    out = {}
+    for on in (False, True):
+        ui._SAID.clear()
+        model, tok = load_model_and_tokenizer(str(micro), "cpu", "float32")
+        tok.padding_side = "right"
+        train(model, tok, rows(12), TrainArgs(steps=3, batch_size=4, lr=1e-3, max_len=128, lean_layers=on))
+        out[on] = {k: v.clone() for k, v in model.state_dict().items()}
+        said = capsys.readouterr().err
+        assert ("lean RMSNorm/SwiGLU: " in said) == on, said
+        assert not any("forward" in vars(m) for m in model.modules())
+    for k, v in out[False].items():
+        assert torch.allclose(out[True][k], v, rtol=1e-4, atol=1e-6), k
