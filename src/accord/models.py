@@ -217,10 +217,10 @@ def _installed(module: str, dists) -> str:
 
 
 def _torch_varlen() -> bool:
-    """PyTorch ≥ 2.10's varlen FlashAttention is there (what accord.train.varlen uses on CUDA)."""
-    import importlib.util
+    """PyTorch's varlen FlashAttention is there in the form accord.train.varlen uses on CUDA."""
+    from accord.train.varlen import _varlen_attn
 
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    return _varlen_attn() is not None
 
 
 def runtime(model) -> str:

@@ -448,7 +448,7 @@ def get_accelerator(args: TrainArgs | None = None):
         _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=want.type == "cpu")
     elif device != "auto" and not _same_device(check_device(device, select=True), _ACCELERATOR.device):
         raise UsageError(f"student.device: {device}, but this process already trains on "
-                              f"{_ACCELERATOR.device} (one device per process); run it in a process of its own")
+                         f"{_ACCELERATOR.device} (one device per process); run it in a process of its own")
     return _ACCELERATOR
 
 
@@ -469,7 +469,7 @@ def check_device(device: str, select: bool = False) -> torch.device:
     if want.type == "cuda" and device != "auto":
         if not torch.cuda.is_available() or (want.index or 0) >= torch.cuda.device_count():
             raise UsageError(f"student.device: {device}, but no such CUDA device is visible here "
-                                  f"({torch.cuda.device_count()} visible); set student.device: auto or cpu")
+                             f"({torch.cuda.device_count()} visible); set student.device: auto or cpu")
         if want.index is not None and select:
             torch.cuda.set_device(want.index)
     if want.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -721,9 +721,10 @@ def train(model, tok, rows: list[dict], args: TrainArgs, **kw) -> TrainResult:
     ``model`` is the dict.
     """
     # packed SDPA models attend example by example in one row (accord.train.varlen); back to sdpa afterwards
-    lean = use_lean(args.lean_layers, get_accelerator(args).device) and not args.compile
+    compile_on = args.compile and not args.lora_quantize
+    lean = use_lean(args.lean_layers, get_accelerator(args).device) and not compile_on  # compile fuses them itself
     with segmented(model, not isinstance(model, dict) and kw.get("collate_fn") is None and args.packing is not False), \
-            compiled(model, args.compile and not args.lora_quantize), lean_layers(model, lean):
+            compiled(model, compile_on), lean_layers(model, lean):
         return _train(model, tok, rows, args, **kw)
 
 

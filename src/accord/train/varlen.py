@@ -28,8 +28,9 @@ Here a packed micro-batch is one forward in one row, and only attention is done 
   no real token sees it).  Measured on an H200 (session 18, ``bench/engine.py --device cuda``): SDPA on the
   bucket views picks cuDNN's attention there, which builds a plan for every new shape — 1.7–2.7 ms of CPU per
   call, 485 ms per step at Qwen3-0.6B × 4 examples of ≤ 4,096 tokens, more than the step's GPU time.  Causal
-  masking is ``window_size=(-1, 0)`` (no ``is_causal`` from 2.13 on); GQA repeats the key/value heads where the
-  installed PyTorch has no ``enable_gqa`` (2.10–2.12).  No dropout there: attention dropout in training keeps SDPA.
+  masking is ``window_size=(-1, 0)``: a PyTorch whose ``varlen_attn`` takes no ``window_size`` keeps SDPA.  GQA
+  repeats the key/value heads where it takes no ``enable_gqa`` (2.11 does not, 2.13 does).  No dropout there:
+  attention dropout in training keeps SDPA.
 - Anything else goes to transformers' own SDPA function unchanged: a padded batch (an attention mask), decoding
   with a KV cache (fewer queries than keys).
 - :func:`segmented` switches a model from ``sdpa`` to this kernel for the length of a training run and back; the
@@ -153,12 +154,14 @@ def boundaries(position_ids: torch.Tensor | None, batch: int, length: int, devic
 
 @functools.cache
 def _varlen_attn():
-    """PyTorch's varlen FlashAttention and whether it takes ``enable_gqa`` (None before PyTorch 2.10)."""
+    """PyTorch's varlen FlashAttention and whether it takes ``enable_gqa`` (None before PyTorch 2.10, and where it
+    takes no ``window_size``, the causal mask used here)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+    params = inspect.signature(varlen_attn).parameters
+    return (varlen_attn, "enable_gqa" in params) if "window_size" in params else None
 
 
 def native(module, query: torch.Tensor, dropout: float) -> bool:
