@@ -244,6 +244,20 @@ def shape_bench(args) -> None:
     del model
     report()
 
+    from accord.train import varlen
+
+    if dev == "cuda" and varlen._varlen_attn() is not None:  # the varlen kernel before PyTorch's: SDPA per bucket
+        varlen.NATIVE = False
+        try:
+            _peak_reset(dev)
+            clock = _Clock(dev, warm)
+            train(new_qwen3(args.shape, dev, args.attention), tok, [], targs, examples=ex, on_step=clock.tick)
+            res["engine[sdpa-runs]"] = old = (clock.rate(tokens), _peak(dev))
+        finally:
+            varlen.NATIVE = True
+        report()
+        _say(said, f"engine/engine[sdpa-runs] throughput ratio: {res['engine'][0] / old[0]:.2f}")
+
     # the engine with the other train.lean_layers (its default: on CUDA only), to see what lean layers change
     other = "engine[no-lean]" if dev == "cuda" else "engine[lean]"
     _peak_reset(dev)

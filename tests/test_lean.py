@@ -120,11 +120,11 @@ def test_a_norm_or_mlp_of_another_kind_is_left_alone():
     assert len(lean.targets(_qwen3(1))) == 4 + 1 + 1
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, lora_r):
-    """``train.lean_layers: true`` on the engine (CPU, float32), full and LoRA (peft swaps the projections the
-    lean MLP calls): the first line says how many modules, and three steps give the weights the plain modules
-    give."""
+@pytest.mark.parametrize("lora_r, checkpointing", [(0, False), (4, False), (0, True)])
+def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, lora_r, checkpointing):
+    """``train.lean_layers: true`` on the engine (CPU, float32), full, LoRA (peft swaps the projections the lean
+    MLP calls) and with gradient checkpointing (the forwards run again inside the backward): the first line says
+    how many modules, and three steps give the weights the plain modules give."""
     from test_engine import rows
 
     from accord import ui
@@ -137,7 +137,7 @@ def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, lora_r):
         model, tok = load_model_and_tokenizer(str(micro), "cpu", "float32")
         tok.padding_side = "right"
         train(model, tok, rows(12), TrainArgs(steps=3, batch_size=4, lr=1e-3, max_len=128, lean_layers=on,
-                                              lora_r=lora_r))
+                                              lora_r=lora_r, gradient_checkpointing=checkpointing))
         out[on] = {k: v.clone() for k, v in model.state_dict().items()}
         said = capsys.readouterr().err
         assert ("lean RMSNorm/SwiGLU: " in said) == on, said

@@ -98,6 +98,19 @@ def test_pytorch_varlen_kernel_gets_each_examples_boundaries_once_per_call(has_g
     cu = [0, 5, 6, 15, 18, 22, 26, 28, 36]
     assert calls == [(cu, 9, (-1, 0), has_gqa, 2 if has_gqa else 4)] * 2
     assert varlen.boundaries(None, 2, 3, "cpu")[0].tolist() == [0, 3, 6]  # no position ids: one example per row
+    # under bf16 autocast with float32 weights, q and k arrive in float32 (Qwen3's q/k norms, rotary) and v in
+    # bf16: the kernel gets all three in autocast's dtype, as SDPA casts them (on the H200 a float32 query had
+    # kept the engine off this path)
+    calls.clear()
+    varlen._layout_cache[:] = [None, None]
+    seen = []
+    monkeypatch.setattr(varlen, "_varlen_attn", lambda: (lambda *a, **k: seen.append(a[:3]) or fake(*a, **k), has_gqa))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert varlen.attention_dtype(q) == torch.bfloat16
+        out, _ = varlen.attention(_Attn(), q, k, v.bfloat16(), None, scaling=0.3, position_ids=pos)
+    assert [t.dtype for t in seen[0]] == [torch.bfloat16] * 3 and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=5e-2)
+    assert varlen.attention_dtype(q) is None  # float32 without autocast: SDPA's path
 
 
 @pytest.mark.gpu

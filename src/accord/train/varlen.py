@@ -164,18 +164,35 @@ def _varlen_attn():
     return (varlen_attn, "enable_gqa" in params) if "window_size" in params else None
 
 
+LOW = (torch.bfloat16, torch.float16)
+
+
+def attention_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The dtype this call attends in: the query's when it is bf16/fp16, else autocast's low-precision dtype when
+    autocast is on for the query's device (under bf16 autocast with float32 weights, q and k arrive in float32 —
+    Qwen3's q/k norms and rotary promote them — and SDPA would cast them itself), else None (float32)."""
+    if query.dtype in LOW:
+        return query.dtype
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in LOW:
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 def native(module, query: torch.Tensor, dropout: float) -> bool:
-    """Whether this call attends with PyTorch's varlen FlashAttention: CUDA, bf16/fp16, no dropout, PyTorch ≥ 2.10."""
-    return (NATIVE and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+    """Whether this call attends with PyTorch's varlen FlashAttention: CUDA, bf16/fp16 (the tensors' or autocast's),
+    no dropout, PyTorch ≥ 2.10."""
+    return (NATIVE and query.is_cuda and attention_dtype(query) is not None
             and not (dropout and module.training) and _varlen_attn() is not None)
 
 
 def attend_native(query, key, value, cu: torch.Tensor, longest: int, scaling: float | None) -> torch.Tensor:
-    """``[B, H, N, d]`` query (``[B, H_kv, N, d]`` key/value) attended example by example from ``cu``: one call;
-    returns ``[B, N, H, d]``."""
+    """``[B, H, N, d]`` query (``[B, H_kv, N, d]`` key/value) attended example by example from ``cu``, in
+    :func:`attention_dtype`: one call; returns ``[B, N, H, d]``."""
     fn, gqa = _varlen_attn()
     B, H, N, d = query.shape
-    q, k, v = (x.transpose(1, 2).reshape(B * N, x.shape[1], d) for x in (query, key, value))
+    dt = attention_dtype(query) or query.dtype
+    q, k, v = (x.transpose(1, 2).reshape(B * N, x.shape[1], d).to(dt) for x in (query, key, value))
     extra = {}
     if k.shape[1] != H:
         if gqa:
