@@ -386,6 +386,42 @@ def test_the_first_line_says_what_runs(micro, capsys):
     assert "train:" not in capsys.readouterr().err  # said once per process
 
 
+@pytest.mark.parametrize("which", ["LinearCrossEntropy", "LinearTokenNLL"])
+def test_the_chunked_head_multiplies_in_the_autocast_dtype_both_ways(which, monkeypatch):
+    """Under bf16 autocast with float32 weights the final hidden states arrive in float32 (the final norm sees the
+    float32 residual stream): every product over the vocabulary, forward and backward — which runs outside
+    autocast — is a bf16 GEMM, as the plain head's, and the gradients are the plain head's under autocast to bf16
+    rounding.  (``LinearTokenNLL``'s backward ran them in float32 until session 18: ~10× slower on a GPU.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from accord.train import engine
+
+    fn = getattr(engine, which)
+    monkeypatch.setattr(fn, "CHUNK", 7)
+    seen = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(20, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    tgt = torch.randint(0, 50, (20,), generator=g)
+    with Products(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn.apply(h, w, tgt)
+    with Products():
+        got = torch.autograd.grad(out.sum(), (h, w))
+    assert len(seen) >= 3 and set(seen) == {torch.bfloat16}, seen
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), tgt, reduction="sum")
+    want = torch.autograd.grad(ref, (h, w))
+    assert torch.allclose(out.sum(), ref, rtol=1e-2)
+    assert all(torch.allclose(a, b, rtol=3e-2, atol=3e-2) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_linear_cross_entropy_matches_the_plain_one(dtype, monkeypatch):
     """Loss and gradients (hidden states and head weight) equal the plain logits → CE path, over several

@@ -508,6 +508,17 @@ def sft_loss(model, b: dict, n_units: int, chunked: bool = False) -> tuple[torch
     return loss, {}
 
 
+def head_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the chunked head's products run in: autocast's where it is on for ``h``'s device, else ``h``'s.
+    Under bf16 autocast with float32 weights the final hidden states are float32 (the final norm sees the float32
+    residual stream), so ``h.dtype`` alone would make every product over the vocabulary a float32 GEMM — as it did
+    in :class:`LinearTokenNLL`'s backward, which runs outside autocast, until session 18."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return h.dtype
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Σ over rows of CE(h W^T, target), chunk by chunk: the logits of ``CHUNK`` rows at a time, never all of
     them.  The gradients are computed in the forward pass (the loss is a sum, so d loss/d h and d loss/d W
@@ -521,16 +532,17 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         grad_h = torch.zeros_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        w = weight.to(h.dtype)  # bf16 hidden states (autocast) meet the fp32 master weights in bf16, as the plain head
+        dt = head_dtype(h)
+        w = weight.to(dt)  # the fp32 master weights in the autocast dtype, as the plain head under autocast
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         for s in range(0, h.shape[0], LinearCrossEntropy.CHUNK):
-            hs, tg = h[s:s + LinearCrossEntropy.CHUNK], targets[s:s + LinearCrossEntropy.CHUNK]
+            hs, tg = h[s:s + LinearCrossEntropy.CHUNK].to(dt), targets[s:s + LinearCrossEntropy.CHUNK]
             logits = (hs @ w.T).float()
             lse = torch.logsumexp(logits, -1)
             total += (lse - logits.gather(-1, tg[:, None])[:, 0]).sum()
             d = torch.softmax(logits, -1)
             d[torch.arange(len(tg), device=d.device), tg] -= 1.0  # d loss / d logits
-            d = d.to(h.dtype)  # both products in the autocast dtype, as the plain head's backward (no fp32 GEMM)
+            d = d.to(dt)  # both products in the autocast dtype, as the plain head's backward (no fp32 GEMM)
             grad_h[s:s + len(tg)] = d @ w
             grad_w += (d.T @ hs).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
@@ -553,11 +565,12 @@ class LinearTokenNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        w = weight.to(h.dtype)
+        ctx.dt = dt = head_dtype(h)  # the backward runs outside autocast: it reads the dtype from here
+        w = weight.to(dt)
         lse = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         picked = torch.empty_like(lse)
         for s in range(0, h.shape[0], LinearTokenNLL.CHUNK):
-            logits = (h[s:s + LinearTokenNLL.CHUNK] @ w.T).float()
+            logits = (h[s:s + LinearTokenNLL.CHUNK].to(dt) @ w.T).float()
             tg = targets[s:s + LinearTokenNLL.CHUNK]
             lse[s:s + len(tg)] = torch.logsumexp(logits, -1)
             picked[s:s + len(tg)] = logits.gather(-1, tg[:, None])[:, 0]
@@ -567,14 +580,14 @@ class LinearTokenNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         h, weight, targets, lse = ctx.saved_tensors
-        w = weight.to(h.dtype)
+        w = weight.to(ctx.dt)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         for s in range(0, h.shape[0], LinearTokenNLL.CHUNK):
-            hs, tg = h[s:s + LinearTokenNLL.CHUNK], targets[s:s + LinearTokenNLL.CHUNK]
+            hs, tg = h[s:s + LinearTokenNLL.CHUNK].to(ctx.dt), targets[s:s + LinearTokenNLL.CHUNK]
             d = torch.exp((hs @ w.T).float() - lse[s:s + len(tg), None])
             d[torch.arange(len(tg), device=d.device), tg] -= 1.0
-            d = (d * g[s:s + len(tg), None].float()).to(h.dtype)  # the products in the autocast dtype, as above
+            d = (d * g[s:s + len(tg), None].float()).to(ctx.dt)  # the products in the autocast dtype, as above
             grad_h[s:s + len(tg)] = d @ w
             grad_w += (d.T @ hs).float()
         return grad_h, grad_w.to(weight.dtype), None
