@@ -113,6 +113,27 @@ def test_pytorch_varlen_kernel_gets_each_examples_boundaries_once_per_call(has_g
     assert varlen.attention_dtype(q) is None  # float32 without autocast: SDPA's path
 
 
+def test_a_pytorch_varlen_kernel_that_fails_falls_back_once_and_says_so(monkeypatch, capsys):
+    """A PyTorch build whose varlen_attn refuses the call: the kernel says so once and attends with SDPA per
+    bucket from then on — the same outputs as the loop over examples; the run goes on."""
+    def refuse(*a, **k):
+        raise RuntimeError("varlen_attn: no kernel for this build\nmore")
+
+    monkeypatch.setattr(varlen, "NATIVE", True)
+    monkeypatch.setattr(varlen, "_varlen_attn", lambda: (refuse, True))
+    monkeypatch.setattr(varlen, "native", lambda module, query, dropout: varlen.NATIVE)
+    g = torch.Generator().manual_seed(4)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    q, k, v = (torch.randn(1, h, 9, 8, generator=g) for h in (4, 2, 2))
+    varlen._layout_cache[:] = [None, None]
+    for _ in range(2):
+        out, _ = varlen.attention(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos)
+        assert torch.allclose(out, _reference(q, k, v, pos, 0.3), atol=1e-5)
+    err = capsys.readouterr().err
+    assert err.count("PyTorch's varlen_attn failed (RuntimeError: varlen_attn: no kernel for this build)") == 1
+    assert not varlen.NATIVE
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_on_cuda_matches_the_loop(dtype):

@@ -30,7 +30,8 @@ Here a packed micro-batch is one forward in one row, and only attention is done 
   call, 485 ms per step at Qwen3-0.6B × 4 examples of ≤ 4,096 tokens, more than the step's GPU time.  Causal
   masking is ``window_size=(-1, 0)``: a PyTorch whose ``varlen_attn`` takes no ``window_size`` keeps SDPA.  GQA
   repeats the key/value heads where it takes no ``enable_gqa`` (2.11 does not, 2.13 does).  No dropout there:
-  attention dropout in training keeps SDPA.
+  attention dropout in training keeps SDPA.  Under autocast q/k/v are cast to its dtype, as SDPA casts them.  A
+  build whose kernel refuses the call says so once and attends with SDPA per bucket for the rest of the process.
 - Anything else goes to transformers' own SDPA function unchanged: a padded batch (an attention mask), decoding
   with a KV cache (fewer queries than keys).
 - :func:`segmented` switches a model from ``sdpa`` to this kernel for the length of a training run and back; the
@@ -200,7 +201,7 @@ def attend_native(query, key, value, cu: torch.Tensor, longest: int, scaling: fl
         else:
             k, v = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v))
     out = fn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0), **extra)
-    return out.view(B, N, H, -1)
+    return out.reshape(B, N, H, -1)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -219,7 +220,16 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if native(module, query, dropout):
         if _layout_cache[0] is not position_ids or position_ids is None or _layout_cache[1][0] != "native":
             _layout_cache[:] = [position_ids, ("native", boundaries(position_ids, B, N, query.device))]
-        return attend_native(query, key, value, *_layout_cache[1][1], scaling), None
+        try:
+            return attend_native(query, key, value, *_layout_cache[1][1], scaling), None
+        except (RuntimeError, TypeError, ValueError) as e:  # a PyTorch build whose kernel refuses this call: say
+            global NATIVE  # noqa: PLW0603 — once, then SDPA per bucket for the rest of the process
+            NATIVE = False
+            _layout_cache[:] = [None, None]
+            import sys
+
+            print(f"varlen: PyTorch's varlen_attn failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "attending with SDPA per length bucket from here on", file=sys.stderr)
     if _layout_cache[0] is not position_ids or position_ids is None or _layout_cache[1][0] == "native":
         _layout_cache[:] = [position_ids, plan(position_ids, B, N, query.device)]
     kind, how = _layout_cache[1]
