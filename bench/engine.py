@@ -188,10 +188,12 @@ def _peak(device: str) -> float | None:
 
 
 def shape_bench(args) -> None:
-    """``--shape qwen3-0.6b --device cuda``: the engine (its defaults there: bf16 autocast, packing, chunked loss)
-    against a plain bf16-autocast loop on identical batches — tokens/s, model-FLOPs utilisation (6·params·tokens
-    over ``--peak-tflops``), peak memory —, the engine with ``train.compile`` too (``--compile``, default on CUDA),
-    and TRL padding-free (+ Liger) when TRL is installed."""
+    """``--shape qwen3-0.6b --device cuda``: the engine (its defaults there: bf16 autocast, packing, PyTorch's varlen
+    attention, lean layers, chunked loss) against a plain bf16-autocast loop on identical batches — tokens/s,
+    model-FLOPs utilisation (6·params·tokens over ``--peak-tflops``), peak memory —, after one untimed engine run
+    on other sequences; beside it the engine with SDPA per bucket (``engine[sdpa-runs]``) and with the other
+    ``train.lean_layers``, the engine with ``train.compile`` (``--compile``, default on CUDA), and TRL padding-free
+    (+ Liger) when TRL is installed."""
     from types import SimpleNamespace
 
     from accord.train.engine import BatchStream, TrainArgs, train
@@ -246,7 +248,7 @@ def shape_bench(args) -> None:
 
     from accord.train import varlen
 
-    if dev == "cuda" and varlen._varlen_attn() is not None:  # the varlen kernel before PyTorch's: SDPA per bucket
+    if dev == "cuda" and varlen.NATIVE and varlen._varlen_attn() is not None:  # before PyTorch's: SDPA per bucket
         varlen.NATIVE = False
         try:
             _peak_reset(dev)
