@@ -97,6 +97,26 @@ def two_parrots(parrot7, parrot8):
             {"name": "eight", "model": str(parrot8), "batch_size": 16}]
 
 
+@pytest.fixture(scope="session")
+def micro_b(tmp_path_factory) -> Path:
+    """A second micro student: Qwen2, width 24, a tokenizer that keeps digit runs and has 384 entries."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from accord.lab.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=384, split_digits=False)
+    import torch
+
+    torch.manual_seed(5)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("micro_b")
+    Qwen2ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
 def run_cli(*args: str) -> tuple[int, str]:
     """Run ``accord`` in-process; return (exit code, stderr+stdout text)."""
     import contextlib

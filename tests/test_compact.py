@@ -53,6 +53,9 @@ def test_consensus_matches_a_loop_over_heads_and_pairs(K, H, Hkv, self_loop):
     g = torch.Generator().manual_seed(K * 10 + H)
     q, k = torch.randn(K, H, 16, generator=g), torch.randn(K, Hkv, 16, generator=g)
     assert torch.allclose(consensus(q, k, self_loop), slow_consensus(q, k, self_loop), atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under the training's autocast: still a float32 score
+        s = consensus(q, k, self_loop)
+    assert s.dtype == torch.float32 and torch.allclose(s, slow_consensus(q, k, self_loop), atol=1e-5)
 
 
 @pytest.mark.parametrize("self_loop", [True, False])

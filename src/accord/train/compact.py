@@ -158,8 +158,10 @@ def group_zscore(x: torch.Tensor, gid: torch.Tensor, n: torch.Tensor) -> torch.T
 
 def group_alphas(gid: torch.Tensor, s_mi, s_cons, s_ppl, beta=(1.0, 1.0, 1.0), tau: float = 1.0):
     """Eq. 7 for every problem of a micro-batch at once: α = softmax over each problem's traces of
-    (β₁ z(S_MI) + β₂ z(S_cons) − β₃ z(S_PPL)) / τ; returns (α, score) per trace (α = 1 for a lone trace)."""
-    n = torch.bincount(gid).to(s_mi.dtype)
+    (β₁ z(S_MI) + β₂ z(S_cons) − β₃ z(S_PPL)) / τ; returns (α, score) per trace (α = 1 for a lone trace).  In
+    float32 whatever the scores came in (under bf16 autocast a score can arrive in bf16)."""
+    s_mi, s_cons, s_ppl = (s.float() for s in (s_mi, s_cons, s_ppl))
+    n = torch.bincount(gid).to(torch.float32)
     score = (beta[0] * group_zscore(s_mi, gid, n) + beta[1] * group_zscore(s_cons, gid, n)
              - beta[2] * group_zscore(s_ppl, gid, n))
     logit = score / tau
@@ -176,12 +178,13 @@ def consensus(q: torch.Tensor, k: torch.Tensor, self_loop: bool = True,
     its problem scores 0."""
     N, H, d = q.shape
     k = k.repeat_interleave(H // k.shape[1], dim=1)  # GQA: each kv head serves H / H_kv query heads
-    s = torch.einsum("ihd,jhd->hij", q.float(), k.float()) / math.sqrt(d)
-    eye = torch.eye(N, dtype=torch.bool, device=s.device)
-    off = (gid[:, None] != gid[None, :]) if gid is not None else torch.zeros_like(eye)
-    s = s.masked_fill(off | (eye if not self_loop else torch.zeros_like(eye)), float("-inf"))
-    A = torch.softmax(s, -1).nan_to_num(0.0).mean(0)  # [N, N], rows i, columns j; a row with no partner: 0
-    return A.sum(0) - A.diagonal()
+    with torch.autocast(q.device.type, enabled=False):  # a score: float32 under the training's bf16 autocast too
+        s = torch.einsum("ihd,jhd->hij", q.float(), k.float()) / math.sqrt(d)
+        eye = torch.eye(N, dtype=torch.bool, device=s.device)
+        off = (gid[:, None] != gid[None, :]) if gid is not None else torch.zeros_like(eye)
+        s = s.masked_fill(off | (eye if not self_loop else torch.zeros_like(eye)), float("-inf"))
+        A = torch.softmax(s, -1).nan_to_num(0.0).mean(0)  # [N, N], rows i, columns j; a row with no partner: 0
+        return A.sum(0) - A.diagonal()
 
 
 def last_decoder_layer(model):
