@@ -100,13 +100,12 @@ def two_parrots(parrot7, parrot8):
 @pytest.fixture(scope="session")
 def micro_b(tmp_path_factory) -> Path:
     """A second micro student: Qwen2, width 24, a tokenizer that keeps digit runs and has 384 entries."""
+    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from accord.lab.tokenizer import build_tokenizer
 
     tok = build_tokenizer(vocab_size=384, split_digits=False)
-    import torch
-
     torch.manual_seed(5)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

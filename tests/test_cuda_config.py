@@ -49,3 +49,54 @@ def test_every_method_trains_in_the_cuda_configuration_on_cpu_autocast(tmp_path,
         events = [json.loads(x) for x in (run / "train" / d / "metrics.jsonl").read_text().splitlines()]
         losses = [e["loss"] for e in events if "loss" in e]
         assert losses and all(abs(x) < 1e4 for x in losses), (d, losses)  # finite, as the engine checks too
+
+
+def test_collection_and_evaluation_run_in_bf16_weights_as_on_a_gpu(tmp_path, problems_file, two_parrots, micro,
+                                                                  monkeypatch):
+    """On a GPU, teachers and every evaluated checkpoint load in bf16 (``dtype: auto``): collect → train → eval →
+    report with bf16 weights on the CPU — generation, scoring and verification in bf16 — finishes, and every
+    evaluation says it ran in bf16."""
+    import torch
+    from conftest import pipeline_cfg, run_cli
+
+    from accord import models, ui
+
+    real = models.pick_dtype
+    monkeypatch.setattr(models, "pick_dtype", lambda dtype, device: torch.bfloat16 if dtype == "auto" else
+                        real(dtype, device))
+    ui._SAID.clear()
+    cfg = pipeline_cfg(tmp_path, problems_file, two_parrots, micro, method=["std", "mtd", "mot"])
+    code, out = run_cli("run", str(cfg))
+    assert code == 0, out
+    assert "hf backend: cpu, weights bfloat16" in out, out
+    rows = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert {r["model"] for r in rows} >= {"base", "mtd", "mot", "std-seven"} and all(0 <= r["pass1"] <= 1 for r in rows)
+    for argv in (["interpolate", str(cfg), "--models", "mtd", "mot", "--points", "3"],
+                 ["diagnose", str(cfg), "--problems", "4"], ["drift", str(cfg), "--models", "mtd", "mot"]):
+        code, out = run_cli(*argv)
+        assert code == 0, (argv[0], out)
+
+
+def test_cord_runs_in_bf16_weights_as_on_a_gpu(tmp_path, problems_file, parrot7, parrot8, monkeypatch):
+    """CoRD's step generation, prefix-cached scoring and meta-prover with bf16 teachers (``dtype: auto`` on a GPU)
+    on the CPU: it finishes, with every problem synthesised and its baselines beside it."""
+    import torch
+    import yaml
+    from conftest import run_cli
+
+    from accord import models
+
+    real = models.pick_dtype
+    monkeypatch.setattr(models, "pick_dtype", lambda dtype, device: torch.bfloat16 if dtype == "auto" else
+                        real(dtype, device))
+    cfg = {"run_dir": str(tmp_path / "run"), "problems": {"path": str(problems_file)},
+           "teachers": [{"name": "seven", "model": str(parrot7)}, {"name": "eight", "model": str(parrot8)}],
+           "cord": {"beam": 2, "max_steps": 4, "step_tokens": 24, "think_tokens": 48, "answer_tokens": 16,
+                    "meta_prover": "eight", "segmentation": "line-break", "baselines": ["curation"]}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("cord", str(path))
+    assert code == 0, out
+    s = json.loads((tmp_path / "run" / "cord" / "summary.json").read_text())
+    n = len(problems_file.read_text().splitlines())
+    assert s["cord"]["n"] == n and s["cord-curation"]["n"] == n
