@@ -49,6 +49,13 @@ def test_every_method_trains_in_the_cuda_configuration_on_cpu_autocast(tmp_path,
         events = [json.loads(x) for x in (run / "train" / d / "metrics.jsonl").read_text().splitlines()]
         losses = [e["loss"] for e in events if "loss" in e]
         assert losses and all(abs(x) < 1e4 for x in losses), (d, losses)  # finite, as the engine checks too
+    # QLoRA (a 4-bit base under bf16 autocast, lean layers calling the adapted projections; bitsandbytes' CPU path)
+    out = subprocess.run([*accord_cmd(), "train", str(p), "train.method=[mtd,compact]", "train.lora.r=2",
+                          "train.lora.quantize=nf4", "train.tag=qlora"], check=False, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    said = out.stdout + out.stderr
+    assert out.returncode == 0, said
+    assert "QLoRA" in said and all((run / "train" / d / "result.json").exists() for d in ("mtd-qlora", "compact-qlora"))
 
 
 def test_collection_and_evaluation_run_in_bf16_weights_as_on_a_gpu(tmp_path, problems_file, two_parrots, micro,
