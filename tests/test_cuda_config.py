@@ -50,6 +50,11 @@ def test_every_method_trains_in_the_cuda_configuration_on_cpu_autocast(tmp_path,
         events = [json.loads(x) for x in (run / "train" / d / "metrics.jsonl").read_text().splitlines()]
         losses = [e["loss"] for e in events if "loss" in e]
         assert losses and all(abs(x) < 1e4 for x in losses), (d, losses)  # finite, as the engine checks too
+    # QR with the mutual loss on routed paths only (a no-grad forward over the rest)
+    out = subprocess.run([*accord_cmd(), "train", str(p), "train.method=qr", "qr.mutual_paths=routed",
+                          "train.tag=routed"], check=False, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert out.returncode == 0, out.stdout + out.stderr
     # QLoRA (a 4-bit base under bf16 autocast, lean layers calling the adapted projections; bitsandbytes' CPU path)
     if importlib.util.find_spec("bitsandbytes") is None:  # a GPU machine without it (bench/gpu.sh runs this file)
         return
