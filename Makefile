@@ -37,7 +37,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	@$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"
-	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@for f in bench/*.py; do [ $$f = bench/goals.py ] && continue; echo "== $$f"; $(BIN)/python $$f || exit 1; done  # goals.py reads a GPU run's output
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -56,19 +56,14 @@ def test_swiglu_fn_equals_silu_times_up(dtype):
 
 
 def _saved_bytes(model, ids) -> tuple[int, torch.Tensor]:
-    """Bytes autograd keeps for the backward of one forward (unique storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    """Bytes kept for the backward of one forward under bf16 autocast, and its loss."""
+    out = {}
 
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out["loss"] = model(input_ids=ids, labels=ids).loss
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    return sum(seen.values()), loss
+    return lean.saved_bytes(model, run), out["loss"]
 
 
 def test_lean_layers_keep_less_for_the_backward_and_train_the_same():

@@ -121,6 +121,23 @@ def targets(model) -> list[tuple[torch.nn.Module, object]]:
     return out
 
 
+def saved_bytes(model, run) -> int:
+    """Bytes autograd keeps for the backward while ``run()`` does a forward of ``model``: unique storages, the
+    parameters excluded (what lean layers are measured by: ``bench/lean.py``, ``tests/test_lean.py``)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
 def use_lean(setting: bool | None, device: torch.device) -> bool:
     """``train.lean_layers``: ``None`` → on CUDA only."""
     return device.type == "cuda" if setting is None else setting
