@@ -46,7 +46,7 @@ from accord.prompts import training_target
 from accord.train.lean import lean_layers, n_lean, use_lean
 from accord.train.varlen import NAME as VARLEN
 from accord.train.varlen import active as varlen_active
-from accord.train.varlen import segmented, split_by_length
+from accord.train.varlen import compute_dtype, segmented, split_by_length
 from accord.ui import no_hf_bars, say_once
 
 IGNORE = -100
@@ -508,17 +508,6 @@ def sft_loss(model, b: dict, n_units: int, chunked: bool = False) -> tuple[torch
     return loss, {}
 
 
-def head_dtype(h: torch.Tensor) -> torch.dtype:
-    """The dtype the chunked head's products run in: autocast's where it is on for ``h``'s device, else ``h``'s.
-    Under bf16 autocast with float32 weights the final hidden states are float32 (the final norm sees the float32
-    residual stream), so ``h.dtype`` alone would make every product over the vocabulary a float32 GEMM — as it did
-    in :class:`LinearTokenNLL`'s backward, which runs outside autocast, until session 18."""
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return h.dtype
-
-
 class LinearCrossEntropy(torch.autograd.Function):
     """Σ over rows of CE(h W^T, target), chunk by chunk: the logits of ``CHUNK`` rows at a time, never all of
     them.  The gradients are computed in the forward pass (the loss is a sum, so d loss/d h and d loss/d W
@@ -532,7 +521,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         grad_h = torch.zeros_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        dt = head_dtype(h)
+        dt = compute_dtype(h)  # autocast's: the fp32 final states would make every product over V fp32
         w = weight.to(dt)  # the fp32 master weights in the autocast dtype, as the plain head under autocast
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         for s in range(0, h.shape[0], LinearCrossEntropy.CHUNK):
@@ -565,7 +554,7 @@ class LinearTokenNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ctx.dt = dt = head_dtype(h)  # the backward runs outside autocast: it reads the dtype from here
+        ctx.dt = dt = compute_dtype(h)  # the backward runs outside autocast: it reads the dtype from here
         w = weight.to(dt)
         lse = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         picked = torch.empty_like(lse)

@@ -170,16 +170,20 @@ def _varlen_attn():
 LOW = (torch.bfloat16, torch.float16)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype an op on ``t`` computes in: autocast's where it is on for ``t``'s device, else ``t``'s.  Under bf16
+    autocast with float32 weights a model's activations often arrive in float32 (Qwen3's q/k norms and rotary, the
+    final norm over the float32 residual stream), so ``t.dtype`` alone is not what autocast would run — the
+    varlen kernel and the engine's chunked head (whose backward runs outside autocast) read it here."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
 def attention_dtype(query: torch.Tensor) -> torch.dtype | None:
-    """The dtype this call attends in: the query's when it is bf16/fp16, else autocast's low-precision dtype when
-    autocast is on for the query's device (under bf16 autocast with float32 weights, q and k arrive in float32 —
-    Qwen3's q/k norms and rotary promote them — and SDPA would cast them itself), else None (float32)."""
-    if query.dtype in LOW:
-        return query.dtype
-    dev = query.device.type
-    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in LOW:
-        return torch.get_autocast_dtype(dev)
-    return None
+    """The dtype this call attends in (:func:`compute_dtype`) when it is bf16/fp16, else None (float32: SDPA's
+    path)."""
+    dt = compute_dtype(query)
+    return dt if dt in LOW else None
 
 
 def native(module, query: torch.Tensor, dropout: float) -> bool:
