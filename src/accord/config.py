@@ -340,6 +340,10 @@ class TrainConfig(_Strict):
                                  "two-example probe shows the model keeps packed examples apart; true: required)")
     compile: bool = Field(False, description="torch.compile each decoder layer's MLP and norms while training "
                           "(attention stays eager; not under QLoRA); the first step pays for compiling")
+    master_weights: bool = Field(False, description="bf16 weights in the forward and backward, float32 master "
+                                 "weights in the optimizer, rounded to bf16 after every step (all activations bf16: "
+                                 "less memory and elementwise work than autocast over float32 weights; needs bf16 "
+                                 "mixed precision; not with FSDP/DeepSpeed)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     mot_schedule: Literal["per-round", "global"] = Field(

@@ -44,6 +44,7 @@ import torch
 from accord.errors import RunFailure, UsageError
 from accord.prompts import training_target
 from accord.train.lean import lean_layers, n_lean, use_lean
+from accord.train.master import MasterWeights
 from accord.train.varlen import NAME as VARLEN
 from accord.train.varlen import active as varlen_active
 from accord.train.varlen import compute_dtype, segmented, split_by_length
@@ -78,6 +79,7 @@ class TrainArgs:
     lean_layers: bool | None = None  # RMSNorm/SwiGLU keeping only their inputs for backward (train/lean.py); None: CUDA
     packing: bool | None = None  # padding-free rows; None: on when the model passes the packing probe
     compile: bool = False  # torch.compile each decoder layer's MLP and norms for the run (compile_targets)
+    master_weights: bool = False  # bf16 weights in forward/backward, float32 ones in the optimizer (train/master.py)
     lora_r: int = 0  # >0: train LoRA adapters (peft) instead of all weights
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -382,9 +384,11 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def make_optimizer(model, args: TrainArgs) -> torch.optim.Optimizer:
+def make_optimizer(model, args: TrainArgs, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW with decay on matrices only; ``model`` may be a dict of named models (one optimizer, two param
-    groups per model, each carrying its ``peak_lr`` from ``args.lrs``; frozen models contribute nothing)."""
+    groups per model, each carrying its ``peak_lr`` from ``args.lrs``; frozen models contribute nothing).
+    ``fused``: PyTorch's one-kernel AdamW (the engine's choice on CUDA, where the per-tensor loop of the default
+    implementation launches several kernels per parameter; on a CPU the lab keeps the default)."""
     models = model if isinstance(model, dict) else {"": model}
     if args.optimizer == "sgd":
         params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
@@ -396,7 +400,7 @@ def make_optimizer(model, args: TrainArgs) -> torch.optim.Optimizer:
         rest = [p for p in m.parameters() if p.requires_grad and p.ndim < 2]
         groups += [{"params": ps, "weight_decay": wd, "peak_lr": peak, "lr": peak}
                    for ps, wd in ((decay, args.weight_decay), (rest, 0.0)) if ps]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=args.betas)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=args.betas, fused=fused or None)
 
 
 class BatchStream:
@@ -780,7 +784,7 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
     for n, m in list(models.items()):
         if _is_lm(m) and _trainable(m):
             models[n], float_base[n] = _prepare_model(m, args, acc)
-    opt = make_optimizer(models, args)
+    opt = make_optimizer(models, args, fused=acc.device.type == "cuda")
     out = Path(out_dir) if out_dir else None
     start, history = _resume(out, models, opt) if out else (0, [])
     if start and (not shard or acc.is_main_process):  # a resumed run says so
@@ -790,82 +794,88 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
     stream = BatchStream(examples, args.batch_size, args.seed, batcher)
     for _ in range(start):
         stream.next()  # replay the data order up to the checkpoint (cheap: indices only)
-    models, opt = _place(acc, models, opt, shard)
-    local = not shard or acc.is_main_process  # does this process write files?
-    for m in models.values():
-        m.train()
-    call = models[""] if single else models
-    packed = collate_fn is None and use_packing(call, args, acc.device) if single else False
-    if collate_fn is None:
-        varlen = varlen_attention(call)  # FlashAttention: one row; accord's varlen SDPA: one row in buckets
-        one = ((lambda c: collate_bucketed(c, tok.pad_token_id)) if packed and varlen_active(call) else
-               (lambda c: collate_packed(c, tok.pad_token_id, varlen)) if packed else
-               (lambda c: collate(c, tok.pad_token_id)))
-        grouped = isinstance(examples[0], dict) and "group" in examples[0] and not varlen
-        collate_fn = (lambda c: collate_grouped(c, one)) if grouped else one
-    trained = [m for m in models.values() if _trainable(m)]
-    chunked = single and loss_fn is None and use_chunked(args.chunked_loss, acc.device, call)
-    if loss_fn is None and chunked:
-        import functools
+    masters = master_weights(models, opt, args, acc)  # after the resume: the masters are what it loaded
+    with contextlib.closing(masters):  # the float32 model as it came back in it, whatever happens
+        models, opt = _place(acc, models, opt, shard, prepare_opt=not masters)
+        local = not shard or acc.is_main_process  # does this process write files?
+        for m in models.values():
+            m.train()
+        call = models[""] if single else models
+        packed = collate_fn is None and use_packing(call, args, acc.device) if single else False
+        if collate_fn is None:
+            varlen = varlen_attention(call)  # FlashAttention: one row; accord's varlen SDPA: one row in buckets
+            one = ((lambda c: collate_bucketed(c, tok.pad_token_id)) if packed and varlen_active(call) else
+                   (lambda c: collate_packed(c, tok.pad_token_id, varlen)) if packed else
+                   (lambda c: collate(c, tok.pad_token_id)))
+            grouped = isinstance(examples[0], dict) and "group" in examples[0] and not varlen
+            collate_fn = (lambda c: collate_grouped(c, one)) if grouped else one
+        trained = [m for m in models.values() if _trainable(m)]
+        chunked = single and loss_fn is None and use_chunked(args.chunked_loss, acc.device, call)
+        if loss_fn is None and chunked:
+            import functools
 
-        loss_fn = functools.partial(sft_loss, chunked=True)
-    if local:
-        from accord.models import runtime
-
-        lm = next((m for m in models.values() if _is_lm(m)), None)
-        lora = (f"LoRA r={args.lora_r}{' on a 4-bit NF4 base (QLoRA)' if any(float_base.values()) else ''}; "
-                if args.lora_r else "")
-        say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
-                 f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; "
-                 f"{'padding-free packing' if packed else 'no packing'}; {lora}"
-                 + (f"torch.compile: {n} MLP/norm module(s); " if (n := sum(n_compiled(m) for m in models.values()
-                                                                            if _is_lm(m))) else "")
-                 + (f"lean RMSNorm/SwiGLU: {n} module(s); " if (n := sum(n_lean(m) for m in models.values()
-                                                                          if _is_lm(m))) else "")
-                 + "loss: "
-                 + ("the recipe's (its own head: see its first line)" if loss_fn and not chunked else
-                    "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"
-                                             if chunked else " over full-vocabulary logits")))
-    micro = max(1, args.batch_size // args.grad_accum)
-    clock, last_ckpt = time.perf_counter(), latest_checkpoint(out)
-    trackers = start_trackers(args, out, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}) \
-        if local else []
-    for step in range(start, args.steps):
-        factor = lr_at(step, args) / args.lr if args.lr else 0.0
-        for g in opt.param_groups:
-            g["lr"] = g.get("peak_lr", args.lr) * factor
-        chunks = shard_chunks(stream.next(), examples, rank, world, micro)
-        n_tok = _global_count(acc, sum((units_fn or _n_targets)(c) for c in chunks), shard and world > 1)
-        parts = [collate_fn(c) for c in chunks]
-        with acc.autocast():
-            loss, metrics = sft_step(call, parts, acc.device, n_tok, scale=world, backward=acc.backward,
-                                     no_sync=(lambda _: _no_sync_all(acc, trained)) if world > 1 else None,
-                                     loss_fn=loss_fn)
-        if world > 1:
-            loss = acc.reduce(loss, "sum")
-        if not torch.isfinite(loss):
-            where = f"the last good checkpoint {last_ckpt} is kept" if last_ckpt else "no checkpoint was written yet"
-            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {where}. "
-                                   "Lower train.lr or check the corpus.")
-        gnorm = None
-        if args.clip:
-            params = [p for m in trained for p in m.parameters()]
-            clip = acc.clip_grad_norm_ if shard else torch.nn.utils.clip_grad_norm_
-            gnorm = clip(params, args.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append(loss.item())
-        event = {"event": "step", "step": step + 1, "loss": history[-1], "lr": lr_at(step, args),
-                 "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": n_tok,
-                 "elapsed_s": round(time.perf_counter() - clock, 4), **metrics}  # metrics: this process's
+            loss_fn = functools.partial(sft_loss, chunked=True)
         if local:
-            _emit(out, event, log, args, trackers)
-        stop = bool(on_step(step, history[-1])) if on_step else False
-        if out and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
-            _check_finite(models, step, last_ckpt)  # never write a checkpoint that holds NaN/inf weights
-            last_ckpt = save_checkpoint(acc, models, toks, opt, out, step + 1, history, args, local, shard)
-        if stop:
-            break
+            from accord.models import runtime
+
+            lm = next((m for m in models.values() if _is_lm(m)), None)
+            lora = (f"LoRA r={args.lora_r}{' on a 4-bit NF4 base (QLoRA)' if any(float_base.values()) else ''}; "
+                    if args.lora_r else "")
+            say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
+                     f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; "
+                     f"{'padding-free packing' if packed else 'no packing'}; {lora}"
+                     + (f"torch.compile: {n} MLP/norm module(s); " if (n := sum(n_compiled(m) for m in models.values()
+                                                                                if _is_lm(m))) else "")
+                     + (f"lean RMSNorm/SwiGLU: {n} module(s); " if (n := sum(n_lean(m) for m in models.values()
+                                                                              if _is_lm(m))) else "")
+                     + ("bf16 weights, float32 master weights in the optimizer; " if len(masters) else "")
+                     + "loss: "
+                     + ("the recipe's (its own head: see its first line)" if loss_fn and not chunked else
+                        "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"
+                                                 if chunked else " over full-vocabulary logits")))
+        micro = max(1, args.batch_size // args.grad_accum)
+        clock, last_ckpt = time.perf_counter(), latest_checkpoint(out)
+        plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
+        trackers = start_trackers(args, out, plain_args) if local else []
+        for step in range(start, args.steps):
+            factor = lr_at(step, args) / args.lr if args.lr else 0.0
+            for g in opt.param_groups:
+                g["lr"] = g.get("peak_lr", args.lr) * factor
+            chunks = shard_chunks(stream.next(), examples, rank, world, micro)
+            n_tok = _global_count(acc, sum((units_fn or _n_targets)(c) for c in chunks), shard and world > 1)
+            parts = [collate_fn(c) for c in chunks]
+            with acc.autocast():
+                loss, metrics = sft_step(call, parts, acc.device, n_tok, scale=world, backward=acc.backward,
+                                         no_sync=(lambda _: _no_sync_all(acc, trained)) if world > 1 else None,
+                                         loss_fn=loss_fn)
+            if world > 1:
+                loss = acc.reduce(loss, "sum")
+            if not torch.isfinite(loss):
+                where = (f"the last good checkpoint {last_ckpt} is kept" if last_ckpt
+                         else "no checkpoint was written yet")
+                raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {where}. "
+                                       "Lower train.lr or check the corpus.")
+            gnorm = None
+            with masters.full():
+                if args.clip:
+                    params = [p for m in trained for p in m.parameters()]
+                    clip = acc.clip_grad_norm_ if shard else torch.nn.utils.clip_grad_norm_
+                    gnorm = clip(params, args.clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            history.append(loss.item())
+            event = {"event": "step", "step": step + 1, "loss": history[-1], "lr": lr_at(step, args),
+                     "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": n_tok,
+                     "elapsed_s": round(time.perf_counter() - clock, 4), **metrics}  # metrics: this process's
+            if local:
+                _emit(out, event, log, args, trackers)
+            stop = bool(on_step(step, history[-1])) if on_step else False
+            if out and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+                with masters.full():  # float32 weights in the checkpoint
+                    _check_finite(models, step, last_ckpt)  # never write a checkpoint that holds NaN/inf weights
+                    last_ckpt = save_checkpoint(acc, models, toks, opt, out, step + 1, history, args, local, shard)
+            if stop:
+                break
     for t in trackers:
         t.finish()
     models = {n: acc.unwrap_model(m) if shard else m for n, m in models.items()}
@@ -880,6 +890,26 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
         elif args.lora_r and hasattr(m, "merge_and_unload"):
             models[n] = m.merge_and_unload()
     return TrainResult(models[""] if single else models, history, start, out)
+
+
+def master_weights(models: dict, opt, args: TrainArgs, acc) -> MasterWeights:
+    """``train.master_weights``: the trainable language models' float32 weights as bf16 copies for the run, on
+    the device (:mod:`accord.train.master`); a :class:`UsageError` where bf16 mixed precision is off or FSDP or
+    DeepSpeed hold master copies of their own.  The optimizer's (resumed) state goes to the device here, while
+    the parameters are float32: accelerate's ``prepare`` would reload it cast to the parameters' dtype, bf16 by
+    then, so with master weights the optimizer is not handed to it (for DDP it only delegates)."""
+    if not args.master_weights:
+        return MasterWeights([], False)
+    if acc.mixed_precision != "bf16":
+        raise UsageError("train.master_weights: true needs bf16 mixed precision (train.bf16: true, on a device "
+                         f"with bf16), but this run's is {acc.mixed_precision!r}; set train.master_weights: false")
+    kind = str(getattr(acc, "distributed_type", ""))
+    if "FSDP" in kind or "DEEPSPEED" in kind:
+        raise UsageError(f"train.master_weights: true under {kind}, which keeps float32 master copies itself; set "
+                         "train.master_weights: false and use its mixed-precision settings")
+    lms = [m.to(acc.device) for m in models.values() if _is_lm(m) and _trainable(m)]
+    opt.load_state_dict(opt.state_dict())  # moves a resumed state to its parameters' device, float32 as they are
+    return MasterWeights(lms, True)
 
 
 def _give_back(acc) -> None:
@@ -929,13 +959,16 @@ def _trainable(m) -> bool:
     return any(p.requires_grad for p in m.parameters())
 
 
-def _place(acc, models: dict, opt, shard: bool) -> tuple[dict, object]:
-    """DDP/FSDP/DeepSpeed wrapping, device placement and autocast (``shard``) for every trainable model;
-    frozen ones and unsharded runs are only moved to the device."""
+def _place(acc, models: dict, opt, shard: bool, prepare_opt: bool = True) -> tuple[dict, object]:
+    """DDP/FSDP/DeepSpeed wrapping, device placement and autocast (``shard``) for every trainable model (and the
+    optimizer, unless not ``prepare_opt``); frozen ones and unsharded runs are only moved to the device."""
     if not shard:
         return {n: m.to(acc.device) for n, m in models.items()}, opt
     names = [n for n, m in models.items() if _trainable(m)]
-    *prepared, opt = acc.prepare(*(models[n] for n in names), opt)
+    if prepare_opt:
+        *prepared, opt = acc.prepare(*(models[n] for n in names), opt)
+    else:  # master weights: DDP at most (FSDP/DeepSpeed are refused), which wraps each model on its own
+        prepared = [acc.prepare(models[n]) for n in names]
     out = {n: m.to(acc.device) for n, m in models.items()}
     out.update(zip(names, prepared))
     return out, opt
