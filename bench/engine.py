@@ -187,13 +187,17 @@ def _peak(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
+# the engine's configurations read against issue 13's goals (bench/goals.py reads the same names)
+CONFIGS = ("engine", "engine[master]", "engine+compile")
+
+
 def shape_bench(args) -> None:
     """``--shape qwen3-0.6b --device cuda``: the engine (its defaults there: bf16 autocast, packing, PyTorch's varlen
     attention, lean layers, chunked loss) against a plain bf16-autocast loop on identical batches — tokens/s,
     model-FLOPs utilisation (6·params·tokens over ``--peak-tflops``), peak memory —, after one untimed engine run
-    on other sequences; beside it the engine with SDPA per bucket (``engine[sdpa-runs]``) and with the other
-    ``train.lean_layers``, the engine with ``train.compile`` (``--compile``, default on CUDA), and TRL padding-free
-    (+ Liger) when TRL is installed."""
+    on other sequences; beside it the engine with SDPA per bucket (``engine[sdpa-runs]``), with the other
+    ``train.lean_layers`` and with ``train.master_weights`` (``engine[master]``, CUDA), the engine with
+    ``train.compile`` (``--compile``, default on CUDA), and TRL padding-free (+ Liger) when TRL is installed."""
     from types import SimpleNamespace
 
     from accord.train.engine import BatchStream, TrainArgs, train
@@ -220,11 +224,11 @@ def shape_bench(args) -> None:
             mfu = f", MFU {6 * params * rate / peak:.1%}" if dev == "cuda" else ""
             line = f"{name:14s} {rate:10.0f} tokens/s{mfu}"
             _say(said, line + (f", peak memory {mem:.1f} GiB" if mem is not None else ""))
-        for name in [n for n in ("engine", "engine+compile") if n in res and "plain" in res]:
+        for name in [n for n in CONFIGS if n in res and "plain" in res]:
             _say(said, f"{name}/plain throughput ratio: {res[name][0] / res['plain'][0]:.2f}")
             if dev == "cuda":
                 _say(said, f"{name}/plain peak memory ratio: {res[name][1] / res['plain'][1]:.2f}")
-        for name in [n for n in ("engine", "engine+compile") if n in res and "trl-pf" in res]:
+        for name in [n for n in CONFIGS if n in res and "trl-pf" in res]:
             _say(said, f"{name}/{trl_label} throughput ratio: {res[name][0] / res['trl-pf'][0]:.2f}")
             if dev == "cuda":
                 _say(said, f"{name}/{trl_label} peak memory ratio: {res[name][1] / res['trl-pf'][1]:.2f}")
@@ -271,6 +275,18 @@ def shape_bench(args) -> None:
     _say(said, f"engine/{other} throughput ratio: {res['engine'][0] / res[other][0]:.2f}")
     if dev == "cuda":
         _say(said, f"engine/{other} peak memory ratio: {res['engine'][1] / res[other][1]:.2f}")
+
+    if dev == "cuda":  # train.master_weights: a bf16 model, float32 masters in the optimizer (off by default)
+        try:
+            _peak_reset(dev)
+            clock = _Clock(dev, warm)
+            train(new_qwen3(args.shape, dev, args.attention), tok, [],
+                  dataclasses.replace(targs, master_weights=True), examples=ex, on_step=clock.tick)
+            res["engine[master]"] = (clock.rate(tokens), _peak(dev))
+            _say(said, f"engine[master]/engine throughput ratio: {res['engine[master]'][0] / res['engine'][0]:.2f}")
+        except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
+            print(f"engine[master]: not measured ({type(e).__name__}: {e})", flush=True)
+        report()
 
     _peak_reset(dev)
     model = new_qwen3(args.shape, dev, args.attention)

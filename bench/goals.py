@@ -24,7 +24,7 @@ class Goal(NamedTuple):
     at_least: bool  # True: figure ≥ bound; False: figure ≤ bound
 
 
-ENGINES = ("engine", "engine+compile")
+ENGINES = ("engine", "engine[master]", "engine+compile")  # bench/engine.py's CONFIGS
 GOALS = [
     Goal("engine / plain autocast loop, tokens/s", "bench-engine.txt",
          r"^{engine}/plain throughput ratio: ([\d.]+)", 1.5, True),

@@ -50,6 +50,15 @@ def test_every_method_trains_in_the_cuda_configuration_on_cpu_autocast(tmp_path,
         events = [json.loads(x) for x in (run / "train" / d / "metrics.jsonl").read_text().splitlines()]
         losses = [e["loss"] for e in events if "loss" in e]
         assert losses and all(abs(x) < 1e4 for x in losses), (d, losses)  # finite, as the engine checks too
+    # the same with float32 master weights and a bf16 model (train.master_weights): every activation bf16
+    out = subprocess.run([*accord_cmd(), "train", str(p), "train.master_weights=true", "train.tag=master"],
+                         check=False, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    said = out.stdout + out.stderr
+    assert out.returncode == 0, said
+    assert "bf16 weights, float32 master weights in the optimizer" in said
+    for d in ("mtd-master", "mot-master", "compact-master", "qr-llama-master", "qr-qwen-master"):
+        assert json.loads((run / "train" / d / "result.json").read_text())["curve"], d
     # QR with the mutual loss on routed paths only (a no-grad forward over the rest)
     out = subprocess.run([*accord_cmd(), "train", str(p), "train.method=qr", "qr.mutual_paths=routed",
                           "train.tag=routed"], check=False, capture_output=True, text=True, timeout=600,

@@ -93,3 +93,25 @@ def test_compact_on_two_processes_matches_one(tmp_path, micro):
     w1, w2 = weights(one / "train/compact/final"), weights(two / "train/compact/final")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+@pytest.mark.timeout(600)
+def test_master_weights_train_data_parallel(tmp_path, micro):
+    """``train.master_weights`` under DDP (gloo, bf16 autocast on the CPU): each process's bf16 gradients are
+    all-reduced, the float32 masters step, and two processes end where one does, to bf16 rounding."""
+    runs = {}
+    for n in (1, 2):
+        cfg, run = setup(tmp_path, micro, f"mw{n}")
+        c = yaml.safe_load(cfg.read_text())
+        c["train"].update(method=["mtd"], bf16=True, master_weights=True, lr=1e-3)
+        cfg.write_text(yaml.safe_dump(c))
+        launch(cfg, n, tmp_path)
+        runs[n] = weights(run / "train/mtd/final")
+    assert all(v.dtype == torch.float32 for v in runs[2].values())
+    base = weights(micro)
+    # AdamW's normalised step turns a rounding-sized gradient difference into a full step for a weight whose
+    # gradient is near zero, so the bound is on the whole update: the two runs' difference is a small part of it
+    diff = sum(float((runs[1][k] - runs[2][k]).norm() ** 2) for k in runs[1]) ** 0.5
+    moved = sum(float((runs[1][k] - base[k]).norm() ** 2) for k in runs[1]) ** 0.5
+    print(f"master weights, 1 vs 2 processes: |difference| / |update| = {diff / moved:.3f}")
+    assert diff <= 0.1 * moved, diff / moved

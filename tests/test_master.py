@@ -120,7 +120,7 @@ def test_master_weights_without_bf16_mixed_precision_is_a_usage_error(micro):
     from accord.train.engine import TrainArgs, train
 
     model, tok = load(micro)
-    with pytest.raises(UsageError, match="train.master_weights: true needs bf16 mixed precision"):
+    with pytest.raises(UsageError, match=r"train\.master_weights: true needs bf16 mixed precision"):
         train(model, tok, rows(4), TrainArgs(steps=1, batch_size=2, master_weights=True))
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
