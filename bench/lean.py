@@ -1,5 +1,6 @@
-"""What lean layers (``train.lean_layers``) save: bytes autograd keeps for the backward per token per layer, with
-and without them, at a Qwen3 shape's layer widths under bf16 autocast (as on a GPU), on the CPU.
+"""What lean layers (``train.lean_layers``) and master weights (``train.master_weights``) save: bytes autograd
+keeps for the backward per token per layer, with and without each, at a Qwen3 shape's layer widths under bf16
+autocast (as on a GPU), on the CPU.
 
 The figure is the slope between two sequence lengths, so autocast's bf16 copies of the weights — a fixed cost of
 a forward, the same either way — drop out.  Two layers and a small vocabulary keep it quick; the per-layer
@@ -20,6 +21,7 @@ def main() -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from accord.train import lean
+    from accord.train.master import MasterWeights
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="qwen3-0.6b")
@@ -30,22 +32,28 @@ def main() -> None:
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(Qwen3Config(**shape, max_position_embeddings=8192, tie_word_embeddings=True))
     per = {}
-    for on in (False, True):
-        got = []
-        for n in args.tokens:
-            ids = torch.randint(0, 256, (1, n))
+    for master in (False, True):
+        for on in (False, True):
+            got = []
+            masters = MasterWeights([model], master)  # float32 weights → bf16 copies (their masters kept)
+            for n in args.tokens:
+                ids = torch.randint(0, 256, (1, n))
 
-            def run(ids=ids):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return model(input_ids=ids, labels=ids).loss
+                def run(ids=ids):
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        return model(input_ids=ids, labels=ids).loss
 
-            with lean.lean_layers(model, on):
-                got.append(lean.saved_bytes(model, run))
-        per[on] = (got[1] - got[0]) / (args.tokens[1] - args.tokens[0]) / layers / 1024
-        fixed = (got[0] - per[on] * 1024 * layers * args.tokens[0]) / 2**20
-        print(f"lean_layers {str(on).lower():5s}: {per[on]:6.1f} KiB per token per layer (+ {fixed:.1f} MiB fixed)")
+                with lean.lean_layers(model, on):
+                    got.append(lean.saved_bytes(model, run))
+            masters.close()
+            per[master, on] = (got[1] - got[0]) / (args.tokens[1] - args.tokens[0]) / layers / 1024
+            fixed = (got[0] - per[master, on] * 1024 * layers * args.tokens[0]) / 2**20
+            print(f"master_weights {str(master).lower():5s} lean_layers {str(on).lower():5s}: "
+                  f"{per[master, on]:6.1f} KiB per token per layer (+ {fixed:.1f} MiB fixed)")
     print(f"shape {args.shape} (hidden {shape['hidden_size']}, MLP {shape['intermediate_size']}), bf16 autocast")
-    print(f"lean/plain saved-bytes-per-token ratio: {per[True] / per[False]:.3f}")
+    print(f"lean/plain saved-bytes-per-token ratio: {per[False, True] / per[False, False]:.3f}")
+    print(f"master/plain saved-bytes-per-token ratio: {per[True, False] / per[False, False]:.3f}")
+    print(f"master+lean/plain saved-bytes-per-token ratio: {per[True, True] / per[False, False]:.3f}")
 
 
 if __name__ == "__main__":
