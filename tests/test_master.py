@@ -194,7 +194,7 @@ def test_master_weights_keep_fewer_activation_bytes_per_token():
         for n in (32, 96):
             ids = torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(n))
 
-            def run(ids=ids):
+            def run(ids=ids, on=on):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     losses[on] = model(input_ids=ids, labels=ids).loss
 
