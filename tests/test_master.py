@@ -203,3 +203,22 @@ def test_master_weights_keep_fewer_activation_bytes_per_token():
         slopes[on] = (got[1] - got[0]) / 64
     assert slopes[True] < 0.92 * slopes[False], slopes
     assert abs(losses[True].item() - losses[False].item()) < 0.05
+
+
+def test_the_fused_adamw_steps_as_the_default_one():
+    """``make_optimizer(fused=True)`` (the engine's choice on CUDA): PyTorch's one-kernel AdamW, with the same
+    groups (decay on matrices only) and the same update as the default implementation to float32 rounding."""
+    from accord.train.engine import TrainArgs, make_optimizer
+
+    nets = [_net(), _net()]
+    opts = [make_optimizer(n, TrainArgs(lr=1e-2), fused=f) for n, f in zip(nets, (False, True), strict=True)]
+    assert [g.get("fused") for g in opts[1].param_groups] == [True, True]
+    assert [g["weight_decay"] for g in opts[1].param_groups] == [0.1, 0.0]
+    x, y = torch.randint(0, 40, (4, 8)), torch.randint(0, 40, (4, 8))
+    for _ in range(3):
+        for n, o in zip(nets, opts, strict=True):
+            nn.functional.cross_entropy(n(x).reshape(-1, 40), y.reshape(-1)).backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(*(n.parameters() for n in nets), strict=True):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
