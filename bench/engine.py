@@ -8,6 +8,7 @@ contender runs ``--repeats`` times, interleaved; the best run counts.
     python bench/engine.py [--steps 60] [--batch 32] [--repeats 2]
     python bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --steps 10 [--max-len 4096] [--no-compile]
     python bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile     # where one step's time goes
+    python bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile --master-weights
 """
 
 from __future__ import annotations
@@ -342,8 +343,8 @@ def profile_step(args, tok, ex, targs, rows: int = 25) -> None:
         elif n[0] == 3:
             prof.stop()
 
-    train(new_qwen3(args.shape, dev, args.attention), tok, [], dataclasses.replace(targs, steps=3), examples=ex,
-          on_step=on_step)
+    train(new_qwen3(args.shape, dev, args.attention), tok, [],
+          dataclasses.replace(targs, steps=3, master_weights=args.master_weights), examples=ex, on_step=on_step)
     from torch.autograd import DeviceType
 
     key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
@@ -428,6 +429,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="Qwen3 shapes: instead of the contenders, profile one engine step (torch.profiler) and print "
                          "its operators by GPU time (CPU time on a CPU)")
+    ap.add_argument("--master-weights", action="store_true",
+                    help="with --profile: profile the engine with train.master_weights (a bf16 model; CUDA)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="Qwen3 shapes: also the engine with train.compile (default: on CUDA)")
     args = ap.parse_args()

@@ -53,10 +53,12 @@ cd "$ROOT"
 
 step imports 60 python3 -c 'import accord.cli, accord.train.engine, accord.teachers.sampling, math_verify, pydantic; print("ok")'
 step accord-env 30 python3 -m accord.cli env  # versions, devices, optional packages, the defaults resolved there
-step bench-engine 180 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --steps 10
+step bench-engine 240 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --steps 10
 step bench-memory 90 python3 bench/memory.py --device cuda --shape qwen3-0.6b --calls 3 --steps 2 --batch 4 \
   --max-len 1024
 step bench-profile 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile  # where a step goes
+step bench-profile-master 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile \
+  --master-weights  # the same with a bf16 model and float32 master weights (train.master_weights)
 if PYTHONPATH="$BENCH_PATH" python3 -c 'import flash_attn' 2>/dev/null; then  # student.attention=flash_attention_2
   step bench-engine-fa2 120 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b \
     --batch 4 --steps 10 --attention flash_attention_2 --no-compile
