@@ -188,6 +188,40 @@ def _peak(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
+def products_time(shape: str, tokens: int, device: str, reps: int = 3) -> float:
+    """Seconds a training step of ``tokens`` tokens spends if it were nothing but its matrix products: every linear
+    layer's forward product and its two backward ones (input and weight gradients), in bf16 on CUDA (float32 on a
+    CPU), one decoder layer timed and counted ``num_hidden_layers`` times, the head once.  With 6 · params · tokens
+    over it, the model-FLOPs utilisation no engine exceeds at this shape and token count on this device (attention's
+    own products, outside 6 · params, left out — they add time, not counted FLOPs)."""
+    c = SHAPES[shape]
+    d, q, kv = c["hidden_size"], c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    layer = [(d, q), (d, kv), (d, kv), (q, d), (d, c["intermediate_size"]), (d, c["intermediate_size"]),
+             (c["intermediate_size"], d)]
+
+    def seconds(shapes) -> float:
+        g = torch.Generator(device=device).manual_seed(0)
+        mats = [tuple(torch.randn(*s, generator=g, device=device, dtype=dt) for s in ((tokens, i), (o, i), (tokens, o)))
+                for i, o in shapes]
+
+        def run():
+            for x, w, gy in mats:
+                x @ w.T, gy @ w, gy.T @ x
+
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps
+
+    return seconds(layer) * c["num_hidden_layers"] + seconds([(d, c["vocab_size"])])
+
+
 # the engine's configurations read against issue 13's goals (bench/goals.py reads the same names)
 CONFIGS = ("engine", "engine[master]", "engine+compile")
 
@@ -250,6 +284,11 @@ def shape_bench(args) -> None:
     res["engine"] = (clock.rate(tokens), _peak(dev))
     del model
     report()
+    per_step = sum(tokens) // len(tokens)
+    t = products_time(args.shape, per_step, dev)
+    mfu = f", model-FLOPs utilisation {6 * params * per_step / t / peak:.1%}" if dev == "cuda" else ""
+    print(f"matrix products alone ({per_step} tokens a step): {t * 1e3:.1f} ms a step, "
+          f"{per_step / t:.0f} tokens/s{mfu} — the ceiling of any engine here", flush=True)
 
     from accord.train import varlen
 
