@@ -197,6 +197,7 @@ def environment() -> dict[str, dict[str, str]]:
         "train.chunked_loss: null": "on: the head in chunks from the hidden states (a head that is h·Wᵀ)" if cuda
         else "off: full-vocabulary logits",
         "train.lean_layers: null": "on: RMSNorm/SwiGLU keep only their inputs for the backward" if cuda else "off",
+        "train.optimizer: adamw": "PyTorch's fused AdamW (one kernel)" if cuda else "PyTorch's AdamW",
         "student.attention: auto": "sdpa (transformers' default); packed training rows attended apart by "
                                    + ("PyTorch's varlen FlashAttention (bf16/fp16)" if cuda and _torch_varlen() else
                                       "accord's varlen SDPA"),
