@@ -139,6 +139,11 @@ res = train(model, tok, rows(12), args, out_dir=f"{tmp}/ref")
 want = _weights(res.model)
 assert res.model is model and all(p.dtype == torch.float32 for p in model.parameters())
 saved = load_state(f"{tmp}/ref/checkpoint-2")
+fresh, _ = load(micro)  # the returned model runs as a float32 model again: no autocast left on its forward
+fresh.load_state_dict(want)
+ids = torch.tensor([[5, 6, 7, 8, 9]])
+with torch.no_grad():
+    assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
 assert all(v.dtype == torch.float32 for v in saved.values())
 
 def kill(step, loss):
@@ -164,8 +169,9 @@ print(json.dumps({"resumed": res.resumed_from, "same": all(torch.equal(got[k], w
 
 def test_master_weights_train_checkpoint_float32_and_resume_to_the_same_weights(micro, tmp_path):
     """In a process of its own (its accelerator with bf16 mixed precision, on the CPU): the first line says so,
-    checkpoints hold float32 weights, a run killed after a checkpoint leaves its model float32, and the resumed
-    run ends on the uninterrupted run's weights bit for bit."""
+    checkpoints hold float32 weights, the model comes back float32 and without accelerate's autocast wrapper (its
+    logits those of the same weights in a fresh float32 model), a run killed after a checkpoint leaves its model
+    float32, and the resumed run ends on the uninterrupted run's weights bit for bit."""
     import json
 
     here = Path(__file__).parent

@@ -878,7 +878,9 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                 break
     for t in trackers:
         t.finish()
-    models = {n: acc.unwrap_model(m) if shard else m for n, m in models.items()}
+    # without accelerate's mixed-precision wrapper too: prepare() replaced forward by an autocast one that casts the
+    # outputs to float32, which would otherwise stay on the model given back (its evaluation, a later run's)
+    models = {n: acc.unwrap_model(m, keep_fp32_wrapper=False) if shard else m for n, m in models.items()}
     if shard:
         _give_back(acc)
     for n, m in models.items():
