@@ -157,6 +157,11 @@ def c_device(t):
                                                                         "device": "cuda:7"}))]
 
 
+def c_master(t):
+    return ["train", _write(t, _cfg(t, train={"method": "std:a", "master_weights": True, "bf16": False},
+                                    student={"model": "lab:student"}))]
+
+
 def c_lab_model(t):
     _problems(t, _lines(GOOD))
     return ["collect", _write(t, _cfg(t, teachers=[{"name": "a", "model": "lab:micro/nobody"}]))]
@@ -199,6 +204,7 @@ CASES = [
     ("corpus line without `messages`", ["a.jsonl:1", "field 'messages'"], c_corpus_line),
     ("`student.device` that is not visible here", ["student.device: cuda:7", "no such CUDA device is visible"],
      c_device),
+    ("`train.master_weights` without bf16", ["train.master_weights: true needs bf16 mixed precision"], c_master),
     ("lab model that does not exist", ["lab:micro/nobody", "unknown lab model"], c_lab_model),
     ("lab task that does not exist", ["lab:nope", "unknown lab task"], c_lab_task),
     ("problem split that does not exist", ["problems.split", "'validation'", "got 'dev'"], c_split),

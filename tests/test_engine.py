@@ -328,6 +328,22 @@ def test_student_device_is_where_the_process_trains(micro, monkeypatch):
             get_accelerator(TrainArgs(device="cuda"))
 
 
+def test_a_second_precision_in_one_process_is_a_usage_error(micro):
+    """accelerate fixes mixed precision for the process: a later run asking for another ``train.bf16`` is told so
+    (before any model moves) rather than trained in the first run's precision; unset or the same is fine."""
+    from accord.errors import UsageError
+    from accord.train.engine import TrainArgs, get_accelerator, train
+
+    acc = get_accelerator(TrainArgs())
+    same = acc.mixed_precision == "bf16"
+    assert get_accelerator(TrainArgs(bf16=same)) is acc
+    model, tok = load(micro)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UsageError, match=rf"train\.bf16: {str(not same).lower()}, but this process already trains"):
+        train(model, tok, rows(4), TrainArgs(steps=1, batch_size=2, lr=1e-3, max_len=128, bf16=not same))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.gpu
 def test_engine_trains_in_bf16_on_cuda(micro):
     """On a CUDA device: bf16 autocast, the loss falls, the weights stay finite and fp32 (issue 13, item 4)."""

@@ -438,7 +438,9 @@ def get_accelerator(args: TrainArgs | None = None):
     (``student.device``) when that is not ``auto``: ``cpu`` even where a GPU is visible, ``cuda:N`` as the current
     CUDA device.  Under ``accelerate launch``/``torchrun`` accelerate gives each process its device, so a set
     ``student.device`` is an error there; so is a device this process cannot have (not visible here, or not the
-    one an earlier ``train()`` of this process already trains on)."""
+    one an earlier ``train()`` of this process already trains on), and a ``train.bf16`` other than the precision
+    it already trains with (accelerate fixes both for the process; silently keeping the first would train in a
+    precision the config does not ask for)."""
     global _ACCELERATOR  # noqa: PLW0603 — one per process, created on first use
     device = args.device if args else "auto"
     if _ACCELERATOR is None:
@@ -448,11 +450,15 @@ def get_accelerator(args: TrainArgs | None = None):
         if world > 1 and not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")  # torchrun on CPU: gloo, as `accelerate launch --cpu`
         want = check_device(device, select=True)
-        bf16 = args.bf16 if args and args.bf16 is not None else _bf16_supported() and want.type != "cpu"
+        bf16 = uses_bf16(args.bf16 if args else None, want)
         _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=want.type == "cpu")
     elif device != "auto" and not _same_device(check_device(device, select=True), _ACCELERATOR.device):
         raise UsageError(f"student.device: {device}, but this process already trains on "
                          f"{_ACCELERATOR.device} (one device per process); run it in a process of its own")
+    elif args and args.bf16 is not None and args.bf16 != (_ACCELERATOR.mixed_precision == "bf16"):
+        raise UsageError(f"train.bf16: {str(args.bf16).lower()}, but this process already trains with mixed "
+                         f"precision {_ACCELERATOR.mixed_precision!r} (accelerate's, one per process); run it in a "
+                         "process of its own or leave train.bf16 unset")
     return _ACCELERATOR
 
 
@@ -479,6 +485,19 @@ def check_device(device: str, select: bool = False) -> torch.device:
     if want.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError(f"student.device: {device}, but MPS is not available here; set student.device: auto")
     return want
+
+
+def uses_bf16(setting: bool | None, device: torch.device) -> bool:
+    """``train.bf16`` on ``device`` (``student.device`` resolved): ``None`` → where CUDA has bf16."""
+    return setting if setting is not None else _bf16_supported() and device.type != "cpu"
+
+
+def check_precision(bf16: bool | None, master_weights: bool, device: str) -> None:
+    """``train.master_weights`` needs bf16 mixed precision: a :class:`UsageError` where ``train.bf16`` on
+    ``student.device`` resolves to none (``accord run``/``train`` call it before loading any model)."""
+    if master_weights and not uses_bf16(bf16, check_device(device)):
+        raise UsageError("train.master_weights: true needs bf16 mixed precision (train.bf16: true, on a device "
+                         "with bf16), which this run does not have; set train.master_weights: false")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -904,7 +923,7 @@ def master_weights(models: dict, opt, args: TrainArgs, acc) -> MasterWeights:
         return MasterWeights([], False)
     if acc.mixed_precision != "bf16":
         raise UsageError("train.master_weights: true needs bf16 mixed precision (train.bf16: true, on a device "
-                         f"with bf16), but this run's is {acc.mixed_precision!r}; set train.master_weights: false")
+                         "with bf16), which this run does not have; set train.master_weights: false")
     kind = str(getattr(acc, "distributed_type", ""))
     if "FSDP" in kind or "DEEPSPEED" in kind:
         raise UsageError(f"train.master_weights: true under {kind}, which keeps float32 master copies itself; set "
