@@ -464,6 +464,51 @@ def test_chunked_linear_cross_entropy_matches_the_plain_one(dtype, monkeypatch):
     assert not gh[~keep].any()  # ignored positions get no gradient
 
 
+@pytest.mark.parametrize("which", ["LinearCrossEntropy", "LinearTokenNLL"])
+def test_the_chunked_head_never_holds_more_than_one_chunk_of_logits(which, monkeypatch):
+    """A chunk has at most ``LOGITS_PER_CHUNK`` logits whatever the vocabulary (``chunk_rows``: 441 rows at
+    Qwen3's 151,936 words, where 4,096 rows held 2.5 GB of float32 logits at a step's memory peak), and its
+    softmax is formed in place: no tensor any op makes, forward or backward, is larger than one chunk's logits,
+    and no two chunk-sized float32 tensors are alive at once — with the loss and gradients of the full logits."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from accord.train import engine
+
+    assert engine.chunk_rows(151_936, 4096) == 441 and engine.chunk_rows(256, 4096) == 4096
+    assert engine.chunk_rows(151_936, 7) == 7  # the class's CHUNK stays the most
+    monkeypatch.setattr(engine, "LOGITS_PER_CHUNK", 8 * 50)  # 8 rows of a 50-word vocabulary
+    fn = getattr(engine, which)
+    biggest, live, most = [0], set(), [0]
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == 50 and t.dtype == torch.float32
+                        and not func.is_view):  # w.T, d.T: views of what is counted
+                    biggest[0] = max(biggest[0], t.numel())
+                    if t.shape[0] > 1 and id(t) not in live and t.untyped_storage().nbytes() == t.numel() * 4:
+                        live.add(id(t))
+                        weakref.finalize(t, live.discard, id(t))
+                        most[0] = max(most[0], len(live))
+            return out
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(30, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    tgt = torch.randint(0, 50, (30,), generator=g)
+    with Sizes():
+        out = fn.apply(h, w, tgt)
+        got = torch.autograd.grad(out.sum(), (h, w))
+    assert biggest[0] == 8 * 50 and most[0] == 1, (biggest, most)
+    ref = torch.nn.functional.cross_entropy(h @ w.T, tgt, reduction="sum")
+    want = torch.autograd.grad(ref, (h, w))
+    assert torch.allclose(out.sum(), ref, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, want, strict=True))
+
+
 def test_chunked_loss_trains_the_same_model(micro):
     model, tok = load(micro)
     plain = train(model, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2, chunked_loss=False))

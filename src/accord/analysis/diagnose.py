@@ -75,6 +75,7 @@ from accord.errors import UsageError
 from accord.models import pick_device
 from accord.train.engine import (
     IGNORE,
+    chunk_rows,
     chunkable_head,
     collate,
     collate_grouped,
@@ -111,6 +112,7 @@ def head_scores(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.Ten
     if weight is None:
         return token_scores(x, targets)
     w = weight.to(x.dtype)
+    chunk = chunk_rows(w.shape[0], chunk)  # as the training head: a bounded number of logits at once
     parts = [token_scores(x[a:a + chunk] @ w.T, targets[a:a + chunk]) for a in range(0, x.shape[0], chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 

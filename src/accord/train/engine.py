@@ -531,14 +531,37 @@ def sft_loss(model, b: dict, n_units: int, chunked: bool = False) -> tuple[torch
     return loss, {}
 
 
+# logits a chunked head forms at once: 256 MiB in float32, whatever the vocabulary (chunk_rows)
+LOGITS_PER_CHUNK = 2**26
+
+
+def chunk_rows(vocab: int, most: int) -> int:
+    """Rows a chunked head forms logits for at once: at most ``most``, and at most :data:`LOGITS_PER_CHUNK`
+    logits.  The head runs at the end of the forward, where the activations peak: at Qwen3's 151,936 words a
+    chunk of 4,096 rows held 2.5 GB of float32 logits and, with its temporaries, about 7.5 GB at that peak; 441
+    rows hold 256 MiB (and each product still has 441 × hidden × vocabulary multiply-adds)."""
+    return max(1, min(most, LOGITS_PER_CHUNK // max(1, vocab)))
+
+
+def _log_softmax_(logits: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """Each row's log-normaliser (logsumexp) of float32 ``logits``; the rows become ``exp(x − max)``, divided by
+    their sum with ``normalise`` (the softmax) — in place, so a chunk never holds a second [rows, V] float32
+    tensor beside its logits."""
+    m = logits.amax(-1, keepdim=True)
+    total = logits.sub_(m).exp_().sum(-1, keepdim=True)
+    if normalise:
+        logits.div_(total)
+    return (m + total.log())[:, 0]
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """Σ over rows of CE(h W^T, target), chunk by chunk: the logits of ``CHUNK`` rows at a time, never all of
-    them.  The gradients are computed in the forward pass (the loss is a sum, so d loss/d h and d loss/d W
+    """Σ over rows of CE(h W^T, target), chunk by chunk: the logits of :func:`chunk_rows` rows at a time, never
+    all of them.  The gradients are computed in the forward pass (the loss is a sum, so d loss/d h and d loss/d W
     are final once the chunk is seen) and scaled in backward — Liger Kernel's fused-linear-cross-entropy
     idea, in plain PyTorch because no installed library does it on CPU.  Logits in the autocast dtype,
-    softmax and the loss in float32, as the plain path."""
+    softmax and the loss in float32, as the plain path; the softmax in place over the float32 logits."""
 
-    CHUNK = 4096
+    CHUNK = 4096  # rows at most (chunk_rows: fewer where the vocabulary is large)
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -547,16 +570,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         dt = compute_dtype(h)  # autocast's: the fp32 final states would make every product over V fp32
         w = weight.to(dt)  # the fp32 master weights in the autocast dtype, as the plain head under autocast
         total = torch.zeros((), device=h.device, dtype=torch.float32)
-        for s in range(0, h.shape[0], LinearCrossEntropy.CHUNK):
-            hs, tg = h[s:s + LinearCrossEntropy.CHUNK].to(dt), targets[s:s + LinearCrossEntropy.CHUNK]
-            logits = (hs @ w.T).float()
-            lse = torch.logsumexp(logits, -1)
-            total += (lse - logits.gather(-1, tg[:, None])[:, 0]).sum()
-            d = torch.softmax(logits, -1)
+        n = chunk_rows(weight.shape[0], LinearCrossEntropy.CHUNK)
+        for s in range(0, h.shape[0], n):
+            hs, tg = h[s:s + n].to(dt), targets[s:s + n]
+            d = (hs @ w.T).float()
+            picked = d.gather(-1, tg[:, None])[:, 0]
+            total += (_log_softmax_(d) - picked).sum()  # d: the softmax now
             d[torch.arange(len(tg), device=d.device), tg] -= 1.0  # d loss / d logits
             d = d.to(dt)  # both products in the autocast dtype, as the plain head's backward (no fp32 GEMM)
             grad_h[s:s + len(tg)] = d @ w
             grad_w += (d.T @ hs).float()
+            del d  # before the next chunk's logits exist
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
 
@@ -567,13 +591,13 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class LinearTokenNLL(torch.autograd.Function):
-    """Per-row NLL of ``targets`` under h W^T, chunk by chunk, for losses that weight tokens after the fact
-    (COMPACT's α per trace): the forward keeps only the log-normalisers; the backward recomputes each chunk's
-    softmax, scales it by the upstream gradient of each row and accumulates d/dh and d/dW.  One more pass over
-    the head than :class:`LinearCrossEntropy` (whose loss is a plain sum, so its gradients can be formed in the
-    forward), and never a [rows, V] tensor either way."""
+    """Per-row NLL of ``targets`` under h W^T, chunk by chunk (:func:`chunk_rows`), for losses that weight tokens
+    after the fact (COMPACT's α per trace): the forward keeps only the log-normalisers; the backward recomputes
+    each chunk's softmax, scales it by the upstream gradient of each row and accumulates d/dh and d/dW.  One more
+    pass over the head than :class:`LinearCrossEntropy` (whose loss is a plain sum, so its gradients can be formed
+    in the forward), and never a [rows, V] tensor either way."""
 
-    CHUNK = 4096
+    CHUNK = 4096  # rows at most
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -581,11 +605,13 @@ class LinearTokenNLL(torch.autograd.Function):
         w = weight.to(dt)
         lse = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         picked = torch.empty_like(lse)
-        for s in range(0, h.shape[0], LinearTokenNLL.CHUNK):
-            logits = (h[s:s + LinearTokenNLL.CHUNK].to(dt) @ w.T).float()
-            tg = targets[s:s + LinearTokenNLL.CHUNK]
-            lse[s:s + len(tg)] = torch.logsumexp(logits, -1)
+        n = chunk_rows(weight.shape[0], LinearTokenNLL.CHUNK)
+        for s in range(0, h.shape[0], n):
+            logits = (h[s:s + n].to(dt) @ w.T).float()
+            tg = targets[s:s + n]
             picked[s:s + len(tg)] = logits.gather(-1, tg[:, None])[:, 0]
+            lse[s:s + len(tg)] = _log_softmax_(logits, normalise=False)
+            del logits
         ctx.save_for_backward(h, weight, targets, lse)
         return lse - picked
 
@@ -595,13 +621,15 @@ class LinearTokenNLL(torch.autograd.Function):
         w = weight.to(ctx.dt)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        for s in range(0, h.shape[0], LinearTokenNLL.CHUNK):
-            hs, tg = h[s:s + LinearTokenNLL.CHUNK].to(ctx.dt), targets[s:s + LinearTokenNLL.CHUNK]
-            d = torch.exp((hs @ w.T).float() - lse[s:s + len(tg), None])
+        n = chunk_rows(weight.shape[0], LinearTokenNLL.CHUNK)
+        for s in range(0, h.shape[0], n):
+            hs, tg = h[s:s + n].to(ctx.dt), targets[s:s + n]
+            d = (hs @ w.T).float().sub_(lse[s:s + len(tg), None]).exp_()  # the softmax, in place
             d[torch.arange(len(tg), device=d.device), tg] -= 1.0
-            d = (d * g[s:s + len(tg), None].float()).to(ctx.dt)  # the products in the autocast dtype, as above
+            d = d.mul_(g[s:s + len(tg), None].float()).to(ctx.dt)  # the products in the autocast dtype, as above
             grad_h[s:s + len(tg)] = d @ w
             grad_w += (d.T @ hs).float()
+            del d
         return grad_h, grad_w.to(weight.dtype), None
 
 
