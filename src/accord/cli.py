@@ -42,6 +42,7 @@ EPILOG = """examples:
   accord config --schema           # every field with its description
   accord train my.yaml student.attention=flash_attention_2   # FlashAttention-2 (flash-attn, CUDA): one packed row
   accord train my.yaml student.device=cuda:1   # train (and evaluate) on the second GPU; cpu also works beside a GPU
+  accord train my.yaml train.master_weights=true   # GPU: a bf16 model, float32 master weights in the optimizer
   accord env                       # versions, devices, optional packages: paste it into a bug report
 """
 
