@@ -467,9 +467,11 @@ def test_chunked_linear_cross_entropy_matches_the_plain_one(dtype, monkeypatch):
 @pytest.mark.parametrize("which", ["LinearCrossEntropy", "LinearTokenNLL"])
 def test_the_chunked_head_never_holds_more_than_one_chunk_of_logits(which, monkeypatch):
     """A chunk has at most ``LOGITS_PER_CHUNK`` logits whatever the vocabulary (``chunk_rows``: 441 rows at
-    Qwen3's 151,936 words, where 4,096 rows held 2.5 GB of float32 logits at a step's memory peak), and its
-    softmax is formed in place: no tensor any op makes, forward or backward, is larger than one chunk's logits,
-    and no two chunk-sized float32 tensors are alive at once — with the loss and gradients of the full logits."""
+    Qwen3's 151,936 words, where 4,096 rows held 2.5 GB of float32 logits at a step's memory peak), and a chunk's
+    tensors go before the next chunk's logits come: no tensor any op makes, forward or backward, is larger than
+    one chunk's logits, and at most two chunk-sized float32 tensors are alive at once (the logits beside their
+    logsumexp's temporary or their softmax; three when the loop kept the last chunk's until the next) — with the
+    loss and gradients of the full logits."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -502,7 +504,7 @@ def test_the_chunked_head_never_holds_more_than_one_chunk_of_logits(which, monke
     with Sizes():
         out = fn.apply(h, w, tgt)
         got = torch.autograd.grad(out.sum(), (h, w))
-    assert biggest[0] == 8 * 50 and most[0] == 1, (biggest, most)
+    assert biggest[0] == 8 * 50 and most[0] <= 2, (biggest, most)
     ref = torch.nn.functional.cross_entropy(h @ w.T, tgt, reduction="sum")
     want = torch.autograd.grad(ref, (h, w))
     assert torch.allclose(out.sum(), ref, rtol=1e-5)

@@ -543,23 +543,13 @@ def chunk_rows(vocab: int, most: int) -> int:
     return max(1, min(most, LOGITS_PER_CHUNK // max(1, vocab)))
 
 
-def _log_softmax_(logits: torch.Tensor, normalise: bool = True) -> torch.Tensor:
-    """Each row's log-normaliser (logsumexp) of float32 ``logits``; the rows become ``exp(x − max)``, divided by
-    their sum with ``normalise`` (the softmax) — in place, so a chunk never holds a second [rows, V] float32
-    tensor beside its logits."""
-    m = logits.amax(-1, keepdim=True)
-    total = logits.sub_(m).exp_().sum(-1, keepdim=True)
-    if normalise:
-        logits.div_(total)
-    return (m + total.log())[:, 0]
-
-
 class LinearCrossEntropy(torch.autograd.Function):
     """Σ over rows of CE(h W^T, target), chunk by chunk: the logits of :func:`chunk_rows` rows at a time, never
     all of them.  The gradients are computed in the forward pass (the loss is a sum, so d loss/d h and d loss/d W
     are final once the chunk is seen) and scaled in backward — Liger Kernel's fused-linear-cross-entropy
     idea, in plain PyTorch because no installed library does it on CPU.  Logits in the autocast dtype,
-    softmax and the loss in float32, as the plain path; the softmax in place over the float32 logits."""
+    softmax and the loss in float32, as the plain path; each chunk's tensors dropped before the next chunk's
+    logits exist, so at most two chunks' worth of float32 logits are alive at once."""
 
     CHUNK = 4096  # rows at most (chunk_rows: fewer where the vocabulary is large)
 
@@ -574,8 +564,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], n):
             hs, tg = h[s:s + n].to(dt), targets[s:s + n]
             d = (hs @ w.T).float()
-            picked = d.gather(-1, tg[:, None])[:, 0]
-            total += (_log_softmax_(d) - picked).sum()  # d: the softmax now
+            total += (torch.logsumexp(d, -1) - d.gather(-1, tg[:, None])[:, 0]).sum()
+            d = torch.softmax(d, -1)  # the logits go as the softmax comes: two chunks of float32 at most
             d[torch.arange(len(tg), device=d.device), tg] -= 1.0  # d loss / d logits
             d = d.to(dt)  # both products in the autocast dtype, as the plain head's backward (no fp32 GEMM)
             grad_h[s:s + len(tg)] = d @ w
@@ -609,8 +599,8 @@ class LinearTokenNLL(torch.autograd.Function):
         for s in range(0, h.shape[0], n):
             logits = (h[s:s + n].to(dt) @ w.T).float()
             tg = targets[s:s + n]
+            lse[s:s + len(tg)] = torch.logsumexp(logits, -1)
             picked[s:s + len(tg)] = logits.gather(-1, tg[:, None])[:, 0]
-            lse[s:s + len(tg)] = _log_softmax_(logits, normalise=False)
             del logits
         ctx.save_for_backward(h, weight, targets, lse)
         return lse - picked
