@@ -250,7 +250,11 @@ def shape_bench(args) -> None:
     if args.profile:
         return profile_step(args, tok, ex, targs)
     res, said = {}, set()
-    peak = args.peak_tflops * 1e12
+    from accord.models import peak_flops
+
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(dev) or 989e12)
+    if dev == "cuda":
+        print(f"MFU against a bf16 peak of {peak / 1e12:.0f} TFLOP/s", flush=True)
     print(f"shape {args.shape} on {dev}, batch {args.batch} × ≤ {args.max_len} tokens, attention {args.attention}",
           flush=True)
 
@@ -461,7 +465,9 @@ def main() -> None:
                          "synthetic token sequences (nothing downloaded)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-len", type=int, default=4096, help="longest synthetic sequence (Qwen3 shapes)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H200: 989)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense bf16 peak (default: accord.models.peak_flops — the data-sheet figure "
+                         "for a listed GPU, ACCORD_PEAK_TFLOPS — else an H200's 989)")
     ap.add_argument("--attention", default="sdpa",
                     help="Qwen3 shapes: every contender's attn_implementation (e.g. flash_attention_2, which needs "
                          "flash-attn; the engine then packs a micro-batch into one row)")

@@ -777,3 +777,31 @@ def test_pad_rows_and_the_collates_match_a_row_by_row_reference():
     cut = repack(collate(ex, 0), 0, bucketed=True)  # the same row cut from a padded batch by tensor slices
     assert cut.keys() == {"input_ids", "position_ids", "labels", "where"}
     assert all(torch.equal(cut[k], p[k]) for k in cut)
+
+
+def test_every_step_records_its_throughput_and_utilisation(micro, tmp_path, monkeypatch):
+    """metrics.jsonl (and every tracker) gets each step's input tokens, tokens/s and — where the device's bf16 peak
+    is known (a table of data-sheet peaks by device name, or ``ACCORD_PEAK_TFLOPS``) and 6 · N holds (no LoRA) —
+    its model-FLOPs utilisation, 6 · parameters · tokens/s over the peak."""
+    from accord import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, want in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 3060", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_, n=name: n)
+        assert models.peak_flops("cuda") == want, name
+    monkeypatch.undo()
+    assert models.peak_flops("cpu") is None
+    monkeypatch.setenv("ACCORD_PEAK_TFLOPS", "0.002")
+    model, tok = load(micro)
+    n = sum(p.numel() for p in model.parameters())
+    data = rows(8)
+    train(model, tok, data, TrainArgs(steps=2, batch_size=4, lr=1e-3), out_dir=tmp_path / "full")
+    events = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lengths = {len(encode_example(tok, r, 4096)[0]) for r in data}
+    for e in events:
+        assert min(lengths) * 4 <= e["input_tokens"] <= max(lengths) * 4 and e["tokens_per_s"] > 0
+        assert e["mfu"] == pytest.approx(6 * n * e["tokens_per_s"] / 2e9, rel=1e-3, abs=1e-4)
+    train(load(micro)[0], tok, data, TrainArgs(steps=1, batch_size=4, lr=1e-3, lora_r=2), out_dir=tmp_path / "lora")
+    event = json.loads((tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "tokens_per_s" in event and "mfu" not in event  # LoRA: 6 · N does not count what it computes

@@ -156,7 +156,26 @@ OPTIONAL = {
 }
 # environment variables worth showing (never anything that may hold a secret)
 SHOWN_ENV = ("ACCORD_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES",
-             "WORLD_SIZE", "OMP_NUM_THREADS")
+             "WORLD_SIZE", "OMP_NUM_THREADS", "ACCORD_PEAK_TFLOPS")
+
+# dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a substring of the device
+# name, most specific first: what model-FLOPs utilisation is a share of (ACCORD_PEAK_TFLOPS for any other device)
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
+                    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0))
+
+
+def peak_flops(device) -> float | None:
+    """``device``'s dense bf16 peak in FLOP/s: ``ACCORD_PEAK_TFLOPS`` when set, else :data:`PEAK_BF16_TFLOPS` by
+    the CUDA device's name; ``None`` for a CPU or an unlisted device (no utilisation is reported there)."""
+    import os
+
+    if os.environ.get("ACCORD_PEAK_TFLOPS"):
+        return float(os.environ["ACCORD_PEAK_TFLOPS"]) * 1e12
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((t * 1e12 for key, t in PEAK_BF16_TFLOPS if key in name), None)
 
 
 def environment() -> dict[str, dict[str, str]]:

@@ -872,14 +872,17 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                                                  if chunked else " over full-vocabulary logits")))
         micro = max(1, args.batch_size // args.grad_accum)
         clock, last_ckpt = time.perf_counter(), latest_checkpoint(out)
+        flops = model_flops(call, args, acc.device) if single else None  # per input token, over the peak
         plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
         trackers = start_trackers(args, out, plain_args) if local else []
         for step in range(start, args.steps):
+            t0 = time.perf_counter()
             factor = lr_at(step, args) / args.lr if args.lr else 0.0
             for g in opt.param_groups:
                 g["lr"] = g.get("peak_lr", args.lr) * factor
             chunks = shard_chunks(stream.next(), examples, rank, world, micro)
-            n_tok = _global_count(acc, sum((units_fn or _n_targets)(c) for c in chunks), shard and world > 1)
+            n_tok, n_in = _global_count(acc, [sum((units_fn or _n_targets)(c) for c in chunks),
+                                              sum(len(ex_ids(e)) for c in chunks for e in c)], shard and world > 1)
             parts = [collate_fn(c) for c in chunks]
             with acc.autocast():
                 loss, metrics = sft_step(call, parts, acc.device, n_tok, scale=world, backward=acc.backward,
@@ -900,10 +903,13 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                     gnorm = clip(params, args.clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            history.append(loss.item())
+            history.append(loss.item())  # waits for the device: the step's time is its time
+            rate = n_in / max(time.perf_counter() - t0, 1e-9)
             event = {"event": "step", "step": step + 1, "loss": history[-1], "lr": lr_at(step, args),
                      "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": n_tok,
-                     "elapsed_s": round(time.perf_counter() - clock, 4), **metrics}  # metrics: this process's
+                     "elapsed_s": round(time.perf_counter() - clock, 4), "input_tokens": n_in,
+                     "tokens_per_s": round(rate, 1), **({"mfu": round(flops * rate, 4)} if flops else {}),
+                     **metrics}  # metrics: this process's
             if local:
                 _emit(out, event, log, args, trackers)
             stop = bool(on_step(step, history[-1])) if on_step else False
@@ -1051,11 +1057,24 @@ def _prepare_model(model, args: TrainArgs, acc) -> tuple[object, dict]:
     return model, kept
 
 
-def _global_count(acc, n: int, distributed: bool) -> int:
+def _global_count(acc, ns: list[int], distributed: bool) -> list[int]:
+    """Counts summed over processes (one all-reduce for all of them)."""
     if not distributed:
-        return n
-    t = torch.tensor([n], device=acc.device)
-    return int(acc.reduce(t, "sum").item())
+        return ns
+    return [int(x) for x in acc.reduce(torch.tensor(ns, device=acc.device), "sum").tolist()]
+
+
+def model_flops(model, args: TrainArgs, device) -> float | None:
+    """Model-FLOPs utilisation per input token per second: 6 · parameters (forward and backward, attention's own
+    products not counted, as PaLM's MFU) over the device's bf16 peak (:func:`accord.models.peak_flops`); ``None``
+    where the peak is unknown (a CPU) or the 6 · N count does not hold (LoRA: no weight gradients for the base)."""
+    from accord.models import peak_flops
+
+    peak = peak_flops(device)
+    if peak is None or args.lora_r:
+        return None
+    m = getattr(model, "module", model)
+    return 6 * sum(p.numel() for p in m.parameters()) / peak
 
 
 def start_trackers(args: TrainArgs, out: Path | None, config: dict) -> list:
