@@ -199,7 +199,10 @@ def environment() -> dict[str, dict[str, str]]:
     cuda = torch.cuda.is_available()
     for i in range(torch.cuda.device_count() if cuda else 0):
         p = torch.cuda.get_device_properties(i)
-        devices[f"cuda:{i}"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute {p.major}.{p.minor}"
+        peak = peak_flops(f"cuda:{i}")
+        devices[f"cuda:{i}"] = (f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute {p.major}.{p.minor}, bf16 peak "
+                                + (f"{peak / 1e12:.0f} TFLOP/s (train metrics: mfu)" if peak else
+                                   "not listed (set ACCORD_PEAK_TFLOPS for train metrics' mfu)"))
     if cuda:
         devices["cuda"] = f"CUDA {torch.version.cuda}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
