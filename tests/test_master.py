@@ -162,6 +162,16 @@ assert {k: torch.equal(v, load_state(f"{tmp}/run/checkpoint-2")[k]) for k, v in 
 model, tok = load(micro)
 res = train(model, tok, rows(12), args, out_dir=f"{tmp}/run")
 got = _weights(res.model)
+# LoRA: the frozen float32 base runs in bf16 meanwhile and comes back exactly; the adapters merge into it
+base, tok = load(micro)
+before = _weights(base)
+lora = train(base, tok, rows(8), TrainArgs(steps=2, batch_size=4, lr=1e-2, bf16=True, master_weights=True,
+                                           lora_r=2)).model
+after = _weights(lora)
+untouched = [k for k in before if "proj" not in k]  # embeddings, norms: no adapter
+assert untouched and all(torch.equal(after[k], before[k]) for k in untouched)
+assert any(not torch.equal(after[k], before[k]) for k in before if "proj" in k)
+assert all(v.dtype == torch.float32 for v in after.values())
 print(json.dumps({"resumed": res.resumed_from, "same": all(torch.equal(got[k], want[k]) for k in want),
                   "losses": res.history}))
 """
@@ -171,7 +181,8 @@ def test_master_weights_train_checkpoint_float32_and_resume_to_the_same_weights(
     """In a process of its own (its accelerator with bf16 mixed precision, on the CPU): the first line says so,
     checkpoints hold float32 weights, the model comes back float32 and without accelerate's autocast wrapper (its
     logits those of the same weights in a fresh float32 model), a run killed after a checkpoint leaves its model
-    float32, and the resumed run ends on the uninterrupted run's weights bit for bit."""
+    float32, and the resumed run ends on the uninterrupted run's weights bit for bit; under LoRA the frozen base
+    comes back exactly where no adapter is, and moved where the adapters merged in."""
     import json
 
     here = Path(__file__).parent
