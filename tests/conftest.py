@@ -129,5 +129,14 @@ def run_cli(*args: str) -> tuple[int, str]:
     return code, buf.getvalue()
 
 
+def bf16_process() -> bool:
+    """Whether this process trains under bf16 autocast (its accelerator, made once per process: with CUDA visible,
+    ``ACCORD_TESTS_SEE_CUDA=1`` on a GPU machine), so that tests written against float32 arithmetic compare to
+    bf16 rounding instead."""
+    from accord.train.engine import get_accelerator
+
+    return get_accelerator().mixed_precision == "bf16"
+
+
 def accord_cmd() -> list[str]:
     return [sys.executable, "-m", "accord.cli"]

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import bf16_process
 
 from accord.train.engine import (
     IGNORE,
@@ -76,10 +77,10 @@ def _weights(model) -> dict:
 
 def assert_same_run(x, y) -> None:
     """Two paths to the same model (packed, chunked, compiled): the same losses and weights to float32 rounding.
-    With CUDA visible the process trains under bf16 autocast (its accelerator): the same losses to bf16 rounding,
-    and the weights are not compared — AdamW's normalised step turns a rounding-sized gradient difference into a
-    full-size one for a weight whose gradient is near zero."""
-    if torch.cuda.is_available():
+    In a process that trains under bf16 autocast (CUDA visible): the same losses to bf16 rounding, and the weights
+    are not compared — AdamW's normalised step turns a rounding-sized gradient difference into a full-size one for
+    a weight whose gradient is near zero."""
+    if bf16_process():
         assert x.history == pytest.approx(y.history, rel=3e-2)
         return
     assert x.history == pytest.approx(y.history, rel=1e-5)
@@ -396,7 +397,7 @@ def test_the_first_line_says_what_runs(micro, capsys):
                 "states in chunks (no full-vocabulary logits)" in err), err
     else:
         assert ("train: cpu, weights float32, attention sdpa, packed examples attended apart (varlen); 1 process(es); "
-                "autocast no; padding-free packing; "
+                f"autocast {'bf16' if bf16_process() else 'no'}; padding-free packing; "
                 "loss: token cross-entropy over full-vocabulary logits") in err
     train(load(micro)[0], tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     assert "train:" not in capsys.readouterr().err  # said once per process

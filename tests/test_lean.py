@@ -120,7 +120,7 @@ def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, lora_r, check
     """``train.lean_layers: true`` on the engine (CPU, float32), full, LoRA (peft swaps the projections the lean
     MLP calls) and with gradient checkpointing (the forwards run again inside the backward): the first line says
     how many modules, and three steps give the weights the plain modules give."""
-    from test_engine import rows
+    from test_engine import assert_same_run, rows
 
     from accord import ui
     from accord.models import load_model_and_tokenizer
@@ -131,11 +131,9 @@ def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, lora_r, check
         ui._SAID.clear()
         model, tok = load_model_and_tokenizer(str(micro), "cpu", "float32")
         tok.padding_side = "right"
-        train(model, tok, rows(12), TrainArgs(steps=3, batch_size=4, lr=1e-3, max_len=128, lean_layers=on,
-                                              lora_r=lora_r, gradient_checkpointing=checkpointing))
-        out[on] = {k: v.clone() for k, v in model.state_dict().items()}
+        out[on] = train(model, tok, rows(12), TrainArgs(steps=3, batch_size=4, lr=1e-3, max_len=128, lean_layers=on,
+                                                        lora_r=lora_r, gradient_checkpointing=checkpointing))
         said = capsys.readouterr().err
         assert ("lean RMSNorm/SwiGLU: " in said) == on, said
         assert not any("forward" in vars(m) for m in model.modules())
-    for k, v in out[False].items():
-        assert torch.allclose(out[True][k], v, rtol=1e-4, atol=1e-6), k
+    assert_same_run(out[True], out[False])  # float32: the same weights to rounding; a bf16 process: losses

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import pipeline_cfg, run_cli, write_jsonl
+from conftest import bf16_process, pipeline_cfg, run_cli, write_jsonl
 
 
 def chromium_dom(page: Path) -> str:
@@ -120,9 +120,14 @@ def test_one_mot_round_equals_one_mtd_step(tmp_path, micro, lab_tokenizer):
     base = load_file(Path(micro) / "model.safetensors")
     moved = 0
     for k in mtd:
-        assert torch.allclose(mtd[k], mot[k], atol=1e-6), k
+        if not bf16_process():  # exact arithmetic's identity, to float32 rounding
+            assert torch.allclose(mtd[k], mot[k], atol=1e-6), k
         moved += not torch.equal(mtd[k], base[k])
     assert moved > 5  # the step really changed the weights
+    # under bf16 autocast (CUDA visible) the two gradients differ by bf16 rounding: a small part of the update
+    diff = sum(float((mtd[k] - mot[k]).norm() ** 2) for k in mtd) ** 0.5
+    step = sum(float((mtd[k] - base[k]).norm() ** 2) for k in mtd) ** 0.5
+    assert diff <= (1e-5 if not bf16_process() else 0.05) * step, diff / step
 
 
 def test_training_bad_input(tmp_path, problems_file, micro, parrot7):

@@ -236,7 +236,7 @@ def test_a_frozen_student_is_bitwise_unchanged(micro, micro_b, tmp_path):
     before = {k: v.clone() for k, v in students["s1"].state_dict().items()}
     before0 = {k: v.clone() for k, v in students["s0"].state_dict().items()}
     q = QrConfig(encoder="hashing", freeze=["s1"])
-    args = TrainArgs(steps=3, batch_size=6, lr=1e-2, max_len=128, lrs={"heads": 1e-2}, bf16=False)
+    args = TrainArgs(steps=3, batch_size=6, lr=1e-2, max_len=128, lrs={"heads": 1e-2})
     res = train({**students, "heads": router}, {**toks, "heads": None}, [], args, examples=ex,
                 batcher=qr.capped_batcher(None), units_fn=len, loss_fn=qr.make_loss_fn(q, names, {"s1"}),
                 collate_fn=qr.collate_paths(names, [t.pad_token_id for t in toks.values()], feat))

@@ -921,9 +921,7 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                 break
     for t in trackers:
         t.finish()
-    # without accelerate's mixed-precision wrapper too: prepare() replaced forward by an autocast one that casts the
-    # outputs to float32, which would otherwise stay on the model given back (its evaluation, a later run's)
-    models = {n: acc.unwrap_model(m, keep_fp32_wrapper=False) if shard else m for n, m in models.items()}
+    models = {n: _plain_forward(acc.unwrap_model(m)) if shard else m for n, m in models.items()}
     if shard:
         _give_back(acc)
     for n, m in models.items():
@@ -955,6 +953,21 @@ def master_weights(models: dict, opt, args: TrainArgs, acc) -> MasterWeights:
     lms = [m.to(acc.device) for m in models.values() if _is_lm(m) and _trainable(m)]
     opt.load_state_dict(opt.state_dict())  # moves a resumed state to its parameters' device, float32 as they are
     return MasterWeights(lms, True)
+
+
+def _plain_forward(m):
+    """``m`` with the forward it had before ``accelerate.prepare``: under mixed precision prepare replaces it by an
+    autocast one that casts every output to float32, which would stay on the model given back (its evaluation, a
+    later run's).  By hand: ``unwrap_model(keep_fp32_wrapper=False)`` follows ``__wrapped__`` past transformers'
+    own decorators on ``forward`` (``can_return_tuple``…) and binds the undecorated function."""
+    orig = vars(m).pop("_original_forward", None)
+    if orig is None:
+        return m
+    if getattr(orig, "__self__", None) is m and getattr(orig, "__func__", None) is getattr(type(m), "forward", None):
+        vars(m).pop("forward", None)  # it was the class's own: no instance attribute, as before
+    else:
+        m.forward = orig
+    return m
 
 
 def _give_back(acc) -> None:
