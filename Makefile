@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export MALLOC_MMAP_THRESHOLD_ ?= 2000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 2000000000
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-bf16 test-all lint bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
+
+test-bf16: $(STAMP)  # the CPU suite in a process that trains under bf16 autocast, as a GPU machine's run does
+	ACCORD_TESTS_BF16=1 $(BIN)/python -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

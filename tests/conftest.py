@@ -22,9 +22,15 @@ def pytest_configure(config):
     CPU exactly as CI does — with CUDA visible, ``student.device: auto`` and the engine put every micro model on
     the GPU in bf16, and tests written against CPU float32 references fail there for that reason alone (10 did on
     the H200 in session 18).  ``ACCORD_TESTS_SEE_CUDA=1`` keeps CUDA visible, to look for device bugs on purpose
-    (``bench/gpu.sh`` runs the CPU suite's engine, teacher, merge, pipeline and CoRD tests that way)."""
+    (``bench/gpu.sh`` runs the CPU suite's engine, teacher, merge, pipeline and CoRD tests that way).
+    ``ACCORD_TESTS_BF16=1`` makes the process train under bf16 autocast on the CPU, as such a run does on a GPU:
+    the tests compare to bf16 rounding there (:func:`bf16_process`), and the whole suite passes so."""
     if "not gpu" in (config.getoption("markexpr") or "") and os.environ.get("ACCORD_TESTS_SEE_CUDA") != "1":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if os.environ.get("ACCORD_TESTS_BF16") == "1":  # `make test-bf16`: the suite in a bf16 process, on the CPU
+        from accord.train.engine import TrainArgs, get_accelerator
+
+        get_accelerator(TrainArgs(bf16=True, device="cpu"))  # the process's one accelerator, as CUDA's would be
 
 
 PARROT_7 = "<think>\nadd the numbers\n</think>\n\n\\boxed{7}"

@@ -375,6 +375,15 @@ def test_chunked_head_and_compile_on_cuda_train_as_the_plain_step(micro):
         assert runs[name] == pytest.approx(runs["plain"], rel=3e-2), name
 
 
+def test_accord_tests_bf16_makes_the_process_train_in_bf16():
+    """``make test-bf16`` (``ACCORD_TESTS_BF16=1``): the process's accelerator trains under bf16 autocast."""
+    import os
+
+    if os.environ.get("ACCORD_TESTS_BF16") != "1":
+        pytest.skip("only under make test-bf16")
+    assert bf16_process()
+
+
 def test_the_cpu_suite_hides_cuda(request):
     """``make test`` deselects the gpu tests, so conftest hides CUDA from it: on a GPU machine it runs as CI does."""
     import os
