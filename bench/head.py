@@ -13,28 +13,21 @@ are mapped and unmapped by the allocator, so the resident set follows them.
 from __future__ import annotations
 
 import argparse
-import gc
 import re
 from pathlib import Path
 
 import torch
 
 
-def _hwm() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def _rss() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
 def peak(run) -> float:
-    """GiB the resident set rose above where it stood while ``run()`` ran."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _rss()
+    """GiB the resident set rose above where it stood (``bench/memory.py``'s reading) while ``run()`` ran."""
+    from memory import in_use  # bench/memory.py: the resident set once glibc has returned its free pages
+
+    base = in_use("cpu")
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
     run()
-    return (_hwm() - base) / 2**30
+    hwm = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    return hwm / 2**30 - base
 
 
 def main() -> None:

@@ -492,12 +492,15 @@ def uses_bf16(setting: bool | None, device: torch.device) -> bool:
     return setting if setting is not None else _bf16_supported() and device.type != "cpu"
 
 
+NEEDS_BF16 = ("train.master_weights: true needs bf16 mixed precision (train.bf16: true, on a device with bf16), "
+              "which this run does not have; set train.master_weights: false")
+
+
 def check_precision(bf16: bool | None, master_weights: bool, device: str) -> None:
     """``train.master_weights`` needs bf16 mixed precision: a :class:`UsageError` where ``train.bf16`` on
     ``student.device`` resolves to none (``accord run``/``train`` call it before loading any model)."""
     if master_weights and not uses_bf16(bf16, check_device(device)):
-        raise UsageError("train.master_weights: true needs bf16 mixed precision (train.bf16: true, on a device "
-                         "with bf16), which this run does not have; set train.master_weights: false")
+        raise UsageError(NEEDS_BF16)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -944,8 +947,7 @@ def master_weights(models: dict, opt, args: TrainArgs, acc) -> MasterWeights:
     if not args.master_weights:
         return MasterWeights([], False)
     if acc.mixed_precision != "bf16":
-        raise UsageError("train.master_weights: true needs bf16 mixed precision (train.bf16: true, on a device "
-                         "with bf16), which this run does not have; set train.master_weights: false")
+        raise UsageError(NEEDS_BF16)
     kind = str(getattr(acc, "distributed_type", ""))
     if "FSDP" in kind or "DEEPSPEED" in kind:
         raise UsageError(f"train.master_weights: true under {kind}, which keeps float32 master copies itself; set "
