@@ -65,7 +65,7 @@ if PYTHONPATH="$BENCH_PATH" python3 -c 'import flash_attn' 2>/dev/null; then  # 
 fi
 step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
 step pytest-cuda-visible 150 env ACCORD_TESTS_SEE_CUDA=1 python3 -m pytest -q -p no:cacheprovider --maxfail=10 -rfEs -m "not slow" \
-  tests/test_cuda_config.py tests/test_varlen.py tests/test_lean.py tests/test_engine.py tests/test_teacher_hf.py \
+  tests/test_cuda_config.py tests/test_master.py tests/test_varlen.py tests/test_lean.py tests/test_engine.py tests/test_teacher_hf.py \
   tests/test_pipeline.py tests/test_cord.py tests/test_merge.py  # the CUDA configuration of every method first
 step bench-qlora 150 python3 bench/qlora.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12 --max-len 2048
 step bench-eval 150 python3 bench/eval.py --device cuda --shape qwen3-0.6b --n 64 --batch 64 --k 1 \

@@ -145,7 +145,9 @@ assert res.model is model and all(p.dtype == torch.float32 for p in model.parame
 saved = load_state(f"{tmp}/ref/checkpoint-2")
 fresh, _ = load(micro)  # the returned model runs as a float32 model again: no autocast left on its forward
 fresh.load_state_dict(want)
-ids = torch.tensor([[5, 6, 7, 8, 9]])
+dev = next(model.parameters()).device  # the CPU here; CUDA in bench/gpu.sh's CUDA-visible step
+fresh.to(dev)
+ids = torch.tensor([[5, 6, 7, 8, 9]], device=dev)
 with torch.no_grad():
     assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
     assert isinstance(model(input_ids=ids, return_dict=False), tuple)  # transformers' own decorators still on it
