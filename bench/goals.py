@@ -71,10 +71,19 @@ def verdicts(out: Path) -> list[str]:
     return lines
 
 
+def context(out: Path) -> list[str]:
+    """Lines that bound what the goals can reach, read beside them: the MFU of the step's matrix products alone
+    (``bench/engine.py``), which no engine configuration exceeds."""
+    path = out / "bench-engine.txt"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return [f"context       {m}" for m in re.findall(r"^matrix products alone .*$", text, re.MULTILINE)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="the directory bench/gpu.sh wrote")
-    print("\n".join(verdicts(ap.parse_args().out)))
+    out = ap.parse_args().out
+    print("\n".join(verdicts(out) + context(out)))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ def test_goals_read_the_benches_lines_for_each_engine_configuration(tmp_path):
     assert lines[4].startswith("not measured") and "bench-memory.txt" in lines[4]
     (tmp_path / "bench-memory.txt").write_text("memory after 3 train() calls / after 1: 1.08  (goal ≤ 1.05)\n")
     assert _goals().verdicts(tmp_path)[4].startswith("missed")
+    assert _goals().context(tmp_path) == []
+    with (tmp_path / "bench-engine.txt").open("a") as fh:
+        fh.write("matrix products alone (9216 tokens a step): 40.1 ms a step, 229000 tokens/s, model-FLOPs "
+                 "utilisation 83.0% — the ceiling of any engine here\n")
+    assert _goals().context(tmp_path) == ["context       matrix products alone (9216 tokens a step): 40.1 ms a step, "
+                                          "229000 tokens/s, model-FLOPs utilisation 83.0% — the ceiling of any "
+                                          "engine here"]
 
 
 def test_a_flash_attention_run_counts_as_further_configurations(tmp_path):
