@@ -40,8 +40,8 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     if "train" in stages:
         from accord.train.engine import check_device, check_precision
 
-        check_device(cfg.student.device)  # said before any model is built, loaded or collected from
-        check_precision(cfg.train.bf16, cfg.train.master_weights, cfg.student.device)
+        device = check_device(cfg.student.device)  # said before any model is built, loaded or collected from
+        check_precision(cfg.train.bf16, cfg.train.master_weights, device)
     if "train" in stages and "collect" not in stages:
         from accord.train.common import check_corpora
 

@@ -496,10 +496,11 @@ NEEDS_BF16 = ("train.master_weights: true needs bf16 mixed precision (train.bf16
               "which this run does not have; set train.master_weights: false")
 
 
-def check_precision(bf16: bool | None, master_weights: bool, device: str) -> None:
+def check_precision(bf16: bool | None, master_weights: bool, device: torch.device) -> None:
     """``train.master_weights`` needs bf16 mixed precision: a :class:`UsageError` where ``train.bf16`` on
-    ``student.device`` resolves to none (``accord run``/``train`` call it before loading any model)."""
-    if master_weights and not uses_bf16(bf16, check_device(device)):
+    ``device`` (:func:`check_device`'s) resolves to none (``accord run``/``train`` call it before loading any
+    model)."""
+    if master_weights and not uses_bf16(bf16, device):
         raise UsageError(NEEDS_BF16)
 
 
@@ -907,10 +908,11 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             history.append(loss.item())  # waits for the device: the step's time is its time
-            rate = n_in / max(time.perf_counter() - t0, 1e-9)
+            now = time.perf_counter()
+            rate = n_in / max(now - t0, 1e-9)
             event = {"event": "step", "step": step + 1, "loss": history[-1], "lr": lr_at(step, args),
                      "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": n_tok,
-                     "elapsed_s": round(time.perf_counter() - clock, 4), "input_tokens": n_in,
+                     "elapsed_s": round(now - clock, 4), "input_tokens": n_in,
                      "tokens_per_s": round(rate, 1), **({"mfu": round(flops * rate, 4)} if flops else {}),
                      **metrics}  # metrics: this process's
             if local:

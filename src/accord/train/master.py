@@ -56,11 +56,8 @@ class MasterWeights:
         for p, _, low, _ in self.pairs:
             p.data = low
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # also its truth: any parameter mastered
         return len(self.pairs)
-
-    def __bool__(self) -> bool:
-        return bool(self.pairs)
 
     @contextlib.contextmanager
     def full(self):
