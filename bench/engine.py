@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import time
 
 import torch
@@ -188,6 +189,19 @@ def _peak(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
+def _timed(run, device: str, reps: int) -> float:
+    """Seconds per call of ``run`` (one untimed call first; the device synchronised)."""
+    run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
 def products_time(shape: str, tokens: int, device: str, reps: int = 3) -> float:
     """Seconds a training step of ``tokens`` tokens spends if it were nothing but its matrix products: every linear
     layer's forward product and its two backward ones (input and weight gradients), in bf16 on CUDA (float32 on a
@@ -209,17 +223,55 @@ def products_time(shape: str, tokens: int, device: str, reps: int = 3) -> float:
             for x, w, gy in mats:
                 x @ w.T, gy @ w, gy.T @ x
 
-        run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / reps
+        return _timed(run, device, reps)
 
     return seconds(layer) * c["num_hidden_layers"] + seconds([(d, c["vocab_size"])])
+
+
+def attention_time(shape: str, steps: list[list[int]], device: str, reps: int = 3) -> float:
+    """Seconds a training step spends in attention alone, averaged over ``steps`` (each a list of example lengths):
+    every layer's causal attention over the step's examples, forward and backward, in bf16 on CUDA (float32 on a
+    CPU), one layer timed and counted ``num_hidden_layers`` times — PyTorch's varlen FlashAttention over the packed
+    examples where the engine uses it (:func:`accord.train.varlen.native`), else SDPA per example.  Outside 6 ·
+    params: time that no FLOPs count but no engine avoids."""
+    from accord.train import varlen
+
+    c = SHAPES[shape]
+    h, kv, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    native = device == "cuda" and varlen.NATIVE and varlen._varlen_attn() is not None
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def step(lengths):
+        n = sum(lengths)
+        q, k, v = (torch.randn(1, heads, n, d, generator=g, device=device, dtype=dt, requires_grad=True)
+                   for heads in (h, kv, kv))
+        gy = torch.randn(1, n, h, d, generator=g, device=device, dtype=dt)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+        def run():
+            if native:
+                out = varlen.attend_native(q, k, v, cu, max(lengths), None)
+            else:  # per example, as SDPA attends a batch of one
+                out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+                    q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True).transpose(1, 2)
+                    for a, b in itertools.pairwise(cu.tolist())], dim=1)
+            torch.autograd.grad(out, (q, k, v), gy)
+
+        return _timed(run, device, reps)
+
+    return sum(step(lengths) for lengths in steps) / len(steps) * c["num_hidden_layers"]
+
+
+def adamw_time(params: int, device: str, reps: int = 3) -> float:
+    """Seconds of one AdamW step over ``params`` float32 parameters (fused on CUDA, as the engine's there) in tensors
+    of at most 2²⁴ elements — the optimizer's memory traffic, which no engine avoids either."""
+    sizes = [min(2**24, params - i) for i in range(0, params, 2**24)]
+    ps = [torch.zeros(n, device=device, requires_grad=True) for n in sizes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, device=device)
+    opt = torch.optim.AdamW(ps, lr=1e-5, fused=device == "cuda")
+    return _timed(opt.step, device, reps)
 
 
 # the engine's configurations read against issue 13's goals (bench/goals.py reads the same names)
@@ -293,6 +345,13 @@ def shape_bench(args) -> None:
     mfu = f", model-FLOPs utilisation {6 * params * per_step / t / peak:.1%}" if dev == "cuda" else ""
     print(f"matrix products alone ({per_step} tokens a step): {t * 1e3:.1f} ms a step, "
           f"{per_step / t:.0f} tokens/s{mfu} — the ceiling of any engine here", flush=True)
+    a = attention_time(args.shape, [[len(ex[i][0]) for i in b] for b in batches], dev)
+    o = adamw_time(params, dev)
+    floor = t + a + o
+    mfu = f", model-FLOPs utilisation {6 * params * per_step / floor / peak:.1%}" if dev == "cuda" else ""
+    print(f"products + attention + AdamW alone ({per_step} tokens a step): {t * 1e3:.1f} + {a * 1e3:.1f} + "
+          f"{o * 1e3:.1f} = {floor * 1e3:.1f} ms a step, {per_step / floor:.0f} tokens/s{mfu} — the ceiling with "
+          f"the work every step does besides its products", flush=True)
 
     from accord.train import varlen
 

@@ -72,11 +72,13 @@ def verdicts(out: Path) -> list[str]:
 
 
 def context(out: Path) -> list[str]:
-    """Lines that bound what the goals can reach, read beside them: the MFU of the step's matrix products alone
-    (``bench/engine.py``), which no engine configuration exceeds."""
+    """Lines that bound what the goals can reach, read beside them: the MFU of the step's matrix products alone,
+    and of its products, attention and AdamW step alone (``bench/engine.py``), which no engine configuration
+    exceeds."""
     path = out / "bench-engine.txt"
     text = path.read_text(errors="replace") if path.exists() else ""
-    return [f"context       {m}" for m in re.findall(r"^matrix products alone .*$", text, re.MULTILINE)]
+    found = re.findall(r"^(?:matrix products|products \+ attention \+ AdamW) alone .*$", text, re.MULTILINE)
+    return [f"context       {m}" for m in found]
 
 
 def main() -> None:

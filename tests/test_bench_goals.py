@@ -43,6 +43,13 @@ def test_goals_read_the_benches_lines_for_each_engine_configuration(tmp_path):
     assert _goals().context(tmp_path) == ["context       matrix products alone (9216 tokens a step): 40.1 ms a step, "
                                           "229000 tokens/s, model-FLOPs utilisation 83.0% — the ceiling of any "
                                           "engine here"]
+    with (tmp_path / "bench-engine.txt").open("a") as fh:
+        fh.write("products + attention + AdamW alone (9216 tokens a step): 40.1 + 20.3 + 4.2 = 64.6 ms a step, "
+                 "142700 tokens/s, model-FLOPs utilisation 51.5% — the ceiling with the work every step does besides "
+                 "its products\n")
+    lines = _goals().context(tmp_path)
+    assert len(lines) == 2 and lines[0].startswith("context       matrix products alone")
+    assert lines[1].startswith("context       products + attention + AdamW alone (9216 tokens a step): 40.1 + 20.3")
 
 
 def test_a_flash_attention_run_counts_as_further_configurations(tmp_path):
