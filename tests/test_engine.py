@@ -557,6 +557,46 @@ def test_compiled_training_gives_the_same_model_and_leaves_it_eager(micro, capsy
     assert_same_run(fast, plain)
 
 
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="compiling on CPU needs C++")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_head_chunk_equals_the_eager_one(dtype):
+    """``train.compile`` runs the chunked head's per-chunk work (:func:`chunk_ce`: the float32 cast, logsumexp,
+    softmax, the −1 at the targets, the cast back) through torch.compile: the same loss and d/d logits as eager,
+    for chunks of other row counts too (one graph, dynamic rows)."""
+    from accord.train.engine import _compiled_chunk_ce, chunk_ce
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 16, generator=g).to(dtype)
+    for rows in (9, 4):
+        hs = torch.randn(rows, 16, generator=g).to(dtype)
+        tg = torch.randint(0, 300, (rows,), generator=g)
+        (want_loss, want_d), (loss, d) = chunk_ce(hs, w, tg), _compiled_chunk_ce()(hs, w, tg)
+        assert d.dtype == want_d.dtype == dtype and d.shape == (rows, 300)
+        assert torch.allclose(loss, want_loss, rtol=1e-5)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: one rounding of d either way
+        assert torch.allclose(d.float(), want_d.float(), rtol=tol, atol=tol)
+        assert torch.allclose(d.float().sum(-1), torch.zeros(rows), atol=tol * 300)  # softmax − one-hot
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="compiling on CPU needs C++")
+def test_compile_with_the_chunked_head_trains_the_same_model_and_restores_the_eager_head(micro, capsys):
+    from accord import ui
+    from accord.train import engine
+
+    ui._SAID.clear()
+
+    model, tok = load(micro)
+    plain = train(model, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2, chunked_loss=True))
+    seen = []
+    fast = train(load(micro)[0], tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-2, chunked_loss=True,
+                                                         compile=True),
+                 on_step=lambda s, _loss: seen.append(engine._CHUNK["ce"]))
+    assert seen and all(f is engine._compiled_chunk_ce() for f in seen)
+    assert engine._CHUNK["ce"] is engine.chunk_ce
+    assert "MLP/norm module(s) and the chunked head;" in capsys.readouterr().err
+    assert_same_run(fast, plain)
+
+
 def test_a_head_with_an_adapter_is_not_chunked(micro):
     """The chunked head reads only ``lm_head.weight``: a LoRA adapter on the head (``target_modules`` naming it)
     would be skipped silently, so such a head keeps the full logits; PEFT's ``all-linear`` leaves the head alone."""

@@ -338,8 +338,9 @@ class TrainConfig(_Strict):
     packing: bool | None = Field(None, description="padding-free batches: examples end to end in rows, position "
                                  "ids restarting per example, attention never crossing an example (null: on when a "
                                  "two-example probe shows the model keeps packed examples apart; true: required)")
-    compile: bool = Field(False, description="torch.compile each decoder layer's MLP and norms while training "
-                          "(attention stays eager; not under QLoRA); the first step pays for compiling")
+    compile: bool = Field(False, description="torch.compile each decoder layer's MLP and norms, and the chunked "
+                          "head's softmax, while training (attention stays eager; not under QLoRA); the first step "
+                          "pays for compiling")
     master_weights: bool = Field(False, description="bf16 weights in the forward and backward, float32 master "
                                  "weights in the optimizer, rounded to bf16 after every step (all activations bf16: "
                                  "less memory and elementwise work than autocast over float32 weights; needs bf16 "

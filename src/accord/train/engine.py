@@ -28,6 +28,7 @@ Used by every recipe (STD, MTD, MoT branches) and by the lab to train its zoo.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -547,6 +548,29 @@ def chunk_rows(vocab: int, most: int) -> int:
     return max(1, min(most, LOGITS_PER_CHUNK // max(1, vocab)))
 
 
+def chunk_ce(hs: torch.Tensor, w: torch.Tensor, tg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of :class:`LinearCrossEntropy`: Σ CE of its rows' logits ``hs`` W^T (softmax and loss in float32)
+    and d Σ / d logits in ``hs``'s dtype, in which both backward products run (the autocast dtype, as the plain
+    head's backward: no float32 GEMM)."""
+    d = (hs @ w.T).float()
+    loss = (torch.logsumexp(d, -1) - d.gather(-1, tg[:, None])[:, 0]).sum()
+    d = torch.softmax(d, -1)  # the logits go as the softmax comes: two chunks of float32 at most
+    d[torch.arange(len(tg), device=d.device), tg] -= 1.0
+    return loss, d.to(hs.dtype)
+
+
+@functools.cache
+def _compiled_chunk_ce():
+    return torch.compile(chunk_ce, dynamic=True)  # the last chunk of a batch is shorter: one graph for any rows
+
+
+# what LinearCrossEntropy runs per chunk: chunk_ce, or under ``train.compile`` (:func:`compiled`) the same function
+# through torch.compile, which fuses the float32 cast, logsumexp, softmax, the -1 at the targets and the cast back
+# into a few passes over the chunk's logits (eager makes about six; at Qwen3's vocabulary a chunk's logits are
+# 256 MiB of float32, and a step of ~9k tokens has ~20 chunks)
+_CHUNK = {"ce": chunk_ce}
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Σ over rows of CE(h W^T, target), chunk by chunk: the logits of :func:`chunk_rows` rows at a time, never
     all of them.  The gradients are computed in the forward pass (the loss is a sum, so d loss/d h and d loss/d W
@@ -565,15 +589,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dt)  # the fp32 master weights in the autocast dtype, as the plain head under autocast
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         n = chunk_rows(weight.shape[0], LinearCrossEntropy.CHUNK)
+        step = _CHUNK["ce"]
         for s in range(0, h.shape[0], n):
             hs, tg = h[s:s + n].to(dt), targets[s:s + n]
-            d = (hs @ w.T).float()
-            total += (torch.logsumexp(d, -1) - d.gather(-1, tg[:, None])[:, 0]).sum()
-            d = torch.softmax(d, -1)  # the logits go as the softmax comes: two chunks of float32 at most
-            d[torch.arange(len(tg), device=d.device), tg] -= 1.0  # d loss / d logits
-            d = d.to(dt)  # both products in the autocast dtype, as the plain head's backward (no fp32 GEMM)
+            loss, d = step(hs, w, tg)
+            total += loss
             grad_h[s:s + len(tg)] = d @ w
-            grad_w += (d.T @ hs).float()
+            grad_w.add_(d.T @ hs)  # in float32, reading the product as it is (no float32 copy of it)
             del d  # before the next chunk's logits exist
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
@@ -622,7 +644,7 @@ class LinearTokenNLL(torch.autograd.Function):
             d[torch.arange(len(tg), device=d.device), tg] -= 1.0
             d = d.mul_(g[s:s + len(tg), None].float()).to(ctx.dt)  # the products in the autocast dtype, as above
             grad_h[s:s + len(tg)] = d @ w
-            grad_w += (d.T @ hs).float()
+            grad_w.add_(d.T @ hs)  # in float32, reading the product as it is (no float32 copy of it)
             del d
         return grad_h, grad_w.to(weight.dtype), None
 
@@ -787,17 +809,21 @@ def compile_targets(model) -> list[torch.nn.Module]:
 @contextlib.contextmanager
 def compiled(model, on: bool):
     """``model`` (or each language model of a dict) with :func:`compile_targets` compiled inside the block
-    (``torch.compile``, dynamic shapes: packed rows change width every step; every layer shares one graph), eager
-    after it.  Not under QLoRA: bitsandbytes' 4-bit layers would break the graphs."""
+    (``torch.compile``, dynamic shapes: packed rows change width every step; every layer shares one graph), and the
+    chunked head's per-chunk work (:func:`chunk_ce`) compiled too; eager after it.  Not under QLoRA: bitsandbytes'
+    4-bit layers would break the graphs."""
     parts = [c for m in (model.values() if isinstance(model, dict) else [model]) if _is_lm(m)
              for c in compile_targets(m)] if on else []
     for c in parts:
         c.compile(dynamic=True)
+    if on:
+        _CHUNK["ce"] = _compiled_chunk_ce()
     try:
         yield
     finally:
         for c in parts:
             c._compiled_call_impl = None  # what nn.Module.compile sets: eager again
+        _CHUNK["ce"] = chunk_ce
 
 
 def n_compiled(model) -> int:
@@ -865,8 +891,9 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
             say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
                      f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; "
                      f"{'padding-free packing' if packed else 'no packing'}; {lora}"
-                     + (f"torch.compile: {n} MLP/norm module(s); " if (n := sum(n_compiled(m) for m in models.values()
-                                                                                if _is_lm(m))) else "")
+                     + (f"torch.compile: {n} MLP/norm module(s)"
+                        f"{' and the chunked head' if chunked and _CHUNK['ce'] is not chunk_ce else ''}; "
+                        if (n := sum(n_compiled(m) for m in models.values() if _is_lm(m))) else "")
                      + (f"lean RMSNorm/SwiGLU: {n} module(s); " if (n := sum(n_lean(m) for m in models.values()
                                                                               if _is_lm(m))) else "")
                      + ("bf16 weights, float32 master weights in the optimizer; " if len(masters) else "")
