@@ -42,6 +42,100 @@ def test_rmsnorm_fn_equals_transformers_rmsnorm(x_dtype, w_dtype):
     assert torch.allclose(gw.float(), gw_want.float(), rtol=tol, atol=tol * 10)
 
 
+def _kernel_bwd(gy, x, rstd, weight, mask):
+    """What ``aten::_fused_rms_norm_backward`` computes (it has no CPU kernel): the RMSNorm gradient in float32
+    from the saved 1/rms, written as n = x·rstd, gw = Σ gy·n, gx = rstd·(gy·w − n·mean(gy·w·n))."""
+    assert gy.dtype == x.dtype and gy.shape == x.shape and rstd.dtype == torch.float32 and mask[0]
+    n = x.float() * rstd
+    gn = gy.float() * weight.float()
+    gx = rstd * (gn - n * (gn * n).mean(-1, keepdim=True))
+    gw = (gy.float() * n).reshape(-1, x.shape[-1]).sum(0) if mask[1] else None
+    return gx.to(x.dtype), gw.to(weight.dtype) if gw is not None else None
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16)])
+def test_the_fused_rmsnorm_path_equals_transformers_rmsnorm(x_dtype, w_dtype, monkeypatch):
+    """On CUDA the lean RMSNorm runs PyTorch's fused kernels. Here: the fused forward (a composite on the CPU) and
+    the fused backward's arithmetic (:func:`_kernel_bwd`) wired as on CUDA — transformers' output dtype, its values
+    to the output dtype's rounding (one rounding where it makes two), its gradients to the dtype's rounding."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    monkeypatch.setattr(lean, "FUSED_ON", {"cpu"})
+    monkeypatch.setattr(lean, "_BROKEN", set())
+    called = []
+    monkeypatch.setattr(lean, "_fused_bwd", lambda *a: called.append(1) or _kernel_bwd(*a))
+    g = torch.Generator().manual_seed(0)
+    ref = Qwen3RMSNorm(24, eps=1e-6).to(w_dtype)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(24, generator=g))
+    x = (3 * torch.randn(2, 5, 24, generator=g)).to(x_dtype).requires_grad_()
+    w = torch.randn(2, 5, 24, generator=g)
+    want = ref(x)
+    got = lean.RMSNormFn.apply(x, ref.weight, ref.variance_epsilon)
+    tol = 1e-5 if x_dtype == torch.float32 else 2e-2
+    assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+    gx_want, gw_want = torch.autograd.grad((want.float() * w).sum(), (x, ref.weight))
+    gx, gw = torch.autograd.grad((got.float() * w).sum(), (x, ref.weight))
+    assert called and gx.dtype == x_dtype and gw.dtype == w_dtype
+    assert torch.allclose(gx.float(), gx_want.float(), rtol=tol, atol=tol)
+    assert torch.allclose(gw.float(), gw_want.float(), rtol=tol, atol=tol * 10)
+    assert not lean._BROKEN
+
+
+def test_a_fused_kernel_that_refuses_falls_back_to_the_eager_formula_once(monkeypatch, capsys):
+    """The real ops on the CPU: the fused forward runs (a composite), the fused backward has no CPU kernel — the
+    backward says so once and computes the eager formula; later calls with these dtypes are eager from the start
+    (bit-identical to transformers)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from accord import ui
+
+    ui._SAID.clear()
+    monkeypatch.setattr(lean, "FUSED_ON", {"cpu"})
+    monkeypatch.setattr(lean, "_BROKEN", set())
+    g = torch.Generator().manual_seed(0)
+    ref = Qwen3RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(16, generator=g))
+    x = torch.randn(3, 16, generator=g, requires_grad=True)
+    for _ in range(2):
+        got = lean.RMSNormFn.apply(x, ref.weight, ref.variance_epsilon)
+        gx, gw = torch.autograd.grad(got.square().sum(), (x, ref.weight))
+        want_x, want_w = torch.autograd.grad(ref(x).square().sum(), (x, ref.weight))
+        assert torch.allclose(gx, want_x, rtol=1e-5, atol=1e-6) and torch.allclose(gw, want_w, rtol=1e-5, atol=1e-5)
+    assert {("cpu", torch.float32, torch.float32)} == lean._BROKEN
+    assert torch.equal(lean.RMSNormFn.apply(x, ref.weight, ref.variance_epsilon), ref(x))  # eager again
+    err = capsys.readouterr().err
+    assert err.count("lean RMSNorm: PyTorch's fused kernel refused torch.float32 input") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16)])
+def test_the_fused_rmsnorm_kernels_on_cuda_equal_transformers_rmsnorm(x_dtype, w_dtype):
+    """On CUDA, PyTorch's fused kernels themselves (no refusal) against transformers' RMSNorm."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(0)
+    ref = Qwen3RMSNorm(128, eps=1e-6).to("cuda", w_dtype)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(128, generator=g))
+    x = (3 * torch.randn(4, 7, 128, generator=g)).to("cuda", x_dtype).requires_grad_()
+    w = torch.randn(4, 7, 128, generator=g).cuda()
+    assert lean.fused(x, ref.weight)
+    want, got = ref(x), lean.RMSNormFn.apply(x, ref.weight, ref.variance_epsilon)
+    tol = 1e-5 if x_dtype == torch.float32 else 2e-2
+    assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+    gx_want, gw_want = torch.autograd.grad((want.float() * w).sum(), (x, ref.weight))
+    gx, gw = torch.autograd.grad((got.float() * w).sum(), (x, ref.weight))
+    assert not lean._BROKEN, lean._BROKEN
+    assert torch.allclose(gx.float(), gx_want.float(), rtol=tol, atol=tol)
+    assert torch.allclose(gw.float(), gw_want.float(), rtol=tol, atol=tol * 30)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_fn_equals_silu_times_up(dtype):
     g = torch.Generator().manual_seed(1)

@@ -218,7 +218,8 @@ def environment() -> dict[str, dict[str, str]]:
         "train.bf16: null": "bf16 autocast" if bf16 else "off (float32)",
         "train.chunked_loss: null": "on: the head in chunks from the hidden states (a head that is h·Wᵀ)" if cuda
         else "off: full-vocabulary logits",
-        "train.lean_layers: null": "on: RMSNorm/SwiGLU keep only their inputs for the backward" if cuda else "off",
+        "train.lean_layers: null": "on: RMSNorm/SwiGLU keep only their inputs for the backward"
+        + ("; RMSNorm in PyTorch's fused kernels" if _fused_rms_norm() else "") if cuda else "off",
         "train.optimizer: adamw": "PyTorch's fused AdamW (one kernel)" if cuda else "PyTorch's AdamW",
         "student.attention: auto": "sdpa (transformers' default); packed training rows attended apart by "
                                    + ("PyTorch's varlen FlashAttention (bf16/fp16)" if cuda and _torch_varlen() else
@@ -237,6 +238,12 @@ def _installed(module: str, dists) -> str:
         return "installed " + importlib.metadata.version((dists.get(module) or [module])[0])
     except importlib.metadata.PackageNotFoundError:
         return "installed"
+
+
+def _fused_rms_norm() -> bool:
+    from accord.train.lean import fused_on
+
+    return fused_on("cuda")
 
 
 def _torch_varlen() -> bool:

@@ -44,7 +44,7 @@ import torch
 
 from accord.errors import RunFailure, UsageError
 from accord.prompts import training_target
-from accord.train.lean import lean_layers, n_lean, use_lean
+from accord.train.lean import fused_on, lean_layers, n_lean, use_lean
 from accord.train.master import MasterWeights
 from accord.train.varlen import NAME as VARLEN
 from accord.train.varlen import active as varlen_active
@@ -894,8 +894,9 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                      + (f"torch.compile: {n} MLP/norm module(s)"
                         f"{' and the chunked head' if chunked and _CHUNK['ce'] is not chunk_ce else ''}; "
                         if (n := sum(n_compiled(m) for m in models.values() if _is_lm(m))) else "")
-                     + (f"lean RMSNorm/SwiGLU: {n} module(s); " if (n := sum(n_lean(m) for m in models.values()
-                                                                              if _is_lm(m))) else "")
+                     + (f"lean RMSNorm/SwiGLU: {n} module(s)"
+                        f"{' (RMSNorm in PyTorch fused kernels)' if fused_on(acc.device) else ''}; "
+                        if (n := sum(n_lean(m) for m in models.values() if _is_lm(m))) else "")
                      + ("bf16 weights, float32 master weights in the optimizer; " if len(masters) else "")
                      + "loss: "
                      + ("the recipe's (its own head: see its first line)" if loss_fn and not chunked else

@@ -11,7 +11,14 @@ PyTorch that keep only their inputs (and RMSNorm's per-row ``1/rms``) and recomp
 - :class:`RMSNormFn` runs transformers' exact forward ops (``x.float()``, ``pow(2).mean``, ``rsqrt``, the cast
   back to the input dtype, ``weight *``), so outputs are bit-identical; its backward is the RMSNorm gradient
   written out, with the same cast of the incoming gradient to the input dtype that autograd applies through
-  ``.to(input_dtype)``.
+  ``.to(input_dtype)``.  On CUDA it runs PyTorch's own fused RMSNorm kernels instead (``aten::_fused_rms_norm``
+  and ``_fused_rms_norm_backward``, PyTorch ≥ 2.9; what ``F.rms_norm`` calls there): one kernel each way where the
+  eager formula launches about six forward and a dozen backward, each a pass over the activations — at Qwen3's
+  four norms per layer, the bulk of the elementwise GPU time session 18 profiled.  It computes x·rstd·weight in
+  float32 and rounds once (the eager formula rounds x·rstd to the input dtype before the weight), so it equals
+  transformers' to the output dtype's rounding, and returns transformers' output dtype (the promotion of input
+  and weight).  A build or dtype pair whose kernel refuses a call says so once and runs the eager formula for
+  that pair from then on.
 - :class:`SwiGLUFn` is ``silu(gate) * up`` with ``aten::silu_backward`` in its backward, as autograd's.
 
 Which modules: a module whose class name ends in ``RMSNorm`` with a 1-D ``weight`` and a ``variance_epsilon``,
@@ -30,13 +37,58 @@ import types
 
 import torch
 
+# devices whose RMSNorm runs PyTorch's fused kernels (``aten::_fused_rms_norm`` and its backward: CUDA, PyTorch
+# ≥ 2.9); the tests add ``cpu``, where the forward is a composite and the backward has no kernel
+FUSED_ON = {"cuda"}
+_BROKEN: set[tuple] = set()  # (device type, x dtype, weight dtype) a fused call refused: the eager formula since
+
+
+def _fused_fwd(x, weight, eps):
+    return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+
+
+def _fused_bwd(gy, x, rstd, weight, mask):
+    return torch.ops.aten._fused_rms_norm_backward(gy, x, [x.shape[-1]], rstd, weight, mask)
+
+
+def fused_on(device) -> bool:
+    """Whether RMSNorm runs PyTorch's fused kernels on ``device`` (its type in :data:`FUSED_ON`, both ops in this
+    build): what the first line and ``accord env`` say."""
+    return torch.device(device).type in FUSED_ON and hasattr(torch.ops.aten, "_fused_rms_norm_backward")
+
+
+def fused(x, weight) -> bool:
+    """Whether this RMSNorm call runs PyTorch's fused kernels (:data:`FUSED_ON`, both ops in this build, and no
+    earlier refusal for these dtypes)."""
+    return fused_on(x.device) and (x.device.type, x.dtype, weight.dtype) not in _BROKEN
+
+
+def _refused(x, weight, e: Exception) -> None:
+    from accord.ui import say_once
+
+    _BROKEN.add((x.device.type, x.dtype, weight.dtype))
+    say_once(f"lean RMSNorm: PyTorch's fused kernel refused {x.dtype} input with a {weight.dtype} weight "
+             f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); the eager formula for these from here on")
+
 
 class RMSNormFn(torch.autograd.Function):
     """transformers' RMSNorm, ``weight * (x.float() · rsqrt(mean(x²) + eps)).to(x.dtype)``, keeping ``x`` and
-    the per-row ``rsqrt`` for the backward (not the float32 copies)."""
+    the per-row ``rsqrt`` for the backward (not the float32 copies) — through PyTorch's fused kernels where
+    :func:`fused` (one kernel each way; x·rstd·weight rounded once, so equal to the eager formula to the output
+    dtype's rounding, not bit for bit), else the eager formula (bit-identical forward)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
+        ctx.fused = fused(x, weight)
+        if ctx.fused:
+            try:
+                with torch.autocast(x.device.type, enabled=False):  # the dtypes as given, as the eager formula's
+                    y, rstd = _fused_fwd(x, weight, eps)
+                ctx.save_for_backward(x, weight, rstd)
+                return y.to(torch.promote_types(x.dtype, weight.dtype))  # the eager formula's output dtype
+            except (RuntimeError, NotImplementedError, TypeError) as e:
+                _refused(x, weight, e)
+                ctx.fused = False
         xf = x.to(torch.float32)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
@@ -45,6 +97,13 @@ class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.fused:
+            try:
+                gx, gw = _fused_bwd(gy.to(x.dtype).contiguous(), x, rstd, weight, [True, ctx.needs_input_grad[1]])
+                return gx.to(x.dtype), gw.to(weight.dtype) if ctx.needs_input_grad[1] else None, None
+            except (RuntimeError, NotImplementedError, TypeError) as e:
+                _refused(x, weight, e)
+            rstd = rstd.float().reshape(*x.shape[:-1], 1)
         xf = x.to(torch.float32)
         n = (xf * rstd).to(x.dtype)
         gw = None
