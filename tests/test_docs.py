@@ -57,3 +57,15 @@ def test_the_code_is_lint_clean():
     out = subprocess.run([ruff, "check", "--no-cache", "src", "tests", "bench"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_link_inside_the_readme_lands_on_a_heading_or_an_anchor():
+    """The contents lines and every ``(#…)`` link reach a heading (GitHub's slug: lower case, punctuation dropped,
+    spaces as hyphens) or an ``<a id>``: a renamed heading must not leave a dead link."""
+    import re
+
+    text = ROOT.joinpath("README.md").read_text()
+    targets = {re.sub(r"[^\w\- ]", "", t.lower()).replace(" ", "-") for t in re.findall(r"^#+ (.+)$", text, re.M)}
+    targets |= set(re.findall(r'<a id="([^"]+)"', text))
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 10 and sorted(set(links) - targets) == []
