@@ -9,7 +9,8 @@
 # Every step has its own timeout and prints `STEP name rc=N seconds`; nothing stops the others. The whole script
 # ends within GPU_BUDGET_S seconds (default 450, so a device call of 480 s returns it all): a step gets what is
 # left of it, and one with under 20 s left is skipped and says so. Issue 13's figures come first (the engine and
-# memory benches), then the tests with CUDA visible, then the other benches. The figures land in $OUT/summary.txt
+# memory benches), then the gpu-marked tests, the profiles and the short norm/head benches, then the tests with
+# CUDA visible, then the other benches. The figures land in $OUT/summary.txt
 # and $OUT/*.txt; at the end every log goes into $OUT/logs.tar.gz (a device call brings back 8 files at most).
 set -x
 export PYTHONUNBUFFERED=1
@@ -56,6 +57,7 @@ step accord-env 30 python3 -m accord.cli env  # versions, devices, optional pack
 step bench-engine 240 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --steps 10
 step bench-memory 90 python3 bench/memory.py --device cuda --shape qwen3-0.6b --calls 3 --steps 2 --batch 4 \
   --max-len 1024
+step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests  # incl. the fused RMSNorm on CUDA
 step bench-profile 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile  # where a step goes
 step bench-profile-master 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile \
   --master-weights  # the same with a bf16 model and float32 master weights (train.master_weights)
@@ -65,7 +67,6 @@ if PYTHONPATH="$BENCH_PATH" python3 -c 'import flash_attn' 2>/dev/null; then  # 
   step bench-engine-fa2 120 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b \
     --batch 4 --steps 10 --attention flash_attention_2 --no-compile
 fi
-step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
 step pytest-cuda-visible 150 env ACCORD_TESTS_SEE_CUDA=1 python3 -m pytest -q -p no:cacheprovider --maxfail=10 -rfEs -m "not slow" \
   tests/test_cuda_config.py tests/test_master.py tests/test_varlen.py tests/test_lean.py tests/test_engine.py tests/test_teacher_hf.py \
   tests/test_pipeline.py tests/test_cord.py tests/test_merge.py  # the CUDA configuration of every method first
