@@ -209,17 +209,24 @@ def test_a_norm_or_mlp_of_another_kind_is_left_alone():
     assert len(lean.targets(_qwen3(1))) == 4 + 1 + 1
 
 
-@pytest.mark.parametrize("lora_r, checkpointing", [(0, False), (4, False), (0, True)])
-def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, lora_r, checkpointing):
+@pytest.mark.parametrize("lora_r, checkpointing, fused", [(0, False, False), (4, False, False), (0, True, False),
+                                                         (0, True, True)])
+def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, monkeypatch, lora_r, checkpointing, fused):
     """``train.lean_layers: true`` on the engine (CPU, float32), full, LoRA (peft swaps the projections the lean
-    MLP calls) and with gradient checkpointing (the forwards run again inside the backward): the first line says
-    how many modules, and three steps give the weights the plain modules give."""
+    MLP calls) and with gradient checkpointing (the forwards run again inside the backward), and the fused
+    RMSNorm path as on CUDA (its backward kernel's arithmetic standing in, :func:`_kernel_bwd`): the first line
+    says how many modules, and three steps give the weights the plain modules give."""
     from test_engine import assert_same_run, rows
 
     from accord import ui
     from accord.models import load_model_and_tokenizer
     from accord.train.engine import TrainArgs, train
 
+    calls = []
+    if fused:
+        monkeypatch.setattr(lean, "FUSED_ON", {"cpu"})
+        monkeypatch.setattr(lean, "_BROKEN", set())
+        monkeypatch.setattr(lean, "_fused_bwd", lambda *a: calls.append(1) or _kernel_bwd(*a))
     out = {}
     for on in (False, True):
         ui._SAID.clear()
@@ -229,5 +236,7 @@ def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, lora_r, check
                                                         lora_r=lora_r, gradient_checkpointing=checkpointing))
         said = capsys.readouterr().err
         assert ("lean RMSNorm/SwiGLU: " in said) == on, said
+        assert ("(RMSNorm in PyTorch fused kernels)" in said) == (on and fused), said
         assert not any("forward" in vars(m) for m in model.modules())
+    assert bool(calls) == fused and not lean._BROKEN
     assert_same_run(out[True], out[False])  # float32: the same weights to rounding; a bf16 process: losses
