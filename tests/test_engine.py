@@ -557,6 +557,23 @@ def test_compiled_training_gives_the_same_model_and_leaves_it_eager(micro, capsy
     assert_same_run(fast, plain)
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_a_head_chunk_reads_logsumexp_off_its_softmax_exactly(scale):
+    """``chunk_ce`` takes each row's logsumexp as top − log p(top) from its float32 softmax (no logsumexp passes):
+    equal to the plain CE also where p(target) underflows float32 (scale 30: losses of thousands of nats), and its
+    d/d logits is the softmax minus the one-hot, bit for bit in float32."""
+    from accord.train.engine import chunk_ce
+
+    g = torch.Generator().manual_seed(4)
+    hs, w = scale * torch.randn(12, 32, generator=g), scale * torch.randn(200, 32, generator=g)
+    tg = torch.randint(0, 200, (12,), generator=g)
+    loss, d = chunk_ce(hs, w, tg)
+    want = torch.nn.functional.cross_entropy(hs @ w.T, tg, reduction="none")
+    assert scale == 1.0 or want.max() > 200  # a p(target) below float32's smallest normal
+    assert torch.allclose(loss, want.sum(), rtol=1e-6)
+    assert torch.equal(d, torch.softmax(hs @ w.T, -1) - torch.nn.functional.one_hot(tg, 200))
+
+
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="compiling on CPU needs C++")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_compiled_head_chunk_equals_the_eager_one(dtype):
