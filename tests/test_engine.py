@@ -480,7 +480,7 @@ def test_the_chunked_head_never_holds_more_than_one_chunk_of_logits(which, monke
     Qwen3's 151,936 words, where 4,096 rows held 2.5 GB of float32 logits at a step's memory peak), and a chunk's
     tensors go before the next chunk's logits come: no tensor any op makes, forward or backward, is larger than
     one chunk's logits, and at most two chunk-sized float32 tensors are alive at once (the logits beside their
-    logsumexp's temporary or their softmax; three when the loop kept the last chunk's until the next) — with the
+    softmax; three when the loop kept the last chunk's until the next) — with the
     loss and gradients of the full logits."""
     import weakref
 
@@ -577,8 +577,8 @@ def test_a_head_chunk_reads_logsumexp_off_its_softmax_exactly(scale):
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="compiling on CPU needs C++")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_compiled_head_chunk_equals_the_eager_one(dtype):
-    """``train.compile`` runs the chunked head's per-chunk work (:func:`chunk_ce`: the float32 cast, logsumexp,
-    softmax, the −1 at the targets, the cast back) through torch.compile: the same loss and d/d logits as eager,
+    """``train.compile`` runs the chunked head's per-chunk work (:func:`chunk_ce`: the row maxima, the softmax with
+    its float32 cast, the −1 at the targets, the cast back) through torch.compile: the same loss and d/d logits as eager,
     for chunks of other row counts too (one graph, dynamic rows)."""
     from accord.train.engine import _compiled_chunk_ce, chunk_ce
 

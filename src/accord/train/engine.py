@@ -575,9 +575,9 @@ def _compiled_chunk_ce():
 
 
 # what LinearCrossEntropy runs per chunk: chunk_ce, or under ``train.compile`` (:func:`compiled`) the same function
-# through torch.compile, which fuses the float32 cast, logsumexp, softmax, the -1 at the targets and the cast back
-# into a few passes over the chunk's logits (eager makes about six; at Qwen3's vocabulary a chunk's logits are
-# 256 MiB of float32, and a step of ~9k tokens has ~20 chunks)
+# through torch.compile, which fuses the max, the softmax with its float32 cast, the −1 at the targets and the cast
+# back into fewer passes over the chunk's logits (at Qwen3's vocabulary a chunk's logits are 256 MiB of float32,
+# and a step of ~9k tokens has ~20 chunks)
 _CHUNK = {"ce": chunk_ce}
 
 
