@@ -578,8 +578,8 @@ def test_a_head_chunk_reads_logsumexp_off_its_softmax_exactly(scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_compiled_head_chunk_equals_the_eager_one(dtype):
     """``train.compile`` runs the chunked head's per-chunk work (:func:`chunk_ce`: the row maxima, the softmax with
-    its float32 cast, the −1 at the targets, the cast back) through torch.compile: the same loss and d/d logits as eager,
-    for chunks of other row counts too (one graph, dynamic rows)."""
+    its float32 cast, the −1 at the targets, the cast back) through torch.compile: the same loss and d/d logits as
+    eager, for chunks of other row counts too (one graph, dynamic rows)."""
     from accord.train.engine import _compiled_chunk_ce, chunk_ce
 
     g = torch.Generator().manual_seed(5)
