@@ -71,13 +71,20 @@ def verdicts(out: Path) -> list[str]:
     return lines
 
 
+# lines read beside the goals: the MFU ceilings no engine configuration exceeds (bench/engine.py), and what the
+# parts measured alone say about the defaults (bench/norm.py: the fused RMSNorm; bench/head.py: the compiled head)
+CONTEXT = [("bench-engine.txt", r"^(?:matrix products|products \+ attention \+ AdamW) alone .*$"),
+           ("bench-norm.txt", r"^fused/eager lean RMSNorm time ratio .*$"),
+           ("bench-head.txt", r"^compiled/eager chunked head time ratio: .*$")]
+
+
 def context(out: Path) -> list[str]:
-    """Lines that bound what the goals can reach, read beside them: the MFU of the step's matrix products alone,
-    and of its products, attention and AdamW step alone (``bench/engine.py``), which no engine configuration
-    exceeds."""
-    path = out / "bench-engine.txt"
-    text = path.read_text(errors="replace") if path.exists() else ""
-    found = re.findall(r"^(?:matrix products|products \+ attention \+ AdamW) alone .*$", text, re.MULTILINE)
+    """Lines that bound what the goals can reach or say what the parts gave, read beside them (:data:`CONTEXT`)."""
+    found = []
+    for file, pattern in CONTEXT:
+        path = out / file
+        text = path.read_text(errors="replace") if path.exists() else ""
+        found += re.findall(pattern, text, re.MULTILINE)
     return [f"context       {m}" for m in found]
 
 

@@ -47,8 +47,13 @@ def test_goals_read_the_benches_lines_for_each_engine_configuration(tmp_path):
         fh.write("products + attention + AdamW alone (9216 tokens a step): 40.1 + 20.3 + 4.2 = 64.6 ms a step, "
                  "142700 tokens/s, model-FLOPs utilisation 51.5% — the ceiling with the work every step does besides "
                  "its products\n")
+    (tmp_path / "bench-norm.txt").write_text("fused/eager lean RMSNorm time ratio (master weights (bf16)): 0.31 "
+                                             "(fused/transformers: 0.22)\n")
+    (tmp_path / "bench-head.txt").write_text("compiled/eager chunked head time ratio: 0.62 "
+                                             "(eager chunked/plain: 1.1)\n")
     lines = _goals().context(tmp_path)
-    assert len(lines) == 2 and lines[0].startswith("context       matrix products alone")
+    assert len(lines) == 4 and lines[0].startswith("context       matrix products alone")
+    assert lines[2].startswith("context       fused/eager lean RMSNorm") and lines[3].endswith("plain: 1.1)")
     assert lines[1].startswith("context       products + attention + AdamW alone (9216 tokens a step): 40.1 + 20.3")
 
 
