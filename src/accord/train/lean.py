@@ -14,11 +14,11 @@ PyTorch that keep only their inputs (and RMSNorm's per-row ``1/rms``) and recomp
   ``.to(input_dtype)``.  On CUDA it runs PyTorch's own fused RMSNorm kernels instead (``aten::_fused_rms_norm``
   and ``_fused_rms_norm_backward``, PyTorch ≥ 2.9; what ``F.rms_norm`` calls there): one kernel each way where the
   eager formula launches about six forward and a dozen backward, each a pass over the activations — at Qwen3's
-  four norms per layer, the largest share of a step's elementwise bytes (``bench/traffic.py``).  It computes x·rstd·weight in
-  float32 and rounds once (the eager formula rounds x·rstd to the input dtype before the weight), so it equals
-  transformers' to the output dtype's rounding, and returns transformers' output dtype (the promotion of input
-  and weight).  A build or dtype pair whose kernel refuses a call says so once and runs the eager formula for
-  that pair from then on.
+  four norms per layer, the largest share of a step's elementwise bytes (``bench/traffic.py``).  It computes
+  x·rstd·weight in float32 and rounds once (the eager formula rounds x·rstd to the input dtype before the
+  weight), so it equals transformers' to the output dtype's rounding, and returns transformers' output dtype (the
+  promotion of input and weight).  A build or dtype pair whose kernel refuses a call says so once and runs the
+  eager formula for that pair from then on.
 - :class:`SwiGLUFn` is ``silu(gate) * up`` with ``aten::silu_backward`` in its backward, as autograd's.
 
 Which modules: a module whose class name ends in ``RMSNorm`` with a 1-D ``weight`` and a ``variance_epsilon``,
