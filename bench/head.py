@@ -123,9 +123,10 @@ def main() -> None:
         print(f"{name:32s} peak above the inputs: {mem[name]:5.2f} GiB"
               + (f", {took[name] * 1e3:8.1f} ms" if name in took else ""), flush=True)
     now = f"chunked, {rows} rows"
-    print(f"chunked/plain head peak memory ratio: {mem[now] / mem['plain']:.2f} "
-          f"(4,096-row chunks: {mem['chunked, 4096 rows'] / mem['plain']:.2f})")
-    if now in took and f"{now}, compiled" in took:
+    if {now, "plain", "chunked, 4096 rows"} <= mem.keys():
+        print(f"chunked/plain head peak memory ratio: {mem[now] / mem['plain']:.2f} "
+              f"(4,096-row chunks: {mem['chunked, 4096 rows'] / mem['plain']:.2f})")
+    if {now, f"{now}, compiled", "plain"} <= took.keys():
         print(f"compiled/eager chunked head time ratio: {took[f'{now}, compiled'] / took[now]:.2f} "
               f"(eager chunked/plain: {took[now] / took['plain']:.2f})")
 
