@@ -27,6 +27,25 @@ def direct_logprobs(model, tok, head: str, cont: str) -> list[float]:
     return [lp[len(h) + i - 1, t].item() for i, t in enumerate(c)]
 
 
+def test_chat_template_kwargs_reach_the_template(micro):
+    """A generator's ``chat_template_kwargs`` are the chat template's variables (Qwen3's ``enable_thinking``):
+    its prompts, for generating and for scoring, render with them; another generator's do not."""
+    plain = HFGenerator(TeacherConfig(name="m", model=str(micro), batch_size=4))
+    quiet = HFGenerator(TeacherConfig(name="q", model=str(micro), batch_size=4,
+                                      chat_template_kwargs={"enable_thinking": False}))
+    for g in (plain, quiet):  # a template that reads the variable, as Qwen3's does
+        g.tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and not "
+                               "enable_thinking %}<think></think>{% endif %}{% endif %}")
+    r = Request("What is 2+3?")
+    assert plain._render(r) == "<user>What is 2+3?<assistant>"
+    assert quiet._render(r) == "<user>What is 2+3?<assistant><think></think>"
+    assert render_chat(quiet.tok, r.prompt, template_kwargs={"enable_thinking": False}) == quiet._render(r)
+    out = quiet.generate([r], SamplingParams(max_new_tokens=3, temperature=0.0))[0]
+    assert out.error is None and len(quiet.score([r], ["5"])[0]) == len(quiet.tok("5", add_special_tokens=False)
+                                                                           ["input_ids"])
+
+
 def test_score_equals_direct_transformers_logits(teacher):
     reqs = [Request("What is 2+3?", prefix="<think>\n"), Request("A much longer question about 17 and 25?"),
             Request("q", prefix="partial ")]

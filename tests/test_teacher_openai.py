@@ -88,6 +88,7 @@ class Script:
     def __init__(self, statuses, delay: float = 0.0):
         self.statuses, self.calls, self.lock, self.delay = list(statuses), 0, threading.Lock(), delay
         self.spans: list[tuple[float, float]] = []  # (start, end) of every answered request
+        self.bodies: list[dict] = []  # every request's JSON body
 
     def next(self):
         with self.lock:
@@ -102,6 +103,7 @@ def flaky_server(script: Script):
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            script.bodies.append(body)
             t0 = time.perf_counter()
             time.sleep(script.delay)  # a server's latency
             status = script.next()
@@ -149,6 +151,35 @@ def test_retries_429_5xx_and_dropped_connections_then_succeeds():
         srv.shutdown()
     assert g.error is None and script.calls == 4
     assert g.text == "<think>thinking about What is 3+</think>\\boxed{7}" and g.token_count == 5
+
+
+def test_chat_template_kwargs_reach_the_server_beside_a_continued_prefix():
+    """``chat_template_kwargs`` go to the server as ``extra_body.chat_template_kwargs`` (vLLM and SGLang read them),
+    also when a prefix asks to continue the final message; a teacher without them sends neither key."""
+    script = Script([])
+    srv, url = flaky_server(script)
+    try:
+        cfg = TeacherConfig(name="api", backend="openai", model="m", base_url=url, max_concurrency=1, timeout=5,
+                            chat_template_kwargs={"enable_thinking": False})
+        OpenAIGenerator(cfg).generate([Request("q1"), Request("q2", prefix="so far")], SamplingParams(max_new_tokens=5))
+        teacher(url).generate([Request("q3")], SamplingParams(max_new_tokens=5))
+    finally:
+        srv.shutdown()
+    by_q = {b["messages"][0]["content"]: b for b in script.bodies}
+    off = {"enable_thinking": False}
+    assert by_q["q1"]["chat_template_kwargs"] == off and "continue_final_message" not in by_q["q1"]
+    assert by_q["q2"]["chat_template_kwargs"] == off and by_q["q2"]["continue_final_message"]
+    assert "chat_template_kwargs" not in by_q["q3"]
+
+
+def test_chat_template_kwargs_need_a_template():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="chat_template_kwargs needs a chat template"):
+        TeacherConfig(name="api", backend="openai", model="m", base_url="http://x/v1", endpoint="completions",
+                      chat_template_kwargs={"enable_thinking": False})
+    TeacherConfig(name="api", backend="openai", model="m", base_url="http://x/v1", endpoint="completions",
+                  tokenizer="lab:student", chat_template_kwargs={"enable_thinking": False})
 
 
 def test_persistent_errors_mark_the_sample_failed_and_go_on():

@@ -122,6 +122,10 @@ class GeneratorConfig(_Strict):
     timeout: float = Field(600.0, gt=0, description="openai: seconds per request")
     # shared
     system_prompt: str | None = Field(None, description="optional system message")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="variables of the model's chat template, e.g. {enable_thinking: false} for "
+        "Qwen3's non-thinking mode: passed to the template (hf, vllm, openai completions with a local tokenizer) or "
+        "to the server (openai chat: extra_body.chat_template_kwargs, as vLLM and SGLang read it)")
     vllm_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra LLM(...) keyword arguments")
 
     @field_validator("name")
@@ -147,6 +151,10 @@ class GeneratorConfig(_Strict):
             missing.append("column")
         if missing:
             raise ValueError(f"backend {self.backend!r} needs: {', '.join(missing)}")
+        if self.chat_template_kwargs and (self.backend == "column" or (
+                self.backend == "openai" and self.endpoint == "completions" and not self.tokenizer)):
+            raise ValueError("chat_template_kwargs needs a chat template: backend 'column' renders none, and the "
+                             "openai completions endpoint renders with a local tokenizer only (set tokenizer)")
         return self
 
 

@@ -164,10 +164,10 @@ def predictive_perplexity_groups(meta, prompt: str, groups: list[tuple[str, list
     candidate row reads it in the one forward that reads its tail."""
     model, tok = meta.model, meta.tok
     dev = next(model.parameters()).device
-    system = getattr(meta.cfg, "system_prompt", None)
+    system, kwargs = getattr(meta.cfg, "system_prompt", None), getattr(meta.cfg, "chat_template_kwargs", None)
     # one tokenizer call for the prefixes, the answer and the candidate tails (each is encoded on its own)
     tails = [c + suffix for _, cands in groups for c in cands]
-    enc = tok([render_chat(tok, prompt, p, system) for p, _ in groups] + [lead + answer] + tails,
+    enc = tok([render_chat(tok, prompt, p, system, kwargs) for p, _ in groups] + [lead + answer] + tails,
               add_special_tokens=False)["input_ids"]
     heads, ans, tails = enc[:len(groups)], enc[len(groups)], enc[len(groups) + 1:]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

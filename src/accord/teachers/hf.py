@@ -42,11 +42,14 @@ from accord.teachers.sampling import decode, supports
 from accord.ui import say_once
 
 
-def render_chat(tok, prompt: str, prefix: str = "", system: str | None = None) -> str:
-    """The model's own chat template with the generation prompt, then the assistant prefix."""
+def render_chat(tok, prompt: str, prefix: str = "", system: str | None = None,
+                template_kwargs: dict | None = None) -> str:
+    """The model's own chat template with the generation prompt, then the assistant prefix; ``template_kwargs``
+    are the template's own variables (a generator's ``chat_template_kwargs``: Qwen3's ``enable_thinking``)."""
     if getattr(tok, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return join_prefix(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), prefix)
+        return join_prefix(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                   **(template_kwargs or {})), prefix)
     return (f"{system}\n\n" if system else "") + prompt + "\n" + prefix
 
 
@@ -91,10 +94,13 @@ class HFGenerator:
         say_once(f"hf backend: {runtime(model)}; batch {cfg.batch_size}")
 
     # -- generation ---------------------------------------------------------------------------------
+    def _render(self, r: Request) -> str:
+        return render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt, self.cfg.chat_template_kwargs)
+
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
         rendered: dict[tuple[str, str], str] = {}  # k samples of a problem share one rendered prompt
         texts = [rendered.get((r.prompt, r.prefix)) or rendered.setdefault(
-            (r.prompt, r.prefix), render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt)) for r in requests]
+            (r.prompt, r.prefix), self._render(r)) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: len(texts[i]))
         out: list[Generation | None] = [None] * len(requests)
         bs = self.cfg.batch_size
@@ -239,7 +245,7 @@ class HFGenerator:
         out = []
         for start in range(0, len(requests), self.cfg.batch_size):
             reqs, conts = requests[start:start + self.cfg.batch_size], continuations[start:start + self.cfg.batch_size]
-            heads = [render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt) for r in reqs]
+            heads = [self._render(r) for r in reqs]
             out += self._score_batch(heads, list(conts))
         return out
 

@@ -137,8 +137,11 @@ class OpenAIGenerator:
         kw = self._common(req, params)
         if params.logprobs:
             kw["logprobs"] = True
-        if req.prefix:
-            kw["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+        extra = {"continue_final_message": True, "add_generation_prompt": False} if req.prefix else {}
+        if self.cfg.chat_template_kwargs:  # the server's chat template reads them (vLLM, SGLang)
+            extra["chat_template_kwargs"] = dict(self.cfg.chat_template_kwargs)
+        if extra:
+            kw["extra_body"] = extra
         resp = self.clients[replica].chat.completions.create(messages=self._messages(req), **kw)
         choice = resp.choices[0]
         text = choice.message.content or ""
@@ -155,7 +158,8 @@ class OpenAIGenerator:
         if self._tok is not None:
             from accord.teachers.hf import render_chat
 
-            return render_chat(self._tok, req.prompt, req.prefix, self.cfg.system_prompt)
+            return render_chat(self._tok, req.prompt, req.prefix, self.cfg.system_prompt,
+                               self.cfg.chat_template_kwargs)
         return req.prompt + "\n" + req.prefix
 
     def _completion(self, req: Request, params: SamplingParams, replica: int = 0) -> Generation:

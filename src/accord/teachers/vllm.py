@@ -37,7 +37,7 @@ class VLLMGenerator:
         self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
 
     def _text(self, r: Request) -> str:
-        return render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt)
+        return render_chat(self.tok, r.prompt, r.prefix, self.cfg.system_prompt, self.cfg.chat_template_kwargs)
 
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
         sp = [self._vllm.SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
