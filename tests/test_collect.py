@@ -190,3 +190,20 @@ def test_a_teacher_that_keeps_almost_nothing_is_warned_about(tmp_path, parrot7):
     code, out = run_cli("collect", str(cfg))
     assert code == 0, out
     assert "teacher 'seven' kept 0 verified trace(s): too few to train on" in out
+
+
+def test_the_prompt_settings_are_stored_with_each_row_and_a_change_is_warned_about(tmp_path, problems_file, parrot7):
+    """A teacher's ``system_prompt`` and ``chat_template_kwargs`` change what it generates: they are recorded in each
+    row's settings (only when set, so rows stored before keep theirs), and more samples after a change warn that
+    the stored rows were made with other settings."""
+    cfg = write_cfg(tmp_path, problems_file, [{"name": "seven", "model": str(parrot7), "batch_size": 8}], samples=1)
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0 and "other settings" not in out, out
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    (params,) = {json.loads(r[0]).get("chat_template_kwargs", "unset") for r in db.execute("select params from traces")}
+    assert params == "unset"
+    code, out = run_cli("collect", str(cfg), "collect.samples=2",
+                        "teachers.seven.chat_template_kwargs={enable_thinking: false}")
+    assert code == 0 and "10 stored rows of teacher 'seven' were generated with other settings" in out, out
+    stored = [json.loads(r[0]) for r in db.execute("select params from traces where sample_idx = 1")]
+    assert stored and all(p["chat_template_kwargs"] == {"enable_thinking": False} for p in stored)

@@ -135,8 +135,11 @@ def _todo(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store
     """One teacher's missing (problem, style, sample) triples and its settings' JSON (stored with each row); says
     when a collection resumes or stored rows were made with other settings."""
     c = cfg.collect
+    prompt = {k: v for k, v in (("system_prompt", tcfg.system_prompt),
+                                ("chat_template_kwargs", tcfg.chat_template_kwargs)) if v}  # only when set: rows
+    # stored before these were recorded keep their settings' JSON
     params_json = json.dumps({"temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
-                              "stop": c.stop, "model": tcfg.model, "seed": c.seed}, sort_keys=True)
+                              "stop": c.stop, "model": tcfg.model, "seed": c.seed, **prompt}, sort_keys=True)
     todo = missing_generations(cfg, problems, store.done_keys(tcfg.name))
     if not todo:
         return [], params_json
