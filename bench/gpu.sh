@@ -62,7 +62,7 @@ step bench-profile 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b -
 step bench-profile-master 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile \
   --master-weights  # the same with a bf16 model and float32 master weights (train.master_weights)
 step bench-norm 40 python3 bench/norm.py --device cuda  # RMSNorm alone: transformers', lean eager, lean fused
-step bench-head 60 python3 bench/head.py --device cuda --rows 8192 --time  # the head alone: plain, chunked, compiled
+step bench-head 90 python3 bench/head.py --device cuda --rows 8192 --time  # the head alone: plain, chunked, compiled
 if PYTHONPATH="$BENCH_PATH" python3 -c 'import flash_attn' 2>/dev/null; then  # student.attention=flash_attention_2
   step bench-engine-fa2 120 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b \
     --batch 4 --steps 10 --attention flash_attention_2 --no-compile
