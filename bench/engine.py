@@ -189,17 +189,20 @@ def _peak(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
-def _timed(run, device: str, reps: int) -> float:
-    """Seconds per call of ``run`` (one untimed call first; the device synchronised)."""
+def timed(run, device: str, reps: int) -> float:
+    """Seconds of the fastest of ``reps`` calls of ``run()`` after an untimed one (which also compiles and plans),
+    the device synchronised around each (``bench/head.py`` and ``bench/norm.py`` time with it too)."""
     run()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    best = float("inf")
     for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         run()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def products_time(shape: str, tokens: int, device: str, reps: int = 3) -> float:
@@ -223,7 +226,7 @@ def products_time(shape: str, tokens: int, device: str, reps: int = 3) -> float:
             for x, w, gy in mats:
                 x @ w.T, gy @ w, gy.T @ x
 
-        return _timed(run, device, reps)
+        return timed(run, device, reps)
 
     return seconds(layer) * c["num_hidden_layers"] + seconds([(d, c["vocab_size"])])
 
@@ -258,7 +261,7 @@ def attention_time(shape: str, steps: list[list[int]], device: str, reps: int = 
                     for a, b in itertools.pairwise(cu.tolist())], dim=1)
             torch.autograd.grad(out, (q, k, v), gy)
 
-        return _timed(run, device, reps)
+        return timed(run, device, reps)
 
     return sum(step(lengths) for lengths in steps) / len(steps) * c["num_hidden_layers"]
 
@@ -271,7 +274,7 @@ def adamw_time(params: int, device: str, reps: int = 3) -> float:
     for p in ps:
         p.grad = torch.randn(p.shape, device=device)
     opt = torch.optim.AdamW(ps, lr=1e-5, fused=device == "cuda")
-    return _timed(opt.step, device, reps)
+    return timed(opt.step, device, reps)
 
 
 # the engine's configurations read against issue 13's goals (bench/goals.py reads the same names)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -40,21 +39,6 @@ def peak(run, device: str) -> float:
     return hwm / 2**30 - base
 
 
-def seconds(run, device: str, reps: int = 2) -> float:
-    """Best of ``reps`` calls of ``run()`` after an untimed one (which also compiles)."""
-    run()
-    best = float("inf")
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @contextlib.contextmanager
 def rows_per_chunk(most: int | None):
     """The chunked head with chunks of ``most`` rows whatever the vocabulary (None: as it runs now)."""
@@ -70,6 +54,8 @@ def rows_per_chunk(most: int | None):
 
 
 def main() -> None:
+    from engine import timed  # bench/engine.py: best of n after an untimed call
+
     from accord.train import engine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -115,7 +101,7 @@ def main() -> None:
         with rows_per_chunk(most):
             try:
                 if args.time:  # first: its untimed run compiles, so the peak below is the steady one
-                    took[name] = seconds(run, dev)
+                    took[name] = timed(run, dev, 2)
                 mem[name] = peak(run, dev)
             except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure (compiling, say)
                 print(f"{name}: not measured ({type(e).__name__}: {e})", flush=True)

@@ -20,7 +20,7 @@ import torch
 def step_ms(make, shapes, device: str, reps: int = 5) -> float:
     """Milliseconds of a forward and backward of each (shape, x dtype, weight dtype) of ``shapes`` through the norm
     ``make(w)`` gives — ``(norm, the weight tensor to differentiate)`` —, best of ``reps`` after an untimed pass."""
-    from head import seconds  # bench/head.py: best of n after an untimed call
+    from engine import timed  # bench/engine.py: best of n after an untimed call
 
     g = torch.Generator(device=device).manual_seed(0)
     args = []
@@ -34,7 +34,7 @@ def step_ms(make, shapes, device: str, reps: int = 5) -> float:
             y = norm(x)
             torch.autograd.grad(y, (x, leaf), gy.to(y.dtype))
 
-    return seconds(run, device, reps) * 1e3
+    return timed(run, device, reps) * 1e3
 
 
 def main() -> None:

@@ -28,6 +28,16 @@ def _kernel_bwd(gy, x, rstd, weight, mask):
     return gx.to(x.dtype), gw.to(weight.dtype) if gw is not None else None
 
 
+def _fused_on_cpu(monkeypatch) -> list:
+    """The lean RMSNorm's fused path on the CPU, as on CUDA, :func:`_kernel_bwd` standing in for the backward
+    kernel; returns the list each backward call appends to."""
+    calls: list = []
+    monkeypatch.setattr(lean, "FUSED_ON", {"cpu"})
+    monkeypatch.setattr(lean, "_BROKEN", set())
+    monkeypatch.setattr(lean, "_fused_bwd", lambda *a: calls.append(1) or _kernel_bwd(*a))
+    return calls
+
+
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                               (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("fused", [False, True])
@@ -40,11 +50,7 @@ def test_rmsnorm_fn_equals_transformers_rmsnorm(x_dtype, w_dtype, fused, monkeyp
     and weight agree to the dtype's rounding either way."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    called = []
-    if fused:
-        monkeypatch.setattr(lean, "FUSED_ON", {"cpu"})
-        monkeypatch.setattr(lean, "_BROKEN", set())
-        monkeypatch.setattr(lean, "_fused_bwd", lambda *a: called.append(1) or _kernel_bwd(*a))
+    called = _fused_on_cpu(monkeypatch) if fused else []
     g = torch.Generator().manual_seed(0)
     ref = Qwen3RMSNorm(24, eps=1e-6).to(w_dtype)
     with torch.no_grad():
@@ -202,11 +208,7 @@ def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, monkeypatch, 
     from accord.models import load_model_and_tokenizer
     from accord.train.engine import TrainArgs, train
 
-    calls = []
-    if fused:
-        monkeypatch.setattr(lean, "FUSED_ON", {"cpu"})
-        monkeypatch.setattr(lean, "_BROKEN", set())
-        monkeypatch.setattr(lean, "_fused_bwd", lambda *a: calls.append(1) or _kernel_bwd(*a))
+    calls = _fused_on_cpu(monkeypatch) if fused else []
     out = {}
     for on in (False, True):
         ui._SAID.clear()
