@@ -1,7 +1,8 @@
 """Importing the multi-teacher corpora people already have, each schema in a small file written here:
 ShareGPT conversations with thought markers (OpenThoughts, Bespoke-Stratos), `messages` with inline
-<think>, list-valued generations with the source's own verdicts (OpenR1-Math), s1K-1.1's grades, and
-NuminaMath's answer sentinels."""
+<think>, list-valued generations with the source's own verdicts (OpenR1-Math), s1K-1.1's grades,
+NuminaMath's answer sentinels, one row per generation with the model in a column (OpenMathReasoning:
+``on_duplicate: samples`` and ``where``), and `messages` whose reasoning sits in its own field."""
 
 from __future__ import annotations
 
@@ -97,3 +98,83 @@ def test_answer_sentinels_are_skipped_and_counted(tmp_path):
                            [{"name": "n", "backend": "column", "column": "sol"}])
     assert "skipped 2 row(s) without a checkable answer (notfound: 1, proof: 1" in out
     assert len(traces) == 1 and traces[0]["verdict"] == "correct"
+
+
+def _long_rows():
+    """OpenMathReasoning's shape: one row per generation, the generating model in a column."""
+    def row(q, a, model, sol):
+        return {"problem": q, "expected_answer": a, "generation_model": model, "generated_solution": sol}
+    return [row("What is 3 plus 4?", "7", "DeepSeek-R1", "<think>\n3 + 4 = 7\n</think>\n\\boxed{7}"),
+            row("What is 3 plus 4?", "7", "QwQ-32B", "<think>\nhmm\n</think>\n\\boxed{8}"),
+            row("What is 3 plus 4?", "7", "DeepSeek-R1", "<think>\nagain\n</think>\n\\boxed{6}"),
+            row("What is 2 plus 2?", "4", "QwQ-32B", "<think>\n2 + 2 = 4\n</think>\n\\boxed{4}")]
+
+
+def test_long_format_rows_are_samples_of_one_problem_and_where_picks_each_teachers_rows(tmp_path):
+    problems = {"question_field": "problem", "answer_field": "expected_answer", "on_duplicate": "samples"}
+    teachers = [{"name": "r1", "backend": "column", "column": "generated_solution",
+                 "where": {"generation_model": "DeepSeek-R1"}},
+                {"name": "qwq", "backend": "column", "column": "generated_solution",
+                 "where": {"generation_model": ["QwQ-32B", "QwQ-32B-Preview"]}}]
+    out, traces = _collect(tmp_path, _long_rows(), problems, teachers)
+    assert "repeat a problem id" not in out
+    got = {(t["teacher"], t["prompt"].split("What is ")[1][:8], t["sample_idx"], t["verdict"]) for t in traces}
+    assert got == {("r1", "3 plus 4", 0, "correct"), ("r1", "3 plus 4", 1, "incorrect"),
+                   ("qwq", "3 plus 4", 0, "incorrect"), ("qwq", "2 plus 2", 0, "correct")}
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM problems").fetchone()[0] == 2
+    assert json.loads(db.execute("SELECT params FROM traces WHERE teacher = 'r1'").fetchone()[0])["where"] == {
+        "generation_model": "DeepSeek-R1"}
+    code, again = run_cli("collect", str(tmp_path / "c.yaml"))  # resumes: every sample is stored already
+    assert code == 0, again
+    assert db.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 4
+    code, plan = run_cli("collect", str(tmp_path / "c.yaml"), "--plan")
+    assert code == 0 and "rows where {'generation_model': 'DeepSeek-R1'}" in plan, plan
+
+
+def test_where_that_matches_no_row_names_the_values_there(tmp_path):
+    write_jsonl(tmp_path / "data.jsonl", _long_rows())
+    cfg = {"run_dir": str(tmp_path / "run"),
+           "problems": {"path": str(tmp_path / "data.jsonl"), "question_field": "problem",
+                        "answer_field": "expected_answer", "on_duplicate": "samples"},
+           "teachers": [{"name": "r1", "backend": "column", "column": "generated_solution",
+                         "where": {"generation_model": "R1"}}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, out = run_cli("collect", str(tmp_path / "c.yaml"))
+    assert code == 2, out
+    assert "where {'generation_model': 'R1'} matches no row" in out and "'DeepSeek-R1', 'QwQ-32B'" in out
+
+
+def test_rows_of_one_problem_with_another_answer_are_warned(tmp_path):
+    rows = _long_rows()
+    rows[2]["expected_answer"] = "6"
+    out, traces = _collect(tmp_path, rows, {"question_field": "problem", "answer_field": "expected_answer",
+                                           "on_duplicate": "samples"},
+                           [{"name": "every", "backend": "column", "column": "generated_solution"}])
+    assert "1 row(s) give their problem another answer than its first row" in out
+    assert sorted(t["verdict"] for t in traces if "3 plus 4" in t["prompt"]) == ["correct", "incorrect", "incorrect"]
+
+
+def test_messages_with_the_reasoning_in_its_own_field(tmp_path):
+    def chat(q, **assistant):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", **assistant}]}
+    rows = [{**chat("What is 1 plus 1?", content="\\boxed{2}", reasoning_content="1 + 1 = 2"), "answer": "2"},
+            {**chat("What is 2 plus 1?", content="\\boxed{3}", thinking="2 + 1 = 3"), "answer": "3"},
+            {**chat("What is 5 plus 1?", content="<think>\ninline\n</think>\n\\boxed{6}", reasoning="aside"),
+             "answer": "6"},
+            {**chat("What is 6 plus 1?", content="\\boxed{7}", reasoning_content=None), "answer": "7"}]
+    _, traces = _collect(tmp_path, rows, {"question_field": "messages.0.content"},
+                         [{"name": "m", "backend": "column", "column": "messages", "format": "messages"}])
+    got = {t["prompt"].split("What is ")[1][:1]: (t["verdict"], t["reasoning"].strip()) for t in traces}
+    assert got == {"1": ("correct", "1 + 1 = 2"), "2": ("correct", "2 + 1 = 3"), "5": ("correct", "inline"),
+                   "6": ("correct", "")}
+
+
+def test_where_needs_a_column_teacher():
+    import pytest
+    from pydantic import ValidationError
+
+    from accord.config import TeacherConfig
+
+    with pytest.raises(ValidationError, match="where selects rows of an imported corpus"):
+        TeacherConfig(name="t", backend="hf", model="m", where={"generation_model": "x"})

@@ -40,7 +40,7 @@ from rich.table import Table
 from accord.analysis.confidence import window_confidence
 from accord.analysis.stats import mean_se
 from accord.config import AccordConfig, TeacherConfig, dump_config
-from accord.errors import RunFailure
+from accord.errors import RunFailure, UsageError
 from accord.problems import Problem, load_problems
 from accord.prompts import THINK_CLOSE, THINK_OPEN, normalize_thoughts, render_prompt, split_think, style_name
 from accord.rows import CorpusRow, StoredTrace, TraceRow
@@ -261,7 +261,11 @@ def import_column(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem
     the source's own verdicts are kept beside accord's, its grades become judge verdicts."""
     done = store.done_keys(tcfg.name)
     params = json.dumps({"source": "column", "column": tcfg.column, "answer_column": tcfg.answer_column,
-                         "format": tcfg.format})
+                         "format": tcfg.format, **({"where": tcfg.where} if tcfg.where else {})})  # only when set:
+    # rows imported before ``where`` existed keep their settings' JSON
+    if tcfg.where and not any(selected_rows(tcfg, p) for p in problems):
+        raise UsageError(f"teacher {tcfg.name!r}: where {tcfg.where} matches no row of {cfg.problems.path} "
+                         f"({_values_seen(tcfg.where, problems)})")
     rows = []
     for p in problems:
         for i, (text, verdict, grade, finish) in enumerate(column_samples(tcfg, p)):
@@ -282,10 +286,40 @@ def import_column(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem
 
 
 def column_samples(tcfg: TeacherConfig, p: Problem) -> list[tuple[str | None, str | None, str | None, str | None]]:
-    """(trace, source verdict, imported grade, finish reason) for each sample a problem's column holds."""
+    """(trace, source verdict, imported grade, finish reason) for each sample a problem's column holds: over the
+    problem's rows that ``where`` selects (every row of a long-format corpus, ``problems.on_duplicate: samples``),
+    in file order."""
+    return [s for row in selected_rows(tcfg, p) for s in _row_samples(tcfg, row)]
+
+
+def _values_seen(where: dict, problems: list[Problem], most: int = 8) -> str:
+    """What the rows hold in ``where``'s fields, for the error that says it matched none."""
     from accord.problems import field
 
-    raw = field(p.meta, tcfg.column)
+    said = []
+    for k in where:
+        seen = list(dict.fromkeys(repr(field(r, k)) for p in problems for r in p.rows or [p.meta]))
+        said.append(f"{k}: " + ", ".join(seen[:most]) + (f" and {len(seen) - most} more" if len(seen) > most else ""))
+    return "values there: " + "; ".join(said)
+
+
+def selected_rows(tcfg: TeacherConfig, p: Problem) -> list[dict]:
+    """The problem's source rows whose fields equal ``tcfg.where``'s values (a list: any of them; compared as
+    written, or as text, so ``{level: 3}`` matches ``"3"``)."""
+    from accord.problems import field
+
+    def same(value, want) -> bool:
+        return value == want or (value is not None and str(value) == str(want))
+
+    return [row for row in p.rows or [p.meta]
+            if all(any(same(field(row, k), w) for w in (v if isinstance(v, list) else [v]))
+                   for k, v in tcfg.where.items())]
+
+
+def _row_samples(tcfg: TeacherConfig, row: dict) -> list[tuple[str | None, str | None, str | None, str | None]]:
+    from accord.problems import field
+
+    raw = field(row, tcfg.column)
     if raw is None or (isinstance(raw, (str, list)) and not raw):
         return []
     if tcfg.format == "list":
@@ -294,26 +328,39 @@ def column_samples(tcfg: TeacherConfig, p: Problem) -> list[tuple[str | None, st
         traces = [_assistant_turn(raw, tcfg.format)]
     else:
         traces = [str(raw)]
-    attempt = field(p.meta, tcfg.answer_column) if tcfg.answer_column else None
+    attempt = field(row, tcfg.answer_column) if tcfg.answer_column else None
     out = []
     for i, text in enumerate(traces):
         if text is not None:
             text = normalize_thoughts(text)
             if attempt and THINK_CLOSE not in text:
                 text = f"{THINK_OPEN}\n{text.strip()}\n{THINK_CLOSE}\n\n{str(attempt).strip()}"
-        out.append((text, _verdict(_nth(field(p.meta, tcfg.verdict_column), i)) if tcfg.verdict_column else None,
-                    _grade(_nth(field(p.meta, tcfg.grade_column), i)) if tcfg.grade_column else None,
-                    _nth(field(p.meta, tcfg.finish_column), i) if tcfg.finish_column else None))
+        out.append((text, _verdict(_nth(field(row, tcfg.verdict_column), i)) if tcfg.verdict_column else None,
+                    _grade(_nth(field(row, tcfg.grade_column), i)) if tcfg.grade_column else None,
+                    _nth(field(row, tcfg.finish_column), i) if tcfg.finish_column else None))
     return out
+
+
+# where a chat turn keeps its reasoning apart from its answer: DeepSeek's API, vLLM and Qwen3's template
+# (reasoning_content), transformers' and TRL's thinking datasets (thinking), OpenAI-style servers (reasoning)
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 def _assistant_turn(turns, fmt: str) -> str | None:
     """The last assistant turn of a conversation: sharegpt ``{from: gpt|assistant, value}``, messages
-    ``{role: assistant, content}``."""
+    ``{role: assistant, content}``; a reasoning field beside the content (:data:`REASONING_KEYS`) becomes its
+    ``<think>`` block, unless the content already has one."""
     key, who, roles = (("value", "from", ("gpt", "assistant")) if fmt == "sharegpt"
                        else ("content", "role", ("assistant",)))
-    said = [t.get(key) for t in turns or [] if isinstance(t, dict) and t.get(who) in roles]
-    return said[-1] if said else None
+    said = [t for t in turns or [] if isinstance(t, dict) and t.get(who) in roles]
+    if not said:
+        return None
+    turn = said[-1]
+    text = turn.get(key)
+    thought = next((turn[k] for k in REASONING_KEYS if isinstance(turn.get(k), str) and turn[k].strip()), None)
+    if thought is None or (isinstance(text, str) and THINK_CLOSE in text):
+        return text
+    return f"{THINK_OPEN}\n{thought.strip()}\n{THINK_CLOSE}\n\n{str(text or '').strip()}"
 
 
 def _nth(value, i: int):

@@ -84,8 +84,10 @@ class ProblemsConfig(_Strict):
     limit: int | None = Field(None, ge=1, description="keep only the first N problems (after splitting)")
     skip_answers: list[str] = Field(["proof", "notfound"], description="rows whose answer is one of these "
                                     "sentinels are skipped and counted (NuminaMath-1.5)")
-    on_duplicate: Literal["first", "error"] = Field(
-        "first", description="rows sharing a problem id: keep the first (and warn, naming them) or stop")
+    on_duplicate: Literal["first", "error", "samples"] = Field(
+        "first", description="rows sharing a problem id: keep the first (and warn, naming them), stop, or "
+        "samples: each row is one sample of the problem (a long-format corpus, one row per generation: "
+        "OpenMathReasoning) — the first row gives the question and answer, column teachers read every row")
 
     @model_validator(mode="after")
     def _fractions(self) -> ProblemsConfig:
@@ -172,9 +174,18 @@ class TeacherConfig(GeneratorConfig):
     grade_column: str | None = Field(None, description="column: a grade such as s1K-1.1's gemini_grade "
                                      "(Yes/No), imported as a judge verdict (filters like collect.judge)")
     finish_column: str | None = Field(None, description="column: finish reasons (\"length\": truncated → incorrect)")
+    where: dict[str, Any] = Field(default_factory=dict, description="column: only the rows whose fields (dotted "
+                                  "paths) equal these values, a list meaning any of them — one teacher per model "
+                                  "of a long-format corpus: {generation_model: QwQ-32B}")
     temperature: float | None = Field(None, ge=0, description="this teacher's sampling temperature in CoRD "
                                       "(default cord.temperature; CoRD's homogeneous setup: one model at "
                                       "0.5 / 0.6 / 0.7)")
+
+    @model_validator(mode="after")
+    def _where_on_columns(self) -> TeacherConfig:
+        if self.where and self.backend != "column":
+            raise ValueError("where selects rows of an imported corpus: it needs backend 'column'")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -96,7 +96,8 @@ def _collect(cfg: AccordConfig) -> list[str]:
     try:
         for t in cfg.teachers:
             if t.backend == "column":
-                out.append(f"{t.name}: imported from column {t.column!r} of {cfg.problems.path} (no generation)")
+                rows = f", rows where {t.where}" if t.where else ""
+                out.append(f"{t.name}: imported from column {t.column!r} of {cfg.problems.path}{rows} (no generation)")
                 continue
             total = len(c.styles) * len(usable) * c.samples
             todo = len(missing_generations(cfg, usable, store.done_keys(t.name) if store else set()))

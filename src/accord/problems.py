@@ -11,6 +11,11 @@ or ``lab:<task>[:<split>]`` (the offline lab, :mod:`accord.lab`).
   ``problems.split``: a train source still holds out its validation share.
 - Answers are normalised per ``answer_format``: ``auto`` reads GSM8K's
   ``#### 42`` and ``\\boxed{42}``; ``raw`` keeps the text.
+- Rows sharing an id: the first is kept (with a warning naming them), or an
+  error (``on_duplicate: error``), or they are samples of one problem
+  (``on_duplicate: samples``, a long-format corpus): the first row gives the
+  question and answer, and every row is kept in ``Problem.rows`` for the
+  column teachers to read (an answer that differs from the first row's is warned).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class Problem:
     question: str
     answer: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # every source row of the problem, in file order, each as its meta (``problems.on_duplicate: samples``: a
+    # long-format corpus, one row per generation); empty when the problem is one row, ``meta``
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def problem_id(question: str) -> str:
@@ -184,6 +192,7 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
     """Read, normalise, de-duplicate by id, split and limit the configured problems."""
     seen: dict[str, tuple[Problem, str]] = {}
     dupes: list[tuple[str, str, str]] = []  # (id, where, first seen where)
+    other: list[tuple[str, str, str, str]] = []  # samples of a problem whose answer differs: (id, where, it, first's)
     sentinels = {s.lower() for s in cfg.skip_answers}
     skipped: dict[str, int] = {}
     for where, row in read_rows(cfg.path):
@@ -192,10 +201,23 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
             skipped[ans.strip().lower()] = skipped.get(ans.strip().lower(), 0) + 1
             continue
         p = _to_problem(where, row, cfg)
-        if p.id in seen:
-            dupes.append((p.id, where, seen[p.id][1]))
-        else:
+        if p.id not in seen:
             seen[p.id] = (p, where)
+        elif cfg.on_duplicate == "samples":
+            first = seen[p.id][0]
+            first.rows = first.rows or [first.meta]
+            first.rows.append(p.meta)
+            if p.answer != first.answer:
+                other.append((p.id, where, p.answer, first.answer))
+        else:
+            dupes.append((p.id, where, seen[p.id][1]))
+    if other:
+        from accord.ui import make_console
+
+        i, w, a, f = other[0]
+        make_console().print(f"[yellow]warning[/]: {cfg.path}: {len(other)} row(s) give their problem another "
+                             f"answer than its first row (id {i!r} at {w}: {a!r}, first {f!r}); the first row's "
+                             "is kept", highlight=False, soft_wrap=True)
     if dupes:
         first = "; ".join(f"id {i!r} at {w} (first at {f})" for i, w, f in dupes[:3])
         msg = f"{cfg.path}: {len(dupes)} row(s) repeat a problem id: {first}"
@@ -204,7 +226,9 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
         from accord.ui import make_console
 
         make_console().print(f"[yellow]warning[/]: {msg}; the first of each is kept "
-                                   "(problems.on_duplicate: error stops instead)", highlight=False, soft_wrap=True)
+                                   "(problems.on_duplicate: error stops instead; samples reads each row as one "
+                                   "sample of its problem, for a corpus with one row per generation)",
+                                   highlight=False, soft_wrap=True)
     if skipped:
         from accord.ui import make_console
 
