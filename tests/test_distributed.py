@@ -36,14 +36,19 @@ def setup(tmp_path, micro, name):
     return p, run
 
 
-def launch(cfg: Path, nproc: int, tmp_path: Path) -> None:
-    worker = Path(__file__).with_name("dist_worker.py")
+def launch(cfg: Path, nproc: int, tmp_path: Path, *overrides: str, worker: str = "dist_worker.py",
+           env: dict | None = None, torchrun: bool = False) -> str:
+    """Train ``cfg`` on ``nproc`` processes (torchrun over gloo; one process: plain python unless ``torchrun``)
+    through ``worker``, with ``env`` added; its stderr."""
+    worker = Path(__file__).with_name(worker)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(worker), str(cfg)] if nproc > 1 else [sys.executable, str(worker), str(cfg)]
+           str(worker), str(cfg), *overrides] if nproc > 1 or torchrun else [sys.executable, str(worker), str(cfg),
+                                                                             *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
-           "TMPDIR": str(tmp_path)}  # torchrun's torchelastic_* directories: pytest's to clean, not /tmp's
+           "TMPDIR": str(tmp_path), **(env or {})}  # torchrun's torchelastic_* directories: pytest's to clean
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
 
 
 def weights(path: Path) -> dict:

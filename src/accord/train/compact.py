@@ -83,6 +83,7 @@ from accord.train.engine import (
     train,
     use_chunked,
 )
+from accord.train.sharded import fsdp_launch, whole
 from accord.ui import progress
 
 _CONTENT = re.compile(r"[0-9A-Za-z+\-]")
@@ -205,12 +206,13 @@ def _qk(layer, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     was = attn.training
     attn.eval()  # no dropout noise (LoRA) in the scores
     try:
-        v = layer.input_layernorm(v)
-        d = getattr(attn, "head_dim", None) or attn.q_proj.out_features // attn.config.num_attention_heads
-        q = attn.q_proj(v).view(v.shape[0], -1, d)
-        k = attn.k_proj(v).view(v.shape[0], -1, d)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        with whole(layer):  # FSDP: the layer's weights gathered for this, outside its forward (train/sharded.py)
+            v = layer.input_layernorm(v)
+            d = getattr(attn, "head_dim", None) or attn.q_proj.out_features // attn.config.num_attention_heads
+            q = attn.q_proj(v).view(v.shape[0], -1, d)
+            k = attn.k_proj(v).view(v.shape[0], -1, d)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
     finally:
         attn.train(was)
     return q, k
@@ -513,7 +515,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     sizes = dict(Counter(Counter(e["group"] for e in examples).values()))
     console.print("compact: problems by number of traces K′: "
                   + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
-    chunked = use_chunked(cfg.train.chunked_loss, None, model)
+    chunked = use_chunked(cfg.train.chunked_loss, None, model) and not fsdp_launch()  # FSDP: the engine's first line
     console.print("compact: the head " + ("in chunks from the hidden states (no full-vocabulary logits)"
                                           if chunked else "over full-vocabulary logits"))
     T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "compact", "compact")

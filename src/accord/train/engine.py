@@ -46,6 +46,7 @@ from accord.errors import RunFailure, UsageError
 from accord.prompts import training_target
 from accord.train.lean import fused_on, lean_layers, n_lean, use_lean
 from accord.train.master import MasterWeights
+from accord.train.sharded import sharded, will_shard
 from accord.train.varlen import NAME as VARLEN
 from accord.train.varlen import active as varlen_active
 from accord.train.varlen import compute_dtype, segmented, split_by_length
@@ -665,12 +666,18 @@ def final_states(model, b: dict) -> torch.Tensor:
     return model(**model_inputs(b), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
 
 
-def use_chunked(setting: bool | None, device, model) -> bool:
-    """Whether ``model`` reads its head in chunks: ``train.chunked_loss`` (None: on CUDA — ``device``'s type, or
-    whether CUDA is there when ``device`` is None) and a head that is h W^T (:func:`chunkable_head`)."""
+def chunks_asked(setting: bool | None, device) -> bool:
+    """``train.chunked_loss`` resolved: None means on CUDA (``device``'s type, or whether CUDA is there when
+    ``device`` is None)."""
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    on = cuda if setting is None else setting
-    return bool(on) and chunkable_head(model)
+    return bool(cuda if setting is None else setting)
+
+
+def use_chunked(setting: bool | None, device, model) -> bool:
+    """Whether ``model`` reads its head in chunks: :func:`chunks_asked`, a head that is h W^T
+    (:func:`chunkable_head`), and weights that are whole outside the forward (not FSDP's shards: the chunked
+    head multiplies by the head's weight there, :mod:`accord.train.sharded`)."""
+    return chunks_asked(setting, device) and chunkable_head(model) and not sharded(model)
 
 
 def chunkable_head(model) -> bool:
@@ -861,9 +868,14 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
     for n, m in list(models.items()):
         if _is_lm(m) and _trainable(m):
             models[n], float_base[n] = _prepare_model(m, args, acc)
+    shards = will_shard(acc, shard)  # FSDP: every weight split across the processes (train/sharded.py)
+    if shards:
+        from accord.train.sharded import check
+
+        check(acc, several=not single, lora=bool(args.lora_r))
     opt = make_optimizer(models, args, fused=acc.device.type == "cuda")
     out = Path(out_dir) if out_dir else None
-    start, history = _resume(out, models, opt) if out else (0, [])
+    start, history, opt_state = _resume(out, models, opt, shards) if out else (0, [], None)
     if start and (not shard or acc.is_main_process):  # a resumed run says so
         import sys
 
@@ -874,6 +886,10 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
     masters = master_weights(models, opt, args, acc)  # after the resume: the masters are what it loaded
     with contextlib.closing(masters):  # the float32 model as it came back in it, whatever happens
         models, opt = _place(acc, models, opt, shard, prepare_opt=not masters)
+        if opt_state is not None:  # a checkpoint's optimizer state keyed by name: set once the model is sharded
+            from accord.train.sharded import set_optimizer_state
+
+            set_optimizer_state(models[""], opt, opt_state)
         local = not shard or acc.is_main_process  # does this process write files?
         for m in models.values():
             m.train()
@@ -899,7 +915,9 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
             lora = (f"LoRA r={args.lora_r}{' on a 4-bit NF4 base (QLoRA)' if any(float_base.values()) else ''}; "
                     if args.lora_r else "")
             say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
-                     f"{' (data-parallel)' if world > 1 else ''}; autocast {acc.mixed_precision}; "
+                     f"{' (data-parallel)' if world > 1 and not shards else ''}"
+                     f"{' (weights sharded: FSDP)' if shards else ''}; "
+                     f"autocast {acc.mixed_precision}; "
                      f"{'padding-free packing' if packed else 'no packing'}; {lora}"
                      + (f"torch.compile: {n} MLP/norm module(s)"
                         f"{' and the chunked head' if chunked and _CHUNK['ce'] is not chunk_ce else ''}; "
@@ -911,7 +929,9 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                      + "loss: "
                      + ("the recipe's (its own head: see its first line)" if loss_fn and not chunked else
                         "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"
-                                                 if chunked else " over full-vocabulary logits")))
+                                                 if chunked else " over full-vocabulary logits")
+                        + (" (the chunked head reads the head's weight outside the forward, which is sharded)"
+                           if shards and chunks_asked(args.chunked_loss, acc.device) else "")))
         micro = max(1, args.batch_size // args.grad_accum)
         clock, last_ckpt = time.perf_counter(), latest_checkpoint(out)
         flops = model_flops(call, args, acc.device) if single else None  # per input token, over the peak
@@ -964,10 +984,17 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                 break
     for t in trackers:
         t.finish()
-    models = {n: _plain_forward(acc.unwrap_model(m)) if shard else m for n, m in models.items()}
+    if shards:  # a plain model of the trained weights on process 0, None elsewhere (only process 0 saves)
+        from accord.train.sharded import gathered
+
+        models = {n: gathered(m, acc.is_main_process) for n, m in models.items()}
+    elif shard:
+        models = {n: _plain_forward(acc.unwrap_model(m)) for n, m in models.items()}
     if shard:
         _give_back(acc)
     for n, m in models.items():
+        if m is None:
+            continue
         m.eval()
         if float_base.get(n):
             from accord.train.qlora import merge_into_base
@@ -1181,12 +1208,19 @@ def save_checkpoint(acc, models: dict, toks: dict, opt, out: Path, step: int, hi
     """An HF checkpoint (safetensors weights or LoRA adapter + tokenizer) plus optimizer/RNG state; several
     models each get their own ``<name>/`` directory (a head without ``save_pretrained``: its safetensors)."""
     ckpt = out / f"checkpoint-{step}"
+    whole = None  # FSDP: every process gathers (train/sharded.py); process 0 writes what it gathered
+    if any(sharded(m) for m in models.values()):
+        from accord.train.sharded import full_state, optimizer_state
+
+        whole = {n: full_state(m, tied=False) for n, m in models.items()}
+        opt_state = {"optimizer_by_name": optimizer_state(models[""], opt)}
     if write:
         tmp = out / f".checkpoint-{step}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         for name, m in models.items():
-            _save_module(acc.unwrap_model(m), toks.get(name), tmp / name)
-        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+            _save_module(acc.unwrap_model(m), toks.get(name), tmp / name, whole[name] if whole else None)
+        torch.save({**(opt_state if whole else {"optimizer": opt.state_dict()}), "torch_rng": torch.get_rng_state()},
+                   tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
@@ -1196,11 +1230,12 @@ def save_checkpoint(acc, models: dict, toks: dict, opt, out: Path, step: int, hi
     return ckpt
 
 
-def _save_module(m, tok, path: Path) -> None:
+def _save_module(m, tok, path: Path, state: dict | None = None) -> None:
+    """``m``'s weights (``state``: its gathered state dict, under FSDP) and tokenizer in ``path``."""
     path.mkdir(parents=True, exist_ok=True)
     if hasattr(m, "save_pretrained"):
         with no_hf_bars():
-            m.save_pretrained(path, safe_serialization=True)
+            m.save_pretrained(path, safe_serialization=True, state_dict=state)
     else:
         from safetensors.torch import save_model
 
@@ -1218,20 +1253,31 @@ def _prune(out: Path, keep: int | None) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _resume(out: Path, models: dict, opt) -> tuple[int, list[float]]:
+def _resume(out: Path, models: dict, opt, shards: bool = False) -> tuple[int, list[float], dict | None]:
+    """(step, loss history, optimizer state still to set) from the newest checkpoint, the weights loaded.  The
+    optimizer's state is keyed by parameter index, loaded here, or (written under FSDP) keyed by name, which is
+    set once the model is placed; a run that will shard its model gets the name-keyed form either way
+    (:mod:`accord.train.sharded`)."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-        return 0, []
+        return 0, [], None
     state = json.loads((ckpt / "trainer_state.json").read_text())
     for name, m in models.items():
         _load_module(m, ckpt / name)
     extra = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-    opt.load_state_dict(extra["optimizer"])
+    later = extra.get("optimizer_by_name")
+    if later is None:
+        opt.load_state_dict(extra["optimizer"])
+        if shards:  # into the name-keyed form while the parameters are still the model's own
+            from accord.train.sharded import optimizer_state
+
+            later = optimizer_state(models[""], opt)
+            opt.state.clear()  # FSDP swaps the parameters: state keyed by the old ones would only hold memory
     torch.set_rng_state(extra["torch_rng"])
     _truncate_metrics(out / "metrics.jsonl", state["step"])
-    return state["step"], list(state["history"])
+    return state["step"], list(state["history"]), later
 
 
 def _load_module(m, path: Path) -> None:

@@ -1,0 +1,128 @@
+"""Training under FSDP (weights sharded across processes, :mod:`accord.train.sharded`) on two CPU processes: the
+same weights as one process, checkpoints that hold the whole model, resume across FSDP and plain runs, COMPACT's
+consensus score on gathered weights, and the settings FSDP does not serve refused."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from conftest import write_jsonl
+from test_distributed import launch, weights
+
+from accord.errors import UsageError
+from accord.train.sharded import check, sharded, whole, will_shard
+
+
+def _setup(tmp_path, micro, name: str, **train):
+    run = tmp_path / name
+    (run / "corpora").mkdir(parents=True)
+    traces = ["<think>\n(1) 3>4\n</think>\n\n\\boxed{4}", "<think>\n(1) 5>1 (2) 1>4\n</think>\n\n\\boxed{4}"]
+    rows = {t: [{"problem_id": f"p{i}", "answer": "4",
+                 "messages": [{"role": "user", "content": f"Start at {i}."},
+                              {"role": "assistant", "content": traces[(i + k) % 2]}]} for i in range(6)]
+            for k, t in enumerate(("a", "b"))}
+    for t, r in rows.items():
+        write_jsonl(run / "corpora" / f"{t}.jsonl", r)
+    write_jsonl(run / "corpora" / "all.jsonl", rows["a"] + rows["b"])
+    cfg = {"run_dir": str(run), "problems": {"path": "unused.jsonl"}, "student": {"model": str(micro)},
+           "teachers": [{"name": "a", "backend": "column", "column": "a"},
+                        {"name": "b", "backend": "column", "column": "b"}],
+           "train": {"method": ["mtd"], "rounds": 3, "steps_per_round": 2, "batch_size": 4, "lr": 1e-2,
+                     "max_len": 64, **train}}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p, run
+
+
+def _far(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.timeout(900)
+def test_fsdp_matches_one_process_and_resumes_across_fsdp_and_plain_runs(tmp_path, micro):
+    one_cfg, one = _setup(tmp_path, micro, "one")
+    launch(one_cfg, 1, tmp_path)
+    fs_cfg, fs = _setup(tmp_path, micro, "fsdp")
+    err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
+    assert "2 process(es) (weights sharded: FSDP)" in err, err[-2000:]
+    for rel in ("checkpoint-2", "checkpoint-4", "final"):  # every checkpoint holds the whole model
+        assert _far(weights(one / "train/mtd" / rel), weights(fs / "train/mtd" / rel)) < 1e-5, rel
+    assert "optimizer_by_name" in torch.load(fs / "train/mtd/checkpoint-2/optimizer.pt", weights_only=True)
+    # killed after step 2, resumed: under FSDP; FSDP's checkpoint by one process; one process's under FSDP.
+    # The optimizer's state must come back: without it the weights end ~3e-2 away, not 1e-5
+    for src, nproc, worker in ((fs, 2, "fsdp_worker.py"), (fs, 1, "dist_worker.py"), (one, 2, "fsdp_worker.py")):
+        run = tmp_path / f"resume-{src.name}-{nproc}"
+        shutil.copytree(src, run)
+        for gone in ("final", "checkpoint-4"):
+            shutil.rmtree(run / "train/mtd" / gone)
+        (run / "train/mtd/result.json").unlink()
+        err = launch(fs_cfg, nproc, tmp_path, f"run_dir={run}", worker=worker)
+        assert "resuming mtd from checkpoint-2" in err, err[-2000:]
+        assert _far(weights(one / "train/mtd/final"), weights(run / "train/mtd/final")) < 1e-5, run.name
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_compact_gathers_the_last_layer_and_drops_the_chunked_head(tmp_path, micro):
+    """COMPACT's consensus score recomputes the last layer's q/k outside the forward (gathered under FSDP); the
+    chunked head is off there, so one process's chunked run and FSDP's full-logit run agree to float rounding."""
+    settings = {"method": ["compact"], "rounds": 1, "chunked_loss": True, "lean_layers": True,
+                "gradient_checkpointing": True}
+    one_cfg, one = _setup(tmp_path, micro, "one", **settings)
+    launch(one_cfg, 1, tmp_path)
+    fs_cfg, fs = _setup(tmp_path, micro, "fsdp", **settings)
+    err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
+    assert "compact: the head over full-vocabulary logits" in err
+    assert "lean RMSNorm/SwiGLU" in err
+    assert _far(weights(one / "train/compact/final"), weights(fs / "train/compact/final")) < 1e-4
+    assert json.loads((fs / "train/compact/result.json").read_text())["method"] == "compact"
+
+
+def test_what_fsdp_does_not_serve_is_refused_and_plain_modules_pass():
+    fsdp = SimpleNamespace(distributed_type="DistributedType.FSDP")
+    with pytest.raises(UsageError, match="QR-Distill's students"):
+        check(fsdp, several=True, lora=False)
+    with pytest.raises(UsageError, match="LoRA trains a few weights"):
+        check(fsdp, several=False, lora=True)
+    check(fsdp, several=False, lora=False)
+    zero3 = SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})))
+    assert will_shard(zero3, True) and will_shard(fsdp, True) and not will_shard(fsdp, False)
+    with pytest.raises(UsageError, match="use FSDP"):
+        check(zero3, several=False, lora=False)
+    zero2 = SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}})))
+    assert not will_shard(zero2, True) and not will_shard(SimpleNamespace(distributed_type="MULTI_GPU"), True)
+    m = torch.nn.Linear(2, 2)
+    assert not sharded(m)
+    with whole(m):  # a no-op for weights that are whole
+        assert m.weight.shape == (2, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("version", [1, 2])
+def test_fsdp_through_accelerates_own_settings_on_cuda(tmp_path, micro, version):
+    """On a GPU accelerate turns FSDP on itself, from the variables `accelerate launch` sets for an FSDP config
+    (FSDP 1 is its default): one process under torchrun, the engine's defaults there (bf16 off for a tight
+    comparison; the chunked head falls back), against a plain run; then a resume from its checkpoint."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(version), "FSDP_AUTO_WRAP_POLICY":
+            "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
+            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_USE_ORIG_PARAMS": "true"}
+    one_cfg, one = _setup(tmp_path, micro, "one", bf16=False)
+    launch(one_cfg, 1, tmp_path)
+    fs_cfg, fs = _setup(tmp_path, micro, "fsdp", bf16=False)
+    err = launch(fs_cfg, 1, tmp_path, env=fsdp, torchrun=True)
+    assert "(weights sharded: FSDP)" in err, err[-2000:]
+    assert _far(weights(one / "train/mtd/final"), weights(fs / "train/mtd/final")) < 1e-3
+    for gone in ("final", "checkpoint-4"):
+        shutil.rmtree(fs / "train/mtd" / gone)
+    (fs / "train/mtd/result.json").unlink()
+    err = launch(fs_cfg, 1, tmp_path, env=fsdp, torchrun=True)
+    assert "resuming mtd from checkpoint-2" in err
+    assert _far(weights(one / "train/mtd/final"), weights(fs / "train/mtd/final")) < 1e-3
