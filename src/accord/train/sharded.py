@@ -24,8 +24,9 @@ waited at the barrier):
   line says so).
 
 Refused, with the reason: several models in one run (QR-Distill's students; their optimizer spans models), LoRA
-(its adapters are a few weights: data-parallel training is what it needs) and DeepSpeed ZeRO stage 3 (the same
-gathering through DeepSpeed's own API, which this project cannot test).  ``train.master_weights`` is refused
+(its adapters are a few weights: data-parallel training is what it needs) and DeepSpeed, every ZeRO stage (it
+partitions the optimizer's state, and at stage 3 the weights, through its own API, which this project cannot test:
+a checkpoint would keep process 0's part only).  ``train.master_weights`` is refused
 where it is decided (:func:`accord.train.engine.master_weights`): FSDP keeps float32 copies itself.
 
 Tested on the CPU (``tests/test_fsdp.py``): torch's ``fully_shard`` runs over gloo there, but accelerate lets
@@ -60,24 +61,20 @@ def fsdp_launch() -> bool:
 
 
 def will_shard(acc, shard: bool) -> bool:
-    """Whether ``accelerate.prepare`` will shard a model's weights in this run (``shard``: the run's models go
-    through ``prepare``; MoT's branches do not)."""
+    """Whether ``accelerate.prepare`` will split a model's weights or its optimizer's state across the processes
+    in this run: FSDP, DeepSpeed (``shard``: the run's models go through ``prepare``; MoT's branches do not)."""
     kind = str(getattr(acc, "distributed_type", ""))
-    return shard and ("FSDP" in kind or ("DEEPSPEED" in kind and _zero_stage(acc) == 3))
-
-
-def _zero_stage(acc) -> int:
-    plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
-    return int(((getattr(plugin, "deepspeed_config", None) or {}).get("zero_optimization") or {}).get("stage", 0))
+    return shard and ("FSDP" in kind or "DEEPSPEED" in kind)
 
 
 def check(acc, *, several: bool, lora: bool) -> None:
     """The settings sharded weights do not serve: a clear error instead of a hang or a wrong checkpoint."""
     kind = str(acc.distributed_type)
     if "DEEPSPEED" in kind:
-        raise UsageError("DeepSpeed ZeRO stage 3 shards the weights, and accord gathers them for checkpoints "
-                         "through torch's API only: use FSDP (accelerate launch with an FSDP config), or ZeRO "
-                         "stage 1 or 2")
+        raise UsageError("DeepSpeed partitions the optimizer's state (ZeRO stages 1–2) and the weights (stage 3) "
+                         "its own way, and accord's checkpoints gather them through torch's functions only: a "
+                         "resumed run would lose them. Use FSDP (accelerate launch --use_fsdp) or data-parallel "
+                         "training")
     if several:
         raise UsageError(f"several models in one run (QR-Distill's students) under {kind}: their optimizer spans "
                          "the models, which accord does not gather; run it data-parallel (DDP)")
