@@ -99,6 +99,27 @@ def test_missing_file_and_limit(tmp_path):
     assert len(load_problems(ProblemsConfig(path=str(f), limit=2))) == 2
 
 
+def test_limit_stops_reading_with_the_last_problems_rows_whole(tmp_path):
+    """A long corpus read up to ``limit`` problems of the split asked for: a malformed line past them is never
+    read, and the last problem keeps all its (contiguous) sample rows; the same from parquet, a batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": f"q{i // 3}", "answer": "1", "sol": f"s{i}"} for i in range(12)]
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    with f.open("a") as fh:
+        fh.write("{not json\n")
+    got = load_problems(ProblemsConfig(path=str(f), limit=2, on_duplicate="samples"))
+    assert [p.question for p in got] == ["q0", "q1"] and [r["sol"] for r in got[1].rows] == ["s3", "s4", "s5"]
+    with pytest.raises(ProblemSourceError, match="malformed JSON"):
+        load_problems(ProblemsConfig(path=str(f), on_duplicate="samples"))
+    train = load_problems(ProblemsConfig(path=str(f), limit=1, split="train", validation_fraction=0.5))
+    assert len(train) == 1 and train[0].meta["split"] == "train"
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet", row_group_size=4)
+    got = load_problems(ProblemsConfig(path=str(tmp_path / "p.parquet"), limit=3, on_duplicate="samples"))
+    assert [len(p.rows) for p in got] == [3, 3, 3]
+
+
 def test_non_utf8_bytes_name_file_line_and_offset(tmp_path):
     from accord.config import ProblemsConfig
     from accord.problems import ProblemSourceError, load_problems

@@ -81,7 +81,8 @@ class ProblemsConfig(_Strict):
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of problems in the validation split")
     test_fraction: float = Field(0.0, ge=0, lt=1, description="share of problems in the test split")
     split_seed: int = Field(0, description="seed of the id-hash split assignment")
-    limit: int | None = Field(None, ge=1, description="keep only the first N problems (after splitting)")
+    limit: int | None = Field(None, ge=1, description="keep only the first N problems (after splitting); reading "
+                              "stops at the next one, so a large corpus is not read whole")
     skip_answers: list[str] = Field(["proof", "notfound"], description="rows whose answer is one of these "
                                     "sentinels are skipped and counted (NuminaMath-1.5)")
     on_duplicate: Literal["first", "error", "samples"] = Field(

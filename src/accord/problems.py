@@ -115,14 +115,18 @@ def _json_problem(line: str, e: json.JSONDecodeError) -> str:
 
 
 def _read_parquet(path: Path) -> Iterable[tuple[str, dict]]:
+    """The rows a batch at a time: a reader that stops early (``problems.limit``) never holds the whole file."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
-    except Exception as e:  # noqa: BLE001 — pyarrow's many error types, said with the file's name
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{path} row {i}", row
+                i += 1
+    except (OSError, ValueError, TypeError) as e:  # pyarrow's errors derive from these; said with the file's name
         raise ProblemSourceError(f"{path}: cannot read parquet: {e}") from None
-    for i, row in enumerate(table.to_pylist()):
-        yield f"{path} row {i}", row
 
 
 def _read_hf_dir(path: Path) -> Iterable[tuple[str, dict]]:
@@ -188,13 +192,19 @@ def _to_problem(where: str, row: dict, cfg: ProblemsConfig) -> Problem:
     return Problem(pid, question, normalize_answer(values[cfg.answer_field], cfg.answer_format), meta)
 
 
+def _split(pid: str, cfg: ProblemsConfig) -> str:
+    return split_of(pid, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction)
+
+
 def load_problems(cfg: ProblemsConfig) -> list[Problem]:
-    """Read, normalise, de-duplicate by id, split and limit the configured problems."""
+    """Read, normalise, de-duplicate by id, split and limit the configured problems; with a ``limit``, reading
+    stops at the first problem past it (a multi-gigabyte corpus is read only as far as needed)."""
     seen: dict[str, tuple[Problem, str]] = {}
     dupes: list[tuple[str, str, str]] = []  # (id, where, first seen where)
     other: list[tuple[str, str, str, str]] = []  # samples of a problem whose answer differs: (id, where, it, first's)
     sentinels = {s.lower() for s in cfg.skip_answers}
     skipped: dict[str, int] = {}
+    wanted = 0  # problems so far in the split asked for: reading stops at the first one past problems.limit
     for where, row in read_rows(cfg.path):
         ans = field(row, cfg.answer_field)
         if isinstance(ans, str) and ans.strip().lower() in sentinels:  # no checkable answer (a proof, …)
@@ -202,6 +212,10 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
             continue
         p = _to_problem(where, row, cfg)
         if p.id not in seen:
+            if cfg.split == "all" or _split(p.id, cfg) == cfg.split:
+                wanted += 1
+                if cfg.limit is not None and wanted > cfg.limit:
+                    break  # the first `limit` problems are whole (a long corpus's rows of one problem come together)
             seen[p.id] = (p, where)
         elif cfg.on_duplicate == "samples":
             first = seen[p.id][0]
@@ -239,7 +253,7 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
     for p in problems:  # the id hash decides; a source's own split (lab:arith:train) is kept beside it
         if "split" in p.meta:
             p.meta["source_split"] = p.meta["split"]
-        p.meta["split"] = split_of(p.id, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction)
+        p.meta["split"] = _split(p.id, cfg)
     if cfg.split != "all":
         problems = [p for p in problems if p.meta["split"] == cfg.split]
     if cfg.limit is not None:
