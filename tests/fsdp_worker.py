@@ -11,6 +11,7 @@ os.environ.setdefault("ACCELERATE_USE_CPU", "1")
 os.environ["ACCELERATE_USE_FSDP"] = "true"  # what `accelerate launch` sets with an FSDP config
 
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from rich.console import Console
 
@@ -21,6 +22,7 @@ from accord.train.common import end_distributed
 if __name__ == "__main__":
     acc = Accelerator(cpu=True)
     acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate keeps both in step
     acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
         state_dict_type="FULL_STATE_DICT", reshard_after_forward=True)

@@ -66,6 +66,25 @@ def test_fsdp_matches_one_process_and_resumes_across_fsdp_and_plain_runs(tmp_pat
 
 
 @pytest.mark.timeout(600)
+def test_fsdp_mot_trains_each_branch_sharded_over_every_process(tmp_path, micro):
+    """Under FSDP MoT's branches run one after another, each over both processes (in parallel, one per process,
+    a student that needs FSDP would not fit); process 0 merges; every round equals one process's."""
+    one_cfg, one = _setup(tmp_path, micro, "one", method=["mot"], rounds=2)
+    launch(one_cfg, 1, tmp_path)
+    fs_cfg, fs = _setup(tmp_path, micro, "fsdp", method=["mot"], rounds=2)
+    err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
+    assert "(weights sharded: FSDP)" in err and "(data-parallel)" not in err and "1 process(es)" not in err
+    base = weights(micro)
+    for r in (1, 2):  # AdamW turns a rounding-sized gradient difference (two processes add in another order) into
+        # a step for a weight whose gradient is near zero, so the bound is on the whole update (as for DDP's masters)
+        a, b = weights(one / f"train/mot/round-{r}/merged"), weights(fs / f"train/mot/round-{r}/merged")
+        diff = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+        moved = sum(float((a[k] - base[k]).norm() ** 2) for k in a) ** 0.5
+        assert diff < 1e-3 * moved, (r, diff / moved)
+    assert not (fs / "train/mot/round-1/branch-a").exists()
+
+
+@pytest.mark.timeout(600)
 def test_fsdp_compact_gathers_the_last_layer_and_drops_the_chunked_head(tmp_path, micro):
     """COMPACT's consensus score recomputes the last layer's q/k outside the forward (gathered under FSDP); the
     chunked head is off there, so one process's chunked run and FSDP's full-logit run agree to float rounding."""

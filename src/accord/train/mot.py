@@ -29,7 +29,9 @@ Choices where the paper is silent, taken the cheap and correct way:
   teacher (a branch retrained after a kill appends again: readers keep the last
   record per (round, teacher, step));
 - with several processes (``accelerate launch``) branches run in parallel, one
-  per process in turn, and the running sums are all-reduced;
+  per process in turn, and the running sums are all-reduced; under FSDP they run
+  one after another, each sharded over every process, process 0 merging
+  (:mod:`accord.train.sharded`: a student that needs FSDP fits no process whole);
 - LoRA students train a fresh adapter per branch and merge the merged-in deltas.
 """
 
@@ -62,6 +64,7 @@ from accord.train.merge import (
     merge_onto,
     spec_from,
 )
+from accord.train.sharded import plain_model, will_shard
 from accord.ui import progress
 
 
@@ -130,35 +133,52 @@ def train_round(job: MotRun, model, r: int):
     cfg, tok, corpora, spec, out, timing = job.cfg, job.tok, job.corpora, job.spec, job.out, job.timing
     T, S = cfg.train.rounds, cfg.train.steps_per_round
     acc = get_accelerator()
+    together = will_shard(acc, True)  # FSDP: each branch sharded over every process, one after another
     rdir = out / f"round-{r}"
     t_round = time.perf_counter()
     base = {n: t.detach().clone() for n, t in model.state_dict().items()}
     running = RunningMerge(base, spec, job.buffers) if spec.method in LINEAR_METHODS else None
     for k, (teacher, (rows, encoded)) in enumerate(corpora.items()):
-        if k % acc.num_processes != acc.process_index:
+        if not together and k % acc.num_processes != acc.process_index:
             continue  # another process trains this branch
         bdir = rdir / f"branch-{teacher}"
+        branch = model
         if (bdir / "final" / "config.json").exists():
+            if together and not acc.is_main_process:
+                continue  # process 0 merges
             model.load_state_dict(load_state(bdir / "final"), strict=False)  # finished before a kill
         else:
-            model.load_state_dict(base)  # every branch starts from the merged student
+            if together:  # FSDP shards the model it trains in place: a plain one per branch, from the base
+                branch = plain_model(model, {n: t.clone() for n, t in base.items()})
+            else:
+                model.load_state_dict(base)  # every branch starts from the merged student
             sched = (dict(schedule_steps=T * S, schedule_offset=(r - 1) * S)
                      if cfg.train.mot_schedule == "global" else {})
             args = engine_args(cfg, S, seed_offset=1000 * r + k, **sched)
             t0 = time.perf_counter()
-            res = train(model, tok, rows, args, out_dir=bdir, shard=False, examples=encoded,
+            res = train(branch, tok, rows, args, out_dir=bdir, shard=together, examples=encoded,
                         on_step=lambda s, loss, teacher=teacher: job.tick(r, teacher, loss))
             timing.branch_train_s += time.perf_counter() - t0
-            model = res.model
+            if together and not acc.is_main_process:
+                continue  # the trained branch is gathered on process 0 only
+            branch = res.model
             keep_branch_metrics(bdir, out, r, teacher)
-            save_model(model, tok, bdir / "final", local=True)
+            save_model(branch, tok, bdir / "final", local=not together)
+            if not together:
+                model = branch
         t0 = time.perf_counter()
         if running is not None:
-            running.add(model.state_dict(), _weight(spec, list(corpora), teacher))
+            running.add(branch.state_dict(), _weight(spec, list(corpora), teacher))
         timing.merge_s += time.perf_counter() - t0
     t0 = time.perf_counter()
     merged_dir = rdir / "merged"
-    if running is not None:
+    if running is not None and together:  # process 0 holds the sum; everyone loads the merged student from disk
+        if acc.is_main_process:
+            model.load_state_dict(running.result())
+            save_model(model, tok, merged_dir)
+        acc.wait_for_everyone()
+        model.load_state_dict(load_state(merged_dir), strict=False)
+    elif running is not None:
         if acc.num_processes > 1:
             running.all_reduce()
         model.load_state_dict(running.result())

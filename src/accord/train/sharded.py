@@ -19,6 +19,10 @@ waited at the barrier):
 - **COMPACT's consensus score** recomputes the last decoder layer's q and k from its captured input after the
   forward: the layer's weights are gathered for it (:func:`whole`; each decoder layer must be its own FSDP unit,
   accelerate's ``TRANSFORMER_BASED_WRAP``, else a clear error).
+- **MoT's branches** run one after another, each sharded over every process (without FSDP they run in parallel,
+  one per process, each holding the whole model — which a student that needs FSDP cannot); every branch is a plain
+  model built from the round's base (:func:`plain_model`), process 0 merges what it gets back, and every process
+  loads the merged student from disk.
 - **The chunked head** (``train.chunked_loss``) multiplies the final hidden states by the head's weight outside
   the forward, so under FSDP it is off and the loss is the model's own, over full-vocabulary logits (the first
   line says so).
@@ -162,16 +166,21 @@ def gathered(model, is_main: bool):
     state = full_state(model)
     if not is_main:
         return None
-    inner = getattr(model, "module", model)  # FSDP 1's wrapper; FSDP 2 changes the model's class in place
-    cls = _original_class(inner)
+    return plain_model(getattr(model, "module", model), state)  # FSDP 1's wrapper; FSDP 2 changes the class
+
+
+def plain_model(like, state: dict):
+    """A plain model of ``like``'s class (before FSDP) and config holding ``state`` (its tensors, not copies),
+    built on the meta device so that no random initialisation is paid; the buffers a state dict leaves out come
+    from ``like``.  MoT under FSDP builds each branch so, from the round's base (FSDP shards a model in place)."""
     with torch.device("meta"):
-        plain = cls(inner.config)
+        plain = _original_class(like)(like.config)
     plain.load_state_dict(state, assign=True)
-    _buffers_from(plain, inner)
+    _buffers_from(plain, like)
     if hasattr(plain, "tie_weights"):
         plain.tie_weights()
-    if getattr(inner, "generation_config", None) is not None:
-        plain.generation_config = inner.generation_config
+    if getattr(like, "generation_config", None) is not None:
+        plain.generation_config = like.generation_config
     return plain
 
 
