@@ -120,3 +120,40 @@ def test_master_weights_train_data_parallel(tmp_path, micro):
     moved = sum(float((runs[1][k] - base[k]).norm() ** 2) for k in runs[1]) ** 0.5
     print(f"master weights, 1 vs 2 processes: |difference| / |update| = {diff / moved:.3f}")
     assert diff <= 0.1 * moved, diff / moved
+
+
+def _torchrun_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "accord.cli",
+           *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+           "TMPDIR": str(tmp_path)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path, check=False)
+
+
+@pytest.mark.timeout(600)
+def test_accord_run_on_two_processes_trains_on_both_and_does_the_rest_once(tmp_path, micro):
+    """`accelerate launch -m accord.cli run`: process 0 collects (one store, no second import racing it),
+    evaluates and reports while the other waits; training uses both.  A one-process command leaves the others."""
+    import json
+    import sqlite3
+
+    root = Path(__file__).resolve().parents[1]
+    data = str(root / "examples" / "my-traces.jsonl")
+    run = tmp_path / "run"
+    out = _torchrun_cli(tmp_path, "run", str(root / "configs" / "byo-columns.yaml"), f"run_dir={run}",
+                        f"problems.path={data}", "problems.limit=60", f"student.model={micro}", "train.rounds=1",
+                        "train.steps_per_round=2", "train.batch_size=4", "eval.k=1", "eval.limit=3",
+                        "eval.max_new_tokens=8", f"eval.splits.mine.path={data}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    err = out.stderr
+    assert err.count("Collected traces per teacher") == 1 and err.count("report: ") == 1, err[-3000:]
+    assert "2 process(es) (data-parallel)" in err and err.count("train: ") == 1
+    assert sqlite3.connect(run / "traces.sqlite").execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 120
+    assert {json.loads((run / "train" / m / "result.json").read_text())["name"] for m in ("std-a", "std-b", "mtd")} \
+        == {"std-a", "std-b", "mtd"}
+    assert (run / "report" / "index.html").exists()
+    out = _torchrun_cli(tmp_path, "export", str(root / "configs" / "byo-columns.yaml"), f"run_dir={run}",
+                        f"problems.path={data}", f"student.model={micro}", "--out", str(tmp_path / "t.jsonl"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("accord export runs on one process; this launch's 1 other process(es) left at once") == 1
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 120

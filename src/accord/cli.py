@@ -407,8 +407,10 @@ def cmd_train(args, console: Console) -> int:
 
     if args.plan:
         return _show_plan(_load(args), ("train",), args.seeds)
+    from accord.run import rank
+
     res = run(_load(args), console, stages=("train",), seeds=args.seeds)
-    for r in res["results"]:
+    for r in res["results"] if rank() == 0 else []:  # several processes: said once
         console.print(f"{r['name']}: {r['final']}")
     return 0
 
@@ -536,9 +538,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cmd:
         parser.print_help()
         return EXIT_USAGE
+    from accord.run import rank, world
     from accord.ui import make_console
 
-    console = make_console()
+    console = make_console(quiet=rank() > 0)  # several processes: one says what happens (errors still print)
+
+    if world() > 1 and args.cmd not in ("train", "run"):  # `accelerate launch` of a one-process command
+        if rank() > 0:
+            return 0  # process 0 does it; the others of the launch leave at once
+        console.print(f"[yellow]note[/]: accord {args.cmd} runs on one process; this launch's {world() - 1} other "
+                      "process(es) left at once (only train and run use several)")
     try:
         code = COMMANDS[args.cmd](args, console)
         if "torch.distributed" in sys.modules:  # under torchrun / accelerate launch: leave the group cleanly

@@ -4,10 +4,15 @@ Each stage reads the previous stage's files in ``run_dir`` and skips work alread
 on disk, so re-running after a kill (or after adding a method to
 ``train.method``) does only what is missing.  Scheme models named in the config
 (the lab's ``lab:<model>``, ``lab:quick/<model>``) are built first when missing.
+
+Under several processes (``accelerate launch -m accord.cli run``), training uses them all and every other
+stage runs on process 0 alone while the others wait (:func:`_together`): one collection into one store, one
+evaluation, one report.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from accord.analysis.report import _order_key, summary_text, write_report
@@ -37,6 +42,8 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     from accord.collect import collect
     from accord.train.common import replicas
 
+    waits = _together(cfg) if "train" in stages and world() > 1 else None  # `accelerate launch`: see below
+    main = waits is None or rank() == 0
     if "train" in stages:
         from accord.train.engine import check_device, check_precision
 
@@ -46,11 +53,14 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
         from accord.train.common import check_corpora
 
         check_corpora(cfg)  # a missing or broken corpus is said before any model is built or loaded
-    prepare_models(cfg, console)
-    dump_config(cfg)
     out: dict = {}
-    if "collect" in stages:
-        collect(cfg, console)
+    if main:
+        prepare_models(cfg, console)
+        dump_config(cfg)
+        if "collect" in stages:
+            collect(cfg, console)
+    if waits is not None:
+        _wait(waits)  # the others wait here while process 0 builds and collects
     if "train" in stages:
         out["results"] = []
         configs = replicas(cfg, seeds)
@@ -63,6 +73,9 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
             out["results"] += [r for r in finished_results(cfg) if r["name"] not in names]
     else:
         out["results"] = finished_results(cfg)
+    if not main:
+        _wait(waits)  # until process 0 has evaluated and reported
+        return out
     out["results"] += extra_results or []
     if "eval" in stages:
         out["eval"] = evaluate_models(cfg, out.get("results", []), console)
@@ -70,7 +83,40 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
         out["report"] = write_report(cfg, out["results"], out["eval"])
         print(summary_text(Path(cfg.run_dir), out["eval"], out["results"], list(cfg.eval.splits)))
         console.print(f"report: {Path(out['report']).resolve()}")
+    if waits is not None:
+        _wait(waits)
     return out
+
+
+def world() -> int:
+    """Processes of this launch (``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _together(cfg: AccordConfig):
+    """Under several processes only training uses them all: process 0 builds, collects, evaluates and reports
+    while the others wait, in a gloo group of its own whose timeout is a week (collecting or evaluating takes
+    hours; training keeps accelerate's timeouts, so a hung collective there still fails as it should).  The
+    accelerator is made first, with the training's settings, as training would make it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from accord.train.common import engine_args
+    from accord.train.engine import get_accelerator
+
+    get_accelerator(engine_args(cfg, 1))
+    return dist.new_group(backend="gloo", timeout=timedelta(days=7))
+
+
+def _wait(group) -> None:
+    import torch.distributed as dist
+
+    dist.barrier(group=group)
 
 
 def finished_results(cfg: AccordConfig) -> list[dict]:
