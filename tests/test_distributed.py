@@ -2,6 +2,7 @@
 branches."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,16 @@ def test_accord_run_on_two_processes_trains_on_both_and_does_the_rest_once(tmp_p
     assert {json.loads((run / "train" / m / "result.json").read_text())["name"] for m in ("std-a", "std-b", "mtd")} \
         == {"std-a", "std-b", "mtd"}
     assert (run / "report" / "index.html").exists()
+    assert err.count("hf backend: ") == 2  # each process evaluated its share of the checkpoints
+    rows = json.loads((run / "eval" / "results.json").read_text())
+    assert {r["model"] for r in rows} == {"base", "std-a", "std-b", "mtd"}
+    shutil.rmtree(run / "eval")  # `accord eval` alone on two processes: shared the same way, one table
+    out = _torchrun_cli(tmp_path, "eval", str(root / "configs" / "byo-columns.yaml"), f"run_dir={run}",
+                        f"problems.path={data}", "problems.limit=60", f"student.model={micro}", "eval.k=1",
+                        "eval.limit=3", "eval.max_new_tokens=8", f"eval.splits.mine.path={data}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("hf backend: ") == 2 and out.stdout.count("paired against mtd") == 1
+    assert json.loads((run / "eval" / "results.json").read_text()) == rows  # the same numbers, rows and order
     out = _torchrun_cli(tmp_path, "export", str(root / "configs" / "byo-columns.yaml"), f"run_dir={run}",
                         f"problems.path={data}", f"student.model={micro}", "--out", str(tmp_path / "t.jsonl"))
     assert out.returncode == 0, out.stderr[-3000:]

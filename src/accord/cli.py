@@ -429,7 +429,11 @@ def cmd_eval(args, console: Console) -> int:
             console.print(f"[red]error[/]: --models {m}: no such checkpoint directory")
             return EXIT_USAGE
         extra.append({"name": name or Path(path).name, "final": path, "curve": []})
+    from accord.run import rank
+
     res = run(cfg, console, stages=("eval",), extra_results=extra)
+    if rank() > 0:  # several processes: each evaluated its share, process 0 the table
+        return 0
     print(summary_text(Path(cfg.run_dir), res["eval"], res.get("results", []), list(cfg.eval.splits)))
     return 0
 
@@ -543,11 +547,11 @@ def main(argv: list[str] | None = None) -> int:
 
     console = make_console(quiet=rank() > 0)  # several processes: one says what happens (errors still print)
 
-    if world() > 1 and args.cmd not in ("train", "run"):  # `accelerate launch` of a one-process command
+    if world() > 1 and args.cmd not in ("train", "run", "eval"):  # `accelerate launch` of a one-process command
         if rank() > 0:
             return 0  # process 0 does it; the others of the launch leave at once
         console.print(f"[yellow]note[/]: accord {args.cmd} runs on one process; this launch's {world() - 1} other "
-                      "process(es) left at once (only train and run use several)")
+                      "process(es) left at once (only train, eval and run use several)")
     try:
         code = COMMANDS[args.cmd](args, console)
         if "torch.distributed" in sys.modules:  # under torchrun / accelerate launch: leave the group cleanly

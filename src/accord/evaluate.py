@@ -243,14 +243,19 @@ def eval_settings_change(cfg, stored: dict, n_problems: int | None) -> list[str]
     return [f"{k}: {stored[k]!r} → {v!r}" for k, v in now.items() if k in stored and stored[k] != v]
 
 
-def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
-    """Evaluate every point on every split; returns rows {key, model, steps, split, greedy, pass1, ...}."""
+def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, int] | None = None) -> list[EvalRow]:
+    """Evaluate every point on every split; returns rows {key, model, steps, split, greedy, pass1, ...}.
+    ``share`` (i, n): only every n-th point from the i-th, and no ``results.json`` — process i of n evaluating
+    its part of a launch (:func:`accord.run.run`); each point's files are its own, so the parts never meet, and
+    process 0's full pass afterwards reads them all."""
     from accord.models import provenance
 
     root = Path(cfg.run_dir) / "eval"
     problems = {s: split_problems(cfg, s) for s in cfg.eval.splits}
     rows: list[EvalRow] = []
     pts = eval_points(cfg, results)
+    if share is not None:
+        pts = pts[share[0]::share[1]]
     with progress(console) as bar:
         task = bar.add_task("eval", total=len(pts) * len(problems))
         for pt in pts:
@@ -282,7 +287,8 @@ def evaluate_models(cfg, results: list[TrainRecord], console) -> list[EvalRow]:
                 bar.update(task, advance=1)
             if gen is not None:
                 gen.close()
-    (root / "results.json").write_text(json.dumps(rows, indent=1))
+    if share is None:
+        (root / "results.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 

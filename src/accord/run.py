@@ -5,9 +5,9 @@ on disk, so re-running after a kill (or after adding a method to
 ``train.method``) does only what is missing.  Scheme models named in the config
 (the lab's ``lab:<model>``, ``lab:quick/<model>``) are built first when missing.
 
-Under several processes (``accelerate launch -m accord.cli run``), training uses them all and every other
-stage runs on process 0 alone while the others wait (:func:`_together`): one collection into one store, one
-evaluation, one report.
+Under several processes (``accelerate launch -m accord.cli run``), training uses them all, evaluation shares
+its checkpoints among them (each process its own device; vLLM's on process 0 alone), and every other stage runs
+on process 0 alone while the others wait (:func:`_together`): one collection into one store, one report.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     from accord.collect import collect
     from accord.train.common import replicas
 
-    waits = _together(cfg) if "train" in stages and world() > 1 else None  # `accelerate launch`: see below
+    waits = _together(cfg) if {"train", "eval"} & set(stages) and world() > 1 else None  # `accelerate launch`
     main = waits is None or rank() == 0
     if "train" in stages:
         from accord.train.engine import check_device, check_precision
@@ -73,12 +73,15 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
             out["results"] += [r for r in finished_results(cfg) if r["name"] not in names]
     else:
         out["results"] = finished_results(cfg)
+    out["results"] += extra_results or []
+    if "eval" in stages and waits is not None and cfg.eval.backend != "vllm":  # every process its share of
+        evaluate_models(cfg, out["results"], console, share=(rank(), world()))  # the points, on its own device
+        _wait(waits)  # (vLLM, which starts its own workers, evaluates on process 0 alone)
     if not main:
         _wait(waits)  # until process 0 has evaluated and reported
         return out
-    out["results"] += extra_results or []
     if "eval" in stages:
-        out["eval"] = evaluate_models(cfg, out.get("results", []), console)
+        out["eval"] = evaluate_models(cfg, out.get("results", []), console)  # what the shares left: none
     if "report" in stages:
         out["report"] = write_report(cfg, out["results"], out["eval"])
         print(summary_text(Path(cfg.run_dir), out["eval"], out["results"], list(cfg.eval.splits)))
