@@ -281,6 +281,11 @@ class StudentConfig(_Strict):
     dtype: str = Field("auto", description="weights dtype when loading (auto: the checkpoint's)")
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (off by default)")
     attention: Attention = Field("auto", description=ATTENTION_DOC + "; used for training, evaluation and analysis")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="variables of the student's chat template, e.g. {enable_thinking: "
+        "false} (Qwen3, SmolLM3) or {reasoning_effort: low} (gpt-oss): its prompts are rendered with them wherever "
+        "they are — training, evaluation, replay, diagnostics, drift (QR's students too: a variable a template does "
+        "not read is ignored); a change retrains and re-evaluates")
 
 
 class MergeConfig(_Strict):

@@ -215,13 +215,19 @@ def split_problems(cfg, name: str) -> list[Problem]:
     return load_problems(pc)
 
 
+def student_config(cfg, path: str, name: str, **over) -> GeneratorConfig:
+    """The generator settings of a student checkpoint: ``eval.backend`` and batch size, and what ``student:`` says
+    (device, remote code, attention, chat-template variables); ``over`` replaces any (replay: the hf backend)."""
+    s = cfg.student
+    return GeneratorConfig(**{"name": name.replace("/", "_"), "backend": cfg.eval.backend, "model": path,
+                              "batch_size": cfg.eval.batch_size, "device": s.device,
+                              "trust_remote_code": s.trust_remote_code, "attention": s.attention,
+                              "chat_template_kwargs": dict(s.chat_template_kwargs), **over})
+
+
 def student_generator(cfg, path: str, name: str):
-    """A checkpoint of the student behind ``eval.backend``, loaded as ``student:`` says (device, remote code,
-    attention)."""
-    tc = GeneratorConfig(name=name.replace("/", "_"), backend=cfg.eval.backend, model=path,
-                         batch_size=cfg.eval.batch_size, device=cfg.student.device,
-                         trust_remote_code=cfg.student.trust_remote_code, attention=cfg.student.attention)
-    return load_generator(tc)
+    """A checkpoint of the student behind ``eval.backend``, loaded as ``student:`` says (:func:`student_config`)."""
+    return load_generator(student_config(cfg, path, name))
 
 
 def eval_summary(cfg, pt: dict, split: str) -> Path | None:
@@ -240,7 +246,11 @@ def eval_settings_change(cfg, stored: dict, n_problems: int | None) -> list[str]
     e = cfg.eval
     now = {"k": e.k, "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
            "repeats": e.repeats, **({"n": n_problems} if n_problems is not None else {})}
-    return [f"{k}: {stored[k]!r} → {v!r}" for k, v in now.items() if k in stored and stored[k] != v]
+    changed = [f"{k}: {stored[k]!r} → {v!r}" for k, v in now.items() if k in stored and stored[k] != v]
+    template = dict(cfg.student.chat_template_kwargs)  # a summary without it was made with the template's defaults
+    if stored.get("chat_template_kwargs", {}) != template:
+        changed.append(f"student.chat_template_kwargs: {stored.get('chat_template_kwargs', {})!r} → {template!r}")
+    return changed
 
 
 def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, int] | None = None) -> list[EvalRow]:
@@ -281,6 +291,7 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
                                  rows_path=rows_file(summary), repeats=cfg.eval.repeats)
                     res = {**r.as_dict(), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                            "max_new_tokens": cfg.eval.max_new_tokens,  # what a reader needs to compare runs
+                           "chat_template_kwargs": dict(cfg.student.chat_template_kwargs),
                            "provenance": provenance()}
                     summary.write_text(json.dumps(res))
                 rows.append({**pt, "split": split, **res})

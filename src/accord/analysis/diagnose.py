@@ -126,7 +126,7 @@ def trace_scores(nll: torch.Tensor, rank: torch.Tensor, kappa: float = KAPPA, cl
 
 @torch.no_grad()
 def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on_batch=None,
-                 window: int = WINDOW) -> list[dict]:
+                 window: int = WINDOW, template_kwargs: dict | None = None) -> list[dict]:
     """:func:`trace_scores` of every row's completion under ``model`` (the student at θ0), its token count and
     the student's confidence in it: the global mean ℓ_t and the lowest ``window``-token mean
     (:func:`analysis.confidence.window_confidence`)."""
@@ -135,7 +135,7 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
     dev = next(model.parameters()).device
     weight = output_states(model).weight if chunkable_head(model) else None
     for s in range(0, len(rows), batch):
-        ex = [encode_example(tok, r, max_len) for r in rows[s:s + batch]]
+        ex = [encode_example(tok, r, max_len, template_kwargs) for r in rows[s:s + batch]]
         b = collate(ex, tok.pad_token_id)
         b = to_device(b, dev)
         x = final_states(model, b) if weight is not None else model(**model_inputs(b)).logits
@@ -170,7 +170,7 @@ def compact_view(cfg, model, tok, rows: dict[str, list[dict]], problems_per_batc
             if r.get("problem_id") is not None:
                 by.setdefault(r["problem_id"], []).append(encode_trace(
                     tok, r, cfg.train.max_len, group=r["problem_id"], teacher=t, words=c.thinking_words,
-                    epsilon=c.epsilon))
+                    epsilon=c.epsilon, template_kwargs=cfg.student.chat_template_kwargs))
     groups = [g for g in by.values() if len({e["teacher"] for e in g}) > 1]
     loss_fn = make_loss_fn(c, cfg.train.chunked_loss)
     dev = next(model.parameters()).device
@@ -238,7 +238,7 @@ def verdict_view(cfg, model, tok, n: int, batch: int = 16, on_batch=None) -> tup
     out = {}
     for t, rs in rows.items():
         sc = score_traces(model, tok, [corpus_row(r, problem[r["problem_id"]]) for r in rs], cfg.train.max_len,
-                          batch, on_batch)
+                          batch, on_batch, template_kwargs=cfg.student.chat_template_kwargs)
         ok = [r["verdict"] == CORRECT for r in rs]
         v = {"samples": len(rs), "accuracy": sum(ok) / len(ok) if ok else None}
         for name, vals in (("student_global", [s["global"] for s in sc]), ("student_window", [s["window"] for s in sc]),
@@ -413,7 +413,8 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
         task = bar.add_task("diagnose", total=total)
         for t, rows in picked.items():
             scores[t] = score_traces(model, tok, rows, cfg.train.max_len, batch,
-                                     on_batch=lambda n: bar.advance(task, n))
+                                     on_batch=lambda n: bar.advance(task, n),
+                                     template_kwargs=cfg.student.chat_template_kwargs)
     out = {"student": cfg.student.model, "problems": n_prob, "shared": shared, "kappa": KAPPA,
            "rank_clip": RANK_CLIP, **summarise(picked, scores)}
     for t, v in novelty({t: [s["ids"] for s in sc] for t, sc in scores.items()}).items():  # the scored tokens

@@ -37,11 +37,13 @@ from accord.ui import progress
 
 
 @torch.no_grad()
-def prompt_states(model, tok, questions: list[str], batch: int = 16) -> list[torch.Tensor]:
+def prompt_states(model, tok, questions: list[str], batch: int = 16,
+                  template_kwargs: dict | None = None) -> list[torch.Tensor]:
     """Per decoder layer, [N, d] float32: the hidden state of each question's last prompt token."""
     model.eval()
     dev = next(model.parameters()).device
-    ids = [tok(render_chat(tok, render_prompt("default", q)), add_special_tokens=False)["input_ids"]
+    ids = [tok(render_chat(tok, render_prompt("default", q), template_kwargs=template_kwargs),
+               add_special_tokens=False)["input_ids"]
            for q in questions]
     out: list[list[torch.Tensor]] = []
     for s in range(0, len(ids), batch):
@@ -123,7 +125,8 @@ def _states(cfg, path: str, who: str, questions: dict[str, list[str]]) -> dict[s
     model, tok = load_model_and_tokenizer(path, cfg.student.device, "float32", cfg.student.trust_remote_code, who=who,
                                           attention=cfg.student.attention)
     try:
-        return {s: prompt_states(model, tok, q) for s, q in questions.items()}
+        return {s: prompt_states(model, tok, q, template_kwargs=cfg.student.chat_template_kwargs)
+                for s, q in questions.items()}
     finally:
         del model
 

@@ -30,9 +30,8 @@ import itertools
 import json
 from pathlib import Path
 
-from accord.config import GeneratorConfig
 from accord.errors import UsageError
-from accord.evaluate import evaluate, rows_file, split_problems
+from accord.evaluate import evaluate, rows_file, split_problems, student_config
 from accord.models import load_model_and_tokenizer, local_model_dir
 from accord.registry import BACKENDS, load
 from accord.train.common import read_result
@@ -115,8 +114,7 @@ def _curve(cfg, name: str, rec: dict, lams: list[float], problems, split: str, w
         model, tok = load_model_and_tokenizer(rec["final"], cfg.student.device, "auto", cfg.student.trust_remote_code,
                                               who=f"{name} checkpoint", attention=cfg.student.attention)
         base, ckpt = load_state(base_path), load_state(rec["final"])
-        tc = GeneratorConfig(name=f"interpolate-{name}", backend="hf", model=rec["final"],
-                             batch_size=cfg.eval.batch_size, device=cfg.student.device, prefix_cache_mb=0)
+        tc = student_config(cfg, rec["final"], f"interpolate-{name}", backend="hf", prefix_cache_mb=0)
         gen = load(BACKENDS["hf"].impl)(tc, model=model, tokenizer=tok)
     curve = []
     for lam in lams:

@@ -23,9 +23,9 @@ import math
 import shutil
 from pathlib import Path
 
-from accord.config import AccordConfig, GeneratorConfig, ProblemsConfig, diff_settings
+from accord.config import AccordConfig, ProblemsConfig, diff_settings
 from accord.errors import UsageError
-from accord.evaluate import evaluate, student_generator
+from accord.evaluate import evaluate, student_config, student_generator
 from accord.models import load_model_and_tokenizer, provenance
 from accord.problems import ProblemSourceError, load_problems, read_jsonl
 from accord.prompts import render_prompt
@@ -58,7 +58,9 @@ def method_settings(cfg: AccordConfig, method: str) -> dict:
         return {"train": {"merge": cfg.train.merge.model_dump(mode="json")}}
     train = cfg.train.model_dump(mode="json", exclude=NOT_SETTINGS | (set() if method == "mot" else MERGE_SETTINGS))
     own = getattr(cfg, method, None)
-    return {"train": train, **({method: own.model_dump(mode="json")} if hasattr(own, "model_dump") else {})}
+    template = cfg.student.chat_template_kwargs  # only when set: results recorded before it keep their settings
+    return {"train": train, **({method: own.model_dump(mode="json")} if hasattr(own, "model_dump") else {}),
+            **({"student": {"chat_template_kwargs": template}} if template else {})}
 
 
 def settings_change(cfg: AccordConfig, result: dict) -> list[str]:
@@ -178,9 +180,7 @@ def replay_rows(cfg: AccordConfig, console=None) -> list[dict]:
 def _make_replay(cfg: AccordConfig, path: Path) -> None:
     r = cfg.train.replay
     problems = load_problems(ProblemsConfig(path=r.path, limit=r.limit))
-    s = cfg.student
-    gen = HFGenerator(GeneratorConfig(name="student", model=s.model, dtype=s.dtype, batch_size=cfg.eval.batch_size,
-                                      device=s.device, trust_remote_code=s.trust_remote_code, attention=s.attention))
+    gen = HFGenerator(student_config(cfg, cfg.student.model, "student", backend="hf", dtype=cfg.student.dtype))
     outs = gen.generate([Request(render_prompt("default", p.question)) for p in problems],
                         SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens))
     gen.close()
@@ -228,7 +228,7 @@ def engine_args(cfg: AccordConfig, steps: int, *, checkpoint_every: int | None =
     shared = {f.name: getattr(t, f.name) for f in dataclasses.fields(TrainArgs) if f.name in type(t).model_fields}
     lora = {f"lora_{k}": getattr(t.lora, k) for k in ("r", "alpha", "dropout", "quantize")}
     return TrainArgs(**{**shared, **lora, "betas": tuple(t.betas), "report_to": list(t.report_to),
-                        "device": cfg.student.device,
+                        "device": cfg.student.device, "chat_template_kwargs": dict(cfg.student.chat_template_kwargs),
                         "lora_targets": t.lora.target_modules, "steps": steps, "seed": t.seed + seed_offset,
                         "schedule_steps": schedule_steps, "schedule_offset": schedule_offset,
                         "checkpoint_every": checkpoint_every})

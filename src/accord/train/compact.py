@@ -112,11 +112,11 @@ def gold_ids(tok, answer: str) -> list[int]:
 
 
 def encode_trace(tok, row: dict, max_len: int, *, group, teacher: str, words=THINKING_WORDS,
-                 epsilon: float = 0.1) -> dict:
+                 epsilon: float = 0.1, template_kwargs: dict | None = None) -> dict:
     """One trace as an engine example with what COMPACT reads: prompt length, reasoning length, the
     thinking mask, the answer-span positions and ids, the gold ids and the EOS index."""
     msgs = row["messages"]
-    head = chat_head(tok, msgs[:-1])
+    head = chat_head(tok, msgs[:-1], template_kwargs)
     text = training_target(head, msgs[-1]["content"])
     h = tok(head, add_special_tokens=False)["input_ids"]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -511,7 +511,8 @@ def run(cfg: AccordConfig, console) -> list[dict]:
             pid = r.get("problem_id")  # replay rows have none: a group of one, logged as "replay"
             examples.append(encode_trace(tok, r, cfg.train.max_len, group=pid or f"{t}-row-{i}",
                                          teacher=t if pid else "replay",
-                                         words=c.thinking_words, epsilon=c.epsilon))
+                                         words=c.thinking_words, epsilon=c.epsilon,
+                                         template_kwargs=cfg.student.chat_template_kwargs))
     sizes = dict(Counter(Counter(e["group"] for e in examples).values()))
     console.print("compact: problems by number of traces K′: "
                   + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))

@@ -90,20 +90,23 @@ class TrainArgs:
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow
     log_every: int = 1
     lrs: dict[str, float] = field(default_factory=dict)  # several models: peak lr per model name (default lr)
+    chat_template_kwargs: dict = field(default_factory=dict)  # the student's template variables (chat_head)
 
 
-def chat_head(tok, prompt_msgs: list[dict]) -> str:
-    """The prompt text a model sees before its answer: its chat template with the generation prompt (a
-    tokenizer without one: the turns joined by newlines)."""
+def chat_head(tok, prompt_msgs: list[dict], template_kwargs: dict | None = None) -> str:
+    """The prompt text a model sees before its answer: its chat template with the generation prompt and the
+    template's own variables (``student.chat_template_kwargs``), or for a tokenizer without one the turns joined
+    by newlines."""
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True,
+                                       **(template_kwargs or {}))
     return "\n".join(m["content"] for m in prompt_msgs) + "\n"
 
 
-def encode_example(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
+def encode_example(tok, row: dict, max_len: int, template_kwargs: dict | None = None) -> tuple[list[int], list[int]]:
     """(input ids, labels) for one chat row; the prompt part is masked with -100."""
     msgs = row["messages"]
-    head, target = chat_head(tok, msgs[:-1]), msgs[-1]["content"]
+    head, target = chat_head(tok, msgs[:-1], template_kwargs), msgs[-1]["content"]
     h = tok(head, add_special_tokens=False)["input_ids"]
     t = tok(training_target(head, target), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids, labels = (h + t)[:max_len], ([IGNORE] * len(h) + t)[:max_len]
@@ -861,7 +864,8 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
     single = not isinstance(model, dict)
     models = {"": model} if single else dict(model)
     toks = {"": tok} if single else dict(tok or {})
-    examples = examples if examples is not None else [encode_example(tok, r, args.max_len) for r in rows]
+    examples = examples if examples is not None else [encode_example(tok, r, args.max_len, args.chat_template_kwargs)
+                                                      for r in rows]
     if not examples:
         raise ValueError("no training examples")
     float_base = {}  # QLoRA: the float layers that 4-bit ones replace while training, by model name

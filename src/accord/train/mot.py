@@ -82,7 +82,8 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "mot", "mot")
     spec = _spec(cfg, list(corpora))
     model, tok = load_student(cfg)
-    corpora = {t: (rows, [encode_example(tok, x, cfg.train.max_len) for x in rows]) for t, rows in corpora.items()}
+    kw = cfg.student.chat_template_kwargs
+    corpora = {t: (rows, [encode_example(tok, x, cfg.train.max_len, kw) for x in rows]) for t, rows in corpora.items()}
     start = _resume(out, model, T)
     with progress(console) as bar:
         task = bar.add_task("mot", total=T * len(corpora) * S, completed=start * len(corpora) * S)

@@ -182,11 +182,11 @@ def token_units(text: str, offsets: list[tuple[int, int]], units: list[tuple[int
     return out
 
 
-def encode_path(tok, row: dict, max_len: int, offsets: bool = True) -> dict:
+def encode_path(tok, row: dict, max_len: int, offsets: bool = True, template_kwargs: dict | None = None) -> dict:
     """One student's view of a path: ids, labels (prompt masked), the word unit of every position (−1 for
     the prompt, EOS and spaces; 0 everywhere with ``offsets=False``: whole-path pooling) and its length in
     characters (for NLL per character)."""
-    head = chat_head(tok, [{"role": "user", "content": path_prompt(row)}])
+    head = chat_head(tok, [{"role": "user", "content": path_prompt(row)}], template_kwargs)
     text = training_target(head, row["messages"][-1]["content"])
     h = tok(head, add_special_tokens=False)["input_ids"]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=offsets)
@@ -604,7 +604,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     if not offsets:
         console.print("[yellow]warning[/]: qr: a student tokenizer has no offset mapping; the mutual loss pools "
                       "each whole path (one unit) instead of aligning words")
-    examples = _encode(rows, names, toks, cfg.train.max_len, offsets)
+    examples = _encode(rows, names, toks, cfg.train.max_len, offsets, cfg.student.chat_template_kwargs)
     feat = features(cfg, rows, out, console)
     proj = fit_projections(students, examples, q.proj, cfg.train.seed)
     router = Router(feat.shape[1], proj)
@@ -677,10 +677,11 @@ def packed_students(students: dict, toks: dict, args, stack: contextlib.ExitStac
             if (args.packing or varlen_attention(m)) and use_packing(m, args, "cpu")}
 
 
-def _encode(rows: list[dict], names: list[str], toks: dict, max_len: int, offsets: bool) -> list[dict]:
+def _encode(rows: list[dict], names: list[str], toks: dict, max_len: int, offsets: bool,
+            template_kwargs: dict | None = None) -> list[dict]:
     examples = []
     for j, r in enumerate(rows):
-        enc = [encode_path(toks[n], r, max_len, offsets) for n in names]
+        enc = [encode_path(toks[n], r, max_len, offsets, template_kwargs) for n in names]
         longest = max(enc, key=lambda x: len(x["ids"]))
         examples.append({"ids": longest["ids"], "labels": longest["labels"], "group": r["problem_id"], "path": j,
                          "type": r["type"], "level": r.get("level"), "enc": enc,
