@@ -101,10 +101,11 @@ def rank() -> int:
 
 
 def _together(cfg: AccordConfig):
-    """Under several processes only training uses them all: process 0 builds, collects, evaluates and reports
-    while the others wait, in a gloo group of its own whose timeout is a week (collecting or evaluating takes
-    hours; training keeps accelerate's timeouts, so a hung collective there still fails as it should).  The
-    accelerator is made first, with the training's settings, as training would make it."""
+    """Under several processes training and evaluation use them all; process 0 builds, collects and reports
+    while the others wait, in a gloo group of its own whose timeout is a week (collecting, or process 0 evaluating
+    alone under vLLM, takes hours; training keeps accelerate's timeouts, so a hung collective there still fails as
+    it should).  The accelerator is made first, with the training's settings, as training would make it (it gives
+    each process its device, which evaluation uses too)."""
     from datetime import timedelta
 
     import torch.distributed as dist
