@@ -407,7 +407,7 @@ def cmd_train(args, console: Console) -> int:
 
     if args.plan:
         return _show_plan(_load(args), ("train",), args.seeds)
-    from accord.run import rank
+    from accord.launch import rank
 
     res = run(_load(args), console, stages=("train",), seeds=args.seeds)
     for r in res["results"] if rank() == 0 else []:  # several processes: said once
@@ -429,7 +429,7 @@ def cmd_eval(args, console: Console) -> int:
             console.print(f"[red]error[/]: --models {m}: no such checkpoint directory")
             return EXIT_USAGE
         extra.append({"name": name or Path(path).name, "final": path, "curve": []})
-    from accord.run import rank
+    from accord.launch import rank
 
     res = run(cfg, console, stages=("eval",), extra_results=extra)
     if rank() > 0:  # several processes: each evaluated its share, process 0 the table
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cmd:
         parser.print_help()
         return EXIT_USAGE
-    from accord.run import rank, world
+    from accord.launch import rank, world
     from accord.ui import make_console
 
     console = make_console(quiet=rank() > 0)  # several processes: one says what happens (errors still print)

@@ -12,12 +12,12 @@ on process 0 alone while the others wait (:func:`_together`): one collection int
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from accord.analysis.report import _order_key, summary_text, write_report
 from accord.config import AccordConfig, dump_config
 from accord.evaluate import evaluate_models
+from accord.launch import rank, world
 from accord.sources import prepare
 from accord.train import train_methods
 
@@ -89,15 +89,6 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     if waits is not None:
         _wait(waits)
     return out
-
-
-def world() -> int:
-    """Processes of this launch (``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE``)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def _together(cfg: AccordConfig):

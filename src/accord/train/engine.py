@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from accord.errors import RunFailure, UsageError
+from accord.launch import world as launch_world
 from accord.prompts import training_target
 from accord.train.lean import fused_on, lean_layers, n_lean, use_lean
 from accord.train.master import MasterWeights
@@ -451,7 +452,7 @@ def get_accelerator(args: TrainArgs | None = None):
     if _ACCELERATOR is None:
         from accelerate import Accelerator
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launch_world()
         if world > 1 and not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")  # torchrun on CPU: gloo, as `accelerate launch --cpu`
         want = check_device(device, select=True)
@@ -473,7 +474,7 @@ def check_device(device: str, select: bool = False) -> torch.device:
     run``/``train`` call it before building or loading any model."""
     from accord.models import pick_device
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_world()
     if device != "auto" and world > 1:
         raise UsageError(f"student.device: {device} is set, but this run is launched on {world} processes, "
                          "and accelerate gives each its own device; set student.device: auto")
