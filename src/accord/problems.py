@@ -31,6 +31,7 @@ from accord.config import ProblemsConfig
 from accord.errors import UsageError
 from accord.prompts import last_boxed
 from accord.sources import scheme_problem_rows
+from accord.ui import make_console
 
 
 class ProblemSourceError(UsageError):
@@ -226,8 +227,6 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
         else:
             dupes.append((p.id, where, seen[p.id][1]))
     if other:
-        from accord.ui import make_console
-
         i, w, a, f = other[0]
         make_console().print(f"[yellow]warning[/]: {cfg.path}: {len(other)} row(s) give their problem another "
                              f"answer than its first row (id {i!r} at {w}: {a!r}, first {f!r}); the first row's "
@@ -237,15 +236,11 @@ def load_problems(cfg: ProblemsConfig) -> list[Problem]:
         msg = f"{cfg.path}: {len(dupes)} row(s) repeat a problem id: {first}"
         if cfg.on_duplicate == "error":
             raise ProblemSourceError(msg)
-        from accord.ui import make_console
-
         make_console().print(f"[yellow]warning[/]: {msg}; the first of each is kept "
                                    "(problems.on_duplicate: error stops instead; samples reads each row as one "
                                    "sample of its problem, for a corpus with one row per generation)",
                                    highlight=False, soft_wrap=True)
     if skipped:
-        from accord.ui import make_console
-
         make_console().print(f"{cfg.path}: skipped {sum(skipped.values())} row(s) without a checkable answer ("
                                    + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
                                    + "; problems.skip_answers)", highlight=False, soft_wrap=True)
