@@ -23,7 +23,7 @@ def setup(tmp_path, micro, name):
         return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
     a = [row(f"Start at {i}.", ans[i % 3]) for i in range(6)]
-    b = [row(f"Begin {i}", ans[(i + 1) % 3]) for i in range(6)]
+    b = [row(f"Begin {i}", ans[(i + 1) % 3]) for i in range(7)]  # MTD's 13 rows: a one-row batch (one process idle)
     write_jsonl(run / "corpora" / "a.jsonl", a)
     write_jsonl(run / "corpora" / "b.jsonl", b)
     write_jsonl(run / "corpora" / "all.jsonl", a + b)

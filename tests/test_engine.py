@@ -20,6 +20,7 @@ from accord.train.engine import (
     length_grouped_batches,
     padding_waste,
     sft_step,
+    step_chunks,
     train,
 )
 
@@ -35,6 +36,52 @@ def load(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_process_runs_as_many_micro_batches_and_each_row_once(grouped):
+    """A step whose batch has fewer rows (or whole problems) than processes used to leave a process with no
+    micro-batch, and the others waiting for ever in DDP's all-reduce or FSDP's gather (a two-process run hung at
+    its one-row batch): every process now runs as many micro-batches, the missing ones fillers."""
+    sizes = [3, 1, 4, 1, 1] if grouped else [1] * 7  # rows per problem; plain: one row each
+    examples = [{"ids": [1, 2], "labels": [1, 2], "group": g} if grouped else ([1, 2], [1, 2])
+                for g, n in enumerate(sizes) for _ in range(n)]
+    for idx, world, micro in (([0], 2, 4), ([3], 3, 1), (list(range(len(examples))), 2, 2),
+                              (list(range(len(examples))), 4, 3), (list(range(len(examples))), 1, 2)):
+        shares = [step_chunks(idx, examples, r, world, micro) for r in range(world)]
+        assert len({len(c) for c, _ in shares}) == 1, (idx, world, micro)  # the same count everywhere
+        real = [e for c, fill in shares for chunk in c[:len(c) - fill] for e in chunk]
+        assert sorted(map(id, real)) == sorted(id(examples[i]) for i in idx)  # each row of the batch once
+        most = max(len(c) - f for c, f in shares)
+        assert all(len(c) == most and c[len(c) - f:] == [shares[0][0][0]] * f for c, f in shares)
+        if grouped:  # a problem's rows are in one micro-batch
+            homes = {}
+            for c, f in shares:
+                for chunk in c[:len(c) - f]:
+                    for e in chunk:
+                        homes.setdefault(e["group"], set()).add(id(chunk))
+            assert all(len(h) == 1 for h in homes.values())
+    assert [f for _, f in (step_chunks([0], examples, r, 2, 4) for r in range(2))] == [0, 1]
+
+
+def test_filler_micro_batches_change_neither_loss_nor_gradients(micro):
+    """A filler micro-batch (:func:`step_chunks`) runs forward and backward with its loss counted zero times."""
+    model, tok = load(micro)
+    ex = [encode_example(tok, r, 128) for r in rows(4)]
+    parts = [collate(ex[:2], tok.pad_token_id), collate(ex[2:], tok.pad_token_id)]
+    n_tok = sum(sum(t != IGNORE for t in e[1][1:]) for e in ex)
+    model.zero_grad()
+    ref, ref_m = sft_step(model, parts, "cpu", n_tok)
+    g_ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss, m = sft_step(model, parts + [parts[0]], "cpu", n_tok, fill=1)
+    assert torch.equal(loss, ref) and m == ref_m
+    for a, p in zip(g_ref, model.parameters()):
+        assert torch.equal(a, p.grad)
+    model.zero_grad()
+    loss, m = sft_step(model, [parts[0]], "cpu", n_tok, fill=1)  # a process with fillers only
+    assert float(loss) == 0.0 and m == {}
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 def test_loss_is_token_normalised_over_the_whole_step(micro):

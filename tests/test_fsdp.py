@@ -22,8 +22,8 @@ def _setup(tmp_path, micro, name: str, **train):
     traces = ["<think>\n(1) 3>4\n</think>\n\n\\boxed{4}", "<think>\n(1) 5>1 (2) 1>4\n</think>\n\n\\boxed{4}"]
     rows = {t: [{"problem_id": f"p{i}", "answer": "4",
                  "messages": [{"role": "user", "content": f"Start at {i}."},
-                              {"role": "assistant", "content": traces[(i + k) % 2]}]} for i in range(6)]
-            for k, t in enumerate(("a", "b"))}
+                              {"role": "assistant", "content": traces[(i + k) % 2]}]} for i in range(7 - k)]
+            for k, t in enumerate(("a", "b"))}  # 13 rows, 7 problems: a batch with one row (or problem) for 2 processes
     for t, r in rows.items():
         write_jsonl(run / "corpora" / f"{t}.jsonl", r)
     write_jsonl(run / "corpora" / "all.jsonl", rows["a"] + rows["b"])

@@ -83,7 +83,7 @@ from accord.train.engine import (
     train,
     use_chunked,
 )
-from accord.train.sharded import fsdp_launch, whole
+from accord.train.sharded import fsdp_launch, sharded, whole
 from accord.ui import progress
 
 _CONTENT = re.compile(r"[0-9A-Za-z+\-]")
@@ -240,11 +240,12 @@ def make_loss_fn(c, chunked: bool | None = False):
         gid = torch.empty(len(meta), dtype=torch.long)
         for k, g in enumerate(groups.values()):
             gid[g] = k
-        s_cons = torch.zeros(len(meta))
-        if layer is not None and any(len(g) > 1 for g in groups.values()):
-            with torch.no_grad():
+        s_cons, several = torch.zeros(len(meta)), any(len(g) > 1 for g in groups.values())
+        if layer is not None and (several or sharded(layer)):  # sharded: gathering the layer is collective, so
+            with torch.no_grad():  # every process gathers it, whatever its own micro-batch holds
                 q, k = _qk(layer, t["eos_state"])
-                s_cons = consensus(q, k, c.consensus_self == "include", gid.to(q.device)).cpu()
+                if several:
+                    s_cons = consensus(q, k, c.consensus_self == "include", gid.to(q.device)).cpu()
         a, score = group_alphas(gid, s_mi, s_cons, s_ppl, beta, c.tau)
         a_dev = a.to(per.device)
         total = (a_dev * per).sum()

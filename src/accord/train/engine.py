@@ -374,6 +374,20 @@ def shard_chunks(idx: list[int], examples: list, rank: int, world: int, micro: i
     return [[examples[i] for i in c] for c in pack_groups(runs[rank::world], micro)]
 
 
+def step_chunks(idx: list[int], examples: list, rank: int, world: int, micro: int) -> tuple[list[list], int]:
+    """This process's micro-batches of a step (:func:`shard_chunks`) and how many fillers end them.  Under several
+    processes every process runs as many micro-batches as the busiest: FSDP gathers weights in every forward and
+    DDP all-reduces in the last backward, so a process with fewer (none where a batch holds fewer rows than there
+    are processes, or fewer whole problems) left the others waiting for ever.  A filler repeats process 0's first
+    micro-batch, and :func:`sft_step` counts its loss zero times; every process derives every share from the same
+    batch, so no message is needed."""
+    if world == 1:
+        return shard_chunks(idx, examples, 0, 1, micro), 0
+    every = [shard_chunks(idx, examples, r, world, micro) for r in range(world)]
+    mine, most = every[rank], max(map(len, every))
+    return mine + [every[0][0]] * (most - len(mine)), most - len(mine)
+
+
 def padding_waste(batches: list[list[int]], lengths: Sequence[int]) -> float:
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return 1 - sum(lengths) / padded if padded else 0.0
@@ -753,24 +767,28 @@ def state_token_nll(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
 
 
 def sft_step(model, batches: list[dict], device, n_units: int, scale: float = 1.0, backward=None,
-             no_sync=None, loss_fn: Callable | None = None) -> tuple[torch.Tensor, dict]:
+             no_sync=None, loss_fn: Callable | None = None, fill: int = 0) -> tuple[torch.Tensor, dict]:
     """Forward/backward over micro-batches; loss = Σ ``loss_fn`` over them, each normalised by ``n_units``
     (the whole step's target tokens by default; problems for COMPACT).  Metrics are averaged over
     micro-batches.
 
     ``scale`` undoes DDP's gradient averaging (× world size) so every process
-    contributes its sum over the *global* unit count.
+    contributes its sum over the *global* unit count.  The last ``fill`` micro-batches are fillers
+    (:func:`step_chunks`): forward and backward run, so every process takes part in the same collectives, with
+    the loss times zero, and neither the loss returned nor the metrics count them.
     """
-    total, sums = torch.zeros((), device=device), {}
+    total, sums, real = torch.zeros((), device=device), {}, len(batches) - fill
     for j, b in enumerate(batches):
         b = to_device(b, device)
         ctx = no_sync(model) if (no_sync and j < len(batches) - 1) else contextlib.nullcontext()
         with ctx:
             loss, metrics = (loss_fn or sft_loss)(model, b, max(1, n_units))
-            (backward or torch.Tensor.backward)(loss * scale)
+            (backward or torch.Tensor.backward)(loss * (scale if j < real else 0.0))
+        if j >= real:
+            continue
         total += loss.detach()
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
+            sums[k] = sums.get(k, 0.0) + float(v) / real
     return total, sums
 
 
@@ -947,14 +965,15 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
             factor = lr_at(step, args) / args.lr if args.lr else 0.0
             for g in opt.param_groups:
                 g["lr"] = g.get("peak_lr", args.lr) * factor
-            chunks = shard_chunks(stream.next(), examples, rank, world, micro)
-            n_tok, n_in = _global_count(acc, [sum((units_fn or _n_targets)(c) for c in chunks),
-                                              sum(len(ex_ids(e)) for c in chunks for e in c)], shard and world > 1)
+            chunks, fill = step_chunks(stream.next(), examples, rank, world, micro)
+            real = chunks[:len(chunks) - fill]
+            n_tok, n_in = _global_count(acc, [sum((units_fn or _n_targets)(c) for c in real),
+                                              sum(len(ex_ids(e)) for c in real for e in c)], shard and world > 1)
             parts = [collate_fn(c) for c in chunks]
             with acc.autocast():
                 loss, metrics = sft_step(call, parts, acc.device, n_tok, scale=world, backward=acc.backward,
                                          no_sync=(lambda _: _no_sync_all(acc, trained)) if world > 1 else None,
-                                         loss_fn=loss_fn)
+                                         loss_fn=loss_fn, fill=fill)
             if world > 1:
                 loss = acc.reduce(loss, "sum")
             if not torch.isfinite(loss):
