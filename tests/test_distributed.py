@@ -1,6 +1,7 @@
 """Multi-process training on CPU (gloo) gives the single-process result: DDP's token normalisation, MoT's parallel
 branches."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -121,6 +122,47 @@ def test_master_weights_train_data_parallel(tmp_path, micro):
     moved = sum(float((runs[1][k] - base[k]).norm() ** 2) for k in runs[1]) ** 0.5
     print(f"master weights, 1 vs 2 processes: |difference| / |update| = {diff / moved:.3f}")
     assert diff <= 0.1 * moved, diff / moved
+
+
+def _qr_setup(tmp_path, micro, micro_b, name: str, **qr) -> tuple[Path, Path]:
+    from test_qr import TRACES, _row
+
+    run = tmp_path / name
+    (run / "corpora").mkdir(parents=True)
+    for t, shift in (("a", 0), ("b", 1), ("c", 2)):  # 7 questions, 20 paths: batches of 6 split unevenly
+        write_jsonl(run / "corpora" / f"{t}.jsonl",
+                    [_row(f"Start at {i}.", TRACES[(shift + i) % 3], pid=f"p{i}", teacher=t)
+                     for i in range(7) if (t, i) != ("c", 5)])
+    cfg = {"run_dir": str(run), "problems": {"path": "unused.jsonl"}, "student": {"model": str(micro)},
+           "teachers": [{"name": t, "backend": "column", "column": t} for t in "abc"],
+           "train": {"method": "qr", "rounds": 2, "steps_per_round": 3, "batch_size": 6, "lr": 1e-3, "max_len": 128},
+           "qr": {"students": [{"model": str(micro), "name": "llama"},
+                               {"model": str(micro_b), "name": "qwen", "lr": 2e-3}], "encoder": "hashing", **qr}}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p, run
+
+
+@pytest.mark.timeout(600)
+def test_qr_on_two_processes_matches_one_and_routes_apart(tmp_path, micro, micro_b):
+    """QR-Distill's students and router on two processes.  Under DDP it failed at once (the loss read the router's
+    projections through DDP's wrapper), and with ``mutual_paths: routed`` the processes ran different forwards
+    and backwards, so DDP's per-forward buffer broadcasts and per-model all-reduces paired wrongly (a hang, then
+    a gloo size mismatch).  Now its gradients are averaged by hand after each step: with every path to every
+    student (no sampled gates) two processes give one process's weights; with learned routing they finish."""
+    final = {}
+    for n in (1, 2):
+        cfg, run = _qr_setup(tmp_path, micro, micro_b, f"all{n}", route="all")
+        launch(cfg, n, tmp_path)
+        final[n] = {s: weights(run / f"train/qr-{s}/final") for s in ("llama", "qwen")}
+    for s in ("llama", "qwen"):
+        assert max(float((final[1][s][k] - final[2][s][k]).abs().max()) for k in final[1][s]) < 1e-5, s
+    cfg, run = _qr_setup(tmp_path, micro, micro_b, "routed", mutual_paths="routed")
+    err = launch(cfg, 2, tmp_path)
+    assert "2 process(es) (data-parallel)" in err
+    steps = [json.loads(x) for x in (run / "train/qr/metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 6 and all(0 <= ev["sel/qwen"] <= 1 for ev in steps)
+    assert (run / "train/qr-qwen/final/model.safetensors").exists()
 
 
 def _torchrun_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:

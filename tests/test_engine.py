@@ -352,7 +352,8 @@ def test_student_device_is_where_the_process_trains(micro, monkeypatch):
     monkeypatch.setattr(engine, "_ACCELERATOR", None)
     monkeypatch.setattr(engine, "_bf16_supported", lambda: True)  # as on a GPU machine
     get_accelerator(TrainArgs(device="cpu"))
-    assert made == {"mixed_precision": "no", "cpu": True}
+    ddp = made.pop("kwargs_handlers")[0].to_kwargs()
+    assert made == {"mixed_precision": "no", "cpu": True} and ddp == {"broadcast_buffers": False}
 
     monkeypatch.setattr(engine, "_ACCELERATOR", None)
     monkeypatch.setenv("WORLD_SIZE", "2")

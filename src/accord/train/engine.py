@@ -471,7 +471,15 @@ def get_accelerator(args: TrainArgs | None = None):
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")  # torchrun on CPU: gloo, as `accelerate launch --cpu`
         want = check_device(device, select=True)
         bf16 = uses_bf16(args.bf16 if args else None, want)
-        _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=want.type == "cpu")
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # DDP broadcasts the model's buffers from process 0 in every forward, a collective: QR's students run as
+        # many forwards as their routed and unrouted paths need, which differs between processes, and the
+        # broadcasts then paired across steps and hung.  A language model's buffers (rotary frequencies) are the
+        # same on every process and never change in training, so nothing is lost
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=want.type == "cpu",
+                                   kwargs_handlers=[ddp])
     elif device != "auto" and not _same_device(check_device(device, select=True), _ACCELERATOR.device):
         raise UsageError(f"student.device: {device}, but this process already trains on "
                          f"{_ACCELERATOR.device} (one device per process); run it in a process of its own")
@@ -908,7 +916,8 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
         stream.next()  # replay the data order up to the checkpoint (cheap: indices only)
     masters = master_weights(models, opt, args, acc)  # after the resume: the masters are what it loaded
     with contextlib.closing(masters):  # the float32 model as it came back in it, whatever happens
-        models, opt = _place(acc, models, opt, shard, prepare_opt=not masters)
+        by_hand = shard and world > 1 and not single  # several models: gradients averaged after the step
+        models, opt = _place(acc, models, opt, shard, prepare_opt=not masters, wrap=not by_hand)
         if opt_state is not None:  # a checkpoint's optimizer state keyed by name: set once the model is sharded
             from accord.train.sharded import set_optimizer_state
 
@@ -974,6 +983,8 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                 loss, metrics = sft_step(call, parts, acc.device, n_tok, scale=world, backward=acc.backward,
                                          no_sync=(lambda _: _no_sync_all(acc, trained)) if world > 1 else None,
                                          loss_fn=loss_fn, fill=fill)
+            if by_hand:
+                average_gradients([p for m in trained for p in m.parameters() if p.requires_grad], world)
             if world > 1:
                 loss = acc.reduce(loss, "sum")
             if not torch.isfinite(loss):
@@ -1110,11 +1121,33 @@ def _trainable(m) -> bool:
     return any(p.requires_grad for p in m.parameters())
 
 
-def _place(acc, models: dict, opt, shard: bool, prepare_opt: bool = True) -> tuple[dict, object]:
+def average_gradients(params: list, world: int) -> None:
+    """Several models in one optimizer step under several processes (QR-Distill's students and router): their
+    gradients averaged across the processes by hand, once the step's backward is done, in one fixed order.  DDP
+    all-reduces from hooks as each model's backward finishes, so its order follows each process's graph: where the
+    processes routed different paths it differed, and the all-reduces paired wrongly (gloo: "received data size
+    doesn't match").  A parameter without a gradient here (a frozen part, no path through it) counts as zeros."""
+    import torch.distributed as dist
+
+    by: dict = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in by.values():  # one message per dtype and device
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def _place(acc, models: dict, opt, shard: bool, prepare_opt: bool = True, wrap: bool = True) -> tuple[dict, object]:
     """DDP/FSDP/DeepSpeed wrapping, device placement and autocast (``shard``) for every trainable model (and the
-    optimizer, unless not ``prepare_opt``); frozen ones and unsharded runs are only moved to the device."""
-    if not shard:
-        return {n: m.to(acc.device) for n, m in models.items()}, opt
+    optimizer, unless not ``prepare_opt``); frozen ones and unsharded runs are only moved to the device, and so are
+    all models where not ``wrap`` (their gradients are averaged by :func:`average_gradients`)."""
+    if not shard or not wrap:
+        return {n: m.to(acc.device) for n, m in models.items()}, (acc.prepare(opt) if shard and prepare_opt else opt)
     names = [n for n, m in models.items() if _trainable(m)]
     if prepare_opt:
         *prepared, opt = acc.prepare(*(models[n] for n in names), opt)

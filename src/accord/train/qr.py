@@ -65,7 +65,12 @@ corrections win), numbered:
     ``route: frozen`` keeps the router at its random initialisation (what the public code effectively
     trains); ``filter: off`` trains on every generated trace, wrong and judged-invalid ones included (w/o
     QF); ``mutual_weight: 0`` is w/o Collab.
-13. Multi-process runs shard whole questions; the logged metrics are rank 0's.
+13. Multi-process runs shard whole questions; the logged metrics are rank 0's.  The students and router are
+    not wrapped in DDP: each process routes its own paths, so its forwards and backwards differ from the
+    others', and DDP's collectives (a buffer broadcast per forward, an all-reduce per model as its backward
+    ends) paired wrongly; the engine averages their gradients once the step's backward is done
+    (``engine.average_gradients``).  Each process samples its own gates, so learned routing on N processes
+    is not one process's run; with ``route: all`` it is (tested).
 14. ``train.chunked_loss`` (default on CUDA): a student whose head is h W^T reads its per-token NLL from the
     final hidden states through the chunked head (``engine.state_token_nll``) — the same CE, competence and
     gradients, never its [rows, T, V] logits; the run's first lines say which students do.
