@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from conftest import write_jsonl
+from rich.console import Console
 
 
 def setup(tmp_path, micro, name):
@@ -122,6 +124,43 @@ def test_master_weights_train_data_parallel(tmp_path, micro):
     moved = sum(float((runs[1][k] - base[k]).norm() ** 2) for k in runs[1]) ** 0.5
     print(f"master weights, 1 vs 2 processes: |difference| / |update| = {diff / moved:.3f}")
     assert diff <= 0.1 * moved, diff / moved
+
+
+@pytest.mark.timeout(600)
+def test_validation_selection_is_shared_between_processes(tmp_path, micro, monkeypatch):
+    """``train.select: validation`` on two processes: each evaluates every other checkpoint, the scores are gathered,
+    and both pick what one process picks (before, each process evaluated every checkpoint)."""
+    problems = write_jsonl(tmp_path / "problems.jsonl", [{"question": f"Start at {i}.", "answer": str(i % 3)}
+                                                         for i in range(12)])
+    picked = {}
+    for n in (1, 2):
+        cfg, run = setup(tmp_path, micro, f"sel{n}")
+        c = yaml.safe_load(cfg.read_text())
+        c["problems"] = {"path": str(problems), "split": "train", "validation_fraction": 0.5}
+        c["train"].update(method=["mtd"], select="validation", steps_per_round=1, rounds=3)
+        c["eval"] = {"max_new_tokens": 8}
+        cfg.write_text(yaml.safe_dump(c))
+        launch(cfg, n, tmp_path)
+        picked[n] = json.loads((run / "train/mtd/result.json").read_text())["final"].replace(f"sel{n}", "")
+    assert picked[1] == picked[2]
+
+    from accord.train import common  # the sharing itself, as process 1 of 3 sees it
+
+    seen = []
+    monkeypatch.setattr(common, "_distributed", lambda: True)
+    monkeypatch.setattr("torch.distributed.get_rank", lambda: 1)
+    monkeypatch.setattr("torch.distributed.get_world_size", lambda: 3)
+    monkeypatch.setattr(common, "load_problems", lambda _: ["p"])
+    monkeypatch.setattr(common, "student_generator", lambda cfg, path, name: SimpleNamespace(path=path,
+                                                                                            close=lambda: None))
+    monkeypatch.setattr(common, "evaluate", lambda gen, *a, **k: seen.append(gen.path) or SimpleNamespace(greedy=0.1))
+    monkeypatch.setattr(common, "gather_dicts", lambda mine: {**dict.fromkeys(range(7), 0.1), 3: 0.2, **mine})
+    cfg, _ = setup(tmp_path, micro, "unit")
+    from accord.config import load_config
+
+    points = [{"steps": i, "path": f"ckpt-{i}"} for i in range(7)]
+    assert common.select_checkpoint(load_config(cfg), points, "mtd", Console(quiet=True)) == 3
+    assert seen == ["ckpt-1", "ckpt-4"]
 
 
 def _qr_setup(tmp_path, micro, micro_b, name: str, **qr) -> tuple[Path, Path]:

@@ -270,6 +270,17 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def gather_dicts(mine: dict) -> dict:
+    """Every process's ``mine`` merged, on every process (a collective); ``mine`` itself on one process."""
+    import torch.distributed as dist
+
+    if not _distributed():
+        return mine
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for p in parts for k, v in p.items()}
+
+
 def is_main() -> bool:
     import torch.distributed as dist
 
@@ -348,14 +359,22 @@ def select_checkpoint(cfg: AccordConfig, points: list[dict], name: str, console)
     if not probs:
         console.print(f"[yellow]warning[/]: {name}: no validation problems; keeping the last checkpoint")
         return len(points) - 1
-    scores = []
-    for i, pt in enumerate(points):
-        gen = student_generator(cfg, pt["path"], f"{name}-select-{i}")
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    mine = {}
+    for i in range(rank, len(points), world):  # several processes: every n-th point each, as `accord eval` shares
+        gen = student_generator(cfg, points[i]["path"], f"{name}-select-{i}")
         res = evaluate(gen, probs, k=0, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
                        verifier=cfg.eval.verifier)
         gen.close()
-        scores.append(res.greedy)
-        console.print(f"{name}: step {pt['steps']} validation greedy {res.greedy:.3f}")
+        mine[i] = res.greedy
+        if world == 1:
+            console.print(f"{name}: step {points[i]['steps']} validation greedy {res.greedy:.3f}")
+    scores = gather_dicts(mine)
+    if world > 1:
+        for i, pt in enumerate(points):
+            console.print(f"{name}: step {pt['steps']} validation greedy {scores[i]:.3f}")
     best = max(range(len(points)), key=lambda i: (scores[i], -i))
     console.print(f"{name}: selected step {points[best]['steps']} on {len(probs)} held-out problems")
     return best
