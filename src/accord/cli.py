@@ -88,9 +88,11 @@ def _add_seeds_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _show_plan(cfg, stages: tuple[str, ...], seeds: list[int] | None = None) -> int:
+    from accord.launch import rank
     from accord.plan import plan
 
-    print("\n".join(plan(cfg, stages, seeds)))
+    if rank() == 0:  # several processes: said once
+        print("\n".join(plan(cfg, stages, seeds)))
     return 0
 
 
@@ -269,8 +271,15 @@ def cmd_collect(args, console: Console) -> int:
     cfg = _load(args)
     if args.plan:
         return _show_plan(cfg, ("collect",))
+    from accord.launch import rank, world
+
+    share = None
+    if world() > 1:  # `accelerate launch`: hf teachers' batches dealt out among the processes
+        from accord.run import launch_share
+
+        share = launch_share(cfg)
     store = Path(cfg.run_dir) / "traces.sqlite"
-    if args.force and store.exists():
+    if args.force and store.exists() and rank() == 0:
         backup = store.with_name(f"traces.{time.strftime('%Y%m%d-%H%M%S')}.sqlite")
         store.rename(backup)
         for ext in ("-wal", "-shm"):
@@ -278,7 +287,9 @@ def cmd_collect(args, console: Console) -> int:
             if side.exists():
                 side.rename(Path(str(backup) + ext))
         console.print(f"previous store kept as {backup}")
-    res = collect(cfg, console)
+    res = collect(cfg, console, share)
+    if rank() > 0:
+        return 0
     console.print(f"generated {res.generated} new trace(s); corpora in {Path(cfg.run_dir) / 'corpora'}")
     return 0
 
@@ -547,11 +558,11 @@ def main(argv: list[str] | None = None) -> int:
 
     console = make_console(quiet=rank() > 0)  # several processes: one says what happens (errors still print)
 
-    if world() > 1 and args.cmd not in ("train", "run", "eval"):  # `accelerate launch` of a one-process command
+    if world() > 1 and args.cmd not in ("collect", "train", "run", "eval"):  # `accelerate launch` of a one-process
         if rank() > 0:
             return 0  # process 0 does it; the others of the launch leave at once
         console.print(f"[yellow]note[/]: accord {args.cmd} runs on one process; this launch's {world() - 1} other "
-                      "process(es) left at once (only train, eval and run use several)")
+                      "process(es) left at once (only collect, train, eval and run use several)")
     try:
         code = COMMANDS[args.cmd](args, console)
         if "torch.distributed" in sys.modules:  # under torchrun / accelerate launch: leave the group cleanly

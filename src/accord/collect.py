@@ -24,6 +24,13 @@ QR-Distill §2.1): the user turn is the ``default`` style prompt — the one eva
 prompt is kept beside it.  Teachers behind servers (``backend: openai``) are collected at once, each from a thread of
 its own, while the main thread verifies and stores what comes back (:func:`sample_at_once`); in-process teachers one
 after another.
+
+Under several processes (``accelerate launch -m accord.cli collect`` or ``run``; :class:`Share`) an ``hf`` teacher's
+batches are dealt out in turn, each process generating on its own device into the one store (SQLite in WAL mode
+takes writes from several processes); the batches are formed on every process from the same stored state before any
+process writes, so they, their seeds and their samples are one process's.  Everything else — served teachers (their
+server spreads the load), ``vllm`` (it starts its own workers), imports, the judge, corpora and the summary — runs on
+process 0.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +85,14 @@ class CollectResult:
     summary: list[dict]
     generated: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's place in a launch of ``world`` processes and a barrier over all of them (``wait``)."""
+    rank: int
+    world: int
+    wait: Callable[[], None]
 
 
 def sample_seed(base: int, teacher: str, style: str, pid: str, idx: int) -> int:
@@ -170,17 +186,23 @@ def _store(cfg, store: TraceStore, name: str, part, prompts, gens, params_json: 
 
 
 def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore,
-                   console: Console) -> int:
-    """Generate every missing (problem, style, sample) for one teacher; return how many were generated."""
+                   console: Console, share: Share | None = None) -> int:
+    """Generate every missing (problem, style, sample) for one teacher; return how many were generated (``share``:
+    this process generates every n-th batch, and the count is every process's)."""
     todo, params_json = _todo(cfg, tcfg, problems, store, console)
-    if not todo:
-        return 0
+    if share is not None:
+        share.wait()  # every process has read the store before any writes to it: the same batches everywhere
+    parts = list(_parts(cfg, tcfg, todo))
+    mine = parts[share.rank::share.world] if share is not None else parts
+    if not mine:
+        return len(todo)
     params = sampling_params(cfg)
     teacher = load_generator(tcfg)
     try:
         with progress(console) as bar:
-            task = bar.add_task(f"{tcfg.name}", total=len(todo))
-            for part, prompts, reqs in _parts(cfg, tcfg, todo):
+            task = bar.add_task(tcfg.name + (f" ({len(mine)} of {len(parts)} batches here)" if share else ""),
+                                total=sum(len(part) for part, _, _ in mine))
+            for part, prompts, reqs in mine:
                 _store(cfg, store, tcfg.name, part, prompts, teacher.generate(reqs, params), params_json)
                 bar.advance(task, len(part))
     finally:
@@ -529,22 +551,32 @@ def summary_table(summary: list[dict], total: int) -> Table:
     return tab
 
 
-def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
-    """The ``accord collect`` stage: sample → verify → store → judge → select → corpora + summary."""
+def collect(cfg: AccordConfig, console: Console | None = None, share: Share | None = None) -> CollectResult:
+    """The ``accord collect`` stage: sample → verify → store → judge → select → corpora + summary.  ``share``: one
+    of several processes (the module's docstring); every process must call it, and only process 0's result counts."""
     console = console or make_console()
     run_dir = Path(cfg.run_dir)
-    dump_config(cfg)
+    main = share is None or share.rank == 0
+    if main:
+        dump_config(cfg)
     usable, unreadable = usable_problems(cfg)
-    if unreadable:
+    if unreadable and main:
         console.print(f"[yellow]warning[/]: skipped {unreadable} problem(s) whose reference answer "
                       f"the {cfg.collect.verifier!r} verifier cannot read")
-    store = TraceStore(run_dir / "traces.sqlite")
-    store.put_problems(usable)
+    store = TraceStore(run_dir / "traces.sqlite") if main else None
+    if main:
+        store.put_problems(usable)
+    if share is not None:
+        share.wait()  # process 0 has made the store
+        store = store or TraceStore(run_dir / "traces.sqlite")
     result = CollectResult(run_dir, [])
     try:
-        remote = [t for t in cfg.teachers if served(t)]
+        remote = [t for t in cfg.teachers if served(t)] if main else []
         at_once = sample_at_once(cfg, remote, usable, store, console) if len(remote) > 1 else {}
         for t in cfg.teachers:
+            shared = share is not None and t.backend == "hf"
+            if not (main or shared):
+                continue
             try:
                 if t.name in at_once:
                     if isinstance(at_once[t.name], TeacherUnavailable):
@@ -553,11 +585,15 @@ def collect(cfg: AccordConfig, console: Console | None = None) -> CollectResult:
                 elif t.backend == "column":
                     result.generated += import_column(cfg, t, usable, store)
                 else:
-                    result.generated += sample_teacher(cfg, t, usable, store, console)
+                    result.generated += sample_teacher(cfg, t, usable, store, console, share if shared else None)
             except TeacherUnavailable as e:
                 result.failures[t.name] = str(e)
                 console.print(f"[red]error[/]: {e}\n  everything collected so far is kept in {store.path}; "
                               f"re-run to resume")
+        if share is not None:
+            share.wait()  # every process's batches are stored
+        if not main:
+            return result
         if cfg.collect.judge is not None and cfg.collect.judge.name not in result.failures:
             judge_traces(cfg, store, usable, console)
         sizes = build_corpora(cfg, store, usable)

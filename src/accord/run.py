@@ -6,8 +6,9 @@ on disk, so re-running after a kill (or after adding a method to
 (the lab's ``lab:<model>``, ``lab:quick/<model>``) are built first when missing.
 
 Under several processes (``accelerate launch -m accord.cli run``), training uses them all, evaluation shares
-its checkpoints among them (each process its own device; vLLM's on process 0 alone), and every other stage runs
-on process 0 alone while the others wait (:func:`_together`): one collection into one store, one report.
+its checkpoints among them (each process its own device; vLLM's on process 0 alone), collection deals out the
+batches of ``hf`` teachers (:mod:`accord.collect`), and every other stage runs on process 0 alone while the
+others wait (:func:`_together`): one store, one report.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     from accord.collect import collect
     from accord.train.common import replicas
 
-    waits = _together(cfg) if {"train", "eval"} & set(stages) and world() > 1 else None  # `accelerate launch`
+    waits = _together(cfg) if {"collect", "train", "eval"} & set(stages) and world() > 1 else None  # a launch
     main = waits is None or rank() == 0
     if "train" in stages:
         from accord.train.engine import check_device, check_precision
@@ -57,10 +58,10 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
     if main:
         prepare_models(cfg, console)
         dump_config(cfg)
-        if "collect" in stages:
-            collect(cfg, console)
+    if "collect" in stages:  # the others wait inside while process 0 builds the models and the store
+        collect(cfg, console, _share(waits))
     if waits is not None:
-        _wait(waits)  # the others wait here while process 0 builds and collects
+        _wait(waits)
     if "train" in stages:
         out["results"] = []
         configs = replicas(cfg, seeds)
@@ -106,6 +107,17 @@ def _together(cfg: AccordConfig):
 
     get_accelerator(engine_args(cfg, 1))
     return dist.new_group(backend="gloo", timeout=timedelta(days=7))
+
+
+def launch_share(cfg: AccordConfig):
+    """This process's :class:`accord.collect.Share` under a launch of several processes (:func:`_together`)."""
+    return _share(_together(cfg))
+
+
+def _share(group):
+    from accord.collect import Share
+
+    return None if group is None else Share(rank(), world(), lambda: _wait(group))
 
 
 def _wait(group) -> None:
