@@ -154,7 +154,7 @@ def test_validation_selection_is_shared_between_processes(tmp_path, micro, monke
     monkeypatch.setattr(common, "student_generator", lambda cfg, path, name: SimpleNamespace(path=path,
                                                                                             close=lambda: None))
     monkeypatch.setattr(common, "evaluate", lambda gen, *a, **k: seen.append(gen.path) or SimpleNamespace(greedy=0.1))
-    monkeypatch.setattr(common, "gather_dicts", lambda mine: {**dict.fromkeys(range(7), 0.1), 3: 0.2, **mine})
+    monkeypatch.setattr(common, "gather", lambda mine: {**dict.fromkeys(range(7), 0.1), 3: 0.2, **mine})
     cfg, _ = setup(tmp_path, micro, "unit")
     from accord.config import load_config
 
@@ -203,6 +203,48 @@ def test_collect_on_two_processes_deals_out_the_batches_and_stores_one_processs_
     out = _torchrun_cli(tmp_path, "collect", str(tmp_path / "c2" / "cfg.yaml"))
     assert out.returncode == 0 and "generated 10 new trace(s)" in out.stderr, out.stderr[-3000:]
     assert len(rows(runs[2])) == 40
+
+
+@pytest.mark.timeout(600)
+def test_cord_on_two_processes_deals_out_the_problems_and_writes_one_summary(tmp_path, problems_file, parrot7,
+                                                                             parrot8):
+    """`accord cord` under a launch: the problems are dealt out (before, process 0 decoded them all while the others
+    left), each process with its own teachers, into one store; process 0 writes the corpus and a summary that
+    counts every process's problems, skips and timings."""
+    import sqlite3
+
+    rows = [json.loads(x) for x in problems_file.read_text().splitlines()] + [{"question": "no gold", "answer": ""}]
+    probs = write_jsonl(tmp_path / "p.jsonl", rows)
+    runs = {}
+    for n in (1, 2):
+        cfg = {"run_dir": str(tmp_path / f"cord{n}"), "problems": {"path": str(probs)},
+               "teachers": [{"name": "seven", "model": str(parrot7)}, {"name": "eight", "model": str(parrot8)}],
+               "cord": {"beam": 2, "max_steps": 4, "step_tokens": 24, "think_tokens": 48, "answer_tokens": 16,
+                        "meta_prover": "eight", "segmentation": "line-break", "baselines": ["curation"]}}
+        path = tmp_path / f"cord{n}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        if n == 1:
+            assert run_cli("cord", str(path))[0] == 0
+        else:
+            out = _torchrun_cli(tmp_path, "cord", str(path))
+            assert out.returncode == 0, out.stderr[-3000:]
+            assert out.stderr.count("CoRD traces:") == 1
+        runs[n] = tmp_path / f"cord{n}"
+
+    def stored(run):
+        with sqlite3.connect(run / "traces.sqlite") as db:
+            return db.execute("SELECT teacher, problem_id, text, verdict FROM traces ORDER BY teacher, problem_id"
+                              ).fetchall()
+
+    assert len(stored(runs[1])) == 20 and stored(runs[2]) == stored(runs[1])
+    one, two = (json.loads((runs[n] / "cord" / "summary.json").read_text()) for n in (1, 2))
+    for key in ("cord", "cord-curation"):
+        assert two[key]["n"] == one[key]["n"] == 10 and two[key]["accuracy"] == one[key]["accuracy"]
+    assert two["skipped_no_gold"] == 1 and two["hit_rates"] == one["hit_rates"]
+    pc1, pc2 = one["timing_this_run"]["prefix_cache"], two["timing_this_run"]["prefix_cache"]
+    assert set(pc2) == {"seven", "eight"} and all(pc2[t]["rows"] > 0 for t in pc2)  # both processes' caches
+    assert (runs[2] / "corpora/cord.jsonl").read_text() == (runs[1] / "corpora/cord.jsonl").read_text()
+    assert pc1 and two["timing_this_run"]["cord_generation_s"] > 0
 
 
 def _qr_setup(tmp_path, micro, micro_b, name: str, **qr) -> tuple[Path, Path]:

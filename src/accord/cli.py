@@ -87,6 +87,9 @@ def _add_seeds_arg(p: argparse.ArgumentParser) -> None:
                    "and the report pools them: mean over seeds, ± over problems and seeds, the spread between seeds")
 
 
+SEVERAL = ("collect", "cord", "train", "run", "eval")  # commands that use every process of a launch
+
+
 def _show_plan(cfg, stages: tuple[str, ...], seeds: list[int] | None = None) -> int:
     from accord.launch import rank
     from accord.plan import plan
@@ -510,16 +513,26 @@ def cmd_drift(args, console: Console) -> int:
 
 def cmd_cord(args, console: Console) -> int:
     from accord.cord import stage
+    from accord.launch import rank, world
     from accord.run import prepare_models
 
     cfg = _load(args)
     if args.plan:
         from accord.plan import cord_plan
 
-        print("\n".join(cord_plan(cfg)))
+        if rank() == 0:  # several processes: said once
+            print("\n".join(cord_plan(cfg)))
         return 0
-    prepare_models(cfg, console, student=False)
-    stage.run(cfg, console)
+    share = None
+    if world() > 1:  # `accelerate launch`: the problems dealt out among the processes
+        from accord.run import launch_share
+
+        share = launch_share(cfg)
+    if rank() == 0:
+        prepare_models(cfg, console, student=False)  # the others wait for it inside the stage
+    stage.run(cfg, console, share)
+    if rank() > 0:
+        return 0
     console.print(f"CoRD traces: {Path(cfg.run_dir) / 'corpora' / 'cord.jsonl'}; "
                   f"summary: {Path(cfg.run_dir) / 'cord' / 'summary.json'}")
     return 0
@@ -558,11 +571,11 @@ def main(argv: list[str] | None = None) -> int:
 
     console = make_console(quiet=rank() > 0)  # several processes: one says what happens (errors still print)
 
-    if world() > 1 and args.cmd not in ("collect", "train", "run", "eval"):  # `accelerate launch` of a one-process
+    if world() > 1 and args.cmd not in SEVERAL:  # `accelerate launch` of a one-process command
         if rank() > 0:
             return 0  # process 0 does it; the others of the launch leave at once
         console.print(f"[yellow]note[/]: accord {args.cmd} runs on one process; this launch's {world() - 1} other "
-                      "process(es) left at once (only collect, train, eval and run use several)")
+                      "process(es) left at once (only collect, cord, train, eval and run use several)")
     try:
         code = COMMANDS[args.cmd](args, console)
         if "torch.distributed" in sys.modules:  # under torchrun / accelerate launch: leave the group cleanly

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from accord.analysis.confidence import window_confidence
 from accord.analysis.stats import mean_se
 from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.errors import RunFailure, UsageError
+from accord.launch import Share
 from accord.problems import Problem, load_problems
 from accord.prompts import THINK_CLOSE, THINK_OPEN, normalize_thoughts, render_prompt, split_think, style_name
 from accord.rows import CorpusRow, StoredTrace, TraceRow
@@ -85,14 +85,6 @@ class CollectResult:
     summary: list[dict]
     generated: int = 0
     failures: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Share:
-    """This process's place in a launch of ``world`` processes and a barrier over all of them (``wait``)."""
-    rank: int
-    world: int
-    wait: Callable[[], None]
 
 
 def sample_seed(base: int, teacher: str, style: str, pid: str, idx: int) -> int:

@@ -115,7 +115,7 @@ def launch_share(cfg: AccordConfig):
 
 
 def _share(group):
-    from accord.collect import Share
+    from accord.launch import Share
 
     return None if group is None else Share(rank(), world(), lambda: _wait(group))
 

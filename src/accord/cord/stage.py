@@ -32,6 +32,7 @@ from accord.collect import _write_jsonl, corpus_row, make_row
 from accord.cord.decode import THINK_PREFIX, CordSettings, Timing, Trajectory, beam_search, curate, finish, mcts_search
 from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 from accord.cord.score import CordError, Scorer
+from accord.launch import Share, gather
 from accord.problems import load_problems
 from accord.prompts import THINK_CLOSE, render_prompt
 from accord.registry import STEP_SCORERS
@@ -54,12 +55,20 @@ def load_cord_problems(cfg) -> list:
     return problems[: cfg.cord.limit] if cfg.cord.limit else problems
 
 
-def run(cfg, console) -> dict:
+def run(cfg, console, share: Share | None = None) -> dict:
+    """``share``: one of several processes (``accelerate launch -m accord.cli cord``): the problems are dealt out in
+    turn, each process decoding with its own copies of the teachers on its own device into the one store; process
+    0 writes the corpus and the summary (with every process's timings and counts) and returns it, the others {}."""
     c, cs = cfg.cord, settings(cfg)
     problems = load_cord_problems(cfg)
     run_dir = Path(cfg.run_dir)
-    store = TraceStore(run_dir / "traces.sqlite")
-    store.put_problems(problems)
+    main = share is None or share.rank == 0
+    store = TraceStore(run_dir / "traces.sqlite") if main else None
+    if main:
+        store.put_problems(problems)
+    if share is not None:
+        share.wait()  # process 0 has made the store
+        store = store or TraceStore(run_dir / "traces.sqlite")
     gen_cfgs = [t for t in cfg.teachers if t.backend != "column"]
     if not gen_cfgs:
         raise CordError("cord needs teachers that generate (not only `column` imports)")
@@ -76,8 +85,10 @@ def run(cfg, console) -> dict:
               "curation_meta_prover_s": 0.0}
     skipped, failures, unscorable = 0, {}, []
     with progress(console) as bar:
-        task = bar.add_task("cord", total=len(problems))
-        for p in problems:
+        mine = problems[share.rank::share.world] if share is not None else problems
+        task = bar.add_task("cord" + (f" ({len(mine)} of {len(problems)} problems here)" if share else ""),
+                            total=len(mine))
+        for p in mine:
             bar.update(task, advance=1)
             if p.id in done:
                 continue
@@ -93,13 +104,38 @@ def run(cfg, console) -> dict:
             store.put_traces(rows)
     # how much each hf teacher's prefix cache saved (``Generator.cache_stats``; other backends have none)
     timing["prefix_cache"] = {n: st for n, t in teachers.items() if (st := getattr(t, "cache_stats", lambda: None)())}
-    summary = summarize(cfg, store, problems, list(teachers), timing, skipped, failures, unscorable)
-    _write_corpus(cfg, store, problems)
     for t in [*teachers.values(), *([integrator] if integrator else [])]:
         t.close()
+    if share is not None:  # every process's counts and timings (a collective: every process is done here)
+        timing, skipped, failures, unscorable = _pooled(gather({share.rank: (timing, skipped, failures, unscorable)}))
+    if not main:
+        store.close()
+        return {}
+    summary = summarize(cfg, store, problems, list(teachers), timing, skipped, failures, unscorable)
+    _write_corpus(cfg, store, problems)
     store.close()
     _print(summary, console)
     return summary
+
+
+def _pooled(parts: dict) -> tuple[dict, int, dict, list]:
+    """The processes' (timing, skipped, failures, unscorable) as one: times and counts summed (the prefix caches'
+    too), failures merged, unscorable ids joined."""
+    timing: dict = {}
+    skipped, failures, unscorable = 0, {}, []
+    for rank in sorted(parts):
+        t, s, f, u = parts[rank]
+        for k, v in t.items():
+            if k == "prefix_cache":
+                cache = timing.setdefault(k, {})
+                for name, st in v.items():
+                    cache[name] = {key: cache.get(name, {}).get(key, 0) + x for key, x in st.items()}
+            else:
+                timing[k] = timing.get(k, 0.0) + v
+        skipped += s
+        _merge_failures(failures, f)
+        unscorable += u
+    return timing, skipped, failures, unscorable
 
 
 def _gold_ok(answer: str, verifier: str) -> bool:

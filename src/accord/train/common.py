@@ -26,6 +26,7 @@ from pathlib import Path
 from accord.config import AccordConfig, ProblemsConfig, diff_settings
 from accord.errors import UsageError
 from accord.evaluate import evaluate, student_config, student_generator
+from accord.launch import gather
 from accord.models import load_model_and_tokenizer, provenance
 from accord.problems import ProblemSourceError, load_problems, read_jsonl
 from accord.prompts import render_prompt
@@ -270,17 +271,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def gather_dicts(mine: dict) -> dict:
-    """Every process's ``mine`` merged, on every process (a collective); ``mine`` itself on one process."""
-    import torch.distributed as dist
-
-    if not _distributed():
-        return mine
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    return {k: v for p in parts for k, v in p.items()}
-
-
 def is_main() -> bool:
     import torch.distributed as dist
 
@@ -371,7 +361,7 @@ def select_checkpoint(cfg: AccordConfig, points: list[dict], name: str, console)
         mine[i] = res.greedy
         if world == 1:
             console.print(f"{name}: step {points[i]['steps']} validation greedy {res.greedy:.3f}")
-    scores = gather_dicts(mine)
+    scores = gather(mine)
     if world > 1:
         for i, pt in enumerate(points):
             console.print(f"{name}: step {pt['steps']} validation greedy {scores[i]:.3f}")
