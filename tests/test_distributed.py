@@ -166,17 +166,18 @@ def test_validation_selection_is_shared_between_processes(tmp_path, micro, monke
 @pytest.mark.timeout(600)
 def test_collect_on_two_processes_deals_out_the_batches_and_stores_one_processs_samples(tmp_path, micro, parrot7,
                                                                                        problems_file):
-    """`accord collect` under a launch: an hf teacher's batches are dealt out between the processes (before, process
-    0 generated everything while the others left), into one store; the batches are formed from the same stored
-    state everywhere, so the samples are one process's, bit for bit — also when resuming a store that holds some."""
+    """`accord collect` under a launch: an hf teacher's batches (and an hf judge's) are dealt out between the
+    processes (before, process 0 generated everything while the others left), into one store; the batches are
+    formed from the same stored state everywhere, so the samples and verdicts are one process's, bit for bit — also
+    when resuming a store that holds some."""
     import sqlite3
 
     from conftest import pipeline_cfg
 
     def rows(run: Path) -> list:
         with sqlite3.connect(run / "traces.sqlite") as db:
-            return db.execute("SELECT teacher, problem_id, style, sample_idx, text, verdict FROM traces "
-                              "ORDER BY teacher, problem_id, style, sample_idx").fetchall()
+            return db.execute("SELECT teacher, problem_id, style, sample_idx, text, verdict, judge, judge_text "
+                              "FROM traces ORDER BY teacher, problem_id, style, sample_idx").fetchall()
 
     teachers = [{"name": "sampler", "model": str(micro), "batch_size": 3},  # 20 requests: 7 batches
                 {"name": "seven", "model": str(parrot7), "batch_size": 16}]
@@ -185,7 +186,8 @@ def test_collect_on_two_processes_deals_out_the_batches_and_stores_one_processs_
         (tmp_path / f"c{n}").mkdir()
         cfg = pipeline_cfg(tmp_path / f"c{n}", problems_file, teachers, micro)
         c = yaml.safe_load(cfg.read_text())
-        c["collect"].update(max_new_tokens=12, temperature=1.0)
+        c["collect"].update(max_new_tokens=12, temperature=1.0,  # the sampler judges all 40: two batches of 32
+                            judge={"teacher": "sampler", "apply_to": "all", "max_new_tokens": 6})
         cfg.write_text(yaml.safe_dump(c))
         runs[n] = Path(c["run_dir"])
         if n == 1:
@@ -196,6 +198,7 @@ def test_collect_on_two_processes_deals_out_the_batches_and_stores_one_processs_
             assert out.stderr.count("generated 40 new trace(s)") == 1  # said once, every process's count
     assert len(rows(runs[1])) == 40 and rows(runs[2]) == rows(runs[1])
     assert len({r[4] for r in rows(runs[1]) if r[0] == "sampler"}) > 5  # sampled text, not one fixed answer
+    assert all(r[6] is not None for r in rows(runs[2]))  # every trace judged, the verdicts one process gives
     for name in ("sampler", "seven", "all"):
         assert (runs[2] / "corpora" / f"{name}.jsonl").read_text() == (runs[1] / f"corpora/{name}.jsonl").read_text()
     with sqlite3.connect(runs[2] / "traces.sqlite") as db:  # resumed: the missing rows, dealt out again

@@ -399,20 +399,27 @@ def _grade(v) -> str | None:
 # ------------------------------------------------------------------ judge
 
 
-def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], console: Console) -> int:
+def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], console: Console,
+                 share: Share | None = None) -> int:
+    """Ask the judge about every stored trace it has not judged; ``share``: this process judges every n-th batch
+    of 32 (as :func:`sample_teacher` deals out batches)."""
     j = cfg.collect.judge
     assert j is not None
     by_id = {p.id: p for p in problems}
     verdicts = "verdict='correct'" if j.apply_to == "correct" else "verdict!='failed'"
     todo = [r for r in store.traces(where=f"judge IS NULL AND {verdicts}") if r["problem_id"] in by_id]
-    if not todo:
-        return 0
-    judge = load_generator(j.model or cfg.teacher(j.teacher))
+    if share is not None:
+        share.wait()  # every process has read the store before any verdict is written
+    parts = list(_chunks(todo, 32))
+    mine = parts[share.rank::share.world] if share is not None else parts
+    if not mine:
+        return len(todo)
+    judge = load_generator(judge_config(cfg))
     params = SamplingParams(temperature=0.0, max_new_tokens=j.max_new_tokens)
     try:
         with progress(console) as bar:
-            task = bar.add_task(f"judge ({j.name})", total=len(todo))
-            for part in _chunks(todo, 32):
+            task = bar.add_task(f"judge ({j.name})", total=sum(map(len, mine)))
+            for part in mine:
                 reqs = [Request(judge_prompt(by_id[r["problem_id"]].question, by_id[r["problem_id"]].answer,
                                              r["text"])) for r in part]
                 gens = judge.generate(reqs, params)
@@ -425,6 +432,12 @@ def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], 
 
 
 # ------------------------------------------------------------------ selection → corpora
+
+
+def judge_config(cfg: AccordConfig):
+    """The judge's generator settings: its own model entry, or the teacher it names."""
+    j = cfg.collect.judge
+    return j.model or cfg.teacher(j.teacher)
 
 
 def keep(cfg: AccordConfig, row: dict) -> bool:
@@ -584,10 +597,14 @@ def collect(cfg: AccordConfig, console: Console | None = None, share: Share | No
                               f"re-run to resume")
         if share is not None:
             share.wait()  # every process's batches are stored
+        j = cfg.collect.judge  # an hf judge's batches are dealt out too; the others judge on process 0
+        judge_share = share if j is not None and judge_config(cfg).backend == "hf" else None
+        if j is not None and j.name not in result.failures and (main or judge_share):
+            judge_traces(cfg, store, usable, console, judge_share)
+        if judge_share is not None:
+            share.wait()  # every process's verdicts are stored
         if not main:
             return result
-        if cfg.collect.judge is not None and cfg.collect.judge.name not in result.failures:
-            judge_traces(cfg, store, usable, console)
         sizes = build_corpora(cfg, store, usable)
         result.summary = summarize(cfg, store, usable, sizes)
     finally:
