@@ -25,12 +25,12 @@ prompt is kept beside it.  Teachers behind servers (``backend: openai``) are col
 its own, while the main thread verifies and stores what comes back (:func:`sample_at_once`); in-process teachers one
 after another.
 
-Under several processes (``accelerate launch -m accord.cli collect`` or ``run``; :class:`Share`) an ``hf`` teacher's
-batches are dealt out in turn, each process generating on its own device into the one store (SQLite in WAL mode
-takes writes from several processes); the batches are formed on every process from the same stored state before any
-process writes, so they, their seeds and their samples are one process's.  Everything else — served teachers (their
-server spreads the load), ``vllm`` (it starts its own workers), imports, the judge, corpora and the summary — runs on
-process 0.
+Under several processes (``accelerate launch -m accord.cli collect`` or ``run``; :class:`Share`) an ``hf``
+teacher's batches (and an ``hf`` judge's) are dealt out in turn, each process generating on its own device into
+the one store (SQLite in WAL mode takes writes from several processes); the batches are formed on every process
+from the same stored state before any process writes, so they, their seeds and their samples are one process's.
+Everything else — served teachers (their server spreads the load), ``vllm`` (it starts its own workers), imports,
+any other judge, corpora and the summary — runs on process 0.
 """
 
 from __future__ import annotations
