@@ -336,3 +336,17 @@ def test_accord_run_on_two_processes_trains_on_both_and_does_the_rest_once(tmp_p
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count("accord export runs on one process; this launch's 1 other process(es) left at once") == 1
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 120
+    # `accord interpolate` on two processes: the points dealt out, one curve, as one process draws it
+    common = [f"problems.path={data}", "problems.limit=60", f"student.model={micro}", "train.rounds=1",
+              "train.steps_per_round=2", "train.batch_size=4",
+              "eval.k=1", "eval.limit=3", "eval.max_new_tokens=8", f"eval.splits.mine.path={data}", "--models",
+              "mtd", "--points", "3"]
+    shutil.copytree(run, tmp_path / "one")
+    cfg = str(root / "configs" / "byo-columns.yaml")
+    out = _torchrun_cli(tmp_path, "interpolate", cfg, f"run_dir={run}", *common)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("hf backend: ") == 2 and out.stderr.count("interpolate mtd: mean pass@1") == 1
+    code, one = run_cli("interpolate", cfg, f"run_dir={tmp_path / 'one'}", *common)
+    assert code == 0, one
+    two, one = (json.loads((r / "analysis" / "interpolation.json").read_text()) for r in (run, tmp_path / "one"))
+    assert [p["lambda"] for p in two["curves"]["mtd"]] == [0.0, 0.5, 1.0] and two == one

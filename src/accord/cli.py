@@ -87,7 +87,7 @@ def _add_seeds_arg(p: argparse.ArgumentParser) -> None:
                    "and the report pools them: mean over seeds, ± over problems and seeds, the spread between seeds")
 
 
-SEVERAL = ("collect", "cord", "train", "run", "eval")  # commands that use every process of a launch
+SEVERAL = ("collect", "cord", "train", "run", "eval", "interpolate")  # commands that use every process of a launch
 
 
 def _show_plan(cfg, stages: tuple[str, ...], seeds: list[int] | None = None) -> int:
@@ -481,11 +481,20 @@ def cmd_merge(args, console: Console) -> int:
 
 def cmd_interpolate(args, console: Console) -> int:
     from accord.analysis import interpolate
+    from accord.launch import rank, world
     from accord.run import prepare_models
 
     cfg = _load(args)
-    prepare_models(cfg, console)  # a lab student's base is built if missing
-    interpolate.run(cfg, console, args.models, args.points, args.split)
+    share = None
+    if world() > 1:  # `accelerate launch`: the points dealt out among the processes
+        from accord.run import launch_share
+
+        share = launch_share(cfg)
+    if rank() == 0:
+        prepare_models(cfg, console)  # a lab student's base is built if missing (the others wait in the stage)
+    interpolate.run(cfg, console, args.models, args.points, args.split, share)
+    if rank() > 0:
+        return 0
     console.print(f"interpolation: {Path(cfg.run_dir) / 'analysis' / 'interpolation.png'} "
                   "(and in the report: accord report CONFIG)")
     return 0
@@ -575,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank() > 0:
             return 0  # process 0 does it; the others of the launch leave at once
         console.print(f"[yellow]note[/]: accord {args.cmd} runs on one process; this launch's {world() - 1} other "
-                      "process(es) left at once (only collect, cord, train, eval and run use several)")
+                      f"process(es) left at once (only {', '.join(SEVERAL)} use several)")
     try:
         code = COMMANDS[args.cmd](args, console)
         if "torch.distributed" in sys.modules:  # under torchrun / accelerate launch: leave the group cleanly

@@ -22,6 +22,9 @@ Choices where the paper is silent:
    over the grid (the area under the curve) and the largest *dip* — the largest fall of pass@1 between
    neighbouring λ when walking from the base to the checkpoint (0 for a curve that never falls).  The paper
    reads smoothness by eye; a dip smaller than the points' standard errors is noise.
+6. Under several processes (``accelerate launch -m accord.cli interpolate``) each model's unfinished points are
+   dealt out in turn, each process evaluating on its own device; process 0 draws the curves from the points'
+   files once every process is done.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from accord.errors import UsageError
 from accord.evaluate import evaluate, rows_file, split_problems, student_config
+from accord.launch import Share
 from accord.models import load_model_and_tokenizer, local_model_dir
 from accord.registry import BACKENDS, load
 from accord.train.common import read_result
@@ -68,9 +72,11 @@ def max_dip(curve: list[dict]) -> float:
     return max([0.0] + [a - b for a, b in itertools.pairwise(ys)])
 
 
-def run(cfg, console, models: list[str] | None = None, points: int = 11, split: str | None = None) -> dict:
+def run(cfg, console, models: list[str] | None = None, points: int = 11, split: str | None = None,
+        share: Share | None = None) -> dict:
     """Interpolate every named model's final checkpoint with its base; writes and returns
-    ``<run_dir>/analysis/interpolation.json`` (and ``interpolation.png`` beside it)."""
+    ``<run_dir>/analysis/interpolation.json`` (and ``interpolation.png`` beside it).  ``share``: one of several
+    processes (choice 6); the others return {}."""
     split = split or next(iter(cfg.eval.splits))
     if split not in cfg.eval.splits:
         raise UsageError(f"--split {split!r}: not one of eval.splits ({', '.join(cfg.eval.splits)})")
@@ -78,11 +84,20 @@ def run(cfg, console, models: list[str] | None = None, points: int = 11, split: 
     picked = _records(cfg, models)
     problems = split_problems(cfg, split)
     root = Path(cfg.run_dir) / "analysis"
-    curves: dict[str, list[dict]] = {}
+    where = {name: root / "interpolation" / name for name in picked}
+    todo = {name: [lam for lam in lams if not _point(where[name], lam, split).exists()] for name in picked}
+    if share is not None:
+        share.wait()  # every process has seen which points are done before any writes one
+        todo = {name: t[share.rank::share.world] for name, t in todo.items()}
     with progress(console) as bar:
-        task = bar.add_task("interpolate", total=len(picked) * len(lams))
+        task = bar.add_task("interpolate", total=sum(map(len, todo.values())))
         for name, rec in picked.items():
-            curves[name] = _curve(cfg, name, rec, lams, problems, split, root / "interpolation" / name, bar, task)
+            _evaluate_points(cfg, name, rec, todo[name], problems, split, where[name], bar, task)
+    if share is not None:
+        share.wait()  # every point is written
+        if share.rank > 0:
+            return {}
+    curves = {name: [json.loads(_point(where[name], lam, split).read_text()) for lam in lams] for name in picked}
     out = {"split": split, "k": cfg.eval.k, "temperature": cfg.eval.temperature, "n": len(problems),
            "curves": curves, "summary": {n: {"mean": sum(value(p) for p in c) / len(c), "max_dip": max_dip(c)}
                                          for n, c in curves.items()}}
@@ -106,20 +121,25 @@ def _records(cfg, models: list[str] | None) -> dict[str, dict]:
     return found
 
 
-def _curve(cfg, name: str, rec: dict, lams: list[float], problems, split: str, where: Path, bar, task) -> list[dict]:
-    todo = [lam for lam in lams if not (where / f"lambda-{lam:.3f}" / f"{split}.json").exists()]
-    gen = None
-    if todo:  # load only when something is left to generate
-        base_path = rec.get("base_model") or str(local_model_dir(cfg.student.model, "student"))
-        model, tok = load_model_and_tokenizer(rec["final"], cfg.student.device, "auto", cfg.student.trust_remote_code,
-                                              who=f"{name} checkpoint", attention=cfg.student.attention)
-        base, ckpt = load_state(base_path), load_state(rec["final"])
-        tc = student_config(cfg, rec["final"], f"interpolate-{name}", backend="hf", prefix_cache_mb=0)
-        gen = load(BACKENDS["hf"].impl)(tc, model=model, tokenizer=tok)
-    curve = []
-    for lam in lams:
-        summary = where / f"lambda-{lam:.3f}" / f"{split}.json"
-        if not summary.exists():
+def _point(where: Path, lam: float, split: str) -> Path:
+    return where / f"lambda-{lam:.3f}" / f"{split}.json"
+
+
+def _evaluate_points(cfg, name: str, rec: dict, lams: list[float], problems, split: str, where: Path, bar,
+                     task) -> None:
+    """Evaluate model ``name`` interpolated with its base at every λ of ``lams`` (one model loaded, its weights
+    replaced in memory), each point's summary and rows written under ``where``."""
+    if not lams:  # load only when something is left to generate
+        return
+    base_path = rec.get("base_model") or str(local_model_dir(cfg.student.model, "student"))
+    model, tok = load_model_and_tokenizer(rec["final"], cfg.student.device, "auto", cfg.student.trust_remote_code,
+                                          who=f"{name} checkpoint", attention=cfg.student.attention)
+    base, ckpt = load_state(base_path), load_state(rec["final"])
+    tc = student_config(cfg, rec["final"], f"interpolate-{name}", backend="hf", prefix_cache_mb=0)
+    gen = load(BACKENDS["hf"].impl)(tc, model=model, tokenizer=tok)
+    try:
+        for lam in lams:
+            summary = _point(where, lam, split)
             bar.update(task, description=f"interpolate {name} λ={lam:.2f}")
             _load_weights(gen.model, interpolated(base, ckpt, lam))
             summary.parent.mkdir(parents=True, exist_ok=True)
@@ -127,11 +147,9 @@ def _curve(cfg, name: str, rec: dict, lams: list[float], problems, split: str, w
                          greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens, verifier=cfg.eval.verifier,
                          seed=cfg.eval.seed, rows_path=rows_file(summary), repeats=cfg.eval.repeats)
             summary.write_text(json.dumps({"lambda": lam, **r.as_dict()}))
-        curve.append(json.loads(summary.read_text()))
-        bar.update(task, advance=1)
-    if gen is not None:
+            bar.update(task, advance=1)
+    finally:
         gen.close()
-    return curve
 
 
 def _load_weights(model, state: dict) -> None:
