@@ -1176,8 +1176,12 @@ def _check_finite(models: dict, step: int, last_ckpt: Path | None) -> None:
 def _prepare_model(model, args: TrainArgs, acc) -> tuple[object, dict]:
     """Gradient checkpointing, then LoRA adapters (on a 4-bit base with ``lora_quantize``); returns the model to
     train and the float layers a 4-bit base replaced (empty otherwise)."""
-    if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
+    # transformers ≥ 5.2x names it activation checkpointing (the old name warns, and goes in v6); older ones have
+    # only the old name
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable",
+                                                                                 None)
+    if args.gradient_checkpointing and enable is not None:
+        enable()
         model.config.use_cache = False
     kept = {}
     if args.lora_r:
