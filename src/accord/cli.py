@@ -274,13 +274,10 @@ def cmd_collect(args, console: Console) -> int:
     cfg = _load(args)
     if args.plan:
         return _show_plan(cfg, ("collect",))
-    from accord.launch import rank, world
+    from accord.launch import rank
+    from accord.run import launch_share
 
-    share = None
-    if world() > 1:  # `accelerate launch`: hf teachers' batches dealt out among the processes
-        from accord.run import launch_share
-
-        share = launch_share(cfg)
+    share = launch_share(cfg)  # `accelerate launch`: hf teachers' batches dealt out among the processes
     store = Path(cfg.run_dir) / "traces.sqlite"
     if args.force and store.exists() and rank() == 0:
         backup = store.with_name(f"traces.{time.strftime('%Y%m%d-%H%M%S')}.sqlite")
@@ -481,15 +478,11 @@ def cmd_merge(args, console: Console) -> int:
 
 def cmd_interpolate(args, console: Console) -> int:
     from accord.analysis import interpolate
-    from accord.launch import rank, world
-    from accord.run import prepare_models
+    from accord.launch import rank
+    from accord.run import launch_share, prepare_models
 
     cfg = _load(args)
-    share = None
-    if world() > 1:  # `accelerate launch`: the points dealt out among the processes
-        from accord.run import launch_share
-
-        share = launch_share(cfg)
+    share = launch_share(cfg)  # `accelerate launch`: the points dealt out among the processes
     if rank() == 0:
         prepare_models(cfg, console)  # a lab student's base is built if missing (the others wait in the stage)
     interpolate.run(cfg, console, args.models, args.points, args.split, share)
@@ -522,8 +515,8 @@ def cmd_drift(args, console: Console) -> int:
 
 def cmd_cord(args, console: Console) -> int:
     from accord.cord import stage
-    from accord.launch import rank, world
-    from accord.run import prepare_models
+    from accord.launch import rank
+    from accord.run import launch_share, prepare_models
 
     cfg = _load(args)
     if args.plan:
@@ -532,11 +525,7 @@ def cmd_cord(args, console: Console) -> int:
         if rank() == 0:  # several processes: said once
             print("\n".join(cord_plan(cfg)))
         return 0
-    share = None
-    if world() > 1:  # `accelerate launch`: the problems dealt out among the processes
-        from accord.run import launch_share
-
-        share = launch_share(cfg)
+    share = launch_share(cfg)  # `accelerate launch`: the problems dealt out among the processes
     if rank() == 0:
         prepare_models(cfg, console, student=False)  # the others wait for it inside the stage
     stage.run(cfg, console, share)

@@ -556,6 +556,18 @@ def summary_table(summary: list[dict], total: int) -> Table:
     return tab
 
 
+def open_store(run_dir: Path, problems: list[Problem], share: Share | None) -> TraceStore:
+    """The run's trace store with ``problems`` in it; under several processes process 0 makes it and puts them,
+    and the others open it once that is done (every process must call it)."""
+    main = share is None or share.rank == 0
+    store = TraceStore(run_dir / "traces.sqlite") if main else None
+    if main:
+        store.put_problems(problems)
+    if share is not None:
+        share.wait()
+    return store or TraceStore(run_dir / "traces.sqlite")
+
+
 def collect(cfg: AccordConfig, console: Console | None = None, share: Share | None = None) -> CollectResult:
     """The ``accord collect`` stage: sample → verify → store → judge → select → corpora + summary.  ``share``: one
     of several processes (the module's docstring); every process must call it, and only process 0's result counts."""
@@ -568,12 +580,7 @@ def collect(cfg: AccordConfig, console: Console | None = None, share: Share | No
     if unreadable and main:
         console.print(f"[yellow]warning[/]: skipped {unreadable} problem(s) whose reference answer "
                       f"the {cfg.collect.verifier!r} verifier cannot read")
-    store = TraceStore(run_dir / "traces.sqlite") if main else None
-    if main:
-        store.put_problems(usable)
-    if share is not None:
-        share.wait()  # process 0 has made the store
-        store = store or TraceStore(run_dir / "traces.sqlite")
+    store = open_store(run_dir, usable, share)
     result = CollectResult(run_dir, [])
     try:
         remote = [t for t in cfg.teachers if served(t)] if main else []

@@ -110,8 +110,9 @@ def _together(cfg: AccordConfig):
 
 
 def launch_share(cfg: AccordConfig):
-    """This process's :class:`accord.collect.Share` under a launch of several processes (:func:`_together`)."""
-    return _share(_together(cfg))
+    """This process's :class:`accord.launch.Share` under a launch of several processes (:func:`_together`), else
+    None."""
+    return _share(_together(cfg)) if world() > 1 else None
 
 
 def _share(group):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from accord.analysis.cord import hit_rates, plot_hit_rates
 from accord.analysis.stats import mean_se
-from accord.collect import _write_jsonl, corpus_row, make_row
+from accord.collect import _write_jsonl, corpus_row, make_row, open_store
 from accord.cord.decode import THINK_PREFIX, CordSettings, Timing, Trajectory, beam_search, curate, finish, mcts_search
 from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 from accord.cord.score import CordError, Scorer
@@ -36,7 +36,6 @@ from accord.launch import Share, gather
 from accord.problems import load_problems
 from accord.prompts import THINK_CLOSE, render_prompt
 from accord.registry import STEP_SCORERS
-from accord.store import TraceStore
 from accord.teachers.base import Generation, Request, SamplingParams, load_generator
 from accord.ui import progress
 from accord.verify import CORRECT, GoldAnswerError, check
@@ -63,12 +62,7 @@ def run(cfg, console, share: Share | None = None) -> dict:
     problems = load_cord_problems(cfg)
     run_dir = Path(cfg.run_dir)
     main = share is None or share.rank == 0
-    store = TraceStore(run_dir / "traces.sqlite") if main else None
-    if main:
-        store.put_problems(problems)
-    if share is not None:
-        share.wait()  # process 0 has made the store
-        store = store or TraceStore(run_dir / "traces.sqlite")
+    store = open_store(run_dir, problems, share)
     gen_cfgs = [t for t in cfg.teachers if t.backend != "column"]
     if not gen_cfgs:
         raise CordError("cord needs teachers that generate (not only `column` imports)")
