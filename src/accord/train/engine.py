@@ -473,10 +473,10 @@ def get_accelerator(args: TrainArgs | None = None):
         bf16 = uses_bf16(args.bf16 if args else None, want)
         from accelerate.utils import DistributedDataParallelKwargs
 
-        # DDP broadcasts the model's buffers from process 0 in every forward, a collective: QR's students run as
-        # many forwards as their routed and unrouted paths need, which differs between processes, and the
-        # broadcasts then paired across steps and hung.  A language model's buffers (rotary frequencies) are the
-        # same on every process and never change in training, so nothing is lost
+        # DDP broadcasts the model's buffers from process 0 in every forward, a collective: where the number of
+        # forwards in a step differs between processes (COMPACT's length-bucketed parts; QR's routed and unrouted
+        # paths hung this way before its models left DDP), the broadcasts pair across steps and hang.  A language
+        # model's buffers (rotary frequencies) are the same on every process and never change, so nothing is lost
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=want.type == "cpu",
                                    kwargs_handlers=[ddp])
