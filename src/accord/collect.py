@@ -48,7 +48,7 @@ from accord.analysis.confidence import window_confidence
 from accord.analysis.stats import mean_se
 from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.errors import RunFailure, UsageError
-from accord.launch import Share
+from accord.launch import Share, dealt
 from accord.problems import Problem, load_problems
 from accord.prompts import THINK_CLOSE, THINK_OPEN, normalize_thoughts, render_prompt, split_think, style_name
 from accord.rows import CorpusRow, StoredTrace, TraceRow
@@ -185,7 +185,7 @@ def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Proble
     if share is not None:
         share.wait()  # every process has read the store before any writes to it: the same batches everywhere
     parts = list(_parts(cfg, tcfg, todo))
-    mine = parts[share.rank::share.world] if share is not None else parts
+    mine = dealt(parts, share)
     if not mine:
         return len(todo)
     params = sampling_params(cfg)
@@ -411,7 +411,7 @@ def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], 
     if share is not None:
         share.wait()  # every process has read the store before any verdict is written
     parts = list(_chunks(todo, 32))
-    mine = parts[share.rank::share.world] if share is not None else parts
+    mine = dealt(parts, share)
     if not mine:
         return len(todo)
     judge = load_generator(judge_config(cfg))
@@ -432,6 +432,12 @@ def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], 
 
 
 # ------------------------------------------------------------------ selection → corpora
+
+
+def dealt_out(gen) -> bool:
+    """Whether a generator's batches are dealt out among the processes of a launch: in-process transformers
+    models; a server spreads its own load, and vLLM starts its own workers."""
+    return gen.backend == "hf"
 
 
 def judge_config(cfg: AccordConfig):
@@ -586,7 +592,7 @@ def collect(cfg: AccordConfig, console: Console | None = None, share: Share | No
         remote = [t for t in cfg.teachers if served(t)] if main else []
         at_once = sample_at_once(cfg, remote, usable, store, console) if len(remote) > 1 else {}
         for t in cfg.teachers:
-            shared = share is not None and t.backend == "hf"
+            shared = share is not None and dealt_out(t)
             if not (main or shared):
                 continue
             try:
@@ -605,7 +611,7 @@ def collect(cfg: AccordConfig, console: Console | None = None, share: Share | No
         if share is not None:
             share.wait()  # every process's batches are stored
         j = cfg.collect.judge  # an hf judge's batches are dealt out too; the others judge on process 0
-        judge_share = share if j is not None and judge_config(cfg).backend == "hf" else None
+        judge_share = share if j is not None and dealt_out(judge_config(cfg)) else None
         if j is not None and j.name not in result.failures and (main or judge_share):
             judge_traces(cfg, store, usable, console, judge_share)
         if judge_share is not None:

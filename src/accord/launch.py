@@ -29,6 +29,11 @@ class Share:
     wait: Callable[[], None]
 
 
+def dealt(items: list, share: Share | None) -> list:
+    """This process's part of ``items`` — every ``world``-th from its rank — or all of them on one process."""
+    return items if share is None else items[share.rank::share.world]
+
+
 def gather(mine: dict) -> dict:
     """Every process's ``mine`` merged, on every process (a collective over the process group); ``mine`` itself
     where there is none."""

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from accord.errors import UsageError
 from accord.evaluate import evaluate, rows_file, split_problems, student_config
-from accord.launch import Share
+from accord.launch import Share, dealt
 from accord.models import load_model_and_tokenizer, local_model_dir
 from accord.registry import BACKENDS, load
 from accord.train.common import read_result
@@ -88,7 +88,7 @@ def run(cfg, console, models: list[str] | None = None, points: int = 11, split: 
     todo = {name: [lam for lam in lams if not _point(where[name], lam, split).exists()] for name in picked}
     if share is not None:
         share.wait()  # every process has seen which points are done before any writes one
-        todo = {name: t[share.rank::share.world] for name, t in todo.items()}
+        todo = {name: dealt(t, share) for name, t in todo.items()}
     with progress(console) as bar:
         task = bar.add_task("interpolate", total=sum(map(len, todo.values())))
         for name, rec in picked.items():

@@ -32,7 +32,7 @@ from accord.collect import _write_jsonl, corpus_row, make_row, open_store
 from accord.cord.decode import THINK_PREFIX, CordSettings, Timing, Trajectory, beam_search, curate, finish, mcts_search
 from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 from accord.cord.score import CordError, Scorer
-from accord.launch import Share, gather
+from accord.launch import Share, dealt, gather
 from accord.problems import load_problems
 from accord.prompts import THINK_CLOSE, render_prompt
 from accord.registry import STEP_SCORERS
@@ -79,7 +79,7 @@ def run(cfg, console, share: Share | None = None) -> dict:
               "curation_meta_prover_s": 0.0}
     skipped, failures, unscorable = 0, {}, []
     with progress(console) as bar:
-        mine = problems[share.rank::share.world] if share is not None else problems
+        mine = dealt(problems, share)
         task = bar.add_task("cord" + (f" ({len(mine)} of {len(problems)} problems here)" if share else ""),
                             total=len(mine))
         for p in mine:
