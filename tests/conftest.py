@@ -97,6 +97,29 @@ def pipeline_cfg(tmp_path, problems, teachers, student, **train) -> Path:
     return p
 
 
+def corpus_run(tmp_path, micro, name: str, **train) -> tuple[Path, Path]:
+    """A config training ``micro`` on two column teachers' corpora already in its run directory (13 rows, 7
+    problems: a batch of 4 leaves one row, or one problem, for the second of two processes); (config, run dir)."""
+    run = tmp_path / name
+    (run / "corpora").mkdir(parents=True)
+    traces = ["<think>\n(1) 3>4\n</think>\n\n\\boxed{4}", "<think>\n(1) 5>1 (2) 1>4\n</think>\n\n\\boxed{4}"]
+    rows = {t: [{"problem_id": f"p{i}", "answer": "4",
+                 "messages": [{"role": "user", "content": f"Start at {i}."},
+                              {"role": "assistant", "content": traces[(i + k) % 2]}]} for i in range(7 - k)]
+            for k, t in enumerate(("a", "b"))}  # 13 rows, 7 problems: a batch with one row (or problem) for 2 processes
+    for t, r in rows.items():
+        write_jsonl(run / "corpora" / f"{t}.jsonl", r)
+    write_jsonl(run / "corpora" / "all.jsonl", rows["a"] + rows["b"])
+    cfg = {"run_dir": str(run), "problems": {"path": "unused.jsonl"}, "student": {"model": str(micro)},
+           "teachers": [{"name": "a", "backend": "column", "column": "a"},
+                        {"name": "b", "backend": "column", "column": "b"}],
+           "train": {"method": ["mtd"], "rounds": 3, "steps_per_round": 2, "batch_size": 4, "lr": 1e-2,
+                     "max_len": 64, **train}}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p, run
+
+
 @pytest.fixture
 def two_parrots(parrot7, parrot8):
     return [{"name": "seven", "model": str(parrot7), "batch_size": 16},

@@ -190,6 +190,11 @@ def test_lora_trains_adapters_checkpoints_and_merges(micro, tmp_path):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all("proj" in k for k in changed)  # only the LoRA-targeted linear layers move
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    # trainable again as it came: MoT trains the merged student in its next round (it stopped with "optimizer got
+    # an empty parameter list": LoRA had frozen the base, and a model with nothing trainable gets no adapters)
+    assert all(p.requires_grad for p in res.model.parameters())
+    again = train(res.model, tok, rows(8), TrainArgs(steps=2, batch_size=4, lr=5e-2, lora_r=4, lora_alpha=8))
+    assert any(not torch.equal(after[k], v) for k, v in _weights(again.model).items())
 
 
 def test_qlora_trains_on_a_4bit_base_and_merges_into_the_float_one(micro, tmp_path):

@@ -8,33 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
-from conftest import write_jsonl
+from conftest import corpus_run
 from test_distributed import launch, weights
 
 from accord.errors import UsageError
 from accord.train.sharded import check, sharded, whole, will_shard
-
-
-def _setup(tmp_path, micro, name: str, **train):
-    run = tmp_path / name
-    (run / "corpora").mkdir(parents=True)
-    traces = ["<think>\n(1) 3>4\n</think>\n\n\\boxed{4}", "<think>\n(1) 5>1 (2) 1>4\n</think>\n\n\\boxed{4}"]
-    rows = {t: [{"problem_id": f"p{i}", "answer": "4",
-                 "messages": [{"role": "user", "content": f"Start at {i}."},
-                              {"role": "assistant", "content": traces[(i + k) % 2]}]} for i in range(7 - k)]
-            for k, t in enumerate(("a", "b"))}  # 13 rows, 7 problems: a batch with one row (or problem) for 2 processes
-    for t, r in rows.items():
-        write_jsonl(run / "corpora" / f"{t}.jsonl", r)
-    write_jsonl(run / "corpora" / "all.jsonl", rows["a"] + rows["b"])
-    cfg = {"run_dir": str(run), "problems": {"path": "unused.jsonl"}, "student": {"model": str(micro)},
-           "teachers": [{"name": "a", "backend": "column", "column": "a"},
-                        {"name": "b", "backend": "column", "column": "b"}],
-           "train": {"method": ["mtd"], "rounds": 3, "steps_per_round": 2, "batch_size": 4, "lr": 1e-2,
-                     "max_len": 64, **train}}
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p, run
 
 
 def _far(a: dict, b: dict) -> float:
@@ -44,9 +22,9 @@ def _far(a: dict, b: dict) -> float:
 
 @pytest.mark.timeout(900)
 def test_fsdp_matches_one_process_and_resumes_across_fsdp_and_plain_runs(tmp_path, micro):
-    one_cfg, one = _setup(tmp_path, micro, "one")
+    one_cfg, one = corpus_run(tmp_path, micro, "one")
     launch(one_cfg, 1, tmp_path)
-    fs_cfg, fs = _setup(tmp_path, micro, "fsdp")
+    fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp")
     err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
     assert "2 process(es) (weights sharded: FSDP)" in err, err[-2000:]
     for rel in ("checkpoint-2", "checkpoint-4", "final"):  # every checkpoint holds the whole model
@@ -65,13 +43,50 @@ def test_fsdp_matches_one_process_and_resumes_across_fsdp_and_plain_runs(tmp_pat
         assert _far(weights(one / "train/mtd/final"), weights(run / "train/mtd/final")) < 1e-5, run.name
 
 
+def _adapters(ckpt) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(ckpt / "adapter_model.safetensors")
+
+
+@pytest.mark.timeout(900)
+def test_fsdp_trains_lora_on_a_sharded_base_and_resumes(tmp_path, micro):
+    """LoRA under FSDP: the frozen base sharded with the adapters; checkpoints hold the adapters alone (gathered
+    without the base); the merged final model equals one process's; a killed run resumes from FSDP's checkpoint
+    and from one process's (index-keyed optimizer state), with the adapters' optimizer state."""
+    lora = {"lora": {"r": 4, "alpha": 8}}
+    one_cfg, one = corpus_run(tmp_path, micro, "one", **lora)
+    launch(one_cfg, 1, tmp_path)
+    fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", **lora)
+    err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
+    assert "(weights sharded: FSDP)" in err and "LoRA r=4" in err, err[-2000:]
+    for rel in ("checkpoint-2", "checkpoint-4"):
+        ckpt = fs / "train/mtd" / rel
+        assert not (ckpt / "model.safetensors").exists()
+        a, b = _adapters(one / "train/mtd" / rel), _adapters(ckpt)
+        assert a and all("lora_" in k for k in b) and _far(a, b) < 1e-5, rel
+    final = weights(fs / "train/mtd/final")
+    assert not any("lora" in k for k in final)  # merged into the base, a plain model
+    assert _far(weights(one / "train/mtd/final"), final) < 1e-5
+    assert _far(weights(micro), final) > 1e-3  # the adapters moved the merged weights
+    for src in (fs, one):
+        run = tmp_path / f"resume-{src.name}"
+        shutil.copytree(src, run)
+        for gone in ("final", "checkpoint-4"):
+            shutil.rmtree(run / "train/mtd" / gone)
+        (run / "train/mtd/result.json").unlink()
+        err = launch(fs_cfg, 2, tmp_path, f"run_dir={run}", worker="fsdp_worker.py")
+        assert "resuming mtd from checkpoint-2" in err, err[-2000:]
+        assert _far(weights(one / "train/mtd/final"), weights(run / "train/mtd/final")) < 1e-5, run.name
+
+
 @pytest.mark.timeout(600)
 def test_fsdp_mot_trains_each_branch_sharded_over_every_process(tmp_path, micro):
     """Under FSDP MoT's branches run one after another, each over both processes (in parallel, one per process,
     a student that needs FSDP would not fit); process 0 merges; every round equals one process's."""
-    one_cfg, one = _setup(tmp_path, micro, "one", method=["mot"], rounds=2)
+    one_cfg, one = corpus_run(tmp_path, micro, "one", method=["mot"], rounds=2)
     launch(one_cfg, 1, tmp_path)
-    fs_cfg, fs = _setup(tmp_path, micro, "fsdp", method=["mot"], rounds=2)
+    fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", method=["mot"], rounds=2)
     err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
     assert "(weights sharded: FSDP)" in err and "(data-parallel)" not in err and "1 process(es)" not in err
     base = weights(micro)
@@ -90,9 +105,9 @@ def test_fsdp_compact_gathers_the_last_layer_and_drops_the_chunked_head(tmp_path
     chunked head is off there, so one process's chunked run and FSDP's full-logit run agree to float rounding."""
     settings = {"method": ["compact"], "rounds": 1, "chunked_loss": True, "lean_layers": True,
                 "gradient_checkpointing": True}
-    one_cfg, one = _setup(tmp_path, micro, "one", **settings)
+    one_cfg, one = corpus_run(tmp_path, micro, "one", **settings)
     launch(one_cfg, 1, tmp_path)
-    fs_cfg, fs = _setup(tmp_path, micro, "fsdp", **settings)
+    fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", **settings)
     err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
     assert "compact: the head over full-vocabulary logits" in err
     assert "lean RMSNorm/SwiGLU" in err
@@ -103,15 +118,23 @@ def test_fsdp_compact_gathers_the_last_layer_and_drops_the_chunked_head(tmp_path
 def test_what_fsdp_does_not_serve_is_refused_and_plain_modules_pass():
     fsdp = SimpleNamespace(distributed_type="DistributedType.FSDP")
     with pytest.raises(UsageError, match="QR-Distill's students"):
-        check(fsdp, several=True, lora=False)
-    with pytest.raises(UsageError, match="LoRA trains a few weights"):
-        check(fsdp, several=False, lora=True)
-    check(fsdp, several=False, lora=False)
+        check(fsdp, several=True)
+    with pytest.raises(UsageError, match="run QLoRA data-parallel"):
+        check(fsdp, several=False, quantized=True, lora=True)
+    check(fsdp, several=False, lora=True)  # LoRA on a sharded base: FSDP 2
+    check(fsdp, several=False)
+    fsdp1 = SimpleNamespace(distributed_type="DistributedType.FSDP", state=SimpleNamespace(
+        fsdp_plugin=SimpleNamespace(fsdp_version=1, use_orig_params=False)))
+    with pytest.raises(UsageError, match="use_orig_params: true"):
+        check(fsdp1, several=False, lora=True)
+    check(fsdp1, several=False)
+    fsdp1.state.fsdp_plugin.use_orig_params = True
+    check(fsdp1, several=False, lora=True)
     deepspeed = SimpleNamespace(distributed_type="DistributedType.DEEPSPEED")
     assert will_shard(deepspeed, True) and will_shard(fsdp, True) and not will_shard(fsdp, False)
     assert not will_shard(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"), True)
     with pytest.raises(UsageError, match="Use FSDP"):
-        check(deepspeed, several=False, lora=False)
+        check(deepspeed, several=False)
     m = torch.nn.Linear(2, 2)
     assert not sharded(m)
     with whole(m):  # a no-op for weights that are whole
@@ -130,9 +153,9 @@ def test_fsdp_through_accelerates_own_settings_on_cuda(tmp_path, micro, version)
     fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(version), "FSDP_AUTO_WRAP_POLICY":
             "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
             "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_USE_ORIG_PARAMS": "true"}
-    one_cfg, one = _setup(tmp_path, micro, "one", bf16=False)
+    one_cfg, one = corpus_run(tmp_path, micro, "one", bf16=False)
     launch(one_cfg, 1, tmp_path)
-    fs_cfg, fs = _setup(tmp_path, micro, "fsdp", bf16=False)
+    fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", bf16=False)
     err = launch(fs_cfg, 1, tmp_path, env=fsdp, torchrun=True)
     assert "(weights sharded: FSDP)" in err, err[-2000:]
     assert _far(weights(one / "train/mtd/final"), weights(fs / "train/mtd/final")) < 1e-3

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import bf16_process, pipeline_cfg, run_cli, write_jsonl
+from conftest import bf16_process, corpus_run, pipeline_cfg, run_cli, write_jsonl
 
 
 def chromium_dom(page: Path) -> str:
@@ -24,6 +24,26 @@ def chromium_dom(page: Path) -> str:
                           f"--user-data-dir={page.parent / '.chromium'}", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120, check=False)
     return out.stdout
+
+
+def test_every_one_student_method_trains_with_lora(tmp_path, micro):
+    """``train.lora.r`` for every method with one student (QR's students: tests/test_qr.py): each result is a plain
+    model, LoRA's targets moved and nothing else.  MoT trains the merged student again each round (a LoRA run froze
+    the base it returned, and round 2 stopped at "optimizer got an empty parameter list")."""
+    from safetensors.torch import load_file
+
+    p, run = corpus_run(tmp_path, micro, "lora", lora={"r": 2, "alpha": 4}, rounds=2)
+    code, out = run_cli("train", str(p), "train.method=[std,mtd,posthoc,mot,compact]")
+    assert code == 0, out
+    base = load_file(micro / "model.safetensors")
+    for name in ("std-a", "mtd", "posthoc", "mot", "compact"):
+        final = Path(json.loads((run / "train" / name / "result.json").read_text())["final"])
+        w = load_file(final / "model.safetensors")
+        assert set(w) == set(base), name  # adapters merged in
+        moved = {k for k in base if not torch.equal(base[k], w[k])}
+        assert moved and all("proj" in k for k in moved), name
+    mot = [load_file(run / "train/mot" / f"round-{r}/merged/model.safetensors") for r in (1, 2)]
+    assert any(not torch.equal(mot[0][k], mot[1][k]) for k in mot[0])
 
 
 def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_parrots, micro):

@@ -896,14 +896,16 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
     if not examples:
         raise ValueError("no training examples")
     float_base = {}  # QLoRA: the float layers that 4-bit ones replace while training, by model name
+    frozen = {}  # LoRA freezes the base: which weights were frozen before it, by model name (set back after)
     for n, m in list(models.items()):
         if _is_lm(m) and _trainable(m):
+            frozen[n] = {k for k, p in m.named_parameters() if not p.requires_grad}
             models[n], float_base[n] = _prepare_model(m, args, acc)
     shards = will_shard(acc, shard)  # FSDP: every weight split across the processes (train/sharded.py)
     if shards:
         from accord.train.sharded import check
 
-        check(acc, several=not single, lora=bool(args.lora_r))
+        check(acc, several=not single, quantized=bool(args.lora_quantize), lora=bool(args.lora_r))
     opt = make_optimizer(models, args, fused=acc.device.type == "cuda")
     out = Path(out_dir) if out_dir else None
     start, history, opt_state = _resume(out, models, opt, shards) if out else (0, [], None)
@@ -1037,6 +1039,9 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
             models[n] = merge_into_base(m, float_base[n])
         elif args.lora_r and hasattr(m, "merge_and_unload"):
             models[n] = m.merge_and_unload()
+        if args.lora_r and n in frozen:  # trainable again as it came (MoT trains the merged student next round)
+            for k, p in models[n].named_parameters():
+                p.requires_grad_(k not in frozen[n])
     return TrainResult(models[""] if single else models, history, start, out)
 
 
@@ -1273,7 +1278,7 @@ def save_checkpoint(acc, models: dict, toks: dict, opt, out: Path, step: int, hi
     if any(sharded(m) for m in models.values()):
         from accord.train.sharded import full_state, optimizer_state
 
-        whole = {n: full_state(m, tied=False) for n, m in models.items()}
+        whole = {n: full_state(m, tied=False, frozen=not hasattr(m, "peft_config")) for n, m in models.items()}
         opt_state = {"optimizer_by_name": optimizer_state(models[""], opt)}
     if write:
         tmp = out / f".checkpoint-{step}.partial"

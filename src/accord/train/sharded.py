@@ -27,8 +27,15 @@ waited at the barrier):
   the forward, so under FSDP it is off and the loss is the model's own, over full-vocabulary logits (the first
   line says so).
 
-Refused, with the reason: several models in one run (QR-Distill's students; their optimizer spans models), LoRA
-(its adapters are a few weights: data-parallel training is what it needs) and DeepSpeed, every ZeRO stage (it
+- **LoRA** (``train.lora.r`` > 0): peft adds the adapters before FSDP shards the model, so the frozen base is
+  sharded with them (what a student too large for one device needs; FSDP 2 keeps frozen and trainable weights in
+  one unit, FSDP 1 only with ``use_orig_params``).  A checkpoint gathers the trainable weights alone (the
+  adapters: ``ignore_frozen_params``), never the base; the trained model is gathered whole, built on process 0 as
+  a plain peft model of the same adapters (:func:`plain_model`) and merged there as without FSDP.
+
+Refused, with the reason: several models in one run (QR-Distill's students; their optimizer spans models), QLoRA
+(``train.lora.quantize``: bitsandbytes keeps a 4-bit weight's quantisation state beside its packed bytes, which
+shards would split), LoRA under FSDP 1 without ``use_orig_params``, and DeepSpeed, every ZeRO stage (it
 partitions the optimizer's state, and at stage 3 the weights, through its own API, which this project cannot test:
 a checkpoint would keep process 0's part only).  ``train.master_weights`` is refused
 where it is decided (:func:`accord.train.engine.master_weights`): FSDP keeps float32 copies itself.
@@ -71,7 +78,7 @@ def will_shard(acc, shard: bool) -> bool:
     return shard and ("FSDP" in kind or "DEEPSPEED" in kind)
 
 
-def check(acc, *, several: bool, lora: bool) -> None:
+def check(acc, *, several: bool, quantized: bool = False, lora: bool = False) -> None:
     """The settings sharded weights do not serve: a clear error instead of a hang or a wrong checkpoint."""
     kind = str(acc.distributed_type)
     if "DEEPSPEED" in kind:
@@ -82,9 +89,15 @@ def check(acc, *, several: bool, lora: bool) -> None:
     if several:
         raise UsageError(f"several models in one run (QR-Distill's students) under {kind}: their optimizer spans "
                          "the models, which accord does not gather; run it data-parallel (DDP)")
-    if lora:
-        raise UsageError(f"train.lora under {kind}: LoRA trains a few weights, which need no sharding; run it "
-                         "data-parallel (DDP), or set train.lora.r: 0 for a full fine-tune under FSDP")
+    if quantized:
+        raise UsageError(f"train.lora.quantize under {kind}: bitsandbytes packs a 4-bit weight with its "
+                         "quantisation state, which FSDP's shards would split; set train.lora.quantize: null "
+                         "(LoRA on a bf16 base sharded by FSDP), or run QLoRA data-parallel (DDP)")
+    plugin = getattr(getattr(acc, "state", None), "fsdp_plugin", None)
+    if lora and plugin is not None and getattr(plugin, "fsdp_version", 2) == 1 and not plugin.use_orig_params:
+        raise UsageError("train.lora under FSDP 1 without use_orig_params: FSDP 1 flattens each unit's weights "
+                         "into one tensor, which cannot mix the frozen base with trainable adapters; set "
+                         "fsdp_use_orig_params: true in the accelerate config, or use FSDP 2 (--fsdp_version 2)")
 
 
 @contextlib.contextmanager
@@ -113,13 +126,15 @@ def whole(module):
         module.reshard()
 
 
-def full_state(model, tied: bool = True) -> dict:
+def full_state(model, tied: bool = True, frozen: bool = True) -> dict:
     """The model's full state dict on the CPU of process 0 (empty elsewhere); every process must call it.  Not
     ``tied``: without the names that alias an earlier parameter (a tied head), as ``save_pretrained`` writes a
-    model whose tied weights are one tensor — gathered, they are two copies."""
+    model whose tied weights are one tensor — gathered, they are two copies.  Not ``frozen``: the trainable
+    parameters only (a LoRA checkpoint gathers its adapters, not the base)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=not frozen))
     if not tied:
         seen = set()
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -172,9 +187,10 @@ def gathered(model, is_main: bool):
 def plain_model(like, state: dict):
     """A plain model of ``like``'s class (before FSDP) and config holding ``state`` (its tensors, not copies),
     built on the meta device so that no random initialisation is paid; the buffers a state dict leaves out come
-    from ``like``.  MoT under FSDP builds each branch so, from the round's base (FSDP shards a model in place)."""
+    from ``like``.  MoT under FSDP builds each branch so, from the round's base (FSDP shards a model in place).
+    A LoRA model (peft's) comes back as one: its base's class with the same adapters, for the engine to merge."""
     with torch.device("meta"):
-        plain = _original_class(like)(like.config)
+        plain = _empty_like(like)
     plain.load_state_dict(state, assign=True)
     _buffers_from(plain, like)
     if hasattr(plain, "tie_weights"):
@@ -182,6 +198,19 @@ def plain_model(like, state: dict):
     if getattr(like, "generation_config", None) is not None:
         plain.generation_config = like.generation_config
     return plain
+
+
+def _empty_like(like):
+    """An untrained model of ``like``'s architecture (on the current default device): its class before FSDP and
+    its config; for a peft model, its base so and the same adapters added."""
+    import copy
+
+    from peft import PeftModel, get_peft_model
+
+    if not isinstance(like, PeftModel):
+        return _original_class(like)(like.config)
+    name = like.active_adapter
+    return get_peft_model(_empty_like(like.get_base_model()), copy.deepcopy(like.peft_config[name]), adapter_name=name)
 
 
 def _buffers_from(plain, inner) -> None:
