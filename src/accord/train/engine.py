@@ -47,7 +47,16 @@ from accord.launch import world as launch_world
 from accord.prompts import training_target
 from accord.train.lean import fused_on, lean_layers, n_lean, use_lean
 from accord.train.master import MasterWeights
-from accord.train.sharded import sharded, will_shard
+from accord.train.sharded import (
+    accumulating,
+    deepspeed_launch,
+    deepspeed_settings,
+    is_deepspeed,
+    shard_kind,
+    sharded,
+    whole_loads,
+    will_shard,
+)
 from accord.train.varlen import NAME as VARLEN
 from accord.train.varlen import active as varlen_active
 from accord.train.varlen import compute_dtype, segmented, split_by_length
@@ -416,8 +425,9 @@ def make_optimizer(model, args: TrainArgs, fused: bool = False) -> torch.optim.O
     groups = []
     for name, m in models.items():
         peak = args.lrs.get(name, args.lr)
-        decay = [p for p in m.parameters() if p.requires_grad and p.ndim >= 2]
-        rest = [p for p in m.parameters() if p.requires_grad and p.ndim < 2]
+        # ZeRO-3 loads a model partitioned (transformers' zero.Init): each weight an empty 1-d tensor, its shape kept
+        decay = [p for p in m.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2]
+        rest = [p for p in m.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) < 2]
         groups += [{"params": ps, "weight_decay": wd, "peak_lr": peak, "lr": peak}
                    for ps, wd in ((decay, args.weight_decay), (rest, 0.0)) if ps]
     return torch.optim.AdamW(groups, lr=args.lr, betas=args.betas, fused=fused or None)
@@ -480,6 +490,8 @@ def get_accelerator(args: TrainArgs | None = None):
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         _ACCELERATOR = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=want.type == "cpu",
                                    kwargs_handlers=[ddp])
+        if deepspeed_launch(_ACCELERATOR):
+            whole_loads()
     elif device != "auto" and not _same_device(check_device(device, select=True), _ACCELERATOR.device):
         raise UsageError(f"student.device: {device}, but this process already trains on "
                          f"{_ACCELERATOR.device} (one device per process); run it in a process of its own")
@@ -701,8 +713,8 @@ def chunks_asked(setting: bool | None, device) -> bool:
 
 def use_chunked(setting: bool | None, device, model) -> bool:
     """Whether ``model`` reads its head in chunks: :func:`chunks_asked`, a head that is h W^T
-    (:func:`chunkable_head`), and weights that are whole outside the forward (not FSDP's shards: the chunked
-    head multiplies by the head's weight there, :mod:`accord.train.sharded`)."""
+    (:func:`chunkable_head`), and weights that are whole outside the forward (not FSDP's or ZeRO-3's shards: the
+    chunked head multiplies by the head's weight there, :mod:`accord.train.sharded`)."""
     return chunks_asked(setting, device) and chunkable_head(model) and not sharded(model)
 
 
@@ -906,9 +918,13 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
         from accord.train.sharded import check
 
         check(acc, several=not single, quantized=bool(args.lora_quantize), lora=bool(args.lora_r))
+    micro = max(1, args.batch_size // args.grad_accum)
+    ds = shards and deepspeed_launch(acc)  # DeepSpeed: ZeRO partitions the optimizer's state (stage 3: weights too)
+    if ds:
+        deepspeed_settings(acc, micro, world, args.clip)
     opt = make_optimizer(models, args, fused=acc.device.type == "cuda")
     out = Path(out_dir) if out_dir else None
-    start, history, opt_state = _resume(out, models, opt, shards) if out else (0, [], None)
+    start, history, opt_state = _resume(out, models, opt, shards, ds) if out else (0, [], None)
     if start and (not shard or acc.is_main_process):  # a resumed run says so
         import sys
 
@@ -920,7 +936,11 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
     with contextlib.closing(masters):  # the float32 model as it came back in it, whatever happens
         by_hand = shard and world > 1 and not single  # several models: gradients averaged after the step
         models, opt = _place(acc, models, opt, shard, prepare_opt=not masters, wrap=not by_hand)
-        if opt_state is not None:  # a checkpoint's optimizer state keyed by name: set once the model is sharded
+        if opt_state is not None and ds:  # DeepSpeed's own checkpoint: loaded into its engine
+            from accord.train.sharded import load_deepspeed
+
+            load_deepspeed(models[""], opt_state)
+        elif opt_state is not None:  # a checkpoint's optimizer state keyed by name: set once the model is sharded
             from accord.train.sharded import set_optimizer_state
 
             set_optimizer_state(models[""], opt, opt_state)
@@ -950,7 +970,7 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                     if args.lora_r else "")
             say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
                      f"{' (data-parallel)' if world > 1 and not shards else ''}"
-                     f"{' (weights sharded: FSDP)' if shards else ''}; "
+                     f"{f' (sharded: {shard_kind(acc)})' if shards else ''}; "
                      f"autocast {acc.mixed_precision}; "
                      f"{'padding-free packing' if packed else 'no packing'}; {lora}"
                      + (f"torch.compile: {n} MLP/norm module(s)"
@@ -965,8 +985,7 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                         "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"
                                                  if chunked else " over full-vocabulary logits")
                         + (" (the chunked head reads the head's weight outside the forward, which is sharded)"
-                           if shards and chunks_asked(args.chunked_loss, acc.device) else "")))
-        micro = max(1, args.batch_size // args.grad_accum)
+                           if shards and not chunked and chunks_asked(args.chunked_loss, acc.device) else "")))
         clock, last_ckpt = time.perf_counter(), latest_checkpoint(out)
         flops = model_flops(call, args, acc.device) if single else None  # per input token, over the peak
         plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
@@ -982,8 +1001,10 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                                               sum(len(ex_ids(e)) for c in real for e in c)], shard and world > 1)
             parts = [collate_fn(c) for c in chunks]
             with acc.autocast():
-                loss, metrics = sft_step(call, parts, acc.device, n_tok, scale=world, backward=acc.backward,
-                                         no_sync=(lambda _: _no_sync_all(acc, trained)) if world > 1 else None,
+                loss, metrics = sft_step(call, parts, acc.device, n_tok, scale=world,
+                                         backward=call.backward if ds else acc.backward,
+                                         no_sync=accumulating if ds else
+                                         (lambda _: _no_sync_all(acc, trained)) if world > 1 else None,
                                          loss_fn=loss_fn, fill=fill)
             if by_hand:
                 average_gradients([p for m in trained for p in m.parameters() if p.requires_grad], world)
@@ -995,13 +1016,17 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                 raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {where}. "
                                        "Lower train.lr or check the corpus.")
             gnorm = None
-            with masters.full():
-                if args.clip:
-                    params = [p for m in trained for p in m.parameters()]
-                    clip = acc.clip_grad_norm_ if shard else torch.nn.utils.clip_grad_norm_
-                    gnorm = clip(params, args.clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            if ds:  # DeepSpeed clips (train.clip, in its config), steps and zeroes the gradients itself
+                call.step()
+                gnorm = call.get_global_grad_norm() if args.clip else None
+            else:
+                with masters.full():
+                    if args.clip:
+                        params = [p for m in trained for p in m.parameters()]
+                        clip = acc.clip_grad_norm_ if shard else torch.nn.utils.clip_grad_norm_
+                        gnorm = clip(params, args.clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
             history.append(loss.item())  # waits for the device: the step's time is its time
             now = time.perf_counter()
             rate = n_in / max(now - t0, 1e-9)
@@ -1089,6 +1114,8 @@ def _give_back(acc) -> None:
         return
     for name in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
         getattr(acc, name, []).clear()
+    if getattr(acc, "deepspeed_engine_wrapped", None) is not None:
+        acc.deepspeed_engine_wrapped = None
 
 
 def varlen_attention(model) -> bool:
@@ -1274,12 +1301,22 @@ def save_checkpoint(acc, models: dict, toks: dict, opt, out: Path, step: int, hi
     """An HF checkpoint (safetensors weights or LoRA adapter + tokenizer) plus optimizer/RNG state; several
     models each get their own ``<name>/`` directory (a head without ``save_pretrained``: its safetensors)."""
     ckpt = out / f"checkpoint-{step}"
-    whole = None  # FSDP: every process gathers (train/sharded.py); process 0 writes what it gathered
-    if any(sharded(m) for m in models.values()):
+    whole = None  # FSDP, DeepSpeed: every process gathers (train/sharded.py); process 0 writes what it gathered
+    engine = models[""] if is_deepspeed(models.get("")) else None
+    if any(sharded(m) for m in models.values()) or engine is not None:
         from accord.train.sharded import full_state, optimizer_state
 
         whole = {n: full_state(m, tied=False, frozen=not hasattr(m, "peft_config")) for n, m in models.items()}
-        opt_state = {"optimizer_by_name": optimizer_state(models[""], opt)}
+        opt_state = {} if engine is not None else {"optimizer_by_name": optimizer_state(models[""], opt)}
+    if engine is not None:  # DeepSpeed's partitioned optimizer state, its own format, every process its part
+        from accord.train.sharded import DEEPSPEED_STATE, save_deepspeed
+
+        parts = out / f".checkpoint-{step}.{DEEPSPEED_STATE}"
+        if write:
+            shutil.rmtree(parts, ignore_errors=True)
+        acc.wait_for_everyone()
+        save_deepspeed(engine, parts)
+        acc.wait_for_everyone()
     if write:
         tmp = out / f".checkpoint-{step}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1287,6 +1324,8 @@ def save_checkpoint(acc, models: dict, toks: dict, opt, out: Path, step: int, hi
             _save_module(acc.unwrap_model(m), toks.get(name), tmp / name, whole[name] if whole else None)
         torch.save({**(opt_state if whole else {"optimizer": opt.state_dict()}), "torch_rng": torch.get_rng_state()},
                    tmp / "optimizer.pt")
+        if engine is not None:
+            parts.rename(tmp / DEEPSPEED_STATE)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
@@ -1319,11 +1358,13 @@ def _prune(out: Path, keep: int | None) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _resume(out: Path, models: dict, opt, shards: bool = False) -> tuple[int, list[float], dict | None]:
+def _resume(out: Path, models: dict, opt, shards: bool = False, ds: bool = False) -> tuple[int, list[float], object]:
     """(step, loss history, optimizer state still to set) from the newest checkpoint, the weights loaded.  The
     optimizer's state is keyed by parameter index, loaded here, or (written under FSDP) keyed by name, which is
     set once the model is placed; a run that will shard its model gets the name-keyed form either way
-    (:mod:`accord.train.sharded`)."""
+    (:mod:`accord.train.sharded`).  Under DeepSpeed (``ds``) it is the folder of DeepSpeed's own, loaded once the
+    engine exists; a checkpoint written with DeepSpeed resumes only under it, and one written without it only
+    without it."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out)
     if ckpt is None:
@@ -1334,7 +1375,15 @@ def _resume(out: Path, models: dict, opt, shards: bool = False) -> tuple[int, li
         _load_module(m, ckpt / name)
     extra = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
     later = extra.get("optimizer_by_name")
-    if later is None:
+    from accord.train.sharded import DEEPSPEED_STATE
+
+    if ds or (ckpt / DEEPSPEED_STATE).exists():
+        if ds != (ckpt / DEEPSPEED_STATE).exists():
+            raise UsageError(f"{ckpt}: its optimizer state was written {'without' if ds else 'under'} DeepSpeed, "
+                             f"and this run trains {'under' if ds else 'without'} it; resume it as it was launched, "
+                             f"or move {ckpt.name} aside to start again (its weights are ordinary HF files)")
+        later = ckpt / DEEPSPEED_STATE
+    elif later is None:
         opt.load_state_dict(extra["optimizer"])
         if shards:  # into the name-keyed form while the parameters are still the model's own
             from accord.train.sharded import optimizer_state
