@@ -7,9 +7,10 @@ from importlib.util import find_spec
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import corpus_run
-from test_distributed import launch, weights
-from test_fsdp import _adapters, _far
+from test_distributed import launch, shipped_env, weights
+from test_fsdp import _adapters, _far, cuda_matches_plain_and_resumes
 
 from accord.errors import UsageError
 from accord.train.sharded import deepspeed_settings, shard_kind, whole_loads
@@ -48,7 +49,9 @@ def test_under_zero3_models_load_whole():
 
 
 def _ds(cfg, tmp_path, zero: int, *overrides: str) -> str:
-    return launch(cfg, 2, tmp_path, *overrides, worker="ds_worker.py", env={"ACCORD_TEST_ZERO": str(zero)})
+    """``cfg`` trained on two processes through ``configs/accelerate/deepspeed-zero{zero}.yaml``, in float32."""
+    env = shipped_env(f"deepspeed-zero{zero}.yaml", ACCELERATE_MIXED_PRECISION="no")
+    return launch(cfg, 2, tmp_path, *overrides, worker="ds_worker.py", env=env)
 
 
 @needs_deepspeed
@@ -110,23 +113,25 @@ def test_deepspeed_zero3_trains_lora_and_mot(tmp_path, micro):
 @pytest.mark.gpu
 @pytest.mark.timeout(600)
 def test_deepspeed_through_accelerates_own_settings_on_cuda(tmp_path, micro):
-    """On a GPU accelerate turns DeepSpeed on itself, from the variables `accelerate launch --use_deepspeed
-    --zero_stage 3` sets: one process under torchrun (bf16 off for a tight comparison), against a plain run; then
-    a resume from its checkpoint."""
-    import torch
+    """On a GPU accelerate turns DeepSpeed on itself, from the variables `accelerate launch --config_file
+    configs/accelerate/deepspeed-zero3.yaml` sets: one process under torchrun (bf16 off for a tight comparison),
+    against a plain run; then a resume from its checkpoint."""
+    env = shipped_env("deepspeed-zero3.yaml", ACCELERATE_MIXED_PRECISION="no")
+    cuda_matches_plain_and_resumes(tmp_path, micro, env, "(sharded: DeepSpeed ZeRO-3)")
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    ds_env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
-    one_cfg, one = corpus_run(tmp_path, micro, "one", bf16=False)
-    launch(one_cfg, 1, tmp_path)
-    ds_cfg, ds = corpus_run(tmp_path, micro, "ds", bf16=False)
-    err = launch(ds_cfg, 1, tmp_path, env=ds_env, torchrun=True)
-    assert "(sharded: DeepSpeed ZeRO-3)" in err, err[-2000:]
-    assert _far(weights(one / "train/mtd/final"), weights(ds / "train/mtd/final")) < 1e-3
-    for gone in ("final", "checkpoint-4"):
-        shutil.rmtree(ds / "train/mtd" / gone)
-    (ds / "train/mtd/result.json").unlink()
-    err = launch(ds_cfg, 1, tmp_path, env=ds_env, torchrun=True)
-    assert "resuming mtd from checkpoint-2" in err
-    assert _far(weights(one / "train/mtd/final"), weights(ds / "train/mtd/final")) < 1e-3
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_deepspeed_bf16_trains_bf16_weights_and_writes_float32(tmp_path, micro):
+    """bf16 under DeepSpeed is DeepSpeed's own (bf16 weights, float32 masters in its optimizer): the run says so,
+    trains, and writes each trained weight as its float32 master, to the rounding bf16 weights leave (at this
+    learning rate two bf16 runs differ by about as much as they move; one process with ``train.master_weights``
+    ends 2.4e-2 away, having moved 3e-2)."""
+    ds_cfg, ds = corpus_run(tmp_path, micro, "ds", bf16=True)
+    err = launch(ds_cfg, 2, tmp_path, worker="ds_worker.py", env=shipped_env("deepspeed-zero3.yaml"))  # its bf16
+    assert "weights bfloat16" in err and "(sharded: DeepSpeed ZeRO-3)" in err, err[-2000:]
+    final = weights(ds / "train/mtd/final")
+    assert all(v.dtype == torch.float32 for v in final.values())
+    assert any((v != v.to(torch.bfloat16).float()).any() for v in final.values())  # the masters, not bf16 copies
+    assert _far(weights(micro), final) > 1e-2

@@ -55,6 +55,25 @@ def launch(cfg: Path, nproc: int, tmp_path: Path, *overrides: str, worker: str =
     return out.stderr
 
 
+def shipped_env(name: str, **over: str) -> dict:
+    """The variables ``accelerate launch --config_file configs/accelerate/NAME`` gives its processes, read by
+    accelerate's own launcher code (it has no public function for this), with ``over`` on top: the CPU tests train
+    through the files the README hands users."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = Path(__file__).parents[1] / "configs" / "accelerate" / name
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "x.py"])
+    args, defaults, precision_from_file = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command does before its DeepSpeed launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(
+            [*defaults.deepspeed_config, *(["mixed_precision"] if precision_from_file else [])])
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {**{k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}, **over}
+
+
 def weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -350,3 +369,19 @@ def test_accord_run_on_two_processes_trains_on_both_and_does_the_rest_once(tmp_p
     assert code == 0, one
     two, one = (json.loads((r / "analysis" / "interpolation.json").read_text()) for r in (run, tmp_path / "one"))
     assert [p["lambda"] for p in two["curves"]["mtd"]] == [0.0, 0.5, 1.0] and two == one
+
+
+def test_shipped_accelerate_configs_turn_on_what_they_are_named_for():
+    """``configs/accelerate/``, as accelerate's launcher reads each file (the FSDP and DeepSpeed tests train
+    through them): bf16, and data-parallel, FSDP 2 by decoder layer, or ZeRO-2/3 with models loaded whole."""
+    ddp = shipped_env("ddp.yaml")
+    assert ddp["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert "ACCELERATE_USE_FSDP" not in ddp and "ACCELERATE_USE_DEEPSPEED" not in ddp
+    fsdp = shipped_env("fsdp2.yaml")
+    assert (fsdp["ACCELERATE_USE_FSDP"], fsdp["FSDP_VERSION"], fsdp["FSDP_AUTO_WRAP_POLICY"],
+            fsdp["FSDP_STATE_DICT_TYPE"]) == ("true", "2", "TRANSFORMER_BASED_WRAP", "FULL_STATE_DICT")
+    for zero in (2, 3):
+        ds = shipped_env(f"deepspeed-zero{zero}.yaml")
+        assert (ds["ACCELERATE_USE_DEEPSPEED"], ds["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) == ("true", str(zero))
+        assert ds["ACCELERATE_MIXED_PRECISION"] == "bf16" and "ACCELERATE_USE_FSDP" not in ds
+    assert shipped_env("deepspeed-zero3.yaml")["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "false"

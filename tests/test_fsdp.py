@@ -9,10 +9,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import corpus_run
-from test_distributed import launch, weights
+from test_distributed import launch, shipped_env, weights
 
 from accord.errors import UsageError
 from accord.train.sharded import check, sharded, whole, will_shard
+
+
+def _fsdp(cfg, tmp_path, *overrides: str) -> str:
+    """``cfg`` trained on two processes through ``configs/accelerate/fsdp2.yaml``, in float32."""
+    env = shipped_env("fsdp2.yaml", ACCELERATE_MIXED_PRECISION="no")
+    return launch(cfg, 2, tmp_path, *overrides, worker="fsdp_worker.py", env=env)
 
 
 def _far(a: dict, b: dict) -> float:
@@ -25,20 +31,21 @@ def test_fsdp_matches_one_process_and_resumes_across_fsdp_and_plain_runs(tmp_pat
     one_cfg, one = corpus_run(tmp_path, micro, "one")
     launch(one_cfg, 1, tmp_path)
     fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp")
-    err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
+    err = _fsdp(fs_cfg, tmp_path)
     assert "2 process(es) (sharded: FSDP 2)" in err, err[-2000:]
     for rel in ("checkpoint-2", "checkpoint-4", "final"):  # every checkpoint holds the whole model
         assert _far(weights(one / "train/mtd" / rel), weights(fs / "train/mtd" / rel)) < 1e-5, rel
     assert "optimizer_by_name" in torch.load(fs / "train/mtd/checkpoint-2/optimizer.pt", weights_only=True)
     # killed after step 2, resumed: under FSDP; FSDP's checkpoint by one process; one process's under FSDP.
     # The optimizer's state must come back: without it the weights end ~3e-2 away, not 1e-5
-    for src, nproc, worker in ((fs, 2, "fsdp_worker.py"), (fs, 1, "dist_worker.py"), (one, 2, "fsdp_worker.py")):
+    for src, nproc in ((fs, 2), (fs, 1), (one, 2)):  # two processes: FSDP; one: a plain run
         run = tmp_path / f"resume-{src.name}-{nproc}"
         shutil.copytree(src, run)
         for gone in ("final", "checkpoint-4"):
             shutil.rmtree(run / "train/mtd" / gone)
         (run / "train/mtd/result.json").unlink()
-        err = launch(fs_cfg, nproc, tmp_path, f"run_dir={run}", worker=worker)
+        over = f"run_dir={run}"
+        err = _fsdp(fs_cfg, tmp_path, over) if nproc == 2 else launch(fs_cfg, 1, tmp_path, over)
         assert "resuming mtd from checkpoint-2" in err, err[-2000:]
         assert _far(weights(one / "train/mtd/final"), weights(run / "train/mtd/final")) < 1e-5, run.name
 
@@ -58,7 +65,7 @@ def test_fsdp_trains_lora_on_a_sharded_base_and_resumes(tmp_path, micro):
     one_cfg, one = corpus_run(tmp_path, micro, "one", **lora)
     launch(one_cfg, 1, tmp_path)
     fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", **lora)
-    err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
+    err = _fsdp(fs_cfg, tmp_path)
     assert "(sharded: FSDP" in err and "LoRA r=4" in err, err[-2000:]
     for rel in ("checkpoint-2", "checkpoint-4"):
         ckpt = fs / "train/mtd" / rel
@@ -75,7 +82,7 @@ def test_fsdp_trains_lora_on_a_sharded_base_and_resumes(tmp_path, micro):
         for gone in ("final", "checkpoint-4"):
             shutil.rmtree(run / "train/mtd" / gone)
         (run / "train/mtd/result.json").unlink()
-        err = launch(fs_cfg, 2, tmp_path, f"run_dir={run}", worker="fsdp_worker.py")
+        err = _fsdp(fs_cfg, tmp_path, f"run_dir={run}")
         assert "resuming mtd from checkpoint-2" in err, err[-2000:]
         assert _far(weights(one / "train/mtd/final"), weights(run / "train/mtd/final")) < 1e-5, run.name
 
@@ -87,7 +94,7 @@ def test_fsdp_mot_trains_each_branch_sharded_over_every_process(tmp_path, micro)
     one_cfg, one = corpus_run(tmp_path, micro, "one", method=["mot"], rounds=2)
     launch(one_cfg, 1, tmp_path)
     fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", method=["mot"], rounds=2)
-    err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
+    err = _fsdp(fs_cfg, tmp_path)
     assert "(sharded: FSDP" in err and "(data-parallel)" not in err and "1 process(es)" not in err
     base = weights(micro)
     for r in (1, 2):  # AdamW turns a rounding-sized gradient difference (two processes add in another order) into
@@ -108,7 +115,7 @@ def test_fsdp_compact_gathers_the_last_layer_and_drops_the_chunked_head(tmp_path
     one_cfg, one = corpus_run(tmp_path, micro, "one", **settings)
     launch(one_cfg, 1, tmp_path)
     fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", **settings)
-    err = launch(fs_cfg, 2, tmp_path, worker="fsdp_worker.py")
+    err = _fsdp(fs_cfg, tmp_path)
     assert "compact: the head over full-vocabulary logits" in err
     assert "lean RMSNorm/SwiGLU" in err
     assert _far(weights(one / "train/compact/final"), weights(fs / "train/compact/final")) < 1e-4
@@ -151,20 +158,26 @@ def test_fsdp_through_accelerates_own_settings_on_cuda(tmp_path, micro, version)
     """On a GPU accelerate turns FSDP on itself, from the variables `accelerate launch` sets for an FSDP config
     (FSDP 1 is its default): one process under torchrun, the engine's defaults there (bf16 off for a tight
     comparison; the chunked head falls back), against a plain run; then a resume from its checkpoint."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(version), "FSDP_AUTO_WRAP_POLICY":
             "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
             "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_USE_ORIG_PARAMS": "true"}
+    cuda_matches_plain_and_resumes(tmp_path, micro, fsdp, "(sharded: FSDP")
+
+
+def cuda_matches_plain_and_resumes(tmp_path, micro, env: dict, says: str) -> None:
+    """One process under torchrun with accelerate's variables ``env`` on CUDA (bf16 off) ends within 1e-3 of a
+    plain run, its first line saying ``says``; killed after step 2, it resumes there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     one_cfg, one = corpus_run(tmp_path, micro, "one", bf16=False)
     launch(one_cfg, 1, tmp_path)
-    fs_cfg, fs = corpus_run(tmp_path, micro, "fsdp", bf16=False)
-    err = launch(fs_cfg, 1, tmp_path, env=fsdp, torchrun=True)
-    assert "(sharded: FSDP" in err, err[-2000:]
-    assert _far(weights(one / "train/mtd/final"), weights(fs / "train/mtd/final")) < 1e-3
+    cfg, run = corpus_run(tmp_path, micro, "sharded", bf16=False)
+    err = launch(cfg, 1, tmp_path, env=env, torchrun=True)
+    assert says in err, err[-2000:]
+    assert _far(weights(one / "train/mtd/final"), weights(run / "train/mtd/final")) < 1e-3
     for gone in ("final", "checkpoint-4"):
-        shutil.rmtree(fs / "train/mtd" / gone)
-    (fs / "train/mtd/result.json").unlink()
-    err = launch(fs_cfg, 1, tmp_path, env=fsdp, torchrun=True)
+        shutil.rmtree(run / "train/mtd" / gone)
+    (run / "train/mtd/result.json").unlink()
+    err = launch(cfg, 1, tmp_path, env=env, torchrun=True)
     assert "resuming mtd from checkpoint-2" in err
-    assert _far(weights(one / "train/mtd/final"), weights(fs / "train/mtd/final")) < 1e-3
+    assert _far(weights(one / "train/mtd/final"), weights(run / "train/mtd/final")) < 1e-3
