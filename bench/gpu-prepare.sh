@@ -22,5 +22,12 @@ fetch() {  # fetch PACKAGE [VERSION]: the venv's version when it has one, else t
     -d .gpu/whl-bench "$spec" || echo "could not fetch $spec (the TRL comparison may say 'not measured')"
 }
 for p in trl liger-kernel datasets dill multiprocess xxhash pandas tzdata python-dateutil; do fetch "$p"; done
-du -sh .gpu .gpu/whl-bench
+# 3. .gpu/whl-ds/: DeepSpeed (an sdist on PyPI: built into a wheel here, its ops compiled on first use there) and
+#    what it imports beyond torch, for the last step's DeepSpeed ZeRO-3 test through configs/accelerate/.
+mkdir -p .gpu/whl-ds
+ds=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('deepspeed'))" 2>/dev/null || echo 0.19.8)
+python3 -m pip wheel -q --no-deps -w .gpu/whl-ds "deepspeed==$ds" hjson py-cpuinfo einops \
+  || echo "could not build DeepSpeed's wheel (its GPU test will be skipped)"
+for p in msgpack ninja; do fetch "$p"; mv .gpu/whl-bench/"${p}"-*.whl .gpu/whl-ds/ 2>/dev/null || true; done
+du -sh .gpu .gpu/whl-bench .gpu/whl-ds
 echo "ready: on the GPU machine run  OUT=<dir> bash bench/gpu.sh   (carry .gpu)"

@@ -57,7 +57,7 @@ step accord-env 30 python3 -m accord.cli env  # versions, devices, optional pack
 step bench-engine 240 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --steps 10
 step bench-memory 90 python3 bench/memory.py --device cuda --shape qwen3-0.6b --calls 3 --steps 2 --batch 4 \
   --max-len 1024
-step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k "not fsdp" tests  # the fused RMSNorm too
+step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k "not fsdp and not deepspeed" tests  # the fused RMSNorm too
 step bench-profile 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile  # where a step goes
 step bench-profile-master 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile \
   --master-weights  # the same with a bf16 model and float32 master weights (train.master_weights)
@@ -76,6 +76,12 @@ step bench-eval 150 python3 bench/eval.py --device cuda --shape qwen3-0.6b --n 6
 step pytest-fsdp 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_fsdp.py  # FSDP 1 and 2 as
 # accelerate turns them on by itself on a GPU (the CPU test sets its state by hand), last: four launches
 
+if [ -d "$ROOT/.gpu/whl-ds" ]; then  # DeepSpeed ZeRO-3 as accelerate turns it on by itself on a GPU, last of all
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-ds \
+    "$ROOT"/.gpu/whl-ds/*.whl || echo "could not install DeepSpeed's wheels"
+  step pytest-deepspeed 120 env PYTHONPATH="/tmp/site-ds:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider \
+    -m gpu -rs tests/test_deepspeed.py
+fi
 echo "===== SUMMARY ====="
 cat "$SUM"
 grep -h "ratio\|utilisation\|peak\|equal\|calls" "$OUT"/bench-*.txt 2>/dev/null
