@@ -44,6 +44,8 @@ EPILOG = """examples:
   accord train my.yaml student.device=cuda:1   # train (and evaluate) on the second GPU; cpu also works beside a GPU
   accord train my.yaml train.master_weights=true   # GPU: a bf16 model, float32 master weights in the optimizer
   accord env                       # versions, devices, optional packages: paste it into a bug report
+  # several GPUs: configs/accelerate/ has ddp.yaml, fsdp2.yaml, deepspeed-zero2.yaml, deepspeed-zero3.yaml
+  accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 4 -m accord.cli run my.yaml
 """
 
 

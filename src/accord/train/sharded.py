@@ -64,7 +64,8 @@ through DeepSpeed's own engine, which ``accelerate.prepare`` returns in place of
 
 Tested on the CPU (``tests/test_fsdp.py``, ``tests/test_deepspeed.py``): torch's ``fully_shard`` and DeepSpeed's
 ZeRO (its CPU accelerator) run over gloo there, but accelerate lets FSDP and DeepSpeed run on GPUs only, so the
-tests set accelerate's state by hand on two CPU processes.
+tests set accelerate's state by hand on two CPU processes, from the variables accelerate's launcher reads out of
+``configs/accelerate/fsdp2.yaml`` and ``deepspeed-zero{2,3}.yaml`` (the launch files users are handed).
 """
 
 from __future__ import annotations
