@@ -247,3 +247,19 @@ def test_the_fused_adamw_steps_as_the_default_one():
             o.zero_grad()
     for p, q in zip(*(n.parameters() for n in nets), strict=True):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["DistributedType.FSDP", "DistributedType.DEEPSPEED"])
+def test_master_weights_under_fsdp_or_deepspeed_are_refused(kind):
+    """FSDP and DeepSpeed keep float32 masters of their own: a second set would be stepped by no one."""
+    from types import SimpleNamespace
+
+    from accord.errors import UsageError
+    from accord.train.engine import TrainArgs, master_weights
+
+    acc = SimpleNamespace(mixed_precision="bf16", distributed_type=kind)
+    with pytest.raises(UsageError, match=f"master_weights: true under {kind}, which keeps float32 master copies"):
+        master_weights({}, None, TrainArgs(master_weights=True), acc)
+    plain = SimpleNamespace(mixed_precision="bf16", distributed_type="DistributedType.MULTI_GPU", device="cpu")
+    assert not master_weights({}, torch.optim.SGD([torch.zeros(1, requires_grad=True)]), TrainArgs(master_weights=True),
+                              plain)

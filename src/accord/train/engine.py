@@ -425,9 +425,11 @@ def make_optimizer(model, args: TrainArgs, fused: bool = False) -> torch.optim.O
     groups = []
     for name, m in models.items():
         peak = args.lrs.get(name, args.lr)
+        trained = [p for p in m.parameters() if p.requires_grad]
         # ZeRO-3 loads a model partitioned (transformers' zero.Init): each weight an empty 1-d tensor, its shape kept
-        decay = [p for p in m.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2]
-        rest = [p for p in m.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) < 2]
+        matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trained]
+        decay = [p for p, mat in zip(trained, matrix) if mat]
+        rest = [p for p, mat in zip(trained, matrix) if not mat]
         groups += [{"params": ps, "weight_decay": wd, "peak_lr": peak, "lr": peak}
                    for ps, wd in ((decay, args.weight_decay), (rest, 0.0)) if ps]
     return torch.optim.AdamW(groups, lr=args.lr, betas=args.betas, fused=fused or None)
@@ -1080,10 +1082,9 @@ def master_weights(models: dict, opt, args: TrainArgs, acc) -> MasterWeights:
         return MasterWeights([], False)
     if acc.mixed_precision != "bf16":
         raise UsageError(NEEDS_BF16)
-    kind = str(getattr(acc, "distributed_type", ""))
-    if "FSDP" in kind or "DEEPSPEED" in kind:
-        raise UsageError(f"train.master_weights: true under {kind}, which keeps float32 master copies itself; set "
-                         "train.master_weights: false and use its mixed-precision settings")
+    if will_shard(acc, True):
+        raise UsageError(f"train.master_weights: true under {acc.distributed_type}, which keeps float32 master "
+                         "copies itself; set train.master_weights: false and use its mixed-precision settings")
     lms = [m.to(acc.device) for m in models.values() if _is_lm(m) and _trainable(m)]
     opt.load_state_dict(opt.state_dict())  # moves a resumed state to its parameters' device, float32 as they are
     return MasterWeights(lms, True)

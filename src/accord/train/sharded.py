@@ -98,8 +98,7 @@ def fsdp_launch() -> bool:
 def will_shard(acc, shard: bool) -> bool:
     """Whether ``accelerate.prepare`` will split a model's weights or its optimizer's state across the processes
     in this run: FSDP, DeepSpeed (``shard``: the run's models go through ``prepare``; MoT's branches do not)."""
-    kind = str(getattr(acc, "distributed_type", ""))
-    return shard and ("FSDP" in kind or "DEEPSPEED" in kind)
+    return shard and ("FSDP" in str(getattr(acc, "distributed_type", "")) or deepspeed_launch(acc))
 
 
 def check(acc, *, several: bool, quantized: bool = False, lora: bool = False) -> None:
@@ -268,10 +267,9 @@ def deepspeed_launch(acc) -> bool:
 
 def shard_kind(acc) -> str:
     """What shards this run's model, in words for its first line: ``FSDP 2``, ``DeepSpeed ZeRO-3``."""
-    state = getattr(acc, "state", None)
     if deepspeed_launch(acc):
         return f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
-    plugin = getattr(state, "fsdp_plugin", None)
+    plugin = getattr(getattr(acc, "state", None), "fsdp_plugin", None)
     return f"FSDP {getattr(plugin, 'fsdp_version', 1)}" if plugin is not None else "FSDP"
 
 
