@@ -80,6 +80,15 @@ def weights(path: Path) -> dict:
     return load_file(path / "model.safetensors")
 
 
+def update_gap(a: dict, b: dict, base: dict) -> float:
+    """|a − b| / |a − base| over all weights: how far two runs from ``base`` ended apart, as a part of the update.
+    AdamW's normalised step turns a rounding-sized gradient difference (two processes add in another order) into a
+    step of up to lr for a weight whose gradient is near zero, so a few weights may differ by ~lr while the rest
+    agree to rounding: a bound on the largest difference fails on one CPU and passes on another."""
+    diff = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+    return diff / sum(float((a[k] - base[k]).norm() ** 2) for k in a) ** 0.5
+
+
 @pytest.mark.timeout(600)
 def test_two_processes_match_one(tmp_path, micro):
     one_cfg, one = setup(tmp_path, micro, "one")
@@ -136,13 +145,9 @@ def test_master_weights_train_data_parallel(tmp_path, micro):
         launch(cfg, n, tmp_path)
         runs[n] = weights(run / "train/mtd/final")
     assert all(v.dtype == torch.float32 for v in runs[2].values())
-    base = weights(micro)
-    # AdamW's normalised step turns a rounding-sized gradient difference into a full step for a weight whose
-    # gradient is near zero, so the bound is on the whole update: the two runs' difference is a small part of it
-    diff = sum(float((runs[1][k] - runs[2][k]).norm() ** 2) for k in runs[1]) ** 0.5
-    moved = sum(float((runs[1][k] - base[k]).norm() ** 2) for k in runs[1]) ** 0.5
-    print(f"master weights, 1 vs 2 processes: |difference| / |update| = {diff / moved:.3f}")
-    assert diff <= 0.1 * moved, diff / moved
+    gap = update_gap(runs[1], runs[2], weights(micro))  # the two runs' difference is a small part of the update
+    print(f"master weights, 1 vs 2 processes: |difference| / |update| = {gap:.3f}")
+    assert gap <= 0.1, gap
 
 
 @pytest.mark.timeout(600)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import corpus_run
-from test_distributed import launch, shipped_env, weights
+from test_distributed import launch, shipped_env, update_gap, weights
 
 from accord.errors import UsageError
 from accord.train.sharded import check, sharded, whole, will_shard
@@ -97,12 +97,10 @@ def test_fsdp_mot_trains_each_branch_sharded_over_every_process(tmp_path, micro)
     err = _fsdp(fs_cfg, tmp_path)
     assert "(sharded: FSDP" in err and "(data-parallel)" not in err and "1 process(es)" not in err
     base = weights(micro)
-    for r in (1, 2):  # AdamW turns a rounding-sized gradient difference (two processes add in another order) into
-        # a step for a weight whose gradient is near zero, so the bound is on the whole update (as for DDP's masters)
-        a, b = weights(one / f"train/mot/round-{r}/merged"), weights(fs / f"train/mot/round-{r}/merged")
-        diff = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
-        moved = sum(float((a[k] - base[k]).norm() ** 2) for k in a) ** 0.5
-        assert diff < 1e-3 * moved, (r, diff / moved)
+    for r in (1, 2):
+        merged = f"train/mot/round-{r}/merged"
+        gap = update_gap(weights(one / merged), weights(fs / merged), base)
+        assert gap < 1e-3, (r, gap)
     assert not (fs / "train/mot/round-1/branch-a").exists()
 
 
@@ -118,7 +116,11 @@ def test_fsdp_compact_gathers_the_last_layer_and_drops_the_chunked_head(tmp_path
     err = _fsdp(fs_cfg, tmp_path)
     assert "compact: the head over full-vocabulary logits" in err
     assert "lean RMSNorm/SwiGLU" in err
-    assert _far(weights(one / "train/compact/final"), weights(fs / "train/compact/final")) < 1e-4
+    # the bound is on the whole update (a largest difference of 1e-4 held on an Intel CPU; on an AMD one three of
+    # 2,048 weights of a matrix ended 1.4e-3 apart, 5.4e-4 of the update): dropping the consensus score moves the
+    # result 0.19 of the update, so a consensus computed on the wrong weights cannot pass
+    gap = update_gap(weights(one / "train/compact/final"), weights(fs / "train/compact/final"), weights(micro))
+    assert gap < 1e-2, gap
     assert json.loads((fs / "train/compact/result.json").read_text())["method"] == "compact"
 
 
