@@ -43,7 +43,15 @@ def setup(tmp_path, micro, name):
 def launch(cfg: Path, nproc: int, tmp_path: Path, *overrides: str, worker: str = "dist_worker.py",
            env: dict | None = None, torchrun: bool = False, fails: bool = False) -> str:
     """Train ``cfg`` on ``nproc`` processes (torchrun over gloo; one process: plain python unless ``torchrun``)
-    through ``worker``, with ``env`` added; its stderr.  ``fails``: the run must stop with an error."""
+    through ``worker``, with ``env`` added; its stderr.  ``fails``: the run must stop with an error.  The plain
+    one-process float32 run of ``dist_worker.py`` (the references) trains in this process (:func:`_train_here`)."""
+    from conftest import bf16_process
+
+    if nproc == 1 and not (torchrun or fails or env) and worker == "dist_worker.py" and not bf16_process():
+        from accord.config import load_config
+
+        if not load_config(str(cfg), list(overrides)).train.bf16:  # the same precision as this process's
+            return _train_here(cfg, overrides)
     worker = Path(__file__).with_name(worker)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(worker), str(cfg), *overrides] if nproc > 1 or torchrun else [sys.executable, str(worker), str(cfg),
@@ -53,6 +61,26 @@ def launch(cfg: Path, nproc: int, tmp_path: Path, *overrides: str, worker: str =
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path, check=False)
     assert (out.returncode != 0) == fails, out.stderr[-3000:]
     return out.stderr
+
+
+def _train_here(cfg: Path, overrides) -> str:
+    """What ``dist_worker.py`` does on one process, done in this one: the imports a new process pays (~9 s a
+    launch on 2 cores) are paid already.  On one thread, as the launched process has (``OMP_NUM_THREADS=1``), so
+    the reference is the same to the bit; its stderr."""
+    import contextlib
+    import io
+
+    from accord.config import load_config
+    from accord.train import train_methods
+
+    buf, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stderr(buf):
+            train_methods(load_config(str(cfg), list(overrides)), Console(stderr=True, quiet=True))
+    finally:
+        torch.set_num_threads(threads)
+    return buf.getvalue()
 
 
 def shipped_env(name: str, **over: str) -> dict:
