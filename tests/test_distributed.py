@@ -64,9 +64,9 @@ def launch(cfg: Path, nproc: int, tmp_path: Path, *overrides: str, worker: str =
 
 
 def _train_here(cfg: Path, overrides) -> str:
-    """What ``dist_worker.py`` does on one process, done in this one: the imports a new process pays (~9 s a
-    launch on 2 cores) are paid already.  On one thread, as the launched process has (``OMP_NUM_THREADS=1``), so
-    the reference is the same to the bit; its stderr."""
+    """What ``dist_worker.py`` does on one process, done in this one, whose imports are paid already (a launched
+    one took ~9 s on 2 cores, most of it importing torch and transformers).  On one thread, as the launched process
+    has (``OMP_NUM_THREADS=1``), so the reference is the same to the bit; its stderr."""
     import contextlib
     import io
 
