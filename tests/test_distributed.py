@@ -50,8 +50,9 @@ def launch(cfg: Path, nproc: int, tmp_path: Path, *overrides: str, worker: str =
     if nproc == 1 and not (torchrun or fails or env) and worker == "dist_worker.py" and not bf16_process():
         from accord.config import load_config
 
-        if not load_config(str(cfg), list(overrides)).train.bf16:  # the same precision as this process's
-            return _train_here(cfg, overrides)
+        config = load_config(str(cfg), list(overrides))
+        if not config.train.bf16:  # the same precision as this process's
+            return _train_here(config)
     worker = Path(__file__).with_name(worker)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(worker), str(cfg), *overrides] if nproc > 1 or torchrun else [sys.executable, str(worker), str(cfg),
@@ -63,21 +64,20 @@ def launch(cfg: Path, nproc: int, tmp_path: Path, *overrides: str, worker: str =
     return out.stderr
 
 
-def _train_here(cfg: Path, overrides) -> str:
+def _train_here(config) -> str:
     """What ``dist_worker.py`` does on one process, done in this one, whose imports are paid already (a launched
     one took ~9 s on 2 cores, most of it importing torch and transformers).  On one thread, as the launched process
     has (``OMP_NUM_THREADS=1``), so the reference is the same to the bit; its stderr."""
     import contextlib
     import io
 
-    from accord.config import load_config
     from accord.train import train_methods
 
     buf, threads = io.StringIO(), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stderr(buf):
-            train_methods(load_config(str(cfg), list(overrides)), Console(stderr=True, quiet=True))
+            train_methods(config, Console(stderr=True, quiet=True))
     finally:
         torch.set_num_threads(threads)
     return buf.getvalue()
