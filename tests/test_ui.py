@@ -87,3 +87,38 @@ def test_env_says_what_runs_here_and_never_a_secret(monkeypatch):
                         (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
     code, out = run_cli("env", "--json")
     assert code == 0 and json.loads(out)["versions"]["datasets"].startswith("MISSING")
+
+
+def test_deepspeeds_cpu_fallback_line_is_dropped_and_nothing_else():
+    """DeepSpeed, imported by every ``save_pretrained`` where it is installed, warns on a machine without a GPU that
+    it is "Setting accelerator to CPU"; ``quiet_libraries`` drops that line from its logger and nothing else, and
+    DeepSpeed's own import keeps the filter (it reuses its logger by name)."""
+    import logging
+    import os
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    import pytest
+
+    from accord.ui import quiet_libraries
+
+    quiet_libraries()
+    log, seen = logging.getLogger("DeepSpeed"), []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.getMessage())
+    log.addHandler(handler)
+    try:
+        log.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        log.warning("ZeRO: something else")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["ZeRO: something else"]
+    if find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"CUDA_VISIBLE_DEVICES": ""}
+    code = "from accord.ui import quiet_libraries; {}; import deepspeed"
+    said = [subprocess.run([sys.executable, "-c", code.format(q)], capture_output=True, text=True, env=env,
+                           timeout=120, check=True) for q in ("quiet_libraries()", "pass")]
+    assert "Setting accelerator to CPU" not in said[0].stdout + said[0].stderr
+    assert "Setting accelerator to CPU" in said[1].stdout + said[1].stderr  # what the filter is for

@@ -9,7 +9,6 @@ by index (``teachers.0.model=...``) or by name (``teachers.alpha.model=...``).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import sys
@@ -47,19 +46,6 @@ EPILOG = """examples:
   # several GPUs: configs/accelerate/ has ddp.yaml, fsdp2.yaml, deepspeed-zero2.yaml, deepspeed-zero3.yaml
   accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 4 -m accord.cli run my.yaml
 """
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes (imported by peft whenever installed) warns on AVX-512 CPUs that a hub kernel is absent
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -555,8 +541,9 @@ COMMANDS = {"cord": cmd_cord, "run": cmd_run, "train": cmd_train, "eval": cmd_ev
 
 def main(argv: list[str] | None = None) -> int:
     from accord.errors import AccordError
+    from accord.ui import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option (`accord train my.yaml --plan train.rounds=2`)

@@ -12,6 +12,7 @@ has no throttled plain-text mode; it implements only the part of rich's
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 
@@ -26,6 +27,30 @@ from rich.progress import (
 )
 
 _SAID: set[str] = set()
+
+
+def _not_deepspeeds_cpu_fallback(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Silence, once per process (the CLI and the lab's pool workers), what libraries print that is noise where
+    accord runs, or that accord's own first lines already say."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes (imported by peft whenever installed) warns on AVX-512 CPUs that a hub kernel is absent
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # DeepSpeed, where installed, is imported by every save_pretrained (transformers' unwrap_model → accelerate's,
+    # for an isinstance check) and then warns on any machine without a GPU that it is "Setting accelerator to CPU.
+    # If you have GPU …": on every CPU run, DeepSpeed or not (three times in a `make demo`: once per process).  A filter on its
+    # logger, which DeepSpeed reuses by name, drops that one line; the device is on accord's first line.
+    logging.getLogger("DeepSpeed").addFilter(_not_deepspeeds_cpu_fallback)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def say_once(line: str) -> None:

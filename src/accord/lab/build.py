@@ -46,7 +46,7 @@ from accord.prompts import render_prompt
 from accord.teachers.base import Request, SamplingParams
 from accord.teachers.hf import HFGenerator
 from accord.train.engine import TrainArgs, train_sft
-from accord.ui import make_console, progress
+from accord.ui import make_console, progress, quiet_libraries
 from accord.verify import CORRECT, check
 
 
@@ -215,7 +215,7 @@ def _build_locked(name: str, p: Profile, force: bool, console, allow_weak: bool,
             import multiprocessing as mp
 
             threads = max(1, _cpus() // workers)
-            with mp.get_context("spawn").Pool(workers) as pool:
+            with mp.get_context("spawn").Pool(workers, initializer=quiet_libraries) as pool:
                 for res in pool.imap_unordered(_build_job, [(name, m, threads, None) for m in jobs]):
                     _record(name, p, manifest, console, *res)
         else:
