@@ -40,9 +40,9 @@ def quiet_libraries() -> None:
     # bitsandbytes (imported by peft whenever installed) warns on AVX-512 CPUs that a hub kernel is absent
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # DeepSpeed, where installed, is imported by every save_pretrained (transformers' unwrap_model → accelerate's,
-    # for an isinstance check) and then warns on any machine without a GPU that it is "Setting accelerator to CPU.
-    # If you have GPU …": on every CPU run, DeepSpeed or not (three times in a `make demo`: once per process).  A filter on its
-    # logger, which DeepSpeed reuses by name, drops that one line; the device is on accord's first line.
+    # for an isinstance check) and then warns on any machine without a GPU: "Setting accelerator to CPU. If you
+    # have GPU …", on every CPU run, DeepSpeed or not (three times in a `make demo`: once per process).  A filter
+    # on its logger, which DeepSpeed reuses by name, drops that one line; the device is on accord's first line.
     logging.getLogger("DeepSpeed").addFilter(_not_deepspeeds_cpu_fallback)
     try:
         from transformers.utils import logging as tlog
