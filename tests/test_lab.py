@@ -70,26 +70,6 @@ def micro_lab(tmp_path_factory):
         os.environ["ACCORD_HOME"] = old
 
 
-def test_a_zoo_warning_is_said_once_per_process(monkeypatch):
-    """Every stage of ``accord run`` checks the lab again; a zoo bar it misses (the demo's "teacher 'terse' is the
-    best one nowhere") is said the first time only, each bar of each profile."""
-    import io
-
-    from rich.console import Console
-
-    from accord.lab import build as B
-
-    monkeypatch.setattr(B, "_WARNED", set())
-    said = []
-    for misses in (["terse: nowhere"], ["terse: nowhere"], ["terse: nowhere", "oracle 90%"]):
-        buf = io.StringIO()
-        B.warn_zoo("full", misses, Console(file=buf, width=200))
-        said.append(buf.getvalue().count("lab zoo:"))
-    buf = io.StringIO()
-    B.warn_zoo("quick", ["terse: nowhere"], Console(file=buf, width=200))
-    assert said == [1, 0, 1] and "lab zoo: terse: nowhere" in buf.getvalue()
-
-
 def test_micro_build_status_and_roundtrip(micro_lab, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

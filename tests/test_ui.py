@@ -122,3 +122,18 @@ def test_deepspeeds_cpu_fallback_line_is_dropped_and_nothing_else():
                            timeout=120, check=True) for q in ("quiet_libraries()", "pass")]
     assert "Setting accelerator to CPU" not in said[0].stdout + said[0].stderr
     assert "Setting accelerator to CPU" in said[1].stdout + said[1].stderr  # what the filter is for
+
+
+def test_say_once_through_a_console_says_each_line_once(monkeypatch):
+    """The lab's zoo warnings go through it (every stage of ``accord run`` checks the lab again: the demo said
+    "teacher 'terse' is the best one nowhere" at each); rich markup is the console's."""
+    from accord import ui
+
+    monkeypatch.setattr(ui, "_SAID", set())
+    said = []
+    for lines in (["[yellow]warning:[/] a"], ["[yellow]warning:[/] a"], ["[yellow]warning:[/] a", "b"]):
+        buf = io.StringIO()
+        for line in lines:
+            ui.say_once(line, Console(file=buf, width=200))
+        said.append(buf.getvalue())
+    assert said == ["warning: a\n", "", "b\n"]

@@ -53,10 +53,14 @@ def quiet_libraries() -> None:
         pass
 
 
-def say_once(line: str) -> None:
-    """Print ``line`` to stderr the first time this process sees it (what runs where: said once, not per call)."""
+def say_once(line: str, console: Console | None = None) -> None:
+    """Print ``line`` the first time this process sees it (what runs where, a warning every stage would repeat: said
+    once, not per call): to stderr, or through ``console`` (rich markup, its quietness) when given."""
     if line not in _SAID:
         _SAID.add(line)
+        if console is not None:
+            console.print(line)
+            return
         import sys
 
         print(line, file=sys.stderr, flush=True)

@@ -46,7 +46,7 @@ from accord.prompts import render_prompt
 from accord.teachers.base import Request, SamplingParams
 from accord.teachers.hf import HFGenerator
 from accord.train.engine import TrainArgs, train_sft
-from accord.ui import make_console, progress, quiet_libraries
+from accord.ui import make_console, progress, quiet_libraries, say_once
 from accord.verify import CORRECT, check
 
 
@@ -226,23 +226,13 @@ def _build_locked(name: str, p: Profile, force: bool, console, allow_weak: bool,
         console.print(f"lab profile {name!r} ready in {time.perf_counter() - t0:.0f}s at {lab_dir(name)}")
     weak = [m for m in manifest.get("models", []) if m.get("weak") and valid_entry(name, m["name"], manifest)]
     zoo = zoo_checks(status(name)) if p.teacher_band and p.zoo_band else {"misses": []}
-    warn_zoo(name, zoo["misses"], console)
+    for w in zoo["misses"]:  # once per process: every stage of a run checks the lab again
+        say_once(f"[yellow]warning:[/] lab zoo: {w}", console)
     if (weak or zoo["misses"]) and not allow_weak and p.teacher_band:
         names = ", ".join(m["name"] for m in weak) or "the zoo"
         raise LabTooWeak(f"lab profile {name!r}: {names} missed the lab's bands (see the warnings above and "
                          "`accord lab status`); rebuild with another ACCORD_LAB_SEED, or pass --allow-weak")
     return manifest
-
-
-_WARNED: set[tuple[str, str]] = set()
-
-
-def warn_zoo(name: str, misses: list[str], console) -> None:
-    """Say each zoo bar the lab misses, once per process: every stage of a run checks the lab again."""
-    for w in misses:
-        if (name, w) not in _WARNED:
-            _WARNED.add((name, w))
-            console.print(f"[yellow]warning:[/] lab zoo: {w}")
 
 
 _ETA = {"full": "4 minutes", "quick": "2 minutes", "micro": "seconds"}
