@@ -295,3 +295,6 @@ def test_accord_run_qr_on_two_lab_students_builds_student_b_and_reports_each(mic
 
     a, b = (AutoTokenizer.from_pretrained(run / "train" / f"qr-{n}" / "final") for n in ("student", "student-b"))
     assert a("Start at 31")["input_ids"] != b("Start at 31")["input_ids"]  # two tokenizers really
+    # each student's model card names the student it started from as the config does, and its own base
+    card = (run / "train" / "qr-student-b" / "final" / "README.md").read_text()
+    assert "**Started from:** `lab:micro/student-b`" in card and "base student (`base-student-b`)" in card, card

@@ -80,6 +80,18 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
     dom = chromium_dom(run / "report" / "index.html")
     assert "<table>" in dom and "std-seven" in dom and "<td>mot</td>" in dom
     assert (run / "report" / "curve-target.png").exists()
+    # each trained model's directory carries a Hub model card with its evaluation (accord/card.py)
+    from huggingface_hub import ModelCard
+
+    finals = {(r["model"], r["split"]): r for r in rows if r.get("final")}
+    for name in ("std-seven", "mtd", "posthoc", "mot"):
+        res = json.loads((run / "train" / name / "result.json").read_text())
+        card = ModelCard.load(Path(res["final"]) / "README.md")
+        assert card.data.library_name == "transformers" and res["method"] in card.data.tags, name
+        assert card.data.base_model is None  # a local student, not a Hub id
+        m = finals[name, "target"]
+        assert f"| target | {m['n']} | {m['pass1']:.3f} ± {m['pass1_se']:.3f} |" in card.text, card.text
+        assert "| general |" in card.text and "Δ pass@1 vs base" in card.text and "Not evaluated" not in card.text
     # everything is finished: a re-run trains and evaluates nothing
     code, out = run_cli("run", str(cfg))
     assert code == 0 and out.count("finished earlier") >= 4

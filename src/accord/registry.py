@@ -29,21 +29,26 @@ class Method:
     # "module:function", called as plan(cfg, arg) → [(result name, working dir, budget)]: what the recipe would
     # write and spend, read without loading anything (``accord run --plan``)
     plan: str = ""
+    title: str = ""  # the paper's title, for what a trained model says of itself (its model card)
 
 
+MOT = "Merge-of-Thought Distillation"
 METHODS = {m.name: m for m in (
     Method("std", "accord.train.sft:std", "MoT §5 (single-teacher baseline)",
-           "SFT on one teacher's corpus (std:<teacher>), or on each teacher in turn", "accord.train.sft:plan_std"),
+           "SFT on one teacher's corpus (std:<teacher>), or on each teacher in turn", "accord.train.sft:plan_std", MOT),
     Method("mtd", "accord.train.sft:mtd", "MoT §5 (multi-teacher baseline)", "SFT on the union of the corpora",
-           "accord.train.sft:plan_mtd"),
+           "accord.train.sft:plan_mtd", MOT),
     Method("posthoc", "accord.train.posthoc:run", "MoT Table 4 (post-hoc merge)",
-           "merge the finished STD students once", "accord.train.posthoc:plan"),
-    Method("mot", "accord.train.mot:run", "arXiv 000 (MoT §4)", "teacher branches merged every round",
-           "accord.train.mot:plan"),
-    Method("compact", "accord.train.compact:run", "arXiv 001 (COMPACT §3)",
-           "per-problem teacher weights from the student's own scores", "accord.train.compact:plan"),
-    Method("qr", "accord.train.qr:run", "arXiv 003 (QR-Distill §2)",
-           "a router sends paths to S cooperating students with their own tokenizers", "accord.train.qr:plan"),
+           "merge the finished STD students once", "accord.train.posthoc:plan", MOT),
+    Method("mot", "accord.train.mot:run", "MoT §4", "teacher branches merged every round",
+           "accord.train.mot:plan", MOT),
+    Method("compact", "accord.train.compact:run", "COMPACT §3",
+           "per-problem teacher weights from the student's own scores", "accord.train.compact:plan",
+           '"The Whole Is Greater Than the Sum of Its Parts": A Compatibility-Aware Multi-Teacher CoT '
+           "Distillation Framework"),
+    Method("qr", "accord.train.qr:run", "QR-Distill §2",
+           "a router sends paths to S cooperating students with their own tokenizers", "accord.train.qr:plan",
+           "Learning from Diverse Reasoning Paths with Routing and Collaboration"),
 )}
 
 

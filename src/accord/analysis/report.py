@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from accord.analysis.stats import mean_se
+from accord.card import write_card
 from accord.evaluate import problem_scores, rows_file
 
 ORDER = ("base", "std", "mtd", "posthoc", "mot", "compact", "qr")
@@ -438,6 +439,38 @@ def compact_scores(metrics: Path) -> tuple[list[str], list[list]]:
     return ["teacher", "mean α", "mean S_MI", "mean S_cons", "mean S_PPL"], body
 
 
+def card_evaluations(cfg, eval_rows: list[dict], results: list[dict], splits: list[str]) -> dict[str, str]:
+    """name → the evaluation section of that model's card (:mod:`accord.card`, Markdown): on each split its
+    pass@1 and greedy ± their standard errors, its base student's pass@1, and the paired difference from it."""
+    finals = final_rows(eval_rows)
+    _, paired = paired_table(Path(cfg.run_dir), eval_rows, results, splits, "base")
+    diffs = {row[0]: row for row in paired}  # [name, Δ split 0, better / worse, Δ split 1, …]
+    e = cfg.eval
+    out = {}
+    for r in results:
+        name = r["name"]
+        if name not in finals:
+            continue
+        base = base_of(name, results, finals)
+        rows = []
+        for i, s in enumerate(splits):
+            m, b = finals[name].get(s), finals.get(base, {}).get(s, {})
+            if m is None:
+                continue
+            d = diffs.get(name, [None] * (len(splits) + 2))[i + 1 + (i > 0)]
+            rows.append(f"| {s} | {m.get('n', '–')} | {_fmt(_with_se(m, 'pass1'))} | {_fmt(_with_se(m, 'greedy'))} "
+                        f"| {_fmt(_with_se(b, 'pass1'))} | {_fmt(d)} |")
+        if rows:
+            out[name] = "\n".join([
+                f"On `{cfg.problems.path}` (accord's id-hash splits): pass@1 averaged over k = {e.k} samples at "
+                f"temperature {e.temperature}, top-p {e.top_p}, and greedy decoding, each ± its standard error over "
+                f"the problems; Δ is the mean per-problem difference in pass@1 from the base student (`{base}`) on "
+                "the same problems, ± its standard error, * where its 95% interval excludes 0.", "",
+                "| split | problems | pass@1 | greedy | base pass@1 | Δ pass@1 vs base |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |", *rows])
+    return out
+
+
 def _n_problems(eval_rows: list[dict]) -> str:
     """'target: 200 problems, general: 200 problems' from the base student's rows."""
     n = {r["split"]: r.get("n") for r in eval_rows if r.get("model") == "base" and r.get("n")}
@@ -668,6 +701,9 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
     page += _where_they_differ(run_dir, eval_rows, splits, cfg) + [_provenance_footer(results, eval_rows),
                                                                      "</body></html>"]
     (out / "index.html").write_text("\n".join(page), encoding="utf-8")
+    evaluations = card_evaluations(cfg, eval_rows, results, splits)
+    for r in results:  # each trained model's README.md, now with its evaluation
+        write_card(cfg, r, evaluations.get(r["name"]))
     (out / "table.txt").write_text(summary_text(run_dir, eval_rows, results, splits) + "\n")  # what the CLI prints
     return out / "index.html"
 

@@ -23,6 +23,7 @@ import math
 import shutil
 from pathlib import Path
 
+from accord.card import write_card
 from accord.config import AccordConfig, ProblemsConfig, diff_settings
 from accord.errors import UsageError
 from accord.evaluate import evaluate, student_config, student_generator
@@ -307,6 +308,7 @@ def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
     tmp = d / "result.json.tmp"
     tmp.write_text(json.dumps(res, indent=1, default=str))
     tmp.replace(d / "result.json")
+    write_card(cfg, res)  # the model's README.md; ``accord report`` adds its evaluation
     return res
 
 
