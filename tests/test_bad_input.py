@@ -175,6 +175,11 @@ def c_split(t):
     return ["config", _write(t, _cfg(t, problems={"path": str(t / "p.jsonl"), "split": "dev"}))]
 
 
+def c_nothing_held_out(t):
+    _problems(t, _lines(GOOD))
+    return ["run", _write(t, _cfg(t))]
+
+
 CASES = [
     ("problems file with a non-UTF-8 byte", ["p.jsonl:2", "not UTF-8", "byte 0xe9", "column"], c_non_utf8),
     ("problems file with a malformed JSON line", ["p.jsonl:2", "malformed JSON", "column 29"], c_malformed),
@@ -208,6 +213,8 @@ CASES = [
     ("lab model that does not exist", ["lab:micro/nobody", "unknown lab model"], c_lab_model),
     ("lab task that does not exist", ["lab:nope", "unknown lab task"], c_lab_task),
     ("problem split that does not exist", ["problems.split", "'validation'", "got 'dev'"], c_split),
+    ("your own problems, all trained on, and no `eval.splits`",
+     ["eval.splits: nothing to evaluate on", "problems.split: train"], c_nothing_held_out),
 ]
 
 

@@ -216,3 +216,45 @@ def test_schema_prints_every_description_verbatim():
     missing = [d for d in descriptions(AccordConfig) if " ".join(d.split()) not in flat]
     assert missing == [], missing
     assert "compact.scores=[ppl,cons] train.tag=no-mi" in flat
+
+
+def test_own_problems_are_evaluated_on_what_training_held_out(tmp_path):
+    """``eval.splits`` unset with problems that are not the lab's: their held-out split, read with the problems'
+    own ids, seed and fractions (the very problems training left out); nothing when every problem is trained on."""
+    import json
+
+    from accord.evaluate import split_problems
+    from accord.problems import load_problems
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"uid": f"u{i}", "q": f"{i} + 1?", "a": str(i + 1)}) + "\n" for i in range(60)))
+    mine = {"path": str(f), "id_field": "uid", "question_field": "q", "answer_field": "a", "split": "train",
+            "validation_fraction": 0.3, "split_seed": 7}
+    base = {"run_dir": str(tmp_path / "run"), "teachers": [{"name": "t", "model": "m"}]}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({**base, "problems": mine}))
+    cfg = load_config(p)
+    assert list(cfg.eval.splits) == ["validation"] and cfg.eval.curve_splits == ["validation"]
+    held = {q.id for q in split_problems(cfg, "validation")}
+    trained = {q.id for q in load_problems(cfg.problems)}
+    assert held and trained and not held & trained and len(held | trained) == 60  # id_field and split_seed kept
+    assert load_config(p, ["problems.test_fraction=0.2"]).eval.splits["test"].split == "test"  # test, when there is one
+    # an explicit split of the same file is read the same way (it used to take the default id field and seed)
+    p.write_text(yaml.safe_dump({**base, "problems": mine,
+                                 "eval": {"splits": {"mine": {"path": str(f), "split": "validation"}}}}))
+    assert {q.id for q in split_problems(load_config(p), "mine")} == held
+    # every problem trained on: nothing held out, said before anything runs (exit 2), and by --plan
+    p.write_text(yaml.safe_dump({**base, "problems": {**mine, "split": "all"}}))
+    assert load_config(p).eval.splits == {}
+    from conftest import run_cli
+
+    code, out = run_cli("run", str(p))
+    assert code == 2 and "eval.splits: nothing to evaluate on" in out and "problems.split: train" in out, out
+    assert not (tmp_path / "run" / "corpora").exists()
+    code, out = run_cli("run", str(p), "--plan")
+    assert code == 0 and "stops before anything runs: eval.splits: nothing to evaluate on" in out
+    code, out = run_cli("collect", str(p), "--plan")  # collecting needs no evaluation
+    assert code == 0 and "nothing to evaluate on" not in out
+    # the lab's problems keep the lab's splits; splits set in the config stay as they are
+    p.write_text(yaml.safe_dump({**base, "problems": {"path": "lab:arith:train"}}))
+    assert list(load_config(p).eval.splits) == ["target", "ood", "general"]

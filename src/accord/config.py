@@ -413,9 +413,15 @@ def _default_splits() -> dict[str, EvalSplit]:
             "general": EvalSplit(path="lab:last:test")}
 
 
+def _scheme(path: str) -> str:
+    return path.split(":", 1)[0] if ":" in path else ""
+
+
 class EvalConfig(_Strict):
     splits: dict[str, EvalSplit] = Field(default_factory=_default_splits,
-                                         description="name → problem source; the lab's target/ood/general by default")
+                                         description="name → problem source; by default the lab's target/ood/"
+                                         "general for the lab's problems, and for your own problems their held-out "
+                                         "split (test, else validation) when problems.split is train")
     k: int = Field(16, ge=0, description="samples per problem for pass@1 (0: greedy only)")
     repeats: int = Field(1, ge=1, description="independent runs of the k samples; the report adds the standard "
                          "deviation of pass@1 over runs (OpenThoughts reports mean ± std over 10)")
@@ -595,7 +601,23 @@ class AccordConfig(_Strict):
         w = self.train.merge.weights
         if w is not None and len(w) != len(names):
             raise ValueError(f"train.merge.weights has {len(w)} value(s) for {len(names)} teacher(s)")
+        self._own_eval_splits()
         return self
+
+    def _own_eval_splits(self) -> None:
+        """``eval.splits`` left unset while the problems come from another source than the default splits (the
+        lab's): evaluating a student trained on your problems on the lab's tasks would say nothing of it.  The
+        default is then the problems' own held-out split — ``test`` where ``problems.test_fraction`` > 0 (so
+        ``train.select: validation`` does not pick on the problems it is scored on), else ``validation`` — when
+        training keeps to ``problems.split: train``, and no split at all otherwise (nothing is held out: the
+        evaluation stage then says what to set, :func:`accord.evaluate.check_eval_splits`)."""
+        e, p = self.eval, self.problems
+        if "splits" in e.model_fields_set or _scheme(p.path) in {_scheme(s.path) for s in _default_splits().values()}:
+            return
+        held = "test" if p.test_fraction > 0 else "validation" if p.validation_fraction > 0 else None
+        e.splits = {held: EvalSplit(path=p.path, split=held)} if p.split == "train" and held else {}
+        if "curve_splits" not in e.model_fields_set:
+            e.curve_splits = list(e.splits)
 
     def _check_qr(self) -> None:
         labels = [s.label() for s in self.qr.students]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from accord.analysis.stats import mean_se
 from accord.config import GeneratorConfig, ProblemsConfig
+from accord.errors import UsageError
 from accord.problems import Problem, load_problems
 from accord.prompts import render_prompt
 from accord.rows import EvalPoint, EvalRow, TrainRecord
@@ -209,10 +210,31 @@ def eval_points(cfg, results: list[TrainRecord], cached_only: bool = False) -> l
 
 
 def split_problems(cfg, name: str) -> list[Problem]:
+    """The problems of evaluation split ``name``.  A split of the training source itself (``problems.path``) is
+    read as ``problems:`` reads it — the same ids, split seed and fractions, answer format and skipped answers — so
+    its ``validation``/``test`` are the problems training held out; its own fields, where set, win."""
     sp = cfg.eval.splits[name]
-    pc = ProblemsConfig(path=sp.path, split=sp.split, limit=sp.limit or cfg.eval.limit,
-                        question_field=sp.question_field, answer_field=sp.answer_field)
-    return load_problems(pc)
+    limit = sp.limit or cfg.eval.limit
+    if sp.path == cfg.problems.path:
+        own = {k: getattr(sp, k) for k in ("question_field", "answer_field") if k in sp.model_fields_set}
+        return load_problems(cfg.problems.model_copy(update={"split": sp.split, "limit": limit, **own}))
+    return load_problems(ProblemsConfig(path=sp.path, split=sp.split, limit=limit,
+                                        question_field=sp.question_field, answer_field=sp.answer_field))
+
+
+def check_eval_splits(cfg) -> None:
+    """Stop before any work when there is nothing to evaluate on: ``eval.splits`` empty (by default when every one
+    of your problems is trained on, ``AccordConfig._own_eval_splits``)."""
+    if cfg.eval.splits:
+        return
+    p = cfg.problems
+    train = 1 - p.validation_fraction - p.test_fraction
+    raise UsageError(f"eval.splits: nothing to evaluate on. problems.split: {p.split} trains on every problem of "
+                     f"{p.path}, so none is held out, and the default splits (the lab's tasks) would say nothing "
+                     "of a student trained on them. Hold some out — problems.split: train trains on the id-hash "
+                     f"{train:.0%} and evaluates on the validation {p.validation_fraction:.0%} "
+                     "(problems.validation_fraction) — or name your benchmark: "
+                     "eval.splits: {mine: {path: my-test.jsonl}}")
 
 
 def student_config(cfg, path: str, name: str, **over) -> GeneratorConfig:
@@ -260,6 +282,7 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
     process 0's full pass afterwards reads them all."""
     from accord.models import provenance
 
+    check_eval_splits(cfg)
     root = Path(cfg.run_dir) / "eval"
     problems = {s: split_problems(cfg, s) for s in cfg.eval.splits}
     rows: list[EvalRow] = []

@@ -19,7 +19,7 @@ from accord.collect import missing_generations, usable_problems
 from accord.config import AccordConfig
 from accord.cord.stage import default_meta_prover, load_cord_problems
 from accord.errors import UsageError
-from accord.evaluate import eval_points, eval_settings_change, eval_summary, split_problems
+from accord.evaluate import check_eval_splits, eval_points, eval_settings_change, eval_summary, split_problems
 from accord.models import local_model_dir
 from accord.prompts import style_name
 from accord.registry import METHODS, load
@@ -143,6 +143,10 @@ def method_states(cfg: AccordConfig) -> list[tuple[str, str, str]]:
 def _eval(cfg: AccordConfig, building: bool, pending: int) -> list[str]:
     """``pending``: the models still to train, whose evaluations come after."""
     splits = list(cfg.eval.splits)
+    try:
+        check_eval_splits(cfg)
+    except UsageError as e:
+        return _rows("eval", [f"stops before anything runs: {e}"])
     head = (f"{len(splits)} split(s) ({', '.join(splits)}), k = {cfg.eval.k} samples at T = {cfg.eval.temperature}"
             + (" + greedy" if cfg.eval.greedy else ""))
     if building:

@@ -50,6 +50,10 @@ def run(cfg: AccordConfig, console, stages: tuple[str, ...] = ("collect", "train
 
         device = check_device(cfg.student.device)  # said before any model is built, loaded or collected from
         check_precision(cfg.train.bf16, cfg.train.master_weights, device)
+    if "eval" in stages:
+        from accord.evaluate import check_eval_splits
+
+        check_eval_splits(cfg)  # nothing to evaluate on is said before anything is collected or trained
     if "train" in stages and "collect" not in stages:
         from accord.train.common import check_corpora
 

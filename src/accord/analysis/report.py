@@ -495,21 +495,21 @@ def _html_table(head: list[str], body: list[list], best_cols: set[int] = frozens
     return "\n".join(out + ["</tbody></table></div>"])
 
 
-def _samples(run_dir: Path, eval_rows: list[dict], cfg=None) -> str:
-    """Each final model's first target row (the same problem for all: rows are written in problem order), under
-    the problem's question and reference answer when the split can still be read."""
+def _samples(run_dir: Path, eval_rows: list[dict], split: str, cfg=None) -> str:
+    """Each final model's first row on ``split`` (the same problem for all: rows are written in problem order),
+    under the problem's question and reference answer when the split can still be read."""
     firsts = []
     for r in eval_rows:
-        if not r.get("final") or r["split"] != "target":
+        if not r.get("final") or r["split"] != split:
             continue
-        rows_file = _rows_file(run_dir, r["key"], "target")
+        rows_file = _rows_file(run_dir, r["key"], split)
         if not rows_file.exists():
             continue
         with rows_file.open(encoding="utf-8") as fh:
             first = fh.readline()  # not the whole file: it holds every generated text
         if first.strip():
             firsts.append((r["model"], json.loads(first)))
-    problems = _target_problems(cfg, {row.get("problem_id") for _, row in firsts})
+    problems = _split_problems(cfg, split, {row.get("problem_id") for _, row in firsts})
     parts, shown = [], None
     for model, row in firsts:
         pid = row.get("problem_id")
@@ -536,10 +536,6 @@ def _split_problems(cfg, split: str, ids: set) -> dict:
         return {p.id: p for p in split_problems(cfg, split) if p.id in ids}
     except (OSError, ValueError):  # accord's UsageError (a source that cannot be read) is a ValueError
         return {}
-
-
-def _target_problems(cfg, ids: set) -> dict:
-    return _split_problems(cfg, "target", ids)
 
 
 def _rows_of(path: Path, pids: set, correct: frozenset = frozenset()) -> dict[str, dict]:
@@ -697,7 +693,9 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             parts = _folded(qr_dir.parent.name, "QR's routing", parts)
         page += parts
     page += _cord_section(run_dir, out)
-    page += ["<h2>One target sample per model</h2>", _samples(run_dir, eval_rows, cfg)]
+    if splits:  # the first split's (the lab's: target)
+        page += [f"<h2>One {html.escape(splits[0])} sample per model</h2>",
+                 _samples(run_dir, eval_rows, splits[0], cfg)]
     page += _where_they_differ(run_dir, eval_rows, splits, cfg) + [_provenance_footer(results, eval_rows),
                                                                      "</body></html>"]
     (out / "index.html").write_text("\n".join(page), encoding="utf-8")
