@@ -253,6 +253,8 @@ def test_own_problems_are_evaluated_on_what_training_held_out(tmp_path):
     assert not (tmp_path / "run" / "corpora").exists()
     code, out = run_cli("run", str(p), "--plan")
     assert code == 0 and "stops before anything runs: eval.splits: nothing to evaluate on" in out
+    code, out = run_cli("interpolate", str(p))  # it evaluates on eval.splits too
+    assert code == 2 and "eval.splits: nothing to evaluate on" in out, out
     code, out = run_cli("collect", str(p), "--plan")  # collecting needs no evaluation
     assert code == 0 and "nothing to evaluate on" not in out
     # the lab's problems keep the lab's splits; splits set in the config stay as they are

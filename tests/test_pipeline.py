@@ -90,7 +90,8 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
         assert card.data.library_name == "transformers" and res["method"] in card.data.tags, name
         assert card.data.base_model is None  # a local student, not a Hub id
         m = finals[name, "target"]
-        assert f"| target | {m['n']} | {m['pass1']:.3f} ± {m['pass1_se']:.3f} |" in card.text, card.text
+        assert f"| target | `{problems_file}` | {m['n']} | {m['pass1']:.3f} ± {m['pass1_se']:.3f} |" in card.text, \
+            card.text
         assert "| general |" in card.text and "Δ pass@1 vs base" in card.text and "Not evaluated" not in card.text
     # everything is finished: a re-run trains and evaluates nothing
     code, out = run_cli("run", str(cfg))

@@ -43,7 +43,7 @@ def student_spec(cfg, rec: dict) -> str:
     return own[0] if own else rec.get("base_model") or cfg.student.model
 
 
-def _cell(x) -> str:
+def md_cell(x) -> str:
     """A config-given string in a Markdown table cell: pipes escaped, one line."""
     return str(x).replace("|", "\\|").replace("\n", " ")
 
@@ -58,8 +58,8 @@ def card_text(cfg, rec: dict, evaluation: str | None = None) -> str:
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", base_model=hub_id(base),
                          tags=["accord", "distillation", "reasoning", *([method.name] if method else [])])
     teachers = {t.name: t for t in cfg.teachers}
-    rows = [f"| {_cell(n)} | {_cell(teachers[n].backend) if n in teachers else '–'} | "
-            f"{_cell(teachers[n].model or teachers[n].column or '–') if n in teachers else '–'} |"
+    rows = [f"| {md_cell(n)} | {md_cell(teachers[n].backend) if n in teachers else '–'} | "
+            f"{md_cell(teachers[n].model or teachers[n].column or '–') if n in teachers else '–'} |"
             for n in rec.get("teachers", [])]
     facts = [f"- **Method:** `{rec.get('method', '?')}`"
              + (f" — {method.summary} ({method.paper} of *{method.title}*)" if method else ""),

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from accord.errors import UsageError
-from accord.evaluate import split_problems
+from accord.evaluate import check_eval_splits, split_problems
 from accord.models import load_model_and_tokenizer, local_model_dir
 from accord.prompts import render_prompt
 from accord.teachers.hf import render_chat
@@ -91,6 +91,7 @@ def run(cfg, console, models: list[str] | None = None, problems: int = 100, rank
         results = {m: results[m] for m in models}
     if not results:
         raise UsageError(f"drift: nothing is trained in {Path(cfg.run_dir) / 'train'} (run `accord train` first)")
+    check_eval_splits(cfg)  # the questions it reads states on are the evaluation's
     questions = {s: [p.question for p in split_problems(cfg, s)[:problems]] for s in cfg.eval.splits}
     student = str(local_model_dir(cfg.student.model, "student"))
     bases: dict[str, dict] = {}

@@ -34,7 +34,7 @@ import json
 from pathlib import Path
 
 from accord.errors import UsageError
-from accord.evaluate import evaluate, rows_file, split_problems, student_config
+from accord.evaluate import check_eval_splits, evaluate, rows_file, split_problems, student_config
 from accord.launch import Share, dealt
 from accord.models import load_model_and_tokenizer, local_model_dir
 from accord.registry import BACKENDS, load
@@ -77,6 +77,7 @@ def run(cfg, console, models: list[str] | None = None, points: int = 11, split: 
     """Interpolate every named model's final checkpoint with its base; writes and returns
     ``<run_dir>/analysis/interpolation.json`` (and ``interpolation.png`` beside it).  ``share``: one of several
     processes (choice 6); the others return {}."""
+    check_eval_splits(cfg)
     split = split or next(iter(cfg.eval.splits))
     if split not in cfg.eval.splits:
         raise UsageError(f"--split {split!r}: not one of eval.splits ({', '.join(cfg.eval.splits)})")

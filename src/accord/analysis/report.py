@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from accord.analysis.stats import mean_se
-from accord.card import write_card
+from accord.card import md_cell, write_card
 from accord.evaluate import problem_scores, rows_file
 
 ORDER = ("base", "std", "mtd", "posthoc", "mot", "compact", "qr")
@@ -458,16 +458,19 @@ def card_evaluations(cfg, eval_rows: list[dict], results: list[dict], splits: li
             if m is None:
                 continue
             d = diffs.get(name, [None] * (len(splits) + 2))[i + 1 + (i > 0)]
-            rows.append(f"| {s} | {m.get('n', '–')} | {_fmt(_with_se(m, 'pass1'))} | {_fmt(_with_se(m, 'greedy'))} "
+            sp = cfg.eval.splits.get(s)
+            src = "–" if sp is None else f"`{sp.path}`" + (f" ({sp.split})" if sp.split != "all" else "")
+            rows.append(f"| {s} | {md_cell(src)} | {m.get('n', '–')} | "
+                        f"{_fmt(_with_se(m, 'pass1'))} | {_fmt(_with_se(m, 'greedy'))} "
                         f"| {_fmt(_with_se(b, 'pass1'))} | {_fmt(d)} |")
         if rows:
             out[name] = "\n".join([
-                f"On `{cfg.problems.path}` (accord's id-hash splits): pass@1 averaged over k = {e.k} samples at "
-                f"temperature {e.temperature}, top-p {e.top_p}, and greedy decoding, each ± its standard error over "
-                f"the problems; Δ is the mean per-problem difference in pass@1 from the base student (`{base}`) on "
-                "the same problems, ± its standard error, * where its 95% interval excludes 0.", "",
-                "| split | problems | pass@1 | greedy | base pass@1 | Δ pass@1 vs base |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |", *rows])
+                f"pass@1 averaged over k = {e.k} samples at temperature {e.temperature}, top-p {e.top_p}, and greedy "
+                "decoding, each ± its standard error over the problems; Δ is the mean per-problem difference in "
+                f"pass@1 from the base student (`{base}`) on the same problems, ± its standard error, * where its "
+                "95% interval excludes 0.", "",
+                "| split | problems from | n | pass@1 | greedy | base pass@1 | Δ pass@1 vs base |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: |", *rows])
     return out
 
 
