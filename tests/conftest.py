@@ -93,7 +93,7 @@ def pipeline_cfg(tmp_path, problems, teachers, student, **train) -> Path:
            "eval": {"splits": {"target": {"path": str(problems)}, "general": {"path": str(problems), "limit": 4}},
                     "k": 2, "max_new_tokens": 30, "batch_size": 16}}
     p = tmp_path / "cfg.yaml"
-    p.write_text(yaml.safe_dump(cfg))
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))  # the order written: target is the first split
     return p
 
 

@@ -230,7 +230,7 @@ def test_own_problems_are_evaluated_on_what_training_held_out(tmp_path):
     f.write_text("".join(json.dumps({"uid": f"u{i}", "q": f"{i} + 1?", "a": str(i + 1)}) + "\n" for i in range(60)))
     mine = {"path": str(f), "id_field": "uid", "question_field": "q", "answer_field": "a", "split": "train",
             "validation_fraction": 0.3, "split_seed": 7}
-    base = {"run_dir": str(tmp_path / "run"), "teachers": [{"name": "t", "model": "m"}]}
+    base = {"run_dir": str(tmp_path / "run"), "teachers": [{"name": "t", "backend": "column", "column": "q"}]}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({**base, "problems": mine}))
     cfg = load_config(p)
@@ -257,6 +257,9 @@ def test_own_problems_are_evaluated_on_what_training_held_out(tmp_path):
     assert code == 2 and "eval.splits: nothing to evaluate on" in out, out
     code, out = run_cli("collect", str(p), "--plan")  # collecting needs no evaluation
     assert code == 0 and "nothing to evaluate on" not in out
+    p.write_text(yaml.safe_dump({**base, "problems": mine, "eval": {"splits": {}}}))  # emptied by hand
+    code, out = run_cli("eval", str(p))
+    assert code == 2 and "eval.splits is empty: name the problems to evaluate on" in out, out
     # the lab's problems keep the lab's splits; splits set in the config stay as they are
     p.write_text(yaml.safe_dump({**base, "problems": {"path": "lab:arith:train"}}))
     assert list(load_config(p).eval.splits) == ["target", "ood", "general"]

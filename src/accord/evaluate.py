@@ -228,6 +228,9 @@ def check_eval_splits(cfg) -> None:
     if cfg.eval.splits:
         return
     p = cfg.problems
+    if p.split == "train" and p.validation_fraction + p.test_fraction > 0:  # something is held out: emptied by hand
+        raise UsageError("eval.splits is empty: name the problems to evaluate on, e.g. "
+                         "eval.splits: {mine: {path: my-test.jsonl}}")
     train = 1 - p.validation_fraction - p.test_fraction
     raise UsageError(f"eval.splits: nothing to evaluate on. problems.split: {p.split} trains on every problem of "
                      f"{p.path}, so none is held out, and the default splits (the lab's tasks) would say nothing "
