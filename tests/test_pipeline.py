@@ -93,6 +93,8 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
         assert f"| target | `{problems_file}` | {m['n']} | {m['pass1']:.3f} ± {m['pass1_se']:.3f} |" in card.text, \
             card.text
         assert "| general |" in card.text and "Δ pass@1 vs base" in card.text and "Not evaluated" not in card.text
+        target = next(line for line in card.text.splitlines() if line.startswith("| target |"))
+        assert target.split("|")[-2].strip() not in ("", "–"), target  # the paired difference from the base
     # everything is finished: a re-run trains and evaluates nothing
     code, out = run_cli("run", str(cfg))
     assert code == 0 and out.count("finished earlier") >= 4

@@ -57,9 +57,8 @@ def card_text(cfg, rec: dict, evaluation: str | None = None) -> str:
     base = student_spec(cfg, rec)
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", base_model=hub_id(base),
                          tags=["accord", "distillation", "reasoning", *([method.name] if method else [])])
-    teachers = {t.name: t for t in cfg.teachers}
-    rows = [f"| {md_cell(n)} | {md_cell(teachers[n].backend) if n in teachers else '–'} | "
-            f"{md_cell(teachers[n].model or teachers[n].column or '–') if n in teachers else '–'} |"
+    teachers = {t.name: (t.backend, t.model or t.column or "–") for t in cfg.teachers}
+    rows = ["| " + " | ".join(md_cell(c) for c in (n, *teachers.get(n, ("–", "–")))) + " |"
             for n in rec.get("teachers", [])]
     facts = [f"- **Method:** `{rec.get('method', '?')}`"
              + (f" — {method.summary} ({method.paper} of *{method.title}*)" if method else ""),

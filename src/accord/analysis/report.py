@@ -443,8 +443,8 @@ def card_evaluations(cfg, eval_rows: list[dict], results: list[dict], splits: li
     """name → the evaluation section of that model's card (:mod:`accord.card`, Markdown): on each split its
     pass@1 and greedy ± their standard errors, its base student's pass@1, and the paired difference from it."""
     finals = final_rows(eval_rows)
-    _, paired = paired_table(Path(cfg.run_dir), eval_rows, results, splits, "base")
-    diffs = {row[0]: row for row in paired}  # [name, Δ split 0, better / worse, Δ split 1, …]
+    head, paired = paired_table(Path(cfg.run_dir), eval_rows, results, splits, "base")
+    diffs = {row[0]: dict(zip(head, row)) for row in paired}  # name → {"<split> Δ vs base": Diff, …}
     e = cfg.eval
     out = {}
     for r in results:
@@ -453,11 +453,11 @@ def card_evaluations(cfg, eval_rows: list[dict], results: list[dict], splits: li
             continue
         base = base_of(name, results, finals)
         rows = []
-        for i, s in enumerate(splits):
+        for s in splits:
             m, b = finals[name].get(s), finals.get(base, {}).get(s, {})
             if m is None:
                 continue
-            d = diffs.get(name, [None] * (len(splits) + 2))[i + 1 + (i > 0)]
+            d = diffs.get(name, {}).get(f"{s} Δ vs base")
             sp = cfg.eval.splits.get(s)
             src = "–" if sp is None else f"`{sp.path}`" + (f" ({sp.split})" if sp.split != "all" else "")
             rows.append(f"| {s} | {md_cell(src)} | {m.get('n', '–')} | "
