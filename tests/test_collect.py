@@ -122,6 +122,47 @@ def test_import_s1k_style_columns(tmp_path):
         ("deepseek", "correct"), ("deepseek", "incorrect"), ("gemini", "correct")]
 
 
+def test_stored_verdicts_are_checked_again_when_the_verifier_or_an_answer_changes(tmp_path):
+    """A store whose verdicts came from another verifier revision (here: an older store, without stamps, holding
+    what the old reading of ``2\\sqrt{2}`` as 2 decided) is verified again from the stored text, once; an edited
+    reference answer re-checks that problem's rows alone; a sample its source marks cut off stays incorrect."""
+    problems = [{"question": "Q sqrt", "answer": "2\\sqrt{2}", "trace": "<think>x</think> \\boxed{2}", "fin": "stop"},
+                {"question": "Q interval", "answer": "(-\\infty, 3)", "trace": "<think>x</think> \\boxed{(-\\infty,3)}",
+                 "fin": "stop"},
+                {"question": "Q cut", "answer": "5", "trace": "<think>x</think> \\boxed{5}", "fin": "length"}]
+    data = write_jsonl(tmp_path / "p.jsonl", problems)
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "problems": {"path": str(data)}, "teachers": [
+        {"name": "t", "backend": "column", "column": "trace", "finish_column": "fin"}]}))
+    code, out = run_cli("collect", str(p))
+    assert code == 0 and "checked" not in out, out
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+
+    def verdicts():
+        return dict(db.execute("select p.question, t.verdict from traces t join problems p on p.id = t.problem_id"))
+
+    right = {"Q sqrt": "incorrect", "Q interval": "correct", "Q cut": "incorrect"}
+    assert verdicts() == right
+    assert all(v for (v,) in db.execute("select verified_with from traces"))
+    # as an older revision left it: no stamps, the bare 2 taken for 2√2 and the interval read as its last number
+    db.execute("update traces set verified_with = null, verdict = case verdict when 'correct' then 'incorrect' "
+               "else 'correct' end")
+    db.commit()
+    assert "3 stored verdict(s) checked again" in run_cli("collect", str(p), "--plan")[1]
+    code, out = run_cli("collect", str(p))
+    assert code == 0 and "checked 3 stored verdict(s) again" in out and ": 3 changed" in out, out
+    assert verdicts() == right
+    assert [r["question"] for r in read_jsonl(tmp_path / "run" / "corpora" / "t.jsonl")] == ["Q interval"]
+    code, out = run_cli("collect", str(p))
+    assert code == 0 and "checked" not in out  # once
+    problems[1]["answer"] = "(-\\infty, 4)"  # an edited reference: that problem's row alone
+    write_jsonl(data, problems)
+    code, out = run_cli("collect", str(p))
+    assert code == 0 and "checked 1 stored verdict(s) again" in out and ": 1 changed" in out, out
+    assert verdicts() == {**right, "Q interval": "incorrect"}
+    assert db.execute("select answer from problems where question = 'Q interval'").fetchone() == ("(-\\infty, 4)",)
+
+
 def test_judge_filter_stores_verdict_beside_answer_check(tmp_path, problems_file, parrot7, parrot8):
     # parrot8 as judge says "... \boxed{8}" -- neither VALID nor INVALID, so "unclear": nothing passes the judge.
     cfg = write_cfg(tmp_path, problems_file, [{"name": "seven", "model": str(parrot7)},

@@ -128,6 +128,14 @@ def test_qlora_needs_a_lora_rank(cfg_file):
     assert load_config(cfg_file, ["train.lora.quantize=nf4", "train.lora.r=8"]).train.lora.quantize == "nf4"
 
 
+def test_an_evaluation_that_measures_nothing_is_refused(cfg_file):
+    with pytest.raises(ConfigError, match=r"eval.k is 0 and eval.greedy is false: the evaluation would measure "
+                                          r"nothing"):
+        load_config(cfg_file, ["eval.k=0", "eval.greedy=false"])
+    assert load_config(cfg_file, ["eval.k=0"]).eval.greedy  # greedy only
+    assert load_config(cfg_file, ["eval.greedy=false"]).eval.k == 16  # samples only
+
+
 def test_override_typos_say_command_line_and_suggest(cfg_file, tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(cfg_file, ["colect.samples=2", "train.stesp_per_round=3"])

@@ -745,10 +745,11 @@ def test_a_tagged_variant_is_paired_against_its_default(tmp_path):
     assert "what differs" in page and "compact.scores: ['mi', 'cons', 'ppl'] → ['ppl', 'cons']" in page
 
 
-def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, two_parrots, micro):
+def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, two_parrots, micro, monkeypatch):
     """Stored evaluations answer the settings they were made with: another k (or temperature, token budget,
     number of problems) evaluates again — the old files kept aside, never reported as the new setting — and the
-    plan counts them; a recipe's older `settings` field (its own section) is not read as what it trained with."""
+    plan counts them; a recipe's older `settings` field (its own section) is not read as what it trained with.
+    One verified by another verifier revision is checked again from its stored outputs, generating nothing."""
     from accord.config import load_config
     from accord.train.common import settings_change
 
@@ -766,6 +767,26 @@ def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, t
     code, out = run_cli("eval", str(cfg), "eval.k=1")
     assert code == 0 and "evaluated earlier" not in out  # now they match
     assert settings_change(load_config(cfg), {"method": "compact", "settings": {"beta": [1, 1, 1]}}) == []
+
+    # a summary from another verifier revision: its rows checked again from their outputs, no model loaded
+    rows_path, summary = ev / "target.rows.jsonl", ev / "target.json"
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    truth = [r["verdict"] for r in rows]
+    rows[0]["verdict"] = "incorrect" if truth[0] == "correct" else "correct"  # what an older verifier said
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    old = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**old, "verified_with": "math r1", "pass1": -1.0}))
+    code, out = run_cli("eval", str(cfg), "eval.k=1", "--plan")
+    assert "1 stored evaluation(s) verified again from their outputs" in out, out
+    monkeypatch.setattr("accord.evaluate.student_generator", lambda *a: pytest.fail("a model was loaded"))
+    code, out = run_cli("eval", str(cfg), "eval.k=1")
+    assert code == 0 and "checked the stored outputs of 1 evaluation(s) again" in out and "1 verdict(s) changed" in out
+    assert [json.loads(line)["verdict"] for line in rows_path.read_text().splitlines()] == truth
+    new = json.loads(summary.read_text())
+    assert new["verified_with"] == old["verified_with"] != "math r1" and new["provenance"] == old["provenance"]
+    assert {k: v for k, v in new.items() if k != "provenance"} == {k: v for k, v in old.items() if k != "provenance"}
+    code, out = run_cli("eval", str(cfg), "eval.k=1")
+    assert code == 0 and "checked the stored outputs" not in out
 
 
 def test_seed_replicas_are_pooled_against_a_by_hand_reference(tmp_path):

@@ -62,6 +62,7 @@ def test_plan_per_stage_and_bad_sources(tmp_path, problems_file, two_parrots, mi
     assert code == 0 and "collect  seven (hf)" in out and "train " not in out
     code, out = run_cli("eval", str(cfg_path), "--plan")
     assert code == 0 and "eval     2 split(s) (target, general), k = 2 samples" in out  # the file's order
+    assert "eval     2 split(s) (target, general), greedy only" in _plan_text(cfg_path, "eval.k=0")
     # a problem source that cannot be read is said, and the rest of the plan still shown
     out = _plan_text(cfg_path, f"problems.path={tmp_path / 'nope.jsonl'}")
     assert "collect  cannot read the problems — the run would stop here:" in out and "nope.jsonl" in out

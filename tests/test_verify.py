@@ -7,12 +7,14 @@ from accord.verify import (
     CORRECT,
     INCORRECT,
     INVALID,
+    REVISION,
     UNCLEAR,
     UNPARSEABLE,
     VALID,
     GoldAnswerError,
     check,
     parse_judgement,
+    stamp,
 )
 
 
@@ -35,6 +37,29 @@ def test_split_think_and_boxed():
 ])
 def test_math_verdicts(gold, text, verdict):
     assert check("math", gold, text).verdict == verdict
+
+
+@pytest.mark.parametrize("gold,right,wrong", [
+    ("2\\sqrt{2}", "\\sqrt{8}", "2"),  # read as plain text, the reference was 2
+    ("(-\\infty, 3)", "(-\\infty,3)", "3"),
+    ("3 + 2i", "3+2i", "2"),
+    ("1, 2, 3", "1,2,3", "3"),
+    ("4\\pi", "4\\pi", "4"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", "2"),
+    ("1,000", "1000", "1"),
+    ("\\$18.90", "18.9", "19"),
+    ("$\\frac{1}{2}$", "0.5", "2"),  # delimiters of its own
+    ("\\boxed{7}", "7", "8"),
+])
+def test_the_whole_reference_is_read(gold, right, wrong):
+    assert check("math", gold, f"<think>.</think> \\boxed{{{right}}}").verdict == CORRECT
+    assert check("math", gold, f"<think>.</think> \\boxed{{{wrong}}}").verdict == INCORRECT
+
+
+def test_a_stamp_names_verifier_revision_tolerance_and_reference():
+    a = stamp("math", "2\\sqrt{2}")
+    assert a == stamp("math", "2\\sqrt{2}") and f"r{REVISION}" in a
+    assert len({a, stamp("numeric", "2\\sqrt{2}"), stamp("math", "2\\sqrt{3}"), stamp("math", "2\\sqrt{2}", 1e-3)}) == 4
 
 
 def test_math_works_off_the_main_thread():

@@ -72,6 +72,7 @@ from accord.verify import (
     gold_is_readable,
     judge_prompt,
     parse_judgement,
+    stamp,
 )
 
 
@@ -101,21 +102,66 @@ def sampling_params(cfg: AccordConfig) -> SamplingParams:
 # ------------------------------------------------------------------ rows
 
 
+def verdict_of(cfg: AccordConfig, p: Problem, text: str, style: str, finish_reason: str | None
+               ) -> tuple[str, str | None, str]:
+    """A stored trace's (verdict, parsed answer, stamp): the answer check, except that an imported sample its
+    source marks as cut off (``finish_reason: length``) is never correct."""
+    c = cfg.collect
+    res = check(c.verifier, p.answer, text, c.numeric_tolerance)
+    cut = style == "import" and finish_reason == "length"
+    return (INCORRECT if cut else res.verdict), res.parsed, stamp(c.verifier, p.answer, c.numeric_tolerance)
+
+
 def make_row(cfg: AccordConfig, teacher: str, style: str, p: Problem, idx: int, prompt: str, g: Generation,
              params: str) -> TraceRow:
     parsed = split_think(g.text)
-    if g.failed:
-        verdict, answer = FAILED, None
-    else:
-        res = check(cfg.collect.verifier, p.answer, g.text, cfg.collect.numeric_tolerance)
-        verdict, answer = res.verdict, res.parsed
+    verdict, answer, verified = (FAILED, None, None) if g.failed else verdict_of(cfg, p, g.text, style,
+                                                                                 g.finish_reason)
     mean_lp, min_lp = (None, None)
     if g.token_logprobs:
         mean_lp, min_lp = window_confidence(g.token_logprobs, cfg.collect.confidence.window)
     return TraceRow(problem_id=p.id, teacher=teacher, style=style, sample_idx=idx, params=params, prompt=prompt,
                 text=g.text, reasoning=parsed.reasoning, answer_text=parsed.answer, parsed_answer=answer,
                 verdict=verdict, token_count=g.token_count, char_count=len(g.text), finish_reason=g.finish_reason,
-                mean_logprob=mean_lp, min_window_logprob=min_lp, elapsed_s=g.elapsed_s, error=g.error)
+                mean_logprob=mean_lp, min_window_logprob=min_lp, elapsed_s=g.elapsed_s, error=g.error,
+                verified_with=verified)
+
+
+def stale_verdicts(cfg: AccordConfig, store: TraceStore, problems: list[Problem]) -> list:
+    """The stored verdicts of ``problems`` whose stamp is not today's (:func:`reverify`)."""
+    c = cfg.collect
+    now = {p.id: stamp(c.verifier, p.answer, c.numeric_tolerance) for p in problems}
+    return [r for r in store.verification_stamps()
+            if r["problem_id"] in now and r["verified_with"] != now[r["problem_id"]]]
+
+
+def reverify(cfg: AccordConfig, store: TraceStore, problems: list[Problem], console: Console) -> int:
+    """Check again, from the stored text, every verdict whose stamp is not today's (:func:`accord.verify.stamp`:
+    another verifier, tolerance or verifier revision, or another reference answer for the problem — a store
+    written before verdicts were stamped counts as another revision); nothing is generated.  Returns how many
+    verdicts changed."""
+    by_id = {p.id: p for p in problems}
+    stale = stale_verdicts(cfg, store, problems)
+    if not stale:
+        return 0
+    changed = 0
+    with progress(console) as bar:
+        task = bar.add_task("verify stored traces again", total=len(stale))
+        for part in _chunks(stale, 1000):  # a chunk's texts at a time, written as checked: a killed run goes on
+            texts, items = store.texts([r["row_id"] for r in part]), []
+            for r in part:
+                verdict, parsed, verified = verdict_of(cfg, by_id[r["problem_id"]], texts[r["row_id"]], r["style"],
+                                                       r["finish_reason"])
+                changed += verdict != r["verdict"]
+                items.append((r["row_id"], verdict, parsed, verified))
+            store.set_verdicts(items)
+            bar.advance(task, len(part))
+    console.print(f"checked {len(stale):,} stored verdict(s) again (the verifier, its settings or revision, or a "
+                  f"reference answer changed since they were stored): {changed} changed"
+                  + ("; the corpora are built from the new verdicts, and a model trained on the old ones is not "
+                     f"trained again on its own (delete its directory under {Path(cfg.run_dir) / 'train'})"
+                     if changed else ""))
+    return changed
 
 
 def _chunks(items: list, size: int):
@@ -288,8 +334,6 @@ def import_column(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem
             g = Generation(text=text, token_count=0, finish_reason=finish or "stop")
             row = make_row(cfg, tcfg.name, "import", p, i, p.question, g, params)
             row["token_count"] = None
-            if finish == "length":  # the source says it was cut off: a truncated trace is never correct
-                row["verdict"] = INCORRECT
             row["source_verdict"] = verdict
             if grade is not None:
                 row["judge"], row["judge_text"] = grade, f"imported {tcfg.grade_column}"
@@ -608,8 +652,10 @@ def collect(cfg: AccordConfig, console: Console | None = None, share: Share | No
                 result.failures[t.name] = str(e)
                 console.print(f"[red]error[/]: {e}\n  everything collected so far is kept in {store.path}; "
                               f"re-run to resume")
+        if main:
+            reverify(cfg, store, usable, console)
         if share is not None:
-            share.wait()  # every process's batches are stored
+            share.wait()  # every process's batches are stored, every stale verdict checked again
         j = cfg.collect.judge  # an hf judge's batches are dealt out too; the others judge on process 0
         judge_share = share if j is not None and dealt_out(judge_config(cfg)) else None
         if j is not None and j.name not in result.failures and (main or judge_share):

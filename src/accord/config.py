@@ -438,6 +438,13 @@ class EvalConfig(_Strict):
     verifier: str = Field("math")
     seed: int = Field(0)
 
+    @model_validator(mode="after")
+    def _measures(self) -> EvalConfig:
+        if self.k == 0 and not self.greedy:
+            raise ValueError("eval.k is 0 and eval.greedy is false: the evaluation would measure nothing "
+                             "(set eval.k ≥ 1 for pass@1 over samples, or eval.greedy: true)")
+        return self
+
 
 class CordConfig(_Strict):
     beam: int = Field(4, ge=1, description="B: partial trajectories kept per step (1 = greedy); CoRD §4.3")

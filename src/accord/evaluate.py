@@ -9,7 +9,10 @@ written before the answers were stored count as unparsed).  Generation goes thro
 generation backends (``accord.teachers``), so a vLLM backend evaluates on GPU and an hf
 backend on CPU.  Optionally every (problem, sample)
 row is written to a JSONL file, and a re-run skips rows already there, so a
-killed evaluation resumes.
+killed evaluation resumes.  A summary records what its verdicts were reached with
+(:func:`answers_stamp`); one from another verifier revision, or another reference
+answer, has its rows checked again from the stored outputs (:func:`reverify_rows`),
+and nothing is generated again.
 
 ``evaluate_models`` is the ``accord eval`` stage: the base student and every
 model the training stage recorded (finals, and every round / checkpoint for the
@@ -32,7 +35,7 @@ from accord.prompts import render_prompt
 from accord.rows import EvalPoint, EvalRow, TrainRecord
 from accord.teachers.base import Request, SamplingParams, load_generator
 from accord.ui import progress
-from accord.verify import CORRECT, check
+from accord.verify import CORRECT, FAILED, check, stamp
 
 
 @dataclass
@@ -255,6 +258,50 @@ def student_generator(cfg, path: str, name: str):
     return load_generator(student_config(cfg, path, name))
 
 
+def answers_stamp(verifier: str, problems: Sequence[Problem]) -> str:
+    """:func:`accord.verify.stamp` over a split's reference answers: the verifier and its revision, and every
+    (id, answer) of the split."""
+    return stamp(verifier, "\n".join(f"{p.id}\t{p.answer}" for p in problems))
+
+
+def reverify_rows(rows_path: Path, problems: Sequence[Problem], verifier: str) -> int:
+    """Check every stored row of an evaluation again with the current verifier, from its stored output (rewritten
+    in place, atomically; a failed generation stays failed).  Returns how many verdicts changed."""
+    gold = {p.id: p.answer for p in problems}
+    out, changed = [], 0
+    with rows_path.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: dropped here, generated again
+            if r["verdict"] != FAILED and r["problem_id"] in gold:
+                res = check(verifier, gold[r["problem_id"]], r["output"])
+                changed += res.verdict != r["verdict"]
+                r["verdict"], r["parsed"] = res.verdict, res.parsed
+            out.append(json.dumps(r) + "\n")
+    tmp = rows_path.with_name(rows_path.name + ".tmp")
+    tmp.write_text("".join(out), encoding="utf-8")
+    tmp.replace(rows_path)
+    return changed
+
+
+class LazyGenerator:
+    """A generator loaded on its first request: an evaluation whose rows are all stored (one checked again with
+    the current verifier) loads no model."""
+
+    def __init__(self, make):
+        self.make, self.gen = make, None
+
+    def generate(self, requests, params):
+        self.gen = self.gen or self.make()
+        return self.gen.generate(requests, params)
+
+    def close(self) -> None:
+        if self.gen is not None:
+            self.gen.close()
+
+
 def eval_summary(cfg, pt: dict, split: str) -> Path | None:
     """Where one point's evaluation on one split is kept, or None when that pair is not evaluated (a curve
     checkpoint on a split outside ``eval.curve_splits``)."""
@@ -292,23 +339,28 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
     pts = eval_points(cfg, results)
     if share is not None:
         pts = pts[share[0]::share[1]]
+    stamps = {s: answers_stamp(cfg.eval.verifier, probs) for s, probs in problems.items()}
+    checked, flipped = 0, 0  # evaluations whose rows were verified again, and verdicts that changed
     with progress(console) as bar:
         task = bar.add_task("eval", total=len(pts) * len(problems))
         for pt in pts:
-            gen = None
+            gen = LazyGenerator(lambda pt=pt: student_generator(cfg, pt["path"], pt["key"]))
             for split, probs in problems.items():
                 summary = eval_summary(cfg, pt, split)
                 if summary is None:
                     bar.update(task, advance=1)
                     continue
                 res = json.loads(summary.read_text()) if summary.exists() else None
+                made_by = res and res.get("provenance")  # what generated the rows, kept when they are re-verified
                 if res is not None and (changed := eval_settings_change(cfg, res, len(probs))):
                     kept = _set_aside(summary)  # evaluated with other settings: kept, not reused, not reported
                     console.print(f"{pt['key']} {split}: evaluated earlier with other settings ({'; '.join(changed)})"
                                   f"; evaluating again (the old files are kept as {kept.name}*)")
-                    res = None
+                    res = made_by = None
+                if res is not None and res.get("verified_with") != stamps[split] and rows_file(summary).exists():
+                    flipped += reverify_rows(rows_file(summary), probs, cfg.eval.verifier)
+                    checked, res = checked + 1, None  # the summary again from the rows, nothing generated
                 if res is None:
-                    gen = gen or student_generator(cfg, pt["path"], pt["key"])
                     summary.parent.mkdir(parents=True, exist_ok=True)
                     bar.update(task, description=f"eval {pt['key']} {split}")
                     r = evaluate(gen, probs, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
@@ -318,12 +370,14 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
                     res = {**r.as_dict(), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                            "max_new_tokens": cfg.eval.max_new_tokens,  # what a reader needs to compare runs
                            "chat_template_kwargs": dict(cfg.student.chat_template_kwargs),
-                           "provenance": provenance()}
+                           "verified_with": stamps[split], "provenance": made_by or provenance()}
                     summary.write_text(json.dumps(res))
                 rows.append({**pt, "split": split, **res})
                 bar.update(task, advance=1)
-            if gen is not None:
-                gen.close()
+            gen.close()
+    if checked:
+        console.print(f"checked the stored outputs of {checked} evaluation(s) again (the verifier's revision or a "
+                      f"reference answer changed since they were stored): {flipped} verdict(s) changed")
     if share is None:
         (root / "results.json").write_text(json.dumps(rows, indent=1))
     return rows

@@ -15,11 +15,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from accord.collect import missing_generations, usable_problems
+from accord.collect import missing_generations, stale_verdicts, usable_problems
 from accord.config import AccordConfig
 from accord.cord.stage import default_meta_prover, load_cord_problems
 from accord.errors import UsageError
-from accord.evaluate import check_eval_splits, eval_points, eval_settings_change, eval_summary, split_problems
+from accord.evaluate import (
+    answers_stamp,
+    check_eval_splits,
+    eval_points,
+    eval_settings_change,
+    eval_summary,
+    rows_file,
+    split_problems,
+)
 from accord.models import local_model_dir
 from accord.prompts import style_name
 from accord.registry import METHODS, load
@@ -92,8 +100,9 @@ def _collect(cfg: AccordConfig) -> list[str]:
     except UsageError as e:
         return _rows("collect", [f"cannot read the problems — the run would stop here: {e}"])
     store = TraceStore.reader(Path(cfg.run_dir) / "traces.sqlite")
-    out, to_make = [], 0
+    out, to_make, again = [], 0, 0
     try:
+        again = len(stale_verdicts(cfg, store, usable)) if store else 0
         for t in cfg.teachers:
             if t.backend == "column":
                 rows = f", rows where {t.where}" if t.where else ""
@@ -110,6 +119,9 @@ def _collect(cfg: AccordConfig) -> list[str]:
             store.close()
     if unreadable:
         out.append(f"{unreadable} problem(s) left out: the {c.verifier!r} verifier cannot read their answer")
+    if again:
+        out.append(f"{again:,} stored verdict(s) checked again from their text (the verifier, its settings or "
+                   "revision, or a reference answer changed)")
     if c.judge is not None:
         out.append(f"judge: {c.judge.name}{'' if c.judge.teacher else ' (judges only)'} grades each verified trace "
                    "it has not graded yet")
@@ -147,8 +159,9 @@ def _eval(cfg: AccordConfig, building: bool, pending: int) -> list[str]:
         check_eval_splits(cfg)
     except UsageError as e:
         return _rows("eval", [f"stops before anything runs: {e}"])
-    head = (f"{len(splits)} split(s) ({', '.join(splits)}), k = {cfg.eval.k} samples at T = {cfg.eval.temperature}"
-            + (" + greedy" if cfg.eval.greedy else ""))
+    decoding = (f"k = {cfg.eval.k} samples at T = {cfg.eval.temperature}" + (" + greedy" if cfg.eval.greedy else "")
+                if cfg.eval.k else "greedy only")
+    head = f"{len(splits)} split(s) ({', '.join(splits)}), {decoding}"
     if building:
         return _rows("eval", [head, "the base student and each model once built and trained"])
     results = finished_results(cfg)
@@ -157,18 +170,23 @@ def _eval(cfg: AccordConfig, building: bool, pending: int) -> list[str]:
     except UsageError:
         return _rows("eval", [head, f"the student {cfg.student.model!r} is not in the local cache: it is fetched "
                                     "first, then every model is evaluated"])
-    sizes = {}
+    sizes, stamps = {}, {}
     for s in splits:
         try:
-            sizes[s] = len(split_problems(cfg, s))
+            probs = split_problems(cfg, s)
+            sizes[s], stamps[s] = len(probs), answers_stamp(cfg.eval.verifier, probs)
         except UsageError:
-            sizes[s] = None  # the evaluation itself would stop on it
+            sizes[s] = stamps[s] = None  # the evaluation itself would stop on it
     jobs = [(j, s) for pt in points for s in splits if (j := eval_summary(cfg, pt, s)) is not None]
-    stored = [(j, s) for j, s in jobs if j.exists()]
-    stale = sum(bool(eval_settings_change(cfg, json.loads(j.read_text()), sizes[s])) for j, s in stored)
+    stored = [(json.loads(j.read_text()), s, j) for j, s in jobs if j.exists()]
+    stale = sum(bool(eval_settings_change(cfg, res, sizes[s])) for res, s, _ in stored)
+    again = sum(not eval_settings_change(cfg, res, sizes[s]) and res.get("verified_with") != stamps[s]
+                and rows_file(j).exists() for res, s, j in stored)
     return _rows("eval", [head, f"the base student and {len(results)} finished model(s): {len(jobs)} evaluation(s), "
                                 f"{len(stored) - stale} stored, {len(jobs) - len(stored) + stale} to run"
                                 + (f" ({stale} stored with other settings, run again)" if stale else "")
+                                + (f"; {again} stored evaluation(s) verified again from their outputs (the "
+                                   "verifier's revision or a reference answer changed)" if again else "")
                                 + (f"; the {pending} model(s) still to train add theirs" if pending else "")])
 
 

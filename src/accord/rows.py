@@ -38,6 +38,8 @@ class TraceRow(TypedDict):
     min_window_logprob: float | None
     elapsed_s: float | None
     error: str | None
+    verified_with: str | None  # verify.stamp of the verdict (None: failed); another stamp → checked again
+
 
 
 class StoredTrace(TraceRow, total=False):

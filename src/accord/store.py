@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS traces (
   parsed_answer TEXT, verdict TEXT NOT NULL, judge TEXT, judge_text TEXT,
   token_count INTEGER, char_count INTEGER, finish_reason TEXT,
   mean_logprob REAL, min_window_logprob REAL,
-  elapsed_s REAL, error TEXT, created_at REAL NOT NULL, source_verdict TEXT,
+  elapsed_s REAL, error TEXT, created_at REAL NOT NULL, source_verdict TEXT, verified_with TEXT,
   UNIQUE (problem_id, teacher, style, sample_idx));
 CREATE INDEX IF NOT EXISTS traces_teacher ON traces (teacher, verdict);
 """
@@ -37,7 +37,7 @@ CREATE INDEX IF NOT EXISTS traces_teacher ON traces (teacher, verdict);
 TRACE_COLUMNS = ("problem_id", "teacher", "style", "sample_idx", "params", "prompt", "text", "reasoning",
                  "answer_text", "parsed_answer", "verdict", "judge", "judge_text", "token_count", "char_count",
                  "finish_reason", "mean_logprob", "min_window_logprob", "elapsed_s", "error", "created_at",
-                 "source_verdict")
+                 "source_verdict", "verified_with")
 _KEY = ("problem_id", "teacher", "style", "sample_idx")
 
 
@@ -51,8 +51,9 @@ class TraceStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(traces)")}
-        if "source_verdict" not in cols:  # a store written before imported verdicts were kept
-            self.db.execute("ALTER TABLE traces ADD COLUMN source_verdict TEXT")
+        for col in ("source_verdict", "verified_with"):  # a store written before these were kept
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE traces ADD COLUMN {col} TEXT")
 
     @classmethod
     def reader(cls, path: str | Path) -> TraceStore | None:
@@ -83,7 +84,9 @@ class TraceStore:
     def put_problems(self, problems: Iterable[Any]) -> None:
         rows = [(p.id, p.question, p.answer, p.meta.get("split"), json.dumps(_jsonable(p.meta))) for p in problems]
         with self.transaction() as db:
-            db.executemany("INSERT OR IGNORE INTO problems VALUES (?,?,?,?,?)", rows)
+            db.executemany("INSERT INTO problems VALUES (?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+                           "question=excluded.question, answer=excluded.answer, split=excluded.split, "
+                           "meta=excluded.meta", rows)  # an edited reference answer replaces the stored one
 
     # -- traces -------------------------------------------------------------------------------------
     def done_keys(self, teacher: str) -> set[tuple[str, str, int]]:
@@ -107,6 +110,28 @@ class TraceStore:
     def set_judgements(self, items: list[tuple[int, str, str]]) -> None:
         with self.transaction() as db:
             db.executemany("UPDATE traces SET judge=?, judge_text=? WHERE row_id=?", [(v, t, i) for i, v, t in items])
+
+    def verification_stamps(self) -> list[sqlite3.Row]:
+        """Every verified row's (row_id, problem_id, style, finish_reason, verdict, verified_with): what
+        :func:`accord.collect.reverify` compares with today's stamps before it reads any text."""
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(traces)")}  # a read-only older store lacks it
+        stamp = "verified_with" if "verified_with" in cols else "NULL AS verified_with"
+        return self.db.execute(f"SELECT row_id, problem_id, style, finish_reason, verdict, {stamp} FROM traces "
+                               "WHERE verdict!='failed'").fetchall()
+
+    def texts(self, row_ids: list[int]) -> dict[int, str]:
+        out = {}
+        for i in range(0, len(row_ids), 500):  # under SQLite's limit on bound parameters
+            part = row_ids[i:i + 500]
+            out.update(self.db.execute(f"SELECT row_id, text FROM traces WHERE row_id IN ({','.join('?' * len(part))})",
+                                       part).fetchall())
+        return out
+
+    def set_verdicts(self, items: list[tuple[int, str, str | None, str]]) -> None:
+        """(row_id, verdict, parsed_answer, verified_with) for rows checked again; one transaction."""
+        with self.transaction() as db:
+            db.executemany("UPDATE traces SET verdict=?, parsed_answer=?, verified_with=? WHERE row_id=?",
+                           [(v, a, st, i) for i, v, a, st in items])
 
     def traces(self, teacher: str | None = None, where: str = "", args: tuple = ()) -> list[StoredTrace]:
         sql = "SELECT * FROM traces WHERE 1=1"

@@ -11,11 +11,20 @@ after it) is ``incorrect``: the teacher gave no answer.
 
 ``math`` uses math-verify with the gold answer first (``verify(gold, pred)``).
 math-verify bounds its own time with SIGALRM, which only works in the main
-thread, so elsewhere we pass ``None`` and the caller bounds time.
+thread, so elsewhere we pass ``None`` and the caller bounds time.  A reference
+answer is read as LaTeX first (inside ``\\boxed{}``, as the completion's own
+answer is): read as plain text, math-verify keeps only a number of it —
+``2\\sqrt{2}`` became 2, ``(-\\infty, 3)`` 3, ``3 + 2i`` 2 — so a wrong ``\\boxed{2}``
+passed and the right answer failed.
+
+Every stored verdict carries :func:`stamp` (the verifier, its :data:`REVISION`,
+tolerance and the reference answer): the trace store and the evaluation rows
+check a verdict again, from the stored text, when its stamp is not today's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from collections.abc import Callable
@@ -26,6 +35,16 @@ from accord.errors import UsageError
 from accord.prompts import last_boxed, split_think
 
 CORRECT, INCORRECT, UNPARSEABLE, FAILED = "correct", "incorrect", "unparseable", "failed"
+# Raised whenever some (reference, completion) pair gets another verdict than before, so verdicts stored under an
+# earlier revision are checked again (never regenerated).  2: references read as LaTeX first.
+REVISION = 2
+
+
+def stamp(verifier: str, gold: str, tolerance: float = 1e-6) -> str:
+    """What a verdict was reached with: the verifier, its revision and tolerance, and the reference answer (a
+    digest) — a stored verdict under another stamp is out of date."""
+    digest = hashlib.sha1(gold.encode("utf-8")).hexdigest()[:12]
+    return f"{verifier} r{REVISION} tol={tolerance:g} {digest}"
 
 
 class GoldAnswerError(UsageError):
@@ -57,7 +76,9 @@ def answer_section(text: str) -> str | None:
 def _parse_gold(gold: str):
     from math_verify import parse
 
-    for candidate in (gold, f"${gold}$", f"\\boxed{{{gold}}}"):
+    latex_first = not re.search(r"(?<!\\)\$|\\boxed", gold)  # else it has its own delimiters
+    readings = (f"\\boxed{{{gold}}}", f"${gold}$", gold) if latex_first else (gold, f"\\boxed{{{gold}}}", f"${gold}$")
+    for candidate in readings:
         parsed = parse(candidate, parsing_timeout=_timeout())
         if parsed:
             return parsed

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from accord.analysis.cord import hit_rates, plot_hit_rates
 from accord.analysis.stats import mean_se
-from accord.collect import _write_jsonl, corpus_row, make_row, open_store
+from accord.collect import _write_jsonl, corpus_row, make_row, open_store, reverify
 from accord.cord.decode import THINK_PREFIX, CordSettings, Timing, Trajectory, beam_search, curate, finish, mcts_search
 from accord.cord.integration import INTEGRATION_PROMPT, parse_integration
 from accord.cord.score import CordError, Scorer
@@ -38,7 +38,7 @@ from accord.prompts import THINK_CLOSE, render_prompt
 from accord.registry import STEP_SCORERS
 from accord.teachers.base import Generation, Request, SamplingParams, load_generator
 from accord.ui import progress
-from accord.verify import CORRECT, GoldAnswerError, check
+from accord.verify import CORRECT, gold_is_readable
 
 
 def settings(cfg) -> CordSettings:
@@ -105,6 +105,7 @@ def run(cfg, console, share: Share | None = None) -> dict:
     if not main:
         store.close()
         return {}
+    reverify(cfg, store, [p for p in problems if _gold_ok(p.answer, cfg.collect.verifier)], console)
     summary = summarize(cfg, store, problems, list(teachers), timing, skipped, failures, unscorable)
     _write_corpus(cfg, store, problems)
     store.close()
@@ -133,13 +134,7 @@ def _pooled(parts: dict) -> tuple[dict, int, dict, list]:
 
 
 def _gold_ok(answer: str, verifier: str) -> bool:
-    if not answer or not str(answer).strip():
-        return False
-    try:
-        check(verifier, answer, f"\\boxed{{{answer}}}")
-    except GoldAnswerError:
-        return False
-    return True
+    return bool(answer and str(answer).strip()) and gold_is_readable(verifier, answer)
 
 
 def _one_problem(cfg, teachers, scorer, pp, prompt, p, cs, timing, failures, integrator=None) -> list[dict]:

@@ -581,8 +581,9 @@ def capped_batcher(k: int | None):
 
 def plan(cfg: AccordConfig, _arg: str = "") -> list[tuple[str, str, str]]:
     names = student_names(cfg)
-    steps = f"{cfg.train.rounds * cfg.train.steps_per_round} steps, {len(names)} students in each"
-    return [(f"qr-{n}", "qr", steps) for n in names]
+    steps = cfg.train.rounds * cfg.train.steps_per_round
+    return [(f"qr-{n}", "qr", f"{steps} steps, in one joint run with "
+             + ", ".join(f"qr-{m}" for m in names if m != n)) for n in names]
 
 
 def run(cfg: AccordConfig, console) -> list[dict]:
