@@ -83,6 +83,24 @@ def test_numeric_choice_exact():
         check("choice", "42", "\\boxed{A}")
 
 
+@pytest.mark.parametrize(("completion", "letter"), [
+    ("The answer is (C).\nA quick check confirms it.", "C"),  # a line starting "A " is not a choice
+    ("Answer: B\nI hope this helps.", "B"),
+    ("Options:\nA. 12\nB. 42\nC. 7\nSo the answer is B.", "B"),  # the options listed are not answers
+    ("the answer is a bit tricky, but C", None),
+    ("**Answer:** D", "D"),
+    ("The correct option is (D).", "D"),
+    ("Therefore, the answer is D) 42", "D"),
+    ("answer: b", "B"),
+    ("We compare them.\n\n(B)", "B"),
+    ("I think so.", None),
+])
+def test_a_choice_is_read_only_from_an_answer_statement_or_a_line_of_its_own(completion, letter):
+    """Revision 3: before, a line that began with a capital A-J ("A quick check", "I hope") was read as the choice,
+    so a right answer followed by such a line was marked wrong."""
+    assert check("choice", "B", completion).parsed == letter
+
+
 def test_judge_parsing():
     assert parse_judgement("Looks fine.\nVALID") == VALID
     assert parse_judgement("<think>is it VALID?</think> INVALID") == INVALID

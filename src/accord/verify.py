@@ -36,8 +36,9 @@ from accord.prompts import last_boxed, split_think
 
 CORRECT, INCORRECT, UNPARSEABLE, FAILED = "correct", "incorrect", "unparseable", "failed"
 # Raised whenever some (reference, completion) pair gets another verdict than before, so verdicts stored under an
-# earlier revision are checked again (never regenerated).  2: references read as LaTeX first.
-REVISION = 2
+# earlier revision are checked again (never regenerated).  2: references read as LaTeX first; 3: a choice letter
+# only from an answer statement or a line of its own.
+REVISION = 3
 
 
 def stamp(verifier: str, gold: str, tolerance: float = 1e-6) -> str:
@@ -132,14 +133,20 @@ def check_numeric(gold: str, answer: str, tolerance: float = 1e-6) -> Check:
     return Check(CORRECT if ok else INCORRECT, repr(p))
 
 
-_CHOICE = re.compile(r"(?:answer(?:\s+is)?\s*[:\s]\s*\(?|^\(?|\\boxed\{\s*\(?)([A-J])\)?(?:\b|$)", re.I | re.M)
+# A choice is read from an answer statement ("the answer is (C)", "**Answer:** B", "correct option: D") or a line
+# holding only the letter — never from a line that merely starts with a capital ("A quick check…", "I think…"),
+# which read as A and I before revision 3.  The letter is a capital, or a small one ending the statement's line:
+# "the answer is a bit tricky" names none, "answer: b" names B.
+_CHOICE = re.compile(r"(?i:\b(?:answer|option|choice)\b)(?:\s+(?i:is|would\s+be))?[\s:*]*\(?([A-J])\)?(?![A-Za-z0-9])"
+                     r"|^[\s*]*\(?([A-J])\)?\.?[\s*]*$"
+                     r"|(?i:\b(?:answer|option|choice)\b(?:\s+is)?)[\s:*]*\(?([a-j])\)?[.*\s]*$", re.M)
 
 
 def _letter(text: str) -> str | None:
     boxed = last_boxed(text)
     if boxed is not None and re.fullmatch(r"\(?[A-Ja-j]\)?\.?", boxed.strip()):
         return boxed.strip("(). ").upper()
-    hits = _CHOICE.findall(text)
+    hits = [next(g for g in m.groups() if g) for m in _CHOICE.finditer(text)]
     return hits[-1].upper() if hits else None
 
 
