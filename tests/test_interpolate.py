@@ -60,6 +60,15 @@ def test_accord_interpolate_end_to_end(tmp_path, problems_file, two_parrots, mic
     code, out = run_cli("report", str(cfg))
     assert code == 0 and "MoT App. D, Fig. 6" in (run / "report" / "index.html").read_text()
     assert (run / "report" / "interpolation.png").exists()
+    # a point made with other settings is set aside and made again; one verified otherwise is checked again
+    point = rows.with_name("target.json")
+    code, out = run_cli("interpolate", str(cfg), "--models", "mtd", "--points", "3", "--split", "target", "eval.k=1")
+    assert code == 0 and json.loads(point.read_text())["k"] == 1 and (point.parent / "target.stale-1.json").exists()
+    stored = json.loads(point.read_text())
+    point.write_text(json.dumps({**stored, "verified_with": "math r1", "pass1": -1.0}))
+    before = rows.read_text()
+    code, out = run_cli("interpolate", str(cfg), "--models", "mtd", "--points", "3", "--split", "target", "eval.k=1")
+    assert code == 0 and rows.read_text() == before and json.loads(point.read_text()) == stored
     # a model that was not trained is named
     code, out = run_cli("interpolate", str(cfg), "--models", "mot")
     assert code == 2 and "no finished training for mot" in out

@@ -757,7 +757,7 @@ def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, t
     code, out = run_cli("run", str(cfg))
     assert code == 0, out
     code, out = run_cli("eval", str(cfg), "eval.k=1", "--plan")
-    assert "5 evaluation(s), 0 stored, 5 to run (5 stored with other settings, run again)" in out
+    assert "5 evaluation(s), 0 stored, 5 to run (5 stored with other settings or weights, run again)" in out
     code, out = run_cli("eval", str(cfg), "eval.k=1")
     assert code == 0 and "base target: evaluated earlier with other settings (k: 2 → 1)" in out
     ev = tmp_path / "run" / "eval" / "base"
@@ -787,6 +787,27 @@ def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, t
     assert {k: v for k, v in new.items() if k != "provenance"} == {k: v for k, v in old.items() if k != "provenance"}
     code, out = run_cli("eval", str(cfg), "eval.k=1")
     assert code == 0 and "checked the stored outputs" not in out
+
+    # a summary from before weights were recorded takes them on; a model changed since is evaluated again
+    from safetensors.torch import load_file, save_file
+
+    from accord.models import weights_digest
+
+    summary.write_text(json.dumps({k: v for k, v in new.items() if k != "weights"}))
+    code, out = run_cli("eval", str(cfg), "eval.k=1")
+    assert code == 0 and json.loads(summary.read_text())["weights"] == new["weights"]
+    monkeypatch.undo()
+    final = Path(json.loads((tmp_path / "run" / "train" / "std-seven" / "result.json").read_text())["final"])
+    before = weights_digest(final)
+    for f in final.glob("*.safetensors"):  # as if trained again under the same name
+        save_file({k: v + 0.01 for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    code, out = run_cli("eval", str(cfg), "eval.k=1", "--plan")
+    assert "(2 stored with other settings or weights, run again)" in out, out
+    code, out = run_cli("eval", str(cfg), "eval.k=1")
+    assert code == 0 and out.count(f"evaluated earlier with other settings (the model's weights: {before} → "
+                                   f"{weights_digest(final)}, trained again or replaced since)") == 2, out
+    code, out = run_cli("eval", str(cfg), "eval.k=1")
+    assert code == 0 and "evaluated earlier" not in out
 
 
 def test_seed_replicas_are_pooled_against_a_by_hand_reference(tmp_path):

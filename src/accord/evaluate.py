@@ -311,10 +311,32 @@ def eval_summary(cfg, pt: dict, split: str) -> Path | None:
     return Path(cfg.run_dir) / "eval" / pt["key"] / f"{split}.json"
 
 
-def eval_settings_change(cfg, stored: dict, n_problems: int | None) -> list[str]:
+def made_with(cfg, stamp: str, weights: str | None) -> dict:
+    """What an evaluation summary records beside its figures, to compare runs and to tell whether it still answers
+    the config (:func:`eval_settings_change`): the decoding settings, the template's variables, the verifier's
+    stamp over the split's answers (:func:`answers_stamp`) and the model's weights."""
+    return {"temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p, "max_new_tokens": cfg.eval.max_new_tokens,
+            "chat_template_kwargs": dict(cfg.student.chat_template_kwargs), "verified_with": stamp,
+            "weights": weights}
+
+
+def stored_answers(cfg, summary: Path, n_problems: int | None, weights: str | None, stamp: str) -> str:
+    """Whether a stored summary still answers the config: ``"kept"``; ``"reverify"`` — reached by another verifier
+    or reference answers, its rows to be checked again from their outputs; ``"stale"`` — made with other settings
+    or weights (or missing)."""
+    if not summary.exists():
+        return "stale"
+    res = json.loads(summary.read_text())
+    if eval_settings_change(cfg, res, n_problems, weights):
+        return "stale"
+    return "kept" if res.get("verified_with") == stamp or not rows_file(summary).exists() else "reverify"
+
+
+def eval_settings_change(cfg, stored: dict, n_problems: int | None, weights: str | None = None) -> list[str]:
     """``field: stored → now`` where a stored evaluation no longer answers what the config asks (other k,
-    temperature, top-p, token budget, repeats, or another number of problems); a field an older summary did not
-    record, or ``n_problems`` None, is not compared."""
+    temperature, top-p, token budget, repeats, or another number of problems) or the model is not the one it
+    evaluated (``weights``: :func:`accord.models.weights_digest` of the checkpoint now — trained again under the same
+    name); a field an older summary did not record, or ``n_problems`` / ``weights`` None, is not compared."""
     e = cfg.eval
     now = {"k": e.k, "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
            "repeats": e.repeats, **({"n": n_problems} if n_problems is not None else {})}
@@ -322,6 +344,8 @@ def eval_settings_change(cfg, stored: dict, n_problems: int | None) -> list[str]
     template = dict(cfg.student.chat_template_kwargs)  # a summary without it was made with the template's defaults
     if stored.get("chat_template_kwargs", {}) != template:
         changed.append(f"student.chat_template_kwargs: {stored.get('chat_template_kwargs', {})!r} → {template!r}")
+    if weights is not None and stored.get("weights") not in (None, weights):
+        changed.append(f"the model's weights: {stored['weights']} → {weights}, trained again or replaced since")
     return changed
 
 
@@ -330,7 +354,7 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
     ``share`` (i, n): only every n-th point from the i-th, and no ``results.json`` — process i of n evaluating
     its part of a launch (:func:`accord.run.run`); each point's files are its own, so the parts never meet, and
     process 0's full pass afterwards reads them all."""
-    from accord.models import provenance
+    from accord.models import provenance, weights_digest
 
     check_eval_splits(cfg)
     root = Path(cfg.run_dir) / "eval"
@@ -345,6 +369,7 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
         task = bar.add_task("eval", total=len(pts) * len(problems))
         for pt in pts:
             gen = LazyGenerator(lambda pt=pt: student_generator(cfg, pt["path"], pt["key"]))
+            weights = weights_digest(pt["path"])
             for split, probs in problems.items():
                 summary = eval_summary(cfg, pt, split)
                 if summary is None:
@@ -352,14 +377,17 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
                     continue
                 res = json.loads(summary.read_text()) if summary.exists() else None
                 made_by = res and res.get("provenance")  # what generated the rows, kept when they are re-verified
-                if res is not None and (changed := eval_settings_change(cfg, res, len(probs))):
-                    kept = _set_aside(summary)  # evaluated with other settings: kept, not reused, not reported
+                if res is not None and (changed := eval_settings_change(cfg, res, len(probs), weights)):
+                    kept = set_aside(summary)  # evaluated with other settings: kept, not reused, not reported
                     console.print(f"{pt['key']} {split}: evaluated earlier with other settings ({'; '.join(changed)})"
                                   f"; evaluating again (the old files are kept as {kept.name}*)")
                     res = made_by = None
                 if res is not None and res.get("verified_with") != stamps[split] and rows_file(summary).exists():
                     flipped += reverify_rows(rows_file(summary), probs, cfg.eval.verifier)
                     checked, res = checked + 1, None  # the summary again from the rows, nothing generated
+                if res is not None and weights and "weights" not in res:  # stored before weights were recorded
+                    res["weights"] = weights
+                    summary.write_text(json.dumps(res))
                 if res is None:
                     summary.parent.mkdir(parents=True, exist_ok=True)
                     bar.update(task, description=f"eval {pt['key']} {split}")
@@ -367,10 +395,8 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
                                  greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
                                  verifier=cfg.eval.verifier, seed=cfg.eval.seed,
                                  rows_path=rows_file(summary), repeats=cfg.eval.repeats)
-                    res = {**r.as_dict(), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
-                           "max_new_tokens": cfg.eval.max_new_tokens,  # what a reader needs to compare runs
-                           "chat_template_kwargs": dict(cfg.student.chat_template_kwargs),
-                           "verified_with": stamps[split], "provenance": made_by or provenance()}
+                    res = {**r.as_dict(), **made_with(cfg, stamps[split], weights),
+                           "provenance": made_by or provenance()}
                     summary.write_text(json.dumps(res))
                 rows.append({**pt, "split": split, **res})
                 bar.update(task, advance=1)
@@ -383,7 +409,7 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
     return rows
 
 
-def _set_aside(summary: Path) -> Path:
+def set_aside(summary: Path) -> Path:
     """Rename a stale evaluation summary and its rows out of the way (``<split>.stale-<n>.json``); returns the new
     summary path."""
     n = 1

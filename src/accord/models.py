@@ -97,6 +97,33 @@ def merged_adapter(path: str | Path, who: str = "model") -> str:
     return str(out)
 
 
+def weights_digest(path: str | Path) -> str | None:
+    """A short fingerprint of a checkpoint's weights (its ``*.safetensors`` files, an adapter's included): what an
+    evaluation records, so that a model trained again under the same name is never reported with the old one's
+    numbers.  A file up to 64 MiB is hashed whole; a larger one by its size and 16 slices of 1 MiB spread over it
+    (a 15 GB checkpoint costs 16 MiB per file to read, and training changes bytes everywhere).  None where
+    ``path`` holds no safetensors (a served model)."""
+    import hashlib
+
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p] if p.suffix == ".safetensors" else []
+    if not files:
+        return None
+    h, mib = hashlib.sha1(), 1 << 20
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            if size <= 64 * mib:
+                for block in iter(lambda fh=fh: fh.read(mib), b""):
+                    h.update(block)
+                continue
+            for i in range(16):
+                fh.seek(i * (size - mib) // 15)
+                h.update(fh.read(mib))
+    return h.hexdigest()[:16]
+
+
 def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                              who: str = "model", attention: str = "auto"):
     """A checkpoint (path, hub id or lab name; a LoRA adapter merged into its base) and its tokenizer, on ``device``

@@ -23,12 +23,11 @@ from accord.evaluate import (
     answers_stamp,
     check_eval_splits,
     eval_points,
-    eval_settings_change,
     eval_summary,
-    rows_file,
     split_problems,
+    stored_answers,
 )
-from accord.models import local_model_dir
+from accord.models import local_model_dir, weights_digest
 from accord.prompts import style_name
 from accord.registry import METHODS, load
 from accord.run import finished_results, model_specs
@@ -177,14 +176,13 @@ def _eval(cfg: AccordConfig, building: bool, pending: int) -> list[str]:
             sizes[s], stamps[s] = len(probs), answers_stamp(cfg.eval.verifier, probs)
         except UsageError:
             sizes[s] = stamps[s] = None  # the evaluation itself would stop on it
-    jobs = [(j, s) for pt in points for s in splits if (j := eval_summary(cfg, pt, s)) is not None]
-    stored = [(json.loads(j.read_text()), s, j) for j, s in jobs if j.exists()]
-    stale = sum(bool(eval_settings_change(cfg, res, sizes[s])) for res, s, _ in stored)
-    again = sum(not eval_settings_change(cfg, res, sizes[s]) and res.get("verified_with") != stamps[s]
-                and rows_file(j).exists() for res, s, j in stored)
+    jobs = [(j, s, pt) for pt in points for s in splits if (j := eval_summary(cfg, pt, s)) is not None]
+    digests = {pt["path"]: weights_digest(pt["path"]) for pt in points}
+    states = [stored_answers(cfg, j, sizes[s], digests[pt["path"]], stamps[s]) for j, s, pt in jobs if j.exists()]
+    stored, stale, again = len(states), states.count("stale"), states.count("reverify")
     return _rows("eval", [head, f"the base student and {len(results)} finished model(s): {len(jobs)} evaluation(s), "
-                                f"{len(stored) - stale} stored, {len(jobs) - len(stored) + stale} to run"
-                                + (f" ({stale} stored with other settings, run again)" if stale else "")
+                                f"{stored - stale} stored, {len(jobs) - stored + stale} to run"
+                                + (f" ({stale} stored with other settings or weights, run again)" if stale else "")
                                 + (f"; {again} stored evaluation(s) verified again from their outputs (the "
                                    "verifier's revision or a reference answer changed)" if again else "")
                                 + (f"; the {pending} model(s) still to train add theirs" if pending else "")])

@@ -15,7 +15,10 @@ Choices where the paper is silent:
    base's and the checkpoint's weights are held in CPU memory beside it — three copies in all), with the run's
    evaluation settings (k, temperature, top-p, seeds, token budget, verifier) on one split (default: the first of
    ``eval.splits``).  Per-sample rows are kept under ``<run_dir>/analysis/interpolation/<model>/lambda-<λ>/``, so a
-   killed run resumes and a finished point is never generated again.
+   killed run resumes and a finished point is never generated again — while it answers the config: a point
+   records what an evaluation does (:func:`accord.evaluate.made_with`, the weights being the checkpoint's and the
+   base's), one made with other settings or weights is set aside and made again, and one reached by another
+   verifier revision or reference answers is checked again from its stored outputs.
 4. Which checkpoints: each named model's final (``train/<name>/result.json``); by default MTD and MoT, the
    paper's pair, where trained.  A QR student interpolates from its own base student.
 5. Two numbers summarise a curve beside its points (each pass@1 ± its standard error over problems): the mean
@@ -34,9 +37,20 @@ import json
 from pathlib import Path
 
 from accord.errors import UsageError
-from accord.evaluate import check_eval_splits, evaluate, rows_file, split_problems, student_config
+from accord.evaluate import (
+    answers_stamp,
+    check_eval_splits,
+    evaluate,
+    made_with,
+    reverify_rows,
+    rows_file,
+    set_aside,
+    split_problems,
+    stored_answers,
+    student_config,
+)
 from accord.launch import Share, dealt
-from accord.models import load_model_and_tokenizer, local_model_dir
+from accord.models import load_model_and_tokenizer, local_model_dir, weights_digest
 from accord.registry import BACKENDS, load
 from accord.train.common import read_result
 from accord.train.merge import MergeSpec, load_state, merge_state_dicts
@@ -86,6 +100,13 @@ def run(cfg, console, models: list[str] | None = None, points: int = 11, split: 
     problems = split_problems(cfg, split)
     root = Path(cfg.run_dir) / "analysis"
     where = {name: root / "interpolation" / name for name in picked}
+    stamp = answers_stamp(cfg.eval.verifier, problems)
+    weights = {n: f"{weights_digest(rec['final'])}+{weights_digest(_base(cfg, rec))}" for n, rec in picked.items()}
+    if share is None or share.rank == 0:
+        for name, lam in itertools.product(picked, lams):
+            _check_point(cfg, _point(where[name], lam, split), problems, weights[name], stamp)
+    if share is not None:
+        share.wait()  # the stale points are set aside before any process looks
     todo = {name: [lam for lam in lams if not _point(where[name], lam, split).exists()] for name in picked}
     if share is not None:
         share.wait()  # every process has seen which points are done before any writes one
@@ -93,7 +114,8 @@ def run(cfg, console, models: list[str] | None = None, points: int = 11, split: 
     with progress(console) as bar:
         task = bar.add_task("interpolate", total=sum(map(len, todo.values())))
         for name, rec in picked.items():
-            _evaluate_points(cfg, name, rec, todo[name], problems, split, where[name], bar, task)
+            _evaluate_points(cfg, name, rec, todo[name], problems, split, where[name], bar, task,
+                             made_with(cfg, stamp, weights[name]))
     if share is not None:
         share.wait()  # every point is written
         if share.rank > 0:
@@ -126,13 +148,33 @@ def _point(where: Path, lam: float, split: str) -> Path:
     return where / f"lambda-{lam:.3f}" / f"{split}.json"
 
 
+def _base(cfg, rec: dict) -> str:
+    """The base student a trained model is interpolated with: its own (a QR student's) or the run's."""
+    return rec.get("base_model") or str(local_model_dir(cfg.student.model, "student"))
+
+
+def _check_point(cfg, summary: Path, problems, weights: str, stamp: str) -> None:
+    """Leave a stored point only where it answers the config (choice 3): one made with other settings or weights
+    is set aside (``<split>.stale-<n>.json``), one verified otherwise has its rows checked again and its summary
+    removed — the point is then made again from its rows, nothing generated."""
+    if not summary.exists():
+        return
+    state = stored_answers(cfg, summary, len(problems), weights, stamp)
+    if state == "stale":
+        set_aside(summary)
+    elif state == "reverify":
+        reverify_rows(rows_file(summary), problems, cfg.eval.verifier)
+        summary.unlink()
+
+
 def _evaluate_points(cfg, name: str, rec: dict, lams: list[float], problems, split: str, where: Path, bar,
-                     task) -> None:
+                     task, recorded: dict) -> None:
     """Evaluate model ``name`` interpolated with its base at every λ of ``lams`` (one model loaded, its weights
-    replaced in memory), each point's summary and rows written under ``where``."""
+    replaced in memory), each point's summary (with ``recorded``: :func:`accord.evaluate.made_with`) and rows
+    written under ``where``."""
     if not lams:  # load only when something is left to generate
         return
-    base_path = rec.get("base_model") or str(local_model_dir(cfg.student.model, "student"))
+    base_path = _base(cfg, rec)
     model, tok = load_model_and_tokenizer(rec["final"], cfg.student.device, "auto", cfg.student.trust_remote_code,
                                           who=f"{name} checkpoint", attention=cfg.student.attention)
     base, ckpt = load_state(base_path), load_state(rec["final"])
@@ -147,7 +189,7 @@ def _evaluate_points(cfg, name: str, rec: dict, lams: list[float], problems, spl
             r = evaluate(gen, problems, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                          greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens, verifier=cfg.eval.verifier,
                          seed=cfg.eval.seed, rows_path=rows_file(summary), repeats=cfg.eval.repeats)
-            summary.write_text(json.dumps({"lambda": lam, **r.as_dict()}))
+            summary.write_text(json.dumps({"lambda": lam, **r.as_dict(), **recorded}))
             bar.update(task, advance=1)
     finally:
         gen.close()
