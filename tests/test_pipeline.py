@@ -686,7 +686,10 @@ def test_a_finished_method_with_other_settings_stops_instead_of_being_skipped(tm
                                                                                micro):
     """An ablation in the same run_dir (here train.lr, or a merge for post-hoc) is not "finished earlier": the
     run stops naming what changed; knobs that give the same model (packing) and other methods' settings do not
-    count; the plan says the same."""
+    count; the plan says the same.  A corpus changed since training counts too."""
+    from accord.config import load_config
+    from accord.train.common import corpus_digests
+
     cfg = pipeline_cfg(tmp_path, problems_file, two_parrots, micro, method=["std:seven"])
     code, out = run_cli("run", str(cfg))
     assert code == 0, out
@@ -715,6 +718,15 @@ def test_a_finished_method_with_other_settings_stops_instead_of_being_skipped(tm
     assert "std-seven-lr2: started with other settings (train.lr: 0.002 → 0.003)" in out
     code, out = run_cli("train", str(cfg), "train.lr=0.003", "train.tag=lr2")
     assert code == 2 and f"{d} holds a run started with other settings" in out and "train.lr: 0.002 → 0.003" in out
+    # nor is a model trained on a corpus that has changed since (more samples, verdicts checked again)
+    corpus = tmp_path / "run" / "corpora" / "seven.jsonl"
+    assert res["corpora"] == corpus_digests(load_config(cfg), ["seven"]) and list(res["corpora"]) == ["seven"]
+    corpus.write_text(corpus.read_text().splitlines(keepends=True)[0])
+    code, out = run_cli("train", str(cfg))
+    assert code == 2 and "std-seven in" in out and f"corpora/seven.jsonl: {res['corpora']['seven']} → " in out
+    assert "(collected, verified or selected again since)" in out
+    code, out = run_cli("run", str(cfg))  # collecting builds the corpus again: as it was
+    assert code == 0 and "std-seven: finished earlier, skipped" in out
 
 
 def test_a_tagged_variant_is_paired_against_its_default(tmp_path):

@@ -158,9 +158,8 @@ def reverify(cfg: AccordConfig, store: TraceStore, problems: list[Problem], cons
             bar.advance(task, len(part))
     console.print(f"checked {len(stale):,} stored verdict(s) again (the verifier, its settings or revision, or a "
                   f"reference answer changed since they were stored): {changed} changed"
-                  + ("; the corpora are built from the new verdicts, and a model trained on the old ones is not "
-                     f"trained again on its own (delete its directory under {Path(cfg.run_dir) / 'train'})"
-                     if changed else ""))
+                  + ("; the corpora are built from the new verdicts, and `accord train` stops at a finished model "
+                     "trained on the old ones, naming the corpus that changed" if changed else ""))
     return changed
 
 

@@ -92,6 +92,7 @@ class TrainRecord(TypedDict, total=False):
     base_model: str  # QR: the student each row is compared with
     provenance: dict  # models.provenance(): versions and device that trained it
     trained_with: dict  # train.common.method_settings(): the settings a re-run must match to skip it
+    corpora: dict  # train.common.corpus_digests(): each corpus it trained on, as it was; a re-run must match too
     tag: str  # train.tag: a variant of the result named without it
     seed: int  # train.seed it was trained with (--seeds replicas are pooled by the report)
 

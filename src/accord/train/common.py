@@ -12,12 +12,17 @@ it was trained with: ``trained_with`` (:func:`method_settings`) is recorded besi
 stops with the keys that changed (an ablation such as ``compact.scores=[ppl,cons]`` in the same ``run_dir`` would
 otherwise be "finished earlier" and never trained).  Knobs that give the same model (packing, the chunked loss, compile,
 gradient checkpointing, accumulation), trackers and checkpoint retention are not settings; nor is the student's
-path (recipes see it resolved).
+path (recipes see it resolved).  The corpora it trained on count too (``corpora``: a digest of each file, compared
+while the file is there): collecting more samples, verdicts checked again or another selection rebuild them, and
+the old model is then not the method on these data.  A run killed before it finished resumes on the corpora as
+they are (its ``settings.json`` records settings only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import shutil
@@ -67,10 +72,48 @@ def method_settings(cfg: AccordConfig, method: str) -> dict:
 
 def settings_change(cfg: AccordConfig, result: dict) -> list[str]:
     """``key: recorded → now`` for each setting a finished result was trained with that the config now changes
-    (empty for a result recorded before settings were)."""
+    (empty for a result recorded before settings were), and each corpus it read that holds other rows now
+    (:func:`corpus_digests`; a result recorded before corpora were is not compared)."""
     if "trained_with" not in result or not result.get("method"):
         return []
-    return diff_settings(result["trained_with"], method_settings(cfg, result["method"]))
+    was = result.get("corpora") or {}
+    now = corpus_digests(cfg, list(was))
+    return diff_settings(result["trained_with"], method_settings(cfg, result["method"])) + [
+        f"corpora/{n}.jsonl: {was[n]} → {now[n]} (collected, verified or selected again since)"
+        for n in was if now[n] != was[n]]
+
+
+def corpora_read(method: str, teachers: list[str]) -> list[str]:
+    """The corpora (``corpora/<name>.jsonl``) a finished result of ``method`` trained on: MTD the union, a post-hoc
+    merge none of its own (its STD students record theirs), every other method its teachers' (STD one)."""
+    return [] if method == "posthoc" else ["all"] if method == "mtd" else list(teachers)
+
+
+def corpus_digests(cfg: AccordConfig, names: list[str]) -> dict[str, str | None]:
+    """A digest of each named corpus file as it is now (None where missing): what a result records so that a
+    re-run after the corpora changed — more samples, verdicts checked again, another selection — stops instead
+    of reporting the old model as trained on the new data."""
+    root = Path(cfg.run_dir) / "corpora"
+    return {n: _file_digest(root / f"{n}.jsonl") for n in names}
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return _digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha1 of a file (its size and mtime key the cache: each version is read once per process — a corpus of
+    millions of traces takes seconds)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
 
 
 def work_dir(cfg: AccordConfig, name: str, method: str) -> Path:
@@ -302,6 +345,7 @@ def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
         res["tag"] = cfg.train.tag
     if fields.get("method"):  # beside a recipe's own ``settings`` (its section alone, written before this existed)
         res["trained_with"] = method_settings(cfg, fields["method"])
+        res["corpora"] = corpus_digests(cfg, corpora_read(fields["method"], fields.get("teachers", [])))
     if not is_main():
         return res  # rank 0 writes the record
     d.mkdir(parents=True, exist_ok=True)
