@@ -75,6 +75,10 @@ def test_numeric_choice_exact():
     assert check("numeric", "100", "answer 100.00000001", 1e-6).verdict == CORRECT
     assert check("numeric", "100", "answer 101", 1e-6).verdict == INCORRECT
     assert check("numeric", "1,000", "\\boxed{1000}").verdict == CORRECT
+    for shown in ("1{,}000", "1\\,000", "1\\!000"):  # LaTeX's thousands separators (revision 4: read as 0 before)
+        assert check("numeric", "1000", f"\\boxed{{{shown}}}").parsed == "1000.0"
+        assert check("math", "1000", f"\\boxed{{{shown}}}").verdict == CORRECT
+    assert check("numeric", "1000000", "\\boxed{1{,}000{,}000}").verdict == CORRECT
     assert check("choice", "C", "<think>..</think> The answer is (C)").verdict == CORRECT
     assert check("choice", "(b)", "\\boxed{B}").verdict == CORRECT
     assert check("choice", "B", "The answer is A").verdict == INCORRECT

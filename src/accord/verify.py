@@ -37,8 +37,8 @@ from accord.prompts import last_boxed, split_think
 CORRECT, INCORRECT, UNPARSEABLE, FAILED = "correct", "incorrect", "unparseable", "failed"
 # Raised whenever some (reference, completion) pair gets another verdict than before, so verdicts stored under an
 # earlier revision are checked again (never regenerated).  2: references read as LaTeX first; 3: a choice letter
-# only from an answer statement or a line of its own.
-REVISION = 3
+# only from an answer statement or a line of its own; 4: LaTeX thousands separators inside a number.
+REVISION = 4
 
 
 def stamp(verifier: str, gold: str, tolerance: float = 1e-6) -> str:
@@ -88,7 +88,8 @@ def _parse_gold(gold: str):
 
 def check_math(gold: str, answer: str, tolerance: float = 0.0) -> Check:
     boxed = last_boxed(answer)
-    return _check_math(gold, f"\\boxed{{{boxed}}}" if boxed is not None else answer)
+    shown = f"\\boxed{{{boxed}}}" if boxed is not None else answer
+    return _check_math(gold, _THOUSANDS.sub("", shown))  # math-verify reads 1\,000 as wrong for 1000
 
 
 @lru_cache(maxsize=65536)
@@ -111,8 +112,13 @@ def _check_math(gold: str, shown: str) -> Check:
 _NUM = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
+# LaTeX's thousands separators between digits (1{,}000, 1\,000, 1\!000): before revision 4 they split a number,
+# and 1{,}000 read as 0
+_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|\\[,!;: ])(?=\d{3}(?!\d))")
+
+
 def _last_number(text: str) -> float | None:
-    found = _NUM.findall(text.replace("\\!", ""))
+    found = _NUM.findall(_THOUSANDS.sub("", text).replace("\\!", ""))
     for tok in reversed(found):
         try:
             return float(tok.replace(",", ""))
