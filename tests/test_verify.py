@@ -83,6 +83,9 @@ def test_numeric_choice_exact():
     assert check("choice", "(b)", "\\boxed{B}").verdict == CORRECT
     assert check("choice", "B", "The answer is A").verdict == INCORRECT
     assert check("exact", "Paris", "\\boxed{paris}").verdict == CORRECT
+    for shown in ("\\boxed{\\text{Paris}}", "**Paris**", "\\boxed{\\textbf{ Paris }}."):  # revision 5
+        assert check("exact", "Paris", shown).verdict == CORRECT
+    assert check("exact", "A} and \\text{B", "\\boxed{\\text{A} and \\text{B}}").verdict == INCORRECT
     with pytest.raises(GoldAnswerError):
         check("choice", "42", "\\boxed{A}")
 

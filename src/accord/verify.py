@@ -37,8 +37,9 @@ from accord.prompts import last_boxed, split_think
 CORRECT, INCORRECT, UNPARSEABLE, FAILED = "correct", "incorrect", "unparseable", "failed"
 # Raised whenever some (reference, completion) pair gets another verdict than before, so verdicts stored under an
 # earlier revision are checked again (never regenerated).  2: references read as LaTeX first; 3: a choice letter
-# only from an answer statement or a line of its own; 4: LaTeX thousands separators inside a number.
-REVISION = 4
+# only from an answer statement or a line of its own; 4: LaTeX thousands separators inside a number; 5: an exact
+# answer wrapped whole in \text{} or bold.
+REVISION = 5
 
 
 def stamp(verifier: str, gold: str, tolerance: float = 1e-6) -> str:
@@ -166,8 +167,26 @@ def check_choice(gold: str, answer: str, tolerance: float = 0.0) -> Check:
     return Check(CORRECT if p == g else INCORRECT, p)
 
 
+_WRAPPED = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox)\{(.*)\}|\*\*(.*)\*\*", re.S)
+
+
 def _norm(s: str) -> str:
-    return " ".join(s.strip().strip(".").split()).lower()
+    """Case, surrounding space and a final period aside; a whole answer in ``\\text{}`` (or ``\\textbf``,
+    ``\\mathrm``, …) or markdown bold is read without it — ``\\boxed{\\text{Paris}}`` is Paris (revision 5)."""
+    s = s.strip()
+    while (m := _WRAPPED.fullmatch(s)) and _balanced(inner := m.group(1) if m.group(1) is not None else m.group(2)):
+        s = inner.strip()
+    return " ".join(s.strip(".").split()).lower()
+
+
+def _balanced(s: str) -> bool:
+    """Whether braces never close more than they opened (``\\text{A} and \\text{B}`` is not one wrapped answer)."""
+    depth = 0
+    for c in s:
+        depth += (c == "{") - (c == "}")
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def check_exact(gold: str, answer: str, tolerance: float = 0.0) -> Check:
