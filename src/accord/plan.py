@@ -34,7 +34,15 @@ from accord.run import finished_results, model_specs
 from accord.sources import missing, plugin
 from accord.store import TraceStore
 from accord.teachers.base import served
-from accord.train.common import TrainSetupError, replicas, resolve_budget, settings_change, tagged, train_dir
+from accord.train.common import (
+    TrainSetupError,
+    replicas,
+    resolve_budget,
+    settings_change,
+    started_change,
+    tagged,
+    train_dir,
+)
 from accord.train.engine import latest_checkpoint
 
 STAGES = ("collect", "train", "eval", "report")
@@ -135,14 +143,13 @@ def method_states(cfg: AccordConfig) -> list[tuple[str, str, str]]:
     for m in cfg.train.methods:
         name, _, arg = m.partition(":")
         for result, work, budget in load(METHODS[name].plan)(cfg, arg):
-            done, started = train_dir(cfg, result) / "result.json", train_dir(cfg, work) / "settings.json"
+            done = train_dir(cfg, result) / "result.json"
             if done.exists():
                 changed = settings_change(cfg, json.loads(done.read_text()))
                 state = ("finished, skipped" if not changed else
                          "trained with other settings (" + "; ".join(changed) + ") — the run would stop here")
-            elif started.exists() and (changed := settings_change(
-                    cfg, {"method": name, "trained_with": json.loads(started.read_text())})):
-                state = "started with other settings (" + "; ".join(changed) + ") — the run would stop here"
+            elif changed := started_change(cfg, train_dir(cfg, work), name):
+                state = "started with other settings or corpora (" + "; ".join(changed) + ") — the run would stop here"
             elif (ckpt := latest_checkpoint(train_dir(cfg, work))) is not None:
                 state = f"resumes from {ckpt.name}"
             else:

@@ -14,8 +14,8 @@ otherwise be "finished earlier" and never trained).  Knobs that give the same mo
 gradient checkpointing, accumulation), trackers and checkpoint retention are not settings; nor is the student's
 path (recipes see it resolved).  The corpora it trained on count too (``corpora``: a digest of each file, compared
 while the file is there): collecting more samples, verdicts checked again or another selection rebuild them, and
-the old model is then not the method on these data.  A run killed before it finished resumes on the corpora as
-they are (its ``settings.json`` records settings only).
+the old model is then not the method on these data.  A run killed before it finished resumes only on the settings
+and corpora it started with (``settings.json``, ``corpora.json`` in its directory, :func:`work_dir`).
 """
 
 from __future__ import annotations
@@ -116,21 +116,36 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()[:12]
 
 
-def work_dir(cfg: AccordConfig, name: str, method: str) -> Path:
-    """A recipe's output directory, claimed for this config's settings: ``settings.json`` is written on the first
-    start, and a later start with other settings — which would resume checkpoints trained with the old ones —
-    stops naming the keys that changed."""
+def work_dir(cfg: AccordConfig, name: str, method: str, teachers: list[str]) -> Path:
+    """A recipe's output directory, claimed for this config's settings and corpora: ``settings.json`` and
+    ``corpora.json`` (:func:`corpus_digests` of what ``method`` reads from ``teachers``) are written on the first
+    start, and a later start with other settings or on corpora changed since — which would resume checkpoints
+    trained on the old ones — stops naming what changed (a run started before ``corpora.json`` was written
+    records its corpora now)."""
     out = train_dir(cfg, name)
-    path = out / "settings.json"
-    if path.exists():
-        if changed := settings_change(cfg, {"method": method, "trained_with": json.loads(path.read_text())}):
-            raise SettingsChanged(f"{tagged(cfg, name)}: {out} holds a run started with other settings than this "
-                                  "config asks for: " + "; ".join(changed) + ". To train these settings beside it, "
-                                  f"name them: train.tag=<word>; to start over, delete {out}.")
-    elif is_main():
+    path, corpora = out / "settings.json", out / "corpora.json"
+    if changed := started_change(cfg, out, method):
+        raise SettingsChanged(f"{tagged(cfg, name)}: {out} holds a run started with other settings or corpora "
+                              "than this config asks for: " + "; ".join(changed) + ". To train these settings "
+                              f"beside it, name them: train.tag=<word>; to start over, delete {out}.")
+    if is_main():
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(method_settings(cfg, method), indent=1))
+        if not path.exists():
+            _write_json(path, method_settings(cfg, method))
+        if not corpora.exists():
+            _write_json(corpora, corpus_digests(cfg, corpora_read(method, teachers)))
     return out
+
+
+def started_change(cfg: AccordConfig, out: Path, method: str) -> list[str]:
+    """:func:`settings_change` of the run started in ``out`` (its ``settings.json`` and ``corpora.json``; empty
+    when none was)."""
+    if not (path := out / "settings.json").exists():
+        return []
+    record = {"method": method, "trained_with": json.loads(path.read_text())}
+    if (corpora := out / "corpora.json").exists():
+        record["corpora"] = json.loads(corpora.read_text())
+    return settings_change(cfg, record)
 
 
 def tagged(cfg: AccordConfig, name: str) -> str:
@@ -349,11 +364,16 @@ def write_result(cfg: AccordConfig, name: str, **fields) -> TrainRecord:
     if not is_main():
         return res  # rank 0 writes the record
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "result.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1, default=str))
-    tmp.replace(d / "result.json")
+    _write_json(d / "result.json", res)
     write_card(cfg, res)  # the model's README.md; ``accord report`` adds its evaluation
     return res
+
+
+def _write_json(path: Path, obj) -> None:
+    """Written whole or not at all (other processes of a launch, and a re-run after a kill, read it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
 
 
 def read_result(cfg: AccordConfig, name: str, console=None) -> TrainRecord | None:

@@ -520,7 +520,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     chunked = use_chunked(cfg.train.chunked_loss, None, model) and not fsdp_launch()  # FSDP: the engine's first line
     console.print("compact: the head " + ("in chunks from the hidden states (no full-vocabulary logits)"
                                           if chunked else "over full-vocabulary logits"))
-    T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "compact", "compact")
+    T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "compact", "compact", list(corpora))
     args = engine_args(cfg, T * S, checkpoint_every=S)
     with progress(console) as bar:
         task = bar.add_task("compact", total=T * S)

@@ -79,7 +79,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
     if (done := read_result(cfg, "mot", console)) is not None:
         return [done]
     corpora = teacher_corpora(cfg, console)
-    T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "mot", "mot")
+    T, S, out = cfg.train.rounds, cfg.train.steps_per_round, work_dir(cfg, "mot", "mot", list(corpora))
     spec = _spec(cfg, list(corpora))
     model, tok = load_student(cfg)
     kw = cfg.student.chat_template_kwargs

@@ -595,7 +595,7 @@ def run(cfg: AccordConfig, console) -> list[dict]:
         return done
 
     rows = qr_paths(cfg)
-    out = work_dir(cfg, "qr", "qr")
+    out = work_dir(cfg, "qr", "qr", [t.name for t in cfg.teachers])
     students, toks, paths = {}, {}, {}
     for s, name in zip(q.students, names):
         paths[name] = str(local_model_dir(s.model, f"qr student {name}"))

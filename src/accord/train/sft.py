@@ -38,7 +38,7 @@ def fit(cfg: AccordConfig, name: str, method: str, rows: list[dict], console, te
     if (done := read_result(cfg, name, console)) is not None:
         return done
     T, S = cfg.train.rounds, cfg.train.steps_per_round
-    steps, out = T * S, work_dir(cfg, name, method)
+    steps, out = T * S, work_dir(cfg, name, method, teachers)
     _warn_epochs(console, name, len(rows), steps, cfg.train.batch_size, cfg.train.epochs, T)
     model, tok = load_student(cfg)
     args = engine_args(cfg, steps, checkpoint_every=S)
