@@ -69,6 +69,17 @@ def test_accord_interpolate_end_to_end(tmp_path, problems_file, two_parrots, mic
     before = rows.read_text()
     code, out = run_cli("interpolate", str(cfg), "--models", "mtd", "--points", "3", "--split", "target", "eval.k=1")
     assert code == 0 and rows.read_text() == before and json.loads(point.read_text()) == stored
+    # a killed point's rows resume only under what it started with (here: another model's weights)
+    from accord.evaluate import started_file
+
+    record = {k: stored[k] for k in ("k", "repeats", "n", "temperature", "top_p", "max_new_tokens",
+                                     "chat_template_kwargs", "verified_with", "weights")}
+    started_file(point).write_text(json.dumps({**record, "weights": "0123456789ab"}))
+    point.unlink()
+    code, out = run_cli("interpolate", str(cfg), "--models", "mtd", "--points", "3", "--split", "target", "eval.k=1")
+    assert code == 0 and json.loads(point.read_text())["weights"] == stored["weights"], out
+    assert json.loads((point.parent / "target.stale-2.started.json").read_text())["weights"] == "0123456789ab"
+    assert (point.parent / "target.stale-2.rows.jsonl").read_text() == before and not started_file(point).exists()
     # a model that was not trained is named
     code, out = run_cli("interpolate", str(cfg), "--models", "mot")
     assert code == 2 and "no finished training for mot" in out

@@ -715,7 +715,7 @@ def test_a_finished_method_with_other_settings_stops_instead_of_being_skipped(tm
     d = tmp_path / "run" / "train" / "std-seven-lr2"
     (d / "result.json").unlink()
     code, out = run_cli("train", str(cfg), "train.lr=0.003", "train.tag=lr2", "--plan")
-    assert "std-seven-lr2: started with other settings (train.lr: 0.002 → 0.003)" in out
+    assert "std-seven-lr2: started with other settings or corpora (train.lr: 0.002 → 0.003)" in out
     code, out = run_cli("train", str(cfg), "train.lr=0.003", "train.tag=lr2")
     assert code == 2 and f"{d} holds a run started with other settings" in out and "train.lr: 0.002 → 0.003" in out
     # nor is a model trained on a corpus that has changed since (more samples, verdicts checked again)
@@ -727,6 +727,15 @@ def test_a_finished_method_with_other_settings_stops_instead_of_being_skipped(tm
     assert "(collected, verified or selected again since)" in out
     code, out = run_cli("run", str(cfg))  # collecting builds the corpus again: as it was
     assert code == 0 and "std-seven: finished earlier, skipped" in out
+    # a run killed before it finished resumes only on the corpora it started with
+    assert json.loads((d / "corpora.json").read_text()) == res["corpora"]
+    corpus.write_text(corpus.read_text().splitlines(keepends=True)[0])
+    code, out = run_cli("train", str(cfg), "train.lr=0.002", "train.tag=lr2", "--plan")
+    assert f"std-seven-lr2: started with other settings or corpora (corpora/seven.jsonl: {res['corpora']['seven']} → " \
+        in out
+    code, out = run_cli("train", str(cfg), "train.lr=0.002", "train.tag=lr2")
+    assert code == 2 and f"{d} holds a run started with other settings or corpora" in out
+    assert f"corpora/seven.jsonl: {res['corpora']['seven']} → " in out and not (d / "result.json").exists()
 
 
 def test_a_tagged_variant_is_paired_against_its_default(tmp_path):
@@ -820,6 +829,28 @@ def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, t
                                    f"{weights_digest(final)}, trained again or replaced since)") == 2, out
     code, out = run_cli("eval", str(cfg), "eval.k=1")
     assert code == 0 and "evaluated earlier" not in out
+
+    # a killed evaluation (its rows and start record, no summary) resumes only under what it started with
+    from accord.evaluate import started_file
+
+    done = json.loads(summary.read_text())
+    record = {k: done[k] for k in ("k", "repeats", "n", "temperature", "top_p", "max_new_tokens",
+                                   "chat_template_kwargs", "verified_with", "weights")}
+    started_file(summary).write_text(json.dumps(record))
+    summary.unlink()
+    monkeypatch.setattr("accord.evaluate.student_generator", lambda *a: pytest.fail("a model was loaded"))
+    code, out = run_cli("eval", str(cfg), "eval.k=1")  # the same settings: every row resumed, nothing generated
+    assert code == 0 and "a stopped evaluation" not in out, out
+    assert json.loads(summary.read_text())["pass1"] == done["pass1"] and not started_file(summary).exists()
+    monkeypatch.undo()
+    started_file(summary).write_text(json.dumps({**record, "weights": "0123456789ab"}))  # another model's rows
+    summary.unlink()
+    code, out = run_cli("eval", str(cfg), "eval.k=1")
+    assert code == 0 and "base target: a stopped evaluation's outputs were made with other settings (the model's " \
+        f"weights: 0123456789ab → {done['weights']}" in out and out.count("a stopped evaluation") == 1, out
+    assert json.loads((ev / "target.stale-2.started.json").read_text())["weights"] == "0123456789ab"
+    assert (ev / "target.stale-2.rows.jsonl").exists() and not (ev / "target.stale-2.json").exists()
+    assert json.loads(summary.read_text())["weights"] == done["weights"] and not started_file(summary).exists()
 
 
 def test_seed_replicas_are_pooled_against_a_by_hand_reference(tmp_path):

@@ -9,7 +9,8 @@ written before the answers were stored count as unparsed).  Generation goes thro
 generation backends (``accord.teachers``), so a vLLM backend evaluates on GPU and an hf
 backend on CPU.  Optionally every (problem, sample)
 row is written to a JSONL file, and a re-run skips rows already there, so a
-killed evaluation resumes.  A summary records what its verdicts were reached with
+killed evaluation resumes — under the settings, weights and verifier it started with
+(:func:`check_started`; other rows are set aside).  A summary records what its verdicts were reached with
 (:func:`answers_stamp`); one from another verifier revision, or another reference
 answer, has its rows checked again from the stored outputs (:func:`reverify_rows`),
 and nothing is generated again.
@@ -389,7 +390,11 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
                     res["weights"] = weights
                     summary.write_text(json.dumps(res))
                 if res is None:
-                    summary.parent.mkdir(parents=True, exist_ok=True)
+                    if changed := check_started(cfg, summary, probs, weights, stamps[split]):
+                        console.print(f"{pt['key']} {split}: a stopped evaluation's outputs were made with other "
+                                      f"settings ({'; '.join(changed)}); evaluating again (they are kept as "
+                                      f"{summary.stem}.stale-*)")
+                    mark_started(cfg, summary, len(probs), made_with(cfg, stamps[split], weights))
                     bar.update(task, description=f"eval {pt['key']} {split}")
                     r = evaluate(gen, probs, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                  greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
@@ -398,6 +403,7 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
                     res = {**r.as_dict(), **made_with(cfg, stamps[split], weights),
                            "provenance": made_by or provenance()}
                     summary.write_text(json.dumps(res))
+                    started_file(summary).unlink()
                 rows.append({**pt, "split": split, **res})
                 bar.update(task, advance=1)
             gen.close()
@@ -410,16 +416,50 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
 
 
 def set_aside(summary: Path) -> Path:
-    """Rename a stale evaluation summary and its rows out of the way (``<split>.stale-<n>.json``); returns the new
-    summary path."""
+    """Rename a stale evaluation summary, its rows and its start record (those that exist) out of the way
+    (``<split>.stale-<n>.json``); returns the new summary path."""
     n = 1
-    while (kept := summary.with_name(f"{summary.stem}.stale-{n}{summary.suffix}")).exists():
+    while any(f.exists() for f in _files(summary.with_name(f"{summary.stem}.stale-{n}{summary.suffix}"))):
         n += 1
-    rows = rows_file(summary)
-    summary.rename(kept)
-    if rows.exists():
-        rows.rename(rows_file(kept))
+    kept = summary.with_name(f"{summary.stem}.stale-{n}{summary.suffix}")
+    for a, b in zip(_files(summary), _files(kept)):
+        if a.exists():
+            a.rename(b)
     return kept
+
+
+def _files(summary: Path) -> tuple[Path, Path, Path]:
+    return summary, rows_file(summary), started_file(summary)
+
+
+def started_file(summary: Path) -> Path:
+    """What an evaluation not finished yet was started with (``<split>.started.json``, :func:`mark_started`)."""
+    return summary.with_suffix(".started.json")
+
+
+def mark_started(cfg, summary: Path, n_problems: int, recorded: dict) -> None:
+    """Record, before generating, what this evaluation is made with (``recorded``: :func:`made_with`), so that a
+    killed one resumes its rows only under the same settings, weights and verifier (:func:`check_started`)."""
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    started_file(summary).write_text(json.dumps({"k": cfg.eval.k, "repeats": cfg.eval.repeats, "n": n_problems,
+                                                 **recorded}))
+
+
+def check_started(cfg, summary: Path, problems: Sequence[Problem], weights: str | None, stamp: str) -> list[str]:
+    """The rows a killed evaluation left (no summary yet) resume only where they answer the config: rows started
+    with other settings or weights are set aside, and what changed is returned; rows verified otherwise are
+    checked again from their outputs.  Rows without a start record (written before it existed) resume as they
+    are."""
+    started, rows = started_file(summary), rows_file(summary)
+    if summary.exists() or not started.exists() or not rows.exists():
+        return []
+    was = json.loads(started.read_text())
+    if changed := eval_settings_change(cfg, was, len(problems), weights):
+        set_aside(summary)
+        return changed
+    if was.get("verified_with") != stamp:
+        reverify_rows(rows, problems, cfg.eval.verifier)
+    return []
 
 
 def rows_file(summary: Path) -> Path:

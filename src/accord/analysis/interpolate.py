@@ -17,8 +17,9 @@ Choices where the paper is silent:
    ``eval.splits``).  Per-sample rows are kept under ``<run_dir>/analysis/interpolation/<model>/lambda-<λ>/``, so a
    killed run resumes and a finished point is never generated again — while it answers the config: a point
    records what an evaluation does (:func:`accord.evaluate.made_with`, the weights being the checkpoint's and the
-   base's), one made with other settings or weights is set aside and made again, and one reached by another
-   verifier revision or reference answers is checked again from its stored outputs.
+   base's; a point not finished yet in its start record), one made with other settings or weights is set aside
+   and made again, and one reached by another verifier revision or reference answers is checked again from its
+   stored outputs.
 4. Which checkpoints: each named model's final (``train/<name>/result.json``); by default MTD and MoT, the
    paper's pair, where trained.  A QR student interpolates from its own base student.
 5. Two numbers summarise a curve beside its points (each pass@1 ± its standard error over problems): the mean
@@ -40,12 +41,15 @@ from accord.errors import UsageError
 from accord.evaluate import (
     answers_stamp,
     check_eval_splits,
+    check_started,
     evaluate,
     made_with,
+    mark_started,
     reverify_rows,
     rows_file,
     set_aside,
     split_problems,
+    started_file,
     stored_answers,
     student_config,
 )
@@ -156,8 +160,10 @@ def _base(cfg, rec: dict) -> str:
 def _check_point(cfg, summary: Path, problems, weights: str, stamp: str) -> None:
     """Leave a stored point only where it answers the config (choice 3): one made with other settings or weights
     is set aside (``<split>.stale-<n>.json``), one verified otherwise has its rows checked again and its summary
-    removed — the point is then made again from its rows, nothing generated."""
+    removed — the point is then made again from its rows, nothing generated; a killed point's rows likewise
+    (:func:`accord.evaluate.check_started`)."""
     if not summary.exists():
+        check_started(cfg, summary, problems, weights, stamp)  # a killed point's rows
         return
     state = stored_answers(cfg, summary, len(problems), weights, stamp)
     if state == "stale":
@@ -185,11 +191,12 @@ def _evaluate_points(cfg, name: str, rec: dict, lams: list[float], problems, spl
             summary = _point(where, lam, split)
             bar.update(task, description=f"interpolate {name} λ={lam:.2f}")
             _load_weights(gen.model, interpolated(base, ckpt, lam))
-            summary.parent.mkdir(parents=True, exist_ok=True)
+            mark_started(cfg, summary, len(problems), recorded)
             r = evaluate(gen, problems, k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                          greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens, verifier=cfg.eval.verifier,
                          seed=cfg.eval.seed, rows_path=rows_file(summary), repeats=cfg.eval.repeats)
             summary.write_text(json.dumps({"lambda": lam, **r.as_dict(), **recorded}))
+            started_file(summary).unlink()
             bar.update(task, advance=1)
     finally:
         gen.close()
