@@ -838,6 +838,8 @@ def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, t
                                    "chat_template_kwargs", "verified_with", "weights")}
     started_file(summary).write_text(json.dumps(record))
     summary.unlink()
+    code, out = run_cli("eval", str(cfg), "eval.k=1", "--plan")
+    assert "4 stored, 1 to run (1 resume from a stopped evaluation's rows)" in out, out
     monkeypatch.setattr("accord.evaluate.student_generator", lambda *a: pytest.fail("a model was loaded"))
     code, out = run_cli("eval", str(cfg), "eval.k=1")  # the same settings: every row resumed, nothing generated
     assert code == 0 and "a stopped evaluation" not in out, out
@@ -845,6 +847,8 @@ def test_an_evaluation_with_other_settings_runs_again(tmp_path, problems_file, t
     monkeypatch.undo()
     started_file(summary).write_text(json.dumps({**record, "weights": "0123456789ab"}))  # another model's rows
     summary.unlink()
+    code, out = run_cli("eval", str(cfg), "eval.k=1", "--plan")
+    assert "1 to run (1 stopped with other settings or weights: their rows set aside)" in out, out
     code, out = run_cli("eval", str(cfg), "eval.k=1")
     assert code == 0 and "base target: a stopped evaluation's outputs were made with other settings (the model's " \
         f"weights: 0123456789ab → {done['weights']}" in out and out.count("a stopped evaluation") == 1, out

@@ -450,16 +450,23 @@ def check_started(cfg, summary: Path, problems: Sequence[Problem], weights: str 
     with other settings or weights are set aside, and what changed is returned; rows verified otherwise are
     checked again from their outputs.  Rows without a start record (written before it existed) resume as they
     are."""
-    started, rows = started_file(summary), rows_file(summary)
-    if summary.exists() or not started.exists() or not rows.exists():
+    if not (stopped := stopped_evaluation(summary)):
         return []
-    was = json.loads(started.read_text())
-    if changed := eval_settings_change(cfg, was, len(problems), weights):
+    if changed := eval_settings_change(cfg, stopped, len(problems), weights):
         set_aside(summary)
         return changed
-    if was.get("verified_with") != stamp:
-        reverify_rows(rows, problems, cfg.eval.verifier)
+    if stopped.get("verified_with") != stamp:
+        reverify_rows(rows_file(summary), problems, cfg.eval.verifier)
     return []
+
+
+def stopped_evaluation(summary: Path) -> dict | None:
+    """The start record of an evaluation that stopped before its summary was written, with rows to resume from
+    (None when there is none)."""
+    started = started_file(summary)
+    if summary.exists() or not started.exists() or not rows_file(summary).exists():
+        return None
+    return json.loads(started.read_text())
 
 
 def rows_file(summary: Path) -> Path:

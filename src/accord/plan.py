@@ -23,8 +23,10 @@ from accord.evaluate import (
     answers_stamp,
     check_eval_splits,
     eval_points,
+    eval_settings_change,
     eval_summary,
     split_problems,
+    stopped_evaluation,
     stored_answers,
 )
 from accord.models import local_model_dir, weights_digest
@@ -187,9 +189,15 @@ def _eval(cfg: AccordConfig, building: bool, pending: int) -> list[str]:
     digests = {pt["path"]: weights_digest(pt["path"]) for pt in points}
     states = [stored_answers(cfg, j, sizes[s], digests[pt["path"]], stamps[s]) for j, s, pt in jobs if j.exists()]
     stored, stale, again = len(states), states.count("stale"), states.count("reverify")
+    stopped = [eval_settings_change(cfg, was, sizes[s], digests[pt["path"]])
+               for j, s, pt in jobs if (was := stopped_evaluation(j)) is not None]
+    resumed = sum(not c for c in stopped)
     return _rows("eval", [head, f"the base student and {len(results)} finished model(s): {len(jobs)} evaluation(s), "
                                 f"{stored - stale} stored, {len(jobs) - stored + stale} to run"
                                 + (f" ({stale} stored with other settings or weights, run again)" if stale else "")
+                                + (f" ({resumed} resume from a stopped evaluation's rows)" if resumed else "")
+                                + (f" ({len(stopped) - resumed} stopped with other settings or weights: their rows "
+                                   "set aside)" if len(stopped) > resumed else "")
                                 + (f"; {again} stored evaluation(s) verified again from their outputs (the "
                                    "verifier's revision or a reference answer changed)" if again else "")
                                 + (f"; the {pending} model(s) still to train add theirs" if pending else "")])
