@@ -4,6 +4,7 @@ summary numbers, and `accord interpolate` end to end on micro models."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from conftest import pipeline_cfg, run_cli
@@ -83,3 +84,16 @@ def test_accord_interpolate_end_to_end(tmp_path, problems_file, two_parrots, mic
     # a model that was not trained is named
     code, out = run_cli("interpolate", str(cfg), "--models", "mot")
     assert code == 2 and "no finished training for mot" in out
+    # the report leaves out, and names, the curve of a model trained again since it was interpolated
+    from safetensors.torch import load_file, save_file
+
+    code, out = run_cli("report", str(cfg))
+    page = (run / "report" / "index.html").read_text()
+    assert code == 0 and "Left out of the interpolation figure" not in page and "MoT App. D, Fig. 6" in page
+    final = Path(json.loads((run / "train" / "mtd" / "result.json").read_text())["final"])
+    for f in final.glob("*.safetensors"):
+        save_file({k: v + 0.01 for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    code, out = run_cli("report", str(cfg))
+    page = (run / "report" / "index.html").read_text()
+    assert code == 0 and "Left out of the interpolation figure: mtd — trained again" in page
+    assert not (run / "report" / "interpolation.png").exists() and "interpolation.png" not in page

@@ -56,7 +56,7 @@ from accord.evaluate import (
 from accord.launch import Share, dealt
 from accord.models import load_model_and_tokenizer, local_model_dir, weights_digest
 from accord.registry import BACKENDS, load
-from accord.train.common import read_result
+from accord.train.common import read_result, tagged
 from accord.train.merge import MergeSpec, load_state, merge_state_dicts
 from accord.ui import progress
 
@@ -105,7 +105,7 @@ def run(cfg, console, models: list[str] | None = None, points: int = 11, split: 
     root = Path(cfg.run_dir) / "analysis"
     where = {name: root / "interpolation" / name for name in picked}
     stamp = answers_stamp(cfg.eval.verifier, problems)
-    weights = {n: f"{weights_digest(rec['final'])}+{weights_digest(_base(cfg, rec))}" for n, rec in picked.items()}
+    weights = {n: pair_weights(cfg, rec) for n, rec in picked.items()}
     if share is None or share.rank == 0:
         for name, lam in itertools.product(picked, lams):
             _check_point(cfg, _point(where[name], lam, split), problems, weights[name], stamp)
@@ -155,6 +155,25 @@ def _point(where: Path, lam: float, split: str) -> Path:
 def _base(cfg, rec: dict) -> str:
     """The base student a trained model is interpolated with: its own (a QR student's) or the run's."""
     return rec.get("base_model") or str(local_model_dir(cfg.student.model, "student"))
+
+
+def pair_weights(cfg, rec: dict) -> str:
+    """The weights a curve of ``rec`` is made from, as its points record them: the checkpoint's and its base's
+    :func:`accord.models.weights_digest`."""
+    return f"{weights_digest(rec['final'])}+{weights_digest(_base(cfg, rec))}"
+
+
+def current_curves(cfg, data: dict, results: list[dict]) -> tuple[dict, list[str]]:
+    """``interpolation.json``'s data kept to the curves whose points were made from the models ``results`` hold
+    now (points from before weights were recorded are kept), and the names of those left out — trained again,
+    or no longer trained, since ``accord interpolate`` ran."""
+    recs = {r["name"]: r for r in results}
+    now = {n: pair_weights(cfg, recs[tagged(cfg, n)]) for n in data["curves"] if tagged(cfg, n) in recs}
+    gone = [n for n, c in data["curves"].items() if n not in now or any(p.get("weights") not in (None, now[n])
+                                                                        for p in c)]
+    kept = {**data, "curves": {n: c for n, c in data["curves"].items() if n not in gone},
+            "summary": {n: s for n, s in data["summary"].items() if n not in gone}}
+    return kept, gone
 
 
 def _check_point(cfg, summary: Path, problems, weights: str, stamp: str) -> None:

@@ -687,7 +687,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
                                    f"<img src='{html.escape(png)}' alt='MoT branch losses'>", later_seeds)
     if collect:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
-    page += _interpolation_section(run_dir / "analysis" / "interpolation.json", out)
+    page += _interpolation_section(cfg, run_dir / "analysis" / "interpolation.json", out, results)
     page += _diagnose_section(run_dir / "analysis" / "teachers.json")
     page += _drift_section(run_dir / "analysis" / "drift.json", out)
     for qr_dir in sorted((run_dir / "train").glob("qr*/routing.jsonl")):  # QR's working dir(s): qr, qr-<tag>
@@ -855,17 +855,22 @@ def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], s
             "with its own base student.</p>"] + parts
 
 
-def _interpolation_section(data_file: Path, out: Path) -> list[str]:
-    """MoT Fig. 6 from ``accord interpolate``'s results, when it has been run."""
+def _interpolation_section(cfg, data_file: Path, out: Path, results: list[dict]) -> list[str]:
+    """MoT Fig. 6 from ``accord interpolate``'s results, when it has been run — the curves of models trained
+    since left out and named."""
     if not data_file.exists():
         return []
-    from accord.analysis.interpolate import plot
+    from accord.analysis.interpolate import current_curves, plot
 
-    data = json.loads(data_file.read_text())
+    data, gone = current_curves(cfg, json.loads(data_file.read_text()), results)
+    note = ([f"<p>Left out of the interpolation figure: {html.escape(', '.join(gone))} — trained again (or no "
+             "longer trained) since <code>accord interpolate</code> ran; run it again to draw their curves.</p>"]
+            if gone else [])
+    (out / "interpolation.png").unlink(missing_ok=True)  # never a figure of models that are not these
     if plot(data, out / "interpolation.png") is None:
-        return []
+        return (["<h2>Base-to-checkpoint interpolation (MoT App. D, Fig. 6)</h2>"] + note) if gone else []
     body = [[n, s["mean"], s["max_dip"]] for n, s in data["summary"].items()]
-    return ["<h2>Base-to-checkpoint interpolation (MoT App. D, Fig. 6)</h2>",
+    return ["<h2>Base-to-checkpoint interpolation (MoT App. D, Fig. 6)</h2>", *note,
             f"<p>θ = λ·base + (1 − λ)·checkpoint, {html.escape(data['split'])} pass@1 ± SE at each λ "
             f"({data['n']} problems, k = {data['k']}). A smooth rise towards the checkpoint reads as a flat region, "
             "steep drops or bumps on the way as interference; a dip smaller than the points' standard errors is "
