@@ -51,3 +51,21 @@ def test_accord_drift_end_to_end(tmp_path, problems_file, two_parrots, micro):
     assert code == 0 and "COMPACT §4.3, Fig. 4" in (run / "report" / "index.html").read_text()
     code, out = run_cli("drift", str(cfg), "--models", "mot")
     assert code == 2 and "no finished training for mot" in out
+    # a model trained again since drift ran is left out of the report's section, and named
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from accord.analysis.interpolate import pair_weights
+    from accord.config import load_config
+
+    rec = json.loads((run / "train" / "mtd" / "result.json").read_text())
+    assert data["weights"]["mtd"] == pair_weights(load_config(cfg), rec)
+    for f in Path(rec["final"]).glob("*.safetensors"):
+        save_file({k: v + 0.01 for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    code, out = run_cli("report", str(cfg))
+    page = (run / "report" / "index.html").read_text()
+    assert code == 0 and "Left out: mtd — trained again" in page and "COMPACT §4.3, Fig. 4" in page, out
+    section = page.split("COMPACT §4.3, Fig. 4")[1].split("<h2>")[0]
+    assert "<td>std-seven</td>" in section and "<td>mtd</td>" not in section
+    assert (run / "report" / "drift.png").exists()

@@ -17,7 +17,9 @@ Choices where the paper is silent:
 - r = 2 by default (PC1/PC2, Fig. 4); the magnitudes are absolute values in the base's own units (no scaling by
   the PC's variance), so layers of one model compare, and models on one layer compare.
 - The base of a QR student is its own base model (its result's ``base_model``); every other model's is
-  ``student.model``.  Results go to ``<run_dir>/analysis/drift.json`` and ``drift.png``; the report shows them.
+  ``student.model``.  Results go to ``<run_dir>/analysis/drift.json`` and ``drift.png``, with the weights each
+  model's drift was read from (``weights``: the checkpoint's and its base's digests); the report shows them,
+  leaving out (and naming) a model trained again since.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from accord.analysis.interpolate import pair_weights
 from accord.errors import UsageError
 from accord.evaluate import check_eval_splits, split_problems
 from accord.models import load_model_and_tokenizer, local_model_dir
@@ -95,7 +98,7 @@ def run(cfg, console, models: list[str] | None = None, problems: int = 100, rank
     questions = {s: [p.question for p in split_problems(cfg, s)[:problems]] for s in cfg.eval.splits}
     student = str(local_model_dir(cfg.student.model, "student"))
     bases: dict[str, dict] = {}
-    out: dict = {"problems": {s: len(q) for s, q in questions.items()}, "rank": rank, "models": {}}
+    out: dict = {"problems": {s: len(q) for s, q in questions.items()}, "rank": rank, "models": {}, "weights": {}}
     with progress(console) as bar:
         task = bar.add_task("drift", total=len(results))
         for name, rec in results.items():
@@ -104,6 +107,7 @@ def run(cfg, console, models: list[str] | None = None, problems: int = 100, rank
                 bases[base] = {s: (h, [components(x, min(rank, *x.shape)) for x in h])
                                for s, h in _states(cfg, base, "base student", questions).items()}
             states = _states(cfg, rec["final"], f"{name} checkpoint", questions)
+            out["weights"][name] = pair_weights(cfg, rec)
             out["models"][name] = {s: [shift(h0, h, u) for h0, h, u in zip(bases[base][s][0], states[s],
                                                                            bases[base][s][1])]
                                    for s in questions}

@@ -163,14 +163,20 @@ def pair_weights(cfg, rec: dict) -> str:
     return f"{weights_digest(rec['final'])}+{weights_digest(_base(cfg, rec))}"
 
 
+def trained_since(cfg, recorded: dict[str, str | None], recs: dict[str, dict]) -> list[str]:
+    """The names whose recorded :func:`pair_weights` are not those of their finished result in ``recs`` now —
+    trained again, or no longer trained, since an analysis read them (None: recorded before weights were, kept)."""
+    return [n for n, w in recorded.items() if n not in recs or w not in (None, pair_weights(cfg, recs[n]))]
+
+
 def current_curves(cfg, data: dict, results: list[dict]) -> tuple[dict, list[str]]:
     """``interpolation.json``'s data kept to the curves whose points were made from the models ``results`` hold
     now (points from before weights were recorded are kept), and the names of those left out — trained again,
     or no longer trained, since ``accord interpolate`` ran."""
-    recs = {r["name"]: r for r in results}
-    now = {n: pair_weights(cfg, recs[tagged(cfg, n)]) for n in data["curves"] if tagged(cfg, n) in recs}
-    gone = [n for n, c in data["curves"].items() if n not in now or any(p.get("weights") not in (None, now[n])
-                                                                        for p in c)]
+    by_name = {r["name"]: r for r in results}
+    recs = {n: by_name[tagged(cfg, n)] for n in data["curves"] if tagged(cfg, n) in by_name}
+    gone = trained_since(cfg, {n: next((p["weights"] for p in c if p.get("weights")), None)
+                               for n, c in data["curves"].items()}, recs)
     kept = {**data, "curves": {n: c for n, c in data["curves"].items() if n not in gone},
             "summary": {n: s for n, s in data["summary"].items() if n not in gone}}
     return kept, gone

@@ -689,7 +689,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
         page += ["<h2>Teachers (collection, MoT Table 21)</h2>", collect]
     page += _interpolation_section(cfg, run_dir / "analysis" / "interpolation.json", out, results)
     page += _diagnose_section(run_dir / "analysis" / "teachers.json")
-    page += _drift_section(run_dir / "analysis" / "drift.json", out)
+    page += _drift_section(cfg, run_dir / "analysis" / "drift.json", out, results)
     for qr_dir in sorted((run_dir / "train").glob("qr*/routing.jsonl")):  # QR's working dir(s): qr, qr-<tag>
         parts, suffix = _qr_section(qr_dir.parent, out), qr_dir.parent.name[2:]  # qr-seed1 trains qr-<student>-seed1
         if parts and suffix and any(n.startswith("qr-") and n.endswith(suffix) for n in later_seeds):
@@ -908,18 +908,36 @@ def _diagnose_verdicts(data: dict) -> list[str]:
             _html_table(t["head"], t["body"])]
 
 
-def _drift_section(data_file: Path, out: Path) -> list[str]:
-    """``accord drift``'s figure and its last-layer shifts (as ``drift.json``'s table holds them), when it has run."""
+def _drift_section(cfg, data_file: Path, out: Path, results: list[dict]) -> list[str]:
+    """``accord drift``'s figure and its last-layer shifts (as ``drift.json``'s table holds them), when it has run —
+    models trained again since left out and named (the figure drawn again without them)."""
     png = data_file.with_suffix(".png")
     if not data_file.exists() or not png.exists():
         return []
     import shutil
 
+    from accord.analysis.drift import plot
+    from accord.analysis.interpolate import trained_since
+
     data = json.loads(data_file.read_text())
     if "table" not in data:
         return []
-    shutil.copyfile(png, out / "drift.png")
-    return ["<h2>How far training moved the student's states (COMPACT §4.3, Fig. 4)</h2>",
+    weights = data.get("weights", {})
+    gone = trained_since(cfg, {n: weights.get(n) for n in data["models"]}, {r["name"]: r for r in results})
+    head = ["<h2>How far training moved the student's states (COMPACT §4.3, Fig. 4)</h2>"]
+    if gone:
+        head.append(f"<p>Left out: {html.escape(', '.join(gone))} — trained again (or no longer trained) since "
+                    "<code>accord drift</code> ran; run it again to measure them.</p>")
+        data["models"] = {n: v for n, v in data["models"].items() if n not in gone}
+        data["table"]["body"] = [row for row in data["table"]["body"] if row[0] not in gone]
+    (out / "drift.png").unlink(missing_ok=True)
+    if not data["models"]:
+        return head if gone else []
+    if gone:
+        plot(data, out / "drift.png")
+    else:
+        shutil.copyfile(png, out / "drift.png")
+    return [*head,
             f"<p>The last prompt token's hidden state at every layer, on each split's first prompts; the shift of "
             f"each model's mean along the base student's top {data['rank']} principal directions, ± its standard "
             "error. COMPACT reads a small shift on general data as less forgetting. From "
