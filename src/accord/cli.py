@@ -493,11 +493,11 @@ def cmd_diagnose(args, console: Console) -> int:
 
 def cmd_drift(args, console: Console) -> int:
     from accord.analysis import drift
-    from accord.run import prepare_models
+    from accord.run import finished_results, prepare_models
 
     cfg = _load(args)
     prepare_models(cfg, console)  # a lab student's base is built if missing
-    drift.run(cfg, console, args.models, args.problems, args.rank)
+    drift.run(cfg, console, finished_results(cfg), args.models, args.problems, args.rank)
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from accord.config import load_config
-from accord.run import run
+from accord.run import finished_results, run
 
 
 def config_path(name: str) -> Path:
@@ -35,6 +35,6 @@ def demo(console: Console, profile: str | None = None) -> int:
     run(cfg, console, stages=("collect",))
     diagnose.run(cfg, console)
     run(cfg, console, stages=("train",))
-    drift.run(cfg, console)
+    drift.run(cfg, console, finished_results(cfg))
     run(cfg, console, stages=("eval", "report"))
     return 0

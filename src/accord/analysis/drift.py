@@ -78,14 +78,14 @@ def shift(h0: torch.Tensor, h: torch.Tensor, u: torch.Tensor) -> dict[str, list[
     return {"shift": d.mean(0).abs().tolist(), "se": se.tolist()}
 
 
-def run(cfg, console, models: list[str] | None = None, problems: int = 100, rank: int = 2) -> dict:
-    """Drift of every finished model (or ``models``) from its base on every evaluation split; writes and returns
-    ``<run_dir>/analysis/drift.json`` (and ``drift.png``)."""
-    from accord.run import finished_results
-
+def run(cfg, console, finished: list[dict], models: list[str] | None = None, problems: int = 100,
+        rank: int = 2) -> dict:
+    """Drift of every finished model (``finished``: :func:`accord.run.finished_results`; or those of it named by
+    ``models``) from its base on every evaluation split; writes and returns ``<run_dir>/analysis/drift.json`` (and
+    ``drift.png``)."""
     if problems < 2 or rank < 1:
         raise UsageError("--problems must be at least 2 and --rank at least 1")
-    results = {r["name"]: r for r in finished_results(cfg)}
+    results = {r["name"]: r for r in finished}
     if models:
         missing = [m for m in models if m not in results]
         if missing:
