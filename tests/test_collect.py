@@ -245,6 +245,15 @@ def test_the_prompt_settings_are_stored_with_each_row_and_a_change_is_warned_abo
     assert params == "unset"
     code, out = run_cli("collect", str(cfg), "collect.samples=2",
                         "teachers.seven.chat_template_kwargs={enable_thinking: false}")
-    assert code == 0 and "10 stored rows of teacher 'seven' were generated with other settings" in out, out
+    assert code == 0 and "teacher 'seven': 10 stored rows were generated with other settings " \
+        "(chat_template_kwargs: None → {'enable_thinking': False})" in out, out
     stored = [json.loads(r[0]) for r in db.execute("select params from traces where sample_idx = 1")]
     assert stored and all(p["chat_template_kwargs"] == {"enable_thinking": False} for p in stored)
+    # a change with nothing left to generate (another model under the same name) is said too, and planned
+    code, out = run_cli("collect", str(cfg), "collect.samples=2", f"teachers.seven.model={parrot7}/")
+    assert code == 0 and "teacher 'seven': 20 stored rows were generated with other settings (chat_template_kwargs:" \
+        f" {{'enable_thinking': False}} → None; model: '{parrot7}' → '{parrot7}/')" in out, out
+    assert "they are kept and used" in out
+    code, out = run_cli("collect", str(cfg), "collect.samples=2", "--plan")
+    assert "10 stored rows were generated with other settings (chat_template_kwargs: {'enable_thinking': False} → " \
+        "None): kept and used" in out, out

@@ -188,11 +188,10 @@ def _todo(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store
     """One teacher's missing (problem, style, sample) triples and its settings' JSON (stored with each row); says
     when a collection resumes or stored rows were made with other settings."""
     c = cfg.collect
-    prompt = {k: v for k, v in (("system_prompt", tcfg.system_prompt),
-                                ("chat_template_kwargs", tcfg.chat_template_kwargs)) if v}  # only when set: rows
-    # stored before these were recorded keep their settings' JSON
-    params_json = json.dumps({"temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
-                              "stop": c.stop, "model": tcfg.model, "seed": c.seed, **prompt}, sort_keys=True)
+    params_json = teacher_params(cfg, tcfg)
+    if stale := other_settings(store, tcfg.name, params_json):
+        console.print(f"[yellow]warning[/]: teacher {tcfg.name!r}: {stale}; they are kept and used (use a new "
+                      "run_dir or --force to generate them again)")
     todo = missing_generations(cfg, problems, store.done_keys(tcfg.name))
     if not todo:
         return [], params_json
@@ -200,11 +199,33 @@ def _todo(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store
     if total > len(todo):  # a resumed collection says so
         console.print(f"collect {tcfg.name}: {total - len(todo)} of {total} generations already stored, "
                       f"{len(todo)} to go")
-    stale = store.other_params(tcfg.name, params_json)
-    if stale:
-        console.print(f"[yellow]warning[/]: {stale} stored rows of teacher {tcfg.name!r} were generated with other "
-                      f"settings; they are kept (use a new run_dir or --force to regenerate)")
     return todo, params_json
+
+
+def teacher_params(cfg: AccordConfig, tcfg: TeacherConfig) -> str:
+    """The settings a teacher's rows are generated with, as the JSON stored with each row."""
+    c = cfg.collect
+    prompt = {k: v for k, v in (("system_prompt", tcfg.system_prompt),
+                                ("chat_template_kwargs", tcfg.chat_template_kwargs)) if v}  # only when set: rows
+    # stored before these were recorded keep their settings' JSON
+    return json.dumps({"temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
+                       "stop": c.stop, "model": tcfg.model, "seed": c.seed, **prompt}, sort_keys=True)
+
+
+def other_settings(store: TraceStore | None, teacher: str, params_json: str) -> str:
+    """``N stored rows were generated with other settings (model: 'a' → 'b')`` for a teacher's rows made with
+    settings the config no longer asks for (every key that differs), or "" when there are none."""
+    others = store.other_params(teacher, params_json) if store is not None else []
+    if not others:
+        return ""
+    now, changes = json.loads(params_json), {}
+    for was_json, _ in others:
+        was = json.loads(was_json)
+        for k in sorted(set(was) | set(now)):
+            if was.get(k) != now.get(k):
+                changes.setdefault(f"{k}: {was.get(k)!r} → {now.get(k)!r}", None)
+    return (f"{sum(n for _, n in others):,} stored rows were generated with other settings "
+            f"({'; '.join(changes)})")
 
 
 def _parts(cfg: AccordConfig, tcfg: TeacherConfig, todo: list[tuple]):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from accord.collect import missing_generations, stale_verdicts, usable_problems
+from accord.collect import missing_generations, other_settings, stale_verdicts, teacher_params, usable_problems
 from accord.config import AccordConfig
 from accord.cord.stage import default_meta_prover, load_cord_problems
 from accord.errors import UsageError
@@ -123,6 +123,8 @@ def _collect(cfg: AccordConfig) -> list[str]:
             out.append(f"{t.name} ({t.backend}): {total:,} generations = {len(usable):,} problems × "
                        f"{len(c.styles)} style(s) ({', '.join(style_name(s) for s in c.styles)}) × {c.samples} "
                        f"sample(s); {total - todo:,} stored, {todo:,} to generate")
+            if stale := other_settings(store, t.name, teacher_params(cfg, t)):
+                out.append(f"  {stale}: kept and used (--force generates them again)")
     finally:
         if store is not None:
             store.close()

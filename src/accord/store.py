@@ -147,10 +147,10 @@ class TraceStore:
             return self.db.execute("SELECT COUNT(*) FROM traces").fetchone()[0]
         return self.db.execute("SELECT COUNT(*) FROM traces WHERE teacher=?", (teacher,)).fetchone()[0]
 
-    def other_params(self, teacher: str, params: str) -> int:
-        """How many of a teacher's rows were generated with different settings."""
-        return self.db.execute("SELECT COUNT(*) FROM traces WHERE teacher=? AND params!=? AND verdict!='failed'",
-                               (teacher, params)).fetchone()[0]
+    def other_params(self, teacher: str, params: str) -> list[tuple[str, int]]:
+        """The other settings (their JSON) a teacher's stored rows were generated with, and how many rows each."""
+        return self.db.execute("SELECT params, COUNT(*) FROM traces WHERE teacher=? AND params!=? AND "
+                               "verdict!='failed' GROUP BY params ORDER BY params", (teacher, params)).fetchall()
 
     def export_jsonl(self, out: str | Path) -> int:
         out = Path(out)
