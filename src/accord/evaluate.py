@@ -418,10 +418,10 @@ def evaluate_models(cfg, results: list[TrainRecord], console, share: tuple[int, 
 def set_aside(summary: Path) -> Path:
     """Rename a stale evaluation summary, its rows and its start record (those that exist) out of the way
     (``<split>.stale-<n>.json``); returns the new summary path."""
-    n = 1
-    while any(f.exists() for f in _files(summary.with_name(f"{summary.stem}.stale-{n}{summary.suffix}"))):
+    kept, n = summary, 0
+    while n == 0 or any(f.exists() for f in _files(kept)):
         n += 1
-    kept = summary.with_name(f"{summary.stem}.stale-{n}{summary.suffix}")
+        kept = summary.with_name(f"{summary.stem}.stale-{n}{summary.suffix}")
     for a, b in zip(_files(summary), _files(kept)):
         if a.exists():
             a.rename(b)
