@@ -951,13 +951,7 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
             m.train()
         call = models[""] if single else models
         packed = collate_fn is None and use_packing(call, args, acc.device) if single else False
-        if collate_fn is None:
-            varlen = varlen_attention(call)  # FlashAttention: one row; accord's varlen SDPA: one row in buckets
-            one = ((lambda c: collate_bucketed(c, tok.pad_token_id)) if packed and varlen_active(call) else
-                   (lambda c: collate_packed(c, tok.pad_token_id, varlen)) if packed else
-                   (lambda c: collate(c, tok.pad_token_id)))
-            grouped = isinstance(examples[0], dict) and "group" in examples[0] and not varlen
-            collate_fn = (lambda c: collate_grouped(c, one)) if grouped else one
+        collate_fn = collate_fn or default_collate(call, tok.pad_token_id, packed, examples)
         trained = [m for m in models.values() if _trainable(m)]
         chunked = single and loss_fn is None and use_chunked(args.chunked_loss, acc.device, call)
         if loss_fn is None and chunked:
@@ -965,29 +959,8 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
 
             loss_fn = functools.partial(sft_loss, chunked=True)
         if local:
-            from accord.models import runtime
-
-            lm = next((m for m in models.values() if _is_lm(m)), None)
-            lora = (f"LoRA r={args.lora_r}{' on a 4-bit NF4 base (QLoRA)' if any(float_base.values()) else ''}; "
-                    if args.lora_r else "")
-            say_once(f"train: {runtime(lm) if lm is not None else acc.device.type}; {world} process(es)"
-                     f"{' (data-parallel)' if world > 1 and not shards else ''}"
-                     f"{f' (sharded: {shard_kind(acc)})' if shards else ''}; "
-                     f"autocast {acc.mixed_precision}; "
-                     f"{'padding-free packing' if packed else 'no packing'}; {lora}"
-                     + (f"torch.compile: {n} MLP/norm module(s)"
-                        f"{' and the chunked head' if chunked and _CHUNK['ce'] is not chunk_ce else ''}; "
-                        if (n := sum(n_compiled(m) for m in models.values() if _is_lm(m))) else "")
-                     + (f"lean RMSNorm/SwiGLU: {n} module(s)"
-                        f"{' (RMSNorm in PyTorch fused kernels)' if fused_on(acc.device) else ''}; "
-                        if (n := sum(n_lean(m) for m in models.values() if _is_lm(m))) else "")
-                     + ("bf16 weights, float32 master weights in the optimizer; " if len(masters) else "")
-                     + "loss: "
-                     + ("the recipe's (its own head: see its first line)" if loss_fn and not chunked else
-                        "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)"
-                                                 if chunked else " over full-vocabulary logits")
-                        + (" (the chunked head reads the head's weight outside the forward, which is sharded)"
-                           if shards and not chunked and chunks_asked(args.chunked_loss, acc.device) else "")))
+            say_once(_first_line(models, args, acc, world, shards, packed, chunked, loss_fn,
+                                 quantized=any(float_base.values()), masters=len(masters) > 0))
         clock, last_ckpt = time.perf_counter(), latest_checkpoint(out)
         flops = model_flops(call, args, acc.device) if single else None  # per input token, over the peak
         plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
@@ -1056,20 +1029,69 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
         models = {n: _plain_forward(acc.unwrap_model(m)) for n, m in models.items()}
     if shard:
         _give_back(acc)
-    for n, m in models.items():
-        if m is None:
-            continue
-        m.eval()
-        if float_base.get(n):
-            from accord.train.qlora import merge_into_base
-
-            models[n] = merge_into_base(m, float_base[n])
-        elif args.lora_r and hasattr(m, "merge_and_unload"):
-            models[n] = m.merge_and_unload()
-        if args.lora_r and n in frozen:  # trainable again as it came (MoT trains the merged student next round)
-            for k, p in models[n].named_parameters():
-                p.requires_grad_(k not in frozen[n])
+    models = {n: _as_trained(m, args, float_base.get(n), frozen.get(n)) for n, m in models.items()}
     return TrainResult(models[""] if single else models, history, start, out)
+
+
+def default_collate(model, pad_id: int, packed: bool, examples: list) -> Callable[[list], dict]:
+    """The engine's collate where a recipe gives none: one packed row in length buckets for accord's varlen SDPA,
+    one row for FlashAttention, first-fit rows elsewhere (``packed``), else right-padded rows; problem-grouped dict
+    examples (``group``) cut by length unless the kernel attends a row example by example."""
+    varlen = varlen_attention(model)  # FlashAttention: one row; accord's varlen SDPA: one row in buckets
+    one = ((lambda c: collate_bucketed(c, pad_id)) if packed and varlen_active(model) else
+           (lambda c: collate_packed(c, pad_id, varlen)) if packed else
+           (lambda c: collate(c, pad_id)))
+    grouped = isinstance(examples[0], dict) and "group" in examples[0] and not varlen
+    return (lambda c: collate_grouped(c, one)) if grouped else one
+
+
+def _first_line(models: dict, args: TrainArgs, acc, world: int, shards: bool, packed: bool, chunked: bool,
+                loss_fn, quantized: bool, masters: bool) -> str:
+    """What a training run says first (issue 13): device, weights' dtype and attention kernel
+    (:func:`accord.models.runtime`), processes and sharding, autocast, packing, LoRA, compiled and lean modules,
+    master weights, and which loss runs."""
+    from accord.models import runtime
+
+    lms = [m for m in models.values() if _is_lm(m)]
+    lora = (f"LoRA r={args.lora_r}{' on a 4-bit NF4 base (QLoRA)' if quantized else ''}; " if args.lora_r else "")
+    n_comp, n_lean_ = sum(n_compiled(m) for m in lms), sum(n_lean(m) for m in lms)
+    if loss_fn and not chunked:
+        loss = "the recipe's (its own head: see its first line)"
+    else:
+        loss = "token cross-entropy" + (" from the hidden states in chunks (no full-vocabulary logits)" if chunked
+                                        else " over full-vocabulary logits")
+        if shards and not chunked and chunks_asked(args.chunked_loss, acc.device):
+            loss += " (the chunked head reads the head's weight outside the forward, which is sharded)"
+    return (f"train: {runtime(lms[0]) if lms else acc.device.type}; {world} process(es)"
+            f"{' (data-parallel)' if world > 1 and not shards else ''}"
+            f"{f' (sharded: {shard_kind(acc)})' if shards else ''}; "
+            f"autocast {acc.mixed_precision}; "
+            f"{'padding-free packing' if packed else 'no packing'}; {lora}"
+            + (f"torch.compile: {n_comp} MLP/norm module(s)"
+               f"{' and the chunked head' if chunked and _CHUNK['ce'] is not chunk_ce else ''}; " if n_comp else "")
+            + (f"lean RMSNorm/SwiGLU: {n_lean_} module(s)"
+               f"{' (RMSNorm in PyTorch fused kernels)' if fused_on(acc.device) else ''}; " if n_lean_ else "")
+            + ("bf16 weights, float32 master weights in the optimizer; " if masters else "")
+            + "loss: " + loss)
+
+
+def _as_trained(m, args: TrainArgs, float_base, frozen: set | None):
+    """A trained model as :func:`train` returns it: in eval mode, QLoRA's adapters merged into the float base it
+    replaced, LoRA's merged, and the weights LoRA froze trainable again as they came (MoT trains the merged
+    student next round).  ``None`` (a sharded run's other processes) stays ``None``."""
+    if m is None:
+        return None
+    m.eval()
+    if float_base:
+        from accord.train.qlora import merge_into_base
+
+        m = merge_into_base(m, float_base)
+    elif args.lora_r and hasattr(m, "merge_and_unload"):
+        m = m.merge_and_unload()
+    if args.lora_r and frozen is not None:
+        for k, p in m.named_parameters():
+            p.requires_grad_(k not in frozen)
+    return m
 
 
 def master_weights(models: dict, opt, args: TrainArgs, acc) -> MasterWeights:
