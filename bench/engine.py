@@ -435,12 +435,15 @@ def shape_bench(args) -> None:
 
 def profile_step(args, tok, ex, targs, rows: int = 25) -> None:
     """``--profile``: where one engine step's time goes — the third step of a run (torch.profiler), its operators
-    and kernels by GPU time (by CPU time on a CPU), and the share of the GPU time in matrix products."""
+    and kernels by GPU time (by CPU time on a CPU), and the share of the GPU time in matrix products.  On CUDA also
+    how busy the GPU is: the kernels' time per token of the profiled step against the wall time per token of the
+    unprofiled step after it, and the kernel launches a step makes — a GPU idle for much of a step waits on the
+    host (launches, host syncs, collation), which faster kernels would not change."""
     from accord.train.engine import train
 
     dev = args.device
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
-    prof, n = torch.profiler.profile(activities=acts), [0]
+    prof, n, events_log = torch.profiler.profile(activities=acts), [0], []
 
     def on_step(*_):
         n[0] += 1
@@ -452,7 +455,8 @@ def profile_step(args, tok, ex, targs, rows: int = 25) -> None:
             prof.stop()
 
     train(new_qwen3(args.shape, dev, args.attention), tok, [],
-          dataclasses.replace(targs, steps=3, master_weights=args.master_weights), examples=ex, on_step=on_step)
+          dataclasses.replace(targs, steps=4, log_every=1, master_weights=args.master_weights), examples=ex,
+          on_step=on_step, log=events_log.append)
     from torch.autograd import DeviceType
 
     key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
@@ -466,6 +470,18 @@ def profile_step(args, tok, ex, targs, rows: int = 25) -> None:
     where = "GPU" if dev == "cuda" else "CPU"
     print(f"profiled step: {total / 1e3:.1f} ms of {where} time (the operators' own); matrix products "
           f"(aten::mm/addmm/bmm) {mm / max(total, 1):.0%} of it", flush=True)
+    if dev == "cuda" and len(events_log) >= 4:
+        print(busy_line(total / 1e6, events_log[2], events_log[3],
+                        sum(e.count for e in events if e.device_type == DeviceType.CUDA)), flush=True)
+
+
+def busy_line(kernel_s: float, profiled: dict, after: dict, launches: int) -> str:
+    """How busy the GPU was: ``kernel_s`` seconds of kernels over the profiled step's input tokens, against the wall
+    time per token of the unprofiled step after it (its ``tokens_per_s``; another batch, so per token)."""
+    busy = kernel_s / profiled["input_tokens"] * after["tokens_per_s"]
+    return (f"GPU busy {busy:.0%} of an unprofiled step (kernels {kernel_s * 1e3:.1f} ms for "
+            f"{profiled['input_tokens']:,} tokens; the next step {after['input_tokens']:,} tokens at "
+            f"{after['tokens_per_s']:,.0f} tokens/s); {launches:,} kernel launches in the profiled step")
 
 
 def _say(said: set, line: str) -> None:

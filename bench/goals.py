@@ -71,20 +71,24 @@ def verdicts(out: Path) -> list[str]:
     return lines
 
 
-# lines read beside the goals: the MFU ceilings no engine configuration exceeds (bench/engine.py), and what the
-# parts measured alone say about the defaults (bench/norm.py: the fused RMSNorm; bench/head.py: the compiled head)
-CONTEXT = [("bench-engine.txt", r"^(?:matrix products|products \+ attention \+ AdamW) alone .*$"),
-           ("bench-norm.txt", r"^fused/eager lean RMSNorm time ratio .*$"),
-           ("bench-head.txt", r"^compiled/eager chunked head time ratio: .*$")]
+# lines read beside the goals: the MFU ceilings no engine configuration exceeds (bench/engine.py), how busy the GPU
+# was in a profiled step (bench/engine.py --profile: a GPU that waits on the host gains nothing from faster kernels),
+# and what the parts measured alone say about the defaults (bench/norm.py: the fused RMSNorm; bench/head.py: the
+# compiled head); each with the label its line is read under
+CONTEXT = [("bench-engine.txt", r"^(?:matrix products|products \+ attention \+ AdamW) alone .*$", ""),
+           ("bench-profile.txt", r"^GPU busy .*$", "engine: "),
+           ("bench-profile-master.txt", r"^GPU busy .*$", "engine[master]: "),
+           ("bench-norm.txt", r"^fused/eager lean RMSNorm time ratio .*$", ""),
+           ("bench-head.txt", r"^compiled/eager chunked head time ratio: .*$", "")]
 
 
 def context(out: Path) -> list[str]:
     """Lines that bound what the goals can reach or say what the parts gave, read beside them (:data:`CONTEXT`)."""
     found = []
-    for file, pattern in CONTEXT:
+    for file, pattern, label in CONTEXT:
         path = out / file
         text = path.read_text(errors="replace") if path.exists() else ""
-        found += re.findall(pattern, text, re.MULTILINE)
+        found += [label + m for m in re.findall(pattern, text, re.MULTILINE)]
     return [f"context       {m}" for m in found]
 
 

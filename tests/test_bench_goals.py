@@ -51,10 +51,24 @@ def test_goals_read_the_benches_lines_for_each_engine_configuration(tmp_path):
                                              "(fused/transformers: 0.22)\n")
     (tmp_path / "bench-head.txt").write_text("compiled/eager chunked head time ratio: 0.62 "
                                              "(eager chunked/plain: 1.1)\n")
+    (tmp_path / "bench-profile-master.txt").write_text("profiled step: 120.0 ms of GPU time\nGPU busy 64% of an "
+                                                       "unprofiled step (kernels 120.0 ms for 9,000 tokens)\n")
     lines = _goals().context(tmp_path)
-    assert len(lines) == 4 and lines[0].startswith("context       matrix products alone")
-    assert lines[2].startswith("context       fused/eager lean RMSNorm") and lines[3].endswith("plain: 1.1)")
+    assert len(lines) == 5 and lines[0].startswith("context       matrix products alone")
+    assert lines[2] == ("context       engine[master]: GPU busy 64% of an unprofiled step (kernels 120.0 ms for "
+                        "9,000 tokens)")
+    assert lines[3].startswith("context       fused/eager lean RMSNorm") and lines[4].endswith("plain: 1.1)")
     assert lines[1].startswith("context       products + attention + AdamW alone (9216 tokens a step): 40.1 + 20.3")
+
+
+def test_the_busy_line_reads_kernel_time_per_token_against_the_next_steps_wall_time():
+    spec = importlib.util.spec_from_file_location("engine_bench", ROOT / "bench" / "engine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    line = mod.busy_line(0.1, {"input_tokens": 5000}, {"input_tokens": 8000, "tokens_per_s": 25000.0}, 4321)
+    # 0.1 s for 5,000 tokens is 20 µs a token; the next step took 40 µs a token: busy half of it
+    assert line.startswith("GPU busy 50% of an unprofiled step (kernels 100.0 ms for 5,000 tokens; the next step "
+                           "8,000 tokens at 25,000 tokens/s); 4,321 kernel launches")
 
 
 def test_a_flash_attention_run_counts_as_further_configurations(tmp_path):
