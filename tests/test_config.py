@@ -223,6 +223,9 @@ def test_schema_prints_every_description_verbatim():
 
     missing = [d for d in descriptions(AccordConfig) if " ".join(d.split()) not in flat]
     assert missing == [], missing
+    # and every field has one: a line ending in "): " told a user nothing
+    bare = [line for line in out.splitlines() if line.rstrip().endswith("):")]
+    assert bare == [], bare
     assert "compact.scores=[ppl,cons] train.tag=no-mi" in flat
 
 

@@ -201,7 +201,7 @@ class JudgeConfig(_Strict):
     model: GeneratorConfig | None = Field(
         None, description="or a judge that is not a teacher, as its own model entry ({name, backend, model, ...}; "
         "never sampled, no corpus): e.g. the public QR-Distill code's Mistral-7B-Instruct judge")
-    max_new_tokens: int = Field(512, ge=1)
+    max_new_tokens: int = Field(512, ge=1, description="tokens the judge may write for each verdict (greedy)")
     apply_to: Literal["correct", "all"] = Field("correct", description="judge only answer-correct traces, or all")
 
     @model_validator(mode="after")
@@ -234,8 +234,10 @@ class ConfidenceConfig(_Strict):
 class CollectConfig(_Strict):
     samples: int = Field(16, ge=1, description="samples per teacher per problem (MoT §5)")
     temperature: float = Field(0.6, ge=0, description="sampling temperature; 0 means greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(32768, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens whose "
+                         "probability reaches top_p (1.0: off)")
+    max_new_tokens: int = Field(32768, ge=1, description="tokens per trace at most; a trace cut here is "
+                                "verified as it stands (its answer usually missing: incorrect)")
     stop: list[str] = Field(default_factory=list, description="extra stop strings")
     style: str | list[str] = Field(
         "default", description="prompt style name(s) (see accord.prompts.STYLES) or a template with {question}")
@@ -243,7 +245,8 @@ class CollectConfig(_Strict):
                         + "; ".join(f"{s.name} ({s.summary})" for s in SELECT_POLICIES.values()))
     verifier: str = Field("math", description="math (math-verify), numeric, choice, exact")
     numeric_tolerance: float = Field(1e-6, ge=0, description="relative tolerance of the numeric verifier")
-    seed: int = Field(0)
+    seed: int = Field(0, description="base of every sample's seed (a hash of seed, teacher, style, problem and "
+                      "sample index) and of the selection policies' draws")
     judge: JudgeConfig | None = Field(None, description="optional LLM-judge filter (QR-Distill §2.3 step 2)")
     confidence: ConfidenceConfig = Field(default_factory=ConfidenceConfig)
 
@@ -307,8 +310,8 @@ class MergeConfig(_Strict):
 
 class LoraConfig(_Strict):
     r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning")
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    alpha: int = Field(16, ge=1, description="LoRA scaling: the adapter's update is multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input while training")
     target_modules: str | list[str] = Field("all-linear", description="peft target_modules")
     quantize: Literal["nf4"] | None = Field(
         None, description="QLoRA (Dettmers et al., 2023): the frozen base's linear layers in 4-bit NF4 with double "
@@ -328,8 +331,9 @@ class ReplayConfig(_Strict):
                       "general problems it already solves; its own verified answers become replay rows")
     share: float = Field(0.3, gt=0, le=1, description="replay rows mixed into every corpus, as a share of its size")
     limit: int | None = Field(2000, ge=1, description="problems of the source the student answers")
-    max_new_tokens: int = Field(512, ge=1)
-    verifier: str = Field("math")
+    max_new_tokens: int = Field(512, ge=1, description="tokens per answer at most (the student answers greedily)")
+    verifier: str = Field("math", description="checks the student's answers: math (math-verify), numeric, choice, "
+                          "exact")
 
 
 class TrainConfig(_Strict):
@@ -345,16 +349,22 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (MoT App. G.1: 1e-5)")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine schedule's floor, as a share of lr "
+                                "(1.0: constant after warmup)")
     warmup_ratio: float = Field(0.01, ge=0, lt=1, description="warmup share of each schedule (MoT App. G.1: 1%)")
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = Field((0.9, 0.95))
+    weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay, on weight matrices only "
+                                "(not norms or biases)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW's (β1, β2)")
     clip: float = Field(1.0, ge=0, description="gradient-norm clip; 0 disables")
     max_len: int = Field(4096, ge=8, description="tokens per example (longer ones are truncated)")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw")
-    seed: int = Field(0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (fused on CUDA) or plain SGD (no "
+                                               "momentum, no weight decay: what MoT App. A's identity is checked "
+                                               "with)")
+    seed: int = Field(0, description="the data order and torch's seed for the run; a variant per seed: accord "
+                      "run --seeds")
     bf16: bool | None = Field(None, description="bf16 mixed precision (default: when the device supports it)")
-    gradient_checkpointing: bool = Field(False)
+    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward "
+                                         "instead of keeping them: less memory, about a third more compute")
     chunked_loss: bool | None = Field(None, description="the LM head and cross-entropy in chunks from the hidden "
                                       "states, never the full [batch, length, vocabulary] logits (null: on CUDA)")
     lean_layers: bool | None = Field(None, description="RMSNorm and SwiGLU as autograd functions that keep only "
@@ -402,10 +412,11 @@ class TrainConfig(_Strict):
 
 class EvalSplit(_Strict):
     path: str = Field(description="problem source (as problems.path)")
-    split: Literal["all", "train", "validation", "test"] = Field("all")
-    limit: int | None = Field(None, ge=1)
-    question_field: str = Field("question")
-    answer_field: str = Field("answer")
+    split: Literal["all", "train", "validation", "test"] = Field("all", description="which deterministic split "
+                                                                  "of the source (as problems.split)")
+    limit: int | None = Field(None, ge=1, description="only the first N problems of this split")
+    question_field: str = Field("question", description="column holding the question text (as problems.question_field)")
+    answer_field: str = Field("answer", description="column holding the reference answer")
 
 
 def _default_splits() -> dict[str, EvalSplit]:
@@ -425,18 +436,20 @@ class EvalConfig(_Strict):
     k: int = Field(16, ge=0, description="samples per problem for pass@1 (0: greedy only)")
     repeats: int = Field(1, ge=1, description="independent runs of the k samples; the report adds the standard "
                          "deviation of pass@1 over runs (OpenThoughts reports mean ± std over 10)")
-    temperature: float = Field(0.6, ge=0)
+    temperature: float = Field(0.6, ge=0, description="sampling temperature of the k samples (greedy runs at 0)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the k samples")
     greedy: bool = Field(True, description="also measure greedy accuracy")
-    max_new_tokens: int = Field(32768, ge=1)
+    max_new_tokens: int = Field(32768, ge=1, description="tokens per answer at most; one cut here is verified as "
+                                "it stands")
     backend: Literal["hf", "vllm"] = Field("hf", description="generation backend for evaluation")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="sequences generated together (the student as a hf or vllm "
+                            "generator, as teachers.batch_size)")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N problems of every split")
     every_checkpoint: bool = Field(True, description="evaluate every round / checkpoint (curves), not only finals")
     curve_splits: list[str] | None = Field(["target"], description="splits evaluated at intermediate checkpoints "
                                            "(null: all); finals get every split")
-    verifier: str = Field("math")
-    seed: int = Field(0)
+    verifier: str = Field("math", description="checks the answers: math (math-verify), numeric, choice, exact")
+    seed: int = Field(0, description="base of the samples' seeds (mixed with each problem and sample index)")
 
     @model_validator(mode="after")
     def _measures(self) -> EvalConfig:
@@ -460,8 +473,9 @@ class CordConfig(_Strict):
     step_tokens: int = Field(256, ge=1, description="tokens per proposed step at most")
     think_tokens: int = Field(4096, ge=1, description="reasoning budget; past it </think> is appended")
     answer_tokens: int = Field(256, ge=1, description="tokens for the final answer after </think>")
-    temperature: float = Field(0.6, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(0.6, ge=0, description="sampling temperature of the proposed steps (a teacher's "
+                               "own teachers.temperature overrides it)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the proposed steps")
     judge_runs: int = Field(4, ge=1, description="binary-judgment: roll-outs averaged per candidate (paper: 10)")
     answer_template: str = Field("</think> The final answer is {answer}.",
                                  description="text after the reasoning whose {answer} tokens the meta-prover scores "
@@ -475,7 +489,8 @@ class CordConfig(_Strict):
         None, description="integration: the merging LLM as its own model entry ({name, backend, model, ...}; "
         "GPT-5-mini in the paper); it merges the curation traces and never proposes steps")
     limit: int | None = Field(None, ge=1, description="only the first N problems")
-    seed: int = Field(0)
+    seed: int = Field(0, description="base of the steps' seeds (mixed with problem, teacher, beam and step) and "
+                      "of the tie-breaking draws")
 
     @field_validator("selection")
     @classmethod
@@ -522,7 +537,7 @@ class QrStudent(_Strict):
     name: str | None = Field(None, description="its name in results (qr-<name>); default: from the model")
     lr: float | None = Field(None, gt=0, description="peak learning rate (default train.lr; the paper: 5e-6 "
                              "Mistral, 2e-4 Gemma)")
-    trust_remote_code: bool = Field(False)
+    trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (off by default)")
     attention: Attention = Field("auto", description=ATTENTION_DOC)
 
     @field_validator("name")
