@@ -1054,7 +1054,7 @@ def _first_line(models: dict, args: TrainArgs, acc, world: int, shards: bool, pa
 
     lms = [m for m in models.values() if _is_lm(m)]
     lora = (f"LoRA r={args.lora_r}{' on a 4-bit NF4 base (QLoRA)' if quantized else ''}; " if args.lora_r else "")
-    n_comp, n_lean_ = sum(n_compiled(m) for m in lms), sum(n_lean(m) for m in lms)
+    n_comp, n_lean_mods = sum(n_compiled(m) for m in lms), sum(n_lean(m) for m in lms)
     if loss_fn and not chunked:
         loss = "the recipe's (its own head: see its first line)"
     else:
@@ -1069,8 +1069,8 @@ def _first_line(models: dict, args: TrainArgs, acc, world: int, shards: bool, pa
             f"{'padding-free packing' if packed else 'no packing'}; {lora}"
             + (f"torch.compile: {n_comp} MLP/norm module(s)"
                f"{' and the chunked head' if chunked and _CHUNK['ce'] is not chunk_ce else ''}; " if n_comp else "")
-            + (f"lean RMSNorm/SwiGLU: {n_lean_} module(s)"
-               f"{' (RMSNorm in PyTorch fused kernels)' if fused_on(acc.device) else ''}; " if n_lean_ else "")
+            + (f"lean RMSNorm/SwiGLU: {n_lean_mods} module(s)"
+               f"{' (RMSNorm in PyTorch fused kernels)' if fused_on(acc.device) else ''}; " if n_lean_mods else "")
             + ("bf16 weights, float32 master weights in the optimizer; " if masters else "")
             + "loss: " + loss)
 
