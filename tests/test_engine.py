@@ -785,6 +785,34 @@ def test_a_flash_style_kernel_gets_each_rows_boundaries_from_the_batch(micro):
     assert_same_run(packed, plain)
 
 
+def test_accords_varlen_kernel_gets_the_bucketed_rows_boundaries_from_the_batch(micro, monkeypatch):
+    """The engine's default on a GPU (accord's varlen SDPA with PyTorch's varlen kernel, forced here with a reference
+    kernel in its place): every layer of every step gets the bucketed row's ``cu_seq_lens`` from the collate, never
+    from the device's position ids (only the packing probe's plain forwards read them), and the run trains to the
+    padded run's losses and weights."""
+    from accord.train import varlen
+
+    seen, read = [], []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        seen.append(len(cu_q) - 1)
+        return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=scale,
+            enable_gqa=enable_gqa)[0].transpose(0, 1) for a, b in itertools.pairwise(cu_q.tolist())])
+
+    boundaries = varlen.boundaries
+    monkeypatch.setattr(varlen, "boundaries", lambda *a: read.append(1) or boundaries(*a))
+    monkeypatch.setattr(varlen, "_varlen_attn", lambda: (kernel, True))
+    monkeypatch.setattr(varlen, "native", lambda module, query, dropout: True)
+    model, tok = load(micro)
+    packed = train(model, tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2))
+    assert len(read) == 1  # the probe's two forwards (one position-ids tensor, read once); no step's
+    assert len(seen) == 2 * model.config.num_hidden_layers + 3 * model.config.num_hidden_layers
+    assert seen[-1] == 8  # a step's eight examples, one kernel call per layer
+    plain = train(load(micro)[0], tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, lr=1e-2, packing=False))
+    assert_same_run(packed, plain)
+
+
 def test_packing_trains_the_same_model_and_a_model_that_cannot_pack_is_caught(micro):
     from accord.train.engine import packing_works
 
@@ -894,9 +922,17 @@ def test_pad_rows_and_the_collates_match_a_row_by_row_reference():
     assert int((flat_lab != IGNORE).sum()) == sum(sum(1 for t in y[1:] if t != IGNORE) for _, y in ex)
     from accord.train.engine import repack
 
+    # the varlen kernel's boundaries, made on the host: what varlen.boundaries reads from the position ids
+    from accord.train.varlen import boundaries
+
+    cu, longest = boundaries(p["position_ids"], 1, p["input_ids"].shape[1], "cpu")
+    assert p["cu_seq_lens"].dtype == torch.int32 and torch.equal(p["cu_seq_lens"], cu)
+    assert p["max_length"] == longest and p["cu_seq_lens"].tolist()[:-1] == starts
+    one = collate_packed(ex, 0, one_row=True)
+    assert torch.equal(one["cu_seq_lens"], boundaries(one["position_ids"], 1, one["input_ids"].shape[1], "cpu")[0])
     cut = repack(collate(ex, 0), 0, bucketed=True)  # the same row cut from a padded batch by tensor slices
-    assert cut.keys() == {"input_ids", "position_ids", "labels", "where"}
-    assert all(torch.equal(cut[k], p[k]) for k in cut)
+    assert cut.keys() == {"input_ids", "position_ids", "labels", "where", "cu_seq_lens", "max_length"}
+    assert all(cut[k] == p[k] if k == "max_length" else torch.equal(cut[k], p[k]) for k in cut)
 
 
 def test_every_step_records_its_throughput_and_utilisation(micro, tmp_path, monkeypatch):
@@ -925,3 +961,82 @@ def test_every_step_records_its_throughput_and_utilisation(micro, tmp_path, monk
     train(load(micro)[0], tok, data, TrainArgs(steps=1, batch_size=4, lr=1e-3, lora_r=2), out_dir=tmp_path / "lora")
     event = json.loads((tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()[0])
     assert "tokens_per_s" in event and "mfu" not in event  # LoRA: 6 · N does not count what it computes
+
+
+def test_counted_states_are_the_rows_a_label_mask_picks():
+    """``counted_states``: the flat indices r·T + t of the final states whose next label counts, against a loop over
+    rows and positions; the labels they predict are ``labels.view(-1)[i + 1]`` — the rows and targets the chunked
+    head read before through a boolean mask on the device (a host sync per micro-batch)."""
+    from accord.train.engine import counted_states
+
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 50, (4, 11), generator=g)
+    labels[torch.rand(4, 11, generator=g) < 0.4] = IGNORE
+    labels[2] = IGNORE  # a row with nothing to learn
+    want = [r * 11 + t for r in range(4) for t in range(10) if labels[r, t + 1] != IGNORE]
+    at = counted_states(labels)
+    assert at.tolist() == want
+    assert labels.view(-1)[at + 1].tolist() == [labels[i // 11, i % 11 + 1].item() for i in want]
+    h = torch.randn(4, 11, 6, generator=g)
+    keep = labels[:, 1:] != IGNORE
+    assert torch.equal(h.reshape(-1, 6)[at], h[:, :-1][keep])
+
+
+def test_the_chunked_loss_reads_the_collates_counted_states_and_equals_the_mask(micro):
+    """``sft_loss(chunked=True)`` over a padded batch of three rows: with the collate's ``states_at`` and without it
+    (computed from the labels), loss and gradients equal a plain logits → CE reference."""
+    from accord.train.engine import collate, encode_example, sft_loss, with_states_at
+
+    model, tok = load(micro)
+    ex = [encode_example(tok, r, 64) for r in rows(3)]
+    b = with_states_at(lambda c: collate(c, tok.pad_token_id))(ex)
+    assert "states_at" in b and "states_at" not in collate(ex, tok.pad_token_id)
+    grads = []
+    for batch in (b, {k: v for k, v in b.items() if k != "states_at"}, None):
+        model.zero_grad()
+        if batch is None:  # the reference: every logit, cross-entropy over the counted targets
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
+                                                     ignore_index=IGNORE, reduction="sum") / 7
+        else:
+            loss, _ = sft_loss(model, batch, 7, chunked=True)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    for loss, gs in grads[1:]:
+        assert torch.allclose(loss, grads[0][0], atol=1e-5)
+        assert all(torch.allclose(a, b_, atol=1e-5) for a, b_ in zip(gs, grads[0][1]))
+
+
+def test_the_next_steps_batches_are_collated_before_the_host_waits_for_this_one(micro):
+    """The host collates step s + 1 before it reads step s's loss (``loss.item()`` waits for the device; on a GPU
+    the collate then overlaps the backward and the optimizer): every collate but the first comes before the
+    previous step's ``on_step``, and the run collates exactly once per micro-batch of its steps."""
+    from accord.train.engine import collate
+
+    model, tok = load(micro)
+    seen = []
+
+    def traced(c):
+        seen.append("collate")
+        return collate(c, tok.pad_token_id)
+
+    res = train(model, tok, rows(8), TrainArgs(steps=3, batch_size=4, lr=1e-3, packing=False), collate_fn=traced,
+                on_step=lambda s, _loss: seen.append(f"step {s}"))
+    assert len(res.history) == 3
+    assert seen == ["collate", "collate", "step 0", "collate", "step 1", "step 2"]
+
+
+@pytest.mark.gpu
+def test_host_batches_reach_cuda_through_pinned_memory_unchanged():
+    """``to_device`` to CUDA: pinned, non-blocking copies of every tensor in a nested batch (``meta`` as it is),
+    equal to the host's once the stream has run them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from accord.train.engine import to_device
+
+    b = {"input_ids": torch.arange(12).view(3, 4), "parts": [{"labels": torch.ones(2, 2)}], "max_length": 4,
+         "meta": [{"x": torch.zeros(1)}]}
+    got = to_device(b, torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert got["input_ids"].is_cuda and torch.equal(got["input_ids"].cpu(), b["input_ids"])
+    assert got["parts"][0]["labels"].is_cuda and got["max_length"] == 4 and got["meta"] is b["meta"]

@@ -113,6 +113,40 @@ def test_pytorch_varlen_kernel_gets_each_examples_boundaries_once_per_call(has_g
     assert varlen.attention_dtype(q) is None  # float32 without autocast: SDPA's path
 
 
+def test_the_kernel_takes_the_collates_boundaries_and_reads_nothing_back(monkeypatch):
+    """A one-row batch whose collate made ``cu_seq_lens``/``max_length`` on the host (handed to each layer as
+    transformers' ``cu_seq_lens_q``/``max_length_q``): the kernel gets exactly those, never computes them from the
+    device's position ids (:func:`varlen.boundaries`, a host sync per forward), and equals the loop over examples."""
+    calls = []
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        calls.append((cu_q, max_q))
+        outs = []
+        for s, e in itertools.pairwise(cu_q.tolist()):
+            x = [t[s:e].transpose(0, 1)[None] for t in (q, k, v)]
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                *x, is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    def no_boundaries(*a, **k):
+        raise AssertionError("boundaries read from the position ids")
+
+    monkeypatch.setattr(varlen, "_varlen_attn", lambda: (fake, True))
+    monkeypatch.setattr(varlen, "native", lambda module, query, dropout: True)
+    monkeypatch.setattr(varlen, "boundaries", no_boundaries)
+    g = torch.Generator().manual_seed(6)
+    lens = [5, 1, 9, 3]
+    pos = torch.tensor([[t for n in lens for t in range(n)]])
+    q, k, v = (torch.randn(1, h, sum(lens), 8, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    varlen._layout_cache[:] = [None, None]
+    out, _ = varlen.attention(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos, cu_seq_lens_q=cu,
+                              cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    assert calls == [(cu, 9)] and torch.allclose(out, _reference(q, k, v, pos, 0.3), atol=1e-5)
+    with pytest.raises(AssertionError, match="boundaries read"):  # without them: read back from the position ids
+        varlen.attention(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos)
+
+
 def test_a_pytorch_varlen_kernel_that_fails_falls_back_once_and_says_so(monkeypatch, capsys):
     """A PyTorch build whose varlen_attn refuses the call: the kernel says so once and attends with SDPA per
     bucket from then on — the same outputs as the loop over examples; the run goes on."""

@@ -218,9 +218,7 @@ def collate_packed(examples: list, pad_id: int, one_row: bool = False) -> dict:
     pos, where = pad_rows(row_pos, 0, width), pad_rows(where, -1, max(lens))
     out = {"input_ids": ids, "position_ids": pos, "labels": labels, "where": where}
     if one_row:  # FlashAttention's varlen arguments, computed once here rather than from position_ids in each layer
-        order = [lens[i] for i in rows[0]]  # (two host syncs per layer there), as TRL's flattening collator does
-        out["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(order)], dtype=torch.int32)
-        out["max_length"] = max(order)
+        out.update(varlen_kwargs([lens[i] for i in rows[0]]))
     if examples and isinstance(examples[0], dict):
         out["meta"] = example_meta(examples)
     return out
@@ -267,9 +265,10 @@ def bucket_padded(b: dict) -> dict:
     n = b["attention_mask"].sum(1)
     lens = n.tolist()
     where = torch.full((len(lens), max(lens)), -1, dtype=torch.long, device=dev)
-    ids, labels, pos, o = [], [], [], 0
+    ids, labels, pos, o, spans = [], [], [], 0, []
     for part in split_by_length(lens, part_cost=BUCKET_COST):
         p, w = torch.tensor(part, device=dev), max(lens[i] for i in part)
+        spans += [w] * len(part)
         t = torch.arange(w, device=dev)
         ids.append(b["input_ids"][p, :w].reshape(-1))
         y = b["labels"][p, :w].clone()
@@ -280,7 +279,16 @@ def bucket_padded(b: dict) -> dict:
         where[p, :w] = flat.masked_fill(t >= n[p, None], -1)
         o += len(part) * w
     return {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(pos)[None], "labels": torch.cat(labels)[None],
-            "where": where}
+            "where": where, **varlen_kwargs(spans, dev)}
+
+
+def varlen_kwargs(spans: Sequence[int], device=None) -> dict:
+    """A one-row batch's example boundaries for a varlen kernel, from the examples' spans in row order (bucket
+    padding included): ``cu_seq_lens`` (int32 offsets, 0 first, the row's width last) and ``max_length``.  Made
+    where the spans are known on the host, as TRL's flattening collator does, so the kernel never reads them back
+    from the device's ``position_ids`` (a host sync per forward, :func:`accord.train.varlen.boundaries`)."""
+    return {"cu_seq_lens": torch.tensor([0, *itertools.accumulate(spans)], dtype=torch.int32, device=device),
+            "max_length": max(spans)}
 
 
 def model_inputs(b: dict) -> dict:
@@ -566,15 +574,37 @@ def sft_loss(model, b: dict, n_units: int, chunked: bool = False) -> tuple[torch
     if "parts" in b:
         return sum(sft_loss(model, part, n_units, chunked)[0] for part in b["parts"]), {}
     if chunked:
-        h, tgt = final_states(model, b)[:, :-1], b["labels"][:, 1:]  # the head runs in chunks below
-        keep = tgt != IGNORE
+        h = final_states(model, b)  # the head runs in chunks below
+        at = b["states_at"] if "states_at" in b else counted_states(b["labels"])
+        rows = h.reshape(-1, h.shape[-1]).index_select(0, at)
         head = output_states(model)
-        return LinearCrossEntropy.apply(h[keep], head.weight, tgt[keep]) / max(1, n_units), {}
+        return LinearCrossEntropy.apply(rows, head.weight, b["labels"].reshape(-1).index_select(0, at + 1)) \
+            / max(1, n_units), {}
     logits = model(**model_inputs(b)).logits[:, :-1]
     tgt = b["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum") / max(1, n_units)
     return loss, {}
+
+
+def counted_states(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices ``r·T + t`` into a batch's final states ``[R, T, d]`` of the positions whose next label counts
+    (``labels[r, t + 1] ≠ IGNORE``; that label is ``labels.view(-1)[i + 1]``), in row order.  The engine's collates
+    add them as ``states_at``, computed on the host: a boolean mask applied on the device makes the host wait for
+    the whole forward to learn how many rows the chunked head has (a sync per micro-batch)."""
+    counted = torch.zeros_like(labels, dtype=torch.bool)
+    counted[:, :-1] = labels[:, 1:] != IGNORE
+    return counted.reshape(-1).nonzero().squeeze(1)
+
+
+def with_states_at(collate_fn: Callable[[list], dict]) -> Callable[[list], dict]:
+    """``collate_fn`` whose batches (and a grouped batch's parts) carry :func:`counted_states` as ``states_at``."""
+    def add(b: dict) -> dict:
+        if "parts" in b:
+            return {**b, "parts": [add(p) for p in b["parts"]]}
+        return {**b, "states_at": counted_states(b["labels"])} if "labels" in b else b
+
+    return lambda examples: add(collate_fn(examples))
 
 
 # logits a chunked head forms at once: 256 MiB in float32, whatever the vocabulary (chunk_rows)
@@ -732,8 +762,12 @@ def chunkable_head(model) -> bool:
 
 def to_device(obj, device):
     """Tensors inside dicts and lists moved to ``device`` (a multi-model batch nests one batch per model); a batch's
-    ``meta`` (per-example fields, never tensors) passes as it is."""
+    ``meta`` (per-example fields, never tensors) passes as it is.  A host tensor bound for a GPU goes through pinned
+    memory without blocking: a plain copy from pageable memory makes PyTorch wait for everything queued on the
+    device first, so each micro-batch would start only once the last one's backward had finished."""
     if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu" and torch.device(device).type == "cuda":
+            return obj.pin_memory().to(device, non_blocking=True)
         return obj.to(device)
     if isinstance(obj, dict):
         return {k: v if k == "meta" else to_device(v, device) for k, v in obj.items()}
@@ -965,16 +999,21 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
         flops = model_flops(call, args, acc.device) if single else None  # per input token, over the peak
         plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
         trackers = start_trackers(args, out, plain_args) if local else []
+
+        def batches() -> tuple[list[dict], int, int, int]:  # the next step's micro-batches, fillers, unit counts
+            chunks, fill = step_chunks(stream.next(), examples, rank, world, micro)
+            real = chunks[:len(chunks) - fill]
+            n_tok, n_in = _global_count(acc, [sum((units_fn or _n_targets)(c) for c in real),
+                                              sum(len(ex_ids(e)) for c in real for e in c)], shard and world > 1)
+            return [collate_fn(c) for c in chunks], fill, n_tok, n_in
+
+        ahead = batches() if start < args.steps else None
         for step in range(start, args.steps):
             t0 = time.perf_counter()
             factor = lr_at(step, args) / args.lr if args.lr else 0.0
             for g in opt.param_groups:
                 g["lr"] = g.get("peak_lr", args.lr) * factor
-            chunks, fill = step_chunks(stream.next(), examples, rank, world, micro)
-            real = chunks[:len(chunks) - fill]
-            n_tok, n_in = _global_count(acc, [sum((units_fn or _n_targets)(c) for c in real),
-                                              sum(len(ex_ids(e)) for c in real for e in c)], shard and world > 1)
-            parts = [collate_fn(c) for c in chunks]
+            parts, fill, n_tok, n_in = ahead
             with acc.autocast():
                 loss, metrics = sft_step(call, parts, acc.device, n_tok, scale=world,
                                          backward=call.backward if ds else acc.backward,
@@ -985,11 +1024,6 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                 average_gradients([p for m in trained for p in m.parameters() if p.requires_grad], world)
             if world > 1:
                 loss = acc.reduce(loss, "sum")
-            if not torch.isfinite(loss):
-                where = (f"the last good checkpoint {last_ckpt} is kept" if last_ckpt
-                         else "no checkpoint was written yet")
-                raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {where}. "
-                                       "Lower train.lr or check the corpus.")
             gnorm = None
             if ds:  # DeepSpeed clips (train.clip, in its config), steps and zeroes the gradients itself
                 call.step()
@@ -1002,7 +1036,16 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
                         gnorm = clip(params, args.clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-            history.append(loss.item())  # waits for the device: the step's time is its time
+            # the host collates the next step while the device finishes this one, then waits for it: the step's
+            # time is its time.  A non-finite loss is caught here, after the update (checking before it would make
+            # the host wait between backward and optimizer); the weights in memory are then spoilt, the files not.
+            ahead = batches() if step + 1 < args.steps else None
+            history.append(loss.item())
+            if not math.isfinite(history[-1]):
+                where = (f"the last good checkpoint {last_ckpt} is kept" if last_ckpt
+                         else "no checkpoint was written yet")
+                raise TrainingDiverged(f"loss became {history[-1]} at step {step + 1}; {where}. "
+                                       "Lower train.lr or check the corpus.")
             now = time.perf_counter()
             rate = n_in / max(now - t0, 1e-9)
             event = {"event": "step", "step": step + 1, "loss": history[-1], "lr": lr_at(step, args),
@@ -1042,7 +1085,7 @@ def default_collate(model, pad_id: int, packed: bool, examples: list) -> Callabl
            (lambda c: collate_packed(c, pad_id, varlen)) if packed else
            (lambda c: collate(c, pad_id)))
     grouped = isinstance(examples[0], dict) and "group" in examples[0] and not varlen
-    return (lambda c: collate_grouped(c, one)) if grouped else one
+    return with_states_at((lambda c: collate_grouped(c, one)) if grouped else one)
 
 
 def _first_line(models: dict, args: TrainArgs, acc, world: int, shards: bool, packed: bool, chunked: bool,

@@ -24,8 +24,12 @@ Here a packed micro-batch is one forward in one row, and only attention is done 
   that gathered every micro-batch cost plain length-grouped batches 5–12% on 2 threads; views cost nothing.
 - On CUDA, in bf16/fp16, with PyTorch's own varlen FlashAttention (``torch.nn.attention.varlen.varlen_attn``,
   PyTorch ≥ 2.10), a forward attends every example of the row in **one call per layer** from the examples'
-  boundaries (:func:`boundaries`; the bucket padding of ``collate_bucketed`` stays with its example, causal, so
-  no real token sees it).  Measured on an H200 (session 18, ``bench/engine.py --device cuda``): SDPA on the
+  boundaries (the bucket padding of ``collate_bucketed`` stays with its example, causal, so no real token sees
+  it).  The collate computes them on the host and the model hands them to every layer (``cu_seq_lens_q``,
+  ``max_length_q``, transformers' FlashAttention keywords); read from the device's ``position_ids`` instead
+  (:func:`boundaries`, the fallback for a one-row batch without them) they cost the host a wait on the device
+  per forward — a ``nonzero``, a host list copied up and an ``int`` of the longest.  Measured on an H200
+  (session 18, ``bench/engine.py --device cuda``): SDPA on the
   bucket views picks cuDNN's attention there, which builds a plan for every new shape — 1.7–2.7 ms of CPU per
   call, 485 ms per step at Qwen3-0.6B × 4 examples of ≤ 4,096 tokens, more than the step's GPU time (once planned,
   though, cuDNN's kernel was ~1.8× faster per FLOP there: :data:`NATIVE` is the switch, and the bench times
@@ -224,10 +228,15 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                            f"({type(module).__name__}); train this model with train.packing: false")
     B, H, N, _ = query.shape
     if native(module, query, dropout):
-        if _layout_cache[0] is not position_ids or position_ids is None or _layout_cache[1][0] != "native":
-            _layout_cache[:] = [position_ids, ("native", boundaries(position_ids, B, N, query.device))]
+        given = kwargs.get("cu_seq_lens_q") if B == 1 else None  # the collate's, made on the host: no device sync
+        if given is not None:
+            layout = (given, int(kwargs["max_length_q"]))
+        else:
+            if _layout_cache[0] is not position_ids or position_ids is None or _layout_cache[1][0] != "native":
+                _layout_cache[:] = [position_ids, ("native", boundaries(position_ids, B, N, query.device))]
+            layout = _layout_cache[1][1]
         try:
-            return attend_native(query, key, value, *_layout_cache[1][1], scaling), None
+            return attend_native(query, key, value, *layout, scaling), None
         except (RuntimeError, TypeError, ValueError) as e:  # a PyTorch build whose kernel refuses this call: say
             global NATIVE  # noqa: PLW0603 — once, then SDPA per bucket for the rest of the process
             NATIVE = False
