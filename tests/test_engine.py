@@ -996,8 +996,9 @@ def test_the_chunked_loss_reads_the_collates_counted_states_and_equals_the_mask(
         model.zero_grad()
         if batch is None:  # the reference: every logit, cross-entropy over the counted targets
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
-                                                     ignore_index=IGNORE, reduction="sum") / 7
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE,
+                                                     reduction="sum") / 7
         else:
             loss, _ = sft_loss(model, batch, 7, chunked=True)
         loss.backward()
