@@ -18,6 +18,7 @@ import dataclasses
 import importlib.util
 import itertools
 import time
+from pathlib import Path
 
 import torch
 
@@ -438,25 +439,37 @@ def profile_step(args, tok, ex, targs, rows: int = 25) -> None:
     and kernels by GPU time (by CPU time on a CPU), and the share of the GPU time in matrix products.  On CUDA also
     how busy the GPU is: the kernels' time per token of the profiled step against the wall time per token of the
     unprofiled step after it, and the kernel launches a step makes — a GPU idle for much of a step waits on the
-    host (launches, host syncs, collation), which faster kernels would not change."""
+    host (launches, host syncs, collation), which faster kernels would not change.  On CUDA the fifth step runs
+    under PyTorch's sync debug mode, which warns at every operation that makes the host wait for the device: the
+    line ``host syncs in an engine step`` counts them by where they were called."""
+    import warnings
+
     from accord.train.engine import train
 
     dev = args.device
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
     prof, n, events_log = torch.profiler.profile(activities=acts), [0], []
+    catch, syncs = warnings.catch_warnings(record=True), []
 
     def on_step(*_):
         n[0] += 1
+        if n[0] == 5 and dev == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+            catch.__exit__(None, None, None)
         if dev == "cuda":
             torch.cuda.synchronize()
         if n[0] == 2:
             prof.start()
         elif n[0] == 3:
             prof.stop()
+        elif n[0] == 4 and dev == "cuda":
+            syncs.append(catch.__enter__())  # the list the warnings will be recorded in
+            warnings.simplefilter("always")  # every sync, not the first one at each place
+            torch.cuda.set_sync_debug_mode("warn")
 
     train(new_qwen3(args.shape, dev, args.attention), tok, [],
-          dataclasses.replace(targs, steps=4, log_every=1, master_weights=args.master_weights), examples=ex,
-          on_step=on_step, log=events_log.append)
+          dataclasses.replace(targs, steps=5 if dev == "cuda" else 4, log_every=1,
+                              master_weights=args.master_weights), examples=ex, on_step=on_step, log=events_log.append)
     from torch.autograd import DeviceType
 
     key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
@@ -473,6 +486,21 @@ def profile_step(args, tok, ex, targs, rows: int = 25) -> None:
     if dev == "cuda" and len(events_log) >= 4:
         print(busy_line(total / 1e6, events_log[2], events_log[3],
                         sum(e.count for e in events if e.device_type == DeviceType.CUDA)), flush=True)
+    if dev == "cuda":
+        print(sync_line(syncs[0] if syncs else []), flush=True)
+
+
+def sync_line(records: list) -> str:
+    """``host syncs in an engine step: N — file:line ×k, …`` from the warnings PyTorch's sync debug mode recorded
+    (``warnings.WarningMessage``s; others ignored), the places most often first.  One is the loss the step reads
+    (``loss.item()``, which waits on purpose); a step with more makes the GPU idle while the host catches up."""
+    import collections
+
+    where = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in records
+                                if "synchroniz" in str(w.message))
+    places = ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in where.most_common(8))
+    more = f", {len(where) - 8} more places" if len(where) > 8 else ""
+    return f"host syncs in an engine step: {sum(where.values())}" + (f" — {places}{more}" if where else "")
 
 
 def busy_line(kernel_s: float, profiled: dict, after: dict, launches: int) -> str:

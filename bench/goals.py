@@ -72,12 +72,13 @@ def verdicts(out: Path) -> list[str]:
 
 
 # lines read beside the goals: the MFU ceilings no engine configuration exceeds (bench/engine.py), how busy the GPU
-# was in a profiled step (bench/engine.py --profile: a GPU that waits on the host gains nothing from faster kernels),
-# and what the parts measured alone say about the defaults (bench/norm.py: the fused RMSNorm; bench/head.py: the
-# compiled head); each with the label its line is read under
+# was in a profiled step and where the host waited for it (bench/engine.py --profile: a GPU that waits on the host
+# gains nothing from faster kernels), and what the parts measured alone say about the defaults (bench/norm.py: the
+# fused RMSNorm; bench/head.py: the compiled head); each with the label its line is read under
 CONTEXT = [("bench-engine.txt", r"^(?:matrix products|products \+ attention \+ AdamW) alone .*$", ""),
            ("bench-profile.txt", r"^GPU busy .*$", "engine: "),
            ("bench-profile-master.txt", r"^GPU busy .*$", "engine[master]: "),
+           ("bench-profile.txt", r"^host syncs in an engine step: .*$", "engine: "),
            ("bench-norm.txt", r"^fused/eager lean RMSNorm time ratio .*$", ""),
            ("bench-head.txt", r"^compiled/eager chunked head time ratio: .*$", "")]
 

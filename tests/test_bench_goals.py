@@ -71,6 +71,28 @@ def test_the_busy_line_reads_kernel_time_per_token_against_the_next_steps_wall_t
                            "8,000 tokens at 25,000 tokens/s); 4,321 kernel launches")
 
 
+def test_the_sync_line_counts_the_debug_modes_warnings_by_place(tmp_path):
+    """``--profile``'s ``host syncs in an engine step`` line from the warnings PyTorch's sync debug mode records
+    (the CUDA step cannot run here: warning records stand in), read beside the goals by ``bench/goals.py``."""
+    import warnings
+
+    spec = importlib.util.spec_from_file_location("engine_bench", ROOT / "bench" / "engine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    msg = "called a synchronizing CUDA operation"
+
+    def rec(text, file, line):
+        return warnings.WarningMessage(UserWarning(text), UserWarning, file, line)
+
+    records = [rec(msg, "/x/masking_utils.py", 761)] * 4 + [rec(msg, "/y/engine.py", 1043),
+                                                            rec("something else", "/y/engine.py", 9)]
+    line = mod.sync_line(records)
+    assert line == "host syncs in an engine step: 5 — masking_utils.py:761 ×4, engine.py:1043"
+    assert mod.sync_line([]) == "host syncs in an engine step: 0"
+    (tmp_path / "bench-profile.txt").write_text(f"profiled step: 1 ms\n{line}\n")
+    assert _goals().context(tmp_path) == [f"context       engine: {line}"]
+
+
 def test_a_flash_attention_run_counts_as_further_configurations(tmp_path):
     (tmp_path / "bench-engine.txt").write_text("engine/plain throughput ratio: 1.37\n")
     (tmp_path / "bench-engine-fa2.txt").write_text("engine/plain throughput ratio: 1.62\n")

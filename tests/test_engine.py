@@ -1028,6 +1028,43 @@ def test_the_next_steps_batches_are_collated_before_the_host_waits_for_this_one(
 
 
 @pytest.mark.gpu
+def test_a_cuda_step_waits_for_the_device_only_to_read_its_loss(micro):
+    """On CUDA in bf16 with the engine's defaults (packed rows, the chunked head): under PyTorch's sync debug mode a
+    step's only host syncs in accord's code are where it reads its loss (transformers' own mask preparation may
+    add one per forward; outside accord)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import warnings
+
+    model, tok = load(micro)
+    catch, box, n = warnings.catch_warnings(record=True), [], [0]
+
+    def on_step(*_):
+        n[0] += 1
+        if n[0] == 3:
+            torch.cuda.set_sync_debug_mode(0)
+            catch.__exit__(None, None, None)
+        elif n[0] == 2:
+            box.append(catch.__enter__())
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    try:
+        train(model, tok, _varied_rows(16), TrainArgs(steps=3, batch_size=8, grad_accum=2, lr=1e-3, bf16=True),
+              on_step=on_step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    from pathlib import Path
+
+    import accord
+
+    pkg = Path(accord.__file__).resolve().parent
+    ours = [f"{w.filename}:{w.lineno}" for w in box[0]
+            if "synchroniz" in str(w.message) and Path(w.filename).resolve().is_relative_to(pkg)]
+    assert len(ours) == 1 and "engine.py" in ours[0], ours
+
+
+@pytest.mark.gpu
 def test_host_batches_reach_cuda_through_pinned_memory_unchanged():
     """``to_device`` to CUDA: pinned, non-blocking copies of every tensor in a nested batch (``meta`` as it is),
     equal to the host's once the stream has run them."""

@@ -1040,7 +1040,10 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
             # time is its time.  A non-finite loss is caught here, after the update (checking before it would make
             # the host wait between backward and optimizer); the weights in memory are then spoilt, the files not.
             ahead = batches() if step + 1 < args.steps else None
-            history.append(loss.item())
+            read = torch.stack([v.detach().float().to(loss.device) for v in (loss, gnorm)
+                                if isinstance(v, torch.Tensor)]).tolist()
+            history.append(read[0])  # one wait for the device: the loss and the gradient norm together
+            gnorm = read[1] if len(read) > 1 else gnorm
             if not math.isfinite(history[-1]):
                 where = (f"the last good checkpoint {last_ckpt} is kept" if last_ckpt
                          else "no checkpoint was written yet")
