@@ -68,6 +68,12 @@ def c_no_config(t):
     return ["config", str(t / "nowhere.yaml")]
 
 
+def c_config_typo(t):
+    (t / "configs").mkdir(exist_ok=True)
+    (t / "configs" / "lab-quick.yaml").write_text("{}\n")
+    return ["run", str(t / "configs" / "lab-quik.yaml")]
+
+
 def c_yaml_syntax(t):
     (t / "c.yaml").write_text("run_dir: r\nproblems: {path: p.jsonl\nteachers: []\n")
     return ["config", str(t / "c.yaml")]
@@ -187,7 +193,8 @@ CASES = [
     ("problems file that does not exist", ["p.jsonl", "not found"], c_no_problems),
     ("duplicate problem ids with `on_duplicate: error`", ["p.jsonl:2", "repeat a problem id", "'x'"],
      c_duplicate_ids),
-    ("config file that does not exist", ["nowhere.yaml", "file not found"], c_no_config),
+    ("config file that does not exist", ["nowhere.yaml", "file not found", "looked for"], c_no_config),
+    ("config file name with a typo", ["lab-quik.yaml", "did you mean", "configs/lab-quick.yaml"], c_config_typo),
     ("YAML syntax error", ["c.yaml", "line"], c_yaml_syntax),
     ("unknown key in the config file", ["colect", "did you mean collect"], c_unknown_key),
     ("override typo `colect.samples=2`", ["command line", "colect", "did you mean collect"], c_override_typo),

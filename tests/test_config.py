@@ -62,6 +62,23 @@ def test_bad_yaml_names_line(tmp_path):
         load_config(p)
 
 
+def test_a_missing_config_says_where_it_looked_and_names_close_files(tmp_path, monkeypatch):
+    """One line about the file (no ``1 problem(s)`` list), its absolute path, and YAML files with close names in its
+    folder or ``configs/`` — none when nothing is close."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "lab-quick.yaml").write_text("{}")
+    (tmp_path / "mine.yml").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/lab-quik.yaml")
+    assert str(e.value) == (f"configs/lab-quik.yaml: file not found (looked for {tmp_path}/configs/lab-quik.yaml); "
+                            "did you mean configs/lab-quick.yaml?")
+    with pytest.raises(ConfigError, match=r"did you mean mine\.yml\?$"):
+        load_config("mine.yaml")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml: file not found \(looked for [^)]*\)$"):
+        load_config("nowhere.yaml")
+
+
 def test_duplicate_teacher_names_and_unknown_judge(cfg_file):
     with pytest.raises(ConfigError) as e:
         load_config(cfg_file, ["teachers.1.name=alpha", "collect.judge={teacher: zed}"])

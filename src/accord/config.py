@@ -59,6 +59,9 @@ class ConfigError(UsageError):
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):
         self.source, self.problems = source, problems
+        if len(problems) == 1 and not problems[0][0]:  # about the file itself: one line
+            super().__init__(f"{source}: {problems[0][1]}")
+            return
         lines = [f"{source}: {len(problems)} problem(s) in the config:"]
         lines += [f"  {path or '<root>'}: {msg}" for path, msg in problems]
         super().__init__("\n".join(lines))
@@ -712,10 +715,24 @@ def _list_index(node: list, seg: str, where: str) -> int:
     raise ConfigError("command line", [(where, f"no list item named {seg!r}")])
 
 
+def _nearby(p: Path) -> str:
+    """``; did you mean …?`` naming YAML files whose names are close to ``p``'s, in its folder and in ``configs/``
+    (where the README's commands keep theirs), or nothing."""
+    import difflib
+
+    seen = {q for d in {p.parent, Path("configs"), p.parent / "configs"} if d.is_dir()
+            for q in (*d.glob("*.yaml"), *d.glob("*.yml"))}
+    by_name = {}
+    for q in sorted(seen):
+        by_name.setdefault(q.stem, q)
+    close = difflib.get_close_matches(p.stem, list(by_name), n=2, cutoff=0.75)
+    return f"; did you mean {' or '.join(str(by_name[c]) for c in close)}?" if close else ""
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists():
-        raise ConfigError(str(p), [("", "file not found")])
+        raise ConfigError(str(p), [("", f"file not found (looked for {p.absolute()}){_nearby(p)}")])
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
