@@ -79,6 +79,24 @@ def test_a_missing_config_says_where_it_looked_and_names_close_files(tmp_path, m
         load_config("nowhere.yaml")
 
 
+def test_a_run_directory_stands_for_the_config_it_holds(cfg_file, tmp_path):
+    """``accord report runs/x``: the directory's ``config.yaml`` (what a stage wrote there), with ``run_dir`` the
+    directory as given — also after the run was moved; overrides apply on top; a directory without one is refused
+    in one line."""
+    from accord.config import dump_config
+
+    cfg = load_config(cfg_file, ["collect.samples=3"])
+    written = dump_config(cfg)
+    moved = tmp_path / "moved"
+    written.parent.rename(moved)
+    again = load_config(moved, ["eval.k=7"])
+    assert again.run_dir == str(moved) and again.collect.samples == 3 and again.eval.k == 7
+    assert again.model_dump(exclude={"run_dir", "eval"}) == cfg.model_dump(exclude={"run_dir", "eval"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"empty: a directory, not a config file \(.*this one has none\)$"):
+        load_config(tmp_path / "empty")
+
+
 def test_duplicate_teacher_names_and_unknown_judge(cfg_file):
     with pytest.raises(ConfigError) as e:
         load_config(cfg_file, ["teachers.1.name=alpha", "collect.judge={teacher: zed}"])

@@ -106,6 +106,9 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
     assert seven[0]["pass1"] >= 0.4  # the parrot answers 7: right on half of the problems
     code, out = run_cli("report", str(cfg))
     assert code == 0 and "paired against mtd" in (run / "report" / "table.txt").read_text()  # as printed
+    (run / "report" / "table.txt").unlink()
+    code, out = run_cli("report", str(run))  # the run directory stands for the config it holds
+    assert code == 0 and "paired against mtd" in (run / "report" / "table.txt").read_text()
 
 
 def test_report_escapes_model_text(tmp_path, problems_file, two_parrots, micro):

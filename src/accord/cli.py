@@ -29,6 +29,7 @@ EPILOG = """examples:
   accord train my.yaml train.method=mot train.rounds=5
   accord train my.yaml train.epochs=3 train.lora.r=32 train.lora.quantize=nf4   # QLoRA, steps from the data
   accord eval my.yaml
+  accord report runs/lab-quickstart            # a run directory stands for the config.yaml a stage wrote there
   accord cord my.yaml cord.beam=4 cord.segmentation=prompt
   accord merge --method ties --base B --models M1 M2 --out DIR --density 0.5
   accord interpolate my.yaml --models mtd mot --points 11   # MoT Fig. 6
@@ -49,7 +50,8 @@ EPILOG = """examples:
 
 
 def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
-    p.add_argument("config", nargs="?" if optional else None, help="YAML config file")
+    p.add_argument("config", nargs="?" if optional else None,
+                   help="YAML config file, or a run directory (the config.yaml a stage wrote there)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
 

@@ -730,9 +730,16 @@ def _nearby(p: Path) -> str:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A config file's mapping.  A run directory stands for the ``config.yaml`` its first stage wrote there, with
+    ``run_dir`` that directory (where it is now, if it moved): ``accord report runs/lab-quickstart``."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(str(p), [("", f"file not found (looked for {p.absolute()}){_nearby(p)}")])
+    if p.is_dir():
+        if not (p / "config.yaml").is_file():
+            raise ConfigError(str(p), [("", "a directory, not a config file (a run directory stands for its "
+                                            "config.yaml, written there when a stage first runs; this one has none)")])
+        return {**load_yaml(p / "config.yaml"), "run_dir": str(p)}
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
