@@ -985,12 +985,15 @@ def test_counted_states_are_the_rows_a_label_mask_picks():
 def test_the_chunked_loss_reads_the_collates_counted_states_and_equals_the_mask(micro):
     """``sft_loss(chunked=True)`` over a padded batch of three rows: with the collate's ``states_at`` and without it
     (computed from the labels), loss and gradients equal a plain logits → CE reference."""
-    from accord.train.engine import collate, encode_example, sft_loss, with_states_at
+    from accord.train.engine import collate, counted_states, encode_example, sft_loss, with_states_at
 
     model, tok = load(micro)
     ex = [encode_example(tok, r, 64) for r in rows(3)]
     b = with_states_at(lambda c: collate(c, tok.pad_token_id))(ex)
     assert "states_at" in b and "states_at" not in collate(ex, tok.pad_token_id)
+    grouped = with_states_at(lambda c: {"parts": [collate(c[:1], 0), collate(c[1:], 0)], "index": [[0], [1, 2]]})(ex)
+    assert [part["states_at"].tolist() for part in grouped["parts"]] == [
+        counted_states(part["labels"]).tolist() for part in grouped["parts"]] and "states_at" not in grouped
     grads = []
     for batch in (b, {k: v for k, v in b.items() if k != "states_at"}, None):
         model.zero_grad()
