@@ -79,6 +79,7 @@ CONTEXT = [("bench-engine.txt", r"^(?:matrix products|products \+ attention \+ A
            ("bench-profile.txt", r"^GPU busy .*$", "engine: "),
            ("bench-profile-master.txt", r"^GPU busy .*$", "engine[master]: "),
            ("bench-profile.txt", r"^host syncs in an engine step: .*$", "engine: "),
+           ("bench-profile-master.txt", r"^host syncs in an engine step: .*$", "engine[master]: "),
            ("bench-norm.txt", r"^fused/eager lean RMSNorm time ratio .*$", ""),
            ("bench-head.txt", r"^compiled/eager chunked head time ratio: .*$", "")]
 
