@@ -29,11 +29,10 @@ Here a packed micro-batch is one forward in one row, and only attention is done 
   ``max_length_q``, transformers' FlashAttention keywords); read from the device's ``position_ids`` instead
   (:func:`boundaries`, the fallback for a one-row batch without them) they cost the host a wait on the device
   per forward — a ``nonzero``, a host list copied up and an ``int`` of the longest.  Measured on an H200
-  (session 18, ``bench/engine.py --device cuda``): SDPA on the
-  bucket views picks cuDNN's attention there, which builds a plan for every new shape — 1.7–2.7 ms of CPU per
-  call, 485 ms per step at Qwen3-0.6B × 4 examples of ≤ 4,096 tokens, more than the step's GPU time (once planned,
-  though, cuDNN's kernel was ~1.8× faster per FLOP there: :data:`NATIVE` is the switch, and the bench times
-  both on new shapes to settle the default).  Causal
+  (session 18, ``bench/engine.py --device cuda``): SDPA on the bucket views picks cuDNN's attention there, which
+  builds a plan for every new shape — 1.7–2.7 ms of CPU per call, 485 ms per step at Qwen3-0.6B × 4 examples of
+  ≤ 4,096 tokens, more than the step's GPU time (once planned, though, cuDNN's kernel was ~1.8× faster per FLOP
+  there: :data:`NATIVE` is the switch, and the bench times both on new shapes to settle the default).  Causal
   masking is ``window_size=(-1, 0)``: a PyTorch whose ``varlen_attn`` takes no ``window_size`` keeps SDPA.  GQA
   repeats the key/value heads where it takes no ``enable_gqa`` (2.11 does not, 2.13 does).  No dropout there:
   attention dropout in training keeps SDPA.  Under autocast q/k/v are cast to its dtype, as SDPA casts them.  A
