@@ -1040,15 +1040,8 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
             # time is its time.  A non-finite loss is caught here, after the update (checking before it would make
             # the host wait between backward and optimizer); the weights in memory are then spoilt, the files not.
             ahead = batches() if step + 1 < args.steps else None
-            read = torch.stack([v.detach().float().to(loss.device) for v in (loss, gnorm)
-                                if isinstance(v, torch.Tensor)]).tolist()
-            history.append(read[0])  # one wait for the device: the loss and the gradient norm together
-            gnorm = read[1] if len(read) > 1 else gnorm
-            if not math.isfinite(history[-1]):
-                where = (f"the last good checkpoint {last_ckpt} is kept" if last_ckpt
-                         else "no checkpoint was written yet")
-                raise TrainingDiverged(f"loss became {history[-1]} at step {step + 1}; {where}. "
-                                       "Lower train.lr or check the corpus.")
+            loss_v, gnorm = _read_step(loss, gnorm, step, last_ckpt)
+            history.append(loss_v)
             now = time.perf_counter()
             rate = n_in / max(now - t0, 1e-9)
             event = {"event": "step", "step": step + 1, "loss": history[-1], "lr": lr_at(step, args),
@@ -1077,6 +1070,18 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
         _give_back(acc)
     models = {n: _as_trained(m, args, float_base.get(n), frozen.get(n)) for n, m in models.items()}
     return TrainResult(models[""] if single else models, history, start, out)
+
+
+def _read_step(loss: torch.Tensor, gnorm, step: int, last_ckpt: Path | None) -> tuple[float, float | None]:
+    """The step's loss and gradient norm as numbers, read in one wait for the device (the host's only one in a
+    step); :class:`TrainingDiverged` for a non-finite loss, naming the last good checkpoint."""
+    read = torch.stack([v.detach().float().to(loss.device) for v in (loss, gnorm)
+                        if isinstance(v, torch.Tensor)]).tolist()
+    value, gnorm = read[0], (read[1] if len(read) > 1 else gnorm)
+    if not math.isfinite(value):
+        where = f"the last good checkpoint {last_ckpt} is kept" if last_ckpt else "no checkpoint was written yet"
+        raise TrainingDiverged(f"loss became {value} at step {step + 1}; {where}. Lower train.lr or check the corpus.")
+    return value, gnorm
 
 
 def default_collate(model, pad_id: int, packed: bool, examples: list) -> Callable[[list], dict]:
