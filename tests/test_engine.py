@@ -991,6 +991,10 @@ def test_the_chunked_loss_reads_the_collates_counted_states_and_equals_the_mask(
     ex = [encode_example(tok, r, 64) for r in rows(3)]
     b = with_states_at(lambda c: collate(c, tok.pad_token_id))(ex)
     assert "states_at" in b and "states_at" not in collate(ex, tok.pad_token_id)
+    from accord.train.engine import default_collate  # the engine's own: only where the head runs in chunks
+
+    assert "states_at" in default_collate(model, tok.pad_token_id, False, ex, chunked=True)(ex)
+    assert "states_at" not in default_collate(model, tok.pad_token_id, False, ex)(ex)
     grouped = with_states_at(lambda c: {"parts": [collate(c[:1], 0), collate(c[1:], 0)], "index": [[0], [1, 2]]})(ex)
     assert [part["states_at"].tolist() for part in grouped["parts"]] == [
         counted_states(part["labels"]).tolist() for part in grouped["parts"]] and "states_at" not in grouped

@@ -985,9 +985,9 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
             m.train()
         call = models[""] if single else models
         packed = collate_fn is None and use_packing(call, args, acc.device) if single else False
-        collate_fn = collate_fn or default_collate(call, tok.pad_token_id, packed, examples)
-        trained = [m for m in models.values() if _trainable(m)]
         chunked = single and loss_fn is None and use_chunked(args.chunked_loss, acc.device, call)
+        collate_fn = collate_fn or default_collate(call, tok.pad_token_id, packed, examples, chunked)
+        trained = [m for m in models.values() if _trainable(m)]
         if loss_fn is None and chunked:
             import functools
 
@@ -1084,16 +1084,18 @@ def _read_step(loss: torch.Tensor, gnorm, step: int, last_ckpt: Path | None) -> 
     return value, gnorm
 
 
-def default_collate(model, pad_id: int, packed: bool, examples: list) -> Callable[[list], dict]:
+def default_collate(model, pad_id: int, packed: bool, examples: list, chunked: bool = False) -> Callable[[list], dict]:
     """The engine's collate where a recipe gives none: one packed row in length buckets for accord's varlen SDPA,
     one row for FlashAttention, first-fit rows elsewhere (``packed``), else right-padded rows; problem-grouped dict
-    examples (``group``) cut by length unless the kernel attends a row example by example."""
+    examples (``group``) cut by length unless the kernel attends a row example by example.  ``chunked`` (the head
+    runs in chunks): each batch carries the rows it reads (:func:`with_states_at`)."""
     varlen = varlen_attention(model)  # FlashAttention: one row; accord's varlen SDPA: one row in buckets
     one = ((lambda c: collate_bucketed(c, pad_id)) if packed and varlen_active(model) else
            (lambda c: collate_packed(c, pad_id, varlen)) if packed else
            (lambda c: collate(c, pad_id)))
     grouped = isinstance(examples[0], dict) and "group" in examples[0] and not varlen
-    return with_states_at((lambda c: collate_grouped(c, one)) if grouped else one)
+    fn = (lambda c: collate_grouped(c, one)) if grouped else one
+    return with_states_at(fn) if chunked else fn
 
 
 def _first_line(models: dict, args: TrainArgs, acc, world: int, shards: bool, packed: bool, chunked: bool,
