@@ -23,14 +23,31 @@ def pytest_configure(config):
     the GPU in bf16, and tests written against CPU float32 references fail there for that reason alone (10 did on
     the H200 in session 18).  ``ACCORD_TESTS_SEE_CUDA=1`` keeps CUDA visible, to look for device bugs on purpose
     (``bench/gpu.sh`` runs the CPU suite's engine, teacher, merge, pipeline and CoRD tests that way).
-    ``ACCORD_TESTS_BF16=1`` makes the process train under bf16 autocast on the CPU, as such a run does on a GPU:
-    the tests compare to bf16 rounding there (:func:`bf16_process`), and the whole suite passes so."""
+    ``ACCORD_TESTS_BF16=1`` (``make test-bf16``) configures the process as CUDA's defaults configure a run, on the
+    CPU (:func:`gpu_defaults_on_cpu`); the tests compare to bf16 rounding there (:func:`bf16_process`) and read
+    the defaults as resolved, and the whole suite passes so."""
     if "not gpu" in (config.getoption("markexpr") or "") and os.environ.get("ACCORD_TESTS_SEE_CUDA") != "1":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    if os.environ.get("ACCORD_TESTS_BF16") == "1":  # `make test-bf16`: the suite in a bf16 process, on the CPU
-        from accord.train.engine import TrainArgs, get_accelerator
+    if os.environ.get("ACCORD_TESTS_BF16") == "1":
+        gpu_defaults_on_cpu()
 
-        get_accelerator(TrainArgs(bf16=True, device="cpu"))  # the process's one accelerator, as CUDA's would be
+
+def gpu_defaults_on_cpu() -> None:
+    """What ``auto`` and the unset engine settings resolve to on a GPU, in this CPU process: training under bf16
+    autocast (the process's one accelerator), ``dtype: auto`` loading teachers and evaluated checkpoints in bf16,
+    the head in chunks (``train.chunked_loss``) and lean layers (``train.lean_layers``).  Only the device stays the
+    CPU — so a test that expects the CPU's defaults where it should read the resolved ones fails here as it would
+    with CUDA visible (four did until session 32, which found them so).  Subprocesses start with the CPU's defaults."""
+    import torch
+
+    from accord import models
+    from accord.train import engine, lean
+
+    engine.get_accelerator(engine.TrainArgs(bf16=True, device="cpu"))
+    pick_dtype, chunks_asked, use_lean = models.pick_dtype, engine.chunks_asked, lean.use_lean
+    models.pick_dtype = lambda dtype, device: torch.bfloat16 if dtype == "auto" else pick_dtype(dtype, device)
+    engine.chunks_asked = lambda setting, device: chunks_asked(True if setting is None else setting, device)
+    engine.use_lean = lean.use_lean = lambda setting, device: use_lean(True if setting is None else setting, device)
 
 
 PARROT_7 = "<think>\nadd the numbers\n</think>\n\n\\boxed{7}"

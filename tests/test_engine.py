@@ -453,14 +453,24 @@ def test_the_first_line_says_what_runs(micro, capsys):
     model, tok = load(micro)
     train(model, tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     err = capsys.readouterr().err
-    if torch.cuda.is_available():  # ACCORD_TESTS_SEE_CUDA=1 on a GPU machine: the engine's CUDA defaults
-        assert ("train: cuda, weights float32, attention sdpa, packed examples attended apart (" in err
-                and "1 process(es); autocast bf16; padding-free packing; loss: token cross-entropy from the hidden "
-                "states in chunks (no full-vocabulary logits)" in err), err
-    else:
-        assert ("train: cpu, weights float32, attention sdpa, packed examples attended apart (varlen); 1 process(es); "
-                f"autocast {'bf16' if bf16_process() else 'no'}; padding-free packing; "
-                "loss: token cross-entropy over full-vocabulary logits") in err
+    from accord.train.engine import chunks_asked, get_accelerator
+    from accord.train.lean import fused_on, use_lean
+
+    # the defaults as resolved here: on a CPU (CI) full-vocabulary logits and plain layers; with CUDA visible
+    # (ACCORD_TESTS_SEE_CUDA=1 on a GPU machine) the chunked head and lean layers, in that order on the line
+    dev = get_accelerator().device
+    want = [f"train: {dev.type}, weights float32, attention sdpa, packed examples attended apart (",
+            f"; 1 process(es); autocast {'bf16' if bf16_process() else 'no'}; padding-free packing; "]
+    if use_lean(None, dev):
+        fused = " (RMSNorm in PyTorch fused kernels)" if fused_on(dev) else ""
+        want.append(f"lean RMSNorm/SwiGLU: 7 module(s){fused}; ")
+    want.append("loss: token cross-entropy " + ("from the hidden states in chunks (no full-vocabulary logits)"
+                                                if chunks_asked(None, dev) else "over full-vocabulary logits"))
+    line = next(x for x in err.splitlines() if x.startswith("train: "))
+    at = [line.find(w) for w in want]
+    assert -1 not in at and at == sorted(at), (want, line)
+    if dev.type == "cpu":
+        assert "packed examples attended apart (varlen); 1 process(es)" in line
     train(load(micro)[0], tok, rows(8), TrainArgs(steps=1, batch_size=4, lr=1e-3))
     assert "train:" not in capsys.readouterr().err  # said once per process
 

@@ -1010,10 +1010,16 @@ def test_attention_setting_reaches_every_model_the_run_loads(tmp_path, problems_
     cfg = pipeline_cfg(tmp_path, problems_file, teachers, micro, method="mtd", rounds=1)
     code, out = run_cli("run", str(cfg), "student.attention=eager")
     assert code == 0, out
-    assert "train: cpu, weights float32, attention eager;" in out
-    assert "hf backend: cpu, weights float32, attention eager; batch 8" in out  # teacher seven
-    assert "hf backend: cpu, weights float32, attention sdpa; batch 16" in out  # teacher eight
-    assert "hf backend: cpu, weights float32, attention eager; batch 16" in out  # the student's evaluations
+    from accord import models
+
+    # where `auto` puts them here: the CPU in float32 (CI), a GPU in bf16 (ACCORD_TESTS_SEE_CUDA=1 on one); the
+    # student trains over float32 weights either way (bf16 comes from autocast)
+    dev = models.pick_device("auto")
+    loaded = f"{dev.type}, weights {str(models.pick_dtype('auto', dev)).removeprefix('torch.')}"
+    assert f"train: {dev.type}, weights float32, attention eager;" in out
+    assert f"hf backend: {loaded}, attention eager; batch 8" in out  # teacher seven
+    assert f"hf backend: {loaded}, attention sdpa; batch 16" in out  # teacher eight
+    assert f"hf backend: {loaded}, attention eager; batch 16" in out  # the student's evaluations
     res = json.loads((tmp_path / "run" / "train" / "mtd" / "result.json").read_text())
     saved = json.loads((Path(res["final"]) / "config.json").read_text())
     assert saved.get("_attn_implementation", saved.get("attn_implementation")) in (None, "eager")
