@@ -36,7 +36,7 @@ bytecode: $(STAMP)
 test: bytecode
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
 
-test-bf16: bytecode  # the CPU suite with a GPU's defaults on the CPU: bf16 autocast and weights, chunked head, lean layers
+test-bf16: bytecode  # the CPU suite with a GPU's defaults on the CPU: bf16 autocast and weights, chunked head, lean layers, fused AdamW
 	ACCORD_TESTS_BF16=1 $(BIN)/python -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
 
 test-all: bytecode

@@ -35,9 +35,10 @@ def pytest_configure(config):
 def gpu_defaults_on_cpu() -> None:
     """What ``auto`` and the unset engine settings resolve to on a GPU, in this CPU process: training under bf16
     autocast (the process's one accelerator), ``dtype: auto`` loading teachers and evaluated checkpoints in bf16,
-    the head in chunks (``train.chunked_loss``) and lean layers (``train.lean_layers``).  Only the device stays the
-    CPU — so a test that expects the CPU's defaults where it should read the resolved ones fails here as it would
-    with CUDA visible (four did until session 32, which found them so).  Subprocesses start with the CPU's defaults."""
+    the head in chunks (``train.chunked_loss``), lean layers (``train.lean_layers``) and the fused AdamW
+    (``engine.fused_adamw``).  Only the device stays the CPU — so a test that expects the CPU's defaults where it
+    should read the resolved ones fails here as it would with CUDA visible (four did until session 32, which found
+    them so).  Subprocesses start with the CPU's defaults."""
     import torch
 
     from accord import models
@@ -48,6 +49,7 @@ def gpu_defaults_on_cpu() -> None:
     models.pick_dtype = lambda dtype, device: torch.bfloat16 if dtype == "auto" else pick_dtype(dtype, device)
     engine.chunks_asked = lambda setting, device: chunks_asked(True if setting is None else setting, device)
     engine.use_lean = lean.use_lean = lambda setting, device: use_lean(True if setting is None else setting, device)
+    engine.fused_adamw = lambda device: True
 
 
 PARROT_7 = "<think>\nadd the numbers\n</think>\n\n\\boxed{7}"

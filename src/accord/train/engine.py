@@ -443,6 +443,11 @@ def make_optimizer(model, args: TrainArgs, fused: bool = False) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=args.lr, betas=args.betas, fused=fused or None)
 
 
+def fused_adamw(device: torch.device) -> bool:
+    """Whether the engine's AdamW is PyTorch's fused one on ``device``: on CUDA (one kernel for all parameters)."""
+    return device.type == "cuda"
+
+
 class BatchStream:
     """Endless length-grouped batches over encoded examples, epoch after epoch (seeded)."""
 
@@ -958,7 +963,7 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
     ds = shards and deepspeed_launch(acc)  # DeepSpeed: ZeRO partitions the optimizer's state (stage 3: weights too)
     if ds:
         deepspeed_settings(acc, micro, world, args.clip)
-    opt = make_optimizer(models, args, fused=acc.device.type == "cuda")
+    opt = make_optimizer(models, args, fused=fused_adamw(acc.device))
     out = Path(out_dir) if out_dir else None
     start, history, opt_state = _resume(out, models, opt, shards, ds) if out else (0, [], None)
     if start and (not shard or acc.is_main_process):  # a resumed run says so
