@@ -254,8 +254,10 @@ def test_mot_resumes_from_the_last_merged_round(tmp_path, micro, merge):
     assert res["resumed_from_round"] == 1
     a = load_file(run / "train" / "mot" / "round-2" / "merged" / "model.safetensors")
     b = load_file(tmp_path / "ref" / "run" / "train" / "mot" / "round-2" / "merged" / "model.safetensors")
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    for k in a:  # on a failure, how far and how much: ties' trim and sign election turn tiny differences into
+        # whole elements (its [ties] case failed with CUDA visible in session 18, [average] passed)
+        assert torch.allclose(a[k], b[k], atol=1e-6), (k, float((a[k] - b[k]).abs().max()),
+                                                       f"{float((a[k] != b[k]).float().mean()):.2%} of elements differ")
 
 
 def _two_column_teachers(run: Path, n: int) -> list[dict]:
