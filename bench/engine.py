@@ -360,6 +360,28 @@ def shape_bench(args) -> None:
     except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
         print(f"products + attention + AdamW alone: not measured ({type(e).__name__}: {e})", flush=True)
 
+    # the plain loop next, the reference of two of issue 13's goals: a step stopped at its timeout during the
+    # variants below still has engine/plain (throughput and peak memory)
+    _peak_reset(dev)
+    model = new_qwen3(args.shape, dev, args.attention)
+    clock = _Clock(dev, warm)
+    plain_loop(model, ex, batches, targs, 0, dev, clock.tick)
+    res["plain"] = (clock.rate(tokens), _peak(dev))
+    del model
+    report()
+
+    if dev == "cuda":  # train.master_weights: a bf16 model, float32 masters in the optimizer (off by default)
+        try:
+            _peak_reset(dev)
+            clock = _Clock(dev, warm)
+            train(new_qwen3(args.shape, dev, args.attention), tok, [],
+                  dataclasses.replace(targs, master_weights=True), examples=ex, on_step=clock.tick)
+            res["engine[master]"] = (clock.rate(tokens), _peak(dev))
+            _say(said, f"engine[master]/engine throughput ratio: {res['engine[master]'][0] / res['engine'][0]:.2f}")
+        except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
+            print(f"engine[master]: not measured ({type(e).__name__}: {e})", flush=True)
+        report()
+
     from accord.train import varlen
 
     if dev == "cuda" and varlen.NATIVE and varlen._varlen_attn() is not None:  # before PyTorch's: SDPA per bucket
@@ -385,26 +407,6 @@ def shape_bench(args) -> None:
     _say(said, f"engine/{other} throughput ratio: {res['engine'][0] / res[other][0]:.2f}")
     if dev == "cuda":
         _say(said, f"engine/{other} peak memory ratio: {res['engine'][1] / res[other][1]:.2f}")
-
-    if dev == "cuda":  # train.master_weights: a bf16 model, float32 masters in the optimizer (off by default)
-        try:
-            _peak_reset(dev)
-            clock = _Clock(dev, warm)
-            train(new_qwen3(args.shape, dev, args.attention), tok, [],
-                  dataclasses.replace(targs, master_weights=True), examples=ex, on_step=clock.tick)
-            res["engine[master]"] = (clock.rate(tokens), _peak(dev))
-            _say(said, f"engine[master]/engine throughput ratio: {res['engine[master]'][0] / res['engine'][0]:.2f}")
-        except Exception as e:  # noqa: BLE001 — a bench reports what it could not measure
-            print(f"engine[master]: not measured ({type(e).__name__}: {e})", flush=True)
-        report()
-
-    _peak_reset(dev)
-    model = new_qwen3(args.shape, dev, args.attention)
-    clock = _Clock(dev, warm)
-    plain_loop(model, ex, batches, targs, 0, dev, clock.tick)
-    res["plain"] = (clock.rate(tokens), _peak(dev))
-    del model
-    report()
 
     if args.compile:  # before TRL: Liger patches transformers' model classes for the whole process
         try:
