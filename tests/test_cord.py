@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import run_cli, write_jsonl
 
@@ -107,8 +108,11 @@ def test_a_meta_prover_that_proposed_the_step_scores_from_its_own_prefix_cache(m
     assert meta._prefix.hits == hits + 2  # both prefixes came from the cache
     want = [[full_sequence_score(meta.model, meta.tok, render_chat(meta.tok, "Start at 3.", p), c, "9") for c in cs]
             for p, cs in groups]
+    # bf16 weights (`dtype: auto` with CUDA visible): a cached prefix and the full sequence run products of other
+    # shapes, so they round apart as padded and unpadded rows do (tests/test_teacher_hf.py's score test)
+    tol = dict(rel=1e-4, abs=1e-7) if meta.model.dtype == torch.float32 else dict(rel=3e-2, abs=3e-2)
     for g, w in zip(got, want):
-        assert g == pytest.approx(w, rel=1e-4, abs=1e-7)
+        assert g == pytest.approx(w, **tol)
 
 
 def test_cached_score_with_an_empty_suffix_and_an_empty_candidate(micro):
