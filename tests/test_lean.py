@@ -222,3 +222,21 @@ def test_the_engine_trains_lean_to_the_same_weights(micro, capsys, monkeypatch, 
         assert not any("forward" in vars(m) for m in model.modules())
     assert bool(calls) == fused and not lean._BROKEN
     assert_same_run(out[True], out[False])  # float32: the same weights to rounding; a bf16 process: losses
+
+
+def test_a_forward_taken_back_inside_the_block_is_no_error(micro):
+    """transformers ≥ 5.25 with hub kernels on swaps decorated layers' forwards on every train()/eval(), popping
+    the instance forwards lean layers set; leaving the block then must not fail, and leaves no instance forward.
+    accord's loader turns hub kernels off, so its models keep the lean forwards for the whole run."""
+    from accord.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(micro), "cpu", "float32")
+    assert not getattr(model, "use_kernels", False)  # the stack's own forwards, nothing fetched from the Hub
+    with lean.lean_layers(model, True) as n:
+        assert n > 0 and lean.n_lean(model) == n
+        model.train()
+        model.eval()
+        assert lean.n_lean(model) == n  # no mode switch takes them back
+        taken = next(m for m, _ in lean.targets(model))
+        taken.__dict__.pop("forward")  # what kernels' kernelize does on a mode switch
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -87,7 +87,7 @@ def merged_adapter(path: str | Path, who: str = "model") -> str:
         raise TeacherConfigError(f"{who}: {str(path)!r} is a LoRA adapter whose adapter_config.json names no base")
     with no_hf_bars():
         model = AutoModelForCausalLM.from_pretrained(local_model_dir(base, who), dtype=torch.float32,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, **no_hub_kernels())
         model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
         tmp = p / "merged.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,6 +124,16 @@ def weights_digest(path: str | Path) -> str | None:
     return h.hexdigest()[:16]
 
 
+# transformers ≥ 5.25 swaps layers' forwards for kernels fetched from the Hub by default (`use_kernels`), and swaps
+# them again on every train()/eval() — which dropped the engine's lean layers mid-run.  accord runs the stack's own
+# PyTorch forwards, as transformers did before, and fetches no code from the Hub (as with trust_remote_code).
+def no_hub_kernels() -> dict:
+    """``from_pretrained``'s keyword that keeps the stack's own forwards (transformers 5; 4.x has it off)."""
+    import transformers
+
+    return {"use_kernels": False} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+
+
 def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                              who: str = "model", attention: str = "auto"):
     """A checkpoint (path, hub id or lab name; a LoRA adapter merged into its base) and its tokenizer, on ``device``
@@ -139,7 +149,7 @@ def load_model_and_tokenizer(spec: str, device: str = "auto", dtype: str = "auto
         with no_hf_bars(Path(path).is_dir()):  # a checkpoint on disk: no bar; downloads keep theirs
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=pick_dtype(dtype, dev), use_safetensors=True, trust_remote_code=trust_remote_code,
-                **({} if attention == "auto" else {"attn_implementation": attention}))
+                **({} if attention == "auto" else {"attn_implementation": attention}), **no_hub_kernels())
     except ImportError as e:  # flash-attn / kernels missing: transformers names the package
         raise TeacherConfigError(f"{who}: attention {attention!r} cannot be used here ({e}); install what it "
                                  "names, or set attention: auto") from None

@@ -140,10 +140,11 @@ def _save(tmp: Path, profile: str, name: str, role: str, p: Profile, measured: d
 def _load(profile: str, name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from accord.models import no_hub_kernels
 
     path = lab_dir(profile) / name
     with no_hf_bars():
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **no_hub_kernels())
     return model, AutoTokenizer.from_pretrained(str(path))
 
 

@@ -213,8 +213,8 @@ def lean_layers(model, on: bool):
     try:
         yield len(parts)
     finally:
-        for m, _ in parts:
-            del m.forward
+        for m, _ in parts:  # a forward something else already took back (transformers' kernels) stays gone
+            m.__dict__.pop("forward", None)
 
 
 def n_lean(model) -> int:
