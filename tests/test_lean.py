@@ -240,3 +240,10 @@ def test_a_forward_taken_back_inside_the_block_is_no_error(micro):
         taken = next(m for m, _ in lean.targets(model))
         taken.__dict__.pop("forward")  # what kernels' kernelize does on a mode switch
     assert not any("forward" in vars(m) for m in model.modules())
+    pytest.importorskip("kernels")  # a model loaded with hub kernels on (transformers ≥ 5.25's default): off
+    model.use_kernels = True  # while lean, every lean forward kept through mode switches, on again after
+    with lean.lean_layers(model, True) as n:
+        model.train()
+        model.eval()
+        assert lean.n_lean(model) == n and not model.use_kernels
+    assert model.use_kernels and lean.n_lean(model) == 0

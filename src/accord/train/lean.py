@@ -206,15 +206,22 @@ def use_lean(setting: bool | None, device: torch.device) -> bool:
 def lean_layers(model, on: bool):
     """``model`` (or each module of a dict) with its RMSNorms and SwiGLU MLPs lean inside the block; yields how
     many modules were switched.  Their own forwards after it."""
-    parts = [t for m in (model.values() if isinstance(model, dict) else [model])
-             if isinstance(m, torch.nn.Module) for t in targets(m)] if on else []
+    tops = [m for m in (model.values() if isinstance(model, dict) else [model]) if isinstance(m, torch.nn.Module)]
+    # transformers' hub kernels (`use_kernels`, on by default from 5.25 for a model loaded without accord's loader)
+    # swap the forwards of the layers they decorate on every train()/eval(), taking lean ones back: off meanwhile
+    kernelized = [m for m in tops if on and getattr(m, "use_kernels", False) is True]
+    for m in kernelized:
+        m.use_kernels = False
+    parts = [t for m in tops for t in targets(m)] if on else []
     for m, fwd in parts:
         m.forward = types.MethodType(fwd, m)
     try:
         yield len(parts)
     finally:
-        for m, _ in parts:  # a forward something else already took back (transformers' kernels) stays gone
+        for m, _ in parts:  # a forward something else already took back stays gone
             m.__dict__.pop("forward", None)
+        for m in kernelized:
+            m.use_kernels = True
 
 
 def n_lean(model) -> int:
