@@ -191,6 +191,8 @@ OPTIONAL = {
     "wandb": "train.report_to: [wandb]",
     "mlflow": "train.report_to: [mlflow]",
     "triton": "train.compile on CUDA",
+    "kernels": "nothing in accord's own loads (transformers' Hub kernels, use_kernels: off there, nothing fetched); "
+               "a model you load with them on keeps them, off only while lean layers run",
 }
 # environment variables worth showing (never anything that may hold a secret)
 SHOWN_ENV = ("ACCORD_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES",
