@@ -16,7 +16,7 @@ import yaml
 from conftest import run_cli, write_jsonl
 
 from accord.config import TeacherConfig
-from accord.teachers.base import Request, SamplingParams, TeacherConfigError, TeacherUnavailable
+from accord.teachers.base import NotSupported, Request, SamplingParams, TeacherConfigError, TeacherUnavailable
 from accord.teachers.openai import OpenAIGenerator
 
 
@@ -112,10 +112,19 @@ def flaky_server(script: Script):
             if status == "drop":
                 self.connection.close()  # a dropped connection mid-request
                 return
-            if status != 200:
+            if status != 200 and status != "no-logprobs":
                 payload = json.dumps({"error": {"message": "busy", "type": "x"}}).encode()
                 self.send_response(status)
                 self.send_header("retry-after-ms", "10")
+            elif "prompt" in body:  # completions with echo: one token per character, log-prob −(offset mod 3) − 1
+                text = body["prompt"]
+                lp = None if status == "no-logprobs" else {
+                    "tokens": list(text), "text_offset": list(range(len(text))),
+                    "token_logprobs": [None] + [-(o % 3) - 1.0 for o in range(1, len(text))], "top_logprobs": None}
+                payload = json.dumps({"id": "1", "object": "text_completion", "created": 0, "model": "m",
+                                      "choices": [{"index": 0, "text": text, "finish_reason": "length",
+                                                   "logprobs": lp}]}).encode()
+                self.send_response(200)
             else:
                 q = body["messages"][-1]["content"]
                 msg = {"role": "assistant", "content": None} if not q else {
@@ -294,6 +303,33 @@ def test_every_replica_gone_is_unavailable():
                                     base_url=[f"http://127.0.0.1:{port1}/v1", f"http://127.0.0.1:{port2}/v1"]))
     with pytest.raises(TeacherUnavailable, match=f"127.0.0.1:{port1}/v1, http://127.0.0.1:{port2}/v1"):
         t.generate([Request("a"), Request("b")], SamplingParams(max_new_tokens=4))
+
+
+def test_scoring_goes_round_the_replicas_and_an_unreachable_server_is_unavailable_not_unsupported(capsys):
+    """CoRD's meta-prover scores through ``completions`` with echo + logprobs: the continuation's log-probs come
+    back (the prompt's dropped); the requests share the replicas, a dead one is dropped as in generation; a server
+    that cannot be reached is :class:`TeacherUnavailable` (it was reported as "cannot return prompt log-probs");
+    one that answers without log-probs is :class:`NotSupported`."""
+    script = Script([])
+    srv, url = flaky_server(script)
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    try:
+        t = OpenAIGenerator(TeacherConfig(name="api", backend="openai", model="m", base_url=[dead, url],
+                                          max_retries=0, timeout=5))
+        req, cont = Request("What is 3+4?"), " so 7"
+        head = req.prompt + "\n"  # no tokenizer: the prompt, a newline, then the continuation
+        want = [-(o % 3) - 1.0 for o in range(len(head), len(head) + len(cont))]
+        assert t.score([req, req, req], [cont] * 3) == [want] * 3
+        assert script.calls == 3 and all(b["echo"] and b["prompt"] == head + cont for b in script.bodies)
+        assert f"replica {dead} unreachable" in capsys.readouterr().err
+        with pytest.raises(TeacherUnavailable, match="cannot reach"):
+            OpenAIGenerator(TeacherConfig(name="api", backend="openai", model="m", base_url=dead, max_retries=0,
+                                          timeout=5)).score([req], [cont])
+        script.statuses = ["no-logprobs"]
+        with pytest.raises(NotSupported, match="cannot return prompt log-probs"):
+            teacher(url, retries=0).score([req], [cont])
+    finally:
+        srv.shutdown()
 
 
 @pytest.mark.slow

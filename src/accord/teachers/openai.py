@@ -17,7 +17,8 @@
   message with ``continue_final_message`` (vLLM/SGLang semantics); on the
   completions endpoint the prompt is rendered with ``tokenizer``'s chat template.
 - Scoring needs ``echo`` + ``logprobs`` on the completions endpoint (vLLM has it);
-  elsewhere :class:`NotSupported` is raised.
+  elsewhere :class:`NotSupported` is raised.  Its requests go to the replicas in the same rotation as
+  generation's, and a server that cannot be reached is :class:`TeacherUnavailable`, never "not supported".
 - The API key is read from the environment variable named by ``api_key_env`` and
   is never logged or written.
 """
@@ -55,7 +56,6 @@ class OpenAIGenerator:
         self.urls = [cfg.base_url] if isinstance(cfg.base_url, str) else list(cfg.base_url)
         self.clients = [openai.OpenAI(base_url=u, api_key=key or "EMPTY", max_retries=cfg.max_retries,
                                       timeout=cfg.timeout) for u in self.urls]
-        self.client = self.clients[0]
         self._alive, self._next, self._lock = list(range(len(self.clients))), 0, threading.Lock()
         self._tok = None
         if cfg.tokenizer:
@@ -177,16 +177,30 @@ class OpenAIGenerator:
         return [self._score_one(r, c) for r, c in zip(requests, continuations)]
 
     def _score_one(self, req: Request, cont: str) -> list[float]:
+        """The log-probs of ``cont``'s tokens after ``req``'s rendered prompt, from a replica in rotation (as
+        generation: a replica that cannot be reached is dropped and the next one asked).  A server that answers
+        but cannot echo prompt log-probs is :class:`NotSupported`; none answering is :class:`TeacherUnavailable`."""
         head = self._render(req)
-        try:
-            resp = self.client.completions.create(model=self.cfg.model, prompt=head + cont, max_tokens=1,
-                                                  temperature=0, echo=True, logprobs=0)
-            lp = resp.choices[0].logprobs
-            offsets, values = list(lp.text_offset), list(lp.token_logprobs)
-        except (self._openai.APIError, AttributeError, TypeError) as e:
-            raise NotSupported(f"teacher {self.name!r}: this server cannot return prompt log-probs (completions "
-                               f"with echo+logprobs); use an hf or vllm teacher as scorer ({e})") from None
-        return [v for o, v in zip(offsets, values) if len(head) <= o < len(head) + len(cont) and v is not None]
+        while True:
+            i = self._pick()
+            if i is None:
+                raise TeacherUnavailable(f"teacher {self.name!r}: cannot reach {', '.join(self.urls)} to score "
+                                         f"(no replica left)")
+            try:
+                resp = self.clients[i].completions.create(model=self.cfg.model, prompt=head + cont, max_tokens=1,
+                                                          temperature=0, echo=True, logprobs=0)
+                lp = resp.choices[0].logprobs
+                offsets, values = list(lp.text_offset), list(lp.token_logprobs)
+            except self._openai.APIConnectionError as e:  # includes timeouts, after the client's retries
+                if len(self.clients) > 1:
+                    self._drop(i, e)
+                    continue
+                raise TeacherUnavailable(f"teacher {self.name!r}: cannot reach {self.urls[i]} to score after "
+                                         f"{self.cfg.max_retries} retries ({e})") from None
+            except (self._openai.APIError, AttributeError, TypeError) as e:
+                raise NotSupported(f"teacher {self.name!r}: this server cannot return prompt log-probs (completions "
+                                   f"with echo+logprobs); use an hf or vllm teacher as scorer ({e})") from None
+            return [v for o, v in zip(offsets, values) if len(head) <= o < len(head) + len(cont) and v is not None]
 
     def close(self) -> None:
         for c in self.clients:
