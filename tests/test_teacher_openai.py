@@ -107,8 +107,9 @@ def flaky_server(script: Script):
             t0 = time.perf_counter()
             time.sleep(script.delay)  # a server's latency
             status = script.next()
+            user = next((m for m in reversed(body.get("messages", [])) if m["role"] == "user"), {})
             if status == "empty":  # a 200 with no content at all
-                status, body["messages"][-1]["content"] = 200, ""
+                status, user["content"] = 200, ""
             if status == "drop":
                 self.connection.close()  # a dropped connection mid-request
                 return
@@ -126,7 +127,7 @@ def flaky_server(script: Script):
                                                    "logprobs": lp}]}).encode()
                 self.send_response(200)
             else:
-                q = body["messages"][-1]["content"]
+                q = user["content"]  # the question, also when an assistant prefix follows it
                 msg = {"role": "assistant", "content": None} if not q else {
                     "role": "assistant", "reasoning_content": "thinking about " + q[:10], "content": "\\boxed{7}"}
                 payload = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": "m",
@@ -159,7 +160,7 @@ def test_retries_429_5xx_and_dropped_connections_then_succeeds():
     finally:
         srv.shutdown()
     assert g.error is None and script.calls == 4
-    assert g.text == "<think>thinking about What is 3+</think>\\boxed{7}" and g.token_count == 5
+    assert g.text == "<think>\nthinking about What is 3+</think>\\boxed{7}" and g.token_count == 5
 
 
 def test_chat_template_kwargs_reach_the_server_beside_a_continued_prefix():
@@ -179,6 +180,30 @@ def test_chat_template_kwargs_reach_the_server_beside_a_continued_prefix():
     assert by_q["q1"]["chat_template_kwargs"] == off and "continue_final_message" not in by_q["q1"]
     assert by_q["q2"]["chat_template_kwargs"] == off and by_q["q2"]["continue_final_message"]
     assert "chat_template_kwargs" not in by_q["q3"]
+
+
+def test_a_servers_reasoning_is_folded_back_as_the_model_wrote_the_continuation():
+    """A reasoning parser strips the think tags; folded back, the text is what the hf backend returns for the same
+    request: opened once (also inside a prefix's open block, as CoRD's steps are), closed only where an answer
+    follows, untouched where the content has its own tags or the prefix already closed its block."""
+    from accord.teachers.openai import fold_reasoning
+
+    assert fold_reasoning("r", "\\boxed{7}") == "<think>\nr</think>\\boxed{7}"
+    assert fold_reasoning("\nr", "a") == "<think>\nr</think>a"  # the model opened it itself: no second newline
+    assert fold_reasoning("cut by the token limit", "") == "<think>\ncut by the token limit"  # never closed
+    step = "<think>\n### Step 1\n3 + 4 = 7\n"
+    assert fold_reasoning("### Step 2\nso 7\n", "", step) == "### Step 2\nso 7\n"  # stopped at the next step
+    assert fold_reasoning("done\n", "\\boxed{7}", step) == "done\n</think>\\boxed{7}"
+    assert fold_reasoning("\\boxed{7}", "", step + "</think>\n\n") == "\\boxed{7}"  # the answer, taken for reasoning
+    assert fold_reasoning("aside", "<think>\ninline\n</think>\n7") == "<think>\ninline\n</think>\n7"
+    assert fold_reasoning(None, "7") == fold_reasoning("", "7") == "7"
+    script = Script([])
+    srv, url = flaky_server(script)
+    try:  # through the chat endpoint: the server's reasoning continues the prefix's open block
+        g = teacher(url).generate([Request("q", prefix=step)], SamplingParams(max_new_tokens=5))[0]
+    finally:
+        srv.shutdown()
+    assert g.text == "thinking about q</think>\\boxed{7}"
 
 
 def test_chat_template_kwargs_need_a_template():
@@ -259,7 +284,7 @@ def test_empty_output_is_stored_as_incorrect_not_a_crash(tmp_path):
         srv.shutdown()
     db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
     assert sorted(tuple(r) for r in db.execute("select text, verdict from traces")) == [
-        ("", "incorrect"), ("<think>thinking about What is 3+</think>\\boxed{7}", "correct")]
+        ("", "incorrect"), ("<think>\nthinking about What is 3+</think>\\boxed{7}", "correct")]
 
 
 def test_replicas_share_the_requests_and_a_dead_one_is_dropped_mid_collection(tmp_path):

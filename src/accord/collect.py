@@ -50,7 +50,15 @@ from accord.config import AccordConfig, TeacherConfig, dump_config
 from accord.errors import RunFailure, UsageError
 from accord.launch import Share, dealt
 from accord.problems import Problem, load_problems
-from accord.prompts import THINK_CLOSE, THINK_OPEN, normalize_thoughts, render_prompt, split_think, style_name
+from accord.prompts import (
+    REASONING_KEYS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    normalize_thoughts,
+    render_prompt,
+    split_think,
+    style_name,
+)
 from accord.rows import CorpusRow, StoredTrace, TraceRow
 from accord.store import TraceStore
 from accord.teachers.base import (
@@ -417,11 +425,6 @@ def _row_samples(tcfg: TeacherConfig, row: dict) -> list[tuple[str | None, str |
                     _grade(_nth(field(row, tcfg.grade_column), i)) if tcfg.grade_column else None,
                     _nth(field(row, tcfg.finish_column), i) if tcfg.finish_column else None))
     return out
-
-
-# where a chat turn keeps its reasoning apart from its answer: DeepSeek's API, vLLM and Qwen3's template
-# (reasoning_content), transformers' and TRL's thinking datasets (thinking), OpenAI-style servers (reasoning)
-REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 def _assistant_turn(turns, fmt: str) -> str | None:

@@ -65,6 +65,9 @@ def render_prompt(style: str, question: str) -> str:
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# where a chat turn keeps its reasoning apart from its answer: DeepSeek's API, vLLM and Qwen3's template
+# (reasoning_content), transformers' and TRL's thinking datasets (thinking), OpenAI-style servers (reasoning)
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 def opens_think(head: str) -> bool:

@@ -12,7 +12,8 @@
   rotation (said once on stderr) and the request is sent to the next one.  Only when every replica is gone
   does the teacher become unavailable (the caller stops it cleanly; the store keeps what was collected).
 - Reasoning: a ``reasoning_content`` field (vLLM reasoning parsers, DeepSeek API)
-  is folded back as ``<think>…</think>`` so every backend yields the same format.
+  is folded back as ``<think>…</think>`` so every backend yields the same format, also when the request
+  continues a prefix inside the think block (:func:`fold_reasoning`).
 - Continuing a prefix: on the chat endpoint the prefix is sent as a final assistant
   message with ``continue_final_message`` (vLLM/SGLang semantics); on the
   completions endpoint the prompt is rendered with ``tokenizer``'s chat template.
@@ -32,6 +33,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from accord.prompts import REASONING_KEYS, THINK_CLOSE, THINK_OPEN
 from accord.teachers.base import (
     Generation,
     NotSupported,
@@ -144,10 +146,9 @@ class OpenAIGenerator:
             kw["extra_body"] = extra
         resp = self.clients[replica].chat.completions.create(messages=self._messages(req), **kw)
         choice = resp.choices[0]
-        text = choice.message.content or ""
-        reasoning = getattr(choice.message, "reasoning_content", None) or getattr(choice.message, "reasoning", None)
-        if reasoning and "<think>" not in text:
-            text = f"<think>{reasoning}</think>{text}"
+        reasoning = next((r for k in REASONING_KEYS if isinstance(r := getattr(choice.message, k, None), str)
+                          and r), None)
+        text = fold_reasoning(reasoning, choice.message.content or "", req.prefix)
         lps = None
         if params.logprobs and choice.logprobs and choice.logprobs.content:
             lps = [t.logprob for t in choice.logprobs.content]
@@ -205,6 +206,28 @@ class OpenAIGenerator:
     def close(self) -> None:
         for c in self.clients:
             c.close()
+
+
+def fold_reasoning(reasoning: str | None, content: str, prefix: str = "") -> str:
+    """The continuation of ``prefix`` as the model wrote it, from a server that split it into reasoning and content
+    (a reasoning parser strips the think tags): what the hf and vllm backends return for the same request.
+
+    - ``prefix`` inside an open think block (CoRD's steps): the reasoning continues it, no second ``<think>``;
+    - ``prefix`` past its think block: the parser, seeing no ``</think>`` in the output, took the answer for
+      reasoning; it is the text as it is;
+    - otherwise the think block opens here (``<think>\n`` as the hf backend writes it);
+    - ``</think>`` closes the reasoning only when an answer follows it: a reasoning stopped by the token limit or a
+      stop string (a CoRD step) was never closed, and a stored trace says so.
+    A ``content`` that carries its own think tags is kept as it is."""
+    if not reasoning or THINK_OPEN in content or THINK_CLOSE in content:
+        return content
+    if prefix.rfind(THINK_OPEN) > prefix.rfind(THINK_CLOSE):
+        head = ""
+    elif THINK_CLOSE in prefix:
+        return reasoning + content
+    else:
+        head = THINK_OPEN if reasoning.startswith("\n") else THINK_OPEN + "\n"
+    return head + reasoning + (THINK_CLOSE + content if content else "")
 
 
 def _finish(reason: str | None) -> str:
