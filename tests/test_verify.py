@@ -112,3 +112,8 @@ def test_judge_parsing():
     assert parse_judgement("Looks fine.\nVALID") == VALID
     assert parse_judgement("<think>is it VALID?</think> INVALID") == INVALID
     assert parse_judgement("no idea") == UNCLEAR
+    # a judge that never finished gave no verdict, whatever its reasoning tried on the way
+    assert parse_judgement("<think>\nStep 2 looks VALID, but step 3") == UNCLEAR  # think block never closed
+    assert parse_judgement("<think>\nall VALID</think>\n\n") == UNCLEAR  # closed, nothing after it
+    assert parse_judgement("Step 1 is VALID. Step 2", "length") == UNCLEAR  # cut before its last line
+    assert parse_judgement("<think>\nhmm INVALID?</think>\nVALID", "stop") == VALID

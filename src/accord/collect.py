@@ -490,8 +490,8 @@ def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], 
                 reqs = [Request(judge_prompt(by_id[r["problem_id"]].question, by_id[r["problem_id"]].answer,
                                              r["text"])) for r in part]
                 gens = judge.generate(reqs, params)
-                store.set_judgements([(r["row_id"], parse_judgement(g.text) if not g.failed else "error", g.text)
-                                      for r, g in zip(part, gens)])
+                store.set_judgements([(r["row_id"], "error" if g.failed else parse_judgement(g.text, g.finish_reason),
+                                       g.text) for r, g in zip(part, gens)])
                 bar.advance(task, len(part))
     finally:
         judge.close()

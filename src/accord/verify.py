@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from accord.errors import UsageError
-from accord.prompts import last_boxed, split_think
+from accord.prompts import THINK_OPEN, last_boxed, split_think
 
 CORRECT, INCORRECT, UNPARSEABLE, FAILED = "correct", "incorrect", "unparseable", "failed"
 # Raised whenever some (reference, completion) pair gets another verdict than before, so verdicts stored under an
@@ -240,10 +240,14 @@ def judge_prompt(question: str, answer: str, solution: str) -> str:
     return JUDGE_PROMPT.format(question=question, answer=answer, solution=solution)
 
 
-def parse_judgement(text: str) -> str:
-    """The judge's verdict: the last VALID/INVALID word in its reply (after any reasoning)."""
-    tail = split_think(text).answer or text
-    words = re.findall(r"\b(INVALID|VALID)\b", tail.upper())
+def parse_judgement(text: str, finish_reason: str = "stop") -> str:
+    """The judge's verdict: the last VALID/INVALID word of its reply after any think block.  A reply cut by the
+    token limit never reached the last line the prompt asks for, and one whose think block never closed never
+    left its reasoning: both are unclear, whatever words the reasoning tried on the way."""
+    parsed = split_think(text)
+    if finish_reason == "length" or (THINK_OPEN in text and not parsed.closed):
+        return UNCLEAR
+    words = re.findall(r"\b(INVALID|VALID)\b", parsed.answer.upper())
     if not words:
         return UNCLEAR
     return VALID if words[-1] == "VALID" else INVALID
