@@ -174,6 +174,26 @@ def test_judge_filter_stores_verdict_beside_answer_check(tmp_path, problems_file
     judged = list(db.execute("select verdict, judge from traces where teacher='seven' and verdict='correct'"))
     assert judged and all(j == "unclear" for _, j in judged)
     assert read_jsonl(tmp_path / "run" / "corpora" / "seven.jsonl") == []
+    # each verdict is stamped with who judged, how, and the problem shown: a re-run asks nothing again ...
+    stamps = lambda: dict(db.execute("select row_id, judged_with from traces where judge is not null"))  # noqa: E731
+    first = stamps()
+    assert len(first) >= len(judged) and all(w.startswith("judge r2 ") for w in first.values())
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0 and "asked again" not in out and stamps() == first, out
+    # ... other judge settings ask every verdict again (the plan says how many first)
+    code, out = run_cli("collect", str(cfg), "collect.judge.max_new_tokens=31", "--plan")
+    assert code == 0 and f"and {len(first)} stored now ({len(first)} of them again" in out, out
+    code, out = run_cli("collect", str(cfg), "collect.judge.max_new_tokens=31")
+    assert code == 0 and f"judge: {len(first)} stored verdict(s) reached by another judge" in out, out
+    assert set(stamps()) == set(first) and not set(stamps().values()) & set(first.values())
+    # a store from before verdicts were stamped is judged once more
+    db.execute("update traces set judged_with = null")
+    db.commit()
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0 and f"judge: {len(first)} stored verdict(s)" in out and stamps() == first, out
+    # without a judge in the config, an earlier judge's verdicts filter nothing
+    code, out = run_cli("collect", str(cfg), "collect.judge=null")
+    assert code == 0 and len(read_jsonl(tmp_path / "run" / "corpora" / "seven.jsonl")) > 0, out
 
 
 def test_a_judge_that_is_not_a_teacher_only_judges(tmp_path, problems_file, parrot7, parrot8):

@@ -73,12 +73,14 @@ from accord.ui import make_console, progress
 from accord.verify import (
     CORRECT,
     FAILED,
+    IMPORTED,
     INCORRECT,
     INVALID,
     VALID,
     check,
     gold_is_readable,
     judge_prompt,
+    judge_stamp,
     parse_judgement,
     stamp,
 )
@@ -364,7 +366,7 @@ def import_column(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem
             row["token_count"] = None
             row["source_verdict"] = verdict
             if grade is not None:
-                row["judge"], row["judge_text"] = grade, f"imported {tcfg.grade_column}"
+                row["judge"], row["judge_text"], row["judged_with"] = grade, f"imported {tcfg.grade_column}", IMPORTED
             rows.append(row)
     if rows:
         store.put_traces(rows)
@@ -466,15 +468,63 @@ def _grade(v) -> str | None:
 # ------------------------------------------------------------------ judge
 
 
+def judge_stamps(cfg: AccordConfig, problems: list[Problem]) -> dict[str, str] | None:
+    """Each problem's :func:`accord.verify.judge_stamp` under the configured judge (None: no judge): who judges
+    (backend, model, what renders its prompt), the settings that shape its reply, and the problem it is shown."""
+    j = cfg.collect.judge
+    if j is None:
+        return None
+    g = judge_config(cfg)
+    who = {"backend": g.backend, "model": g.model, "endpoint": g.endpoint, "tokenizer": g.tokenizer,
+           "system_prompt": g.system_prompt, "chat_template_kwargs": g.chat_template_kwargs,
+           "max_new_tokens": j.max_new_tokens}
+    return {p.id: judge_stamp(who, p.question, p.answer) for p in problems}
+
+
+def imported_grade(row: dict) -> bool:
+    """Whether a stored trace's judge verdict is a grade imported with its corpus (a store from before judge
+    verdicts were stamped says so only in ``judge_text``)."""
+    return row.get("judged_with") == IMPORTED or (row.get("judged_with") is None and row["judge"] is not None
+                                                   and (row["judge_text"] or "").startswith("imported "))
+
+
+def judge_verdict(row: dict, stamps: dict[str, str] | None) -> str | None:
+    """The judge verdict that counts for a stored trace: an imported grade, or the configured judge's verdict
+    reached under today's stamp (:func:`judge_stamps`); None when none counts — a verdict of another judge, of
+    other judge settings or revision, or of a problem since changed, and every LLM verdict once the config has
+    no judge."""
+    if imported_grade(row):
+        return row["judge"]
+    if stamps is None or row.get("judged_with") != stamps.get(row["problem_id"]):
+        return None
+    return row["judge"]
+
+
+def to_judge(cfg: AccordConfig, store: TraceStore, problems: list[Problem]) -> list[dict]:
+    """The stored traces the configured judge is to grade: those in ``apply_to`` with no verdict of today's judge
+    (:func:`judge_verdict`), imported grades aside."""
+    j, stamps = cfg.collect.judge, judge_stamps(cfg, problems)
+    if j is None:
+        return []
+    verdicts = "verdict='correct'" if j.apply_to == "correct" else "verdict!='failed'"
+    return [r for r in store.traces(where=verdicts) if r["problem_id"] in stamps and not imported_grade(r)
+            and r.get("judged_with") != stamps[r["problem_id"]]]
+
+
 def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], console: Console,
                  share: Share | None = None) -> int:
-    """Ask the judge about every stored trace it has not judged; ``share``: this process judges every n-th batch
-    of 32 (as :func:`sample_teacher` deals out batches)."""
+    """Ask the judge about every stored trace without a verdict of today's judge (:func:`to_judge`: never judged,
+    or judged by another judge, other settings or revision, or about a problem since changed); ``share``: this
+    process judges every n-th batch of 32 (as :func:`sample_teacher` deals out batches)."""
     j = cfg.collect.judge
     assert j is not None
     by_id = {p.id: p for p in problems}
-    verdicts = "verdict='correct'" if j.apply_to == "correct" else "verdict!='failed'"
-    todo = [r for r in store.traces(where=f"judge IS NULL AND {verdicts}") if r["problem_id"] in by_id]
+    stamps = judge_stamps(cfg, problems)
+    todo = to_judge(cfg, store, problems)
+    again = sum(r["judge"] is not None for r in todo)
+    if again and (share is None or share.rank == 0):
+        console.print(f"judge: {again:,} stored verdict(s) reached by another judge, other judge settings or "
+                      f"revision, or about a problem since changed: asked again")
     if share is not None:
         share.wait()  # every process has read the store before any verdict is written
     parts = list(_chunks(todo, 32))
@@ -491,7 +541,7 @@ def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], 
                                              r["text"])) for r in part]
                 gens = judge.generate(reqs, params)
                 store.set_judgements([(r["row_id"], "error" if g.failed else parse_judgement(g.text, g.finish_reason),
-                                       g.text) for r, g in zip(part, gens)])
+                                       g.text, stamps[r["problem_id"]]) for r, g in zip(part, gens)])
                 bar.advance(task, len(part))
     finally:
         judge.close()
@@ -513,13 +563,14 @@ def judge_config(cfg: AccordConfig):
     return j.model or cfg.teacher(j.teacher)
 
 
-def keep(cfg: AccordConfig, row: dict) -> bool:
-    """Filters before selection: answer check, judge, step-level confidence."""
+def keep(cfg: AccordConfig, row: dict, stamps: dict[str, str] | None = None) -> bool:
+    """Filters before selection: answer check, judge (``stamps``: :func:`judge_stamps`), step-level confidence."""
     if row["verdict"] != CORRECT:
         return False
-    if row["judge"] is not None and row["judge"] != VALID:  # judged, or an imported grade, says invalid
+    said = judge_verdict(row, stamps)
+    if said is not None and said != VALID:  # today's judge, or an imported grade, says invalid
         return False
-    if cfg.collect.judge is not None and row["judge"] is None:  # a judge is configured but has not spoken
+    if stamps is not None and said is None:  # a judge is configured but has not spoken
         return False
     thr = cfg.collect.confidence.min_window_logprob
     return thr is None or row["min_window_logprob"] is None or row["min_window_logprob"] >= thr
@@ -557,11 +608,12 @@ def build_corpora(cfg: AccordConfig, store: TraceStore, problems: list[Problem])
     out_dir = Path(cfg.run_dir) / "corpora"
     out_dir.mkdir(parents=True, exist_ok=True)
     by_id = {p.id: p for p in problems}
+    stamps = judge_stamps(cfg, problems)
     sizes, union = {}, []
     for t in cfg.teachers:
         grouped: dict[str, list[dict]] = {}
         for r in store.traces(t.name):
-            if r["problem_id"] in by_id and keep(cfg, r):
+            if r["problem_id"] in by_id and keep(cfg, r, stamps):
                 grouped.setdefault(r["problem_id"], []).append(r)
         rows = [corpus_row(r, by_id[pid]) for pid in sorted(grouped)
                 for r in select(grouped[pid], cfg.collect.select, cfg.collect.seed, t.name)]
@@ -586,6 +638,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def summarize(cfg: AccordConfig, store: TraceStore, problems: list[Problem], sizes: dict[str, int]) -> list[dict]:
     ids = {p.id for p in problems}
+    stamps = judge_stamps(cfg, problems)
     out = []
     for t in cfg.teachers:
         rows = [r for r in store.traces(t.name) if r["problem_id"] in ids]
@@ -596,7 +649,8 @@ def summarize(cfg: AccordConfig, store: TraceStore, problems: list[Problem], siz
             "accuracy": (sum(r["verdict"] == CORRECT for r in ok) / len(ok)) if ok else 0.0,
             "accuracy_se": _problem_se(ok),
             "unparseable": sum(r["verdict"] == "unparseable" for r in ok), "failed": len(rows) - len(ok),
-            "judged_invalid": sum(r["judge"] not in (None, VALID) for r in rows if r["verdict"] == CORRECT),
+            "judged_invalid": sum(judge_verdict(r, stamps) not in (None, VALID) for r in rows
+                                  if r["verdict"] == CORRECT),
             "mean_tokens": (sum(toks) / len(toks)) if toks else None,
             "source_verdicts": sum(r["source_verdict"] is not None for r in ok),
             "source_disagree": sum(r["source_verdict"] is not None and (r["source_verdict"] == CORRECT)

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from accord.collect import missing_generations, other_settings, stale_verdicts, teacher_params, usable_problems
+from accord.collect import (
+    missing_generations,
+    other_settings,
+    stale_verdicts,
+    teacher_params,
+    to_judge,
+    usable_problems,
+)
 from accord.config import AccordConfig
 from accord.cord.stage import default_meta_prover, load_cord_problems
 from accord.errors import UsageError
@@ -109,9 +116,10 @@ def _collect(cfg: AccordConfig) -> list[str]:
     except UsageError as e:
         return _rows("collect", [f"cannot read the problems — the run would stop here: {e}"])
     store = TraceStore.reader(Path(cfg.run_dir) / "traces.sqlite")
-    out, to_make, again = [], 0, 0
+    out, to_make, again, judge_now = [], 0, 0, []
     try:
         again = len(stale_verdicts(cfg, store, usable)) if store else 0
+        judge_now = to_judge(cfg, store, usable) if store else []
         for t in cfg.teachers:
             if t.backend == "column":
                 rows = f", rows where {t.where}" if t.where else ""
@@ -134,8 +142,11 @@ def _collect(cfg: AccordConfig) -> list[str]:
         out.append(f"{again:,} stored verdict(s) checked again from their text (the verifier, its settings or "
                    "revision, or a reference answer changed)")
     if c.judge is not None:
-        out.append(f"judge: {c.judge.name}{'' if c.judge.teacher else ' (judges only)'} grades each verified trace "
-                   "it has not graded yet")
+        rejudge = sum(r["judge"] is not None for r in judge_now)
+        out.append(f"judge: {c.judge.name}{'' if c.judge.teacher else ' (judges only)'} grades each new verified "
+                   f"trace, and {len(judge_now):,} stored now"
+                   + (f" ({rejudge:,} of them again: another judge, other judge settings or revision, or a problem "
+                      "since changed)" if rejudge else ""))
     out.append(f"in all: {to_make:,} generations to make; then corpora/ ({c.select}) and collect_summary.json")
     return _rows("collect", out)
 

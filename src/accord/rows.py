@@ -44,8 +44,9 @@ class TraceRow(TypedDict):
 
 class StoredTrace(TraceRow, total=False):
     row_id: int
-    judge: str | None  # approve | reject (collect.judge)
+    judge: str | None  # verify.VALID | INVALID | UNCLEAR, or "error" (collect.judge), or an imported grade
     judge_text: str | None
+    judged_with: str | None  # verify.judge_stamp of the verdict, or verify.IMPORTED; another stamp → judged again
     created_at: float
     source_verdict: str | None  # an imported corpus's own verdict column
 

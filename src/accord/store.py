@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS traces (
   parsed_answer TEXT, verdict TEXT NOT NULL, judge TEXT, judge_text TEXT,
   token_count INTEGER, char_count INTEGER, finish_reason TEXT,
   mean_logprob REAL, min_window_logprob REAL,
-  elapsed_s REAL, error TEXT, created_at REAL NOT NULL, source_verdict TEXT, verified_with TEXT,
+  elapsed_s REAL, error TEXT, created_at REAL NOT NULL, source_verdict TEXT, verified_with TEXT, judged_with TEXT,
   UNIQUE (problem_id, teacher, style, sample_idx));
 CREATE INDEX IF NOT EXISTS traces_teacher ON traces (teacher, verdict);
 """
@@ -37,7 +37,7 @@ CREATE INDEX IF NOT EXISTS traces_teacher ON traces (teacher, verdict);
 TRACE_COLUMNS = ("problem_id", "teacher", "style", "sample_idx", "params", "prompt", "text", "reasoning",
                  "answer_text", "parsed_answer", "verdict", "judge", "judge_text", "token_count", "char_count",
                  "finish_reason", "mean_logprob", "min_window_logprob", "elapsed_s", "error", "created_at",
-                 "source_verdict", "verified_with")
+                 "source_verdict", "verified_with", "judged_with")
 _KEY = ("problem_id", "teacher", "style", "sample_idx")
 
 
@@ -51,7 +51,7 @@ class TraceStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(traces)")}
-        for col in ("source_verdict", "verified_with"):  # a store written before these were kept
+        for col in ("source_verdict", "verified_with", "judged_with"):  # a store written before these were kept
             if col not in cols:
                 self.db.execute(f"ALTER TABLE traces ADD COLUMN {col} TEXT")
 
@@ -107,9 +107,11 @@ class TraceStore:
         with self.transaction() as db:
             db.executemany(sql, values)
 
-    def set_judgements(self, items: list[tuple[int, str, str]]) -> None:
+    def set_judgements(self, items: list[tuple[int, str, str, str]]) -> None:
+        """(row_id, verdict, the judge's reply, :func:`accord.verify.judge_stamp`) for each judged trace."""
         with self.transaction() as db:
-            db.executemany("UPDATE traces SET judge=?, judge_text=? WHERE row_id=?", [(v, t, i) for i, v, t in items])
+            db.executemany("UPDATE traces SET judge=?, judge_text=?, judged_with=? WHERE row_id=?",
+                           [(v, t, w, i) for i, v, t, w in items])
 
     def verification_stamps(self) -> list[sqlite3.Row]:
         """Every verified row's (row_id, problem_id, style, finish_reason, verdict, verified_with): what

@@ -20,11 +20,14 @@ passed and the right answer failed.
 Every stored verdict carries :func:`stamp` (the verifier, its :data:`REVISION`,
 tolerance and the reference answer): the trace store and the evaluation rows
 check a verdict again, from the stored text, when its stamp is not today's.
+A judge verdict carries :func:`judge_stamp` the same way (who judged, how, and the problem it was shown): one
+under another stamp is asked again, and only the configured judge's verdicts filter traces.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from collections.abc import Callable
@@ -234,6 +237,19 @@ JUDGE_PROMPT = (
     "INVALID otherwise."
 )
 VALID, INVALID, UNCLEAR = "valid", "invalid", "unclear"
+# how :func:`parse_judgement` reads a reply; 2: a reply cut by the token limit, or a think block never closed, is
+# unclear (revision 1 took the last VALID/INVALID its reasoning tried)
+JUDGE_REVISION = 2
+IMPORTED = "imported"  # the stamp of a grade imported with a corpus (a column teacher's grade_column)
+
+
+def judge_stamp(judge: dict, question: str, answer: str) -> str:
+    """What a judge verdict was reached with: who judged and how (``judge``: its model, backend and the settings
+    that shape its reply), the prompt, :data:`JUDGE_REVISION`, and the problem it was shown (a digest) — a stored
+    verdict under another stamp is out of date, and the trace is judged again."""
+    how = hashlib.sha1(json.dumps([judge, JUDGE_PROMPT], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    what = hashlib.sha1(f"{question}\0{answer}".encode()).hexdigest()[:12]
+    return f"judge r{JUDGE_REVISION} {how} {what}"
 
 
 def judge_prompt(question: str, answer: str, solution: str) -> str:
