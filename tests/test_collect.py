@@ -175,7 +175,7 @@ def test_judge_filter_stores_verdict_beside_answer_check(tmp_path, problems_file
     assert judged and all(j == "unclear" for _, j in judged)
     assert read_jsonl(tmp_path / "run" / "corpora" / "seven.jsonl") == []
     # each verdict is stamped with who judged, how, and the problem shown: a re-run asks nothing again ...
-    stamps = lambda: dict(db.execute("select row_id, judged_with from traces where judge is not null"))  # noqa: E731
+    stamps = lambda: dict(db.execute("select row_id, judged_with from traces where judge is not null"))
     first = stamps()
     assert len(first) >= len(judged) and all(w.startswith("judge r2 ") for w in first.values())
     code, out = run_cli("collect", str(cfg))
