@@ -277,3 +277,47 @@ def test_the_prompt_settings_are_stored_with_each_row_and_a_change_is_warned_abo
     code, out = run_cli("collect", str(cfg), "collect.samples=2", "--plan")
     assert "10 stored rows were generated with other settings (chat_template_kwargs: {'enable_thinking': False} → " \
         "None): kept and used" in out, out
+
+
+def test_which_stored_judge_verdicts_count_and_which_are_asked_again(tmp_path):
+    """A verdict counts under today's judge stamp only; an imported grade always counts and is never asked again —
+    also in a store from before verdicts were stamped, where only its judge text says it was imported; with no
+    judge configured, an LLM verdict filters nothing. The judge's to-do list is read without any trace text."""
+    from accord.collect import judge_stamps, judge_verdict, keep, to_judge
+    from accord.config import AccordConfig
+    from accord.problems import Problem
+    from accord.store import TraceStore
+    from accord.verify import IMPORTED
+
+    problems = [Problem(f"p{i}", f"What is {i} + 1?", str(i + 1)) for i in range(2)]
+    base = {"problems": {"path": "p.jsonl"}, "run_dir": str(tmp_path),
+            "teachers": [{"name": "t", "model": "t"}, {"name": "j", "model": "j"}]}
+    cfg = AccordConfig.model_validate({**base, "collect": {"judge": {"teacher": "j"}}})
+    other = AccordConfig.model_validate({**base, "collect": {"judge": {"teacher": "j", "max_new_tokens": 64}}})
+    none = AccordConfig.model_validate(base)
+    now = judge_stamps(cfg, problems)
+    assert judge_stamps(none, problems) is None and set(now) == {"p0", "p1"} and now["p0"] != now["p1"]
+    assert judge_stamps(other, problems)["p0"] != now["p0"]  # the judge's settings are in the stamp
+    cases = {  # sample_idx: (judge, judge_text, judged_with) → (counts under cfg, asked again under cfg)
+        0: (("valid", "… VALID", now["p0"]), ("valid", False)),
+        1: (("invalid", "… INVALID", "judge r1 0123 4567"), (None, True)),  # an older revision
+        2: (("invalid", "imported grade", IMPORTED), ("invalid", False)),
+        3: (("invalid", "imported grade", None), ("invalid", False)),  # imported before stamps
+        4: (("invalid", "… INVALID", None), (None, True)),  # judged before stamps
+        5: ((None, None, None), (None, True)),  # never judged
+    }
+    store = TraceStore(tmp_path / "traces.sqlite")
+    rows = []
+    for i, ((judge, text, stamp), _) in cases.items():
+        rows.append({"problem_id": "p0", "teacher": "t", "style": "default", "sample_idx": i, "params": "{}",
+                     "text": "\\boxed{1}", "verdict": "correct", "judge": judge, "judge_text": text,
+                     "judged_with": stamp})
+    store.put_traces(rows)
+    stored = {r["sample_idx"]: r for r in store.traces("t")}
+    assert {i: judge_verdict(stored[i], now) for i in cases} == {i: want[0] for i, (_, want) in cases.items()}
+    todo = to_judge(cfg, store, problems)
+    asked = {i for i, r in stored.items() if r["row_id"] in {t["row_id"] for t in todo}}
+    assert asked == {i for i, (_, want) in cases.items() if want[1]} and all("text" not in t for t in todo)
+    assert [i for i in cases if keep(cfg, stored[i], now)] == [0]  # a judge configured: only its VALID passes
+    assert [i for i in cases if keep(none, stored[i])] == [0, 1, 4, 5]  # no judge: only the imported grades filter
+    store.close()

@@ -483,9 +483,11 @@ def judge_stamps(cfg: AccordConfig, problems: list[Problem]) -> dict[str, str] |
 
 def imported_grade(row: dict) -> bool:
     """Whether a stored trace's judge verdict is a grade imported with its corpus (a store from before judge
-    verdicts were stamped says so only in ``judge_text``)."""
-    return row.get("judged_with") == IMPORTED or (row.get("judged_with") is None and row["judge"] is not None
-                                                   and (row["judge_text"] or "").startswith("imported "))
+    verdicts were stamped says so only in ``judge_text``; :meth:`TraceStore.judgement_stamps` reads that as
+    ``imported_text``)."""
+    if row["judged_with"] is not None or row["judge"] is None:
+        return row["judged_with"] == IMPORTED
+    return bool(row["imported_text"]) if "imported_text" in row else (row["judge_text"] or "").startswith("imported ")
 
 
 def judge_verdict(row: dict, stamps: dict[str, str] | None) -> str | None:
@@ -495,20 +497,20 @@ def judge_verdict(row: dict, stamps: dict[str, str] | None) -> str | None:
     no judge."""
     if imported_grade(row):
         return row["judge"]
-    if stamps is None or row.get("judged_with") != stamps.get(row["problem_id"]):
+    if stamps is None or row["judged_with"] != stamps.get(row["problem_id"]):
         return None
     return row["judge"]
 
 
 def to_judge(cfg: AccordConfig, store: TraceStore, problems: list[Problem]) -> list[dict]:
-    """The stored traces the configured judge is to grade: those in ``apply_to`` with no verdict of today's judge
-    (:func:`judge_verdict`), imported grades aside."""
+    """The stored traces the configured judge is to grade (their :meth:`TraceStore.judgement_stamps`, no text):
+    those in ``apply_to`` with no verdict of today's judge (:func:`judge_verdict`), imported grades aside."""
     j, stamps = cfg.collect.judge, judge_stamps(cfg, problems)
     if j is None:
         return []
     verdicts = "verdict='correct'" if j.apply_to == "correct" else "verdict!='failed'"
-    return [r for r in store.traces(where=verdicts) if r["problem_id"] in stamps and not imported_grade(r)
-            and r.get("judged_with") != stamps[r["problem_id"]]]
+    return [r for r in store.judgement_stamps(verdicts) if r["problem_id"] in stamps and not imported_grade(r)
+            and r["judged_with"] != stamps[r["problem_id"]]]
 
 
 def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], console: Console,
@@ -537,8 +539,9 @@ def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], 
         with progress(console) as bar:
             task = bar.add_task(f"judge ({j.name})", total=sum(map(len, mine)))
             for part in mine:
+                texts = store.texts([r["row_id"] for r in part])  # a batch's texts at a time, never the store's
                 reqs = [Request(judge_prompt(by_id[r["problem_id"]].question, by_id[r["problem_id"]].answer,
-                                             r["text"])) for r in part]
+                                             texts[r["row_id"]])) for r in part]
                 gens = judge.generate(reqs, params)
                 store.set_judgements([(r["row_id"], "error" if g.failed else parse_judgement(g.text, g.finish_reason),
                                        g.text, stamps[r["problem_id"]]) for r, g in zip(part, gens)])

@@ -121,6 +121,15 @@ class TraceStore:
         return self.db.execute(f"SELECT row_id, problem_id, style, finish_reason, verdict, {stamp} FROM traces "
                                "WHERE verdict!='failed'").fetchall()
 
+    def judgement_stamps(self, where: str) -> list[dict]:
+        """The (row_id, problem_id, judge, judged_with, imported_text) of the rows ``where`` selects, no text:
+        what :func:`accord.collect.to_judge` compares with today's judge stamps before it reads any trace
+        (``imported_text``: the judge text marks an imported grade, in a store from before verdicts were stamped)."""
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(traces)")}  # a read-only older store lacks it
+        stamp = "judged_with" if "judged_with" in cols else "NULL AS judged_with"
+        return [dict(r) for r in self.db.execute(f"SELECT row_id, problem_id, judge, {stamp}, judge_text LIKE "
+                                                 f"'imported %' AS imported_text FROM traces WHERE {where}")]
+
     def texts(self, row_ids: list[int]) -> dict[int, str]:
         out = {}
         for i in range(0, len(row_ids), 500):  # under SQLite's limit on bound parameters
