@@ -9,9 +9,11 @@
 # Every step has its own timeout and prints `STEP name rc=N seconds`; nothing stops the others. The whole script
 # ends within GPU_BUDGET_S seconds (default 450, so a device call of 480 s returns it all): a step gets what is
 # left of it, and one with under 20 s left is skipped and says so. Issue 13's figures come first (the engine and
-# memory benches), then the gpu-marked tests, the profiles and the short norm/head benches, then the tests with
-# CUDA visible, then the other benches. The figures land in $OUT/summary.txt
-# and $OUT/*.txt; at the end every log goes into $OUT/logs.tar.gz (a device call brings back 8 files at most).
+# memory benches), then the gpu-marked tests, the CPU suite's tests that failed with CUDA visible in session 18
+# for reasons the CPU has not shown (pytest-cuda-known), the profiles and the short norm/head benches, then the
+# rest of the tests with CUDA visible, then the other benches. GPU_ONLY="step step …" runs only those steps.
+# The figures land in $OUT/summary.txt and $OUT/*.txt; at the end every log goes into $OUT/logs.tar.gz (a device
+# call brings back 8 files at most).
 set -x
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/accord-gpu}
@@ -20,8 +22,10 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SUM=$OUT/summary.txt
 : > "$SUM"
 BUDGET=${GPU_BUDGET_S:-450}
+ONLY=${GPU_ONLY:-}  # e.g. GPU_ONLY="bench-engine pytest-cuda-known": only those steps (a second, shorter device call)
 step() {  # step NAME TIMEOUT CMD...
   local name=$1 t=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then echo "STEP $name not selected (GPU_ONLY)" >> "$SUM"; return 0; fi
   local t0=$SECONDS left=$((BUDGET - SECONDS - 5))
   [ "$left" -lt "$t" ] && t=$left
   if [ "$t" -lt 20 ]; then echo "STEP $name skipped: ${left}s left of GPU_BUDGET_S=$BUDGET" | tee -a "$SUM"; return 0; fi
@@ -58,6 +62,11 @@ step bench-engine 240 env PYTHONPATH="$BENCH_PATH" python3 bench/engine.py --dev
 step bench-memory 90 python3 bench/memory.py --device cuda --shape qwen3-0.6b --calls 3 --steps 2 --batch 4 \
   --max-len 1024
 step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k "not fsdp and not deepspeed" tests  # the fused RMSNorm too
+KNOWN=(tests/test_pipeline.py::test_run_end_to_end_then_skips_finished_stages  # session 18's CUDA-visible failures
+  tests/test_pipeline.py::test_one_mot_round_equals_one_mtd_step                 # not explained on the CPU yet, first
+  tests/test_pipeline.py::test_mot_resumes_from_the_last_merged_round
+  tests/test_cord.py::test_a_meta_prover_that_proposed_the_step_scores_from_its_own_prefix_cache)
+step pytest-cuda-known 120 env ACCORD_TESTS_SEE_CUDA=1 python3 -m pytest -q -p no:cacheprovider -rfEs "${KNOWN[@]}"
 step bench-profile 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile  # where a step goes
 step bench-profile-master 60 python3 bench/engine.py --device cuda --shape qwen3-0.6b --batch 4 --profile \
   --master-weights  # the same with a bf16 model and float32 master weights (train.master_weights)
@@ -69,7 +78,8 @@ if PYTHONPATH="$BENCH_PATH" python3 -c 'import flash_attn' 2>/dev/null; then  # 
 fi
 step pytest-cuda-visible 150 env ACCORD_TESTS_SEE_CUDA=1 python3 -m pytest -q -p no:cacheprovider --maxfail=10 -rfEs -m "not slow" \
   tests/test_cuda_config.py tests/test_master.py tests/test_varlen.py tests/test_lean.py tests/test_engine.py tests/test_teacher_hf.py \
-  tests/test_pipeline.py tests/test_cord.py tests/test_merge.py  # the CUDA configuration of every method first
+  tests/test_pipeline.py tests/test_cord.py tests/test_merge.py "${KNOWN[@]/#/--deselect=}"  # every method's CUDA
+# configuration first; the tests of pytest-cuda-known are not run twice
 step bench-qlora 150 python3 bench/qlora.py --device cuda --shape qwen3-0.6b --batch 8 --steps 12 --max-len 2048
 step bench-eval 150 python3 bench/eval.py --device cuda --shape qwen3-0.6b --n 64 --batch 64 --k 1 \
   --max-new-tokens 256 --repeats 2
@@ -90,4 +100,4 @@ python3 bench/goals.py "$OUT" | tee "$OUT/goals.txt"
 # a device call brings back at most 8 files: every log in one archive, the figures that matter beside it
 (cd "$OUT" && tar czf logs.tar.gz --exclude=logs.tar.gz -- *.txt \
   && for f in *.txt; do case $f in goals.txt|summary.txt|bench-engine.txt|bench-memory.txt|bench-eval.txt|\
-pytest-cuda-visible.txt) ;; *) rm -f -- "$f" ;; esac; done; ls)
+pytest-cuda-known.txt|pytest-cuda-visible.txt) ;; *) rm -f -- "$f" ;; esac; done; ls)

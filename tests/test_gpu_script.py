@@ -10,6 +10,7 @@ and pytest option it names exists.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -19,10 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu.sh"
 
 
+def _arrays(text: str) -> dict[str, list[str]]:
+    """The script's bash arrays, ``NAME=(word … # comment …)`` over one or more lines."""
+    return {m[1]: shlex.split(m[2], comments=True) for m in re.finditer(r"^(\w+)=\(([^)]*)\)", text, re.M)}
+
+
+def _expand(word: str, arrays: dict[str, list[str]]) -> list[str]:
+    """``${NAME[@]}`` as its items, ``${NAME[@]/#/P}`` as its items with P in front; any other word as it is."""
+    m = re.fullmatch(r"\$\{(\w+)\[@\](?:/#/([^}]*))?\}", word)
+    return [(m[2] or "") + w for w in arrays[m[1]]] if m else [word]
+
+
 def _commands() -> list[list[str]]:
-    """The script's logical lines as words, comments dropped (shlex reads `#` as bash does outside quotes)."""
-    text = SCRIPT.read_text().replace("\\\n", " ")
-    return [words for line in text.splitlines() if (words := shlex.split(line, comments=True))]
+    """The script's logical lines as words, comments dropped (shlex reads `#` as bash does outside quotes), its
+    arrays expanded."""
+    text = SCRIPT.read_text()
+    arrays = _arrays(text)
+    return [[x for w in words for x in _expand(w, arrays)] for line in text.replace("\\\n", " ").splitlines()
+            if (words := shlex.split(line, comments=True))]
 
 
 def _python_calls(target: str) -> list[list[str]]:
@@ -78,13 +93,17 @@ def test_every_bench_command_in_the_gpu_script_parses_with_that_bench():
 def test_every_test_file_and_marker_the_gpu_script_names_exists():
     calls = _python_calls("-m")  # python3 -m pytest …, python3 -m accord.cli env
     pytest_calls = [c for c in calls if c[:2] == ["-m", "pytest"]]
-    assert len(pytest_calls) >= 3, pytest_calls
+    assert len(pytest_calls) >= 4, pytest_calls
+    known = next(c for c in pytest_calls if any("::" in w for w in c))
+    assert len([w for w in known if "::" in w]) == 4  # the array reached the command
     markers = (ROOT / "pyproject.toml").read_text()
     for call in pytest_calls:
-        paths = [w for w in call if w.startswith("tests")]
+        paths = [w.removeprefix("--deselect=") for w in call if w.startswith(("tests", "--deselect=tests"))]
         assert paths, call
         for p in paths:
-            assert (ROOT / p).exists(), f"bench/gpu.sh runs pytest on {p}, which does not exist"
+            file, _, test = p.partition("::")
+            assert (ROOT / file).exists(), f"bench/gpu.sh runs pytest on {file}, which does not exist"
+            assert not test or f"def {test}(" in (ROOT / file).read_text(), f"bench/gpu.sh names {p}: no such test"
         for i, w in enumerate(call[:-1]):
             if w == "-m" and call[i + 1] != "pytest":
                 for name in call[i + 1].replace("(", " ").replace(")", " ").split():
