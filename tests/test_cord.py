@@ -370,8 +370,25 @@ def test_accord_cord_end_to_end(tmp_path, problems_file, parrot7, parrot8):
         "select params from traces where teacher='cord'").fetchall()
     assert len(rows) == 2 and all(len(json.loads(r[0])["steps"]) == 1 for r in rows)  # one writer, one piece
     code, out = run_cli("cord", str(path))
-    assert code == 0
+    assert code == 0 and "other settings" not in out
     assert json.loads((run / "cord" / "summary.json").read_text())["cord"]["n"] == 10  # nothing redone
+    # other settings: what is stored is kept, and said so (the plan, the run, the summary); --force decodes again
+    db = sqlite3.connect(run / "traces.sqlite")
+    stamps = lambda: {(r[0], r[1]): json.loads(r[2])["decoded_with"]["step_tokens"]
+                      for r in db.execute("select problem_id, teacher, params from traces where teacher like 'cord%'")}
+    assert len(stamps()) == 30 and set(stamps().values()) == {24}  # cord, curation, integration × 10 problems
+    code, out = run_cli("cord", str(path), "cord.step_tokens=20", "--plan")
+    assert code == 0 and "10 of the decoded problems were decoded with other settings (step_tokens: 24 → 20)" in out
+    code, out = run_cli("cord", str(path), "cord.step_tokens=20")
+    assert code == 0 and "10 problem(s) were decoded with other settings (step_tokens: 24 → 20): kept" in out, out
+    s = json.loads((run / "cord" / "summary.json").read_text())
+    assert s["cord"]["n"] == 10 and s["decoded_otherwise"] == {"problems": 10, "changes": "step_tokens: 24 → 20"}
+    code, out = run_cli("cord", str(path), "cord.step_tokens=20", "cord.limit=2", "--force")
+    assert code == 0 and "2 problem(s) decoded with other settings are decoded again" in out, out
+    again = [pid for (pid, _), v in stamps().items() if v == 20]
+    assert len(again) == 6 and len(set(again)) == 2 and len(stamps()) == 30  # the other 8 problems' rows untouched
+    replaced = [json.loads(x) for f in (run / "cord").glob("replaced-*.jsonl") for x in f.read_text().splitlines()]
+    assert len(replaced) == 6 and all(json.loads(r["params"])["decoded_with"]["step_tokens"] == 24 for r in replaced)
     from accord.analysis.report import write_report
     from accord.config import load_config
 
@@ -489,3 +506,29 @@ def test_teachers_behind_servers_are_asked_at_once_with_the_same_result():
     main = threading.get_ident()
     assert all(t.threads == {main} for t in tl.values())
     assert any(t.threads != {main} for t in ts.values())
+
+
+def test_rows_from_before_the_decoding_record_compare_on_the_settings_they_kept(tmp_path):
+    """A CoRD row stored before ``decoded_with`` existed kept beam, segmentation and selection in its params: a
+    change there is found, a change elsewhere cannot be (and is not made up); a recorded row compares on all."""
+    from accord.config import AccordConfig
+    from accord.cord.stage import decoded_with, other_decodings
+    from accord.problems import Problem
+    from accord.store import TraceStore
+
+    def cfg(**cord):
+        return AccordConfig.model_validate({"problems": {"path": "p.jsonl"}, "run_dir": str(tmp_path),
+                                            "teachers": [{"name": "a", "model": "m"}], "cord": cord})
+
+    old = {"pp": 0.5, "steps": [], "beam": 4, "segmentation": "line-break", "selection": "predictive-perplexity"}
+    store = TraceStore(tmp_path / "traces.sqlite")
+    store.put_traces([{"problem_id": pid, "teacher": "cord", "style": "cord", "sample_idx": 0, "params": json.dumps(p),
+                       "text": "t", "verdict": "correct"}
+                      for pid, p in (("p0", old), ("p1", {**old, "decoded_with": decoded_with(cfg(beam=4))}))])
+    problems = [Problem("p0", "q", "1"), Problem("p1", "q", "1")]
+    found = other_decodings(cfg(beam=4, segmentation="line-break"), store, problems)
+    assert found == ({"p1"}, "segmentation: 'prompt' → 'line-break'")  # p0 kept only what matches
+    assert other_decodings(cfg(beam=8, segmentation="line-break"), store, problems)[0] == {"p0", "p1"}
+    assert other_decodings(cfg(beam=4, segmentation="line-break"), store, problems[:1]) == (set(), "")
+    assert other_decodings(cfg(), store, problems)[0] == {"p0"}  # the default segmentation is not line-break
+    store.close()

@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "search keeps the best cord.beam prefixes. Stored as teacher 'cord' (corpora/cord.jsonl), "
                        "with the curation baseline at the same budget; summary in <run_dir>/cord/summary.json.")
     _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="decode again the problems stored with other cord settings "
+                   "(their old rows are kept in <run_dir>/cord/replaced-<time>.jsonl)")
     _add_plan_arg(p)
 
     p = sub.add_parser("interpolate", help="pass@1 along the line from the base to each trained model (MoT Fig. 6)",
@@ -518,7 +520,7 @@ def cmd_cord(args, console: Console) -> int:
     share = launch_share(cfg)  # `accelerate launch`: the problems dealt out among the processes
     if rank() == 0:
         prepare_models(cfg, console, student=False)  # the others wait for it inside the stage
-    stage.run(cfg, console, share)
+    stage.run(cfg, console, share, force=args.force)
     if rank() > 0:
         return 0
     console.print(f"CoRD traces: {Path(cfg.run_dir) / 'corpora' / 'cord.jsonl'}; "

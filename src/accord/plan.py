@@ -24,7 +24,7 @@ from accord.collect import (
     usable_problems,
 )
 from accord.config import AccordConfig
-from accord.cord.stage import default_meta_prover, load_cord_problems
+from accord.cord.stage import default_meta_prover, load_cord_problems, other_decodings
 from accord.errors import UsageError
 from accord.evaluate import (
     answers_stamp,
@@ -229,6 +229,7 @@ def cord_plan(cfg: AccordConfig) -> list[str]:
     store = TraceStore.reader(Path(cfg.run_dir) / "traces.sqlite")
     try:
         done = {k[0] for k in store.done_keys("cord")} if store else set()
+        stale, what = other_decodings(cfg, store, problems) if store else (set(), "")
     finally:
         if store is not None:
             store.close()
@@ -242,5 +243,7 @@ def cord_plan(cfg: AccordConfig) -> list[str]:
         f"{c.search} search keeping {c.beam}",
         f"at most {c.max_steps} steps × {c.beam} prefixes × {len(gen)} teachers = {per:,} step generations of ≤ "
         f"{c.step_tokens} tokens per problem ({per * todo:,} at most for the problems to decode)",
+        *([f"{len(stale):,} of the decoded problems were decoded with other settings ({what}): kept (--force "
+           "decodes them again)"] if stale else []),
         "baselines: " + (", ".join(c.baselines) or "none") + f"; then corpora/cord.jsonl and "
         f"{Path(cfg.run_dir) / 'cord' / 'summary.json'}"])

@@ -153,6 +153,17 @@ class TraceStore:
             sql, params = sql + f" AND ({where})", params + tuple(args)
         return [dict(r) for r in self.db.execute(sql + " ORDER BY problem_id, style, sample_idx", params)]
 
+    def take_out(self, row_ids: list[int]) -> list[dict]:
+        """Remove the rows ``row_ids`` in one transaction and return them as they were (the caller keeps a copy:
+        ``accord cord --force``)."""
+        out = []
+        with self.transaction() as db:
+            for i in range(0, len(row_ids), 500):  # under SQLite's limit on bound parameters
+                part, marks = row_ids[i:i + 500], ",".join("?" * len(row_ids[i:i + 500]))
+                out += [dict(r) for r in db.execute(f"SELECT * FROM traces WHERE row_id IN ({marks})", part)]
+                db.execute(f"DELETE FROM traces WHERE row_id IN ({marks})", part)
+        return out
+
     def count(self, teacher: str | None = None) -> int:
         if teacher is None:
             return self.db.execute("SELECT COUNT(*) FROM traces").fetchone()[0]

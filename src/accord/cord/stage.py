@@ -11,6 +11,13 @@ a separate LLM — ``cord.integrator``, its own model entry, never a proposer �
 merges the curation traces with the paper's Table 17 prompt and its JSON answer
 is read back into ``<think>`` steps and an answer) are stored beside it.
 
+Every row records what it was decoded with (``params.decoded_with``: the ``cord`` section but ``limit`` and
+``baselines``, and each proposer's model).  A re-run with other settings keeps the problems already decoded,
+says how many were decoded otherwise and which settings changed, and the summary says so too;
+``accord cord --force`` decodes those problems again (their old rows saved to
+``cord/replaced-<time>.jsonl``).  Rows stored before this record compare on the three settings they kept
+(beam, segmentation, selection).
+
 ``<run_dir>/cord/summary.json`` holds answer accuracy and mean predictive
 perplexity of CoRD vs the baselines (Table 2), teacher hit rates over
 normalised reasoning progress (Fig. 2; ``hit_rates.png``) and the wall-clock
@@ -48,21 +55,76 @@ def settings(cfg) -> CordSettings:
     return CordSettings(**{f.name: getattr(cfg.cord, f.name) for f in fields(CordSettings)})
 
 
+CORD_TEACHERS = ("cord", "cord-curation", "cord-integration")  # the rows the stage stores, per problem
+NOT_DECODING = {"limit", "baselines"}  # which problems and which rows, not how a trajectory is decoded
+
+
+def decoded_with(cfg) -> dict:
+    """What a trajectory is decoded with: the ``cord`` section (but :data:`NOT_DECODING`) and each proposer's
+    model; stored in every row's ``params``."""
+    out = cfg.cord.model_dump(mode="json", exclude=NOT_DECODING)
+    out["proposers"] = {t.name: t.model for t in cfg.teachers if t.backend != "column"}
+    return out
+
+
+def other_decodings(cfg, store, problems) -> tuple[set[str], str]:
+    """The problems among ``problems`` whose stored rows were decoded with other settings than the config's, and
+    what changed (``beam: 4 → 8; …``).  A row from before ``decoded_with`` was recorded compares on the settings
+    it kept (beam, segmentation, selection)."""
+    now, ids = decoded_with(cfg), {p.id for p in problems}
+    stale, changes = set(), {}
+    marks = ",".join("?" * len(CORD_TEACHERS))
+    for r in store.traces(where=f"teacher IN ({marks})", args=CORD_TEACHERS):
+        if r["problem_id"] not in ids:
+            continue
+        params = json.loads(r["params"] or "{}")
+        was = params.get("decoded_with") or {k: params[k] for k in ("beam", "segmentation", "selection")
+                                             if k in params}
+        keys = sorted(set(was) | set(now)) if "decoded_with" in params else sorted(was)
+        for k in keys:
+            if was.get(k) != now.get(k):
+                stale.add(r["problem_id"])
+                changes.setdefault(f"{k}: {was.get(k)!r} → {now.get(k)!r}", None)
+    return stale, "; ".join(changes)
+
+
+def _decode_again(cfg, store, stale: set[str], console) -> Path:
+    """``--force``: the rows of the ``stale`` problems out of the store, kept in ``cord/replaced-<time>.jsonl``."""
+    marks = ",".join("?" * len(CORD_TEACHERS))
+    ids = [r["row_id"] for r in store.traces(where=f"teacher IN ({marks})", args=CORD_TEACHERS)
+           if r["problem_id"] in stale]
+    out = Path(cfg.run_dir) / "cord" / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out, store.take_out(ids))
+    console.print(f"--force: {len(stale):,} problem(s) decoded with other settings are decoded again; their "
+                  f"{len(ids):,} stored row(s) are kept in {out}")
+    return out
+
+
 def load_cord_problems(cfg) -> list:
     """The problems CoRD decodes: the config's, the first ``cord.limit`` of them."""
     problems = load_problems(cfg.problems)
     return problems[: cfg.cord.limit] if cfg.cord.limit else problems
 
 
-def run(cfg, console, share: Share | None = None) -> dict:
+def run(cfg, console, share: Share | None = None, force: bool = False) -> dict:
     """``share``: one of several processes (``accelerate launch -m accord.cli cord``): the problems are dealt out in
     turn, each process decoding with its own copies of the teachers on its own device into the one store; process
-    0 writes the corpus and the summary (with every process's timings and counts) and returns it, the others {}."""
+    0 writes the corpus and the summary (with every process's timings and counts) and returns it, the others {}.
+    ``force``: problems decoded with other settings (:func:`other_decodings`) are decoded again."""
     c, cs = cfg.cord, settings(cfg)
     problems = load_cord_problems(cfg)
     run_dir = Path(cfg.run_dir)
     main = share is None or share.rank == 0
     store = open_store(run_dir, problems, share)
+    if main and (found := other_decodings(cfg, store, problems))[0]:
+        if force:
+            _decode_again(cfg, store, found[0], console)
+        else:
+            console.print(f"[yellow]warning[/]: {len(found[0]):,} problem(s) were decoded with other settings "
+                          f"({found[1]}): kept, and counted in the summary; `accord cord --force` decodes them again")
+    if share is not None:
+        share.wait()  # every process reads what is decoded after --force took the old rows out
     gen_cfgs = [t for t in cfg.teachers if t.backend != "column"]
     if not gen_cfgs:
         raise CordError("cord needs teachers that generate (not only `column` imports)")
@@ -204,7 +266,8 @@ def _row(cfg, p, teacher: str, prompt: str, traj, score: float, elapsed: float, 
     params = {"pp": score, "steps": [list(n) for n, _ in traj.steps], "step_chars": [len(s) for _, s in traj.steps],
               "writer": traj.writer, "budget_hit": traj.budget_hit, "beam": cfg.cord.beam,
               "segmentation": cfg.cord.segmentation, "selection": cfg.cord.selection,
-              "step_timings": step_timings or []}  # per step: [generation s, meta-prover s, candidates]
+              "step_timings": step_timings or [],  # per step: [generation s, meta-prover s, candidates]
+              "decoded_with": decoded_with(cfg)}
     g = Generation(text=traj.text, token_count=traj.tokens, finish_reason="stop", elapsed_s=elapsed)
     return make_row(cfg, teacher, "cord", p, 0, prompt, g, json.dumps(params))
 
@@ -215,6 +278,8 @@ def summarize(cfg, store, problems, teachers: list[str], timing: dict, skipped: 
     out: dict = {"problems": len(problems), "skipped_no_gold": skipped, "failures": failures,
                  "skipped_unscorable": list(unscorable),  # gold answers the meta-prover's tokenizer cannot write
                  "settings": cfg.cord.model_dump(mode="json"), "timing_this_run": timing}
+    stale, what = other_decodings(cfg, store, problems)  # rows counted below that ``settings`` did not decode
+    out["decoded_otherwise"] = {"problems": len(stale), "changes": what} if stale else None
     steps = []
     for name in ("cord", "cord-curation", "cord-integration"):
         rows = [r for r in store.traces(name) if r["problem_id"] in ids]
@@ -297,6 +362,10 @@ def _print(s: dict, console) -> None:
     if pc := s["timing_this_run"].get("prefix_cache"):
         console.print("prefix cache (prompt tokens not re-encoded): "
                       + ", ".join(f"{n} {v['tokens_reused']:,} over {v['rows']:,} rows" for n, v in pc.items()))
+    if s.get("decoded_otherwise"):
+        console.print(f"[yellow]note[/]: {s['decoded_otherwise']['problems']:,} problem(s) in this table were decoded "
+                      f"with other settings ({s['decoded_otherwise']['changes']}); `accord cord --force` decodes "
+                      "them again")
     if s["skipped_no_gold"]:
         console.print(f"[yellow]skipped[/] {s['skipped_no_gold']} problem(s) without a parsable gold answer")
     fails = {k: v for k, v in s["failures"].items() if k != "_errors"}
