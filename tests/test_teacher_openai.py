@@ -85,8 +85,9 @@ def test_collect_from_real_transformers_serve(tmp_path, served_parrot, monkeypat
 
 
 class Script:
-    def __init__(self, statuses, delay: float = 0.0):
+    def __init__(self, statuses, delay: float = 0.0, refuse: tuple[str, ...] = ()):
         self.statuses, self.calls, self.lock, self.delay = list(statuses), 0, threading.Lock(), delay
+        self.refuse = refuse  # request parameters answered with OpenAI's 400 for a reasoning model
         self.spans: list[tuple[float, float]] = []  # (start, end) of every answered request
         self.bodies: list[dict] = []  # every request's JSON body
 
@@ -107,6 +108,18 @@ def flaky_server(script: Script):
             t0 = time.perf_counter()
             time.sleep(script.delay)  # a server's latency
             status = script.next()
+            if refused := [k for k in script.refuse if k in body]:  # as OpenAI answers for o-series / GPT-5
+                k = refused[0]
+                msg = (f"Unsupported parameter: '{k}' is not supported with this model." if k == "max_tokens" else
+                       f"Unsupported value: '{k}' does not support {body[k]} with this model.")
+                payload = json.dumps({"error": {"message": msg, "type": "invalid_request_error", "param": k,
+                                                "code": "unsupported_parameter"}}).encode()
+                self.send_response(400)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
             user = next((m for m in reversed(body.get("messages", [])) if m["role"] == "user"), {})
             if status == "empty":  # a 200 with no content at all
                 status, user["content"] = 200, ""
@@ -204,6 +217,38 @@ def test_a_servers_reasoning_is_folded_back_as_the_model_wrote_the_continuation(
     finally:
         srv.shutdown()
     assert g.text == "thinking about q</think>\\boxed{7}"
+
+
+def test_parameters_a_reasoning_model_refuses_are_adapted_once_with_a_warning(capsys):
+    """OpenAI's reasoning models answer 400 to ``max_tokens`` (they take ``max_completion_tokens``) and to a
+    temperature or stop strings they do not support: the first refusal of each is adapted for the whole run and
+    said once on stderr, the request sent again, and the texts are still cut at the stop strings; a refusal of
+    a parameter accord cannot do without fails the sample as before."""
+    script = Script([], refuse=("max_tokens", "temperature", "stop"))
+    srv, url = flaky_server(script)
+    try:
+        t = teacher(url, retries=0)
+        params = SamplingParams(max_new_tokens=9, temperature=0.6, stop=("{7",))
+        gens = t.generate([Request("What is 3+4?"), Request("What is 4+3?")], params)
+        again = t.generate([Request("What is 5+2?")], params)
+    finally:
+        srv.shutdown()
+    assert [g.error for g in gens + again] == [None] * 3
+    assert all(g.text.endswith("\\boxed") and g.stop_string == "{7" for g in gens + again)  # cut afterwards
+    ok = [b for b in script.bodies if not set(script.refuse) & set(b)]
+    assert len(ok) == 3 and all(b["max_completion_tokens"] == 9 for b in ok)
+    assert len(script.bodies) == 6  # three refusals, once each, then every request goes through first time
+    err = capsys.readouterr().err
+    assert err.count("refused 'max_tokens'") == 1 and "sending max_completion_tokens instead" in err
+    assert err.count("refused 'temperature'") == 1 and err.count("refused 'stop'") == 1
+    assert "the server's default applies" in err
+    script = Script([], refuse=("messages",))
+    srv, url = flaky_server(script)
+    try:
+        g = teacher(url, retries=0).generate([Request("q")], params)[0]
+    finally:
+        srv.shutdown()
+    assert g.failed and "BadRequestError" in g.error and script.calls == 1
 
 
 def test_chat_template_kwargs_need_a_template():

@@ -6,6 +6,8 @@
   returned as failed (``Generation.error``) and the run goes on.  When a whole
   batch fails to *connect*, the server is unreachable and we raise
   :class:`TeacherUnavailable` so the caller can stop that teacher cleanly.
+- Parameters a model refuses (OpenAI's reasoning models: ``max_tokens``, a temperature, top-p or stop strings)
+  are adapted once for the run, with a warning, and the request sent again (``_create``).
 - Concurrency: a thread pool of ``max_concurrency`` workers.
 - Replicas: ``base_url`` may list several servers of the same model.  Requests go round-robin to the
   replicas in rotation; a replica that still cannot be reached after the client's retries is taken out of
@@ -27,6 +29,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -59,6 +62,8 @@ class OpenAIGenerator:
         self.clients = [openai.OpenAI(base_url=u, api_key=key or "EMPTY", max_retries=cfg.max_retries,
                                       timeout=cfg.timeout) for u in self.urls]
         self._alive, self._next, self._lock = list(range(len(self.clients))), 0, threading.Lock()
+        self._renamed: dict[str, str] = {}  # request parameters this model refused, and what replaces them
+        self._left_out: set[str] = set()  # … or that it refused with no replacement (the server's default applies)
         self._tok = None
         if cfg.tokenizer:
             from transformers import AutoTokenizer
@@ -128,6 +133,38 @@ class OpenAIGenerator:
             kw["stop"] = list(params.stop)[:4]  # the OpenAI API accepts at most four
         return kw
 
+    def _create(self, call, **kw):
+        """``call(**kw)`` with what this model accepts: OpenAI's reasoning models (o-series, GPT-5) answer 400 to
+        ``max_tokens`` (they take ``max_completion_tokens``) and to a temperature, top-p or stop strings they do not
+        support.  Such a refusal is adapted once for the whole run — renamed, or left out with a warning that the
+        server's default applies (texts are still cut at the stop strings afterwards) — and the request is sent
+        again; any other 400 fails the sample as before."""
+        while True:  # ends: each adapted parameter leaves the request, and a refused replacement is raised
+            sent = {self._renamed.get(k, k): v for k, v in kw.items() if k not in self._left_out}
+            try:
+                return call(**sent)
+            except self._openai.BadRequestError as e:
+                why = e.body.get("message", str(e)) if isinstance(e.body, dict) else str(e)
+                param = getattr(e, "param", None) or (m[1] if (m := _REFUSED.search(why)) else None)
+                if param not in sent or not self._adapt(param, why):
+                    raise
+
+    def _adapt(self, param: str, why: str) -> bool:
+        """Remember a parameter this model refused (:meth:`_create`); False for one accord cannot do without."""
+        if param not in ADAPTABLE:
+            return False
+        with self._lock:
+            if param in self._renamed or param in self._left_out:
+                return True  # another thread adapted it meanwhile
+            if ADAPTABLE[param]:
+                self._renamed[param] = ADAPTABLE[param]
+                what = f"sending {ADAPTABLE[param]} instead"
+            else:
+                self._left_out.add(param)
+                what = "left out of its requests from now on: the server's default applies, not the config's"
+        print(f"warning: teacher {self.name!r} ({self.cfg.model}) refused {param!r} ({why}); {what}", file=sys.stderr)
+        return True
+
     def _messages(self, req: Request) -> list[dict]:
         msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
         msgs.append({"role": "user", "content": req.prompt})
@@ -144,7 +181,7 @@ class OpenAIGenerator:
             extra["chat_template_kwargs"] = dict(self.cfg.chat_template_kwargs)
         if extra:
             kw["extra_body"] = extra
-        resp = self.clients[replica].chat.completions.create(messages=self._messages(req), **kw)
+        resp = self._create(self.clients[replica].chat.completions.create, messages=self._messages(req), **kw)
         choice = resp.choices[0]
         reasoning = next((r for k in REASONING_KEYS if isinstance(r := getattr(choice.message, k, None), str)
                           and r), None)
@@ -167,7 +204,7 @@ class OpenAIGenerator:
         kw = self._common(req, params)
         if params.logprobs:
             kw["logprobs"] = 1
-        resp = self.clients[replica].completions.create(prompt=self._render(req), **kw)
+        resp = self._create(self.clients[replica].completions.create, prompt=self._render(req), **kw)
         choice = resp.choices[0]
         lps = list(choice.logprobs.token_logprobs) if params.logprobs and choice.logprobs else None
         n = resp.usage.completion_tokens if resp.usage else len(lps or [])
@@ -206,6 +243,12 @@ class OpenAIGenerator:
     def close(self) -> None:
         for c in self.clients:
             c.close()
+
+
+# a 400 that names the parameter in its message only (proxies that drop OpenAI's ``param`` field)
+_REFUSED = re.compile(r"Unsupported (?:parameter|value): '(\w+)'")
+# parameters a model may refuse that accord can adapt: renamed (the value), or left out (None)
+ADAPTABLE = {"max_tokens": "max_completion_tokens", "temperature": None, "top_p": None, "stop": None, "seed": None}
 
 
 def fold_reasoning(reasoning: str | None, content: str, prefix: str = "") -> str:
