@@ -248,7 +248,9 @@ class OpenAIGenerator:
 # a 400 that names the parameter in its message only (proxies that drop OpenAI's ``param`` field)
 _REFUSED = re.compile(r"Unsupported (?:parameter|value): '(\w+)'")
 # parameters a model may refuse that accord can adapt: renamed (the value), or left out (None)
-ADAPTABLE = {"max_tokens": "max_completion_tokens", "temperature": None, "top_p": None, "stop": None, "seed": None}
+# (logprobs left out: the trace has no confidence scores, which the confidence filter lets through)
+ADAPTABLE = {"max_tokens": "max_completion_tokens", "temperature": None, "top_p": None, "stop": None, "seed": None,
+             "logprobs": None}
 
 
 def fold_reasoning(reasoning: str | None, content: str, prefix: str = "") -> str:
