@@ -188,3 +188,19 @@ def bf16_process() -> bool:
 
 def accord_cmd() -> list[str]:
     return [sys.executable, "-m", "accord.cli"]
+
+
+def bos_tokenizer(path):
+    """The lab tokenizer with a BOS that encoding adds and the chat template writes too (as Llama 3's, Gemma's)."""
+    from tokenizers import processors
+
+    from accord.lab.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.bos_token = "<|pad|>"  # any special token serves as the BOS here
+    bos = tok.convert_tokens_to_ids(tok.bos_token)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                                         special_tokens=[(tok.bos_token, bos)])
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    tok.save_pretrained(path)
+    return tok, bos

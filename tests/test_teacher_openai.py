@@ -251,6 +251,39 @@ def test_parameters_a_reasoning_model_refuses_are_adapted_once_with_a_warning(ca
     assert g.failed and "BadRequestError" in g.error and script.calls == 1
 
 
+def test_a_completions_prompt_leaves_out_the_bos_the_server_adds(tmp_path):
+    """The completions endpoint tokenizes the prompt text with special tokens (vLLM, SGLang): a prompt rendered
+    with a local tokenizer whose template writes the BOS that encoding adds too goes without it, so the server's
+    tokens start with one BOS, not two; scoring's prompt too. A tokenizer without such a BOS sends the template
+    as rendered."""
+    from conftest import bos_tokenizer
+
+    from accord.lab.tokenizer import build_tokenizer
+    from accord.teachers.hf import render_chat
+
+    tok, bos = bos_tokenizer(tmp_path / "tok")
+    script = Script([])
+    srv, url = flaky_server(script)
+    try:
+        cfg = TeacherConfig(name="api", backend="openai", model="m", base_url=url, endpoint="completions",
+                            tokenizer=str(tmp_path / "tok"), max_retries=0, timeout=5)
+        t = OpenAIGenerator(cfg)
+        t.generate([Request("What is 3+4?")], SamplingParams(max_new_tokens=4))
+        t.score([Request("What is 3+4?")], [" so 7"])
+        plain = tmp_path / "plain"
+        build_tokenizer().save_pretrained(plain)
+        OpenAIGenerator(cfg.model_copy(update={"tokenizer": str(plain)})).generate([Request("q")],
+                                                                                   SamplingParams(max_new_tokens=4))
+    finally:
+        srv.shutdown()
+    text = render_chat(tok, "What is 3+4?", "")
+    sent = [b["prompt"] for b in script.bodies]
+    head = text.removeprefix(tok.bos_token)
+    assert text.startswith(tok.bos_token) and sent[:2] == [head, head + " so 7"]
+    assert tok(sent[0])["input_ids"].count(bos) == 1  # the server's own encoding: one BOS
+    assert sent[2] == render_chat(build_tokenizer(), "q", "")
+
+
 def test_chat_template_kwargs_need_a_template():
     from pydantic import ValidationError
 

@@ -19,6 +19,8 @@
 - Continuing a prefix: on the chat endpoint the prefix is sent as a final assistant
   message with ``continue_final_message`` (vLLM/SGLang semantics); on the
   completions endpoint the prompt is rendered with ``tokenizer``'s chat template.
+- A completions prompt rendered with a local ``tokenizer`` leaves out a leading BOS that the tokenizer adds on
+  encoding: the server tokenizes the text with special tokens (vLLM, SGLang) and adds it once itself.
 - Scoring needs ``echo`` + ``logprobs`` on the completions endpoint (vLLM has it);
   elsewhere :class:`NotSupported` is raised.  Its requests go to the replicas in the same rotation as
   generation's, and a server that cannot be reached is :class:`TeacherUnavailable`, never "not supported".
@@ -71,6 +73,10 @@ class OpenAIGenerator:
             from accord.models import resolve_model
 
             self._tok = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer, f"teacher {cfg.name!r} tokenizer"))
+            # the server tokenizes a completions prompt with special tokens (vLLM, SGLang): a BOS the template
+            # writes would come twice, so the rendered prompt leaves out the one the server adds itself
+            bos = self._tok.bos_token
+            self._server_bos = bos if bos and self._tok("x")["input_ids"][:1] == [self._tok.bos_token_id] else None
 
     # -- generation ---------------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
@@ -196,8 +202,9 @@ class OpenAIGenerator:
         if self._tok is not None:
             from accord.teachers.hf import render_chat
 
-            return render_chat(self._tok, req.prompt, req.prefix, self.cfg.system_prompt,
+            text = render_chat(self._tok, req.prompt, req.prefix, self.cfg.system_prompt,
                                self.cfg.chat_template_kwargs)
+            return text.removeprefix(self._server_bos) if self._server_bos else text
         return req.prompt + "\n" + req.prefix
 
     def _completion(self, req: Request, params: SamplingParams, replica: int = 0) -> Generation:

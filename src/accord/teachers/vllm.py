@@ -2,7 +2,8 @@
 
 Imported lazily.  Prefix caching is on by default, so CoRD's step proposals that
 share a prefix reuse its KV blocks (§4.4).  Scoring uses ``prompt_logprobs``.
-Per-request seeds map onto vLLM's per-request ``seed``.
+Per-request seeds map onto vLLM's per-request ``seed``.  Prompts go in as token ids of the rendered chat
+template (no special tokens added: the template writes its own BOS), as the hf backend tokenizes them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ class VLLMGenerator:
                                         seed=r.seed, logprobs=0 if params.logprobs else None) for r in requests]
         t0 = time.perf_counter()
         texts = [self._text(r) for r in requests]
-        outs = self.llm.generate(texts, sp, use_tqdm=False)
+        # token ids, not the text: vLLM tokenizes a text prompt with the tokenizer's special tokens, so a chat
+        # template that writes its own BOS (Llama 3, Gemma, Mistral) would start with two — the hf backend and
+        # score() below tokenize the rendered template as it is
+        ids = [{"prompt_token_ids": x} for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
+        outs = self.llm.generate(ids, sp, use_tqdm=False)
         dt = (time.perf_counter() - t0) / max(1, len(requests))
         gens = []
         for o in outs:
