@@ -95,6 +95,49 @@ def test_style_counts_words_per_hundred():
     assert s["checks"] == pytest.approx(100 * 2 / words)  # check, verify
 
 
+def test_style_distance_against_a_sum_over_the_bigrams_by_hand():
+    """Item 2: JS in bits between add-δ smoothed word-bigram distributions, against a loop over the union."""
+    import math
+
+    from accord.analysis.diagnose import JS_DELTA, style_distance
+
+    texts = {"a": ["Add the numbers, then add them again.", "add the numbers"], "b": ["wait, add the sum"],
+             "c": ["Add the numbers, then add them again.", "add the numbers"]}
+    grams = {t: [tuple(w) for x in xs for w in zip(x.lower().replace(",", "").replace(".", "").split(),
+                                                    x.lower().replace(",", "").replace(".", "").split()[1:])]
+             for t, xs in texts.items()}
+    union = sorted(set().union(*map(set, grams.values())))
+
+    def p(t):
+        return [(grams[t].count(g) + JS_DELTA) / (len(grams[t]) + JS_DELTA * len(union)) for g in union]
+
+    def js(x, y):
+        m = [(u + v) / 2 for u, v in zip(x, y)]
+        return sum(0.5 * u * math.log2(u / w) + 0.5 * v * math.log2(v / w) for u, v, w in zip(x, y, m))
+
+    got = style_distance(texts)
+    assert got["a"]["b"] == pytest.approx(js(p("a"), p("b"))) == pytest.approx(got["b"]["a"])
+    assert got["a"]["c"] == 0.0 and got["a"]["a"] == 0.0 and 0 < got["a"]["b"] < 1
+
+
+def test_signature_strength_holds_out_problems_and_knows_chance():
+    """Item 2: teachers with their own words are told apart on problems the classifier never saw; identical
+    writers are at chance exactly (every held-out trace gets the same guess); one teacher has no signature."""
+    from accord.analysis.diagnose import signature_strength
+
+    pids = [f"p{i}" for i in range(10)]
+    a = [f"first add the numbers for problem {i}" for i in range(10)]
+    b = [f"wait let me think about problem {i}" for i in range(10)]
+    sig = signature_strength({"a": a, "b": b}, {"a": pids, "b": pids})
+    assert sig["accuracy"] == 1.0 and sig["chance"] == 0.5 and sig["folds"] == 5 and sig["traces"] == 20
+    assert sig["recall"] == {"a": 1.0, "b": 1.0} and sig["most_confused"] is None
+    same = signature_strength({"a": a, "b": a}, {"a": pids, "b": pids})
+    assert same["accuracy"] == 0.5 and same["se"] == 0.0
+    assert sorted(same["recall"].values()) == [0.0, 1.0] and same["most_confused"][2] == 10  # one name for both
+    assert signature_strength({"a": a}, {"a": pids}) is None
+    assert signature_strength({"a": a[:1], "b": b[:1]}, {"a": pids[:1], "b": pids[:1]}) is None  # one problem
+
+
 def test_problems_are_the_shared_ones_else_each_teachers_own_first():
     from accord.analysis.diagnose import pick_problems
 
@@ -189,6 +232,11 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert data["verdicts"]["problems"] == 10 and v["samples"] == 10 and v["accuracy"] == pytest.approx(0.5)
     assert v["auroc_student_global"] == 1.0 and v["auroc_teacher_global"] == 1.0  # parrot-like text is the right one
     assert v["auroc_teacher_window"] is None and "AUROC student global" in out
+    js = data["style_js"]  # item 2: the noisy teacher writes farthest from every other
+    assert all(js["noisy"][t] > max(js["terse"]["steady"], js["terse"]["plain"]) for t in ("terse", "steady", "plain"))
+    sig = data["signature"]  # the three parrot-like teachers differ by a word each: still told apart
+    assert sig["chance"] == 0.25 and sig["accuracy"] > 0.5 and sig["problems"] == 10
+    assert "style distance (Jensen–Shannon" in out and "signature strength" in out and "JS (bits)" in out
     from accord import api
 
     again = api.diagnose(api.load_config(str(cfg)), problems=10)  # the same from Python
@@ -197,7 +245,7 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert code == 0, out
     page = (tmp_path / "run" / "report" / "index.html").read_text()
     assert "Teachers as the student saw them before training" in page and "noisy ⚑" in page
-    assert "Every sample, right or wrong" in page
+    assert "Every sample, right or wrong" in page and "Jensen–Shannon divergence between their word-bigram" in page
 
 
 def test_accord_diagnose_without_corpora_says_what_to_run(tmp_path, problems_file, two_parrots, micro):

@@ -24,7 +24,12 @@ What is computed (the spec's items; 7, post-training drift, is left for later):
    S_PPL.
 2. **Style signatures** (item 2): completion length in student tokens (mean, p50, p90), lines, and per 100
    words the rates of thinking words (COMPACT's list, ``config.THINKING_WORDS``), hedges (maybe, perhaps,
-   probably, I think, not sure) and verification (check, verify, double-check, substitute back).
+   probably, I think, not sure) and verification (check, verify, double-check, substitute back).  How far apart
+   the teachers write: the Jensen–Shannon divergence (bits) between every two teachers' word-bigram
+   distributions, add-δ smoothed over the union of their bigrams (:func:`style_distance`; δ = 0.01, only to keep
+   the logs finite).  How strong each signature is: the cross-validated accuracy of a multinomial logistic
+   regression telling the teacher from a trace's hashed word unigrams and bigrams, beside chance 1/K
+   (:func:`signature_strength`; the folds hold out whole problems, so it reads style, not the problem).
 3. **Length vs difficulty** (item 3): where the corpus rows carry a ``level`` (the lab's hop count; reading
    (b)), the Spearman correlation of trace length with it per teacher; and, from the trace store, with reading
    (a), the failure rate over every teacher's samples of the problem (:func:`verdict_view`), beside the mean
@@ -61,6 +66,7 @@ Choices where the spec is silent:
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import re
@@ -94,6 +100,10 @@ WINDOW = 64  # tokens: the step-level window of the spec's item 1 (the student's
 HEDGES = ("maybe", "perhaps", "probably", "i think", "not sure")
 CHECKS = ("check", "verify", "double-check", "substitute back")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+JS_DELTA = 0.01  # add-δ smoothing of the word-bigram counts (item 2's style distance): small, only to keep logs
+# finite — the union of bigrams grows with the corpora, so a δ near 1 would put a size-dependent floor under JS
+SIG_DIM = 1 << 14  # hashed n-gram buckets of the teacher-identity classifier (item 2's signature strength)
+SIG_FOLDS = 5
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,6 +288,107 @@ def novelty(ids: dict[str, list[list[int]]]) -> dict[str, float]:
     return out
 
 
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def style_distance(texts: dict[str, list[str]], delta: float = JS_DELTA) -> dict[str, dict[str, float]]:
+    """Item 2: the Jensen–Shannon divergence (bits: 0 for the same distribution, 1 for disjoint ones) between every
+    two teachers' word-bigram distributions — counts over all their traces, add-δ smoothed over the union of the
+    bigrams any teacher writes: ``JS(P, Q) = ½ KL(P‖M) + ½ KL(Q‖M)``, ``M = ½ (P + Q)``."""
+    import numpy as np
+
+    counts = {t: {} for t in texts}
+    for t, xs in texts.items():
+        for x in xs:
+            w = _words(x)
+            for b in itertools.pairwise(w):
+                counts[t][b] = counts[t].get(b, 0) + 1
+    vocab = {b: i for i, b in enumerate(sorted(set().union(*counts.values())))}
+    if not vocab:
+        return {t: dict.fromkeys(texts, 0.0) for t in texts}
+    dist = {}
+    for t, c in counts.items():
+        v = np.full(len(vocab), delta)
+        for b, n in c.items():
+            v[vocab[b]] += n
+        dist[t] = v / v.sum()
+
+    def js(p, q):
+        m = (p + q) / 2
+        return float(0.5 * (p * np.log2(p / m)).sum() + 0.5 * (q * np.log2(q / m)).sum())
+
+    return {t: {u: 0.0 if t == u else js(dist[t], dist[u]) for u in texts} for t in texts}
+
+
+def _features(text: str, dim: int) -> dict[int, float]:
+    """Hashed word unigrams and bigrams of ``text`` (crc32: the same buckets in every process), log-scaled counts."""
+    import zlib
+
+    w = _words(text)
+    out: dict[int, float] = {}
+    for g in [*w, *(f"{a} {b}" for a, b in itertools.pairwise(w))]:
+        k = zlib.crc32(g.encode()) % dim
+        out[k] = out.get(k, 0.0) + 1.0
+    return {k: math.log1p(v) for k, v in out.items()}
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, k: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression's weights [D, k] and biases [k]: mean cross-entropy + ``l2`` ‖W‖², L-BFGS."""
+    w = torch.zeros(x.shape[1], k, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(k, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=100, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        v = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum()
+        v.backward()
+        return v
+
+    opt.step(loss)
+    return w.detach(), b.detach()
+
+
+def signature_strength(texts: dict[str, list[str]], problems: dict[str, list[str]], folds: int = SIG_FOLDS,
+                       dim: int = SIG_DIM, l2: float = 1e-3) -> dict | None:
+    """Item 2: how well a trace's words tell which teacher wrote it — the cross-validated accuracy of a
+    multinomial logistic regression (L2 ``l2``) on hashed word unigram and bigram counts (:func:`_features`, rows
+    scaled to unit length).  The folds hold out whole problems (``problems``: each trace's problem id), so no
+    held-out trace shares its problem with a training one; the accuracy is a mean over problems ± its SE, beside
+    chance (1/K), with each teacher's recall and the pair most often mistaken (a teacher's traces taken for
+    another's, how many).  None for one teacher or fewer than two problems.  Fitted by hand with L-BFGS in torch:
+    scikit-learn is not among accord's dependencies, and one small linear model does not justify adding it."""
+    names = sorted(texts)
+    ids = sorted({p for t in names for p in problems[t]})
+    if len(names) < 2 or len(ids) < 2:
+        return None
+    rows = [(i, _features(x, dim), p) for i, t in enumerate(names) for x, p in zip(texts[t], problems[t])]
+    x = torch.zeros(len(rows), dim, dtype=torch.float64)
+    for r, (_, f, _) in enumerate(rows):
+        for k, v in f.items():
+            x[r, k] = v
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    y = torch.tensor([i for i, _, _ in rows])
+    fold_of = {p: n % min(folds, len(ids)) for n, p in enumerate(ids)}
+    right: dict[str, list[bool]] = {}
+    guessed = torch.zeros(len(names), len(names), dtype=torch.long)  # [true teacher, guessed teacher]
+    for f in sorted(set(fold_of.values())):
+        test = torch.tensor([fold_of[p] == f for _, _, p in rows])
+        w, b = _fit_logistic(x[~test], y[~test], len(names), l2)
+        with torch.no_grad():
+            guess = (x[test] @ w + b).argmax(1)
+        for (i, _, p), g in zip([r for r, t in zip(rows, test.tolist()) if t], guess.tolist()):
+            right.setdefault(p, []).append(g == i)
+            guessed[i, g] += 1
+    acc, se = mean_se([sum(v) / len(v) for v in right.values()])
+    recall = {t: int(guessed[i, i]) / max(1, int(guessed[i].sum())) for i, t in enumerate(names)}
+    off = guessed - torch.diag(torch.diag(guessed))
+    i, g = divmod(int(off.argmax()), len(names))
+    return {"accuracy": acc, "se": se, "chance": 1 / len(names), "folds": len(set(fold_of.values())),
+            "traces": len(rows), "problems": len(ids), "recall": recall,
+            "most_confused": [names[i], names[g], int(off[i, g])] if off.sum() else None}
+
+
 def spearman(x: list[float], y: list[float]) -> float | None:
     """Spearman's ρ (average ranks for ties); None below 3 points or for a constant series.  By hand: scipy is
     not among accord's dependencies, and one rank correlation does not justify adding it."""
@@ -419,6 +530,10 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
            "rank_clip": RANK_CLIP, **summarise(picked, scores)}
     for t, v in novelty({t: [s["ids"] for s in sc] for t, sc in scores.items()}).items():  # the scored tokens
         out["teachers"][t]["novelty"] = v
+    texts = {t: [r["messages"][-1]["content"] for r in rows] for t, rows in picked.items()}
+    out["style_js"] = style_distance(texts)
+    out["signature"] = signature_strength(texts, {t: [r.get("problem_id") or f"{t}#{i}" for i, r in enumerate(rows)]
+                                                  for t, rows in picked.items()})
     if shared and len(picked) > 1:
         for t, v in compact_view(cfg, model, tok, picked).items():
             if t in out["teachers"]:
@@ -429,8 +544,9 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
     out["verdicts"] = {"problems": n_v, "window": WINDOW, "teachers": view}
     head, body = table(out)
     v_head, v_body = verdict_table(out)
+    js_head, js_body = js_table(out)
     out["table"] = {"head": head, "body": body, "notes": notes(out),  # what the report shows, as printed here
-                    "verdicts": {"head": v_head, "body": v_body}}
+                    "verdicts": {"head": v_head, "body": v_body}, "style_js": {"head": js_head, "body": js_body}}
     path = Path(cfg.run_dir) / "analysis" / "teachers.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
@@ -479,6 +595,13 @@ def verdict_table(out: dict) -> tuple[list[str], list[list[str]]]:
     return V_HEAD, body
 
 
+def js_table(out: dict) -> tuple[list[str], list[list[str]]]:
+    """Item 2's style distances as a teacher × teacher table (most compatible first)."""
+    js = out.get("style_js") or {}
+    names = [t for t in out["order"] + [t for t in out["teachers"] if t not in out["order"]] if t in js]
+    return ["JS (bits)", *names], [[t, *(f"{js[t][u]:.3f}" for u in names)] for t in names]
+
+
 def notes(out: dict) -> list[str]:
     """The lines under the table: paired differences against the most compatible teacher, the order, flags."""
     lines = []
@@ -490,6 +613,19 @@ def notes(out: dict) -> list[str]:
         if parts:
             lines.append(f"paired NLL against {best} (same problems): " + ", ".join(parts))
         lines.append("most compatible first: " + " < ".join(out["order"]))
+    js = out.get("style_js") or {}
+    pairs = sorted((js[a][b], a, b) for a in js for b in js if a < b)
+    if pairs:
+        lines.append(f"style distance (Jensen–Shannon over word bigrams, bits: 0 alike, 1 disjoint): closest "
+                     f"{pairs[0][1]}–{pairs[0][2]} {pairs[0][0]:.3f}, farthest {pairs[-1][1]}–{pairs[-1][2]} "
+                     f"{pairs[-1][0]:.3f}")
+    if sig := out.get("signature"):
+        lines.append(f"signature strength: a bag-of-n-grams classifier names the teacher of a trace on problems it "
+                     f"never saw {sig['accuracy']:.3f} ± {sig['se']:.3f} of the time (chance {sig['chance']:.3f}; "
+                     f"{sig['folds']}-fold over {sig['problems']} problems)"
+                     + (f"; most often taken for another: {sig['most_confused'][0]} for "
+                        f"{sig['most_confused'][1]} ({sig['most_confused'][2]} traces)"
+                        if sig.get("most_confused") else ""))
     for t in out["flagged"]:
         lines.append(f"⚑ {t}: its mean NLL is {out['teachers'][t]['z']:.1f} SD above the other teachers' — the "
                      "student finds its traces far less likely (COMPACT's S_PPL term weighs against them — its α "
@@ -502,6 +638,8 @@ def text(out: dict) -> str:
     from accord.analysis.report import text_table
 
     parts = [text_table(*table(out)), *notes(out)]
+    if len(out.get("style_js") or {}) > 1:
+        parts += ["", "style distance between every two teachers:", text_table(*js_table(out))]
     head, body = verdict_table(out)
     if body:
         v = out["verdicts"]

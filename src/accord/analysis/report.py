@@ -894,7 +894,15 @@ def _diagnose_section(data_file: Path) -> list[str]:
             "teachers' style. From <code>accord diagnose CONFIG</code>.</p>",
             _html_table(data["table"]["head"], data["table"]["body"])] + [f"<p>{html.escape(n)}</p>"
                                                                            for n in data["table"]["notes"]] \
-        + _diagnose_verdicts(data)
+        + _diagnose_style(data) + _diagnose_verdicts(data)
+
+
+def _diagnose_style(data: dict) -> list[str]:
+    t = data["table"].get("style_js") or {}
+    if len(t.get("body") or []) < 2:
+        return []
+    return ["<p>How far apart the teachers write: the Jensen–Shannon divergence between their word-bigram "
+            "distributions (bits; 0 alike, 1 disjoint).</p>", _html_table(t["head"], t["body"])]
 
 
 def _diagnose_verdicts(data: dict) -> list[str]:
