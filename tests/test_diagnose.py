@@ -138,6 +138,15 @@ def test_signature_strength_holds_out_problems_and_knows_chance():
     assert signature_strength({"a": a[:1], "b": b[:1]}, {"a": pids[:1], "b": pids[:1]}) is None  # one problem
 
 
+def test_retention_keeps_the_most_confident_share():
+    """Item 4's retention-vs-accuracy: the accuracy of the share kept by confidence and the score that keeps it."""
+    from accord.analysis.diagnose import retention
+
+    curve = retention([-3.0, -1.0, -4.0, -2.0, -5.0], [False, True, False, True, True])
+    assert [(c["keep"], c["accuracy"], c["threshold"]) for c in curve] == [
+        (1.0, 3 / 5, -5.0), (0.9, 2 / 4, -4.0), (0.8, 2 / 4, -4.0), (0.7, 2 / 4, -4.0), (0.5, 2 / 2, -2.0)]
+
+
 def test_problems_are_the_shared_ones_else_each_teachers_own_first():
     from accord.analysis.diagnose import pick_problems
 
@@ -232,6 +241,10 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert data["verdicts"]["problems"] == 10 and v["samples"] == 10 and v["accuracy"] == pytest.approx(0.5)
     assert v["auroc_student_global"] == 1.0 and v["auroc_teacher_global"] == 1.0  # parrot-like text is the right one
     assert v["auroc_teacher_window"] is None and "AUROC student global" in out
+    r = v["retention"]  # no teacher window score stored: the student's keeps the curve
+    assert r["score"] == "student_window" and r["curve"][0] == {"keep": 1.0, "accuracy": 0.5,
+                                                                 "threshold": r["curve"][0]["threshold"]}
+    assert r["curve"][-1]["accuracy"] == 1.0 and "filtering by confidence" in out  # parrot-like text is right
     js = data["style_js"]  # item 2: the noisy teacher writes farthest from every other
     assert all(js["noisy"][t] > max(js["terse"]["steady"], js["terse"]["plain"]) for t in ("terse", "steady", "plain"))
     sig = data["signature"]  # the three parrot-like teachers differ by a word each: still told apart
@@ -246,6 +259,7 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     page = (tmp_path / "run" / "report" / "index.html").read_text()
     assert "Teachers as the student saw them before training" in page and "noisy ⚑" in page
     assert "Every sample, right or wrong" in page and "Jensen–Shannon divergence between their word-bigram" in page
+    assert "Filtering by confidence" in page
 
 
 def test_accord_diagnose_without_corpora_says_what_to_run(tmp_path, problems_file, two_parrots, micro):

@@ -38,7 +38,10 @@ What is computed (the spec's items; 7, post-training drift, is left for later):
    first problems every teacher attempted (the corpora hold only verified traces, and problems every teacher
    got right hold no wrong ones): the AUROC at telling right from wrong of the student's global mean ℓ_t and
    its lowest 64-token window mean (:func:`analysis.confidence.window_confidence`, item 1's w = 64), and of the
-   teacher's own ``mean_logprob`` / ``min_window_logprob`` where its backend returned log-probs.  AUROC is the
+   teacher's own ``mean_logprob`` / ``min_window_logprob`` where its backend returned log-probs.  The retention
+   curve (:func:`retention`): the accuracy of the most confident 90/80/70/50% and the score that keeps them, by
+   the teacher's window score where every sample has one (its threshold is a ``min_window_logprob``), else the
+   student's.  AUROC is the
    Mann–Whitney probability, ties ½.
 5. **Local-pattern seams** (item 5): the share of a teacher's token-trigram occurrences (the student tokens
    item 1 scores: completion and EOS) whose trigram no other teacher writes (:func:`novelty`).
@@ -104,6 +107,7 @@ JS_DELTA = 0.01  # add-δ smoothing of the word-bigram counts (item 2's style di
 # finite — the union of bigrams grows with the corpora, so a δ near 1 would put a size-dependent floor under JS
 SIG_DIM = 1 << 14  # hashed n-gram buckets of the teacher-identity classifier (item 2's signature strength)
 SIG_FOLDS = 5
+KEEP = (1.0, 0.9, 0.8, 0.7, 0.5)  # shares kept by confidence in item 4's retention-vs-accuracy curve
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,8 +265,24 @@ def verdict_view(cfg, model, tok, n: int, batch: int = 16, on_batch=None) -> tup
             v[label] = sum(xs) / len(xs) if xs else None
         right_rows = [(difficulty[r["problem_id"]], s["tokens"]) for r, s, y in zip(rs, sc, ok) if y]
         v["length_vs_difficulty"] = spearman([d for d, _ in right_rows], [x for _, x in right_rows])
+        own = [r["min_window_logprob"] for r in rs]  # the score collect.confidence filters on, where it was kept
+        name, vals = (("teacher_window", own) if all(x is not None for x in own)
+                      else ("student_window", [s["window"] for s in sc]))
+        v["retention"] = {"score": name, "curve": retention(vals, ok)} if ok else None
         out[t] = v
     return out, len(keep)
+
+
+def retention(scores: list[float], ok: list[bool], keep: tuple[float, ...] = KEEP) -> list[dict]:
+    """Item 4's retention-vs-accuracy: for each share ``keep`` of the samples with the highest score, the accuracy
+    of those kept and the lowest score among them — the threshold that keeps them (for the teacher's own window
+    score, the ``collect.confidence.min_window_logprob`` that would)."""
+    ranked = sorted(zip(scores, ok), key=lambda p: -p[0])
+    out = []
+    for share in keep:
+        kept = ranked[:max(1, round(share * len(ranked)))]
+        out.append({"keep": share, "accuracy": sum(y for _, y in kept) / len(kept), "threshold": kept[-1][0]})
+    return out
 
 
 def style(text: str) -> dict:
@@ -545,8 +565,10 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
     head, body = table(out)
     v_head, v_body = verdict_table(out)
     js_head, js_body = js_table(out)
+    r_head, r_body = retention_table(out)
     out["table"] = {"head": head, "body": body, "notes": notes(out),  # what the report shows, as printed here
-                    "verdicts": {"head": v_head, "body": v_body}, "style_js": {"head": js_head, "body": js_body}}
+                    "verdicts": {"head": v_head, "body": v_body}, "style_js": {"head": js_head, "body": js_body},
+                    "retention": {"head": r_head, "body": r_body}}
     path = Path(cfg.run_dir) / "analysis" / "teachers.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
@@ -602,6 +624,19 @@ def js_table(out: dict) -> tuple[list[str], list[list[str]]]:
     return ["JS (bits)", *names], [[t, *(f"{js[t][u]:.3f}" for u in names)] for t in names]
 
 
+R_HEAD = ["teacher", "kept by", *(f"keep {round(100 * k)}%" for k in KEEP)]
+
+
+def retention_table(out: dict) -> tuple[list[str], list[list[str]]]:
+    """Item 4's retention curves: accuracy of the samples kept (and the threshold that keeps them) per share."""
+    body = []
+    for t, v in out.get("verdicts", {}).get("teachers", {}).items():
+        if r := v.get("retention"):
+            body.append([t, r["score"].replace("_", " "), *(f"{c['accuracy']:.3f} (≥ {c['threshold']:.2f})"
+                                                              for c in r["curve"])])
+    return R_HEAD, body
+
+
 def notes(out: dict) -> list[str]:
     """The lines under the table: paired differences against the most compatible teacher, the order, flags."""
     lines = []
@@ -646,4 +681,9 @@ def text(out: dict) -> str:
         parts += ["", f"every sample, right or wrong, on {v['problems']} problems every teacher attempted (AUROC: how "
                   f"well a confidence tells right from wrong; window = lowest {v['window']}-token mean ℓ; "
                   "difficulty = the failure rate over every teacher's samples):", text_table(head, body)]
+    head, body = retention_table(out)
+    if body:
+        parts += ["", "filtering by confidence: accuracy of the samples kept, keeping the most confident share (≥ "
+                  "the score that keeps them; teacher window = the collect.confidence.min_window_logprob that would):",
+                  text_table(head, body)]
     return "\n".join(parts)

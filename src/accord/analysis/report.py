@@ -909,11 +909,16 @@ def _diagnose_verdicts(data: dict) -> list[str]:
     v, t = data.get("verdicts") or {}, data["table"].get("verdicts") or {}
     if not t.get("body"):
         return []
+    r = data["table"].get("retention") or {}
     return [f"<p>Every sample, right or wrong, on {v['problems']} problems every teacher attempted: how well a "
             "confidence tells right from wrong (AUROC; 0.5 is chance) — the student's global mean log-prob and its "
             f"lowest {v['window']}-token window, the teacher's own where its backend returned log-probs — and "
             "length against difficulty (the failure rate over every teacher's samples).</p>",
-            _html_table(t["head"], t["body"])]
+            _html_table(t["head"], t["body"])] + ([
+                "<p>Filtering by confidence: the accuracy of the samples kept when only the most confident share is "
+                "kept, and the score that keeps them (for the teacher's own window score, the "
+                "<code>collect.confidence.min_window_logprob</code> that would).</p>",
+                _html_table(r["head"], r["body"])] if r.get("body") else [])
 
 
 def _drift_section(cfg, data_file: Path, out: Path, results: list[dict]) -> list[str]:
