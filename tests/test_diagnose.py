@@ -138,6 +138,15 @@ def test_signature_strength_holds_out_problems_and_knows_chance():
     assert signature_strength({"a": a[:1], "b": b[:1]}, {"a": pids[:1], "b": pids[:1]}) is None  # one problem
 
 
+def test_length_ratio_to_the_median_teacher_on_the_same_problem():
+    """Item 3: r = L / median over teachers of L, per shared problem, mean ± SE; a lone problem is left out."""
+    from accord.analysis.diagnose import length_ratios
+
+    got = length_ratios({"a": {"p": 10, "q": 20, "only-a": 5}, "b": {"p": 20, "q": 20}, "c": {"p": 40, "q": 10}})
+    assert got["a"][0] == pytest.approx((10 / 20 + 20 / 20) / 2) and got["c"][0] == pytest.approx((2 + 0.5) / 2)
+    assert got["b"] == (1.0, 0.0) and length_ratios({"a": {"p": 3}}) == {"a": (None, None)}
+
+
 def test_retention_keeps_the_most_confident_share():
     """Item 4's retention-vs-accuracy: the accuracy of the share kept by confidence and the score that keeps it."""
     from accord.analysis.diagnose import retention

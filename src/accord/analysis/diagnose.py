@@ -73,6 +73,7 @@ import itertools
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import torch
@@ -464,6 +465,16 @@ def pick_problems(corpora: dict[str, list[dict]], n: int) -> tuple[dict[str, lis
     return out, False
 
 
+def length_ratios(tokens: dict[str, dict[str, float]]) -> dict[str, tuple[float | None, float | None]]:
+    """Item 3: each teacher's length over the median of every teacher's length on the same problem,
+    ``r_{k,i} = L_{k,i} / median_l L_{l,i}``, mean ± SE over the problems every teacher has (none for one
+    teacher or no shared problem)."""
+    shared = set.intersection(*(set(v) for v in tokens.values())) if len(tokens) > 1 else set()
+    med = {p: statistics.median(v[p] for v in tokens.values()) for p in shared}
+    return {t: mean_se([v[p] / med[p] for p in sorted(shared) if med[p] > 0]) if shared else (None, None)
+            for t, v in tokens.items()}
+
+
 def _q(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
@@ -473,6 +484,7 @@ def summarise(rows: dict[str, list[dict]], scores: dict[str, list[dict]]) -> dic
     """The per-teacher table, the paired NLL differences, the ordering and the flags from traces and scores."""
     teachers: dict[str, dict] = {}
     per_problem: dict[str, dict[str, float]] = {}
+    tokens_pp: dict[str, dict[str, float]] = {}
     for t, rs in rows.items():
         sc = [s for s in scores[t] if not math.isnan(s["nll"])]
         by: dict = {}
@@ -484,6 +496,7 @@ def summarise(rows: dict[str, list[dict]], scores: dict[str, list[dict]]) -> dic
                 | {"worst": sum(-s["window"] for _, s in v) / len(v)}  # the highest 64-token window-mean NLL
                 for p, v in by.items()}
         per_problem[t] = {p: v["nll"] for p, v in prob.items()}
+        tokens_pp[t] = {p: v["tokens"] for p, v in prob.items()}
         st = [style(r["messages"][-1]["content"]) for r in rs]
         nlls = [s["nll"] for s in sc]
         lengths = [s["tokens"] for s in sc]
@@ -501,6 +514,8 @@ def summarise(rows: dict[str, list[dict]], scores: dict[str, list[dict]]) -> dic
         for k in ("lines", "thinking", "hedging", "checks"):
             row[k] = sum(x[k] for x in st) / len(st) if st else None
         teachers[t] = row
+    for t, (m, se) in length_ratios(tokens_pp).items():
+        teachers[t]["length_ratio"], teachers[t]["length_ratio_se"] = m, se
     means = {t: r["nll"] for t, r in teachers.items() if r["nll"] is not None}
     order = sorted(means, key=means.get)
     flags = []
@@ -578,9 +593,8 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
 
 
 HEAD = ["teacher", "traces", "NLL ± SE", "NLL median [IQR]", "worst window NLL", "surprise %", "rank@100", "RSR",
-        "COMPACT α",
-        "novel 3-grams %", "tokens mean / p90", "lines", "thinking /100w", "hedges /100w", "checks /100w",
-        "ρ(length, level)"]
+        "COMPACT α", "novel 3-grams %", "tokens mean / p90", "length / median", "lines", "thinking /100w",
+        "hedges /100w", "checks /100w", "ρ(length, level)"]
 
 
 def table(out: dict) -> tuple[list[str], list[list[str]]]:
@@ -596,7 +610,8 @@ def table(out: dict) -> tuple[list[str], list[list[str]]]:
                      f(None if r["surprise"] is None else 100 * r["surprise"], 1), f(r["rank"], 2), f(r["rsr"], 2),
                      f(r.get("compact", {}).get("alpha"), 3),
                      f(None if r.get("novelty") is None else 100 * r["novelty"], 1),
-                     f"{f(r['tokens_mean'], 0)} / {f(r['tokens_p90'], 0)}", f(r["lines"], 1), f(r["thinking"], 1),
+                     f"{f(r['tokens_mean'], 0)} / {f(r['tokens_p90'], 0)}", f(r.get("length_ratio"), 2),
+                     f(r["lines"], 1), f(r["thinking"], 1),
                      f(r["hedging"], 2), f(r["checks"], 2), f(r["length_vs_level"], 2)])
     return HEAD, body
 
