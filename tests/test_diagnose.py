@@ -147,6 +147,15 @@ def test_length_ratio_to_the_median_teacher_on_the_same_problem():
     assert got["b"] == (1.0, 0.0) and length_ratios({"a": {"p": 3}}) == {"a": (None, None)}
 
 
+def test_step_confidence_is_the_lowest_step_mean():
+    """Item 4's per-step score: steps end at a line-ending token; the trailing piece is a step too."""
+    from accord.analysis.diagnose import step_confidence
+
+    lp = [-1.0, -3.0, -0.5, -0.5, -4.0, -2.0]
+    assert step_confidence(lp, [False, True, False, True, False, False]) == min(-2.0, -0.5, -3.0)
+    assert step_confidence(lp, [False] * 6) == pytest.approx(sum(lp) / 6) and step_confidence([], []) is None
+
+
 def test_retention_keeps_the_most_confident_share():
     """Item 4's retention-vs-accuracy: the accuracy of the share kept by confidence and the score that keeps it."""
     from accord.analysis.diagnose import retention
@@ -250,6 +259,7 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert data["verdicts"]["problems"] == 10 and v["samples"] == 10 and v["accuracy"] == pytest.approx(0.5)
     assert v["auroc_student_global"] == 1.0 and v["auroc_teacher_global"] == 1.0  # parrot-like text is the right one
     assert v["auroc_teacher_window"] is None and "AUROC student global" in out
+    assert v["auroc_student_step"] is not None and v["auroc_student_tail"] is not None and "AUROC student tail" in out
     r = v["retention"]  # no teacher window score stored: the student's keeps the curve
     assert r["score"] == "student_window" and r["curve"][0] == {"keep": 1.0, "accuracy": 0.5,
                                                                  "threshold": r["curve"][0]["threshold"]}

@@ -38,10 +38,11 @@ What is computed (the spec's items; 7, post-training drift, is left for later):
    first problems every teacher attempted (the corpora hold only verified traces, and problems every teacher
    got right hold no wrong ones): the AUROC at telling right from wrong of the student's global mean ℓ_t and
    its lowest 64-token window mean (:func:`analysis.confidence.window_confidence`, item 1's w = 64), and of the
-   teacher's own ``mean_logprob`` / ``min_window_logprob`` where its backend returned log-probs.  The retention
-   curve (:func:`retention`): the accuracy of the most confident 90/80/70/50% and the score that keeps them, by
-   the teacher's window score where every sample has one (its threshold is a ``min_window_logprob``), else the
-   student's.  AUROC is the
+   teacher's own ``mean_logprob`` / ``min_window_logprob`` where its backend returned log-probs; two more
+   student scores, the lowest mean over the trace's lines (steps, :func:`step_confidence`) and the mean over
+   its last 64 tokens (tail).  The retention curve (:func:`retention`): the accuracy of the most confident
+   90/80/70/50% and the score that keeps them, by the teacher's window score where every sample has one (its
+   threshold is a ``min_window_logprob``), else the student's.  AUROC is the
    Mann–Whitney probability, ties ½.
 5. **Local-pattern seams** (item 5): the share of a teacher's token-trigram occurrences (the student tokens
    item 1 scores: completion and EOS) whose trigram no other teacher writes (:func:`novelty`).
@@ -139,6 +140,27 @@ def trace_scores(nll: torch.Tensor, rank: torch.Tensor, kappa: float = KAPPA, cl
             "rsr": float(r.sum() / nll.sum().clamp(min=1e-12))}
 
 
+def ends_line(tok, token_id: int, seen: dict) -> bool:
+    """Whether a token's text holds a line break (a step ends there); ``seen`` caches the answer per id."""
+    if token_id not in seen:
+        seen[token_id] = "\n" in tok.decode([token_id])
+    return seen[token_id]
+
+
+def step_confidence(lp: list[float], ends: list[bool]) -> float | None:
+    """Item 4's per-step score: the lowest mean ℓ_t over the trace's steps, a step being the tokens up to and
+    including one that ends a line (the last step: whatever follows the last line break)."""
+    steps, cur = [], []
+    for x, e in zip(lp, ends):
+        cur.append(x)
+        if e:
+            steps.append(cur)
+            cur = []
+    if cur:
+        steps.append(cur)
+    return min(sum(s) / len(s) for s in steps) if steps else None
+
+
 @torch.no_grad()
 def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on_batch=None,
                  window: int = WINDOW, template_kwargs: dict | None = None) -> list[dict]:
@@ -146,7 +168,7 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
     the student's confidence in it: the global mean ℓ_t and the lowest ``window``-token mean
     (:func:`analysis.confidence.window_confidence`)."""
     model.eval()
-    out = []
+    out, seen = [], {}
     dev = next(model.parameters()).device
     weight = output_states(model).weight if chunkable_head(model) else None
     for s in range(0, len(rows), batch):
@@ -159,12 +181,14 @@ def score_traces(model, tok, rows: list[dict], max_len: int, batch: int = 16, on
             keep = tgt[i] != IGNORE
             if not keep.any():
                 out.append({"nll": math.nan, "surprise": math.nan, "rank": math.nan, "rsr": math.nan, "tokens": 0,
-                            "global": None, "window": None, "ids": []})
+                            "global": None, "window": None, "tail": None, "step": None, "ids": []})
                 continue
             nll, rank = head_scores(x[i, :-1][keep], weight, tgt[i][keep])
-            g, w = window_confidence((-nll).tolist(), window)
+            lp, ids = (-nll).tolist(), tgt[i][keep].tolist()
+            g, w = window_confidence(lp, window)
             out.append({**trace_scores(nll, rank), "tokens": int(keep.sum()), "global": g, "window": w,
-                        "ids": tgt[i][keep].tolist()})
+                        "tail": sum(lp[-window:]) / len(lp[-window:]),
+                        "step": step_confidence(lp, [ends_line(tok, t, seen) for t in ids]), "ids": ids})
         if on_batch:
             on_batch(len(ex))
     return out
@@ -257,6 +281,7 @@ def verdict_view(cfg, model, tok, n: int, batch: int = 16, on_batch=None) -> tup
         ok = [r["verdict"] == CORRECT for r in rs]
         v = {"samples": len(rs), "accuracy": sum(ok) / len(ok) if ok else None}
         for name, vals in (("student_global", [s["global"] for s in sc]), ("student_window", [s["window"] for s in sc]),
+                           ("student_step", [s["step"] for s in sc]), ("student_tail", [s["tail"] for s in sc]),
                            ("teacher_global", [r["mean_logprob"] for r in rs]),
                            ("teacher_window", [r["min_window_logprob"] for r in rs])):
             have = [(x, y) for x, y in zip(vals, ok) if x is not None]
@@ -617,7 +642,8 @@ def table(out: dict) -> tuple[list[str], list[list[str]]]:
 
 
 V_HEAD = ["teacher", "samples", "accuracy", "tokens right / wrong", "AUROC student global", "AUROC student window",
-          "AUROC teacher global", "AUROC teacher window", "ρ(length, difficulty)"]
+          "AUROC student step", "AUROC student tail", "AUROC teacher global", "AUROC teacher window",
+          "ρ(length, difficulty)"]
 
 
 def verdict_table(out: dict) -> tuple[list[str], list[list[str]]]:
@@ -627,7 +653,8 @@ def verdict_table(out: dict) -> tuple[list[str], list[list[str]]]:
     for t, v in out.get("verdicts", {}).get("teachers", {}).items():
         body.append([t, str(v["samples"]), f(v["accuracy"]),
                      f"{f(v['tokens_correct'], 0)} / {f(v['tokens_wrong'], 0)}",
-                     f(v["auroc_student_global"]), f(v["auroc_student_window"]), f(v["auroc_teacher_global"]),
+                     f(v["auroc_student_global"]), f(v["auroc_student_window"]), f(v.get("auroc_student_step")),
+                     f(v.get("auroc_student_tail")), f(v["auroc_teacher_global"]),
                      f(v["auroc_teacher_window"]), f(v["length_vs_difficulty"], 2)])
     return V_HEAD, body
 
@@ -694,7 +721,8 @@ def text(out: dict) -> str:
     if body:
         v = out["verdicts"]
         parts += ["", f"every sample, right or wrong, on {v['problems']} problems every teacher attempted (AUROC: how "
-                  f"well a confidence tells right from wrong; window = lowest {v['window']}-token mean ℓ; "
+                  f"well a confidence tells right from wrong; window = lowest {v['window']}-token mean ℓ; step = "
+                  f"lowest line mean; tail = mean of the last {v['window']} tokens; "
                   "difficulty = the failure rate over every teacher's samples):", text_table(head, body)]
     head, body = retention_table(out)
     if body:
