@@ -315,7 +315,7 @@ def test_which_stored_judge_verdicts_count_and_which_are_asked_again(tmp_path):
     store.put_traces(rows)
     stored = {r["sample_idx"]: r for r in store.traces("t")}
     assert {i: judge_verdict(stored[i], now) for i in cases} == {i: want[0] for i, (_, want) in cases.items()}
-    todo = to_judge(cfg, store, problems)
+    todo = to_judge(cfg, store, now)
     asked = {i for i, r in stored.items() if r["row_id"] in {t["row_id"] for t in todo}}
     assert asked == {i for i, (_, want) in cases.items() if want[1]} and all("text" not in t for t in todo)
     assert [i for i in cases if keep(cfg, stored[i], now)] == [0]  # a judge configured: only its VALID passes

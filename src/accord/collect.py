@@ -502,11 +502,12 @@ def judge_verdict(row: dict, stamps: dict[str, str] | None) -> str | None:
     return row["judge"]
 
 
-def to_judge(cfg: AccordConfig, store: TraceStore, problems: list[Problem]) -> list[dict]:
+def to_judge(cfg: AccordConfig, store: TraceStore, stamps: dict[str, str] | None) -> list[dict]:
     """The stored traces the configured judge is to grade (their :meth:`TraceStore.judgement_stamps`, no text):
-    those in ``apply_to`` with no verdict of today's judge (:func:`judge_verdict`), imported grades aside."""
-    j, stamps = cfg.collect.judge, judge_stamps(cfg, problems)
-    if j is None:
+    those of the problems ``stamps`` (:func:`judge_stamps`) holds, in ``apply_to``, with no verdict of today's
+    judge (:func:`judge_verdict`), imported grades aside."""
+    j = cfg.collect.judge
+    if j is None or stamps is None:
         return []
     verdicts = "verdict='correct'" if j.apply_to == "correct" else "verdict!='failed'"
     return [r for r in store.judgement_stamps(verdicts) if r["problem_id"] in stamps and not imported_grade(r)
@@ -522,7 +523,7 @@ def judge_traces(cfg: AccordConfig, store: TraceStore, problems: list[Problem], 
     assert j is not None
     by_id = {p.id: p for p in problems}
     stamps = judge_stamps(cfg, problems)
-    todo = to_judge(cfg, store, problems)
+    todo = to_judge(cfg, store, stamps)
     again = sum(r["judge"] is not None for r in todo)
     if again and (share is None or share.rank == 0):
         console.print(f"judge: {again:,} stored verdict(s) reached by another judge, other judge settings or "

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from accord.collect import (
+    judge_stamps,
     missing_generations,
     other_settings,
     stale_verdicts,
@@ -119,7 +120,7 @@ def _collect(cfg: AccordConfig) -> list[str]:
     out, to_make, again, judge_now = [], 0, 0, []
     try:
         again = len(stale_verdicts(cfg, store, usable)) if store else 0
-        judge_now = to_judge(cfg, store, usable) if store else []
+        judge_now = to_judge(cfg, store, judge_stamps(cfg, usable)) if store else []
         for t in cfg.teachers:
             if t.backend == "column":
                 rows = f", rows where {t.where}" if t.where else ""
