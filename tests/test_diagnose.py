@@ -234,7 +234,8 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     from accord.store import TraceStore
 
     store = TraceStore(tmp_path / "run" / "traces.sqlite")
-    store.put_problems([Problem(f"p{i}", f"Question p{i}?", "7", {"steps": 2}) for i in range(12)])
+    store.put_problems([Problem(f"p{i}", f"Question p{i}?", "7", {"steps": 2, "split": "ood" if i > 5 else "target"})
+                        for i in range(12)])
     base = {"style": "default", "sample_idx": 0, "params": "{}", "prompt": "", "reasoning": None,
             "answer_text": None, "parsed_answer": "7", "token_count": 5, "char_count": 20, "finish_reason": "stop",
             "min_window_logprob": None, "elapsed_s": 0.0, "error": None}
@@ -259,6 +260,7 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert data["verdicts"]["problems"] == 10 and v["samples"] == 10 and v["accuracy"] == pytest.approx(0.5)
     assert v["auroc_student_global"] == 1.0 and v["auroc_teacher_global"] == 1.0  # parrot-like text is the right one
     assert v["auroc_teacher_window"] is None and "AUROC student global" in out
+    assert set(v["length_vs_difficulty_by_split"]) == {"ood", "target"}  # item 3, separately per split
     assert v["auroc_student_step"] is not None and v["auroc_student_tail"] is not None and "AUROC student tail" in out
     r = v["retention"]  # no teacher window score stored: the student's keeps the curve
     assert r["score"] == "student_window" and r["curve"][0] == {"keep": 1.0, "accuracy": 0.5,

@@ -32,7 +32,8 @@ What is computed (the spec's items; 7, post-training drift, is left for later):
    (:func:`signature_strength`; the folds hold out whole problems, so it reads style, not the problem).
 3. **Length vs difficulty** (item 3): where the corpus rows carry a ``level`` (the lab's hop count; reading
    (b)), the Spearman correlation of trace length with it per teacher; and, from the trace store, with reading
-   (a), the failure rate over every teacher's samples of the problem (:func:`verdict_view`), beside the mean
+   (a), the failure rate over every teacher's samples of the problem (:func:`verdict_view`) — and per split
+   where the store's problems carry several (the spec's in distribution / OOD) — beside the mean
    length of each teacher's right and wrong traces.
 4. **Step-level vs global confidence** (item 4), from the trace store — every sample, right or wrong, on the
    first problems every teacher attempted (the corpora hold only verified traces, and problems every teacher
@@ -259,7 +260,7 @@ def verdict_view(cfg, model, tok, n: int, batch: int = 16, on_batch=None) -> tup
     try:
         names = [t.name for t in cfg.teachers]
         rows = {t: [r for r in store.traces(t) if r["verdict"] != FAILED] for t in names}
-        probs = {r["id"]: r for r in store.db.execute("SELECT id, question, answer, meta FROM problems")}
+        probs = {r["id"]: r for r in store.db.execute("SELECT id, question, answer, split, meta FROM problems")}
     finally:
         store.close()
     ids = [{r["problem_id"] for r in rs} for rs in rows.values() if rs]
@@ -291,6 +292,14 @@ def verdict_view(cfg, model, tok, n: int, batch: int = 16, on_batch=None) -> tup
             v[label] = sum(xs) / len(xs) if xs else None
         right_rows = [(difficulty[r["problem_id"]], s["tokens"]) for r, s, y in zip(rs, sc, ok) if y]
         v["length_vs_difficulty"] = spearman([d for d, _ in right_rows], [x for _, x in right_rows])
+        by_split: dict[str, list[tuple[float, int]]] = {}  # the spec's "separately in distribution and OOD"
+        for r, s, y in zip(rs, sc, ok):
+            if y:
+                by_split.setdefault(probs[r["problem_id"]]["split"] or "–", []).append(
+                    (difficulty[r["problem_id"]], s["tokens"]))
+        if len(by_split) > 1:
+            v["length_vs_difficulty_by_split"] = {sp: spearman([d for d, _ in xs], [n for _, n in xs])
+                                                  for sp, xs in sorted(by_split.items())}
         own = [r["min_window_logprob"] for r in rs]  # the score collect.confidence filters on, where it was kept
         name, vals = (("teacher_window", own) if all(x is not None for x in own)
                       else ("student_window", [s["window"] for s in sc]))
@@ -655,7 +664,8 @@ def verdict_table(out: dict) -> tuple[list[str], list[list[str]]]:
                      f"{f(v['tokens_correct'], 0)} / {f(v['tokens_wrong'], 0)}",
                      f(v["auroc_student_global"]), f(v["auroc_student_window"]), f(v.get("auroc_student_step")),
                      f(v.get("auroc_student_tail")), f(v["auroc_teacher_global"]),
-                     f(v["auroc_teacher_window"]), f(v["length_vs_difficulty"], 2)])
+                     f(v["auroc_teacher_window"]), f(v["length_vs_difficulty"], 2) + "".join(
+                         f"; {sp} {f(x, 2)}" for sp, x in (v.get("length_vs_difficulty_by_split") or {}).items())])
     return V_HEAD, body
 
 
