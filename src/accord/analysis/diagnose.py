@@ -423,6 +423,7 @@ def signature_strength(texts: dict[str, list[str]], problems: dict[str, list[str
         for k, v in f.items():
             x[r, k] = v
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    x = x[:, x.abs().sum(0) > 0]  # only the buckets some trace fills: an empty one keeps a zero weight anyway
     y = torch.tensor([i for i, _, _ in rows])
     fold_of = {p: n % min(folds, len(ids)) for n, p in enumerate(ids)}
     right: dict[str, list[bool]] = {}
