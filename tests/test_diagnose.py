@@ -272,8 +272,15 @@ def test_accord_diagnose_end_to_end(tmp_path, problems_file, parrot7):
     assert sig["chance"] == 0.25 and sig["accuracy"] > 0.5 and sig["problems"] == 10
     assert "style distance (Jensen–Shannon" in out and "signature strength" in out and "JS (bits)" in out
     from accord import api
+    from accord.analysis.diagnose import STUDENT_ROW
 
-    again = api.diagnose(api.load_config(str(cfg)), problems=10)  # the same from Python
+    # the student's own outputs as a row of the style distances: parrot7 writes like the three parrot-like teachers
+    again = api.diagnose(api.load_config(str(cfg)), problems=10, student_samples=3)  # the same from Python
+    js = again["style_js"]
+    assert STUDENT_ROW in js and STUDENT_ROW not in again["teachers"]
+    assert min(js[STUDENT_ROW], key=lambda u: js[STUDENT_ROW][u] if u != STUDENT_ROW else 9) != "noisy"
+    assert again["table"]["style_js"]["head"][-1] == STUDENT_ROW and "student's own outputs" in " ".join(
+        again["table"]["notes"])
     assert again["order"] == data["order"] and again["teachers"]["noisy"]["nll"] == data["teachers"]["noisy"]["nll"]
     code, out = run_cli("report", str(cfg))
     assert code == 0, out

@@ -81,9 +81,9 @@ def interpolate(cfg, models: list[str] | None = None, points: int = 11, split: s
     return _interpolate.run(cfg, _console(console), models, points, split)
 
 
-def diagnose(cfg, problems: int = 200, console=None) -> dict:
+def diagnose(cfg, problems: int = 200, console=None, student_samples: int = 0) -> dict:
     """``accord diagnose``: the student before training scores each teacher's traces (analysis/teachers.json)."""
     from accord.analysis import diagnose as _diagnose
 
     prepare_models(cfg, _console(console))
-    return _diagnose.run(cfg, _console(console), problems)
+    return _diagnose.run(cfg, _console(console), problems, student_samples=student_samples)

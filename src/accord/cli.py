@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--problems", type=int, default=200, help="how many shared problems to score (default 200; "
                    "the first by id)")
+    p.add_argument("--student-samples", type=int, default=0, help="the student also answers this many of those "
+                   "problems (greedy, eval settings) and its own outputs join the style distances as a row "
+                   "(default 0: off; generation costs what evaluation does)")
 
     p = sub.add_parser("drift", help="after training: how far each model's hidden states moved from the base "
                        "(COMPACT Fig. 4)", description="Post-training drift (specs/diagnostics.md §6 item 7; "
@@ -494,7 +497,7 @@ def cmd_diagnose(args, console: Console) -> int:
 
     cfg = _load(args)
     prepare_models(cfg, console)  # a lab student is built if missing
-    diagnose.run(cfg, console, args.problems)
+    diagnose.run(cfg, console, args.problems, student_samples=args.student_samples)
     return 0
 
 

@@ -111,6 +111,7 @@ JS_DELTA = 0.01  # add-δ smoothing of the word-bigram counts (item 2's style di
 SIG_DIM = 1 << 14  # hashed n-gram buckets of the teacher-identity classifier (item 2's signature strength)
 SIG_FOLDS = 5
 KEEP = (1.0, 0.9, 0.8, 0.7, 0.5)  # shares kept by confidence in item 4's retention-vs-accuracy curve
+STUDENT_ROW = "student (θ0)"  # the student's own outputs' row of the style distances (``--student-samples``)
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -566,8 +567,10 @@ def summarise(rows: dict[str, list[dict]], scores: dict[str, list[dict]]) -> dic
     return {"teachers": teachers, "paired_nll": paired(per_problem), "order": order, "flagged": flags}
 
 
-def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
-    """Diagnose every teacher's corpus against the student at θ0; writes ``<run_dir>/analysis/teachers.json``."""
+def run(cfg, console, problems: int = 200, batch: int = 16, student_samples: int = 0) -> dict:
+    """Diagnose every teacher's corpus against the student at θ0; writes ``<run_dir>/analysis/teachers.json``.
+    ``student_samples``: the student also answers that many of the problems (greedy, ``eval`` settings) and its
+    own outputs join the style distances as a row (:data:`STUDENT_ROW`)."""
     from accord.train.common import load_corpus, load_student
 
     if problems < 1:
@@ -612,6 +615,10 @@ def run(cfg, console, problems: int = 200, batch: int = 16) -> dict:
         task = bar.add_task("diagnose: every sample, right or wrong", total=None)
         view, n_v = verdict_view(cfg, model, tok, problems, batch, on_batch=lambda n: bar.advance(task, n))
     out["verdicts"] = {"problems": n_v, "window": WINDOW, "teachers": view}
+    if student_samples > 0:
+        del model  # the generator loads the student as evaluation does
+        own = student_outputs(cfg, [r["messages"][0]["content"] for r in next(iter(picked.values()))][:student_samples])
+        out["style_js"] = style_distance({**texts, STUDENT_ROW: own}) if own else out["style_js"]
     head, body = table(out)
     v_head, v_body = verdict_table(out)
     js_head, js_body = js_table(out)
@@ -670,10 +677,28 @@ def verdict_table(out: dict) -> tuple[list[str], list[list[str]]]:
     return V_HEAD, body
 
 
+def student_outputs(cfg, prompts: list[str]) -> list[str]:
+    """The student's own answers before training to ``prompts`` (the corpus rows' user messages; greedy,
+    ``eval.max_new_tokens``, through ``eval.backend`` as evaluation loads it): the spec's extra row of the style
+    distances.  Failed generations are left out."""
+    from accord.evaluate import student_generator
+    from accord.teachers.base import Request, SamplingParams
+
+    gen = student_generator(cfg, cfg.student.model, "student")
+    try:
+        outs = gen.generate([Request(q) for q in prompts],
+                            SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens))
+    finally:
+        gen.close()
+    return [g.text for g in outs if not g.failed]
+
+
 def js_table(out: dict) -> tuple[list[str], list[list[str]]]:
-    """Item 2's style distances as a teacher × teacher table (most compatible first)."""
+    """Item 2's style distances as a teacher × teacher table (most compatible first; the student's own outputs,
+    when asked for, last)."""
     js = out.get("style_js") or {}
     names = [t for t in out["order"] + [t for t in out["teachers"] if t not in out["order"]] if t in js]
+    names += [t for t in js if t not in names]
     return ["JS (bits)", *names], [[t, *(f"{js[t][u]:.3f}" for u in names)] for t in names]
 
 
@@ -702,11 +727,15 @@ def notes(out: dict) -> list[str]:
             lines.append(f"paired NLL against {best} (same problems): " + ", ".join(parts))
         lines.append("most compatible first: " + " < ".join(out["order"]))
     js = out.get("style_js") or {}
-    pairs = sorted((js[a][b], a, b) for a in js for b in js if a < b)
+    pairs = sorted((js[a][b], a, b) for a in js for b in js if a < b and STUDENT_ROW not in (a, b))
     if pairs:
         lines.append(f"style distance (Jensen–Shannon over word bigrams, bits: 0 alike, 1 disjoint): closest "
                      f"{pairs[0][1]}–{pairs[0][2]} {pairs[0][0]:.3f}, farthest {pairs[-1][1]}–{pairs[-1][2]} "
                      f"{pairs[-1][0]:.3f}")
+    if STUDENT_ROW in js and len(js) > 1:
+        near = min((u for u in js if u != STUDENT_ROW), key=lambda u: js[STUDENT_ROW][u])
+        lines.append(f"the student's own outputs before training write closest to {near} "
+                     f"({js[STUDENT_ROW][near]:.3f} bits)")
     if sig := out.get("signature"):
         lines.append(f"signature strength: a bag-of-n-grams classifier names the teacher of a trace on problems it "
                      f"never saw {sig['accuracy']:.3f} ± {sig['se']:.3f} of the time (chance {sig['chance']:.3f}; "
