@@ -419,12 +419,12 @@ def signature_strength(texts: dict[str, list[str]], problems: dict[str, list[str
     if len(names) < 2 or len(ids) < 2:
         return None
     rows = [(i, _features(x, dim), p) for i, t in enumerate(names) for x, p in zip(texts[t], problems[t])]
-    x = torch.zeros(len(rows), dim, dtype=torch.float64)
+    col = {k: j for j, k in enumerate(sorted({k for _, f, _ in rows for k in f}))}  # only the buckets traces fill
+    x = torch.zeros(len(rows), max(1, len(col)), dtype=torch.float64)  # (an empty one would keep a zero weight)
     for r, (_, f, _) in enumerate(rows):
         for k, v in f.items():
-            x[r, k] = v
+            x[r, col[k]] = v
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    x = x[:, x.abs().sum(0) > 0]  # only the buckets some trace fills: an empty one keeps a zero weight anyway
     y = torch.tensor([i for i, _, _ in rows])
     fold_of = {p: n % min(folds, len(ids)) for n, p in enumerate(ids)}
     right: dict[str, list[bool]] = {}
@@ -604,7 +604,6 @@ def run(cfg, console, problems: int = 200, batch: int = 16, student_samples: int
     for t, v in novelty({t: [s["ids"] for s in sc] for t, sc in scores.items()}).items():  # the scored tokens
         out["teachers"][t]["novelty"] = v
     texts = {t: [r["messages"][-1]["content"] for r in rows] for t, rows in picked.items()}
-    out["style_js"] = style_distance(texts)
     out["signature"] = signature_strength(texts, {t: [r.get("problem_id") or f"{t}#{i}" for i, r in enumerate(rows)]
                                                   for t, rows in picked.items()})
     if shared and len(picked) > 1:
@@ -618,7 +617,9 @@ def run(cfg, console, problems: int = 200, batch: int = 16, student_samples: int
     if student_samples > 0:
         del model  # the generator loads the student as evaluation does
         own = student_outputs(cfg, [r["messages"][0]["content"] for r in next(iter(picked.values()))][:student_samples])
-        out["style_js"] = style_distance({**texts, STUDENT_ROW: own}) if own else out["style_js"]
+        if own:
+            texts[STUDENT_ROW] = own
+    out["style_js"] = style_distance(texts)
     head, body = table(out)
     v_head, v_body = verdict_table(out)
     js_head, js_body = js_table(out)
