@@ -90,6 +90,26 @@ def test_numeric_choice_exact():
         check("choice", "42", "\\boxed{A}")
 
 
+@pytest.mark.parametrize(("shown", "value"), [
+    ("3/4", 0.75), ("\\frac{3}{4}", 0.75), ("\\dfrac34", 0.75), ("-\\frac{3}{4}", -0.75), ("\\tfrac{-3}{4}", -0.75),
+    ("-3 / 4", -0.75), ("1{,}000/8", 125.0), ("1.5 \\times 10^{3}", 1500.0), ("2.5\\cdot10^-2", 0.025),
+    ("7 × 10^3", 7000.0), ("x = 12", 12.0), ("12.", 12.0),
+    ("\\frac{\\pi}{2}", None), ("1/0", None),  # no number: unparseable, not 2 or 0
+])
+def test_numeric_reads_fractions_and_powers_of_ten_whole(shown, value):
+    """Revision 6: only the last run of digits used to count — 3/4 and \\frac{3}{4} read as 4, so the right answer
+    failed and a reference of 3/4 passed a wrong 4; 1.5 × 10^3 read as 3."""
+    got = check("numeric", "1", f"\\boxed{{{shown}}}")
+    assert got.parsed == (None if value is None else repr(value))
+    assert got.verdict == (UNPARSEABLE if value is None else INCORRECT)
+    if value is not None:
+        assert check("numeric", repr(value), f"\\boxed{{{shown}}}").verdict == CORRECT
+    assert check("numeric", "3/4", "\\boxed{4}").verdict == INCORRECT
+    assert check("numeric", "\\frac{3}{4}", "The answer is 0.75.").verdict == CORRECT
+    with pytest.raises(GoldAnswerError):
+        check("numeric", "\\frac{\\pi}{2}", "\\boxed{2}")
+
+
 @pytest.mark.parametrize(("completion", "letter"), [
     ("The answer is (C).\nA quick check confirms it.", "C"),  # a line starting "A " is not a choice
     ("Answer: B\nI hope this helps.", "B"),

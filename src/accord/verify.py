@@ -41,8 +41,8 @@ CORRECT, INCORRECT, UNPARSEABLE, FAILED = "correct", "incorrect", "unparseable",
 # Raised whenever some (reference, completion) pair gets another verdict than before, so verdicts stored under an
 # earlier revision are checked again (never regenerated).  2: references read as LaTeX first; 3: a choice letter
 # only from an answer statement or a line of its own; 4: LaTeX thousands separators inside a number; 5: an exact
-# answer wrapped whole in \text{} or bold.
-REVISION = 5
+# answer wrapped whole in \text{} or bold; 6: ``numeric`` reads fractions (3/4, \frac{3}{4}) and a × 10^n whole.
+REVISION = 6
 
 
 def stamp(verifier: str, gold: str, tolerance: float = 1e-6) -> str:
@@ -113,20 +113,43 @@ def _check_math(gold: str, shown: str) -> Check:
 
 # ------------------------------------------------------------------ numeric / choice / exact
 
-_NUM = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-
-
 # LaTeX's thousands separators between digits (1{,}000, 1\,000, 1\!000): before revision 4 they split a number,
 # and 1{,}000 read as 0
 _THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|\\[,!;: ])(?=\d{3}(?!\d))")
+# A number as a teacher writes one (revision 6; before, only the last run of digits counted, so 3/4 and
+# \frac{3}{4} read as 4, 1.5 \times 10^{3} as 3 — a right answer failed, and a reference of 3/4 passed a 4):
+# \frac{a}{b} (also \dfrac, \tfrac, \frac34, a sign before it), a/b, a × 10^n (\times, \cdot, ×), else a number.
+_N = r"(?:[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+_VALUE = re.compile(
+    rf"(?P<fs>[-+]?)\s*\\[dt]?frac\s*(?:\{{\s*(?P<fn>{_N})\s*\}}|(?P<fn1>\d))\s*(?:\{{\s*(?P<fd>{_N})\s*\}}|(?P<fd1>\d))"
+    rf"|(?P<m>{_N})\s*(?:\\times|\\cdot|×|\*)\s*10\s*\^\s*(?:\{{\s*(?P<e>[-+]?\d+)\s*\}}|(?P<e1>[-+]?\d+))"
+    rf"|(?P<sn>{_N})\s*/\s*(?P<sd>{_N})(?![\d/])"
+    r"|(?P<symbolic>\\[dt]?frac\s*\{[^{}]*\}\s*\{[^{}]*\})"  # \frac{\pi}{2}: no number (not 2)
+    rf"|(?P<n>{_N})")
+
+
+def _value(m: re.Match) -> float:
+    """The value of one :data:`_VALUE` match (ValueError / ZeroDivisionError when it has none)."""
+    def num(s: str) -> float:
+        return float(s.replace(",", ""))
+
+    if m["fn"] is not None or m["fn1"] is not None:
+        v = num(m["fn"] or m["fn1"]) / num(m["fd"] or m["fd1"])
+        return -v if m["fs"] == "-" else v
+    if m["m"] is not None:
+        return num(m["m"]) * 10.0 ** int(m["e"] or m["e1"])
+    if m["sn"] is not None:
+        return num(m["sn"]) / num(m["sd"])
+    return num(m["n"])
 
 
 def _last_number(text: str) -> float | None:
-    found = _NUM.findall(_THOUSANDS.sub("", text).replace("\\!", ""))
-    for tok in reversed(found):
+    for m in reversed(list(_VALUE.finditer(_THOUSANDS.sub("", text).replace("\\!", "")))):
+        if m["symbolic"] is not None:
+            return None
         try:
-            return float(tok.replace(",", ""))
-        except ValueError:
+            return _value(m)
+        except (ValueError, ZeroDivisionError):
             continue
     return None
 
