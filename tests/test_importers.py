@@ -178,3 +178,26 @@ def test_where_needs_a_column_teacher():
 
     with pytest.raises(ValidationError, match="where selects rows of an imported corpus"):
         TeacherConfig(name="t", backend="hf", model="m", where={"generation_model": "x"})
+
+
+def test_messages_whose_content_is_a_list_of_parts(tmp_path):
+    """OpenAI- and Anthropic-style content: a list of typed parts (text joined, a thinking part the reasoning,
+    an image part left out), in the question as in the answer; before, both were read as the list's repr."""
+    q = [{"type": "text", "text": "What is 2 plus 2?"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    a = [{"type": "thinking", "thinking": "2 + 2 = 4"}, {"type": "text", "text": "The sum is "},
+         {"type": "text", "text": "\\boxed{4}"}]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "answer": "4"}]
+    _, traces = _collect(tmp_path, rows, {"question_field": "messages.0.content"},
+                         [{"name": "m", "backend": "column", "column": "messages", "format": "messages"}])
+    assert [(t["verdict"], t["reasoning"].strip()) for t in traces] == [("correct", "2 + 2 = 4")]
+    (row,) = _corpus(tmp_path, "m")
+    assert row["question"] == "What is 2 plus 2?"
+    assert row["messages"][-1]["content"].endswith("The sum is \\boxed{4}")
+
+
+def test_content_parts():
+    from accord.prompts import content_parts
+
+    assert content_parts("plain") == ("plain", None) and content_parts(None) == (None, None)
+    assert content_parts(["a", {"text": "b"}, {"type": "reasoning", "text": " r1 "},
+                          {"type": "thinking", "thinking": "r2"}, {"type": "tool_use", "id": 1}]) == ("ab", "r1\n\nr2")

@@ -54,6 +54,7 @@ from accord.prompts import (
     REASONING_KEYS,
     THINK_CLOSE,
     THINK_OPEN,
+    content_parts,
     normalize_thoughts,
     render_prompt,
     split_think,
@@ -439,8 +440,8 @@ def _assistant_turn(turns, fmt: str) -> str | None:
     if not said:
         return None
     turn = said[-1]
-    text = turn.get(key)
-    thought = next((turn[k] for k in REASONING_KEYS if isinstance(turn.get(k), str) and turn[k].strip()), None)
+    text, thought = content_parts(turn.get(key))
+    thought = next((turn[k] for k in REASONING_KEYS if isinstance(turn.get(k), str) and turn[k].strip()), thought)
     if thought is None or (isinstance(text, str) and THINK_CLOSE in text):
         return text
     return f"{THINK_OPEN}\n{thought.strip()}\n{THINK_CLOSE}\n\n{str(text or '').strip()}"

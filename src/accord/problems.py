@@ -29,7 +29,7 @@ from typing import Any
 
 from accord.config import ProblemsConfig
 from accord.errors import UsageError
-from accord.prompts import last_boxed
+from accord.prompts import content_parts, last_boxed
 from accord.sources import scheme_problem_rows
 from accord.ui import make_console
 
@@ -187,7 +187,8 @@ def _to_problem(where: str, row: dict, cfg: ProblemsConfig) -> Problem:
             raise ProblemSourceError(
                 f"{where}: missing field {fld!r} (available: {', '.join(sorted(map(str, row))) or 'none'}); "
                 f"set problems.question_field / problems.answer_field")
-    question = str(values[cfg.question_field])
+    raw = values[cfg.question_field]
+    question = content_parts(raw)[0] if isinstance(raw, list) else str(raw)  # a chat turn's list of parts
     pid = str(row[cfg.id_field]) if row.get(cfg.id_field) is not None else problem_id(question)
     meta = {k: v for k, v in row.items() if k not in (cfg.question_field, cfg.answer_field)}
     return Problem(pid, question, normalize_answer(values[cfg.answer_field], cfg.answer_format), meta)

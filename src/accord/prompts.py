@@ -70,6 +70,24 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
+def content_parts(content) -> tuple[str | None, str | None]:
+    """(text, reasoning) of a turn's content: a string as it is, or a list of parts as OpenAI's and Anthropic's
+    messages write it — ``{type: text, text}`` parts joined, a ``{type: thinking | reasoning, …}`` part's text the
+    reasoning (every such part, in order); other parts (images, tool calls) are left out."""
+    if not isinstance(content, list):
+        return (content if content is None or isinstance(content, str) else str(content)), None
+    text, thought = [], []
+    for part in content:
+        if isinstance(part, str):
+            text.append(part)
+        elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            text.append(part["text"])
+        elif isinstance(part, dict) and part.get("type") in ("thinking", "reasoning"):
+            said = next((part[k] for k in ("thinking", "reasoning", "text") if isinstance(part.get(k), str)), None)
+            thought += [said] if said and said.strip() else []
+    return "".join(text), ("\n\n".join(t.strip() for t in thought) or None)
+
+
 def opens_think(head: str) -> bool:
     """Whether a rendered generation prompt already opens the think block (QwQ-32B, DeepSeek-R1-Distill and
     Qwen3-thinking templates end with ``<think>\n``): the completion then starts *inside* it."""
