@@ -253,6 +253,29 @@ def test_a_teacher_that_keeps_almost_nothing_is_warned_about(tmp_path, parrot7):
     assert "teacher 'seven' kept 0 verified trace(s): too few to train on" in out
 
 
+def test_samples_cut_at_the_token_limit_are_counted_warned_about_and_never_kept(tmp_path, parrot7):
+    """A generation that reached ``collect.max_new_tokens`` never finished: the summary counts it (the CLI's ``cut``
+    column, the report's), a warning names the setting, and it is incorrect even when its last number matches."""
+    from accord.collect import verdict_of
+    from accord.config import AccordConfig
+    from accord.problems import Problem
+
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": f"What is {i}+4?", "answer": "7"} for i in range(3)])
+    cfg = write_cfg(tmp_path, probs, [{"name": "seven", "model": str(parrot7), "batch_size": 4}], samples=2,
+                    max_new_tokens=6)
+    code, out = run_cli("collect", str(cfg))
+    assert code == 0, out
+    (s,) = json.loads((tmp_path / "run" / "collect_summary.json").read_text())
+    assert s["cut"] == 6 and s["accuracy"] == 0
+    assert "6 of 6 sample(s) (100%) reached collect.max_new_tokens=6" in " ".join(out.split())
+    assert "cut" in out.split("ALL TEACHERS")[0]
+    c = AccordConfig.model_validate({"problems": {"path": str(probs)}, "teachers": [
+        {"name": "t", "backend": "column", "column": "x"}], "collect": {"verifier": "numeric"}})
+    p = Problem("p", "What is 3+4?", "7")
+    assert verdict_of(c, p, "3 + 4 = 7, and then", "default", "length")[0] == "incorrect"
+    assert verdict_of(c, p, "3 + 4 = 7", "default", "stop")[0] == "correct"
+
+
 def test_the_prompt_settings_are_stored_with_each_row_and_a_change_is_warned_about(tmp_path, problems_file, parrot7):
     """A teacher's ``system_prompt`` and ``chat_template_kwargs`` change what it generates: they are recorded in each
     row's settings (only when set, so rows stored before keep theirs), and more samples after a change warn that

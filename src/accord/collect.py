@@ -115,11 +115,14 @@ def sampling_params(cfg: AccordConfig) -> SamplingParams:
 
 def verdict_of(cfg: AccordConfig, p: Problem, text: str, style: str, finish_reason: str | None
                ) -> tuple[str, str | None, str]:
-    """A stored trace's (verdict, parsed answer, stamp): the answer check, except that an imported sample its
-    source marks as cut off (``finish_reason: length``) is never correct."""
+    """A stored trace's (verdict, parsed answer, stamp): the answer check, except that a sample cut off at the
+    token limit (``finish_reason: length``: a generation that reached ``collect.max_new_tokens``, or an imported
+    one its source marks so) is never correct — the teacher never finished, and its text ends mid-sentence where
+    the student would learn to stop (verifier revision 6; before, only imported ones, so a cut generation whose
+    last number or ``\\boxed{}`` matched was kept)."""
     c = cfg.collect
     res = check(c.verifier, p.answer, text, c.numeric_tolerance)
-    cut = style == "import" and finish_reason == "length"
+    cut = finish_reason == "length"
     return (INCORRECT if cut else res.verdict), res.parsed, stamp(c.verifier, p.answer, c.numeric_tolerance)
 
 
@@ -654,6 +657,7 @@ def summarize(cfg: AccordConfig, store: TraceStore, problems: list[Problem], siz
             "accuracy": (sum(r["verdict"] == CORRECT for r in ok) / len(ok)) if ok else 0.0,
             "accuracy_se": _problem_se(ok),
             "unparseable": sum(r["verdict"] == "unparseable" for r in ok), "failed": len(rows) - len(ok),
+            "cut": sum(r["finish_reason"] == "length" for r in ok),
             "judged_invalid": sum(judge_verdict(r, stamps) not in (None, VALID) for r in rows
                                   if r["verdict"] == CORRECT),
             "mean_tokens": (sum(toks) / len(toks)) if toks else None,
@@ -674,18 +678,40 @@ def _problem_se(rows: list) -> float | None:
 
 
 def summary_table(summary: list[dict], total: int) -> Table:
+    """The summary as the CLI prints it; the ``cut`` column (samples that reached ``collect.max_new_tokens``) only
+    when some teacher has any."""
+    cut = any(s.get("cut") for s in summary)
     tab = Table(title="Collected traces per teacher (cf. MoT Table 21)")
     tab.add_column("teacher", no_wrap=True)
-    for col in ("problems", "samples", "accuracy", "unparsed", "failed", "judge-rejected", "mean tokens", "kept"):
+    for col in ("problems", "samples", "accuracy", "unparsed", "failed", *(["cut"] if cut else []), "judge-rejected",
+                "mean tokens", "kept"):
         tab.add_column(col, justify="right")
     for s in summary:
         se = s.get("accuracy_se")
         tab.add_row(s["teacher"], str(s["problems"]), str(s["samples"]),
                     f"{s['accuracy']:.1%}" + (f" ± {se:.1%}" if se is not None else ""),
-                    str(s["unparseable"]), str(s["failed"]), str(s["judged_invalid"]),
-                    "-" if s["mean_tokens"] is None else f"{s['mean_tokens']:.0f}", str(s["kept"]))
-    tab.add_row("ALL TEACHERS", "", "", "", "", "", "", "", str(total), style="bold")
+                    str(s["unparseable"]), str(s["failed"]), *([str(s.get("cut", 0))] if cut else []),
+                    str(s["judged_invalid"]), "-" if s["mean_tokens"] is None else f"{s['mean_tokens']:.0f}",
+                    str(s["kept"]))
+    tab.add_row("ALL TEACHERS", *[""] * (7 + cut), str(total), style="bold")
     return tab
+
+
+CUT_WARN = 0.05  # a teacher with more of its samples cut at the token limit is warned about
+
+
+def cut_warnings(cfg: AccordConfig, summary: list[dict]) -> list[str]:
+    """One line per teacher of which more than :data:`CUT_WARN` of the samples reached the token limit: they count
+    as incorrect, so its accuracy and corpus are smaller than its answers deserve."""
+    out = []
+    for s in summary:
+        n = s["samples"] - s["failed"]
+        if n and s.get("cut", 0) / n > CUT_WARN:
+            out.append(f"teacher {s['teacher']!r}: {s['cut']} of {n} sample(s) ({s['cut'] / n:.0%}) reached "
+                       f"collect.max_new_tokens={cfg.collect.max_new_tokens} and count as incorrect; a reasoning model "
+                       "often needs 8,192–32,768 (raise it, then `accord collect --force` or a new run_dir: stored "
+                       "samples are kept as they are)")
+    return out
 
 
 def open_store(run_dir: Path, problems: list[Problem], share: Share | None) -> TraceStore:
@@ -756,6 +782,8 @@ def collect(cfg: AccordConfig, console: Console | None = None, share: Share | No
         if s["source_verdicts"]:
             console.print(f"{s['teacher']}: accord's verdict and the source's disagree on {s['source_disagree']} of "
                           f"{s['source_verdicts']} imported sample(s)")
+    for line in cut_warnings(cfg, result.summary):
+        console.print(f"[yellow]warning[/]: {line}")
     for t, n in sizes.items():
         if t != "all" and n <= 1 and t not in result.failures:
             console.print(f"[yellow]warning[/]: teacher {t!r} kept {n} verified trace(s): too few to train on "

@@ -974,10 +974,11 @@ def _collect_table(run_dir: Path) -> str:
 
 # The collection summary's fields as the CLI's table names them; the optional ones only when some teacher has any
 # (a judge ran, an imported corpus carried its own verdicts).
-_COLLECT_LABELS = {"unparseable": "unparsed", "judged_invalid": "judge-rejected", "mean_tokens": "mean tokens",
+_COLLECT_LABELS = {"unparseable": "unparsed", "cut": "cut at max_new_tokens", "judged_invalid": "judge-rejected",
+                   "mean_tokens": "mean tokens",
                    "source_verdicts": "source verdicts", "source_disagree": "disagree with source",
                    "mean_chars": "mean chars"}
-_COLLECT_OPTIONAL = {"judged_invalid", "source_verdicts", "source_disagree"}
+_COLLECT_OPTIONAL = {"cut", "judged_invalid", "source_verdicts", "source_disagree"}
 
 
 def routing_table(path: Path, key: str = "type") -> tuple[list[str], list[list]]:
