@@ -77,6 +77,8 @@ def test_run_end_to_end_then_skips_finished_stages(tmp_path, problems_file, two_
     assert "mot" in out and "branch-steps" in out  # the text table
     assert "paired against mtd" in out and "target Δ vs mtd" in out  # and each method's paired difference
     assert "<h3>Paired against mtd</h3>" in (run / "report" / "index.html").read_text()
+    assert all(r["tokens"] > 0 and 0 <= r["cut"] <= 1 for r in rows)  # how long each model writes
+    assert "<h2>How long each model writes</h2>" in (run / "report" / "index.html").read_text()
     dom = chromium_dom(run / "report" / "index.html")
     assert "<table>" in dom and "std-seven" in dom and "<td>mot</td>" in dom
     assert (run / "report" / "curve-target.png").exists()

@@ -103,3 +103,52 @@ def test_evaluate_records_majority_and_pass_at_k(tmp_path):
         E.hash_id = orig
     assert r.maj == 0.5 and r.pass1 == 0.5 and r.pass_at[4] == 1.0
     assert (again.maj, again.pass1, again.pass_at) == (r.maj, r.pass1, r.pass_at)
+
+
+def test_evaluate_records_how_long_the_model_writes(tmp_path):
+    """Tokens per output and the share cut at max_new_tokens: means over problems of each problem's samples, ± SE
+    (against a slow reference); the same from the rows on disk; a failed generation and a row stored before
+    lengths were kept leave them out, and an evaluation with none recorded has None."""
+    import json
+    import random
+
+    from accord.evaluate import evaluate, mean_se
+    from accord.problems import Problem
+    from accord.teachers.base import Generation
+
+    rng = random.Random(0)
+    made: list = []
+
+    class Random:
+        def generate(self, reqs, params):
+            out = []
+            for _ in reqs:
+                n, cut = rng.randint(5, 50), rng.random() < 0.3
+                if rng.random() < 0.15:
+                    out.append(Generation(text="", error="server down", finish_reason="error"))
+                    continue
+                made.append((n, cut))
+                out.append(Generation(text="\\boxed{4}", token_count=n, finish_reason="length" if cut else "stop"))
+            return out
+
+    probs = [Problem(str(i), f"q{i}", "4") for i in range(5)]
+    rows = tmp_path / "rows.jsonl"
+    r = evaluate(Random(), probs, k=3, greedy=True, rows_path=rows)
+    stored = [json.loads(x) for x in rows.read_text().splitlines()]
+    by: dict = {}
+    assert any(x["verdict"] == "failed" for x in stored)
+    for x in stored:
+        if x["mode"] == "sample" and x["verdict"] != "failed":
+            by.setdefault(x["problem_id"], []).append((x["tokens"], x["finish"] == "length"))
+    want_t = mean_se([sum(t for t, _ in v) / len(v) for v in by.values()])
+    want_c = mean_se([sum(c for _, c in v) / len(v) for v in by.values()])
+    assert (r.tokens, r.tokens_se) == pytest.approx(want_t) and (r.cut, r.cut_se) == pytest.approx(want_c)
+    assert sorted(made) == sorted((x["tokens"], x["finish"] == "length") for x in stored if x["verdict"] != "failed")
+    again = evaluate(Random(), probs, k=3, greedy=True, rows_path=rows)
+    assert (again.tokens, again.tokens_se, again.cut, again.cut_se) == (r.tokens, r.tokens_se, r.cut, r.cut_se)
+    for x in stored:  # rows from before lengths were kept
+        x.pop("tokens"), x.pop("finish")
+    rows.write_text("".join(json.dumps(x) + "\n" for x in stored))
+    old = evaluate(Random(), probs, k=3, greedy=True, rows_path=rows)
+    assert old.pass1 == r.pass1 and (old.tokens, old.cut) == (None, None)
+    assert "tokens" in r.as_dict() and "cut_se" in r.as_dict()

@@ -53,15 +53,24 @@ class EvalResult:
     repeats: int = 1  # independent runs of k samples each (eval.repeats)
     pass1_runs: list | None = None  # pass@1 of each run
     pass1_std: float | None = None  # their standard deviation (OpenThoughts' "mean ± std over runs")
+    # how long the model writes: tokens per output and the share that reached max_new_tokens, means over problems
+    # of the samples (the greedy outputs when k = 0) ± SE; None for rows stored before these were kept
+    tokens: float | None = None
+    tokens_se: float | None = None
+    cut: float | None = None
+    cut_se: float | None = None
 
     def as_dict(self) -> dict:
         return {"greedy": self.greedy, "pass1": self.pass1, "n": self.n, "k": self.k, "greedy_se": self.greedy_se,
                 "pass1_se": self.pass1_se, "pass_at": self.pass_at, "maj": self.maj, "maj_se": self.maj_se,
-                "repeats": self.repeats, "pass1_runs": self.pass1_runs, "pass1_std": self.pass1_std}
+                "repeats": self.repeats, "pass1_runs": self.pass1_runs, "pass1_std": self.pass1_std,
+                "tokens": self.tokens, "tokens_se": self.tokens_se, "cut": self.cut, "cut_se": self.cut_se}
 
 
-def _done(path: Path | None, answers: dict | None = None) -> dict[tuple[str, int, str], bool]:
-    """Correctness of every row already on disk; ``answers`` receives each row's parsed answer."""
+def _done(path: Path | None, answers: dict | None = None, lengths: dict | None = None
+          ) -> dict[tuple[str, int, str], bool]:
+    """Correctness of every row already on disk; ``answers`` receives each row's parsed answer, ``lengths`` its
+    (tokens, reached max_new_tokens) where the row records them."""
     if path is None or not path.exists():
         return {}
     out = {}
@@ -75,7 +84,24 @@ def _done(path: Path | None, answers: dict | None = None) -> dict[tuple[str, int
             out[key] = r["verdict"] == CORRECT
             if answers is not None:
                 answers[key] = r.get("parsed")
+            if lengths is not None and r.get("tokens") is not None and r["verdict"] != FAILED:
+                lengths[key] = (r["tokens"], r.get("finish") == "length")
     return out
+
+
+def length_figures(lengths: dict, keys: list[tuple[str, int, str]]) -> tuple:
+    """(tokens, its SE, cut share, its SE) over the problems of ``keys`` (each problem's outputs averaged first) —
+    the outputs whose length is recorded: not a failed generation's, nor a row stored before lengths were kept —
+    or Nones when there are none."""
+    by: dict[str, list] = {}
+    for k in keys:
+        if k in lengths:
+            by.setdefault(k[0], []).append(lengths[k])
+    if not by:
+        return None, None, None, None
+    tokens = mean_se([sum(t for t, _ in v) / len(v) for v in by.values()])
+    cut = mean_se([sum(c for _, c in v) / len(v) for v in by.values()])
+    return (*tokens, *cut)
 
 
 def problem_scores(rows_path: Path) -> dict[str, float]:
@@ -120,7 +146,8 @@ def evaluate(generator, problems: Sequence[Problem], *, k: int = 16, temperature
     n_s = k * max(1, repeats)
     path = Path(rows_path) if rows_path else None
     parsed: dict = {}
-    done = _done(path, parsed)
+    lengths: dict = {}
+    done = _done(path, parsed, lengths)
     todo = []
     if greedy:
         todo += [(p, 0, "greedy") for p in problems if (p.id, 0, "greedy") not in done]
@@ -141,9 +168,12 @@ def evaluate(generator, problems: Sequence[Problem], *, k: int = 16, temperature
                     verdict = res.verdict if res else "failed"
                     done[(p.id, i, m)] = verdict == CORRECT
                     parsed[(p.id, i, m)] = res.parsed if res else None
+                    if not g.failed:
+                        lengths[(p.id, i, m)] = (g.token_count, g.finish_reason == "length")
                     if fh:
                         fh.write(json.dumps({"problem_id": p.id, "sample": i, "mode": m, "output": g.text,
-                                             "verdict": verdict, "parsed": parsed[(p.id, i, m)]}) + "\n")
+                                             "verdict": verdict, "parsed": parsed[(p.id, i, m)],
+                                             "tokens": g.token_count, "finish": g.finish_reason}) + "\n")
                 if fh:
                     fh.flush()
     finally:
@@ -152,7 +182,8 @@ def evaluate(generator, problems: Sequence[Problem], *, k: int = 16, temperature
     ids = [p.id for p in problems]
     g, g_se = mean_se([float(done[(pid, 0, "greedy")]) for pid in ids]) if greedy else (None, None)
     if k <= 0:
-        return EvalResult(g, None, len(ids), k, g_se, None, None, None, None)
+        return EvalResult(g, None, len(ids), k, g_se, None, None, None, None,
+                          *[None] * 3, *length_figures(lengths, [(pid, 0, "greedy") for pid in ids] if greedy else []))
     R = max(1, repeats)
     counts = [sum(done[(pid, i, "sample")] for i in range(n_s)) for pid in ids]
     p1, p1_se = mean_se([c / n_s for c in counts])
@@ -165,7 +196,8 @@ def evaluate(generator, problems: Sequence[Problem], *, k: int = 16, temperature
                          for pid in ids]) for r in range(R)]
     maj, maj_se = sum(m for m, _ in maj_runs) / R, maj_runs[0][1] if R == 1 else None
     sd = mean_se(runs)[1] * len(runs) ** 0.5 if R > 1 else None  # the runs' sample standard deviation
-    return EvalResult(g, p1, len(ids), k, g_se, p1_se, pass_at, maj, maj_se, R, runs if R > 1 else None, sd)
+    return EvalResult(g, p1, len(ids), k, g_se, p1_se, pass_at, maj, maj_se, R, runs if R > 1 else None, sd,
+                      *length_figures(lengths, [(pid, i, "sample") for pid in ids for i in range(n_s)]))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -121,6 +121,10 @@ class EvalRow(EvalPoint, total=False):
     repeats: int
     pass1_runs: list | None
     pass1_std: float | None
+    tokens: float | None  # mean tokens per output (the samples'; the greedy outputs' when k = 0), over problems
+    tokens_se: float | None
+    cut: float | None  # the share of those outputs that reached max_new_tokens
+    cut_se: float | None
     temperature: float
     top_p: float
     max_new_tokens: int

@@ -664,6 +664,7 @@ def write_report(cfg, results: list[dict], eval_rows: list[dict]) -> Path:
             f"<div id='methods'>{_html_table(head, body, pass_cols)}</div>"]
     page += _paired_section(run_dir, eval_rows, results, splits)
     page += _seed_section(run_dir, eval_rows, results, splits, out)
+    page += _length_section(eval_rows, splits, cfg.eval.max_new_tokens)
     if not results:
         page.append("<p><b>Only the base student is here</b>: no trained model was found in "
                     f"<code>{html.escape(str(run_dir / 'train'))}</code>. Run <code>accord train CONFIG</code> "
@@ -853,6 +854,36 @@ def _paired_section(run_dir: Path, eval_rows: list[dict], results: list[dict], s
             "between two rows of the table above is read here: the problems are shared, so their errors are "
             "correlated and the rows' own ± overstate its uncertainty. Against base, a QR student is compared "
             "with its own base student.</p>"] + parts
+
+
+def length_table(eval_rows: list[dict], splits: list[str]) -> tuple[list[str], list[list]]:
+    """How long each evaluated model writes per split: mean tokens per output ± SE over problems, and the share of
+    outputs that reached ``eval.max_new_tokens`` (a model that stopped stopping shows here before its accuracy
+    says why).  Empty when no evaluation recorded lengths."""
+    finals = final_rows(eval_rows)
+    if not any(m.get("tokens") is not None for f in finals.values() for m in f.values()):
+        return [], []
+    head = ["model"] + [f"{s} {w}" for s in splits for w in ("tokens", "cut")]
+    body = []
+    for name in sorted(finals, key=_order_key):
+        row: list = [name]
+        for s in splits:
+            m = finals[name].get(s, {})
+            t, se = m.get("tokens"), m.get("tokens_se")
+            row += [None if t is None else f"{t:.0f}" + ("" if se is None else f" ± {se:.0f}"), _with_se(m, "cut")]
+        body.append(row)
+    return head, body
+
+
+def _length_section(eval_rows: list[dict], splits: list[str], max_new_tokens: int) -> list[str]:
+    head, body = length_table(eval_rows, splits)
+    if not body:
+        return []
+    return ["<h2>How long each model writes</h2>",
+            "<p>Tokens per output (the k samples'; the greedy output's when k = 0), the mean over problems ± its "
+            "standard error; cut = the share of outputs that reached <code>eval.max_new_tokens</code> "
+            f"({max_new_tokens}) without finishing, ± SE. A cut output is graded on what it wrote so far.</p>",
+            _html_table(head, body)]
 
 
 def _interpolation_section(cfg, data_file: Path, out: Path, results: list[dict]) -> list[str]:
