@@ -144,7 +144,7 @@ def flaky_server(script: Script):
                 msg = {"role": "assistant", "content": None} if not q else {
                     "role": "assistant", "reasoning_content": "thinking about " + q[:10], "content": "\\boxed{7}"}
                 payload = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": "m",
-                                      "choices": [{"index": 0, "finish_reason": "length", "message": msg}],
+                                      "choices": [{"index": 0, "finish_reason": "stop", "message": msg}],
                                       "usage": {"prompt_tokens": 1, "completion_tokens": 5,
                                                 "total_tokens": 6}}).encode()
                 self.send_response(200)
