@@ -475,6 +475,30 @@ def test_the_first_line_says_what_runs(micro, capsys):
     assert "train:" not in capsys.readouterr().err  # said once per process
 
 
+def test_examples_that_train_max_len_cuts_are_counted(micro, capsys):
+    """An example longer than train.max_len loses its ending and EOS; one whose prompt fills it keeps no target:
+    the run says how many of each, once (against a count from the untruncated encodings)."""
+    from accord import ui
+
+    model, tok = load(micro)
+    data = rows(6) + [{"messages": [{"role": "user", "content": "Start at 1 and follow 2 links. " * 12},
+                                    {"role": "assistant", "content": "\\boxed{1}"}]}]
+    full = [encode_example(tok, r, 10**6)[0] for r in data]
+    heads = [len(encode_example(tok, r, 10**6)[1]) - sum(t != IGNORE for t in encode_example(tok, r, 10**6)[1])
+             for r in data]
+    max_len = min(len(f) for f in full[:6]) - 2  # every short example loses its last two tokens
+    cut = sum(len(f) > max_len and h < max_len for f, h in zip(full, heads))
+    empty = sum(h >= max_len for h in heads)
+    assert cut == 6 and empty == 1
+    ui._SAID.clear()
+    train(model, tok, data, TrainArgs(steps=1, batch_size=4, lr=1e-3, max_len=max_len))
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"train: {cut} of 7 example(s) ({cut / 7:.1%}) are longer than train.max_len={max_len} tokens" in err
+    assert f"train: 1 of 7 example(s) keep no completion token within train.max_len={max_len}" in err
+    train(load(micro)[0], tok, rows(6), TrainArgs(steps=1, batch_size=4, lr=1e-3))
+    assert "train.max_len" not in capsys.readouterr().err  # nothing cut: nothing said
+
+
 @pytest.mark.parametrize("which", ["LinearCrossEntropy", "LinearTokenNLL"])
 def test_the_chunked_head_multiplies_in_the_autocast_dtype_both_ways(which, monkeypatch):
     """Under bf16 autocast with float32 weights the final hidden states arrive in float32 (the final norm sees the

@@ -1000,6 +1000,8 @@ def _train(model, tok, rows: list[dict], args: TrainArgs, *, out_dir: str | Path
         if local:
             say_once(_first_line(models, args, acc, world, shards, packed, chunked, loss_fn,
                                  quantized=any(float_base.values()), masters=len(masters) > 0))
+            for line in overlong(examples, tok.eos_token_id, args.max_len) if single else []:
+                say_once(f"warning: {line}")
         clock, last_ckpt = time.perf_counter(), latest_checkpoint(out)
         flops = model_flops(call, args, acc.device) if single else None  # per input token, over the peak
         plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
@@ -1101,6 +1103,28 @@ def default_collate(model, pad_id: int, packed: bool, examples: list, chunked: b
     grouped = isinstance(examples[0], dict) and "group" in examples[0] and not varlen
     fn = (lambda c: collate_grouped(c, one)) if grouped else one
     return with_states_at(fn) if chunked else fn
+
+
+def overlong(examples: list, eos: int | None, max_len: int) -> list[str]:
+    """What ``train.max_len`` cut (:func:`encode_example` truncates): examples whose completion lost its ending and
+    EOS — a student trained on many learns to write on rather than stop — and examples whose prompt fills the
+    whole length, which teach nothing.  TRL's trainers truncate as silently; a reasoning corpus (R1's traces run
+    to 16k tokens) meets the default 4,096 often, so the run says how many."""
+    cut = empty = 0
+    for ex in examples:
+        labels = ex_labels(ex)
+        if all(t == IGNORE for t in labels):
+            empty += 1
+        elif len(labels) >= max_len and labels[-1] != eos:
+            cut += 1
+    n, out = len(examples), []
+    if cut:
+        out.append(f"train: {cut} of {n} example(s) ({cut / n:.1%}) are longer than train.max_len={max_len} tokens "
+                   "and cut there: their ending and EOS are never learned (raise train.max_len)")
+    if empty:
+        out.append(f"train: {empty} of {n} example(s) keep no completion token within train.max_len={max_len} "
+                   "(the prompt fills it): they teach nothing")
+    return out
 
 
 def _first_line(models: dict, args: TrainArgs, acc, world: int, shards: bool, packed: bool, chunked: bool,
