@@ -5,7 +5,7 @@ collected) and the student *before* training (θ0), and says per teacher — bef
 how the student sees its traces and how the teachers write.  Nobody else offers this: the multi-teacher
 trainers weight teachers by fixed ratios or metadata keys, never by the student (the spec's §5).
 
-What is computed (the spec's items; 7, post-training drift, is left for later):
+What is computed (the spec's items 1–6; item 7, post-training drift, is ``accord drift``: :mod:`accord.analysis.drift`):
 
 1. **Compatibility** (item 1; COMPACT's S_PPL; the Rank-Surprisal Ratio of Yang et al. 2026, arXiv 2601.14249).
    For every completion token y_t of a trace, ℓ_t = log p_θ0(y_t | x, y_<t) and its rank
