@@ -104,3 +104,31 @@ def test_diagnostics_and_drift_read_the_student_as_it_is_prompted(thinking_micro
     assert plain != off
     a, b = (prompt_states(model, tok, ["Start at 2."], template_kwargs=kw)[-1] for kw in (None, OFF))
     assert not torch.allclose(a, b)
+
+
+def test_a_model_without_a_chat_template_reads_its_prompts_after_its_bos(micro, tmp_path):
+    """A base model with no template (Llama's, Mistral's) was pretrained on text that starts with BOS; prompts are
+    encoded without special tokens everywhere, so the plain prompt writes it — in training (the engine, COMPACT,
+    QR) and generation alike; a tokenizer that adds no BOS (the lab's) keeps its prompt as it was."""
+    from conftest import bos_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accord.config import GeneratorConfig
+    from accord.teachers.base import Request
+    from accord.teachers.hf import HFGenerator, render_chat
+    from accord.train.engine import chat_head
+
+    tok, bos = bos_tokenizer(tmp_path / "tok")
+    tok.chat_template = None
+    row = {"messages": [{"role": "user", "content": "What is 3+4?"}, {"role": "assistant", "content": "7"}]}
+    assert chat_head(tok, row["messages"][:1]) == render_chat(tok, "What is 3+4?") == tok.bos_token + "What is 3+4?\n"
+    for ids in (encode_example(tok, row, 64)[0], encode_trace(tok, row, 64, group=0, teacher=0)["ids"],
+                encode_path(tok, row, 64)["ids"]):
+        assert ids[0] == bos and ids.count(bos) == 1
+    gen = HFGenerator(GeneratorConfig(name="t", model=str(micro), device="cpu"),
+                      model=AutoModelForCausalLM.from_pretrained(micro), tokenizer=tok)
+    ids = tok(gen._render(Request("What is 3+4?")), add_special_tokens=False)["input_ids"]  # as generation encodes
+    assert ids[0] == bos and ids.count(bos) == 1
+    lab = AutoTokenizer.from_pretrained(micro)  # adds no BOS as it encodes
+    lab.chat_template = None
+    assert render_chat(lab, "x") == chat_head(lab, [{"role": "user", "content": "x"}]) == "x\n"

@@ -15,6 +15,7 @@ cheap, correct reading for verified collection.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -86,6 +87,24 @@ def content_parts(content) -> tuple[str | None, str | None]:
             said = next((part[k] for k in ("thinking", "reasoning", "text") if isinstance(part.get(k), str)), None)
             thought += [said] if said and said.strip() else []
     return "".join(text), ("\n\n".join(t.strip() for t in thought) or None)
+
+
+def bos_text(tok) -> str:
+    """The BOS token's text when ``tok`` adds one as it encodes (Llama, Mistral, Gemma), else "".  accord encodes
+    every rendered prompt without special tokens, so a chat template writes its own BOS; a model without a
+    template gets its plain prompt started with this, as its pretraining text was (before session 34 no BOS at
+    all, in training and generation alike).  Worked out once per tokenizer."""
+    known = getattr(tok, "_accord_bos", None)
+    if known is None:
+        bos = getattr(tok, "bos_token", None)
+        try:
+            adds = bool(bos) and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+        except Exception:  # noqa: BLE001 — a tokenizer that cannot say: no BOS, as before
+            adds = False
+        known = bos if adds else ""
+        with contextlib.suppress(AttributeError):  # a tokenizer that takes no attribute: asked again next time
+            tok._accord_bos = known
+    return known
 
 
 def opens_think(head: str) -> bool:

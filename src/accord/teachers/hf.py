@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from accord.models import cache_kwarg, load_model_and_tokenizer, output_cache, runtime
-from accord.prompts import join_prefix, opens_think
+from accord.prompts import bos_text, join_prefix, opens_think
 from accord.teachers.base import (
     Generation,
     Request,
@@ -50,7 +50,7 @@ def render_chat(tok, prompt: str, prefix: str = "", system: str | None = None,
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return join_prefix(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                    **(template_kwargs or {})), prefix)
-    return (f"{system}\n\n" if system else "") + prompt + "\n" + prefix
+    return bos_text(tok) + (f"{system}\n\n" if system else "") + prompt + "\n" + prefix
 
 
 def inside_think(tok, text: str, prefix: str) -> bool:

@@ -44,7 +44,7 @@ import torch
 
 from accord.errors import RunFailure, UsageError
 from accord.launch import world as launch_world
-from accord.prompts import training_target
+from accord.prompts import bos_text, training_target
 from accord.train.lean import fused_on, lean_layers, n_lean, use_lean
 from accord.train.master import MasterWeights
 from accord.train.sharded import (
@@ -105,12 +105,12 @@ class TrainArgs:
 
 def chat_head(tok, prompt_msgs: list[dict], template_kwargs: dict | None = None) -> str:
     """The prompt text a model sees before its answer: its chat template with the generation prompt and the
-    template's own variables (``student.chat_template_kwargs``), or for a tokenizer without one the turns joined
-    by newlines."""
+    template's own variables (``student.chat_template_kwargs``), or for a tokenizer without one its BOS
+    (:func:`prompts.bos_text`) and the turns joined by newlines — as :func:`teachers.hf.render_chat` renders it."""
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True,
                                        **(template_kwargs or {}))
-    return "\n".join(m["content"] for m in prompt_msgs) + "\n"
+    return bos_text(tok) + "\n".join(m["content"] for m in prompt_msgs) + "\n"
 
 
 def encode_example(tok, row: dict, max_len: int, template_kwargs: dict | None = None) -> tuple[list[int], list[int]]:
