@@ -276,6 +276,60 @@ def test_samples_cut_at_the_token_limit_are_counted_warned_about_and_never_kept(
     assert verdict_of(c, p, "3 + 4 = 7", "default", "stop")[0] == "correct"
 
 
+def test_a_larger_max_new_tokens_continues_the_cut_samples_and_keeps_the_finished_ones(tmp_path, parrot7):
+    """Raising collect.max_new_tokens: each sample cut at the old limit is continued from its stored text (the
+    tokens it lacked, not a new draw), finished ones stand, no other-settings warning; --plan counts them first; a
+    continuation that fails keeps the cut sample."""
+    probs = write_jsonl(tmp_path / "p.jsonl", [{"question": f"What is {i}+4?", "answer": "7"} for i in range(3)])
+    teachers = [{"name": "seven", "model": str(parrot7), "batch_size": 4}]
+    cfg = write_cfg(tmp_path, probs, teachers, samples=2, max_new_tokens=6)
+    assert run_cli("collect", str(cfg))[0] == 0
+    db = sqlite3.connect(tmp_path / "run" / "traces.sqlite")
+
+    def stored():
+        return {(p, i): (t, n, f, v, json.loads(par)["max_new_tokens"]) for p, i, t, n, f, v, par in db.execute(
+            "select problem_id, sample_idx, text, token_count, finish_reason, verdict, params from traces")}
+
+    cut = stored()
+    assert len(cut) == 6 and all(f == "length" and n == 6 for _, n, f, _, _ in cut.values())
+    code, out = run_cli("collect", str(cfg), "collect.max_new_tokens=40", "--plan")
+    assert code == 0 and "6 of them cut at a smaller max_new_tokens, continued from their text" in out, out
+    code, out = run_cli("collect", str(cfg), "collect.max_new_tokens=40")
+    assert code == 0 and "6 stored sample(s) cut at a smaller max_new_tokens continue" in " ".join(out.split()), out
+    assert "other settings" not in out and "generated 6 new" in out
+    grown = stored()
+    for k, (text, n, f, v, limit) in grown.items():
+        assert text.startswith(cut[k][0]) and len(text) > len(cut[k][0]) and n > 6 and limit == 40, (k, grown[k])
+        assert f == "stop" and v == "correct" and text.endswith("\\boxed{7}")
+    code, out = run_cli("collect", str(cfg), "collect.max_new_tokens=40")
+    assert code == 0 and "generated 0 new" in out and stored() == grown
+    # a finished sample under the old limit stands; another limit change with a finished store: nothing to do
+    code, out = run_cli("collect", str(cfg), "collect.max_new_tokens=50")
+    assert code == 0 and "generated 0 new" in out and "other settings" not in out
+
+
+def test_a_failed_continuation_keeps_the_cut_sample(tmp_path):
+    from accord.collect import Prior, _store
+    from accord.config import AccordConfig
+    from accord.problems import Problem
+    from accord.store import TraceStore
+    from accord.teachers.base import Generation
+
+    cfg = AccordConfig.model_validate({"problems": {"path": "p.jsonl"}, "teachers": [{"name": "t", "model": "m"}]})
+    store = TraceStore(tmp_path / "s.sqlite")
+    p = Problem("p", "What is 3+4?", "7")
+    _store(cfg, store, "t", [(p, "default", 0, None)], ["q"], [Generation("3 + 4", 2, "length")], '{"a": 1}')
+    _store(cfg, store, "t", [(p, "default", 0, Prior("3 + 4", 2, 0.0))], ["q"],
+           [Generation("", error="down", finish_reason="error")], '{"a": 2}')
+    (row,) = store.traces("t")
+    assert (row["text"], row["finish_reason"], row["params"]) == ("3 + 4", "length", '{"a": 1}')
+    _store(cfg, store, "t", [(p, "default", 0, Prior("3 + 4", 2, 0.0))], ["q"],
+           [Generation(" = \\boxed{7}", 3, "stop")], '{"a": 2}')
+    (row,) = store.traces("t")
+    assert (row["text"], row["token_count"], row["verdict"], row["params"]) == ("3 + 4 = \\boxed{7}", 5, "correct",
+                                                                                '{"a": 2}')
+
+
 def test_the_prompt_settings_are_stored_with_each_row_and_a_change_is_warned_about(tmp_path, problems_file, parrot7):
     """A teacher's ``system_prompt`` and ``chat_template_kwargs`` change what it generates: they are recorded in each
     row's settings (only when set, so rows stored before keep theirs), and more samples after a change warn that

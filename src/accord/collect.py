@@ -38,8 +38,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -182,6 +183,36 @@ def _chunks(items: list, size: int):
         yield items[i:i + size]
 
 
+class Prior(NamedTuple):
+    """A stored sample cut at a smaller ``collect.max_new_tokens`` than the config now asks for, continued from its
+    text rather than drawn again (:func:`regrowable`)."""
+    text: str
+    tokens: int
+    elapsed_s: float
+
+
+def only_budget_raised(was_json: str, now_json: str) -> bool:
+    """Whether stored settings differ from today's only by a smaller ``max_new_tokens``: their finished samples are
+    what today's would be (under a larger limit they end where they did), their cut ones :func:`regrowable`."""
+    was, now = json.loads(was_json), json.loads(now_json)
+    return (isinstance(was.get("max_new_tokens"), int) and was["max_new_tokens"] < now["max_new_tokens"]
+            and {**was, "max_new_tokens": None} == {**now, "max_new_tokens": None})
+
+
+def regrowable(cfg: AccordConfig, store: TraceStore | None, teacher: str, params_json: str
+               ) -> dict[tuple[str, str, int], Prior]:
+    """The teacher's stored samples cut at a token limit below today's, made with today's settings otherwise: each
+    is continued from its text up to the new limit — a sample under that limit, as sampling draws one token
+    after another (the stored text is tokenised again, as CoRD's prefixes are) — for the tokens it lacked.  Not
+    with ``collect.confidence`` on: the stored text's token log-probs are not kept, so the scores could not cover
+    the whole trace; those samples stay cut (``--force`` draws them again)."""
+    if store is None or cfg.collect.confidence.enabled:
+        return {}
+    return {(r["problem_id"], r["style"], r["sample_idx"]):
+            Prior(r["text"], r["token_count"] or 0, r["elapsed_s"] or 0.0)
+            for r in store.cut_rows(teacher) if only_budget_raised(r["params"], params_json)}
+
+
 def missing_generations(cfg: AccordConfig, problems: list[Problem], done: set) -> list[tuple]:
     """The (problem, style, sample index) triples of one teacher not among its ``done`` keys, in collection order."""
     c = cfg.collect
@@ -203,16 +234,21 @@ def _todo(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store
     when a collection resumes or stored rows were made with other settings."""
     c = cfg.collect
     params_json = teacher_params(cfg, tcfg)
-    if stale := other_settings(store, tcfg.name, params_json):
+    if stale := other_settings(store, tcfg.name, params_json, c.confidence.enabled):
         console.print(f"[yellow]warning[/]: teacher {tcfg.name!r}: {stale}; they are kept and used (use a new "
                       "run_dir or --force to generate them again)")
-    todo = missing_generations(cfg, problems, store.done_keys(tcfg.name))
+    prior = regrowable(cfg, store, tcfg.name, params_json)
+    todo = [(p, s, i, prior.get((p.id, style_name(s), i)))
+            for p, s, i in missing_generations(cfg, problems, store.done_keys(tcfg.name) - set(prior))]
     if not todo:
         return [], params_json
     total = len(c.styles) * len(problems) * c.samples
     if total > len(todo):  # a resumed collection says so
         console.print(f"collect {tcfg.name}: {total - len(todo)} of {total} generations already stored, "
                       f"{len(todo)} to go")
+    if grow := sum(t[3] is not None for t in todo):
+        console.print(f"collect {tcfg.name}: {grow} stored sample(s) cut at a smaller max_new_tokens continue from "
+                      f"their text up to {c.max_new_tokens}")
     return todo, params_json
 
 
@@ -226,10 +262,12 @@ def teacher_params(cfg: AccordConfig, tcfg: TeacherConfig) -> str:
                        "stop": c.stop, "model": tcfg.model, "seed": c.seed, **prompt}, sort_keys=True)
 
 
-def other_settings(store: TraceStore | None, teacher: str, params_json: str) -> str:
+def other_settings(store: TraceStore | None, teacher: str, params_json: str, confidence: bool = False) -> str:
     """``N stored rows were generated with other settings (model: 'a' → 'b')`` for a teacher's rows made with
-    settings the config no longer asks for (every key that differs), or "" when there are none."""
-    others = store.other_params(teacher, params_json) if store is not None else []
+    settings the config no longer asks for (every key that differs), or "" when there are none — rows whose only
+    difference is a smaller ``max_new_tokens`` count only when cut and ``confidence`` keeps them from growing."""
+    others = [(was, n) for was, n, cut in (store.other_params(teacher, params_json) if store is not None else [])
+              if not (only_budget_raised(was, params_json) and (not cut or not confidence))]  # stand or continue
     if not others:
         return ""
     now, changes = json.loads(params_json), {}
@@ -242,19 +280,36 @@ def other_settings(store: TraceStore | None, teacher: str, params_json: str) -> 
             f"({'; '.join(changes)})")
 
 
-def _parts(cfg: AccordConfig, tcfg: TeacherConfig, todo: list[tuple]):
-    """The teacher's requests in chunks: ``(part, prompts, requests)`` (a chunk is one batch, or for a server
-    four times its concurrency)."""
+def _parts(cfg: AccordConfig, tcfg: TeacherConfig, todo: list[tuple], params: SamplingParams):
+    """The teacher's requests in chunks: ``(part, prompts, requests, sampling)`` (a chunk is one batch, or for a
+    server four times its concurrency); samples continued from a :class:`Prior` come after the new ones, in
+    chunks of one remaining budget each."""
     c = cfg.collect
-    for part in _chunks(todo, tcfg.batch_size if tcfg.backend != "openai" else tcfg.max_concurrency * 4):
-        prompts = [render_prompt(s, p.question) for p, s, _ in part]
-        yield part, prompts, [Request(pr, seed=sample_seed(c.seed, tcfg.name, style_name(s), p.id, i))
-                              for pr, (p, s, i) in zip(prompts, part)]
+    size = tcfg.batch_size if tcfg.backend != "openai" else tcfg.max_concurrency * 4
+    groups = [([t for t in todo if t[3] is None], params)]
+    for left in sorted({c.max_new_tokens - t[3].tokens for t in todo if t[3] is not None}):
+        groups.append(([t for t in todo if t[3] is not None and c.max_new_tokens - t[3].tokens == left],
+                       replace(params, max_new_tokens=left)))
+    for items, sampling in groups:
+        for part in _chunks(items, size):
+            prompts = [render_prompt(s, p.question) for p, s, _, _ in part]
+            yield part, prompts, [Request(pr, prefix=prior.text if prior else "",
+                                          seed=sample_seed(c.seed, tcfg.name, style_name(s), p.id, i))
+                                  for pr, (p, s, i, prior) in zip(prompts, part)], sampling
 
 
 def _store(cfg, store: TraceStore, name: str, part, prompts, gens, params_json: str) -> None:
-    store.put_traces([make_row(cfg, name, style_name(s), p, i, pr, g, params_json)
-                      for pr, (p, s, i), g in zip(prompts, part, gens)])
+    """Store a chunk's samples; a continued one as its stored text and the continuation together (a continuation
+    that failed stores nothing: the cut sample stays, and the next run continues it)."""
+    rows = []
+    for pr, (p, s, i, prior), g in zip(prompts, part, gens):
+        if prior is not None:
+            if g.failed:
+                continue
+            g = Generation(text=prior.text + g.text, token_count=prior.tokens + g.token_count,
+                           finish_reason=g.finish_reason, elapsed_s=prior.elapsed_s + g.elapsed_s)
+        rows.append(make_row(cfg, name, style_name(s), p, i, pr, g, params_json))
+    store.put_traces(rows)
 
 
 def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Problem], store: TraceStore,
@@ -264,18 +319,17 @@ def sample_teacher(cfg: AccordConfig, tcfg: TeacherConfig, problems: list[Proble
     todo, params_json = _todo(cfg, tcfg, problems, store, console)
     if share is not None:
         share.wait()  # every process has read the store before any writes to it: the same batches everywhere
-    parts = list(_parts(cfg, tcfg, todo))
+    parts = list(_parts(cfg, tcfg, todo, sampling_params(cfg)))
     mine = dealt(parts, share)
     if not mine:
         return len(todo)
-    params = sampling_params(cfg)
     teacher = load_generator(tcfg)
     try:
         with progress(console) as bar:
             task = bar.add_task(tcfg.name + (f" ({len(mine)} of {len(parts)} batches here)" if share else ""),
-                                total=sum(len(part) for part, _, _ in mine))
-            for part, prompts, reqs in mine:
-                _store(cfg, store, tcfg.name, part, prompts, teacher.generate(reqs, params), params_json)
+                                total=sum(len(part) for part, _, _, _ in mine))
+            for part, prompts, reqs, sampling in mine:
+                _store(cfg, store, tcfg.name, part, prompts, teacher.generate(reqs, sampling), params_json)
                 bar.advance(task, len(part))
     finally:
         teacher.close()
@@ -308,10 +362,10 @@ def sample_at_once(cfg: AccordConfig, tcfgs: list[TeacherConfig], problems: list
         def ask(name: str) -> None:
             t, todo, _ = plans[name]
             try:
-                for part, prompts, reqs in _parts(cfg, t, todo):
+                for part, prompts, reqs, sampling in _parts(cfg, t, todo, params):
                     if stop.is_set():
                         break
-                    results.put((name, part, prompts, teachers[name].generate(reqs, params)))
+                    results.put((name, part, prompts, teachers[name].generate(reqs, sampling)))
             except BaseException as e:  # noqa: BLE001 — handed to the main thread, which decides
                 results.put((name, e, None, None))
                 return
@@ -709,8 +763,9 @@ def cut_warnings(cfg: AccordConfig, summary: list[dict]) -> list[str]:
         if n and s.get("cut", 0) / n > CUT_WARN:
             out.append(f"teacher {s['teacher']!r}: {s['cut']} of {n} sample(s) ({s['cut'] / n:.0%}) reached "
                        f"collect.max_new_tokens={cfg.collect.max_new_tokens} and count as incorrect; a reasoning model "
-                       "often needs 8,192–32,768 (raise it, then `accord collect --force` or a new run_dir: stored "
-                       "samples are kept as they are)")
+                       "often needs 8,192–32,768 (raise it: the next `accord collect` continues each cut sample "
+                       "from its text" + (", or with collect.confidence on, --force draws them again)"
+                                          if cfg.collect.confidence.enabled else ")"))
     return out
 
 

@@ -19,6 +19,7 @@ from accord.collect import (
     judge_stamps,
     missing_generations,
     other_settings,
+    regrowable,
     stale_verdicts,
     teacher_params,
     to_judge,
@@ -127,12 +128,15 @@ def _collect(cfg: AccordConfig) -> list[str]:
                 out.append(f"{t.name}: imported from column {t.column!r} of {cfg.problems.path}{rows} (no generation)")
                 continue
             total = len(c.styles) * len(usable) * c.samples
-            todo = len(missing_generations(cfg, usable, store.done_keys(t.name) if store else set()))
+            grow = regrowable(cfg, store, t.name, teacher_params(cfg, t))
+            todo = len(missing_generations(cfg, usable, (store.done_keys(t.name) - set(grow)) if store else set()))
             to_make += todo
             out.append(f"{t.name} ({t.backend}): {total:,} generations = {len(usable):,} problems × "
                        f"{len(c.styles)} style(s) ({', '.join(style_name(s) for s in c.styles)}) × {c.samples} "
-                       f"sample(s); {total - todo:,} stored, {todo:,} to generate")
-            if stale := other_settings(store, t.name, teacher_params(cfg, t)):
+                       f"sample(s); {total - todo:,} stored, {todo:,} to generate"
+                       + (f" ({len(grow):,} of them cut at a smaller max_new_tokens, continued from their text)"
+                          if grow else ""))
+            if stale := other_settings(store, t.name, teacher_params(cfg, t), c.confidence.enabled):
                 out.append(f"  {stale}: kept and used (--force generates them again)")
     finally:
         if store is not None:

@@ -95,13 +95,22 @@ class TraceStore:
                               (teacher,))
         return {(r[0], r[1], r[2]) for r in cur}
 
+    def cut_rows(self, teacher: str) -> list[sqlite3.Row]:
+        """A teacher's generated samples cut at the token limit (finish_reason ``length``), with their text and
+        settings: those :func:`accord.collect.regrowable` may continue."""
+        return self.db.execute("SELECT problem_id, style, sample_idx, params, text, token_count, elapsed_s FROM traces "
+                               "WHERE teacher=? AND finish_reason='length' AND verdict!='failed' AND style!='import'",
+                               (teacher,)).fetchall()
+
     def put_traces(self, rows: list[TraceRow]) -> None:
-        """Insert a batch atomically; an existing failed row is replaced, any other is kept."""
+        """Insert a batch atomically; an existing failed row is replaced, and a cut one (finish_reason ``length``)
+        by a row made with other settings (its continuation to a larger limit); any other is kept."""
         cols = ",".join(TRACE_COLUMNS)
         marks = ",".join("?" * len(TRACE_COLUMNS))
         update = ",".join(f"{c}=excluded.{c}" for c in TRACE_COLUMNS if c not in _KEY)
         sql = (f"INSERT INTO traces ({cols}) VALUES ({marks}) ON CONFLICT ({','.join(_KEY)}) "
-               f"DO UPDATE SET {update} WHERE traces.verdict='failed'")
+               f"DO UPDATE SET {update} WHERE traces.verdict='failed' "
+               "OR (traces.finish_reason='length' AND traces.params!=excluded.params)")
         now = time.time()
         values = [tuple(now if c == "created_at" else r.get(c) for c in TRACE_COLUMNS) for r in rows]
         with self.transaction() as db:
@@ -169,10 +178,12 @@ class TraceStore:
             return self.db.execute("SELECT COUNT(*) FROM traces").fetchone()[0]
         return self.db.execute("SELECT COUNT(*) FROM traces WHERE teacher=?", (teacher,)).fetchone()[0]
 
-    def other_params(self, teacher: str, params: str) -> list[tuple[str, int]]:
-        """The other settings (their JSON) a teacher's stored rows were generated with, and how many rows each."""
-        return self.db.execute("SELECT params, COUNT(*) FROM traces WHERE teacher=? AND params!=? AND "
-                               "verdict!='failed' GROUP BY params ORDER BY params", (teacher, params)).fetchall()
+    def other_params(self, teacher: str, params: str) -> list[tuple[str, int, int]]:
+        """The other settings (their JSON) a teacher's stored rows were generated with, how many rows each, and how
+        many of those were cut at the token limit."""
+        return self.db.execute("SELECT params, COUNT(*), SUM(finish_reason='length') FROM traces WHERE teacher=? "
+                               "AND params!=? AND verdict!='failed' GROUP BY params ORDER BY params",
+                               (teacher, params)).fetchall()
 
     def export_jsonl(self, out: str | Path) -> int:
         out = Path(out)
