@@ -89,19 +89,19 @@ def _done(path: Path | None, answers: dict | None = None, lengths: dict | None =
     return out
 
 
-def length_figures(lengths: dict, keys: list[tuple[str, int, str]]) -> tuple:
-    """(tokens, its SE, cut share, its SE) over the problems of ``keys`` (each problem's outputs averaged first) —
-    the outputs whose length is recorded: not a failed generation's, nor a row stored before lengths were kept —
-    or Nones when there are none."""
+def length_figures(lengths: dict, keys: list[tuple[str, int, str]]) -> dict:
+    """``tokens``, ``cut`` (the share that reached max_new_tokens) and their SEs (:class:`EvalResult`'s fields)
+    over the problems of ``keys``, each problem's outputs averaged first — the outputs whose length is recorded:
+    not a failed generation's, nor a row stored before lengths were kept — or {} when there are none."""
     by: dict[str, list] = {}
     for k in keys:
         if k in lengths:
             by.setdefault(k[0], []).append(lengths[k])
     if not by:
-        return None, None, None, None
+        return {}
     tokens = mean_se([sum(t for t, _ in v) / len(v) for v in by.values()])
     cut = mean_se([sum(c for _, c in v) / len(v) for v in by.values()])
-    return (*tokens, *cut)
+    return {"tokens": tokens[0], "tokens_se": tokens[1], "cut": cut[0], "cut_se": cut[1]}
 
 
 def problem_scores(rows_path: Path) -> dict[str, float]:
@@ -183,7 +183,7 @@ def evaluate(generator, problems: Sequence[Problem], *, k: int = 16, temperature
     g, g_se = mean_se([float(done[(pid, 0, "greedy")]) for pid in ids]) if greedy else (None, None)
     if k <= 0:
         return EvalResult(g, None, len(ids), k, g_se, None, None, None, None,
-                          *[None] * 3, *length_figures(lengths, [(pid, 0, "greedy") for pid in ids] if greedy else []))
+                          **length_figures(lengths, [(pid, 0, "greedy") for pid in ids] if greedy else []))
     R = max(1, repeats)
     counts = [sum(done[(pid, i, "sample")] for i in range(n_s)) for pid in ids]
     p1, p1_se = mean_se([c / n_s for c in counts])
@@ -197,7 +197,7 @@ def evaluate(generator, problems: Sequence[Problem], *, k: int = 16, temperature
     maj, maj_se = sum(m for m, _ in maj_runs) / R, maj_runs[0][1] if R == 1 else None
     sd = mean_se(runs)[1] * len(runs) ** 0.5 if R > 1 else None  # the runs' sample standard deviation
     return EvalResult(g, p1, len(ids), k, g_se, p1_se, pass_at, maj, maj_se, R, runs if R > 1 else None, sd,
-                      *length_figures(lengths, [(pid, i, "sample") for pid in ids for i in range(n_s)]))
+                      **length_figures(lengths, [(pid, i, "sample") for pid in ids for i in range(n_s)]))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
