@@ -76,6 +76,19 @@ def test_majority_vote():
     assert not majority_correct(["7", "7", "4", "4"], [False, False, True, True])  # tie → the first seen
     assert not majority_correct([None, None], [False, False])
     assert majority_correct(["4", None, None], [True, False, False])  # unparsed samples do not vote
+    # one value written two ways is one answer: 1/2 twice beats 3 once (as strings: three votes of one each)
+    assert majority_correct(["3", "0.5", "\\frac{1}{2}"], [False, True, True])
+    assert not majority_correct(["3", "3.0", "0.5"], [False, False, True])
+    assert not majority_correct(["x + 1", " x + 1", "\\frac{\\pi}{2}"], [False, False, True])  # text: stripped
+
+
+def test_answer_key():
+    from accord.verify import answer_key
+
+    assert answer_key("0.5") == answer_key("\\frac{1}{2}") == answer_key(" 1/2 ") == "0.5"
+    assert answer_key("1{,}000") == answer_key("1000") == "1000.0"
+    assert answer_key("1,000") == "1000.0" and answer_key("2,3") == "2,3" and answer_key("2, 3") == "2, 3"
+    assert answer_key("1/0") == "1/0" and answer_key("\\frac{\\pi}{2}") == "\\frac{\\pi}{2}"
 
 
 def test_evaluate_records_majority_and_pass_at_k(tmp_path):

@@ -4,7 +4,7 @@ pass@1 over k samples is the mean, over problems, of the fraction of the k
 samples that are correct (MoT §5 reports AIME as 16-run averages; the same
 estimator); pass@k′ for k′ = 2, 4, … ≤ k by the unbiased estimator
 1 − C(k−c, k′)/C(k, k′) is recorded beside it (``pass_at``), and maj@k (the
-most frequent parsed answer of the k samples, ties to the one seen first; rows
+most frequent parsed answer of the k samples, a value written two ways counted as one, ties to the one seen first; rows
 written before the answers were stored count as unparsed).  Generation goes through the
 generation backends (``accord.teachers``), so a vLLM backend evaluates on GPU and an hf
 backend on CPU.  Optionally every (problem, sample)
@@ -36,7 +36,7 @@ from accord.prompts import render_prompt
 from accord.rows import EvalPoint, EvalRow, TrainRecord
 from accord.teachers.base import Request, SamplingParams, load_generator
 from accord.ui import progress
-from accord.verify import CORRECT, FAILED, check, stamp
+from accord.verify import CORRECT, FAILED, answer_key, check, stamp
 
 
 @dataclass
@@ -122,16 +122,18 @@ def problem_scores(rows_path: Path) -> dict[str, float]:
 
 def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
     """maj@k for one problem: the most frequent parsed answer among the samples (ties: the one seen first;
-    unparsed samples do not vote) is right iff a sample giving it was judged right."""
+    unparsed samples do not vote; one value written two ways is one answer, :func:`verify.answer_key`) is right
+    iff a sample giving it was judged right."""
+    keys = [None if a is None else answer_key(a) for a in answers]
     counts: dict[str, int] = {}
-    for a in answers:
+    for a in keys:
         if a is not None:
             counts[a] = counts.get(a, 0) + 1
     if not counts:
         return False
     top = max(counts.values())
-    pick = next(a for a in answers if a is not None and counts[a] == top)
-    return any(c for a, c in zip(answers, correct) if a == pick)
+    pick = next(a for a in keys if a is not None and counts[a] == top)
+    return any(c for a, c in zip(keys, correct) if a == pick)
 
 
 def evaluate(generator, problems: Sequence[Problem], *, k: int = 16, temperature: float = 0.6, top_p: float = 1.0,

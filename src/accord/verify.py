@@ -154,6 +154,21 @@ def _last_number(text: str) -> float | None:
     return None
 
 
+def answer_key(parsed: str) -> str:
+    """What a parsed answer votes for in maj@k: its value when it is one number, fraction or power of ten whole
+    (``0.5``, ``\\frac{1}{2}`` and ``1/2`` are one vote), else its text without surrounding space."""
+    text = _THOUSANDS.sub("", parsed.strip())
+    if "," in text and not re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", text):
+        return parsed.strip()  # a list (2,3), not a number with thousands separators (23)
+    m = _VALUE.fullmatch(text)
+    if m is not None and m["symbolic"] is None:
+        try:
+            return repr(_value(m))
+        except (ValueError, ZeroDivisionError):
+            pass
+    return parsed.strip()
+
+
 def check_numeric(gold: str, answer: str, tolerance: float = 1e-6) -> Check:
     g = _last_number(gold)
     if g is None:
